@@ -1,0 +1,23 @@
+"""specserve's vLLM plugin (entry point group ``vllm.general_plugins``).
+
+vLLM calls :func:`register` in every process it starts, sometimes more than once, so it is
+idempotent. Everything that touches vLLM internals lives in :mod:`specserve_vllm.compat`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+_STATE = {"registered": False}
+
+
+def register() -> None:
+    """Install the compat patches and register specserve's model classes (idempotent)."""
+    if _STATE["registered"]:
+        return
+    from specserve_vllm import compat
+
+    compat.apply_all()
+    _STATE["registered"] = True
