@@ -12,10 +12,14 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo-model serve test test-unit test-integration test-e2e bench clean
+.PHONY: setup tools demo-model serve test test-unit test-integration test-e2e bench clean
 
 setup:
 	@bash scripts/setup.sh
+
+# helm, prometheus and docker compose for the deployment tests (idempotent).
+tools:
+	@bash scripts/install-tools.sh >/dev/null
 
 demo-model: setup
 	$(PY) -m specserve.cli demo-model
@@ -23,16 +27,16 @@ demo-model: setup
 serve: setup demo-model
 	$(PY) -m specserve.cli serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-test: setup demo-model
+test: setup tools demo-model
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-test-unit: setup
+test-unit: setup tools
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-integration: setup demo-model
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-test-e2e: setup demo-model
+test-e2e: setup tools demo-model
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 clean:
