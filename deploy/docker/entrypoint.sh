@@ -1,0 +1,48 @@
+#!/bin/sh
+# Container entry point of the specserve images.
+#   serve   [args]  engine + gateway in one container (`specserve serve`), on $SPECSERVE_PORT (8000)
+#   engine  [args]  one vLLM OpenAI server with the specserve plugin, on $SPECSERVE_ENGINE_PORT (8100)
+#   gateway [args]  the gateway alone (`specserve gateway ...`), on $SPECSERVE_PORT (8000)
+#   anything else   run as given
+# The model is $SPECSERVE_MODEL, or the demo model shipped in the package when unset.
+# $SPECSERVE_SPECULATIVE_CONFIG (JSON) turns on speculative decoding for `serve` and `engine`.
+set -eu
+
+model_dir() {
+  if [ -n "${SPECSERVE_MODEL:-}" ]; then
+    echo "$SPECSERVE_MODEL"
+  else
+    specserve demo-model --print-path
+  fi
+}
+
+mode="${1:-serve}"
+[ "$#" -gt 0 ] && shift
+
+host="${SPECSERVE_HOST:-0.0.0.0}"
+case "$mode" in
+  serve)
+    model=$(model_dir)
+    if [ -n "${SPECSERVE_SPECULATIVE_CONFIG:-}" ]; then
+      set -- --speculative-config "$SPECSERVE_SPECULATIVE_CONFIG" "$@"
+    fi
+    exec specserve serve --model "$model" --host "$host" --port "${SPECSERVE_PORT:-8000}" "$@"
+    ;;
+  engine)
+    model=$(model_dir)
+    if [ -n "${SPECSERVE_SPECULATIVE_CONFIG:-}" ]; then
+      set -- --speculative-config "$SPECSERVE_SPECULATIVE_CONFIG" "$@"
+    fi
+    if [ -n "${SPECSERVE_SERVED_MODEL_NAME:-}" ]; then
+      set -- --served-model-name "$SPECSERVE_SERVED_MODEL_NAME" "$@"
+    fi
+    exec python -m vllm.entrypoints.openai.api_server --model "$model" \
+      --host "$host" --port "${SPECSERVE_ENGINE_PORT:-8100}" "$@"
+    ;;
+  gateway)
+    exec specserve gateway --host "$host" --port "${SPECSERVE_PORT:-8000}" "$@"
+    ;;
+  *)
+    exec "$mode" "$@"
+    ;;
+esac

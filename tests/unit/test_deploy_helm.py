@@ -1,0 +1,263 @@
+"""The Helm chart: `helm lint` and `helm template` with the default, GPU and minimal values, and
+checks of the rendered manifests (probes, resources, selectors, secrets, GPUs).
+
+helm comes from scripts/install-tools.sh (idempotent; `make tools` runs it too).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "specserve"
+VALUES = {
+    "default": [],
+    "gpu": ["-f", str(CHART / "values-gpu.yaml")],
+    "minimal": ["-f", str(CHART / "values-minimal.yaml")],
+}
+NAMESPACE = "llm"
+RELEASE = "rel"
+STABLE_SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
+
+
+@cache
+def tool(name: str) -> str:
+    """Path of a tool installed by scripts/install-tools.sh (installs it when missing)."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "install-tools.sh")], check=True,
+                         capture_output=True, text=True, timeout=600).stdout
+    found = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return found[name]
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool("helm"), *args], capture_output=True, text=True, timeout=120)
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    proc = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.fixture(scope="module", params=sorted(VALUES))
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(*VALUES[request.param])
+
+
+@pytest.mark.parametrize("values", sorted(VALUES))
+def test_helm_lint_passes(values: str) -> None:
+    proc = helm("lint", "--strict", str(CHART), *VALUES[values])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_every_workload_has_probes_resources_and_non_root(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    deployments = by_kind(docs, "Deployment")
+    assert {f"{RELEASE}-specserve-gateway", f"{RELEASE}-specserve-engine"} <= set(deployments)
+    for name, dep in deployments.items():
+        spec = pod_spec(dep)
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] != 0, name
+        for c in spec["containers"]:
+            port_names = {p["name"] for p in c["ports"]}
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert probe in c, (name, probe)
+                get = c[probe]["httpGet"]
+                assert get["path"].startswith("/") and get["port"] in port_names, (name, probe)
+            for key in ("requests", "limits"):
+                assert c["resources"][key].get("cpu") and c["resources"][key].get("memory"), (name, key)
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_engine_probes_health_and_has_a_startup_probe(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    engine = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"])["containers"][0]
+    assert engine["startupProbe"]["httpGet"]["path"] == "/health"
+    assert engine["readinessProbe"]["httpGet"]["path"] == "/health"
+    gateway = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-gateway"])["containers"][0]
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_selectors_are_stable_and_match_pod_labels(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    deployments = by_kind(docs, "Deployment")
+    pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
+    for name, dep in deployments.items():
+        sel = dep["spec"]["selector"]["matchLabels"]
+        assert set(sel) == STABLE_SELECTOR_KEYS, name  # no version/chart label: upgrades keep pods
+        assert matches(sel, pod_labels[name]), name
+    components = {n: lbl["app.kubernetes.io/component"] for n, lbl in pod_labels.items()}
+    assert sorted(components.values()) == ["engine", "gateway"]
+    for name, svc in by_kind(docs, "Service").items():
+        targets = [n for n, lbl in pod_labels.items() if matches(svc["spec"]["selector"], lbl)]
+        assert len(targets) == 1, (name, targets)  # each Service selects exactly one component
+        container = pod_spec(deployments[targets[0]])["containers"][0]
+        port_names = {p["name"] for p in container["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names, name
+    for name, pdb in by_kind(docs, "PodDisruptionBudget").items():
+        assert any(matches(pdb["spec"]["selector"]["matchLabels"], lbl) for lbl in pod_labels.values()), name
+
+
+def test_gateway_discovers_engines_through_the_headless_service(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    services = by_kind(docs, "Service")
+    headless = services[f"{RELEASE}-specserve-engine-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    gateway = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-gateway"])["containers"][0]
+    assert gateway["args"][0] == "gateway"
+    dns = [a.split("=", 1)[1] for a in gateway["args"] if a.startswith("--replicas-dns=")]
+    port = headless["spec"]["ports"][0]["port"]
+    assert dns == [f"{RELEASE}-specserve-engine-headless.{NAMESPACE}.svc:{port}"]
+
+
+def test_gpu_values_request_nvidia_gpus_and_default_does_not(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, docs = rendered
+    engine_spec = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"])
+    res = engine_spec["containers"][0]["resources"]
+    if name == "gpu":
+        assert res["limits"]["nvidia.com/gpu"] == 1
+        assert res["requests"]["nvidia.com/gpu"] == 1
+        assert any(t["key"] == "nvidia.com/gpu" for t in engine_spec["tolerations"])
+        assert engine_spec["containers"][0]["image"].startswith("specserve-engine-gpu:")
+        claim = [v for v in engine_spec["volumes"] if v["name"] == "model"][0]
+        assert claim["persistentVolumeClaim"]["claimName"] == "specserve-models"
+        assert "ServiceMonitor" in {d["kind"] for d in docs}
+    else:
+        assert "nvidia.com/gpu" not in json.dumps(res)
+        assert engine_spec["containers"][0]["image"].startswith("specserve-engine-cpu:")
+    gateway_res = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-gateway"])["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in json.dumps(gateway_res)
+
+
+def test_speculative_config_follows_the_drafter(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, docs = rendered
+    engine = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"])["containers"][0]
+    env = env_of(engine)
+    if name == "minimal":
+        assert "SPECSERVE_SPECULATIVE_CONFIG" not in env
+        assert by_kind(docs, "PodDisruptionBudget") == {}
+    else:
+        cfg = json.loads(env["SPECSERVE_SPECULATIVE_CONFIG"]["value"])
+        assert cfg["method"] == "ngram" and cfg["num_speculative_tokens"] >= 1
+        assert cfg["prompt_lookup_min"] <= cfg["prompt_lookup_max"]
+
+
+def test_api_keys_come_from_a_created_secret_and_are_never_inlined() -> None:
+    secret_value = "sk-specserve-test-4f1c"
+    docs = render("--set", "auth.enabled=true", "--set", f"auth.apiKeys[0]={secret_value}",
+                  "--set", "auth.apiKeys[1]=second-key")
+    secrets = by_kind(docs, "Secret")
+    assert list(secrets) == [f"{RELEASE}-specserve-api-keys"]
+    stored = base64.b64decode(secrets[f"{RELEASE}-specserve-api-keys"]["data"]["api-keys"]).decode()
+    assert stored == f"{secret_value},second-key"
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            assert secret_value not in yaml.safe_dump(doc), doc["metadata"]["name"]
+            assert base64.b64encode(stored.encode()).decode() not in yaml.safe_dump(doc)
+    gateway = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-gateway"])["containers"][0]
+    ref = env_of(gateway)["SPECSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": f"{RELEASE}-specserve-api-keys", "key": "api-keys"}
+
+
+def test_api_keys_from_an_existing_secret() -> None:
+    docs = render("--set", "auth.enabled=true", "--set", "auth.existingSecret=team-keys",
+                  "--set", "auth.secretKey=tokens")
+    assert by_kind(docs, "Secret") == {}
+    gateway = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-gateway"])["containers"][0]
+    assert env_of(gateway)["SPECSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "team-keys", "key": "tokens"}
+
+
+def test_auth_without_keys_or_secret_is_refused() -> None:
+    proc = helm("template", RELEASE, str(CHART), "--set", "auth.enabled=true")
+    assert proc.returncode != 0
+    assert "auth.existingSecret or auth.apiKeys" in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["engine.device=tpu", "gateway.replicaCount=0", "model.source=s3",
+                                 "speculation.policy=random", "unknownKey=1"])
+def test_schema_rejects_invalid_values(bad: str) -> None:
+    proc = helm("template", RELEASE, str(CHART), "--set", bad)
+    assert proc.returncode != 0, bad
+    assert "schema" in proc.stderr.lower() or "at '/" in proc.stderr, proc.stderr
+
+
+def test_model_sources_mount_the_model() -> None:
+    engine_name = f"{RELEASE}-specserve-engine"
+    pvc = render("--set", "model.source=pvc", "--set", "model.pvc.create=true", "--set", "model.path=llama")
+    spec = pod_spec(by_kind(pvc, "Deployment")[engine_name])
+    assert env_of(spec["containers"][0])["SPECSERVE_MODEL"]["value"] == "/models/llama"
+    claim = by_kind(pvc, "PersistentVolumeClaim")[f"{RELEASE}-specserve-model"]
+    volume = [v for v in spec["volumes"] if v["name"] == "model"][0]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+    host = render("--set", "model.source=hostPath", "--set", "model.hostPath.path=/data/models")
+    spec = pod_spec(by_kind(host, "Deployment")[engine_name])
+    assert [v["hostPath"]["path"] for v in spec["volumes"] if v["name"] == "model"] == ["/data/models"]
+
+    dl = render("--set", "model.source=download", "--set", "model.download.repo=org/model",
+                "--set", "model.download.tokenSecret.name=hub-token")
+    spec = pod_spec(by_kind(dl, "Deployment")[engine_name])
+    init = spec["initContainers"][0]
+    assert env_of(init)["MODEL_REPO"]["value"] == "org/model"
+    assert env_of(init)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hub-token"
+    assert env_of(spec["containers"][0])["SPECSERVE_MODEL"]["value"] == env_of(init)["MODEL_DIR"]["value"]
+
+    demo = render()
+    assert "SPECSERVE_MODEL" not in env_of(pod_spec(by_kind(demo, "Deployment")[engine_name])["containers"][0])
+
+
+def test_optional_ingress_hpa_and_service_monitor() -> None:
+    docs = render("--set", "gateway.ingress.enabled=true", "--set", "gateway.autoscaling.enabled=true",
+                  "--set", "metrics.serviceMonitor.enabled=true")
+    gateway_name = f"{RELEASE}-specserve-gateway"
+    assert "replicas" not in by_kind(docs, "Deployment")[gateway_name]["spec"]  # the HPA owns it
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")[gateway_name]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == gateway_name
+    ingress = by_kind(docs, "Ingress")[gateway_name]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == gateway_name and backend["port"]["name"] == "http"
+    services = by_kind(docs, "Service")
+    monitors = by_kind(docs, "ServiceMonitor")
+    assert len(monitors) == 2
+    for mon in monitors.values():
+        selected = [s for s in services.values() if matches(mon["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+        assert len(selected) == 1
+        assert mon["spec"]["endpoints"][0]["port"] in {p["name"] for p in selected[0]["spec"]["ports"]}
+    default = render()
+    for kind in ("Ingress", "HorizontalPodAutoscaler", "ServiceMonitor"):
+        assert by_kind(default, kind) == {}
+
+
+def test_notes_render() -> None:
+    proc = helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+                "--set", "auth.enabled=true", "--set", "auth.apiKeys[0]=k")
+    assert proc.returncode == 0, proc.stderr
+    assert f"port-forward service/{RELEASE}-specserve-gateway" in proc.stdout
+    assert f"Secret {RELEASE}-specserve-api-keys" in proc.stdout
