@@ -1,0 +1,109 @@
+"""Run only the gateway in front of existing vLLM engine replicas.
+
+Example:
+    specserve gateway --replica http://10.0.0.5:8000 --replica http://10.0.0.6:8000 --port 8080
+    specserve gateway --replicas-dns engine-headless.default.svc:8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specserve.gateway.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``serve`` and ``gateway`` (listen address, limits, auth)."""
+    g = parser.add_argument_group("gateway")
+    g.add_argument("--host", default="127.0.0.1", help="address the gateway listens on")
+    g.add_argument("--port", type=int, default=8000, help="port the gateway listens on")
+    g.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accepted bearer token (repeatable); also SPECSERVE_API_KEYS=k1,k2")
+    g.add_argument("--rate-limit-rpm", type=int, default=0, help="requests per minute per key (0 = off)")
+    g.add_argument("--rate-limit-tpm", type=int, default=0, help="tokens per minute per key (0 = off)")
+    g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    g.add_argument("--max-tokens-cap", type=int, default=0, help="largest max_tokens accepted (0 = off)")
+    g.add_argument("--max-prompt-chars", type=int, default=0, help="largest prompt accepted (0 = off)")
+    g.add_argument("--max-in-flight", type=int, default=256, help="requests at the engines at once")
+    g.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before 503")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before 504")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on shutdown")
+
+
+def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str | None = None) -> GatewayConfig:
+    from specserve.gateway.config import GatewayConfig, KeyLimits
+
+    keys = list(args.api_key)
+    keys += [k.strip() for k in os.environ.get("SPECSERVE_API_KEYS", "").split(",") if k.strip()]
+    return GatewayConfig(
+        replicas=list(replicas), replicas_dns=dns, api_keys=tuple(keys),
+        key_limits=KeyLimits(requests_per_minute=args.rate_limit_rpm,
+                             tokens_per_minute=args.rate_limit_tpm),
+        max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
+        max_prompt_chars=args.max_prompt_chars, max_in_flight=args.max_in_flight,
+        max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+    )
+
+
+def serve_gateway(
+    args: argparse.Namespace, config: GatewayConfig, should_stop: Callable[[], str | None] | None = None
+) -> int:
+    """Run the gateway with uvicorn until SIGINT/SIGTERM (or ``should_stop`` returns a reason)."""
+    import uvicorn
+
+    from specserve.gateway import create_app
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine poll otherwise
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=config.drain_timeout_s, lifespan="on",
+    ))
+    stopped_for: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        announced = False
+        while not done.wait(0.5):
+            if server.started and not announced:
+                announced = True
+                log.info("specserve ready", extra={"fields": {
+                    "url": f"http://{args.host}:{args.port}/v1", "replicas": config.replicas}})
+            reason = should_stop() if should_stop is not None else None
+            if reason:
+                stopped_for.append(reason)
+                log.error("stopping the gateway", extra={"fields": {"reason": reason}})
+                server.should_exit = True
+                return
+
+    watcher = threading.Thread(target=watch, name="gateway-watch", daemon=True)
+    watcher.start()
+    try:
+        server.run()
+    finally:
+        done.set()
+        watcher.join(timeout=2)
+    return 1 if stopped_for else 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--replica", action="append", default=[], metavar="URL",
+                     help="engine base URL, e.g. http://127.0.0.1:8001 (repeatable)")
+    src.add_argument("--replicas-dns", metavar="HOST:PORT",
+                     help="DNS name whose addresses are the engine replicas (re-resolved every second)")
+    add_gateway_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return serve_gateway(args, gateway_config(args, args.replica, args.replicas_dns))

@@ -1,0 +1,102 @@
+"""Start one vLLM engine (with the specserve plugin) and the gateway in front of it.
+
+Example:
+    specserve serve                                  # the demo model on http://127.0.0.1:8000/v1
+    specserve serve --model /models/llama --speculative-config '{"method":"ngram","num_speculative_tokens":4}'
+    specserve serve -- --max-num-seqs 8              # arguments after -- go to vLLM verbatim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+from types import FrameType
+
+from specserve.commands.gateway import add_gateway_arguments, gateway_config, serve_gateway
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group("engine")
+    e.add_argument("--model", default=None, help="HF model directory (default: the demo model)")
+    e.add_argument("--served-model-name", default=None,
+                   help='name clients use (default: "specserve-demo" for the demo model, else the dir name)')
+    e.add_argument("--engine-port", type=int, default=0, help="port of the engine (default: a free one)")
+    e.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="vLLM speculative config, e.g. '{\"method\":\"ngram\",\"num_speculative_tokens\":4}'")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    e.add_argument("--engine-start-timeout", type=float, default=900.0,
+                   help="seconds to wait for the engine to become ready")
+    e.add_argument("--engine-stop-grace", type=float, default=20.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping the engine")
+    e.add_argument("--engine-log", default=None, help="write the engine's output to this file")
+    add_gateway_arguments(parser)
+    parser.add_argument("engine_args", nargs=argparse.REMAINDER,
+                        help="after --: extra arguments passed to vLLM verbatim")
+
+
+class _Stop(Exception):
+    """SIGTERM arrived while the engine was starting."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specserve.engine.process import EngineError, EngineProcess, EngineSpec, detect_device, free_port
+    from specserve.engine.process import served_name_for
+
+    if args.speculative_config:
+        try:
+            json.loads(args.speculative_config)
+        except ValueError as exc:
+            log.error("--speculative-config is not valid JSON", extra={"fields": {"error": str(exc)}})
+            return 2
+    model = args.model
+    if model is None:
+        from specserve.demo import demo_model_dir
+
+        model = str(demo_model_dir())
+    extra = list(args.engine_args or [])
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    spec = EngineSpec(
+        model=model,
+        port=args.engine_port or free_port(),
+        served_model_name=args.served_model_name or served_name_for(model, is_demo=args.model is None),
+        device=detect_device() if args.device == "auto" else args.device,
+        speculative_config=args.speculative_config,
+        max_model_len=args.max_model_len,
+        extra_args=tuple(extra),
+    )
+    engine = EngineProcess(spec, log_path=args.engine_log)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    serving = False
+    try:
+        engine.start()
+        engine.wait_ready(timeout_s=args.engine_start_timeout)
+        serving = True
+
+        def engine_gone() -> str | None:
+            code = engine.exit_code()
+            return None if code is None else f"engine exited with code {code}"
+
+        return serve_gateway(args, gateway_config(args, [spec.url]), should_stop=engine_gone)
+    except EngineError as exc:
+        log.error("engine failed", extra={"fields": {"error": str(exc)}})
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        # The gateway re-raises the signal it handled after its graceful shutdown: not an error then.
+        if serving:
+            return 0
+        log.info("interrupted while the engine was starting")
+        return 130
+    finally:
+        engine.stop(grace_s=args.engine_stop_grace)
+        signal.signal(signal.SIGTERM, previous)
+        log.info("stopped")

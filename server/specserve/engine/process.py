@@ -1,0 +1,211 @@
+"""Running one vLLM OpenAI server as a child process: command line, environment, readiness, stop.
+
+The engine runs in its own process group so that stopping it reaches every process vLLM spawns
+(engine core, workers) and nothing is left behind.
+
+Example:
+    >>> spec = EngineSpec(model="/models/m", port=8001, served_model_name="m", device="cpu")
+    >>> cmd = engine_command(spec, python="python")
+    >>> cmd[:3], "--enforce-eager" in cmd
+    (['python', '-m', 'vllm.entrypoints.openai.api_server'], True)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+# Environment that makes vLLM usable on a CPU-only machine; values the user set win.
+CPU_ENV: dict[str, str] = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "NUMBA_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What to start: a model directory served under a name on a local port."""
+
+    model: str
+    port: int
+    served_model_name: str
+    host: str = "127.0.0.1"
+    device: Literal["cpu", "gpu"] = "cpu"
+    speculative_config: str | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool | None = None
+    """``None``: on for CPU (torch.compile costs ~80 s at start there), vLLM's default on GPU."""
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def detect_device() -> Literal["cpu", "gpu"]:
+    """``cpu`` when the CPU build of vLLM is installed or the environment asks for it."""
+    if os.environ.get("VLLM_TARGET_DEVICE", "").lower() == "cpu":
+        return "cpu"
+    from importlib import metadata
+
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return "gpu"
+    return "cpu"
+
+
+def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
+    """The argv that starts vLLM's OpenAI server for ``spec`` (extra args go last, verbatim)."""
+    cmd = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", spec.model,
+        "--served-model-name", spec.served_model_name,
+        "--host", spec.host,
+        "--port", str(spec.port),
+    ]
+    if spec.max_model_len is not None:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
+    if spec.speculative_config:
+        cmd += ["--speculative-config", spec.speculative_config]
+    eager = spec.enforce_eager if spec.enforce_eager is not None else spec.device == "cpu"
+    if eager:
+        cmd.append("--enforce-eager")
+    return cmd + list(spec.extra_args)
+
+
+def engine_env(device: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ``base`` plus the CPU settings (without overriding the user's).
+
+    Example:
+        >>> engine_env("cpu", {"VLLM_CPU_KVCACHE_SPACE": "4"})["VLLM_CPU_KVCACHE_SPACE"]
+        '4'
+        >>> engine_env("cpu", {})["HF_HUB_OFFLINE"]
+        '1'
+    """
+    env = dict(os.environ if base is None else base)
+    if device == "cpu":
+        for key, value in CPU_ENV.items():
+            env.setdefault(key, value)
+    return env
+
+
+class EngineError(RuntimeError):
+    """The engine exited or did not become ready."""
+
+
+class EngineProcess:
+    """One vLLM server child process in its own process group."""
+
+    def __init__(self, spec: EngineSpec, *, log_path: str | None = None) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = engine_command(self.spec)
+        log.info("starting engine", extra={"fields": {"cmd": cmd, "url": self.spec.url}})
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - owned by the child
+        try:
+            self.proc = subprocess.Popen(
+                cmd, env=engine_env(self.spec.device), start_new_session=True,
+                stdout=out, stderr=subprocess.STDOUT if out else None,
+            )
+        finally:
+            if out is not None:
+                out.close()
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def wait_ready(self, timeout_s: float = 600.0, interval_s: float = 0.5, progress_s: float = 10.0) -> None:
+        """Poll ``/health`` until it answers 200; raise :class:`EngineError` on exit or timeout."""
+        started = time.monotonic()
+        next_progress = started + progress_s
+        with httpx.Client(trust_env=False, timeout=2.0) as client:
+            while True:
+                code = self.exit_code()
+                if code is not None:
+                    raise EngineError(f"engine exited with code {code} before it was ready")
+                try:
+                    if client.get(f"{self.spec.url}/health").status_code == 200:
+                        log.info("engine ready", extra={"fields": {
+                            "url": self.spec.url, "seconds": round(time.monotonic() - started, 1)}})
+                        return
+                except httpx.HTTPError:
+                    pass
+                now = time.monotonic()
+                if now - started > timeout_s:
+                    raise EngineError(f"engine not ready after {timeout_s:.0f} s")
+                if now >= next_progress:
+                    log.info("waiting for engine", extra={"fields": {
+                        "url": self.spec.url, "seconds": round(now - started)}})
+                    next_progress = now + progress_s
+                time.sleep(interval_s)
+
+    def stop(self, grace_s: float = 20.0) -> int | None:
+        """SIGTERM the engine's process group, SIGKILL it after ``grace_s``; returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        pgid = proc.pid  # start_new_session: the group id is the child's pid
+        if proc.poll() is None:
+            log.info("stopping engine", extra={"fields": {"pid": proc.pid}})
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("engine did not stop in time; killing", extra={"fields": {"pid": proc.pid}})
+        # Workers may outlive the server process: clear the whole group either way.
+        _signal_group(pgid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(timeout=10)
+        return proc.returncode
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def served_name_for(model_dir: str, is_demo: bool) -> str:
+    """The default served model name.
+
+    Example:
+        >>> served_name_for("/x/models/tiny-llama/", False), served_name_for("/cache/abc", True)
+        ('tiny-llama', 'specserve-demo')
+    """
+    return "specserve-demo" if is_demo else os.path.basename(os.path.normpath(model_dir))
+
+
+__all__: Sequence[str] = [
+    "CPU_ENV", "EngineError", "EngineProcess", "EngineSpec", "detect_device", "engine_command",
+    "engine_env", "free_port", "served_name_for",
+]

@@ -1,0 +1,144 @@
+"""The gateway application: ``create_app(config)`` wires config, replicas, proxy, limits and metrics.
+
+Every error leaves through one handler (:func:`handle_error`) in the OpenAI shape.
+
+Example:
+    >>> from prometheus_client import CollectorRegistry
+    >>> app = create_app(GatewayConfig(replicas=["http://127.0.0.1:9"]), registry=CollectorRegistry())
+    >>> sorted(r.path for r in app.routes if r.path.startswith("/v1"))
+    ['/v1/chat/completions', '/v1/completions', '/v1/models']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import REGISTRY, CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from specserve.errors import APIError
+from specserve.gateway.config import GatewayConfig
+from specserve.gateway.limits import AdmissionQueue, RateLimiter
+from specserve.gateway.metrics import GatewayMetrics
+from specserve.gateway.middleware import GatewayMiddleware
+from specserve.gateway.proxy import Proxy
+from specserve.gateway.replicas import ReplicaPool
+from specserve.gateway.routes import router
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The long-lived parts of one gateway app (``app.state.gateway``)."""
+
+    def __init__(
+        self, config: GatewayConfig, metrics: GatewayMetrics, transport: httpx.AsyncBaseTransport | None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=config.max_in_flight)
+        self.client = httpx.AsyncClient(transport=transport, limits=limits, trust_env=False)
+        self.pool = ReplicaPool(
+            config.replicas, client=self.client, metrics=metrics, dns=config.replicas_dns,
+            interval_s=config.health_interval_s, timeout_s=config.connect_timeout_s,
+        )
+        self.proxy = Proxy(
+            self.pool, self.client, metrics, max_attempts=config.max_attempts,
+            request_timeout_s=config.request_timeout_s, connect_timeout_s=config.connect_timeout_s,
+        )
+        self.limiter = RateLimiter(config.key_limits)
+        self.queue = AdmissionQueue(config.max_in_flight, config.max_queue, config.queue_timeout_s)
+
+    async def start(self) -> None:
+        await self.pool.check_all()
+        self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+        await self.client.aclose()
+
+
+def _param_of(loc: tuple[Any, ...]) -> str | None:
+    """``("body", "messages", 0, "role")`` -> ``"messages.0.role"``."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Union branches add type names (e.g. "str", "list[...]") that mean nothing to a client.
+    parts = [p for p in parts if not p.startswith(("list[", "function-", "tagged-union["))]
+    return ".".join(parts) or None
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """Map any exception leaving a route to the OpenAI-shaped error a client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = _param_of(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            return APIError(400, "The request body is not valid JSON.", code="invalid_json")
+        detail = first.get("msg", "invalid request")
+        message = f"Invalid value for '{param}': {detail}." if param else f"Invalid request: {detail}."
+        return APIError(400, message, param=param, code="invalid_value")
+    if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 404:
+            return APIError(404, "Unknown route.", code="unknown_url")
+        if exc.status_code == 405:
+            return APIError(405, "Method not allowed.", type="invalid_request_error",
+                            code="method_not_allowed")
+        return APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+    log.error("unhandled error", exc_info=exc)
+    return APIError(500, "Internal error in the gateway.", code="internal_error")
+
+
+def render_error(err: APIError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    return err.status, headers, body
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler of the gateway."""
+    err = to_api_error(exc)
+    if err.status >= 500:
+        log.warning("request failed", extra={"fields": {
+            "request_id": request.state.request_id if hasattr(request.state, "request_id") else None,
+            "status": err.status, "error": err.message}})
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the gateway ASGI app. ``transport`` replaces the network to the engines (tests)."""
+    metrics = GatewayMetrics(registry if registry is not None else REGISTRY)
+    gateway = Gateway(config, metrics, transport)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="specserve gateway", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+    app.include_router(router)
+    for exc_type in (APIError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, handle_error)
+    app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
+                       render_error=render_error)
+    return app

@@ -1,0 +1,67 @@
+"""Gateway configuration: one validated value built at start-up and never mutated.
+
+Example:
+    >>> cfg = GatewayConfig(replicas=["http://127.0.0.1:8001"])
+    >>> cfg.max_body_bytes
+    4194304
+    >>> GatewayConfig(replicas_dns="engine:8000").replicas
+    []
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class KeyLimits(BaseModel):
+    """Per-API-key rate limits (0 = unlimited)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_minute: int = Field(default=0, ge=0)
+    """Requests a key may start per rolling minute."""
+    tokens_per_minute: int = Field(default=0, ge=0)
+    """Tokens (prompt estimate + requested max_tokens) a key may spend per rolling minute."""
+
+
+class GatewayConfig(BaseModel):
+    """Everything the gateway needs to know; see ``docs/gateway.md`` for the matching flags."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    replicas: list[str] = Field(default_factory=list)
+    """Static engine base URLs, e.g. ``http://127.0.0.1:8001``."""
+    replicas_dns: str | None = None
+    """``HOST:PORT`` resolved periodically; every address becomes a replica (Kubernetes headless Service)."""
+    health_interval_s: float = Field(default=1.0, gt=0)
+    """Period of the background health check and engine-metrics scrape."""
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    """Time allowed to open a connection to an engine before it is marked down."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """Upper bound on waiting for an engine's response bytes (504 when exceeded)."""
+    max_attempts: int = Field(default=3, ge=1)
+    """Replicas tried for a request that failed before anything was sent to the client."""
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Larger request bodies get 413."""
+    max_tokens_cap: int = Field(default=0, ge=0)
+    """Largest ``max_tokens`` accepted (0 = engine decides)."""
+    max_prompt_chars: int = Field(default=0, ge=0)
+    """Largest prompt (characters over all messages / prompts) accepted (0 = unlimited)."""
+    max_in_flight: int = Field(default=256, ge=1)
+    """Requests forwarded to engines at once; more wait in the queue."""
+    max_queue: int = Field(default=1024, ge=0)
+    """Requests allowed to wait for a slot; beyond that 503 + Retry-After."""
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    """How long a queued request waits for a slot before 503."""
+    api_keys: tuple[str, ...] = ()
+    """Accepted bearer tokens; empty = no authentication."""
+    key_limits: KeyLimits = KeyLimits()
+    """Rate limits applied to each key (or to each client address when auth is off)."""
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """On shutdown, in-flight requests get this long to finish."""
+
+    @model_validator(mode="after")
+    def _need_replicas(self) -> GatewayConfig:
+        if not self.replicas and not self.replicas_dns:
+            raise ValueError("give at least one replica URL or a replicas DNS name")
+        return self

@@ -1,0 +1,142 @@
+"""Admission control: API keys, per-key rate limits and the bounded queue in front of the engines.
+
+Example:
+    >>> w = SlidingWindow(limit=2, window_s=60.0)
+    >>> w.try_take(1, now=0.0), w.try_take(1, now=1.0), w.try_take(1, now=2.0)
+    (True, True, False)
+    >>> w.retry_after(now=2.0)
+    58.0
+    >>> w.try_take(1, now=61.0)
+    True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import time
+from collections import deque
+from collections.abc import Iterable
+
+from specserve.errors import APIError
+from specserve.gateway.config import KeyLimits
+
+
+class SlidingWindow:
+    """Amounts taken in the last ``window_s`` seconds must stay within ``limit``."""
+
+    def __init__(self, limit: int, window_s: float = 60.0) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._events: deque[tuple[float, int]] = deque()
+        self._total = 0
+
+    def _expire(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.window_s:
+            self._total -= self._events.popleft()[1]
+
+    def try_take(self, amount: int, now: float) -> bool:
+        self._expire(now)
+        if self._total + amount > self.limit and self._total > 0:
+            return False
+        self._events.append((now, amount))
+        self._total += amount
+        return True
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until the oldest amount leaves the window."""
+        if not self._events:
+            return 0.0
+        return max(0.0, self._events[0][0] + self.window_s - now)
+
+
+def check_api_key(authorization: str | None, keys: Iterable[str]) -> str:
+    """The caller's key if ``Authorization: Bearer <key>`` names an accepted key; else 401.
+
+    Example:
+        >>> check_api_key("Bearer sk-1", ["sk-1"])
+        'sk-1'
+    """
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+    given = authorization[7:].strip()
+    for key in keys:
+        if hmac.compare_digest(given.encode(), key.encode()):
+            return key
+    raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+class RateLimiter:
+    """Per-key request and token windows (keys are API keys, or client addresses without auth)."""
+
+    def __init__(self, limits: KeyLimits, max_keys: int = 100_000) -> None:
+        self.limits = limits
+        self.max_keys = max_keys
+        self._requests: dict[str, SlidingWindow] = {}
+        self._tokens: dict[str, SlidingWindow] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.limits.requests_per_minute or self.limits.tokens_per_minute)
+
+    def _window(self, table: dict[str, SlidingWindow], key: str, limit: int) -> SlidingWindow:
+        window = table.get(key)
+        if window is None:
+            if len(table) >= self.max_keys:
+                table.clear()  # bounded memory under key churn; limits restart
+            window = table[key] = SlidingWindow(limit)
+        return window
+
+    def admit(self, key: str, tokens: int, now: float | None = None) -> None:
+        """Count one request of ``tokens`` for ``key``; 429 with Retry-After when over a limit."""
+        now = time.monotonic() if now is None else now
+        checks = (
+            (self._requests, self.limits.requests_per_minute, 1, "requests"),
+            (self._tokens, self.limits.tokens_per_minute, tokens, "tokens"),
+        )
+        for table, limit, amount, what in checks:
+            if not limit:
+                continue
+            window = self._window(table, key, limit)
+            if not window.try_take(amount, now):
+                retry = max(1, math.ceil(window.retry_after(now)))
+                raise APIError(
+                    429,
+                    f"Rate limit reached: {limit} {what} per minute. Retry after {retry} s.",
+                    code=f"rate_limit_{what}",
+                    headers={"Retry-After": str(retry)},
+                )
+
+
+class AdmissionQueue:
+    """At most ``max_in_flight`` requests at the engines, at most ``max_queue`` waiting for a slot."""
+
+    def __init__(self, max_in_flight: int, max_queue: int, timeout_s: float) -> None:
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self.waiting = 0
+        self.active = 0
+
+    async def acquire(self) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()
+            self.active += 1
+            return
+        if self.waiting >= self.max_queue:
+            raise APIError(503, "The server is overloaded: the request queue is full.",
+                           code="queue_full", headers={"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(503, "The server is overloaded: timed out waiting in the queue.",
+                           code="queue_timeout", headers={"Retry-After": "1"}) from None
+        finally:
+            self.waiting -= 1
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        self._slots.release()

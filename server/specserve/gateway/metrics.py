@@ -1,0 +1,70 @@
+"""Prometheus metrics of the gateway (``specserve_gateway_*``), registered on a given registry.
+
+Labels are bounded: routes are the few proxied paths, models come from the engines' model list
+(unknown names are rejected before they are counted), replicas are the configured engines.
+
+Example:
+    >>> from prometheus_client import CollectorRegistry, generate_latest
+    >>> m = GatewayMetrics(CollectorRegistry())
+    >>> m.requests.labels(route="/v1/models", status="200", model="").inc()
+    >>> b"specserve_gateway_requests_total" in generate_latest(m.registry)
+    True
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds; covers sub-millisecond proxying up to long generations.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class GatewayMetrics:
+    """All gateway metric objects; one instance per app."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        ns, sub = "specserve", "gateway"
+        self.requests = Counter(
+            "requests", "Requests answered, by route, HTTP status and model.",
+            ["route", "status", "model"], namespace=ns, subsystem=sub, registry=registry,
+        )
+        self.latency = Histogram(
+            "request_duration_seconds", "End-to-end request latency at the gateway.",
+            ["route", "status"], namespace=ns, subsystem=sub, buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "time_to_first_token_seconds", "Time from request arrival to the first streamed chunk.",
+            ["route"], namespace=ns, subsystem=sub, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.tpot = Histogram(
+            "time_per_output_token_seconds",
+            "Decode time per output token after the first (when usage is known).",
+            ["route"], namespace=ns, subsystem=sub, buckets=TOKEN_BUCKETS, registry=registry,
+        )
+        self.tokens = Counter(
+            "tokens", "Tokens reported by the engines' usage, by direction (prompt/completion).",
+            ["direction"], namespace=ns, subsystem=sub, registry=registry,
+        )
+        self.in_flight = Gauge(
+            "replica_in_flight_requests", "Requests the gateway has open at each replica.",
+            ["replica"], namespace=ns, subsystem=sub, registry=registry,
+        )
+        self.replica_up = Gauge(
+            "replica_up_ratio", "1 when the replica is healthy, 0 when marked down.",
+            ["replica"], namespace=ns, subsystem=sub, registry=registry,
+        )
+        self.rejected = Counter(
+            "rejected_requests", "Requests refused before reaching an engine, by reason.",
+            ["reason"], namespace=ns, subsystem=sub, registry=registry,
+        )
+        self.retries = Counter(
+            "retries", "Requests re-sent to another replica after a connection failure.",
+            namespace=ns, subsystem=sub, registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "queue_depth_requests", "Requests waiting for an in-flight slot.",
+            namespace=ns, subsystem=sub, registry=registry,
+        )

@@ -1,0 +1,239 @@
+"""Forwarding a request to an engine replica: pick, send, retry before the first byte, stream back.
+
+Streaming responses are passed through chunk by chunk as the engine writes them (httpx
+``aiter_raw``; nothing is buffered). When the client goes away, the response generator is
+closed, which closes the upstream connection, which makes vLLM abort the request and free its slot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from collections.abc import Awaitable, Callable
+
+from starlette.responses import Response
+
+from specserve.errors import APIError
+from specserve.gateway.metrics import GatewayMetrics
+from specserve.gateway.replicas import Replica, ReplicaPool
+from specserve.gateway.streaming import PassthroughStream
+
+log = logging.getLogger(__name__)
+
+# Hop-by-hop and length headers are recomputed by each side.
+_DROP_HEADERS = frozenset(
+    {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+     "proxy-authorization", "authorization", "accept-encoding"}
+)
+_DROP_RESPONSE_HEADERS = frozenset(
+    {"content-length", "connection", "keep-alive", "transfer-encoding", "date", "server", "content-encoding"}
+)
+
+
+@dataclass
+class Outcome:
+    """What the proxy learnt about one request, for metrics and logs."""
+
+    status: int = 0
+    replica: str = ""
+    first_chunk_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+def sse_error_event(err: APIError) -> bytes:
+    """An SSE event carrying an OpenAI error object, then the stream terminator.
+
+    The ``openai`` client raises an ``APIError`` when a data event holds an ``error`` key.
+
+    Example:
+        >>> sse_error_event(APIError(502, "engine went away")).startswith(b'data: {"error"')
+        True
+    """
+    return b"data: " + json.dumps(err.body()).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def usage_from_sse_tail(tail: bytes) -> tuple[int | None, int | None]:
+    """Prompt and completion token counts from the last usage object in a stream's tail.
+
+    Example:
+        >>> usage_from_sse_tail(b'data: {"usage": {"prompt_tokens": 3, "completion_tokens": 5}}\\n\\ndata: [DONE]\\n\\n')
+        (3, 5)
+        >>> usage_from_sse_tail(b'data: [DONE]\\n\\n')
+        (None, None)
+    """
+    for line in reversed(tail.split(b"\n")):
+        if not line.startswith(b"data: {") or b'"usage":{' not in line.replace(b" ", b""):
+            continue
+        try:
+            usage = json.loads(line[6:]).get("usage") or {}
+        except ValueError:
+            continue
+        return usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return None, None
+
+
+def upstream_error(status: int, content: bytes) -> Response:
+    """Re-shape an engine's error reply into the OpenAI error object, keeping its status.
+
+    Example:
+        >>> r = upstream_error(400, b'{"error": {"message": "bad", "type": "BadRequestError", "param": "n", "code": 400}}')
+        >>> json.loads(r.body)["error"] == {"message": "bad", "type": "invalid_request_error", "param": "n", "code": None}
+        True
+    """
+    message, param = f"The engine answered with status {status}.", None
+    try:
+        data = json.loads(content)
+        error = data.get("error", data) if isinstance(data, dict) else {}
+        if isinstance(error, dict):
+            message = str(error.get("message") or error.get("detail") or message)
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+    except ValueError:
+        pass
+    err = APIError(status, message, param=param)
+    return Response(json.dumps(err.body()), status_code=status, media_type="application/json")
+
+
+class Proxy:
+    """Sends requests to the replicas of a :class:`ReplicaPool`."""
+
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        client: httpx.AsyncClient,
+        metrics: GatewayMetrics,
+        *,
+        max_attempts: int = 3,
+        request_timeout_s: float = 600.0,
+        connect_timeout_s: float = 2.0,
+    ) -> None:
+        self.pool = pool
+        self.client = client
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s, pool=request_timeout_s)
+
+    async def _open(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str], model: str | None
+    ) -> tuple[Replica, httpx.Response]:
+        """Send to the best replica; on connection failure mark it down and try the next one."""
+        tried: set[str] = set()
+        last_error = "no engine replica is ready"
+        for attempt in range(self.max_attempts):
+            replica = self.pool.pick(exclude=tried, model=model)
+            if replica is None:
+                break
+            if attempt:
+                self.metrics.retries.inc()
+            tried.add(replica.url)
+            self.pool.acquire(replica)
+            request = self.client.build_request(
+                method, replica.url + path, content=body, headers=headers, timeout=self.timeout
+            )
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.TimeoutException as exc:
+                self.pool.release(replica)
+                if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                    self.pool.mark_down(replica, "connect timeout")
+                    last_error = f"engine {replica.url} did not accept the connection"
+                    continue
+                raise APIError(504, "The engine did not answer in time.", code="upstream_timeout") from exc
+            except httpx.TransportError as exc:
+                self.pool.release(replica)
+                self.pool.mark_down(replica, f"{type(exc).__name__}: {exc}")
+                last_error = f"engine {replica.url} failed: {type(exc).__name__}"
+                continue
+            return replica, response
+        raise APIError(503, f"No engine available: {last_error}.", code="engine_unavailable",
+                       headers={"Retry-After": "1"})
+
+    @staticmethod
+    def forward_headers(headers: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in headers.items() if k.lower() not in _DROP_HEADERS}
+
+    @staticmethod
+    def _response_headers(response: httpx.Response) -> dict[str, str]:
+        return {k: v for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
+
+    async def unary(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str],
+        outcome: Outcome, model: str | None = None,
+    ) -> Response:
+        """Forward a non-streaming request; a failure while reading the body is retried too."""
+        for _ in range(self.max_attempts):
+            replica, response = await self._open(method, path, body, headers, model)
+            outcome.replica = replica.url
+            try:
+                content = await response.aread()
+            except httpx.TimeoutException as exc:
+                raise APIError(504, "The engine did not answer in time.", code="upstream_timeout") from exc
+            except httpx.TransportError as exc:
+                self.pool.mark_down(replica, f"{type(exc).__name__} while reading")
+                continue
+            finally:
+                await response.aclose()
+                self.pool.release(replica)
+            outcome.status = response.status_code
+            if response.status_code == 200 and content[:1] == b"{":
+                try:
+                    usage = json.loads(content).get("usage") or {}
+                    outcome.prompt_tokens = usage.get("prompt_tokens")
+                    outcome.completion_tokens = usage.get("completion_tokens")
+                except (ValueError, AttributeError):
+                    pass
+            if response.status_code >= 400:
+                return upstream_error(response.status_code, content)
+            return Response(content, status_code=response.status_code,
+                            headers=self._response_headers(response))
+        raise APIError(503, "No engine available: every replica tried failed.", code="engine_unavailable",
+                       headers={"Retry-After": "1"})
+
+    async def stream(
+        self, path: str, body: bytes, headers: dict[str, str], outcome: Outcome, started: float,
+        model: str | None = None, on_close: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> Response:
+        """Forward a streaming request; SSE bytes flow through as they arrive."""
+        replica, response = await self._open("POST", path, body, headers, model)
+        outcome.replica = replica.url
+        outcome.status = response.status_code
+        if response.status_code != 200:
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+                self.pool.release(replica)
+                if on_close is not None:
+                    await on_close(False)
+            return upstream_error(response.status_code, content)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            tail = b""
+            try:
+                async for chunk in response.aiter_raw():
+                    if outcome.first_chunk_s is None:
+                        outcome.first_chunk_s = time.perf_counter() - started
+                    tail = (tail + chunk)[-4096:]
+                    yield chunk
+            except httpx.TimeoutException:
+                outcome.status = 504
+                yield sse_error_event(APIError(504, "The engine stopped answering.", code="upstream_timeout"))
+            except httpx.TransportError as exc:
+                outcome.status = 502
+                self.pool.mark_down(replica, f"{type(exc).__name__} while streaming")
+                prefix = b"" if tail.endswith(b"\n\n") or not tail else b"\n\n"
+                yield prefix + sse_error_event(
+                    APIError(502, "The engine failed while streaming; the response is incomplete.",
+                             code="engine_failed"))
+            finally:
+                await response.aclose()
+                self.pool.release(replica)
+                outcome.prompt_tokens, outcome.completion_tokens = usage_from_sse_tail(tail)
+
+        return PassthroughStream(chunks(), status_code=200, headers=self._response_headers(response),
+                                 on_close=on_close)

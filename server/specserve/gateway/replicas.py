@@ -1,0 +1,260 @@
+"""Engine replicas: discovery (static list or DNS), health, load, and the least-loaded choice.
+
+A background task polls every replica's ``/health``, ``/v1/models`` and ``/metrics``
+(``vllm:num_requests_running`` / ``vllm:num_requests_waiting``). A replica is marked down at once
+when a connection to it fails and comes back when its health check passes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from specserve.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+_RUNNING = "vllm:num_requests_running"
+_WAITING = "vllm:num_requests_waiting"
+
+
+@dataclass
+class Replica:
+    """One engine's mutable state, owned by the :class:`ReplicaPool`."""
+
+    url: str
+    healthy: bool = False
+    in_flight: int = 0
+    engine_running: float = 0.0
+    engine_waiting: float = 0.0
+    models: tuple[str, ...] = ()
+    failures: int = 0
+
+    @property
+    def load(self) -> float:
+        return replica_load(self.in_flight, self.engine_running, self.engine_waiting)
+
+
+def replica_load(in_flight: int, engine_running: float, engine_waiting: float) -> float:
+    """The load estimate used for routing.
+
+    The gateway's own in-flight count is exact and current; the engine gauges are scraped (late)
+    but also see traffic that bypasses this gateway. Taking the larger of the two uses both.
+    Waiting requests weigh double: they have not even started.
+
+    Example:
+        >>> replica_load(3, 2.0, 0.0)
+        3.0
+        >>> replica_load(1, 4.0, 1.0)
+        6.0
+    """
+    return float(max(in_flight, engine_running + 2.0 * engine_waiting))
+
+
+def pick_least_loaded(loads: Sequence[float | None], start: int = 0) -> int | None:
+    """Index of the smallest load, ``None`` entries skipped; ties go to the first from ``start``.
+
+    Rotating ``start`` spreads ties round-robin.
+
+    Example:
+        >>> pick_least_loaded([2.0, 1.0, 1.0])
+        1
+        >>> pick_least_loaded([2.0, 1.0, 1.0], start=2)
+        2
+        >>> pick_least_loaded([None, None]) is None
+        True
+    """
+    n = len(loads)
+    best: int | None = None
+    for k in range(n):
+        i = (start + k) % n
+        value = loads[i]
+        if value is None:
+            continue
+        best_value = loads[best] if best is not None else None
+        if best_value is None or value < best_value:
+            best = i
+    return best
+
+
+def parse_engine_load(text: str) -> tuple[float, float]:
+    """Sum vLLM's running / waiting request gauges over all engines in a ``/metrics`` page.
+
+    Example:
+        >>> page = 'vllm:num_requests_running{engine="0"} 2.0\\nvllm:num_requests_waiting{engine="0"} 1.0\\n'
+        >>> parse_engine_load(page)
+        (2.0, 1.0)
+    """
+    running = waiting = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name not in (_RUNNING, _WAITING):
+            continue
+        total = sum(s.value for s in family.samples if s.name == family.name)
+        if family.name == _RUNNING:
+            running = total
+        else:
+            waiting = total
+    return running, waiting
+
+
+class ReplicaPool:
+    """The set of replicas and the background task that keeps their state current."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        client: httpx.AsyncClient,
+        metrics: GatewayMetrics,
+        dns: str | None = None,
+        interval_s: float = 1.0,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.client = client
+        self.metrics = metrics
+        self.dns = dns
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.replicas: dict[str, Replica] = {}
+        self._rr = 0
+        self._task: asyncio.Task[None] | None = None
+        for url in urls:
+            self._add(url.rstrip("/"))
+
+    # -- membership -------------------------------------------------------------------------
+    def _add(self, url: str) -> None:
+        if url not in self.replicas:
+            self.replicas[url] = Replica(url)
+            self.metrics.replica_up.labels(replica=url).set(0)
+            self.metrics.in_flight.labels(replica=url).set(0)
+            log.info("replica added", extra={"fields": {"replica": url}})
+
+    def _remove(self, url: str) -> None:
+        replica = self.replicas.pop(url, None)
+        if replica is not None:
+            self.metrics.replica_up.remove(url)
+            self.metrics.in_flight.remove(url)
+            log.info("replica removed", extra={"fields": {"replica": url}})
+
+    async def resolve_dns(self) -> None:
+        """Make the replica set equal to the addresses ``HOST:PORT`` resolves to now."""
+        if not self.dns:
+            return
+        host, _, port = self.dns.rpartition(":")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("replica DNS lookup failed", extra={"fields": {"dns": self.dns, "error": str(exc)}})
+            return
+        wanted = set()
+        for family, _, _, _, sockaddr in infos:
+            addr = str(sockaddr[0])
+            wanted.add(f"http://[{addr}]:{port}" if family == socket.AF_INET6 else f"http://{addr}:{port}")
+        if not wanted:
+            return
+        for url in wanted - set(self.replicas):
+            self._add(url)
+        for url in set(self.replicas) - wanted:
+            if self.replicas[url].in_flight == 0:
+                self._remove(url)
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return any(r.healthy for r in self.replicas.values())
+
+    def models(self) -> set[str]:
+        return {m for r in self.replicas.values() if r.healthy for m in r.models}
+
+    def pick(self, exclude: set[str] | frozenset[str] = frozenset(), model: str | None = None) -> Replica | None:
+        """The healthy, least-loaded replica not in ``exclude`` (and serving ``model`` if known)."""
+        replicas = list(self.replicas.values())
+        loads: list[float | None] = [
+            r.load
+            if r.healthy and r.url not in exclude and (model is None or not r.models or model in r.models)
+            else None
+            for r in replicas
+        ]
+        self._rr = (self._rr + 1) % max(1, len(replicas))
+        index = pick_least_loaded(loads, self._rr)
+        return None if index is None else replicas[index]
+
+    def acquire(self, replica: Replica) -> None:
+        replica.in_flight += 1
+        self.metrics.in_flight.labels(replica=replica.url).set(replica.in_flight)
+
+    def release(self, replica: Replica) -> None:
+        replica.in_flight -= 1
+        if replica.url in self.replicas:
+            self.metrics.in_flight.labels(replica=replica.url).set(replica.in_flight)
+
+    def mark_down(self, replica: Replica, reason: str) -> None:
+        if replica.healthy:
+            log.warning("replica down", extra={"fields": {"replica": replica.url, "reason": reason}})
+        replica.healthy = False
+        replica.failures += 1
+        if replica.url in self.replicas:
+            self.metrics.replica_up.labels(replica=replica.url).set(0)
+
+    def _mark_up(self, replica: Replica) -> None:
+        if not replica.healthy:
+            log.info("replica up", extra={"fields": {"replica": replica.url, "models": list(replica.models)}})
+        replica.healthy = True
+        replica.failures = 0
+        self.metrics.replica_up.labels(replica=replica.url).set(1)
+
+    # -- background checks --------------------------------------------------------------------
+    async def check(self, replica: Replica) -> None:
+        """One health probe + load scrape of ``replica``; updates its state."""
+        try:
+            resp = await self.client.get(f"{replica.url}/health", timeout=self.timeout_s)
+            if resp.status_code != 200:
+                self.mark_down(replica, f"health status {resp.status_code}")
+                return
+            if not replica.models or not replica.healthy:
+                listing = await self.client.get(f"{replica.url}/v1/models", timeout=self.timeout_s)
+                listing.raise_for_status()
+                replica.models = tuple(str(m["id"]) for m in listing.json().get("data", []))
+            page = await self.client.get(f"{replica.url}/metrics", timeout=self.timeout_s)
+            if page.status_code == 200:
+                replica.engine_running, replica.engine_waiting = parse_engine_load(page.text)
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            self.mark_down(replica, f"{type(exc).__name__}: {exc}")
+            return
+        self._mark_up(replica)
+
+    async def check_all(self) -> None:
+        await self.resolve_dns()
+        await asyncio.gather(*(self.check(r) for r in list(self.replicas.values())))
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad probe
+                log.exception("replica check failed")
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="replica-checks")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+
+__all__ = ["Replica", "ReplicaPool", "parse_engine_load", "pick_least_loaded", "replica_load"]

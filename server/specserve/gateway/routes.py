@@ -1,0 +1,162 @@
+"""HTTP routes of the gateway: the proxied OpenAI routes and /health, /ready, /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from specserve import structured
+from specserve.errors import APIError
+from specserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, unsupported_param
+from specserve.gateway.proxy import Outcome
+
+if TYPE_CHECKING:
+    from specserve.gateway.app import Gateway
+
+router = APIRouter()
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+@router.get("/health")
+async def health() -> Response:
+    """The gateway process is alive (engines may not be)."""
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    """200 when at least one engine replica is healthy, else 503."""
+    gw = _gateway(request)
+    replicas = {r.url: r.healthy for r in gw.pool.replicas.values()}
+    if not gw.pool.ready:
+        raise APIError(503, "No engine replica is ready.", code="not_ready", headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready", "replicas": replicas})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    gw = _gateway(request)
+    gw.metrics.queue_depth.set(gw.queue.waiting)
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _authenticate(gw: Gateway, request: Request) -> str:
+    """The rate-limit key: the API key when auth is on, else the client address."""
+    if gw.config.api_keys:
+        try:
+            from specserve.gateway.limits import check_api_key
+
+            return check_api_key(request.headers.get("authorization"), gw.config.api_keys)
+        except APIError:
+            gw.metrics.rejected.labels(reason="auth").inc()
+            raise
+    return request.client.host if request.client else "anonymous"
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    gw = _gateway(request)
+    _authenticate(gw, request)
+    outcome = Outcome()
+    headers = gw.proxy.forward_headers(dict(request.headers))
+    return await gw.proxy.unary("GET", "/v1/models", None, headers, outcome)
+
+
+async def _generate(
+    request: Request, path: str, route: str, parsed: ChatCompletionRequest | CompletionRequest
+) -> Response:
+    gw = _gateway(request)
+    cfg = gw.config
+    key = _authenticate(gw, request)
+    body_bytes = await request.body()
+    body = parsed.model_dump(exclude_unset=True)
+    bad = unsupported_param(body)
+    if bad is not None:
+        gw.metrics.rejected.labels(reason="unsupported_param").inc()
+        raise APIError(400, f"The parameter '{bad}' is not supported by this server.", param=bad,
+                       code="unsupported_parameter")
+    max_tokens = parsed.requested_tokens()
+    if cfg.max_tokens_cap and max_tokens is not None and max_tokens > cfg.max_tokens_cap:
+        gw.metrics.rejected.labels(reason="max_tokens").inc()
+        param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        raise APIError(400, f"'{param}' must be at most {cfg.max_tokens_cap}.", param=param,
+                       code="max_tokens_exceeded")
+    prompt_chars = parsed.prompt_chars()
+    if cfg.max_prompt_chars and prompt_chars > cfg.max_prompt_chars:
+        gw.metrics.rejected.labels(reason="prompt_too_long").inc()
+        param = "messages" if route == "chat" else "prompt"
+        raise APIError(400, f"The prompt is too long: at most {cfg.max_prompt_chars} characters.",
+                       param=param, code="context_length_exceeded")
+    models = gw.pool.models()
+    if not models:
+        raise APIError(503, "No engine replica is ready.", code="engine_unavailable",
+                       headers={"Retry-After": "1"})
+    if parsed.model not in models:
+        raise APIError(404, f"The model '{parsed.model}' does not exist.", param="model",
+                       code="model_not_found")
+    request.state.model = parsed.model
+    structured.precheck(body, route)
+    if gw.limiter.enabled:
+        try:
+            gw.limiter.admit(key, prompt_chars // 4 + (max_tokens or 16) * (parsed.n or 1))
+        except APIError:
+            gw.metrics.rejected.labels(reason="rate_limit").inc()
+            raise
+    try:
+        await gw.queue.acquire()
+    except APIError:
+        gw.metrics.rejected.labels(reason="queue_full").inc()
+        raise
+    started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
+    outcome = Outcome()
+    headers = gw.proxy.forward_headers(dict(request.headers))
+    headers["x-request-id"] = request.state.request_id
+
+    def record() -> None:
+        request.state.replica = outcome.replica
+        if outcome.prompt_tokens:
+            gw.metrics.tokens.labels(direction="prompt").inc(outcome.prompt_tokens)
+        if outcome.completion_tokens:
+            gw.metrics.tokens.labels(direction="completion").inc(outcome.completion_tokens)
+
+    if not parsed.stream:
+        try:
+            response = await gw.proxy.unary("POST", path, body_bytes, headers, outcome, model=parsed.model)
+        finally:
+            gw.queue.release()
+        record()
+        return response
+
+    async def on_close(disconnected: bool) -> None:
+        gw.queue.release()
+        record()
+        elapsed = time.perf_counter() - started
+        if outcome.first_chunk_s is not None:
+            gw.metrics.ttft.labels(route=path).observe(outcome.first_chunk_s)
+            if outcome.completion_tokens and outcome.completion_tokens > 1 and not disconnected:
+                gw.metrics.tpot.labels(route=path).observe(
+                    (elapsed - outcome.first_chunk_s) / (outcome.completion_tokens - 1))
+
+    try:
+        return await gw.proxy.stream(path, body_bytes, headers, outcome, started,
+                                     model=parsed.model, on_close=on_close)
+    except BaseException:
+        gw.queue.release()
+        raise
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+    return await _generate(request, "/v1/chat/completions", "chat", body)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionRequest) -> Response:
+    return await _generate(request, "/v1/completions", "completions", body)

@@ -1,0 +1,106 @@
+"""Start ``specserve serve`` as a real subprocess on free ports and stop it (used by e2e tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+START_TIMEOUT_S = 900.0  # engine start on a busy 2-core machine can take minutes
+MODEL_NAME = "specserve-demo"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    engine_port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def engine_url(self) -> str:
+        return f"http://127.0.0.1:{self.engine_port}"
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+
+def _wait_ready(server: ServeProcess) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"specserve exited with {server.proc.returncode}:\n{server.log_tail()}")
+            try:
+                if client.get(f"{server.base_url}/ready").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+    raise RuntimeError(f"specserve not ready after {START_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+def stop(server: ServeProcess, timeout_s: float = 60.0) -> int:
+    """SIGTERM the serve process and wait; SIGKILL everything that is left if it hangs."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for child in server.descendants():
+                child.kill()
+            server.proc.kill()
+            server.proc.wait(timeout=10)
+    return int(server.proc.returncode)
+
+
+@contextmanager
+def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path | None = None) -> Iterator[ServeProcess]:
+    """``specserve serve --model model_dir`` with small CPU settings; always stopped afterwards."""
+    port, engine_port = free_port(), free_port()
+    log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
+    log_path = log_dir / f"specserve-e2e-{port}.log"
+    cmd = [
+        sys.executable, "-m", "specserve.cli", "serve",
+        "--model", str(model_dir), "--served-model-name", MODEL_NAME,
+        "--port", str(port), "--engine-port", str(engine_port),
+        "--max-model-len", "512", *args,
+        "--", "--max-num-seqs", "4", "--seed", "0",
+    ]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    server = ServeProcess(proc, port, engine_port, log_path)
+    try:
+        _wait_ready(server)
+        yield server
+    finally:
+        stop(server)

@@ -1,0 +1,100 @@
+"""``specserve serve`` end to end: the real engine on CPU, the gateway, the official openai client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from specserve_process import MODEL_NAME, ServeProcess, running_specserve, stop
+
+PROMPT = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    with running_specserve(demo_model_dir, log_dir=tmp_path_factory.mktemp("serve")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: ServeProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+
+
+def test_chat(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=16, temperature=0)
+    text = r.choices[0].message.content
+    assert isinstance(text, str) and text.strip()
+    assert r.usage is not None and r.usage.completion_tokens > 0
+    assert r.usage.completion_tokens <= 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_chat_matches_non_streaming(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=PROMPT, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces: list[str] = []
+    usage = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len(pieces) > 1  # tokens arrived as separate events
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL_NAME, prompt="def add(a, b):\n", max_tokens=12, temperature=0)
+    assert r.choices[0].text.strip()
+    assert r.usage is not None and 0 < r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_errors_reach_the_client_openai_shaped(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=PROMPT, max_tokens=4)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=4, temperature=5)
+    assert bad.value.body["param"] == "temperature"
+
+
+def test_health_ready_and_metrics(server: ServeProcess) -> None:
+    with httpx.Client(base_url=server.base_url, trust_env=False, timeout=10) as http:
+        assert http.get("/health").status_code == 200
+        assert http.get("/ready").status_code == 200
+        text = http.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = [s for s in families["specserve_gateway_requests"].samples
+                if s.name.endswith("_total") and s.labels["route"] == "/v1/chat/completions"
+                and s.labels["status"] == "200"]
+    assert requests and requests[0].value >= 3
+    assert "specserve_gateway_request_duration_seconds" in families
+    ttft = [s for s in families["specserve_gateway_time_to_first_token_seconds"].samples
+            if s.name.endswith("_count")]
+    assert ttft and ttft[0].value >= 1
+
+
+def test_sigterm_stops_gateway_and_engine(server: ServeProcess) -> None:
+    children = server.descendants()
+    assert children, "the engine should run as a child process"
+    assert stop(server, timeout_s=90) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.base_url}/health", timeout=2)

@@ -1,0 +1,142 @@
+"""A tiny stand-in for vLLM's OpenAI server, run with uvicorn on a free port in a thread.
+
+It speaks enough of the protocol for the gateway tests: /health, /v1/models, /metrics with
+``vllm:num_requests_running``, chat/completions (stream and not), and knobs to hold a stream
+between chunks, delay answers, and count requests that are still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+MODEL = "fake-model"
+
+
+@dataclass
+class FakeState:
+    running: int = 0
+    requests: list[dict] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+    chunks: int = 3
+    chunk_delay_s: float = 0.0
+    delay_s: float = 0.0
+    gate: threading.Event | None = None  # when set: the stream waits for it after the first chunk
+    healthy: bool = True
+
+
+def _sse(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data)
+    return f"data: {text}\n\n".encode()
+
+
+def build_app(state: FakeState) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if state.healthy else 503)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = (
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{engine="0",model_name="{MODEL}"}} {float(state.running)}\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{engine="0",model_name="{MODEL}"}} 0.0\n'
+        )
+        return Response(text, media_type="text/plain")
+
+    async def generate(request: Request, kind: str) -> Response:
+        body = await request.json()
+        state.requests.append(body)
+        state.request_ids.append(request.headers.get("x-request-id", ""))
+        if body.get("model") != MODEL:
+            return JSONResponse({"error": {"message": "no such model", "type": "NotFoundError",
+                                           "param": "model", "code": 404}}, status_code=404)
+        if state.delay_s:
+            await asyncio.sleep(state.delay_s)
+        usage = {"prompt_tokens": 4, "completion_tokens": state.chunks, "total_tokens": 4 + state.chunks}
+        if not body.get("stream"):
+            if kind == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": "a b c"},
+                          "finish_reason": "length"}
+            else:
+                choice = {"index": 0, "text": "a b c", "finish_reason": "length"}
+            return JSONResponse({"id": "x", "object": kind, "model": MODEL, "choices": [choice],
+                                 "usage": usage})
+
+        async def events() -> AsyncIterator[bytes]:
+            state.running += 1
+            try:
+                for i in range(state.chunks):
+                    if await request.is_disconnected():
+                        return
+                    delta = {"content": f"t{i} "}
+                    yield _sse({"id": "x", "object": "chat.completion.chunk", "model": MODEL,
+                                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                    if i == 0 and state.gate is not None:
+                        while not state.gate.is_set():
+                            if await request.is_disconnected():
+                                return
+                            await asyncio.sleep(0.01)
+                    if state.chunk_delay_s:
+                        await asyncio.sleep(state.chunk_delay_s)
+                yield _sse({"id": "x", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
+                            "usage": usage})
+                yield _sse("[DONE]")
+            finally:
+                state.running -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "text_completion")
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running_fake_engine(state: FakeState | None = None) -> Iterator[tuple[str, FakeState]]:
+    """Serve a fake engine on 127.0.0.1; yields its base URL and state; stops it afterwards."""
+    state = state or FakeState()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("fake engine did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
