@@ -14,7 +14,10 @@ logger = logging.getLogger(__name__)
 VLLM_VERSION = "0.32.0"
 
 # Modules (relative to this package) whose apply() runs at plugin registration, in order.
-PATCHES: tuple[str, ...] = ()
+PATCHES: tuple[str, ...] = (
+    "spec_length",
+    "logits_feed",
+)
 
 
 def apply_all() -> None:

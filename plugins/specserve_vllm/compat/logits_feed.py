@@ -1,0 +1,103 @@
+"""Feed the target's top-k next-token candidates to drafters that learn from them.
+
+vLLM 0.32's runner computes the target's logits at every sampled position (each verified draft
+position plus the bonus position, or the last prompt position on prefill) and discards them
+after sampling. Drafters such as Token Recycling need them, but the ``custom_class`` proposer
+interface passes token ids only. Two wraps on ``GPUModelRunner`` (the CPU runner inherits them):
+
+* ``_prepare_inputs`` remembers this step's ``logits_indices`` (row ``j`` of the logits is the
+  model output at flattened input position ``logits_indices[j]``);
+* ``_sample``: when the runner's ``drafter`` has ``observe_topk(input_tokens, topk_ids)`` and a
+  ``topk_width``, it is called with ``input_ids[logits_indices]`` (``[n]``) and the top
+  ``topk_width`` ids of each logits row (``[n, topk_width]``), taken before sampling so sampler
+  in-place edits cannot affect them. Drafters without ``observe_topk`` cost nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_specserve_logits_feed"
+_INDICES_ATTR = "_specserve_logits_indices"
+
+# sha256 of the upstream source each wrap relies on (see tests/unit/test_recycling_drift.py).
+UPSTREAM_SHA256: dict[str, str] = {
+    "GPUModelRunner._prepare_inputs": "c31a77c123a09a04971543d691b8ecce045820a05578494fc58eea2d3c665662",
+    "GPUModelRunner._sample": "5cb5c1da02cfdc689acb7bab51ca7eb56e2ef3b19bea4b92fc6ca4370be2cf5a",
+    "GPUModelRunner.sample_tokens": "047e6a4738dead564fe9b997672e5737a9af3514a1b07fbc87c9f7df6a372d1b",
+}
+
+
+def _targets() -> dict[str, Callable[..., Any]]:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return {
+        "GPUModelRunner._prepare_inputs": GPUModelRunner._prepare_inputs,
+        "GPUModelRunner._sample": GPUModelRunner._sample,
+        "GPUModelRunner.sample_tokens": GPUModelRunner.sample_tokens,
+    }
+
+
+def upstream_digests() -> dict[str, str]:
+    """sha256 of the (unpatched) source of every function this patch depends on."""
+    out = {}
+    for name, fn in _targets().items():
+        src = inspect.getsource(inspect.unwrap(fn))
+        out[name] = hashlib.sha256(src.encode()).hexdigest()
+    return out
+
+
+def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any] | None:
+    """``(input_tokens [n], topk_ids [n, w])`` as numpy for the runner's drafter, or None."""
+    import torch
+
+    drafter = getattr(runner, "drafter", None)
+    if logits is None or not callable(getattr(drafter, "observe_topk", None)):
+        return None
+    indices = getattr(runner, _INDICES_ATTR, None)
+    setattr(runner, _INDICES_ATTR, None)
+    if indices is None or indices.shape[0] != logits.shape[0]:
+        return None
+    width = min(int(drafter.topk_width), logits.shape[-1])
+    with torch.no_grad():
+        topk = torch.topk(logits, width, dim=-1).indices  # [n, width]
+        tokens = runner.input_ids.gpu[indices]  # [n]
+    return tokens.cpu().numpy(), topk.cpu().numpy()
+
+
+def apply() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner._sample, _MARK, False):
+        return
+
+    prepare = GPUModelRunner._prepare_inputs
+
+    @functools.wraps(prepare)
+    def _prepare_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = prepare(self, *args, **kwargs)
+        setattr(self, _INDICES_ATTR, out[0])
+        return out
+
+    sample = GPUModelRunner._sample
+
+    @functools.wraps(sample)
+    def _sample(self: Any, logits: Any, *args: Any, **kwargs: Any) -> Any:
+        observed = _observed_topk(self, logits)
+        out = sample(self, logits, *args, **kwargs)
+        if observed is not None:
+            self.drafter.observe_topk(*observed)
+        return out
+
+    for fn in (_prepare_inputs, _sample):
+        setattr(fn, _MARK, True)
+    GPUModelRunner._prepare_inputs = _prepare_inputs  # type: ignore[method-assign]
+    GPUModelRunner._sample = _sample  # type: ignore[method-assign]
+    logger.debug("installed logits feed patch")

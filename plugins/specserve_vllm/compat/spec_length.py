@@ -1,0 +1,120 @@
+"""Per-request speculation length (``extra_args["spec_k"]``) inside vLLM 0.32's V1 runner.
+
+Two seams:
+
+* ``GPUModelRunner.propose_draft_token_ids`` (also the CPU runner's): after the drafter
+  proposes, each request's draft list is cut to its ``spec_k``. The runner hands these lists to
+  the scheduler (``take_draft_token_ids`` -> ``Scheduler.update_draft_token_ids``), which already
+  accepts per-request lengths, so a capped request is scheduled, verified and counted in the
+  per-request spec metrics with only its own drafts; ``spec_k = 0`` drafts nothing.
+  A drafter that returns a ``[num_reqs, k]`` tensor is turned into lists only when some request
+  in the batch sets ``spec_k``.
+* ``InputProcessor._validate_params``: an invalid ``spec_k`` (not an int, negative) is rejected
+  when the request is added, as a ``VLLMValidationError`` (HTTP 400 in vLLM's server), instead
+  of reaching the engine loop. The runner side treats an invalid value as absent, so it can
+  never crash the engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from specserve_vllm.drafters.spec_length import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_specserve_spec_length"
+
+# sha256 of the upstream source each patch relies on (see tests/unit/test_spec_k_drift.py).
+UPSTREAM_SHA256: dict[str, str] = {
+    "GPUModelRunner.propose_draft_token_ids": "a60269aca9de4e251b8132aa1d95de38497b65bfdb20fbb54596fe4d5600ad35",
+    "GPUModelRunner._get_draft_token_ids_cpu": "48bdeff52e00cecbda33a03869104c7ce9f837116b4d44830994847538d0bab5",
+    "GPUModelRunner.take_draft_token_ids": "21e3697c8c5f9a817a05cb97c90c8c535eaf6b50ac15f532139457d4530096d8",
+    "InputProcessor._validate_params": "656325c2c4138dbdaaa2cc977b30f4e282449481a2d9ba9f0f170b54e65194a6",
+}
+
+
+def _targets() -> dict[str, Callable[..., Any]]:
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return {
+        "GPUModelRunner.propose_draft_token_ids": GPUModelRunner.propose_draft_token_ids,
+        "GPUModelRunner._get_draft_token_ids_cpu": GPUModelRunner._get_draft_token_ids_cpu,
+        "GPUModelRunner.take_draft_token_ids": GPUModelRunner.take_draft_token_ids,
+        "InputProcessor._validate_params": InputProcessor._validate_params,
+    }
+
+
+def upstream_digests() -> dict[str, str]:
+    """sha256 of the (unpatched) source of every function this patch depends on."""
+    out = {}
+    for name, fn in _targets().items():
+        src = inspect.getsource(inspect.unwrap(fn))
+        out[name] = hashlib.sha256(src.encode()).hexdigest()
+    return out
+
+
+def request_caps(runner: Any) -> list[int | None]:
+    """``spec_k`` of each request in the runner's batch order (``None``: engine default)."""
+    caps: list[int | None] = []
+    for req_id in runner.input_batch.req_ids:
+        state = runner.requests.get(req_id)
+        params = getattr(state, "sampling_params", None)
+        caps.append(safe_spec_k(getattr(params, "extra_args", None)))
+    return caps
+
+
+def _cap_runner_drafts(runner: Any, drafts: Any) -> Any:
+    caps = request_caps(runner)
+    if all(c is None for c in caps):
+        return drafts
+    rows = drafts.tolist() if hasattr(drafts, "tolist") else drafts
+    if len(rows) != len(caps):
+        logger.warning(
+            "spec_k not applied: %d draft rows for %d requests", len(rows), len(caps)
+        )
+        return drafts
+    return cap_drafts(rows, caps)
+
+
+def apply() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner.propose_draft_token_ids, _MARK, False):
+        return
+
+    propose = GPUModelRunner.propose_draft_token_ids
+
+    @functools.wraps(propose)
+    def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _cap_runner_drafts(self, propose(self, *args, **kwargs))
+
+    setattr(propose_draft_token_ids, _MARK, True)
+    GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids  # type: ignore[method-assign]
+
+    validate = InputProcessor._validate_params
+
+    @functools.wraps(validate)
+    def _validate_params(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        result = validate(self, params, *args, **kwargs)
+        if isinstance(params, SamplingParams):
+            try:
+                parse_spec_k(params.extra_args)
+            except InvalidSpecK as exc:
+                raise VLLMValidationError(
+                    str(exc), parameter="spec_k", value=(params.extra_args or {}).get("spec_k")
+                ) from exc
+        return result
+
+    setattr(_validate_params, _MARK, True)
+    InputProcessor._validate_params = _validate_params  # type: ignore[method-assign]
+    logger.debug("installed per-request spec_k patch")

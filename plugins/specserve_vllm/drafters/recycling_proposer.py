@@ -1,0 +1,74 @@
+"""Token Recycling as a vLLM proposer (one adjacency matrix per engine).
+
+Selected through vLLM's own ``custom_class`` speculative method (the least invasive seam: no
+change to vLLM's drafter selection)::
+
+    speculative_config = {
+        "method": "custom_class",
+        "model": "specserve_vllm.drafters.recycling_proposer.RecyclingProposer",
+        "num_speculative_tokens": 4,
+    }
+
+``custom_class`` proposers only see token ids, so the matrix is fed by
+:mod:`specserve_vllm.compat.logits_feed`, which hands every drafter that has an
+``observe_topk`` method the target's top-``topk_width`` candidates at every position whose
+logits the runner computed (all verified draft positions plus the bonus position, of every
+request, every step). Feeding happens before proposing within a step, so drafts use the
+freshest predictions. Drafts are chains (the best path of the BFS tree) until tree
+verification lands.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from specserve_vllm.drafters import recycling
+
+logger = logging.getLogger(__name__)
+
+CLASS_PATH = f"{__name__}.RecyclingProposer"
+"""The ``speculative_config["model"]`` value that selects this proposer."""
+
+
+class RecyclingProposer:
+    """Chain drafts from the engine-wide recycling matrix (vLLM ``custom_class`` proposer)."""
+
+    def __init__(self, vllm_config: Any, topk_width: int = recycling.DEFAULT_K) -> None:
+        spec = vllm_config.speculative_config
+        self.num_speculative_tokens: int = int(spec.num_speculative_tokens)
+        self.max_model_len: int = int(vllm_config.model_config.max_model_len)
+        self.topk_width = topk_width
+        vocab = int(vllm_config.model_config.get_vocab_size())
+        self.matrix: np.ndarray = recycling.new_matrix(vocab, topk_width)  # [vocab, k]
+        logger.info(
+            "token recycling matrix: vocab=%d k=%d dtype=%s bytes=%d",
+            vocab, topk_width, self.matrix.dtype, self.matrix.nbytes,
+        )
+
+    def observe_topk(self, input_tokens: np.ndarray, topk_ids: np.ndarray) -> None:
+        """Record the target's top candidates (``[n, topk_width]``) after ``input_tokens`` (``[n]``)."""
+        recycling.update_inplace(self.matrix, input_tokens, topk_ids)
+
+    def propose(
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
+        slot_mappings: Any = None,
+    ) -> list[list[int]]:
+        drafts: list[list[int]] = []
+        for i, sampled in enumerate(sampled_token_ids):
+            n = int(num_tokens_no_spec[i])
+            room = min(self.num_speculative_tokens, self.max_model_len - n)
+            if not sampled or room <= 0:
+                drafts.append([])  # request not decoding this step, or at the length limit
+                continue
+            root = int(token_ids_cpu[i, n - 1])
+            drafts.append(list(recycling.draft_chain(self.matrix, root, room)))
+        return drafts
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        """No weights: the matrix is built online."""

@@ -1,0 +1,99 @@
+"""Token Recycling inside the real vLLM engine (CPU, in-process): lossless at temperature 0."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from specserve_vllm.drafters.recycling_proposer import CLASS_PATH
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+K = 4
+MAX_TOKENS = 48
+PROMPTS = [
+    "def add(a, b):\n    return",
+    "import os\nimport sys\n",
+    "class Stack:\n    def __init__(self):\n",
+    "for i in range(10):\n    print(i)\nfor i in range(10):\n    print(i)\n",
+    "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n",
+    "# a comment\n",
+    "def main():\n",
+    "return None\nreturn None\nreturn None\n",
+]
+REPETITIVE = 4  # index of a prompt whose continuation repeats
+
+
+def _engine(model_dir: Path, speculative_config: dict[str, Any] | None) -> Any:
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_dir),
+        enforce_eager=True,
+        max_model_len=512,
+        kv_cache_memory_bytes=64 << 20,
+        max_num_seqs=8,
+        seed=0,
+        speculative_config=speculative_config,
+        per_request_spec_decode_metrics="detailed" if speculative_config else "none",
+    )
+
+
+def _greedy(extra_args: dict[str, Any] | None = None) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra_args)
+
+
+def _run(llm: Any) -> dict[str, Any]:
+    """Batch-1 outputs for three prompts, batch-8 outputs for all, and the batch-8 request outputs."""
+    batch1 = [list(llm.generate([p], _greedy(), use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS[:3]]
+    results = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    return {
+        "batch1": batch1,
+        "batch8": [list(r.outputs[0].token_ids) for r in results],
+        "outputs": [r.outputs[0] for r in results],
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, Any]] = {}
+    llm = _engine(demo_model_dir, None)
+    out["none"] = _run(llm)
+    del llm
+    gc.collect()
+    llm = _engine(demo_model_dir, {"method": "custom_class", "model": CLASS_PATH, "num_speculative_tokens": K})
+    out["recycling"] = _run(llm)
+    off = llm.generate([PROMPTS[REPETITIVE]], _greedy({"spec_k": 0}), use_tqdm=False)[0].outputs[0]
+    out["recycling"]["spec_k0"] = off
+    yield out
+    del llm
+    gc.collect()
+
+
+def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, Any]]) -> None:
+    assert all(len(t) == MAX_TOKENS for t in runs["none"]["batch8"])
+    assert runs["recycling"]["batch1"] == runs["none"]["batch1"]
+    assert runs["recycling"]["batch8"] == runs["none"]["batch8"]
+
+
+def test_recycling_drafts_get_accepted(runs: dict[str, dict[str, Any]]) -> None:
+    metrics = [o.spec_decode_metrics.to_dict() for o in runs["recycling"]["outputs"]]
+    rep = metrics[REPETITIVE]
+    assert rep["num_draft_tokens"] > 0
+    assert rep["num_accepted_draft_tokens"] > 0
+    assert max(rep["per_step_drafted"]) <= K
+    # Every drafted token is verified by the target, so acceptance never exceeds drafting.
+    assert all(m["num_accepted_draft_tokens"] <= m["num_draft_tokens"] for m in metrics)
+
+
+def test_spec_k_zero_turns_recycling_off_for_that_request(runs: dict[str, dict[str, Any]]) -> None:
+    off = runs["recycling"]["spec_k0"]
+    assert off.spec_decode_metrics.to_dict()["num_draft_tokens"] == 0
+    assert list(off.token_ids) == runs["none"]["batch8"][REPETITIVE]

@@ -1,0 +1,127 @@
+"""Token Recycling's pure parts: the adjacency matrix update, BFS drafting, the tree type."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specserve_vllm.drafters import recycling
+from specserve_vllm.drafters.tree import DraftTree, best_path
+
+VOCAB = 12
+K = 3
+
+
+@st.composite
+def matrices(draw: st.DrawFn) -> np.ndarray:
+    cells = draw(st.lists(st.integers(-1, VOCAB - 1), min_size=VOCAB * K, max_size=VOCAB * K))
+    return np.array(cells, dtype=np.int16).reshape(VOCAB, K)
+
+
+@st.composite
+def updates(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    n = draw(st.integers(0, 10))
+    prev = np.array(draw(st.lists(st.integers(-1, VOCAB - 1), min_size=n, max_size=n)), dtype=np.int64)
+    topk = np.array(
+        draw(st.lists(st.integers(0, VOCAB + 3), min_size=n * (K + 1), max_size=n * (K + 1))),
+        dtype=np.int64,
+    ).reshape(n, K + 1)
+    return prev, topk
+
+
+def test_memory_budget_for_a_32k_vocabulary() -> None:
+    m = recycling.new_matrix(32000, k=8)
+    assert m.dtype == np.int16
+    assert m.nbytes <= 2 * 1024 * 1024
+    assert recycling.new_matrix(32768, k=1).dtype == np.int32
+    assert (m == recycling.EMPTY).all()
+
+
+@given(matrices(), updates())
+def test_update_overwrites_last_occurrence_and_nothing_else(m: np.ndarray, upd: tuple) -> None:
+    prev, topk = upd
+    before = m.copy()
+    out = recycling.update(m, prev, topk)
+    assert (m == before).all(), "update must not mutate its input"
+    assert out.dtype == m.dtype and out.shape == m.shape
+    expected = before.copy()
+    for t, row in zip(prev.tolist(), topk.tolist()):
+        if 0 <= t < VOCAB:
+            expected[t] = [c if c < VOCAB else recycling.EMPTY for c in row[:K]]
+    assert (out == expected).all()
+
+
+def test_update_rejects_too_few_candidates() -> None:
+    with pytest.raises(ValueError, match="columns"):
+        recycling.update(recycling.new_matrix(4, k=3), np.array([1]), np.array([[2, 3]]))
+
+
+@settings(max_examples=200)
+@given(matrices(), st.integers(0, VOCAB - 1), st.lists(st.integers(0, 3), min_size=0, max_size=4))
+def test_bfs_tree_follows_the_matrix(m: np.ndarray, root: int, widths: list[int]) -> None:
+    tree = recycling.draft_tree(m, root, widths)
+    depths = tree.depths()
+    assert all(d <= len(widths) for d in depths)
+    assert recycling.EMPTY not in tree.tokens
+    for node in [-1, *range(len(tree))]:
+        kids = tree.children(node)
+        parent_tok = root if node < 0 else tree.tokens[node]
+        depth = 0 if node < 0 else depths[node]
+        if depth >= len(widths):
+            assert kids == ()
+            continue
+        # A node's children are the leading non-empty entries of its row, best first.
+        row = m[parent_tok, : widths[depth]].tolist()
+        leading = row[: row.index(-1)] if -1 in row else row
+        assert [tree.tokens[c] for c in kids] == leading
+    assert all(b >= a for a, b in zip(depths, depths[1:])), "nodes are breadth-first"
+
+
+@given(matrices(), st.integers(0, VOCAB - 1), st.lists(st.integers(1, 3), min_size=1, max_size=5))
+def test_best_path_of_any_template_is_the_greedy_chain(m: np.ndarray, root: int, widths: list[int]) -> None:
+    chain = recycling.draft_chain(m, root, len(widths))
+    assert best_path(recycling.draft_tree(m, root, widths)) == chain
+    tok = root
+    for c in chain:  # each step takes the row's top candidate
+        assert c == m[tok, 0]
+        tok = c
+    if len(chain) < len(widths):
+        assert m[tok, 0] == recycling.EMPTY
+
+
+def test_max_nodes_budget() -> None:
+    m = np.array([[1, 2], [0, 2], [1, 0]], dtype=np.int16)
+    t = recycling.draft_tree(m, 0, (2, 2, 2), max_nodes=5)
+    assert len(t) == 5
+    assert t.parents == (-1, -1, 0, 0, 1)
+
+
+def test_recycled_predictions_drive_drafts() -> None:
+    # The target predicted "4 after 3" and "5 after 4": drafting from 3 replays that.
+    m = recycling.new_matrix(8, k=2)
+    m = recycling.update(m, np.array([3, 4]), np.array([[4, 0], [5, 1]]))
+    assert recycling.draft_chain(m, 3, 4) == (4, 5)
+    assert recycling.draft_chain(m, 7, 4) == ()
+    assert recycling.draft_chain(m, 3, 0) == ()
+
+
+@given(st.lists(st.integers(-1, 5), min_size=0, max_size=8).map(lambda ps: [min(p, i - 1) for i, p in enumerate(ps)]))
+def test_tree_paths_are_consistent(parents: list[int]) -> None:
+    tree = DraftTree(tokens=tuple(range(100, 100 + len(parents))), parents=tuple(parents))
+    for i, d in enumerate(tree.depths()):
+        path = tree.path_to(i)
+        assert len(path) == d and path[-1] == tree.tokens[i]
+    assert DraftTree.chain(list(best_path(tree))).depths() == tuple(range(1, len(best_path(tree)) + 1))
+
+
+@pytest.mark.parametrize("parents", [(0,), (-2,), (-1, 1)])
+def test_tree_rejects_bad_parents(parents: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="parent"):
+        DraftTree(tokens=tuple(range(len(parents))), parents=parents)
+
+
+def test_tree_rejects_length_mismatch() -> None:
+    with pytest.raises(ValueError, match="length"):
+        DraftTree(tokens=(1, 2), parents=(-1,))

@@ -1,0 +1,50 @@
+"""The per-request spec_k patch: upstream drift, idempotence, and the capping on a stand-in runner."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from specserve_vllm.compat import spec_length
+
+
+def test_upstream_code_under_the_patch_is_unchanged() -> None:
+    # A mismatch means vLLM changed the runner's draft hand-off or request validation:
+    # re-read those functions, adapt spec_length.py, then update UPSTREAM_SHA256.
+    assert spec_length.upstream_digests() == spec_length.UPSTREAM_SHA256
+
+
+def test_apply_is_idempotent() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    spec_length.apply()
+    first = (GPUModelRunner.propose_draft_token_ids, InputProcessor._validate_params)
+    spec_length.apply()
+    assert (GPUModelRunner.propose_draft_token_ids, InputProcessor._validate_params) == first
+    assert getattr(first[0], "__wrapped__").__name__ == "propose_draft_token_ids"
+    assert not hasattr(first[0].__wrapped__, "__wrapped__"), "wrapped exactly once"
+
+
+def _runner(extra_args: list[dict | None]) -> SimpleNamespace:
+    req_ids = [f"r{i}" for i in range(len(extra_args))]
+    requests = {
+        rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=ea)) for rid, ea in zip(req_ids, extra_args)
+    }
+    return SimpleNamespace(input_batch=SimpleNamespace(req_ids=req_ids), requests=requests)
+
+
+def test_caps_lists_and_tensors_per_request() -> None:
+    runner = _runner([None, {"spec_k": 0}, {"spec_k": 2}, {"spec_k": "bad"}])
+    assert spec_length.request_caps(runner) == [None, 0, 2, None]
+    drafts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1]]
+    assert spec_length._cap_runner_drafts(runner, drafts) == [[1, 2, 3], [], [7, 8], [1, 1, 1]]
+    as_tensor = spec_length._cap_runner_drafts(runner, torch.tensor(drafts))
+    assert as_tensor == [[1, 2, 3], [], [7, 8], [1, 1, 1]]
+
+
+def test_no_caps_leaves_drafts_untouched() -> None:
+    runner = _runner([None, {"temperature_hint": 1}])
+    drafts = torch.zeros(2, 3, dtype=torch.int32)
+    assert spec_length._cap_runner_drafts(runner, drafts) is drafts
