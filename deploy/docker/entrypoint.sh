@@ -4,17 +4,10 @@
 #   engine  [args]  one vLLM OpenAI server with the specserve plugin, on $SPECSERVE_ENGINE_PORT (8100)
 #   gateway [args]  the gateway alone (`specserve gateway ...`), on $SPECSERVE_PORT (8000)
 #   anything else   run as given
-# The model is $SPECSERVE_MODEL, or the demo model shipped in the package when unset.
+# The model is $SPECSERVE_MODEL, or the demo model shipped in the package when unset;
+# $SPECSERVE_SERVED_MODEL_NAME names it for clients.
 # $SPECSERVE_SPECULATIVE_CONFIG (JSON) turns on speculative decoding for `serve` and `engine`.
 set -eu
-
-model_dir() {
-  if [ -n "${SPECSERVE_MODEL:-}" ]; then
-    echo "$SPECSERVE_MODEL"
-  else
-    specserve demo-model --print-path
-  fi
-}
 
 mode="${1:-serve}"
 [ "$#" -gt 0 ] && shift
@@ -22,19 +15,31 @@ mode="${1:-serve}"
 host="${SPECSERVE_HOST:-0.0.0.0}"
 case "$mode" in
   serve)
-    model=$(model_dir)
-    if [ -n "${SPECSERVE_SPECULATIVE_CONFIG:-}" ]; then
-      set -- --speculative-config "$SPECSERVE_SPECULATIVE_CONFIG" "$@"
-    fi
-    exec specserve serve --model "$model" --host "$host" --port "${SPECSERVE_PORT:-8000}" "$@"
-    ;;
-  engine)
-    model=$(model_dir)
     if [ -n "${SPECSERVE_SPECULATIVE_CONFIG:-}" ]; then
       set -- --speculative-config "$SPECSERVE_SPECULATIVE_CONFIG" "$@"
     fi
     if [ -n "${SPECSERVE_SERVED_MODEL_NAME:-}" ]; then
       set -- --served-model-name "$SPECSERVE_SERVED_MODEL_NAME" "$@"
+    fi
+    if [ -n "${SPECSERVE_MODEL:-}" ]; then
+      set -- --model "$SPECSERVE_MODEL" "$@"
+    fi
+    exec specserve serve --host "$host" --port "${SPECSERVE_PORT:-8000}" "$@"
+    ;;
+  engine)
+    if [ -n "${SPECSERVE_SPECULATIVE_CONFIG:-}" ]; then
+      set -- --speculative-config "$SPECSERVE_SPECULATIVE_CONFIG" "$@"
+    fi
+    # Unset SPECSERVE_MODEL: the demo model shipped in the package, named as `specserve serve` names it.
+    if [ -n "${SPECSERVE_MODEL:-}" ]; then
+      model="$SPECSERVE_MODEL"
+      name="${SPECSERVE_SERVED_MODEL_NAME:-}"
+    else
+      model=$(specserve demo-model --print-path)
+      name="${SPECSERVE_SERVED_MODEL_NAME:-specserve-demo}"
+    fi
+    if [ -n "$name" ]; then
+      set -- --served-model-name "$name" "$@"
     fi
     exec python -m vllm.entrypoints.openai.api_server --model "$model" \
       --host "$host" --port "${SPECSERVE_ENGINE_PORT:-8100}" "$@"

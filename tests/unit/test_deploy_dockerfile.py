@@ -176,7 +176,13 @@ def test_entrypoint_modes(tmp_path: Path) -> None:
     assert engine[engine.index("--model") + 1] == "/demo/model"
     assert engine[engine.index("--port") + 1] == "8100"
     assert engine[engine.index("--speculative-config") + 1] == spec
+    assert engine[engine.index("--served-model-name") + 1] == "specserve-demo"
     assert engine[-1] == "--enforce-eager"
+    named = _entrypoint(tmp_path, "engine", env={"SPECSERVE_MODEL": "/models/m", "SPECSERVE_SERVED_MODEL_NAME": "m"})
+    assert named[named.index("--model") + 1] == "/models/m"
+    assert named[named.index("--served-model-name") + 1] == "m"
+    assert "--speculative-config" not in named
+    assert "--model" not in _entrypoint(tmp_path, env={})  # serve picks the demo model itself
     serve = _entrypoint(tmp_path, env={"SPECSERVE_MODEL": "/models/x"})
     assert serve[:2] == ["specserve", "serve"]
     assert serve[serve.index("--model") + 1] == "/models/x"

@@ -261,3 +261,16 @@ def test_notes_render() -> None:
     assert proc.returncode == 0, proc.stderr
     assert f"port-forward service/{RELEASE}-specserve-gateway" in proc.stdout
     assert f"Secret {RELEASE}-specserve-api-keys" in proc.stdout
+
+
+@pytest.mark.parametrize(("drafter", "expected"), [
+    ("recycling", {"method": "custom_class", "num_speculative_tokens": 3,
+                   "model": "specserve_vllm.drafters.recycling_proposer.RecyclingProposer"}),
+    ("eagle", {"method": "eagle", "num_speculative_tokens": 3}),
+])
+def test_drafter_choice_builds_the_engine_speculative_config(drafter: str, expected: dict[str, Any]) -> None:
+    docs = render("--set", f"speculation.drafter={drafter}", "--set", "speculation.numSpeculativeTokens=3")
+    engine = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"])
+    assert json.loads(env_of(engine["containers"][0])["SPECSERVE_SPECULATIVE_CONFIG"]["value"]) == expected
+    assert by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"]["spec"]["template"]["metadata"][
+        "labels"]["specserve.io/drafter"] == drafter

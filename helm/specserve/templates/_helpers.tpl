@@ -80,11 +80,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* vLLM --speculative-config JSON; "" when speculation is off. */}}
+{{/* vLLM --speculative-config JSON; "" when speculation is off (drafter "" or "none").
+"recycling" is specserve's Token Recycling drafter, run as vLLM's custom_class proposer. */}}
 {{- define "specserve.speculativeConfig" -}}
-{{- if .Values.speculation.drafter }}
-{{- $cfg := dict "method" .Values.speculation.drafter "num_speculative_tokens" (int .Values.speculation.numSpeculativeTokens) }}
+{{- $drafter := .Values.speculation.drafter | default "none" }}
+{{- if ne $drafter "none" }}
+{{- $cfg := dict "method" $drafter "num_speculative_tokens" (int .Values.speculation.numSpeculativeTokens) }}
+{{- if eq $drafter "recycling" }}
+{{- $_ := set $cfg "method" "custom_class" }}
+{{- $_ := set $cfg "model" "specserve_vllm.drafters.recycling_proposer.RecyclingProposer" }}
+{{- end }}
+{{- if eq $drafter "ngram" }}
 {{- $cfg = merge $cfg (.Values.speculation.config | default dict) }}
+{{- else }}
+{{- $cfg = merge $cfg (omit (.Values.speculation.config | default dict) "prompt_lookup_min" "prompt_lookup_max") }}
+{{- end }}
 {{- toJson $cfg }}
 {{- end }}
 {{- end }}
