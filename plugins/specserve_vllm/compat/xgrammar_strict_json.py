@@ -1,0 +1,80 @@
+"""Strict JSON strings from vLLM's xgrammar backend (xgrammar 0.2.8).
+
+``XgrammarBackend.compile_grammar`` turns ``json`` and ``json_object`` constraints into
+``self.compiler.compile_json_schema(spec, any_whitespace=..., separators=...)``. xgrammar's schema
+converter lets raw control characters into length-bounded strings (see
+:mod:`specserve.structured.strict_json`), so a constrained output can fail a strict JSON parser.
+
+The patch wraps ``XgrammarBackend.__post_init__``: after it has built ``self.compiler``, the
+compiler is wrapped in :class:`StrictJsonCompiler`, whose ``compile_json_schema`` converts the
+schema to a grammar, makes its string rules strict and compiles that grammar instead. Every other
+compiler method (regex, EBNF, structural tags, caching) goes to the original compiler unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from specserve.structured.strict_json import strict_json_ebnf
+from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
+
+logger = logging.getLogger(__name__)
+
+MODULE = "vllm.v1.structured_output.backend_xgrammar"
+
+# Wrapped: builds self.compiler (an xgr.GrammarCompiler).
+POST_INIT = UpstreamFunction(
+    MODULE,
+    "XgrammarBackend.__post_init__",
+    "d13ee1d00d6cc6effb997348b9e2e5f19a512a2166e7a458c5b172b15dbcf2d8",
+)
+# Relied on: JSON / JSON_OBJECT requests call self.compiler.compile_json_schema(spec, **kwargs).
+COMPILE = UpstreamFunction(
+    MODULE,
+    "XgrammarBackend.compile_grammar",
+    "b1ebb9c0c209160857f2d3282d6caccb463828670cdb771ad937d0cd7e347ee6",
+)
+UPSTREAM = (POST_INIT, COMPILE)
+
+
+class StrictJsonCompiler:
+    """A ``GrammarCompiler`` stand-in whose JSON-schema grammars have strict JSON strings."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def compile_json_schema(self, schema: Any, **kwargs: Any) -> Any:
+        import xgrammar as xgr
+
+        grammar = xgr.Grammar.from_json_schema(schema, **kwargs)
+        return self._inner.compile_grammar(strict_json_ebnf(str(grammar)))
+
+
+def _wrap_post_init(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def __post_init__(self: Any) -> None:
+        original(self)
+        if not isinstance(self.compiler, StrictJsonCompiler):
+            self.compiler = StrictJsonCompiler(self.compiler)
+
+    __post_init__.__specserve_strict_json__ = True  # type: ignore[attr-defined]
+    return __post_init__
+
+
+def apply() -> None:
+    """Install the strict-JSON compiler wrapper on ``XgrammarBackend`` (idempotent)."""
+    module = importlib.import_module(MODULE)
+    backend = module.XgrammarBackend
+    current = backend.__post_init__
+    if getattr(current, "__specserve_strict_json__", False):
+        return
+    warn_if_drifted(__name__, UPSTREAM)
+    backend.__post_init__ = _wrap_post_init(current)
+    logger.debug("installed strict JSON strings for the xgrammar backend")

@@ -1,0 +1,104 @@
+"""Strict JSON strings: the grammar rewrite and the vLLM compat patch that applies it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specserve.structured.strict_json import LOOSE_CLASS, has_loose_strings, strict_json_ebnf
+
+LENGTH_BOUNDED = [
+    {"type": "string", "minLength": 1, "maxLength": 20},
+    {"type": "string", "maxLength": 3},
+    {"type": "object", "propertyNames": {"minLength": 2}},
+    {"type": "object", "properties": {"a": {"type": "string", "minLength": 2}}},
+]
+
+
+def _accepts(grammar: object, text: str) -> bool:
+    from xgrammar.testing import _is_grammar_accept_string
+
+    return bool(_is_grammar_accept_string(grammar, text))
+
+
+def _value_text(schema: dict, inner: str) -> str:
+    if schema.get("type") == "string":
+        return json.dumps(inner, ensure_ascii=False).replace("\\u0001", "\x01")
+    if "propertyNames" in schema:
+        return '{"' + inner + '":1}'
+    return '{"a":"' + inner + '"}'
+
+
+def test_rewrite_only_touches_whole_class_rules() -> None:
+    ebnf = "\n".join(
+        [
+            f"r1 ::= (({LOOSE_CLASS}))",
+            f'r2 ::= ("" | ({LOOSE_CLASS}))',
+            f'r3 ::= (("x" {LOOSE_CLASS}))',
+            'r4 ::= (("\\"" r1 "\\""))',
+        ]
+    )
+    out = strict_json_ebnf(ebnf).split("\n")
+    assert LOOSE_CLASS not in out[0] and LOOSE_CLASS not in out[1]
+    assert out[2] == f'r3 ::= (("x" {LOOSE_CLASS}))'
+    assert out[3] == 'r4 ::= (("\\"" r1 "\\""))'
+
+
+@pytest.mark.parametrize("schema", LENGTH_BOUNDED)
+def test_xgrammar_admits_control_chars_and_the_rewrite_removes_them(schema: dict) -> None:
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+    ebnf = str(grammar)
+    # The upstream defect this module exists for; if xgrammar fixes it, this fails as a reminder.
+    assert has_loose_strings(ebnf)
+    raw = _value_text(schema, "a\x01")
+    clean = _value_text(schema, "ab")
+    assert _accepts(grammar, raw)
+    fixed = xgr.Grammar.from_ebnf(strict_json_ebnf(ebnf))
+    assert not has_loose_strings(str(fixed))
+    assert not _accepts(fixed, raw)
+    assert _accepts(fixed, clean)
+
+
+def test_compat_patch_wraps_backend_compiler() -> None:
+    import xgrammar as xgr
+
+    from specserve_vllm.compat import PATCHES, xgrammar_strict_json as patch
+
+    assert "xgrammar_strict_json" in PATCHES
+    patch.apply()
+    patch.apply()  # idempotent
+    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
+
+    assert getattr(XgrammarBackend.__post_init__, "__specserve_strict_json__", False)
+
+    calls: list[str] = []
+
+    class FakeInner:
+        def compile_grammar(self, grammar: str) -> str:
+            calls.append(grammar)
+            return "compiled"
+
+        def compile_regex(self, regex: str) -> str:
+            return "regex:" + regex
+
+    compiler = patch.StrictJsonCompiler(FakeInner())
+    out = compiler.compile_json_schema(
+        '{"type": "string", "maxLength": 5}', any_whitespace=False, separators=(",", ":")
+    )
+    assert out == "compiled"
+    assert not has_loose_strings(calls[0])
+    xgr.Grammar.from_ebnf(calls[0])  # still a valid grammar
+    assert compiler.compile_regex("a+") == "regex:a+"  # everything else passes through
+
+
+def test_compat_patch_upstream_has_not_drifted() -> None:
+    from specserve_vllm.compat import xgrammar_strict_json as patch
+
+    for fn in patch.UPSTREAM:
+        assert not fn.drifted(), f"{fn.module}.{fn.qualname} changed: review the patch"
+    src = patch.COMPILE.source()
+    # The patch relies on JSON and JSON_OBJECT going through self.compiler.compile_json_schema.
+    assert src.count("self.compiler.compile_json_schema(") == 2
