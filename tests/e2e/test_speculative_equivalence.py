@@ -1,0 +1,73 @@
+"""Greedy outputs through ``specserve serve`` are identical with and without n-gram speculation.
+
+Two servers run one after the other (module scope): first without speculation, then with
+``--speculative-config`` n-gram; the same prompts at temperature 0 must give the same tokens, and
+the second engine must really have proposed drafts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from specserve_process import MODEL_NAME, ServeProcess, running_specserve
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+MAX_TOKENS = 48
+# Repetitive code makes prompt-lookup drafting fire.
+PROMPTS = [
+    "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n",
+    "import os\nimport sys\nimport json\nimport os\nimport sys\n",
+    "for i in range(10):\n    print(i)\nfor i in range(10):\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n\nclass",
+]
+CHAT = [{"role": "user", "content": "def f(x):\n    return x\n\ndef f(x):\n    return x"}]
+
+
+def _generate(server: ServeProcess) -> dict[str, list]:
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    completions = []
+    for prompt in PROMPTS:
+        r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=MAX_TOKENS,
+                                      temperature=0, extra_body={"return_token_ids": True})
+        choice = r.choices[0]
+        completions.append([choice.text, getattr(choice, "token_ids", None)])
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=MAX_TOKENS,
+                                          temperature=0)
+    return {"completions": completions, "chat": [chat.choices[0].message.content]}
+
+
+def _draft_tokens(server: ServeProcess) -> float:
+    text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "vllm:spec_decode_num_draft_tokens":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
+@pytest.fixture(scope="module")
+def outputs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    log_dir = tmp_path_factory.mktemp("spec")
+    with running_specserve(demo_model_dir, log_dir=log_dir) as plain:
+        base = _generate(plain)
+    with running_specserve(demo_model_dir, ["--speculative-config", json.dumps(NGRAM)], log_dir=log_dir) as spec:
+        speculative = _generate(spec)
+        drafts = _draft_tokens(spec)
+    return {"base": base, "speculative": speculative, "drafts": {"n": drafts}}
+
+
+def test_ngram_speculation_is_lossless_at_temperature_zero(outputs: dict[str, dict]) -> None:
+    base, speculative = outputs["base"], outputs["speculative"]
+    assert all(text for text, _ in base["completions"])
+    assert speculative["completions"] == base["completions"]
+    assert speculative["chat"] == base["chat"]
+
+
+def test_the_speculative_engine_proposed_drafts(outputs: dict[str, dict]) -> None:
+    assert outputs["drafts"]["n"] > 0
