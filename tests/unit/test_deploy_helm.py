@@ -274,3 +274,14 @@ def test_drafter_choice_builds_the_engine_speculative_config(drafter: str, expec
     assert json.loads(env_of(engine["containers"][0])["SPECSERVE_SPECULATIVE_CONFIG"]["value"]) == expected
     assert by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"]["spec"]["template"]["metadata"][
         "labels"]["specserve.io/drafter"] == drafter
+
+
+def test_install_tools_is_idempotent_and_gives_helm_v4() -> None:
+    runs = [subprocess.run(["bash", str(ROOT / "scripts" / "install-tools.sh")], check=True,
+                           capture_output=True, text=True, timeout=600).stdout for _ in range(2)]
+    assert runs[0] == runs[1]
+    tools = dict(line.split("=", 1) for line in runs[0].splitlines())
+    assert {"helm", "prometheus", "promtool", "compose"} <= set(tools)
+    for name in ("helm", "prometheus", "promtool"):
+        assert Path(tools[name]).is_file(), name
+    assert helm("version", "--short").stdout.startswith("v4.")
