@@ -15,12 +15,17 @@ VLLM_VERSION = "0.32.0"
 
 # Modules (relative to this package) whose apply() runs at plugin registration, in order.
 PATCHES: tuple[str, ...] = (
+    "dispatcher_rebind",
+    "cpu_expand_kernel",
     "spec_length",
     "logits_feed",
 )
 
 
 def apply_all() -> None:
+    from specserve_vllm.compat.upstream import warn_if_unsupported_vllm
+
+    warn_if_unsupported_vllm()
     for name in PATCHES:
         mod = importlib.import_module(f"{__name__}.{name}")
         mod.apply()

@@ -1,0 +1,144 @@
+"""Facts about the upstream vLLM code that the compat patches replace or rely on.
+
+A patch records, for every upstream function it replaces or depends on, the sha256 of that
+function's source text as shipped in the supported vLLM release. The source is read from the
+installed file (not from the live attribute), so the check gives the same answer before and after
+a patch has been applied. Drift tests compare the recorded and the installed digests; ``apply()``
+logs a warning when they differ.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_SERIES = "0.32."
+
+
+@dataclass(frozen=True)
+class UpstreamFunction:
+    """One function (or method, ``Class.method``) in an upstream vLLM module.
+
+    Example: ``UpstreamFunction("vllm.triton_utils.dispatcher", "_rebind_kernels", "ab12...")``.
+    """
+
+    module: str
+    """Dotted module name, e.g. ``vllm.utils.cpu_triton_utils``."""
+    qualname: str
+    """Name inside the module; ``Class.method`` for methods."""
+    sha256: str
+    """Digest of the definition's source text in the supported vLLM release."""
+
+    def _definition(self) -> tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or spec.origin is None:
+            raise LookupError(f"module {self.module} not found")
+        text = Path(spec.origin).read_text(encoding="utf-8")
+        body: list[ast.stmt] = ast.parse(text).body
+        parts = self.qualname.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            wanted = (ast.FunctionDef, ast.AsyncFunctionDef) if last else (ast.ClassDef,)
+            node = next(
+                (n for n in body if isinstance(n, wanted) and n.name == part),
+                None,
+            )
+            if node is None:
+                raise LookupError(f"{self.module}.{self.qualname} not found")
+            if last:
+                assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                return text, node
+            assert isinstance(node, ast.ClassDef)
+            body = node.body
+        raise LookupError(f"{self.module}.{self.qualname} not found")
+
+    def source(self) -> str:
+        """The definition's source text as installed (decorators excluded)."""
+        text, node = self._definition()
+        segment = ast.get_source_segment(text, node)
+        if segment is None:
+            raise LookupError(f"no source for {self.module}.{self.qualname}")
+        return segment
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.source().encode("utf-8")).hexdigest()
+
+    def drifted(self) -> bool:
+        return self.digest() != self.sha256
+
+    def parameters(self) -> tuple[tuple[str, bool], ...]:
+        """``(name, has_default)`` for each parameter of the installed definition."""
+        _, node = self._definition()
+        args = node.args
+        positional = args.posonlyargs + args.args
+        first_default = len(positional) - len(args.defaults)
+        params = [(a.arg, i >= first_default) for i, a in enumerate(positional)]
+        params += [
+            (a.arg, d is not None) for a, d in zip(args.kwonlyargs, args.kw_defaults)
+        ]
+        return tuple(params)
+
+    def load(self) -> Any:
+        """The live object now bound to this name (possibly a patched replacement)."""
+        obj: Any = importlib.import_module(self.module)
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def parameters_of(fn: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:
+    """``(name, has_default)`` for each parameter of ``fn``, comparable to
+    :meth:`UpstreamFunction.parameters`."""
+    return tuple(
+        (p.name, p.default is not inspect.Parameter.empty)
+        for p in inspect.signature(fn).parameters.values()
+    )
+
+
+def warn_if_drifted(patch: str, functions: tuple[UpstreamFunction, ...]) -> bool:
+    """Log a warning for each function whose installed source differs from the recorded one."""
+    drifted = False
+    for fn in functions:
+        try:
+            changed = fn.drifted()
+        except (LookupError, OSError, SyntaxError) as exc:
+            changed = True
+            logger.warning(
+                "upstream code for a compat patch cannot be read",
+                extra={"fields": {"patch": patch, "target": f"{fn.module}.{fn.qualname}",
+                                  "error": str(exc)}},
+            )
+        if changed:
+            drifted = True
+            logger.warning(
+                "upstream vLLM code under a compat patch changed; review the patch",
+                extra={"fields": {"patch": patch, "target": f"{fn.module}.{fn.qualname}"}},
+            )
+    return drifted
+
+
+def installed_vllm_version() -> str:
+    from vllm.version import __version__
+
+    return str(__version__)
+
+
+def warn_if_unsupported_vllm() -> bool:
+    """Log a warning unless the installed vLLM is a 0.32.x release. Returns True if supported."""
+    version = installed_vllm_version()
+    if version.startswith(SUPPORTED_SERIES):
+        return True
+    logger.warning(
+        "specserve's compat patches target vLLM 0.32.x",
+        extra={"fields": {"installed": version, "supported": f"{SUPPORTED_SERIES}x"}},
+    )
+    return False
