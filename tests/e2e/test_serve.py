@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,9 +93,51 @@ def test_health_ready_and_metrics(server: ServeProcess) -> None:
     assert ttft and ttft[0].value >= 1
 
 
-def test_sigterm_stops_gateway_and_engine(server: ServeProcess) -> None:
+def _engine_running(server: ServeProcess) -> float:
+    text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
+    return sum(
+        s.value for f in text_string_to_metric_families(text) if f.name == "vllm:num_requests_running"
+        for s in f.samples
+    )
+
+
+def _long_stream(server: ServeProcess, max_tokens: int) -> httpx.Response:
+    body = {"model": MODEL_NAME, "prompt": "import", "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    client = httpx.Client(base_url=server.base_url, trust_env=False, timeout=120)
+    request = client.build_request("POST", "/v1/completions", json=body)
+    return client.send(request, stream=True)
+
+
+def test_client_disconnect_frees_the_engine_slot(server: ServeProcess) -> None:
+    response = _long_stream(server, max_tokens=400)
+    lines = response.iter_lines()
+    seen = [line for _, line in zip(range(6), lines)]
+    assert any(line.startswith("data: {") for line in seen)
+    assert _engine_running(server) == 1.0  # the request is generating at the engine
+    response.close()  # the client goes away mid-stream
+    running = 1.0
+    for _ in range(100):  # bounded: up to ~20 s
+        running = _engine_running(server)
+        if running == 0.0:
+            break
+        time.sleep(0.2)
+    assert running == 0.0
+
+
+def test_sigterm_drains_the_open_stream_then_stops_everything(server: ServeProcess) -> None:
     children = server.descendants()
     assert children, "the engine should run as a child process"
+    response = _long_stream(server, max_tokens=120)
+    lines = response.iter_lines()
+    first = next(line for line in lines if line.startswith("data: {"))
+    assert first
+    server.proc.send_signal(signal.SIGTERM)
+    rest = [line for line in lines if line.startswith("data: ")]
+    response.close()
+    assert rest[-1] == "data: [DONE]"
+    finals = [json.loads(line[6:]) for line in rest[:-1]]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"
     assert stop(server, timeout_s=90) == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [p.pid for p in alive]

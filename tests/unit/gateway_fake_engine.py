@@ -40,8 +40,9 @@ def _sse(data: dict | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-def build_app(state: FakeState) -> FastAPI:
+def build_app(state: FakeState, name: str = "fake") -> FastAPI:
     app = FastAPI()
+    tag = {"x-fake-engine": name}
 
     @app.get("/health")
     async def health() -> Response:
@@ -78,7 +79,7 @@ def build_app(state: FakeState) -> FastAPI:
             else:
                 choice = {"index": 0, "text": "a b c", "finish_reason": "length"}
             return JSONResponse({"id": "x", "object": kind, "model": MODEL, "choices": [choice],
-                                 "usage": usage})
+                                 "usage": usage}, headers=tag)
 
         async def events() -> AsyncIterator[bytes]:
             state.running += 1
@@ -102,7 +103,7 @@ def build_app(state: FakeState) -> FastAPI:
             finally:
                 state.running -= 1
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=tag)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -140,3 +141,16 @@ def running_fake_engine(state: FakeState | None = None) -> Iterator[tuple[str, F
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def main() -> None:
+    """Run a fake engine in this process (the fault tests SIGKILL it): PORT NAME CHUNKS CHUNK_DELAY DELAY."""
+    import sys
+
+    port, name, chunks, chunk_delay, delay = sys.argv[1:6]
+    state = FakeState(chunks=int(chunks), chunk_delay_s=float(chunk_delay), delay_s=float(delay))
+    uvicorn.run(build_app(state, name), host="127.0.0.1", port=int(port), log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
