@@ -91,6 +91,12 @@ def test_best_path_of_any_template_is_the_greedy_chain(m: np.ndarray, root: int,
         assert m[tok, 0] == recycling.EMPTY
 
 
+@given(matrices(), st.lists(st.integers(-1, VOCAB), max_size=6), st.integers(0, 5))
+def test_batched_chains_equal_single_chains(m: np.ndarray, roots: list[int], length: int) -> None:
+    expected = [list(recycling.draft_chain(m, r, length)) if 0 <= r < VOCAB else [] for r in roots]
+    assert recycling.draft_chains(m, np.array(roots, dtype=np.int64), length) == expected
+
+
 def test_max_nodes_budget() -> None:
     m = np.array([[1, 2], [0, 2], [1, 0]], dtype=np.int16)
     t = recycling.draft_tree(m, 0, (2, 2, 2), max_nodes=5)

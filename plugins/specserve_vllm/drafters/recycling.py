@@ -141,6 +141,30 @@ def draft_chain(matrix: np.ndarray, root: int, length: int) -> tuple[int, ...]:
     return best_path(draft_tree(matrix, root, (1,) * length))
 
 
+def draft_chains(matrix: np.ndarray, roots: np.ndarray, length: int) -> list[list[int]]:
+    """:func:`draft_chain` for many roots at once (vectorised over the batch; same result).
+
+    >>> m = np.array([[1, 2], [2, 0], [-1, -1]], dtype=np.int16)
+    >>> draft_chains(m, np.array([0, 2, 1]), 3)
+    [[1, 2], [], [2]]
+    """
+    vocab = matrix.shape[0]
+    cur = np.asarray(roots, dtype=np.int64).reshape(-1)
+    if length <= 0 or cur.size == 0:
+        return [[] for _ in range(cur.size)]
+    alive = (cur >= 0) & (cur < vocab)
+    steps = np.full((cur.size, length), EMPTY, dtype=np.int64)  # [n, length]
+    for d in range(length):
+        nxt = np.where(alive, matrix[np.where(alive, cur, 0), 0], EMPTY).astype(np.int64)
+        alive &= (nxt >= 0) & (nxt < vocab)
+        steps[:, d] = np.where(alive, nxt, EMPTY)
+        cur = nxt
+        if not alive.any():
+            break
+    lengths = np.where((steps == EMPTY).any(axis=1), (steps == EMPTY).argmax(axis=1), steps.shape[1])
+    return [row[:n].tolist() for row, n in zip(steps, lengths.tolist())]
+
+
 def _level_sizes(widths: Sequence[int]) -> list[int]:
     sizes, n = [], 1
     for w in widths:

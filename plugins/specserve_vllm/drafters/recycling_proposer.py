@@ -59,16 +59,16 @@ class RecyclingProposer:
         token_ids_cpu: np.ndarray,
         slot_mappings: Any = None,
     ) -> list[list[int]]:
-        drafts: list[list[int]] = []
-        for i, sampled in enumerate(sampled_token_ids):
-            n = int(num_tokens_no_spec[i])
-            room = min(self.num_speculative_tokens, self.max_model_len - n)
-            if not sampled or room <= 0:
-                drafts.append([])  # request not decoding this step, or at the length limit
-                continue
-            root = int(token_ids_cpu[i, n - 1])
-            drafts.append(list(recycling.draft_chain(self.matrix, root, room)))
-        return drafts
+        num_reqs = len(sampled_token_ids)
+        n = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)  # [num_reqs]
+        room = np.minimum(self.num_speculative_tokens, self.max_model_len - n)
+        # Requests not decoding this step (no sampled token) or at the length limit draft nothing.
+        active = np.array([bool(s) for s in sampled_token_ids], dtype=bool) & (room > 0) & (n > 0)
+        roots = np.full(num_reqs, recycling.EMPTY, dtype=np.int64)
+        rows = np.nonzero(active)[0]
+        roots[rows] = token_ids_cpu[rows, n[rows] - 1]
+        chains = recycling.draft_chains(self.matrix, roots, self.num_speculative_tokens)
+        return [c[: max(int(r), 0)] for c, r in zip(chains, room.tolist())]
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No weights: the matrix is built online."""
