@@ -59,9 +59,10 @@ def expand_kernel_impl(
 ) -> None:
     """Write each request's value over that request's token span of ``output``, in place.
 
-    Request ``i`` owns ``output[cu[i-1]:cu[i]]`` (``cu[-1]`` = 0), at most ``MAX_NUM_TOKENS``
-    positions of it; values equal to ``replace_from`` are written as ``replace_to``; positions
-    past ``cu[-1]`` are left untouched, as in the Triton kernel.
+    Request ``i`` owns ``output[start_i:cu[i]]`` (``start_0 = 0``, ``start_i = cu[i-1]``) and
+    fills at most ``MAX_NUM_TOKENS`` positions of it; values equal to ``replace_from`` are
+    written as ``replace_to``; positions past the last request's span are left untouched, as in
+    the Triton kernel.
 
     Example: ``input_val=[0.5, -1.0, 2.0]``, ``cu_num_tokens=[2, 5, 6]``,
     ``replace_from=-1, replace_to=1`` gives ``output=[0.5, 0.5, 1.0, 1.0, 1.0, 2.0]``.
