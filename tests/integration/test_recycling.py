@@ -1,9 +1,11 @@
-"""Token Recycling inside the real vLLM engine (CPU, in-process): lossless at temperature 0."""
+"""Token Recycling inside the real vLLM engine (CPU, in-process): lossless at temperature 0 and > 0."""
 
 from __future__ import annotations
 
 import gc
+import math
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ PROMPTS = [
     "return None\nreturn None\nreturn None\n",
 ]
 REPETITIVE = 4  # index of a prompt whose continuation repeats
+NUM_SAMPLES = 320  # seeded requests per engine for the temperature > 0 comparison
+SAMPLE_TOKENS = 3
+TEMPERATURE = 0.7
 
 
 def _engine(model_dir: Path, speculative_config: dict[str, Any] | None) -> Any:
@@ -50,6 +55,47 @@ def _greedy(extra_args: dict[str, Any] | None = None) -> Any:
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra_args)
 
 
+def _sampled(llm: Any) -> list[Any]:
+    """``NUM_SAMPLES`` seeded samples of a short continuation of one prompt."""
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(temperature=TEMPERATURE, max_tokens=SAMPLE_TOKENS, ignore_eos=True, seed=i)
+        for i in range(NUM_SAMPLES)
+    ]
+    return [r.outputs[0] for r in llm.generate([PROMPTS[REPETITIVE]] * NUM_SAMPLES, params, use_tqdm=False)]
+
+
+def homogeneity_z(a: list[int], b: list[int], min_count: int = 10) -> float:
+    """Chi-square two-sample homogeneity test as a z-score (Wilson-Hilferty).
+
+    Categories seen fewer than ``min_count`` times in both samples together are pooled.
+    Under the null (same distribution) z is about standard normal; identical samples give
+    a strongly negative z, very different ones a large positive z.
+    """
+    ca, cb = Counter(a), Counter(b)
+    buckets: list[tuple[int, int]] = []
+    rare = [0, 0]
+    for cat in set(ca) | set(cb):
+        if ca[cat] + cb[cat] >= min_count:
+            buckets.append((ca[cat], cb[cat]))
+        else:
+            rare[0] += ca[cat]
+            rare[1] += cb[cat]
+    if sum(rare):
+        buckets.append((rare[0], rare[1]))
+    df = len(buckets) - 1
+    if df < 1:
+        return -math.inf
+    na, nb = len(a), len(b)
+    stat = 0.0
+    for x, y in buckets:
+        ea, eb = (x + y) * na / (na + nb), (x + y) * nb / (na + nb)
+        stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
+    v = 2.0 / (9.0 * df)
+    return ((stat / df) ** (1.0 / 3.0) - (1.0 - v)) / math.sqrt(v)
+
+
 def _run(llm: Any) -> dict[str, Any]:
     """Batch-1 outputs for three prompts, batch-8 outputs for all, and the batch-8 request outputs."""
     batch1 = [list(llm.generate([p], _greedy(), use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS[:3]]
@@ -66,12 +112,14 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, Any]] = {}
     llm = _engine(demo_model_dir, None)
     out["none"] = _run(llm)
+    out["none"]["sampled"] = _sampled(llm)
     del llm
     gc.collect()
     llm = _engine(demo_model_dir, {"method": "custom_class", "model": CLASS_PATH, "num_speculative_tokens": K})
     out["recycling"] = _run(llm)
     off = llm.generate([PROMPTS[REPETITIVE]], _greedy({"spec_k": 0}), use_tqdm=False)[0].outputs[0]
     out["recycling"]["spec_k0"] = off
+    out["recycling"]["sampled"] = _sampled(llm)
     yield out
     del llm
     gc.collect()
@@ -97,3 +145,23 @@ def test_spec_k_zero_turns_recycling_off_for_that_request(runs: dict[str, dict[s
     off = runs["recycling"]["spec_k0"]
     assert off.spec_decode_metrics.to_dict()["num_draft_tokens"] == 0
     assert list(off.token_ids) == runs["none"]["batch8"][REPETITIVE]
+
+
+def test_homogeneity_z_tells_equal_from_different() -> None:
+    same = [i % 5 for i in range(200)]
+    assert homogeneity_z(same, list(reversed(same))) < 0
+    assert homogeneity_z(same, [0] * 100 + [1] * 100) > 5
+
+
+def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, Any]]) -> None:
+    # Each position's token distribution (over seeded samples) must match plain sampling;
+    # accepting drafts the target would not have sampled shows up as a large z.
+    base, spec = runs["none"]["sampled"], runs["recycling"]["sampled"]
+    zs: list[float] = []
+    for pos in range(SAMPLE_TOKENS):
+        z = homogeneity_z([o.token_ids[pos] for o in base], [o.token_ids[pos] for o in spec])
+        assert z < 3.7, f"token {pos}: z={z:.2f} (p < 1e-4 under equal distributions)"
+        zs.append(z)
+    assert max(zs) > -math.inf, "every sampled token was rare: the comparison tested nothing"
+    metrics = [o.spec_decode_metrics.to_dict() for o in spec]
+    assert sum(m["num_draft_tokens"] for m in metrics) > 0
