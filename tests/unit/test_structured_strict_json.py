@@ -91,6 +91,13 @@ def test_compat_patch_wraps_backend_compiler() -> None:
     assert out == "compiled"
     assert not has_loose_strings(calls[0])
     xgr.Grammar.from_ebnf(calls[0])  # still a valid grammar
+    compiler.compile_json_schema(
+        '{"type": "object", "properties": {"p": {"type": "object"}}}',
+        any_whitespace=False,
+        separators=(",", ":"),
+    )
+    free_form = [line for line in calls[1].split("\n") if line.startswith("basic_object")]
+    assert free_form and all('", "' not in line for line in free_form)
     assert compiler.compile_regex("a+") == "regex:a+"  # everything else passes through
 
 
@@ -102,3 +109,21 @@ def test_compat_patch_upstream_has_not_drifted() -> None:
     src = patch.COMPILE.source()
     # The patch relies on JSON and JSON_OBJECT going through self.compiler.compile_json_schema.
     assert src.count("self.compiler.compile_json_schema(") == 2
+
+
+def test_free_form_values_use_compact_separators() -> None:
+    import xgrammar as xgr
+
+    from specserve.structured.strict_json import compact_free_form, fix_json_ebnf
+
+    schema = {"type": "object", "properties": {"p": {"type": "object"}}, "required": ["p"]}
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+    compact_text = '{"p":{"a":1,"b":[1,2]}}'
+    spaced_text = '{"p":{"a": 1, "b": [1, 2]}}'
+    # xgrammar 0.2.8 puts spaced separators inside free-form values despite separators=(",", ":")
+    assert not _accepts(grammar, compact_text)
+    fixed = xgr.Grammar.from_ebnf(fix_json_ebnf(str(grammar), compact=True))
+    assert _accepts(fixed, compact_text)
+    assert not _accepts(fixed, spaced_text)
+    untouched = 'root ::= (("{" "\\"a\\"" ": " basic_any "}"))'
+    assert compact_free_form(untouched) == untouched

@@ -7,7 +7,9 @@ converter lets raw control characters into length-bounded strings (see
 
 The patch wraps ``XgrammarBackend.__post_init__``: after it has built ``self.compiler``, the
 compiler is wrapped in :class:`StrictJsonCompiler`, whose ``compile_json_schema`` converts the
-schema to a grammar, makes its string rules strict and compiles that grammar instead. Every other
+schema to a grammar, makes its string rules strict (and, with ``disable_any_whitespace``'s compact
+separators, makes free-form nested values compact too, which xgrammar 0.2.8 forgets) and compiles
+that grammar instead. Every other
 compiler method (regex, EBNF, structural tags, caching) goes to the original compiler unchanged.
 """
 
@@ -19,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve.structured.strict_json import strict_json_ebnf
+from specserve.structured.strict_json import fix_json_ebnf
 from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class StrictJsonCompiler:
         import xgrammar as xgr
 
         grammar = xgr.Grammar.from_json_schema(schema, **kwargs)
-        return self._inner.compile_grammar(strict_json_ebnf(str(grammar)))
+        compact = tuple(kwargs.get("separators") or ()) == (",", ":")
+        return self._inner.compile_grammar(fix_json_ebnf(str(grammar), compact))
 
 
 def _wrap_post_init(original: Callable[..., None]) -> Callable[..., None]:

@@ -3,6 +3,9 @@
 vLLM 0.32 (``backend_xgrammar.has_xgrammar_unsupported_json_features``) answers a schema using any
 of these with a 400 that does not say where; xgrammar 0.2.8 would otherwise ignore them and
 generate values the schema forbids. Finding them here lets the gateway name the keyword and path.
+Like vLLM, every object in the document is inspected (extension keywords included), so the
+gateway refuses exactly what the engine would. Malformed keywords (``"type": "int"``) are left to
+meta-validation (:mod:`.meta`), which knows where subschemas are.
 
 Example:
     >>> find_unsupported({"properties": {"n": {"type": "integer", "multipleOf": 3}}})
@@ -35,8 +38,6 @@ SUPPORTED_FORMATS = frozenset(
     }
 )
 
-JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
-
 # Keywords whose value maps names to subschemas (the map itself is not a schema).
 MAP_KEYWORDS = frozenset(
     {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
@@ -61,12 +62,6 @@ def _escape(key: Any) -> str:
 def _node_problem(node: dict[str, Any]) -> tuple[str, str] | None:
     """``(keyword, reason)`` for the first unsupported feature of one schema object."""
     types = _types(node)
-    t = node.get("type")
-    if isinstance(t, (str, list)):
-        listed = t if isinstance(t, list) else [t]
-        bad = [x for x in listed if not (isinstance(x, str) and x in JSON_TYPES)]
-        if bad or not listed:
-            return "type", f"type must be one of {sorted(JSON_TYPES)}, got {t!r}"
     if types & {"integer", "number"} and "multipleOf" in node:
         return "multipleOf", "multipleOf is not supported for integer/number"
     if "array" in types:

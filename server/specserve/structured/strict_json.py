@@ -44,6 +44,38 @@ def strict_json_ebnf(ebnf: str) -> str:
     return "\n".join(out)
 
 
+# xgrammar's free-form JSON rules (values of untyped or property-less schemas).
+FREE_FORM_RULES = frozenset(
+    {"basic_array", "basic_object", "basic_array_items", "basic_object_properties"}
+)
+
+
+def compact_free_form(ebnf: str) -> str:
+    """Make xgrammar's free-form JSON rules use the compact separators ``,`` and ``:``.
+
+    With ``separators=(",", ":")`` xgrammar 0.2.8 still writes ``", "`` and ``": "`` into
+    ``basic_object`` / ``basic_array`` (used for ``{"type": "object"}`` without properties and for
+    untyped values), so compact JSON inside such values is rejected while the surrounding
+    object is compact. Call this only for grammars built with compact separators.
+
+    >>> compact_free_form('basic_array_items ::= ((", " basic_any))')
+    'basic_array_items ::= (("," basic_any))'
+    """
+    out: list[str] = []
+    for line in ebnf.split("\n"):
+        name = line.split(" ::= ", 1)[0]
+        if name in FREE_FORM_RULES:
+            line = line.replace('", "', '","').replace('": "', '":"')
+        out.append(line)
+    return "\n".join(out)
+
+
+def fix_json_ebnf(ebnf: str, compact: bool) -> str:
+    """Both fixes: strict strings always, compact free-form values when ``compact`` is true."""
+    fixed = strict_json_ebnf(ebnf)
+    return compact_free_form(fixed) if compact else fixed
+
+
 def has_loose_strings(ebnf: str) -> bool:
     """True if ``ebnf`` still has a JSON-string character rule that admits control characters.
 

@@ -1,0 +1,151 @@
+"""``specserve bench jsonschema``: structured outputs measured on JSONSchemaBench.
+
+Reads ``--data DIR`` (``schemas/<dataset>/*.json`` and ``maskbench/*.json``) and reports, as JSON
+on stdout followed by a one-line summary on stderr:
+
+* ``maskbench``: per dataset, how many instances the compiled grammar classifies like the
+  ``valid`` flag (overall, and for the schemas the gateway serves), false accepts / rejects;
+* ``compile``: per dataset, schemas the gateway's pre-check serves, schemas that compile with the
+  model's tokenizer, compile time p50/p99 in ms;
+* ``generate`` (opt-in, starts engines): per backend (xgrammar, guidance), schemas refused,
+  generations finished and strict-JSON + schema-valid, constrained vs unconstrained tokens/s.
+
+``--limit N`` takes the first N files (sorted) per dataset, so runs are repeatable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="JSONSchemaBench directory")
+    parser.add_argument("--limit", type=int, default=None, help="files per dataset (default all)")
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
+    parser.add_argument(
+        "--parts",
+        default="maskbench,compile",
+        help="comma-separated: maskbench, compile, generate (starts engines)",
+    )
+    parser.add_argument("--gen-limit", type=int, default=2, help="schemas per dataset to generate")
+    parser.add_argument("--max-tokens", type=int, default=256, help="generation length bound")
+    parser.add_argument("--backends", default="xgrammar,guidance", help="engines to compare")
+    parser.add_argument("--compile-timeout", type=float, default=20.0, help="seconds per schema")
+    parser.add_argument(
+        "--raw-xgrammar",
+        action="store_true",
+        help="compile xgrammar's grammar as is, without the strict-string and separator fixes",
+    )
+
+
+def _group(files: list[Path], key: Any, limit: int | None) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(files):
+        groups.setdefault(key(f), []).append(f)
+    if limit is not None:
+        groups = {k: v[:limit] for k, v in groups.items()}
+    return groups
+
+
+def _precheck_ok(schema: Any) -> bool:
+    from specserve.errors import APIError
+    from specserve.structured import precheck
+
+    body = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    try:
+        precheck(body, "chat")
+    except APIError:
+        return False
+    return True
+
+
+def _model_dir(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg
+    from specserve.demo import demo_model_dir
+
+    return demo_model_dir(build=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specserve.bench.jsonschema_grammar import (
+        SchemaCompiler,
+        compile_coverage,
+        dataset_of,
+        maskbench,
+    )
+
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    model = _model_dir(args.model)
+    started = time.perf_counter()
+    compiler = SchemaCompiler(
+        model, strict=not args.raw_xgrammar, timeout_s=args.compile_timeout
+    )
+    result: dict[str, Any] = {
+        "model": str(model),
+        "data": str(args.data),
+        "limit": args.limit,
+        "json_fixes": not args.raw_xgrammar,
+        "backend": "xgrammar",
+    }
+    if "maskbench" in parts:
+        groups = _group(list((args.data / "maskbench").glob("*.json")), dataset_of, args.limit)
+        files = [f for fs in groups.values() for f in fs]
+        logger.info("maskbench", extra={"fields": {"files": len(files)}})
+        result["maskbench"] = maskbench(files, compiler, _precheck_ok)
+    if "compile" in parts:
+        schema_files = list((args.data / "schemas").glob("*/*.json"))
+        groups = _group(schema_files, lambda f: f.parent.name, args.limit)
+        logger.info("compile coverage", extra={"fields": {"files": sum(map(len, groups.values()))}})
+        result["compile"] = compile_coverage(groups, compiler, _precheck_ok)
+    if "generate" in parts:
+        from specserve.bench.jsonschema_generate import generation_coverage
+
+        schema_files = list((args.data / "schemas").glob("*/*.json"))
+        groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        result["generate"] = generation_coverage(
+            model, groups, backends, args.max_tokens, _precheck_ok
+        )
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    sys.stderr.write(summary(result) + "\n")
+    return 0
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line: MaskBench agreement and compile coverage / time.
+
+    >>> summary({"seconds": 1.0})
+    'jsonschema: 1.0 s'
+    """
+    bits: list[str] = []
+    mb = result.get("maskbench", {}).get("total")
+    if mb:
+        bits.append(
+            f"maskbench agreement {mb.get('agree_rate')} of {mb.get('instances')} instances "
+            f"(served schemas {mb.get('served_agree_rate')} of {mb.get('served_instances')})"
+        )
+    cc = result.get("compile")
+    if cc:
+        t = cc["total"]
+        p50s = [r["compile_ms_p50"] for r in cc["per_dataset"].values() if r["compile_ms_p50"]]
+        bits.append(
+            f"compiled {t.get('compiled')}/{t.get('schemas')}, served {t.get('served')}, "
+            f"median per-dataset p50 {sorted(p50s)[len(p50s) // 2] if p50s else None} ms"
+        )
+    for backend, g in result.get("generate", {}).items():
+        t = g["total"]
+        bits.append(
+            f"{backend} valid {t.get('valid')}/{t.get('finished')} finished "
+            f"({t.get('refused')} refused), tok/s ratio {g.get('throughput_ratio')}"
+        )
+    return "jsonschema: " + "; ".join(bits + [f"{result.get('seconds')} s"])

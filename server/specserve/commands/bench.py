@@ -1,0 +1,28 @@
+"""Benchmarks: ``specserve bench <name> ...``; each prints JSON and a one-line summary.
+
+Every benchmark is a module under :mod:`specserve.bench` with ``add_arguments(parser)`` and
+``run(args) -> int``; add one by naming it in ``BENCHES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module under specserve.bench, help)
+BENCHES: dict[str, tuple[str, str]] = {
+    "jsonschema": ("jsonschema", "structured outputs on JSONSchemaBench (MaskBench, compile)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
+    for name, (module, help_text) in BENCHES.items():
+        mod = importlib.import_module(f"specserve.bench.{module}")
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
+        mod.add_arguments(p)
+        p.set_defaults(_bench_run=mod.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._bench_run(args) or 0)
