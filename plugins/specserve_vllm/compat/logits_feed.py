@@ -11,6 +11,10 @@ interface passes token ids only. Two wraps on ``GPUModelRunner`` (the CPU runner
   ``topk_width``, it is called with ``input_ids[logits_indices]`` (``[n]``) and the top
   ``topk_width`` ids of each logits row (``[n, topk_width]``), taken before sampling so sampler
   in-place edits cannot affect them. Drafters without ``observe_topk`` cost nothing.
+
+The logits are the ones the sampler sees: for structured-output requests the grammar bitmask
+is already applied, so recorded candidates are grammar-valid ones (still the target's
+predictions, only conditioned on the grammar).
 """
 
 from __future__ import annotations
