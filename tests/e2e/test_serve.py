@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -75,6 +76,47 @@ def test_errors_reach_the_client_openai_shaped(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=4, temperature=5)
     assert bad.value.body["param"] == "temperature"
+
+
+def test_openai_features_through_the_gateway(client: openai.OpenAI) -> None:
+    two = client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=8, n=2,
+                                         temperature=0.8, seed=1)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    seeded = [
+        client.completions.create(model=MODEL_NAME, prompt="def ", max_tokens=12, temperature=1.0,
+                                  seed=1234).choices[0].text
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]  # seeds are reproducible at temperature > 0
+    plain = client.completions.create(model=MODEL_NAME, prompt="def ", max_tokens=12, temperature=0)
+    text = plain.choices[0].text
+    assert len(text) > 2
+    cut = client.completions.create(model=MODEL_NAME, prompt="def ", max_tokens=12, temperature=0,
+                                    stop=[text[1:3]])
+    assert cut.choices[0].finish_reason == "stop"
+    assert text[1:3] not in cut.choices[0].text and text.startswith(cut.choices[0].text)
+    lp = client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=4, temperature=0,
+                                        logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+
+def test_async_client_streams_concurrently(server: ServeProcess) -> None:
+    async def main() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+        async def one(i: int) -> str:
+            stream = await aclient.completions.create(model=MODEL_NAME, prompt=f"x = {i}\n", max_tokens=8,
+                                                      temperature=0, stream=True)
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(4)))
+        finally:
+            await aclient.close()
+
+    texts = asyncio.run(main())
+    assert len(texts) == 4 and all(texts)
 
 
 def test_health_ready_and_metrics(server: ServeProcess) -> None:
