@@ -232,3 +232,17 @@ def test_retry_on_another_replica_when_one_refuses(fake: tuple[str, FakeState]) 
 
     asyncio.run(main())
     assert len(state.requests) == 1
+
+
+def test_replicas_from_dns(fake: tuple[str, FakeState]) -> None:
+    url, _ = fake
+    port = url.rsplit(":", 1)[1]
+
+    async def main() -> None:
+        async with gateway(GatewayConfig(replicas_dns=f"localhost:{port}")) as (client, app):
+            pool = app.state.gateway.pool
+            assert url in pool.replicas and pool.replicas[url].healthy
+            r = await client.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200
+
+    asyncio.run(main())
