@@ -40,29 +40,31 @@ class Gateway:
     """The long-lived parts of one gateway app (``app.state.gateway``)."""
 
     def __init__(
-        self, config: GatewayConfig, metrics: GatewayMetrics, transport: httpx.AsyncBaseTransport | None
+        self, config: GatewayConfig, metrics: GatewayMetrics
     ) -> None:
         self.config = config
         self.metrics = metrics
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=config.max_in_flight)
-        self.client = httpx.AsyncClient(transport=transport, limits=limits, trust_env=False)
+        self.client = httpx.AsyncClient(limits=limits, trust_env=False)  # health checks
         self.pool = ReplicaPool(
             config.replicas, client=self.client, metrics=metrics, dns=config.replicas_dns,
             interval_s=config.health_interval_s, timeout_s=config.connect_timeout_s,
         )
         self.proxy = Proxy(
-            self.pool, self.client, metrics, max_attempts=config.max_attempts,
+            self.pool, metrics, max_attempts=config.max_attempts,
             request_timeout_s=config.request_timeout_s, connect_timeout_s=config.connect_timeout_s,
         )
         self.limiter = RateLimiter(config.key_limits)
         self.queue = AdmissionQueue(config.max_in_flight, config.max_queue, config.queue_timeout_s)
 
     async def start(self) -> None:
+        await self.proxy.start()
         await self.pool.check_all()
         self.pool.start()
 
     async def stop(self) -> None:
         await self.pool.stop()
+        await self.proxy.close()
         await self.client.aclose()
 
 
@@ -119,11 +121,10 @@ def create_app(
     config: GatewayConfig,
     *,
     registry: CollectorRegistry | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
-    """Build the gateway ASGI app. ``transport`` replaces the network to the engines (tests)."""
+    """Build the gateway ASGI app (metrics on ``registry``, the process-wide one by default)."""
     metrics = GatewayMetrics(registry if registry is not None else REGISTRY)
-    gateway = Gateway(config, metrics, transport)
+    gateway = Gateway(config, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -35,6 +35,7 @@ class Replica:
     engine_waiting: float = 0.0
     models: tuple[str, ...] = ()
     failures: int = 0
+    probe_failures: int = 0
 
     @property
     def load(self) -> float:
@@ -115,12 +116,15 @@ class ReplicaPool:
         dns: str | None = None,
         interval_s: float = 1.0,
         timeout_s: float = 2.0,
+        down_after: int = 3,
     ) -> None:
         self.client = client
         self.metrics = metrics
         self.dns = dns
         self.interval_s = interval_s
-        self.timeout_s = timeout_s
+        # A busy engine may answer probes slowly: a slow probe is not a dead engine.
+        self.timeout = httpx.Timeout(max(5.0, timeout_s), connect=timeout_s)
+        self.down_after = down_after
         self.replicas: dict[str, Replica] = {}
         self._rr = 0
         self._task: asyncio.Task[None] | None = None
@@ -215,20 +219,26 @@ class ReplicaPool:
     async def check(self, replica: Replica) -> None:
         """One health probe + load scrape of ``replica``; updates its state."""
         try:
-            resp = await self.client.get(f"{replica.url}/health", timeout=self.timeout_s)
+            resp = await self.client.get(f"{replica.url}/health", timeout=self.timeout)
             if resp.status_code != 200:
                 self.mark_down(replica, f"health status {resp.status_code}")
                 return
             if not replica.models or not replica.healthy:
-                listing = await self.client.get(f"{replica.url}/v1/models", timeout=self.timeout_s)
+                listing = await self.client.get(f"{replica.url}/v1/models", timeout=self.timeout)
                 listing.raise_for_status()
                 replica.models = tuple(str(m["id"]) for m in listing.json().get("data", []))
-            page = await self.client.get(f"{replica.url}/metrics", timeout=self.timeout_s)
+            page = await self.client.get(f"{replica.url}/metrics", timeout=self.timeout)
             if page.status_code == 200:
                 replica.engine_running, replica.engine_waiting = parse_engine_load(page.text)
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self.mark_down(replica, f"{type(exc).__name__}: {exc}")
             return
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            replica.probe_failures += 1
+            if replica.probe_failures >= self.down_after or not replica.models:
+                self.mark_down(replica, f"{type(exc).__name__}: {exc}")
+            return
+        replica.probe_failures = 0
         self._mark_up(replica)
 
     async def check_all(self) -> None:
