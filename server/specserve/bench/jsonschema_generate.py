@@ -25,6 +25,7 @@ PROMPTS = ("Return a JSON document.\n", '{"')
 
 def _engine(model: Path, backend: str) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     from vllm import LLM
 
     return LLM(
@@ -52,10 +53,11 @@ def _is_valid(text: str, schema: Any) -> bool:
 def _run_backend(
     model: Path, backend: str, schemas: list[tuple[str, Any]], max_tokens: int, gate: Any
 ) -> dict[str, Any]:
+    llm = _engine(model, backend)
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import StructuredOutputsParams
 
-    llm = _engine(model, backend)
     per: dict[str, dict[str, int]] = {}
     tokens = 0
     seconds = 0.0
@@ -81,7 +83,7 @@ def _run_backend(
         start = time.perf_counter()
         try:
             outs = llm.generate(list(PROMPTS), params, use_tqdm=False)
-        except (ValueError, TypeError, RuntimeError) as err:
+        except (ValueError, TypeError, VLLMClientError) as err:
             row["refused"] += 1
             logger.info("schema refused", extra={"fields": {"backend": backend, "error": str(err)[:200]}})
             continue
