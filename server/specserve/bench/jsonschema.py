@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="xgrammar,guidance", help="engines to compare")
     parser.add_argument("--compile-timeout", type=float, default=20.0, help="seconds per schema")
     parser.add_argument(
+        "--semantic",
+        action="store_true",
+        help="grammar by the schema's meaning (any property order, additionalProperties as "
+        "written) instead of the engine's (schema order, no undeclared properties)",
+    )
+    parser.add_argument(
         "--raw-xgrammar",
         action="store_true",
         help="compile xgrammar's grammar as is, without the strict-string and separator fixes",
@@ -87,13 +93,14 @@ def run(args: argparse.Namespace) -> int:
     model = _model_dir(args.model)
     started = time.perf_counter()
     compiler = SchemaCompiler(
-        model, strict=not args.raw_xgrammar, timeout_s=args.compile_timeout
+        model, strict=not args.raw_xgrammar, timeout_s=args.compile_timeout, semantic=args.semantic
     )
     result: dict[str, Any] = {
         "model": str(model),
         "data": str(args.data),
         "limit": args.limit,
         "json_fixes": not args.raw_xgrammar,
+        "grammar_mode": "semantic" if args.semantic else "shipped",
         "backend": "xgrammar",
     }
     if "maskbench" in parts:

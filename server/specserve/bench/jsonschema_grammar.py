@@ -41,7 +41,13 @@ class CompiledSchema:
 class SchemaCompiler:
     """Compiles JSON schemas the way the engine does, each within a time limit."""
 
-    def __init__(self, model_dir: Path, strict: bool = True, timeout_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        strict: bool = True,
+        timeout_s: float = 20.0,
+        semantic: bool = False,
+    ) -> None:
         import xgrammar as xgr
         from transformers import AutoConfig, AutoTokenizer
 
@@ -52,11 +58,14 @@ class SchemaCompiler:
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self.strict = strict
         self.timeout_s = timeout_s
+        # Shipped: what vLLM compiles (properties in schema order, no undeclared properties).
+        # Semantic: the schema's own meaning (any order, additionalProperties as written).
+        self.json_options = {"any_order": True, "strict_mode": False} if semantic else {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-compile")
 
     def _compile(self, schema: Any) -> Any:
         grammar = self.xgr.Grammar.from_json_schema(
-            json.dumps(schema), any_whitespace=False, separators=(",", ":")
+            json.dumps(schema), any_whitespace=False, separators=(",", ":"), **self.json_options
         )
         ebnf = str(grammar)
         if self.strict:
