@@ -194,6 +194,18 @@ def test_normalize_legacy_moves_fields() -> None:
     assert normalize_legacy(plain) is plain
 
 
+def test_async_precheck_refuses_and_passes() -> None:
+    import asyncio
+
+    from specserve.structured import aprecheck
+
+    asyncio.run(aprecheck(_rf(PERSON), "chat"))
+    asyncio.run(aprecheck({"prompt": "x"}, "completions"))
+    with pytest.raises(APIError) as info:
+        asyncio.run(aprecheck({"structured_outputs": {"regex": "a{1,99999}"}}, "completions"))
+    assert info.value.param == "structured_outputs.regex"
+
+
 def test_route_is_validated() -> None:
     with pytest.raises(ValueError):
         precheck({}, "embeddings")

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any
@@ -29,7 +30,7 @@ from specserve.structured.features import find_unsupported
 from specserve.structured.limits import SchemaLimits, check_regex, iter_patterns, json_depth
 from specserve.structured.request import Constraint, constraints, normalize_legacy
 
-__all__ = ["SchemaLimits", "configure", "normalize_legacy", "precheck", "warm_up"]
+__all__ = ["SchemaLimits", "aprecheck", "configure", "normalize_legacy", "precheck", "warm_up"]
 
 ROUTES = ("chat", "completions")
 
@@ -155,3 +156,18 @@ def precheck(
     active = limits or _STATE["limits"]
     for c in constraints(body):
         _check_one(c, active)
+
+
+async def aprecheck(
+    body: dict[str, Any], route: str, *, limits: SchemaLimits | None = None
+) -> None:
+    """:func:`precheck` for async handlers: the compile wait (up to the compile time limit) and
+    xgrammar's one-time import run in a worker thread, so the event loop keeps serving.
+
+    Requests without constraints are answered inline.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if not constraints(body):
+        return
+    await asyncio.to_thread(precheck, body, route, limits=limits)
