@@ -169,13 +169,32 @@ def test_regex_cost_examples() -> None:
 
 
 def test_compile_timeout_refuses_and_is_cached() -> None:
-    # No room to compile: the answer is a refusal, remembered for the next identical request.
-    limits = SchemaLimits(compile_timeout_s=1e-6, max_regex_cost=10**6, max_pattern_length=10**6)
+    # Limits widened so the slow pattern reaches the compiler; the compile outlives the limit.
+    limits = SchemaLimits(compile_timeout_s=0.2, max_regex_cost=10**6, max_pattern_length=10**6)
     schema = {"type": "string", "pattern": "^[a-z]{1,3000}$"}
     err = _refused(_rf(schema), limits=limits)
     assert "longer than" in err.message
-    err = _refused(_rf(schema), limits=limits)
+    err = _refused(_rf(schema), limits=limits)  # answered from the cache
     assert "longer than" in err.message
+
+
+def test_busy_workers_give_503_and_are_not_cached() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from specserve.structured.compile import CompileBusy
+
+    release = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1)
+    pool.submit(release.wait, 30)  # the only worker is tied up
+    checker = GrammarChecker(cache_size=8, timeout_s=0.05, executor=pool)
+    try:
+        with pytest.raises(CompileBusy):
+            checker.check("regex", "[a-z]+")
+        assert checker.cached("regex", "[a-z]+") == (False, None)
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
 
 
 def test_checker_cache_is_bounded() -> None:

@@ -25,7 +25,7 @@ import threading
 from typing import Any
 
 from specserve.errors import APIError
-from specserve.structured.compile import CompileRefused, GrammarChecker, warm_up
+from specserve.structured.compile import CompileBusy, CompileRefused, GrammarChecker, warm_up
 from specserve.structured.features import find_unsupported
 from specserve.structured.limits import SchemaLimits, check_regex, iter_patterns, json_depth
 from specserve.structured.request import Constraint, constraints, normalize_legacy
@@ -93,10 +93,19 @@ def _check_json_schema(schema: Any, param: str, limits: SchemaLimits) -> None:
     unsupported = find_unsupported(schema)
     if unsupported is not None:
         raise _bad(f"unsupported schema at '{unsupported[0]}': {unsupported[1]}", param)
+    _compile_check("json", schema, param, "invalid JSON schema", limits)
+
+
+def _compile_check(kind: Any, value: Any, param: str, what: str, limits: SchemaLimits) -> None:
     try:
-        _checker(limits).check("json", schema)
+        _checker(limits).check(kind, value)
     except CompileRefused as err:
-        raise _bad(f"invalid JSON schema: {err}", param) from err
+        raise _bad(f"{what}: {err}", param) from err
+    except CompileBusy as err:
+        raise APIError(
+            503, f"Cannot check {param} now: {err}", param=param,
+            code="grammar_check_busy", headers={"Retry-After": "1"},
+        ) from err
 
 
 def _check_one(c: Constraint, limits: SchemaLimits) -> None:
@@ -111,10 +120,7 @@ def _check_one(c: Constraint, limits: SchemaLimits) -> None:
         problem = check_regex(c.value, limits)
         if problem is not None:
             raise _bad(f"{c.param}: {problem}", c.param)
-        try:
-            _checker(limits).check("regex", c.value)
-        except CompileRefused as err:
-            raise _bad(f"invalid regex: {err}", c.param) from err
+        _compile_check("regex", c.value, c.param, "invalid regex", limits)
     elif c.kind == "choice":
         if not isinstance(c.value, list) or not c.value:
             raise _bad(f"{c.param} must be a non-empty list of strings", c.param)
@@ -127,10 +133,7 @@ def _check_one(c: Constraint, limits: SchemaLimits) -> None:
         if not isinstance(c.value, str) or not c.value.strip():
             raise _bad(f"{c.param} must be a non-empty grammar string", c.param)
         _check_size(c.value, c.param, limits)
-        try:
-            _checker(limits).check("grammar", c.value)
-        except CompileRefused as err:
-            raise _bad(f"invalid grammar: {err}", c.param) from err
+        _compile_check("grammar", c.value, c.param, "invalid grammar", limits)
     else:  # structural_tag: the engine validates its shape; bound its size here
         _check_size(c.value, c.param, limits)
         value = c.value

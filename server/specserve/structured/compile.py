@@ -42,6 +42,10 @@ class CompileRefused(Exception):
     """The constraint does not compile (message says why)."""
 
 
+class CompileBusy(Exception):
+    """Every compile worker is busy (with earlier slow constraints); try again shortly."""
+
+
 def has_xgrammar() -> bool:
     return importlib.util.find_spec("xgrammar") is not None
 
@@ -121,9 +125,15 @@ def _compile(kind: Kind, spec: Any) -> None:
 class GrammarChecker:
     """Compile-checks constraints; remembers the answer per content hash (LRU, bounded)."""
 
-    def __init__(self, cache_size: int = 1024, timeout_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        cache_size: int = 1024,
+        timeout_s: float = 3.0,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.cache_size = cache_size
         self.timeout_s = timeout_s
+        self._executor = executor  # None: the process-wide pool of two workers
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, str | None] = OrderedDict()
 
@@ -153,17 +163,19 @@ class GrammarChecker:
         key = self.key(kind, spec)
         hit, refusal = self.cached(kind, spec)
         if not hit:
-            refusal = self._run(kind, spec)
+            refusal = self._run(kind, spec)  # CompileBusy is not an answer: not remembered
             self._remember(key, refusal)
         if refusal is not None:
             raise CompileRefused(refusal)
 
     def _run(self, kind: Kind, spec: Any) -> str | None:
         load_xgrammar()  # import time (seconds, once) is not part of the compile limit
-        future = _pool().submit(_compile, kind, spec)
+        future = (self._executor or _pool()).submit(_compile, kind, spec)
         try:
             future.result(timeout=self.timeout_s)
         except FutureTimeout:
+            if future.cancel():  # never started: the workers are tied up by earlier compiles
+                raise CompileBusy(f"no compile worker free within {self.timeout_s:g} s") from None
             logger.warning(
                 "grammar compile exceeded its time limit",
                 extra={"fields": {"kind": kind, "timeout_s": self.timeout_s}},
