@@ -1,0 +1,71 @@
+"""What the demo model is: one frozen recipe, fingerprinted.
+
+The fingerprint names the recipe (hyperparameters + builder version), not the machine: a cached
+or committed artifact is reused only if its recorded fingerprint equals the current one.
+
+Example:
+    >>> spec = DemoSpec()
+    >>> spec.fingerprint() == DemoSpec().fingerprint()
+    True
+    >>> DemoSpec(steps=10).fingerprint() == spec.fingerprint()
+    False
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+# Bump when the corpus, tokenizer or training code changes what a recipe produces.
+BUILDER_VERSION = 2
+
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|tool|>",
+    "<|end|>",
+)
+
+# Roles become <|role|> markers; each message ends with <|end|>; generation stops at <|end|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Hyperparameters of the demo model and its training run (Llama architecture)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 8
+    context: int = 512  # max_position_embeddings (what vLLM serves)
+    train_context: int = 256  # window length used in training (cheaper on 2 cores)
+    # Training: batch_size sequences of `context` tokens per step.
+    steps: int = 420
+    batch_size: int = 8
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    json_fraction: float = 0.15  # share of training rows drawn from the JSON corpus
+    chat_fraction: float = 0.5  # share of JSON/code snippets wrapped in the chat template
+    heldout_modulus: int = 40  # a file is held out when hash(relpath) % modulus == 0
+    json_documents: int = 6000
+    eval_batches: int = 8
+    seed: int = 1234
+    threads: int = 2
+    compile: bool = False  # inductor's first compile costs minutes on 2 loaded cores
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        payload = json.dumps({"builder": BUILDER_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
