@@ -135,36 +135,46 @@ def test_health_ready_and_metrics(server: ServeProcess) -> None:
     assert ttft and ttft[0].value >= 1
 
 
-def _engine_running(server: ServeProcess) -> float:
+def _engine_metric(server: ServeProcess, name: str) -> float:
     text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
     return sum(
-        s.value for f in text_string_to_metric_families(text) if f.name == "vllm:num_requests_running"
-        for s in f.samples
+        s.value for f in text_string_to_metric_families(text) if f.name == name
+        for s in f.samples if s.name in (name, f"{name}_total")
     )
 
 
-def _long_stream(server: ServeProcess, max_tokens: int) -> httpx.Response:
-    body = {"model": MODEL_NAME, "prompt": "import", "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True}
+def _long_stream(server: ServeProcess, max_tokens: int, n: int = 1) -> httpx.Response:
+    body = {"model": MODEL_NAME, "prompt": "import", "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "n": n, "temperature": 1.0 if n > 1 else 0.0, "seed": 0}
     client = httpx.Client(base_url=server.base_url, trust_env=False, timeout=120)
     request = client.build_request("POST", "/v1/completions", json=body)
     return client.send(request, stream=True)
 
 
 def test_client_disconnect_frees_the_engine_slot(server: ServeProcess) -> None:
-    response = _long_stream(server, max_tokens=400)
+    n, max_tokens = 4, 480
+    generated_before = _engine_metric(server, "vllm:generation_tokens")
+    response = _long_stream(server, max_tokens=max_tokens, n=n)
+    assert response.status_code == 200, response.read()
     lines = response.iter_lines()
-    seen = [line for _, line in zip(range(6), lines)]
-    assert any(line.startswith("data: {") for line in seen)
-    assert _engine_running(server) == 1.0  # the request is generating at the engine
+    assert next(line for line in lines if line.startswith("data: {"))
+    running = 0.0
+    for _ in range(100):  # bounded: the engine's gauge is refreshed every step
+        running = _engine_metric(server, "vllm:num_requests_running")
+        if running >= 1:
+            break
+        time.sleep(0.05)
+    assert running >= 1  # the request is generating at the engine
     response.close()  # the client goes away mid-stream
-    running = 1.0
     for _ in range(100):  # bounded: up to ~20 s
-        running = _engine_running(server)
+        running = _engine_metric(server, "vllm:num_requests_running")
         if running == 0.0:
             break
         time.sleep(0.2)
     assert running == 0.0
+    # Aborted, not run to completion: far fewer tokens than n * max_tokens were generated.
+    generated = _engine_metric(server, "vllm:generation_tokens") - generated_before
+    assert 0 < generated < n * max_tokens
 
 
 def test_sigterm_drains_the_open_stream_then_stops_everything(server: ServeProcess) -> None:
