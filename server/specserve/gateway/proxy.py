@@ -8,17 +8,14 @@ closed, which closes the upstream connection, which makes vLLM abort the request
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import asyncio
-
 import aiohttp
-from collections.abc import Awaitable, Callable
-
 from starlette.responses import Response
 
 from specserve.errors import APIError

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from specserve import structured
 from specserve.errors import APIError
+from specserve.gateway.limits import check_api_key
 from specserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, unsupported_param
 from specserve.gateway.proxy import Outcome
 
@@ -51,8 +52,6 @@ def _authenticate(gw: Gateway, request: Request) -> str:
     """The rate-limit key: the API key when auth is on, else the client address."""
     if gw.config.api_keys:
         try:
-            from specserve.gateway.limits import check_api_key
-
             return check_api_key(request.headers.get("authorization"), gw.config.api_keys)
         except APIError:
             gw.metrics.rejected.labels(reason="auth").inc()
