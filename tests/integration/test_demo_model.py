@@ -33,9 +33,9 @@ def test_tokenizer_round_trips_and_has_the_chat_template(demo_model_dir: Path) -
     assert prompt == "<|user|>\nhi<|end|>\n<|assistant|>\n"
 
 
-def test_greedy_samples_look_like_python(record: dict) -> None:
-    code = [s for s in record["samples"] if not s["prompt"].startswith("{")]
-    keywords = ("def ", "return", "self", "import", " = ", "if ", "(")
-    for sample in code:
-        hits = sum(k in sample["completion"] for k in keywords)
-        assert hits >= 2, sample
+def test_greedy_samples_look_like_python_and_json(record: dict) -> None:
+    code = "".join(s["completion"] for s in record["samples"] if not s["prompt"].startswith("{"))
+    keywords = ("def ", "return", "self", "import", " = ", "if ", "(", "    ")
+    assert sum(k in code for k in keywords) >= 4, code
+    js = [s for s in record["samples"] if s["prompt"].startswith("{")]
+    assert js and all('",' in s["completion"] and '": "' in s["completion"] for s in js), js
