@@ -12,6 +12,7 @@ import importlib
 # name -> (module under specserve.bench, help)
 BENCHES: dict[str, tuple[str, str]] = {
     "jsonschema": ("jsonschema", "structured outputs on JSONSchemaBench (MaskBench, compile)"),
+    "gateway": ("gateway_overhead", "gateway overhead vs direct engine under concurrent streams"),
 }
 
 

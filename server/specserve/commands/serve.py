@@ -3,6 +3,7 @@
 Example:
     specserve serve                                  # the demo model on http://127.0.0.1:8000/v1
     specserve serve --model /models/llama --speculative-config '{"method":"ngram","num_speculative_tokens":4}'
+    specserve serve --drafter recycling --num-speculative-tokens 4
     specserve serve -- --max-num-seqs 8              # arguments after -- go to vLLM verbatim
 """
 
@@ -15,6 +16,7 @@ import signal
 from types import FrameType
 
 from specserve.commands.gateway import add_gateway_arguments, gateway_config, serve_gateway
+from specserve.drafters import DRAFTERS, speculative_config
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--engine-port", type=int, default=0, help="port of the engine (default: a free one)")
     e.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="vLLM speculative config, e.g. '{\"method\":\"ngram\",\"num_speculative_tokens\":4}'")
+    e.add_argument("--drafter", choices=DRAFTERS, default=None,
+                   help="speculative drafter (instead of --speculative-config): "
+                        "recycling = Token Recycling, ngram = prompt lookup, none")
+    e.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="with --drafter: tokens drafted per step (requests may lower it with spec_k)")
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     e.add_argument("--engine-start-timeout", type=float, default=900.0,
@@ -51,6 +58,16 @@ def run(args: argparse.Namespace) -> int:
     from specserve.engine.process import EngineError, EngineProcess, EngineSpec, detect_device, free_port
     from specserve.engine.process import served_name_for
 
+    if args.drafter is not None:
+        if args.speculative_config:
+            log.error("give either --drafter or --speculative-config, not both")
+            return 2
+        try:
+            config = speculative_config(args.drafter, args.num_speculative_tokens)
+        except ValueError as exc:
+            log.error("bad drafter options", extra={"fields": {"error": str(exc)}})
+            return 2
+        args.speculative_config = json.dumps(config) if config else None
     if args.speculative_config:
         try:
             json.loads(args.speculative_config)

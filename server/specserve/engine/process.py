@@ -40,6 +40,9 @@ CPU_ENV: dict[str, str] = {
 }
 
 
+DEFAULT_STRUCTURED_OUTPUTS = '{"backend":"xgrammar","disable_any_whitespace":true}'
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """What to start: a model directory served under a name on a local port."""
@@ -53,6 +56,8 @@ class EngineSpec:
     max_model_len: int | None = None
     enforce_eager: bool | None = None
     """``None``: on for CPU (torch.compile costs ~80 s at start there), vLLM's default on GPU."""
+    structured_outputs_config: str | None = DEFAULT_STRUCTURED_OUTPUTS
+    """vLLM's ``--structured-outputs-config``; compact JSON is what the strict-JSON patch expects."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -92,7 +97,11 @@ def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
     if spec.max_model_len is not None:
         cmd += ["--max-model-len", str(spec.max_model_len)]
     if spec.speculative_config:
-        cmd += ["--speculative-config", spec.speculative_config]
+        # per-request acceptance in each response (`metrics.speculative_decoding`) for the gateway
+        cmd += ["--speculative-config", spec.speculative_config,
+                "--per-request-spec-decode-metrics", "summary"]
+    if spec.structured_outputs_config:
+        cmd += ["--structured-outputs-config", spec.structured_outputs_config]
     eager = spec.enforce_eager if spec.enforce_eager is not None else spec.device == "cpu"
     if eager:
         cmd.append("--enforce-eager")

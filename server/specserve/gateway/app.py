@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from specserve import structured
 from specserve.errors import APIError
 from specserve.gateway.config import GatewayConfig
 from specserve.gateway.limits import AdmissionQueue, RateLimiter
@@ -128,6 +129,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        structured.warm_up()  # import xgrammar in the background, off the first request's path
         await gateway.start()
         try:
             yield

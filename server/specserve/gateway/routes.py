@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import time
 from typing import TYPE_CHECKING
 
@@ -101,7 +103,10 @@ async def _generate(
         raise APIError(404, f"The model '{parsed.model}' does not exist.", param="model",
                        code="model_not_found")
     request.state.model = parsed.model
-    structured.precheck(body, route)
+    await structured.aprecheck(body, route)
+    normalized = structured.normalize_legacy(body)
+    if normalized is not body:  # legacy guided_* fields: vLLM 0.32 would silently ignore them
+        body_bytes = json.dumps(normalized).encode()
     if gw.limiter.enabled:
         try:
             gw.limiter.admit(key, prompt_chars // 4 + (max_tokens or 16) * (parsed.n or 1))
