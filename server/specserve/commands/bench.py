@@ -12,6 +12,7 @@ import importlib
 # name -> (module under specserve.bench, help)
 BENCHES: dict[str, tuple[str, str]] = {
     "jsonschema": ("jsonschema", "structured outputs on JSONSchemaBench (MaskBench, compile)"),
+    "drafters": ("drafters", "drafters: tau, tokens/s and speedup vs no speculation"),
     "gateway": ("gateway_overhead", "gateway overhead vs direct engine under concurrent streams"),
 }
 
