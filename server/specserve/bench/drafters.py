@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,7 @@ def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], ma
 def run(args: argparse.Namespace) -> int:
     from specserve.demo import demo_model_dir
 
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     model_dir = args.model or demo_model_dir()
     prompts = _prompts(model_dir, args.prompts, args.prompt_tokens)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
