@@ -10,10 +10,10 @@ The PyTorch path is the one CPU uses. The wrap returns the (empty) logits unchan
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
 import logging
 from typing import Any
+
+from specserve_vllm.compat.upstream import live_source_digests
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +27,7 @@ UPSTREAM_SHA256 = {
 def upstream_digests() -> dict[str, str]:
     from vllm.v1.sample.ops import topk_topp_sampler
 
-    src = inspect.getsource(inspect.unwrap(topk_topp_sampler.apply_top_k_only))
-    return {"topk_topp_sampler.apply_top_k_only": hashlib.sha256(src.encode()).hexdigest()}
+    return live_source_digests({"topk_topp_sampler.apply_top_k_only": topk_topp_sampler.apply_top_k_only})
 
 
 def apply() -> None:

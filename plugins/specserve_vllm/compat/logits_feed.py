@@ -20,11 +20,11 @@ predictions, only conditioned on the grammar).
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from specserve_vllm.compat.upstream import live_source_digests
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,7 @@ def _targets() -> dict[str, Callable[..., Any]]:
 
 def upstream_digests() -> dict[str, str]:
     """sha256 of the (unpatched) source of every function this patch depends on."""
-    out = {}
-    for name, fn in _targets().items():
-        src = inspect.getsource(inspect.unwrap(fn))
-        out[name] = hashlib.sha256(src.encode()).hexdigest()
-    return out
+    return live_source_digests(_targets())
 
 
 def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any] | None:

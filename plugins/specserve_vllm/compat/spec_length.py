@@ -18,11 +18,11 @@ Two seams:
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from specserve_vllm.compat.upstream import live_source_digests
 
 from specserve_vllm.drafters.spec_length import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 
@@ -53,11 +53,7 @@ def _targets() -> dict[str, Callable[..., Any]]:
 
 def upstream_digests() -> dict[str, str]:
     """sha256 of the (unpatched) source of every function this patch depends on."""
-    out = {}
-    for name, fn in _targets().items():
-        src = inspect.getsource(inspect.unwrap(fn))
-        out[name] = hashlib.sha256(src.encode()).hexdigest()
-    return out
+    return live_source_digests(_targets())
 
 
 def request_caps(runner: Any) -> list[int | None]:

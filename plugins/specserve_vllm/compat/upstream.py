@@ -142,3 +142,15 @@ def warn_if_unsupported_vllm() -> bool:
         extra={"fields": {"installed": version, "supported": f"{SUPPORTED_SERIES}x"}},
     )
     return False
+
+
+def live_source_digests(functions: dict[str, Callable[..., Any]]) -> dict[str, str]:
+    """sha256 of the source of each (unwrapped) live function, by name.
+
+    The patches that wrap methods record these digests; unwrapping makes the answer the same
+    before and after the wrap is installed.
+    """
+    return {
+        name: hashlib.sha256(inspect.getsource(inspect.unwrap(fn)).encode()).hexdigest()
+        for name, fn in functions.items()
+    }

@@ -93,7 +93,6 @@ def _batch(
 
 
 def _loss(model: "torch.nn.Module", batch: "torch.Tensor") -> "torch.Tensor":
-    import torch
     import torch.nn.functional as F
 
     logits = model(input_ids=batch[:, :-1]).logits
