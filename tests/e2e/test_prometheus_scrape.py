@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import httpx
 import pytest
 import yaml
 from openai import OpenAI
+from installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -34,13 +34,6 @@ COMPOSE_TARGETS = {"specserve-gateway": "gateway:8000", "specserve-engine": "eng
 START_TIMEOUT_S = 420.0
 FUNCTIONS_AND_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
                           "unless", "bool", "offset"}
-
-
-@cache
-def tool(name: str) -> str:
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "install-tools.sh")], check=True,
-                         capture_output=True, text=True, timeout=600).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)[name]
 
 
 def free_port() -> int:

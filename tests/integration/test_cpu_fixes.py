@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from specserve.engine.local import engine_kwargs
+
 PROMPTS = [
     "def add(a, b):\n    return",
     '{"name": "Ada", "age":',
@@ -27,14 +29,7 @@ PROMPTS = [
     "import json\n\n",
 ]
 
-ENGINE_ARGS: dict[str, Any] = {
-    "enforce_eager": True,
-    "max_model_len": 256,
-    "kv_cache_memory_bytes": 64 << 20,
-    "max_num_seqs": 4,
-    "disable_log_stats": False,
-    "seed": 0,
-}
+ENGINE_ARGS: dict[str, Any] = engine_kwargs(max_model_len=256, disable_log_stats=False)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from specserve.engine.local import local_llm
+
 from specserve_vllm.drafters.recycling_proposer import CLASS_PATH
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -36,16 +38,9 @@ TOP_K = 3  # few categories per position whatever the model, so the test always 
 
 
 def _engine(model_dir: Path, speculative_config: dict[str, Any] | None) -> Any:
-    from vllm import LLM
-
-    return LLM(
-        model=str(model_dir),
-        enforce_eager=True,
-        max_model_len=512,
-        kv_cache_memory_bytes=64 << 20,
-        max_num_seqs=8,
-        seed=0,
-        speculative_config=speculative_config,
+    return local_llm(
+        model_dir,
+        max_num_seqs=8, speculative_config=speculative_config,
         per_request_spec_decode_metrics="detailed" if speculative_config else "none",
     )
 

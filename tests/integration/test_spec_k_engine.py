@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from specserve.engine.local import local_llm
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 K = 4
@@ -26,15 +28,8 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1,
 
 
 def _engine(model_dir: Path, speculative_config: dict[str, Any] | None) -> Any:
-    from vllm import LLM
-
-    return LLM(
-        model=str(model_dir),
-        enforce_eager=True,
-        max_model_len=512,
-        kv_cache_memory_bytes=64 << 20,
-        max_num_seqs=4,
-        seed=0,
+    return local_llm(
+        model_dir,
         speculative_config=speculative_config,
         per_request_spec_decode_metrics="detailed" if speculative_config else "none",
     )

@@ -54,7 +54,7 @@ PROMPTS = ['{"name": "', "JSON: ", "[1, 2, 3] {", "record\n"]
 
 
 def _engine(model: Path, speculative: bool) -> Any:
-    from vllm import LLM
+    from specserve.engine.local import local_llm
 
     kwargs: dict[str, Any] = {}
     if speculative:
@@ -64,13 +64,8 @@ def _engine(model: Path, speculative: bool) -> Any:
             "prompt_lookup_max": 3,
             "prompt_lookup_min": 1,
         }
-    return LLM(
-        model=str(model),
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=4,
-        kv_cache_memory_bytes=64 * 1024 * 1024,
-        seed=0,
+    return local_llm(
+        model,
         structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         **kwargs,
     )

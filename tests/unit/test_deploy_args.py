@@ -8,12 +8,12 @@ import json
 import shlex
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
@@ -22,13 +22,6 @@ STUB = """#!/bin/sh
 if [ "$1 $2" = "demo-model --print-path" ]; then echo /opt/demo; exit 0; fi
 python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$(basename "$0")" "$@"
 """
-
-
-@cache
-def tool(name: str) -> str:
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "install-tools.sh")], check=True,
-                         capture_output=True, text=True, timeout=600).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)[name]
 
 
 def entrypoint_argv(tmp: Path, args: list[str], env: dict[str, str]) -> list[str]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -22,15 +22,6 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 GRAFANA = DEPLOY / "grafana"
-
-
-@cache
-def tool(name: str) -> str:
-    """Command of a tool installed by scripts/install-tools.sh (installs it when missing)."""
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "install-tools.sh")], check=True,
-                         capture_output=True, text=True, timeout=600).stdout
-    found = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return found[name]
 
 
 def compose_config(*files: Path) -> dict[str, Any]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "specserve"
@@ -26,15 +26,6 @@ VALUES = {
 NAMESPACE = "llm"
 RELEASE = "rel"
 STABLE_SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
-
-
-@cache
-def tool(name: str) -> str:
-    """Path of a tool installed by scripts/install-tools.sh (installs it when missing)."""
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "install-tools.sh")], check=True,
-                         capture_output=True, text=True, timeout=600).stdout
-    found = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return found[name]
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:

@@ -78,15 +78,15 @@ def _counters(llm: Any) -> dict[str, float]:
 
 def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], max_tokens: int,
              batch_sizes: list[int]) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from specserve.drafters import speculative_config
+    from specserve.engine.local import local_llm
 
     spec = speculative_config(drafter, k)  # type: ignore[arg-type]
-    llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=512, max_num_seqs=8,
-              kv_cache_memory_bytes=256 * 2**20, speculative_config=spec, disable_log_stats=False,
-              seed=0)
+    llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
+                    speculative_config=spec, disable_log_stats=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     result: dict[str, Any] = {}
     try:

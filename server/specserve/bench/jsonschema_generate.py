@@ -26,17 +26,9 @@ PROMPTS = ("Return a JSON document.\n", '{"')
 def _engine(model: Path, backend: str) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
-    from vllm import LLM
+    from specserve.engine.local import local_llm
 
-    return LLM(
-        model=str(model),
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=4,
-        kv_cache_memory_bytes=64 * 1024 * 1024,
-        seed=0,
-        structured_outputs_config={"backend": backend, "disable_any_whitespace": True},
-    )
+    return local_llm(model, structured_outputs_config={"backend": backend, "disable_any_whitespace": True})
 
 
 def _is_valid(text: str, schema: Any) -> bool:
