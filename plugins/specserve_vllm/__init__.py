@@ -20,4 +20,7 @@ def register() -> None:
     from specserve_vllm import compat
 
     compat.apply_all()
+    from specserve_vllm.heads import registry
+
+    registry.register()
     _STATE["registered"] = True

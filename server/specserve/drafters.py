@@ -9,28 +9,45 @@ Imports neither torch nor vLLM: the gateway uses it to build the engine's
     'ngram'
     >>> speculative_config("recycling", 4)["model"]
     'specserve_vllm.drafters.recycling_proposer.RecyclingProposer'
+    >>> speculative_config("hydra", 3)["model"]
+    'specserve_vllm.heads.proposer.HydraProposer'
+    >>> speculative_config("vllm-medusa", 4, heads="/h/vllm")["model"]
+    '/h/vllm'
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-DrafterName = Literal["recycling", "ngram", "none"]
+DrafterName = Literal["recycling", "medusa", "hydra", "ngram", "vllm-medusa", "none"]
 DRAFTERS: tuple[str, ...] = get_args(DrafterName)
+HEAD_DRAFTERS: tuple[str, ...] = ("medusa", "hydra")
+"""Drafters that need a head checkpoint (``--heads DIR``; the demo model has defaults)."""
 
 RECYCLING_CLASS_PATH = "specserve_vllm.drafters.recycling_proposer.RecyclingProposer"
 """Token Recycling runs as vLLM's ``custom_class`` proposer (fed by specserve's plugin)."""
+
+HEAD_CLASS_PATHS: dict[str, str] = {
+    "medusa": "specserve_vllm.heads.proposer.MedusaProposer",
+    "hydra": "specserve_vllm.heads.proposer.HydraProposer",
+}
+"""specserve's Medusa / Hydra heads, also ``custom_class`` proposers (checkpoint in HEADS_ENV)."""
+
+HEADS_ENV = "SPECSERVE_HEADS_DIR"
+"""Environment variable through which the engine finds the head checkpoint."""
 
 NGRAM_LOOKUP = (1, 3)
 """(min, max) n-gram sizes for vLLM's prompt-lookup drafter."""
 
 
-def speculative_config(drafter: DrafterName, k: int) -> dict[str, Any] | None:
+def speculative_config(drafter: DrafterName, k: int, heads: str | None = None) -> dict[str, Any] | None:
     """The engine's ``speculative_config`` for ``drafter`` drafting up to ``k`` tokens per step.
 
     ``None`` means no speculative decoding. ``k`` is the engine-wide maximum; a request can
-    lower its own with ``vllm_xargs={"spec_k": n}``. Raises ``ValueError`` for an unknown
-    drafter or ``k < 1`` with a drafter.
+    lower its own with ``vllm_xargs={"spec_k": n}``. ``vllm-medusa`` (vLLM's own Medusa
+    proposer) needs ``heads``: a checkpoint converted with ``specserve heads convert``; it drafts
+    exactly as many tokens as it has heads. Raises ``ValueError`` for an unknown drafter,
+    ``k < 1`` with a drafter, or ``vllm-medusa`` without ``heads``.
     """
     if drafter not in DRAFTERS:
         raise ValueError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
@@ -41,4 +58,9 @@ def speculative_config(drafter: DrafterName, k: int) -> dict[str, Any] | None:
     if drafter == "ngram":
         lo, hi = NGRAM_LOOKUP
         return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": lo, "prompt_lookup_max": hi}
-    return {"method": "custom_class", "model": RECYCLING_CLASS_PATH, "num_speculative_tokens": k}
+    if drafter == "vllm-medusa":
+        if not heads:
+            raise ValueError("vllm-medusa needs a converted head checkpoint (heads=DIR)")
+        return {"method": "medusa", "model": heads, "num_speculative_tokens": k}
+    path = HEAD_CLASS_PATHS.get(drafter, RECYCLING_CLASS_PATH)
+    return {"method": "custom_class", "model": path, "num_speculative_tokens": k}

@@ -19,6 +19,7 @@ PATCHES: tuple[str, ...] = (
     "cpu_expand_kernel",
     "spec_length",
     "logits_feed",
+    "hidden_feed",
     "empty_top_k",
     "xgrammar_strict_json",
 )

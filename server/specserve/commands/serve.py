@@ -4,6 +4,8 @@ Example:
     specserve serve                                  # the demo model on http://127.0.0.1:8000/v1
     specserve serve --model /models/llama --speculative-config '{"method":"ngram","num_speculative_tokens":4}'
     specserve serve --drafter recycling --num-speculative-tokens 4
+    specserve serve --drafter hydra                  # heads trained for the demo model
+    specserve serve --model /models/m --drafter medusa --heads /models/m-medusa
     specserve serve -- --max-num-seqs 8              # arguments after -- go to vLLM verbatim
 """
 
@@ -16,7 +18,7 @@ import signal
 from types import FrameType
 
 from specserve.commands.gateway import add_gateway_arguments, gateway_config, serve_gateway
-from specserve.drafters import DRAFTERS, speculative_config
+from specserve.drafters import DRAFTERS, HEAD_DRAFTERS, HEADS_ENV, speculative_config
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="vLLM speculative config, e.g. '{\"method\":\"ngram\",\"num_speculative_tokens\":4}'")
     e.add_argument("--drafter", choices=DRAFTERS, default=None,
-                   help="speculative drafter (instead of --speculative-config): "
-                        "recycling = Token Recycling, ngram = prompt lookup, none")
+                   help="speculative drafter (instead of --speculative-config): recycling = Token "
+                        "Recycling, medusa / hydra = draft heads, ngram = prompt lookup, vllm-medusa = "
+                        "vLLM's Medusa proposer on converted heads, none")
+    e.add_argument("--heads", default=None, metavar="DIR",
+                   help="head checkpoint for --drafter medusa|hydra|vllm-medusa "
+                        "(default on the demo model: heads trained for it, cached)")
     e.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="with --drafter: tokens drafted per step (requests may lower it with spec_k)")
     e.add_argument("--max-model-len", type=int, default=None)
@@ -58,12 +64,18 @@ def run(args: argparse.Namespace) -> int:
     from specserve.engine.process import EngineError, EngineProcess, EngineSpec, detect_device, free_port
     from specserve.engine.process import served_name_for
 
+    env: dict[str, str] = {}
     if args.drafter is not None:
         if args.speculative_config:
             log.error("give either --drafter or --speculative-config, not both")
             return 2
         try:
-            config = speculative_config(args.drafter, args.num_speculative_tokens)
+            from specserve.heads import resolve_heads
+
+            heads = resolve_heads(args.drafter, args.heads, is_demo=args.model is None)
+            config = speculative_config(args.drafter, args.num_speculative_tokens, heads=heads)
+            if heads and args.drafter in HEAD_DRAFTERS:
+                env[HEADS_ENV] = heads
         except ValueError as exc:
             log.error("bad drafter options", extra={"fields": {"error": str(exc)}})
             return 2
@@ -90,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         speculative_config=args.speculative_config,
         max_model_len=args.max_model_len,
         extra_args=tuple(extra),
+        env=tuple(env.items()),
     )
     engine = EngineProcess(spec, log_path=args.engine_log)
     previous = signal.signal(signal.SIGTERM, _raise_stop)

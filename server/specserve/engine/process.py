@@ -59,6 +59,8 @@ class EngineSpec:
     structured_outputs_config: str | None = DEFAULT_STRUCTURED_OUTPUTS
     """vLLM's ``--structured-outputs-config``; compact JSON is what the strict-JSON patch expects."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    """Extra environment variables for the engine (e.g. the head checkpoint of a head drafter)."""
 
     @property
     def url(self) -> str:
@@ -142,7 +144,7 @@ class EngineProcess:
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - owned by the child
         try:
             self.proc = subprocess.Popen(
-                cmd, env=engine_env(self.spec.device), start_new_session=True,
+                cmd, env={**engine_env(self.spec.device), **dict(self.spec.env)}, start_new_session=True,
                 stdout=out, stderr=subprocess.STDOUT if out else None,
             )
         finally:

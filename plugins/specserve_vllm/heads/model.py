@@ -1,0 +1,121 @@
+"""Medusa and Hydra head modules (torch) and their greedy drafting.
+
+Both read ``hidden`` = the target's last hidden state at position ``p`` (after its final norm;
+the target samples token ``x[p+1]`` from it) and score with the target's LM head weight ``W``
+(``[vocab, d]``). Head ``i`` (0-based) predicts ``x[p+2+i]``.
+
+* Medusa head ``i``: ``z = ResBlocks_i(hidden)``, logits ``z @ W.T``; heads are independent.
+* Hydra head ``i``: ``z = hidden + SiLU(P_i [hidden; E x[p+1]; ...; E x[p+1+i]])`` then
+  ``num_layers - 1`` residual blocks; it sees the tokens drafted before it (sequential
+  dependence), with ``E`` the target's input embedding.
+
+Every projection starts at zero, so an untrained head predicts what the target predicts for
+the next token; training moves it to the token ``i + 1`` further.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from specserve_vllm.heads.config import HeadsConfig
+
+
+class ResidualStack(nn.Module):
+    """``num_layers`` blocks ``x <- x + SiLU(A x + b)`` (``A``, ``b`` zero at init)."""
+
+    def __init__(self, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden_size, hidden_size, bias=True) for _ in range(num_layers))
+        for layer in self.layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + nn.functional.silu(layer(x))
+        return x
+
+
+class MedusaHeads(nn.Module):
+    """Independent heads: ``forward(hidden [n, d]) -> [n, num_heads, d]``."""
+
+    kind = "medusa"
+
+    def __init__(self, config: HeadsConfig, **_: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(
+            ResidualStack(config.hidden_size, config.num_layers) for _ in range(config.num_heads)
+        )
+
+    def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack([block(hidden) for block in self.blocks], dim=1)
+
+    @torch.no_grad()
+    def draft(self, hidden: torch.Tensor, first_token: torch.Tensor, lm_head: torch.Tensor,
+              embed: torch.Tensor, k: int) -> torch.Tensor:
+        """Greedy drafts ``[n, k]`` (``k <= num_heads``) from ``hidden [n, d]``."""
+        states = torch.stack([block(hidden) for block in self.blocks[:k]], dim=1)  # [n, k, d]
+        return (states @ lm_head.T).argmax(dim=-1)
+
+
+class HydraHeads(nn.Module):
+    """Sequentially dependent heads.
+
+    ``forward(hidden [n, d], token_embeds [n, num_heads, d]) -> [n, num_heads, d]`` with
+    ``token_embeds[:, j] = E x[p+1+j]`` (teacher forcing, for training).
+    """
+
+    kind = "hydra"
+
+    def __init__(self, config: HeadsConfig, **_: Any) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.proj = nn.ModuleList(nn.Linear((i + 2) * d, d, bias=True) for i in range(config.num_heads))
+        for layer in self.proj:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.blocks = nn.ModuleList(
+            ResidualStack(d, config.num_layers - 1) for _ in range(config.num_heads)
+        )
+
+    def head(self, i: int, hidden: torch.Tensor, prev_embeds: list[torch.Tensor]) -> torch.Tensor:
+        """State of head ``i`` given the embeddings of the ``i + 1`` tokens before its target."""
+        z = hidden + nn.functional.silu(self.proj[i](torch.cat([hidden, *prev_embeds], dim=-1)))
+        return self.blocks[i](z)
+
+    def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if token_embeds is None:
+            raise ValueError("Hydra heads need the embeddings of the tokens before each head's target")
+        prev = [token_embeds[:, j] for j in range(self.config.num_heads)]
+        return torch.stack([self.head(i, hidden, prev[: i + 1]) for i in range(self.config.num_heads)], dim=1)
+
+    @torch.no_grad()
+    def draft(self, hidden: torch.Tensor, first_token: torch.Tensor, lm_head: torch.Tensor,
+              embed: torch.Tensor, k: int) -> torch.Tensor:
+        """Greedy drafts ``[n, k]``: head ``i`` reads the sampled token and drafts ``0..i-1``."""
+        prev = [embed[first_token]]
+        out = []
+        for i in range(k):
+            token = (self.head(i, hidden, prev) @ lm_head.T).argmax(dim=-1)
+            out.append(token)
+            prev.append(embed[token])
+        return torch.stack(out, dim=1)
+
+
+HEAD_CLASSES: dict[str, type[nn.Module]] = {"medusa": MedusaHeads, "hydra": HydraHeads}
+
+
+def build_heads(config: HeadsConfig) -> nn.Module:
+    """Freshly initialised heads for ``config``.
+
+    >>> from specserve_vllm.heads.config import HeadsConfig
+    >>> heads = build_heads(HeadsConfig(kind="hydra", num_heads=3, hidden_size=8, vocab_size=16))
+    >>> heads(torch.zeros(2, 8), torch.zeros(2, 3, 8)).shape
+    torch.Size([2, 3, 8])
+    """
+    return HEAD_CLASSES[config.kind](config)

@@ -1,0 +1,123 @@
+"""Medusa and Hydra heads as a vLLM ``custom_class`` proposer.
+
+Selected with::
+
+    SPECSERVE_HEADS_DIR=/path/to/heads  # a head checkpoint (config.json + heads.safetensors)
+    speculative_config = {"method": "custom_class",
+                          "model": "specserve_vllm.heads.proposer.HydraProposer",
+                          "num_speculative_tokens": 4}
+
+The checkpoint directory comes from the environment because vLLM instantiates the class with
+the engine config only. :mod:`specserve_vllm.compat.hidden_feed` hands the proposer each
+request's last hidden state before ``propose``; the heads score with the target's own LM head
+and input embeddings, taken from the loaded target model. Drafts are greedy chains of length
+``num_speculative_tokens`` (at most the number of heads), cut at the model length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from specserve_vllm.heads.checkpoint import load_heads
+from specserve_vllm.heads.config import CheckpointError, HeadsConfig, read_config
+from specserve_vllm.heads.registry import resolve_head_class
+
+logger = logging.getLogger(__name__)
+
+HEADS_ENV = "SPECSERVE_HEADS_DIR"
+"""Environment variable naming the head checkpoint directory."""
+
+
+def target_weights(target_model: Any, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lm_head [vocab, d], input_embedding [vocab, d])`` of a loaded vLLM decoder model."""
+    lm_head = getattr(getattr(target_model, "lm_head", None), "weight", None)
+    inner = getattr(target_model, "model", None)
+    embed = getattr(getattr(inner, "embed_tokens", None), "weight", None)
+    if lm_head is None or embed is None:
+        raise CheckpointError(f"cannot find lm_head/embed_tokens on {type(target_model).__name__}")
+    return lm_head[:vocab_size].detach(), embed[:vocab_size].detach()
+
+
+class HeadsProposer:
+    """Greedy chain drafts from Medusa or Hydra heads on the target's hidden states."""
+
+    kind: str | None = None  # set by subclasses: the checkpoint kind they accept
+
+    def __init__(self, vllm_config: Any) -> None:
+        directory = os.environ.get(HEADS_ENV)
+        if not directory:
+            raise CheckpointError(f"{type(self).__name__} needs {HEADS_ENV} set to a head checkpoint directory")
+        self.directory = directory
+        self.config: HeadsConfig = read_config(directory)
+        if self.kind is not None and self.config.kind != self.kind:
+            raise CheckpointError(f"{directory} holds {self.config.kind} heads, not {self.kind}")
+        spec = vllm_config.speculative_config
+        self.num_speculative_tokens = int(spec.num_speculative_tokens)
+        if self.num_speculative_tokens > self.config.num_heads:
+            raise CheckpointError(
+                f"num_speculative_tokens={self.num_speculative_tokens} exceeds the "
+                f"{self.config.num_heads} heads in {directory}"
+            )
+        model_config = vllm_config.model_config
+        self.model_config = model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
+        hidden = int(model_config.get_hidden_size())
+        if (hidden, self.vocab_size) != (self.config.hidden_size, self.config.vocab_size):
+            raise CheckpointError(
+                f"heads in {directory} are for hidden={self.config.hidden_size} vocab={self.config.vocab_size}, "
+                f"the target has hidden={hidden} vocab={self.vocab_size}"
+            )
+        self.heads: torch.nn.Module | None = None
+        self.lm_head: torch.Tensor | None = None
+        self.embed: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+
+    def load_model(self, target_model: Any = None, *args: Any, **kwargs: Any) -> None:
+        """Load the heads next to the target model (same device and dtype as its LM head)."""
+        self.lm_head, self.embed = target_weights(target_model, self.vocab_size)
+        cls = resolve_head_class(self.config, self.model_config)
+        _, self.heads = load_heads(self.directory, device=self.lm_head.device, dtype=self.lm_head.dtype,
+                                   head_class=cls)
+        logger.info("loaded %s heads from %s (%d heads, drafting %d)", self.config.kind, self.directory,
+                    self.config.num_heads, self.num_speculative_tokens)
+
+    def observe_hidden(self, hidden: torch.Tensor | None) -> None:
+        """This step's last hidden state per request (``[num_reqs, d]``), before ``propose``."""
+        self._hidden = hidden
+
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
+        num_reqs = len(sampled_token_ids)
+        hidden, self._hidden = self._hidden, None
+        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        n = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)
+        room = np.minimum(self.num_speculative_tokens, self.max_model_len - n)
+        rows = [r for r in range(num_reqs) if sampled_token_ids[r] and room[r] > 0]
+        if not rows or hidden is None or hidden.shape[0] != num_reqs or self.heads is None:
+            return drafts
+        assert self.lm_head is not None and self.embed is not None
+        index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+        first = torch.tensor([sampled_token_ids[r][-1] for r in rows], dtype=torch.long, device=hidden.device)
+        states = hidden.index_select(0, index).to(self.lm_head.dtype)
+        tokens = self.heads.draft(states, first, self.lm_head, self.embed, self.num_speculative_tokens)
+        for r, chain in zip(rows, tokens.tolist()):
+            drafts[r] = chain[: int(room[r])]
+        return drafts
+
+
+class MedusaProposer(HeadsProposer):
+    """Medusa heads (independent)."""
+
+    kind = "medusa"
+
+
+class HydraProposer(HeadsProposer):
+    """Hydra heads (each sees the tokens drafted before it)."""
+
+    kind = "hydra"
