@@ -18,6 +18,7 @@ PATCHES: tuple[str, ...] = (
     "dispatcher_rebind",
     "cpu_expand_kernel",
     "spec_length",
+    "jump_forward",
     "logits_feed",
     "hidden_feed",
     "empty_top_k",

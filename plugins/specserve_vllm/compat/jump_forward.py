@@ -1,0 +1,275 @@
+"""Jump-forward drafting: grammar-forced tokens become draft tokens.
+
+A grammar-constrained request (structured outputs: ``json``, ``json_object``, ``regex``,
+``choice``, ...) often reaches states where the grammar allows exactly one token: a required key,
+the ``":"`` after it, the closing quote of an enum value. The target model can only emit that
+token there, so proposing it as a draft costs one verification slot and is always accepted.
+
+The seam is ``StructuredOutputManager.validate_tokens``, which ``Scheduler.update_draft_token_ids``
+calls on each request's drafts and which returns the grammar-valid prefix. The wrapper then
+appends grammar-forced tokens: it advances the request's grammar over that prefix, and while the
+grammar allows exactly one token (counted on a filled bitmask, :func:`sole_allowed_token`) and the
+draft is shorter than its cap, appends that token and advances; finally it rolls the grammar back
+so it ends in exactly the state it started in. The cap is the engine's ``num_speculative_tokens``
+and the request's own ``spec_k`` (:func:`draft_cap`; ``spec_k = 0`` keeps the request draft-free).
+
+Only the synchronous scheduling path extends drafts (a wrapper around
+``Scheduler.update_draft_token_ids`` marks it). In async scheduling,
+``Scheduler.update_draft_token_ids_in_output`` validates drafts against placeholder slots that
+were scheduled already, and pads the rest with ``-1``; there the drafts are left as vLLM made
+them. Requests without a grammar, with a grammar still compiling, failed or terminated, and
+requests still reasoning before their constraint starts are left unchanged too; an unexpected
+error in the extension is logged and the unextended drafts are used.
+
+Switch: ``SPECSERVE_JUMP_FORWARD=0`` in the environment, or :data:`ENABLED` set to ``False``,
+turns the extension off; both are read on every call, so one process can compare engines.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from specserve_vllm.compat.upstream import live_source_digests
+from specserve_vllm.drafters.spec_length import safe_spec_k
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_specserve_jump_forward"
+_SCRATCH = "_specserve_jump_forward_bitmask"
+
+ENV_SWITCH = "SPECSERVE_JUMP_FORWARD"
+"""Environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables jump-forward drafting."""
+
+ENABLED: bool = True
+"""Module switch, read at call time (tests and benchmarks flip it between engines)."""
+
+_SYNC_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "specserve_jump_forward_sync_path", default=False
+)
+
+# sha256 of the upstream source this patch wraps or relies on (tests/unit/test_jump_forward.py).
+UPSTREAM_SHA256: dict[str, str] = {
+    "StructuredOutputManager.validate_tokens": "0209afea4a3ed3023a9aa01de256f0aeec75a091f5d80db97d70c63a41d6b5c0",
+    "StructuredOutputManager._get_constraint_bounds": "0a5938e1b801ab0d9a53728c390c9c5e51677df0b11cc7f0bc69d49245f154b9",
+    "StructuredOutputManager.grammar_bitmask": "46f2867ad31aea096ea3a719c5336d4736df94cf2142fd6b0eb68b006aa2a30c",
+    "Scheduler.update_draft_token_ids": "f05dcf1d78912b3633f794fddda0fdd5fa71675c168b261cc2e9358397f5a893",
+    "Scheduler.update_draft_token_ids_in_output": "527750a65877b9e3828b8edf4f2d19a6b9f587184925f99830f3d2ed033b31a9",
+    "XgrammarBackend.compile_grammar": "d9a7ffa62a2ef76afd251be793e53ea384126cb04194d2f110df6e36069273b9",
+    "XgrammarGrammar.accept_tokens": "831fb6c4373e0dcd27008a4855cace7c0afe3dbfa1027b6e43cc4caf7d6c3b8c",
+    "XgrammarGrammar.rollback": "ff2e4a71f7bc62220912ef64fb7cfbbd2a9badd738839d6b6c4e1f29f5a384c7",
+    "XgrammarGrammar.fill_bitmask": "10a7b48884984c75fb24f56b79f548ef17b3a9309128279f0963f2f75bf68bfb",
+    "XgrammarGrammar.is_terminated": "7838bbf80a801f7ed301c3408efc4da657d857e0595aa7e6af5719e2d5b1e81f",
+}
+
+
+def _targets() -> dict[str, Callable[..., Any]]:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend, XgrammarGrammar
+
+    return {
+        # Wrapped: returns the grammar-valid prefix of the drafts.
+        "StructuredOutputManager.validate_tokens": StructuredOutputManager.validate_tokens,
+        # Relied on: grammar_start == 0 for an empty draft means "constrained from here".
+        "StructuredOutputManager._get_constraint_bounds": (
+            StructuredOutputManager._get_constraint_bounds
+        ),
+        # Relied on: one bitmask row per draft position, (1 + num_speculative_tokens) per request.
+        "StructuredOutputManager.grammar_bitmask": StructuredOutputManager.grammar_bitmask,
+        # Wrapped (marks the sync path): drafts become request.spec_token_ids as returned.
+        "Scheduler.update_draft_token_ids": Scheduler.update_draft_token_ids,
+        # Relied on: the async path pads to placeholders, so it must not be extended.
+        "Scheduler.update_draft_token_ids_in_output": Scheduler.update_draft_token_ids_in_output,
+        # Relied on: matcher created with max_rollback_tokens = num_speculative_tokens.
+        "XgrammarBackend.compile_grammar": XgrammarBackend.compile_grammar,
+        "XgrammarGrammar.accept_tokens": XgrammarGrammar.accept_tokens,
+        "XgrammarGrammar.rollback": XgrammarGrammar.rollback,
+        "XgrammarGrammar.fill_bitmask": XgrammarGrammar.fill_bitmask,
+        "XgrammarGrammar.is_terminated": XgrammarGrammar.is_terminated,
+    }
+
+
+def upstream_digests() -> dict[str, str]:
+    """sha256 of the (unpatched) source of every function this patch depends on."""
+    return live_source_digests(_targets())
+
+
+def enabled() -> bool:
+    """Whether jump-forward drafting is on (module flag and environment, read now)."""
+    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    return ENABLED and value not in ("0", "false", "off", "no")
+
+
+def sole_allowed_token(row: npt.NDArray[np.int32], vocab_size: int) -> int | None:
+    """The only token a bitmask row allows, or ``None`` when it allows none or several.
+
+    Token ``t`` is bit ``t % 32`` of 32-bit word ``t // 32`` (xgrammar's layout); bits at or past
+    ``vocab_size`` are ignored.
+
+    >>> sole_allowed_token(np.array([0, 1 << 3], dtype=np.int32), 64)
+    35
+    >>> sole_allowed_token(np.array([0b101, 0], dtype=np.int32), 64) is None
+    True
+    >>> sole_allowed_token(np.array([0, 0], dtype=np.int32), 64) is None
+    True
+    >>> sole_allowed_token(np.array([1, -1], dtype=np.int32), 32)  # bits >= 32: padding
+    0
+    """
+    words = np.ascontiguousarray(row, dtype="<i4")
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab_size]
+    allowed = np.flatnonzero(bits)
+    return int(allowed[0]) if allowed.size == 1 else None
+
+
+def draft_cap(num_speculative_tokens: int, spec_k: int | None) -> int:
+    """Most draft tokens a request may carry: the engine's length, lowered by its ``spec_k``.
+
+    >>> draft_cap(4, None), draft_cap(4, 2), draft_cap(4, 9), draft_cap(4, 0)
+    (4, 2, 4, 0)
+    """
+    return num_speculative_tokens if spec_k is None else min(num_speculative_tokens, spec_k)
+
+
+def _advance(grammar: Any, request_id: str, token: int) -> bool:
+    """Accept one token; True only if the grammar state really moved."""
+    if grammar.is_terminated():
+        return False
+    return bool(grammar.accept_tokens(request_id, [token]))
+
+
+def forced_tokens(
+    grammar: Any,
+    request_id: str,
+    prefix: Sequence[int],
+    cap: int,
+    scratch: Any,
+    vocab_size: int,
+) -> list[int]:
+    """Tokens the grammar forces after ``prefix``, so that ``len(prefix) + len(result) <= cap``.
+
+    ``scratch`` is a one-row bitmask tensor. The grammar is rolled back to its entry state.
+    """
+    advanced = 0
+    forced: list[int] = []
+    try:
+        for token in prefix:
+            if not _advance(grammar, request_id, token):
+                return []
+            advanced += 1
+        while len(prefix) + len(forced) < cap and not grammar.is_terminated():
+            grammar.fill_bitmask(scratch, 0)
+            token = sole_allowed_token(scratch[0].numpy(), vocab_size)
+            if token is None or not _advance(grammar, request_id, token):
+                break
+            advanced += 1
+            forced.append(token)
+    finally:
+        if advanced:
+            grammar.rollback(advanced)
+    return forced
+
+
+def _scratch_bitmask(manager: Any) -> Any:
+    scratch = getattr(manager, _SCRATCH, None)
+    if scratch is None:
+        scratch = manager.backend.allocate_token_bitmask(1)
+        setattr(manager, _SCRATCH, scratch)
+    return scratch
+
+
+def _ready_grammar(manager: Any, request: Any) -> Any | None:
+    """The request's compiled, live grammar if its drafts are constrained from the first token."""
+    from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
+
+    structured = getattr(request, "structured_output_request", None)
+    if not request.use_structured_output or structured is None or manager.backend is None:
+        return None
+    grammar = structured.grammar  # None while compiling, an Exception if compilation failed
+    if not isinstance(grammar, StructuredOutputGrammar) or grammar.is_terminated():
+        return None
+    if manager._get_constraint_bounds(request, ()).grammar_start != 0:
+        return None  # still reasoning: the grammar has not started
+    return grammar
+
+
+def extend_drafts(manager: Any, request: Any, valid: list[int]) -> list[int]:
+    """``valid`` (the grammar-valid drafts) followed by the tokens the grammar forces next."""
+    params = getattr(request, "sampling_params", None)
+    cap = draft_cap(
+        int(manager.vllm_config.num_speculative_tokens),
+        safe_spec_k(getattr(params, "extra_args", None)),
+    )
+    if len(valid) >= cap:
+        return valid[:cap]
+    grammar = _ready_grammar(manager, request)
+    if grammar is None:
+        return valid
+    vocab_size = int(manager.backend.vocab_size)
+    forced = forced_tokens(
+        grammar, request.request_id, valid, cap, _scratch_bitmask(manager), vocab_size
+    )
+    return valid + forced if forced else valid
+
+
+def _wrap_validate(original: Callable[..., list[int]]) -> Callable[..., list[int]]:
+    @functools.wraps(original)
+    def validate_tokens(self: Any, request: Any, spec_tokens: list[int]) -> list[int]:
+        valid = original(self, request, spec_tokens)
+        if not _SYNC_PATH.get() or not enabled():
+            return valid
+        try:
+            return extend_drafts(self, request, list(valid))
+        except Exception as exc:  # never let drafting take the engine down
+            logger.warning(
+                "jump-forward drafting skipped",
+                extra={"fields": {"request_id": getattr(request, "request_id", None),
+                                  "error": repr(exc)}},
+            )
+            return valid
+
+    setattr(validate_tokens, _MARK, True)
+    return validate_tokens
+
+
+def _wrap_update(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def update_draft_token_ids(self: Any, draft_token_ids: Any) -> None:
+        token = _SYNC_PATH.set(True)
+        try:
+            original(self, draft_token_ids)
+        finally:
+            _SYNC_PATH.reset(token)
+
+    setattr(update_draft_token_ids, _MARK, True)
+    return update_draft_token_ids
+
+
+def apply() -> None:
+    """Install jump-forward drafting (idempotent)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    if getattr(StructuredOutputManager.validate_tokens, _MARK, False):
+        return
+    digests = upstream_digests()
+    changed = sorted(k for k, v in UPSTREAM_SHA256.items() if digests.get(k) != v)
+    if changed:
+        logger.warning(
+            "upstream vLLM code under a compat patch changed; review the patch",
+            extra={"fields": {"patch": __name__, "targets": changed}},
+        )
+    StructuredOutputManager.validate_tokens = _wrap_validate(  # type: ignore[method-assign]
+        StructuredOutputManager.validate_tokens
+    )
+    Scheduler.update_draft_token_ids = _wrap_update(  # type: ignore[method-assign]
+        Scheduler.update_draft_token_ids
+    )
+    logger.debug("installed jump-forward drafting for structured outputs")
