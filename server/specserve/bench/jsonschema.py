@@ -33,11 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parts",
         default="maskbench,compile",
-        help="comma-separated: maskbench, compile, generate (starts engines)",
+        help="comma-separated: maskbench, compile, generate, speculation (the last two start engines)",
     )
     parser.add_argument("--gen-limit", type=int, default=2, help="schemas per dataset to generate")
     parser.add_argument("--max-tokens", type=int, default=256, help="generation length bound")
     parser.add_argument("--backends", default="xgrammar,guidance", help="engines to compare")
+    parser.add_argument("--spec-drafter", default="ngram", help="speculation part: drafter name")
+    parser.add_argument("--spec-k", type=int, default=4, help="speculation part: draft length")
     parser.add_argument("--compile-timeout", type=float, default=20.0, help="seconds per schema")
     parser.add_argument(
         "--semantic",
@@ -122,6 +124,14 @@ def run(args: argparse.Namespace) -> int:
         result["generate"] = generation_coverage(
             model, groups, backends, args.max_tokens, _precheck_ok
         )
+    if "speculation" in parts:
+        from specserve.bench.jsonschema_speculation import speculation_coverage
+
+        schema_files = list((args.data / "schemas").glob("*/*.json"))
+        groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
+        result["speculation"] = speculation_coverage(
+            model, groups, args.spec_drafter, args.spec_k, args.max_tokens, _precheck_ok
+        )
     result["seconds"] = round(time.perf_counter() - started, 1)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     sys.stderr.write(summary(result) + "\n")
@@ -155,4 +165,8 @@ def summary(result: dict[str, Any]) -> str:
             f"{backend} valid {t.get('valid')}/{t.get('finished')} finished "
             f"({t.get('refused')} refused), tok/s ratio {g.get('throughput_ratio')}"
         )
+    if "speculation" in result:
+        from specserve.bench.jsonschema_speculation import speculation_summary
+
+        bits.append(speculation_summary(result["speculation"]))
     return "jsonschema: " + "; ".join(bits + [f"{result.get('seconds')} s"])
