@@ -5,10 +5,17 @@ gateway, engine, gateway... ``--rounds`` times), then prints one JSON object and
 throughput (output tokens/s) per target and their ratio, and time to first token / end-to-end
 latency percentiles with the added latency of the gateway (p50, p99 differences).
 
+With ``--fake-engine`` the benchmark starts its own targets as subprocesses on free 127.0.0.1
+ports: a fake engine (:mod:`specserve.bench.fake_engine`, one token every ``--token-interval``
+seconds, no model) and ``specserve gateway`` in front of it; the JSON then also holds the CPU
+seconds the gateway process used per request. This measures the gateway alone, without an
+engine's compute competing for the cores.
+
 Example:
     specserve serve --engine-port 8001 &
     python -m specserve.bench.gateway_overhead --gateway http://127.0.0.1:8000 \\
         --engine http://127.0.0.1:8001 --model specserve-demo --concurrency 64 --duration 120
+    specserve bench gateway --fake-engine --concurrency 64 --duration 30 --rounds 3
 """
 
 from __future__ import annotations
@@ -16,11 +23,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
+
+from specserve.bench.fake_engine import MODEL as FAKE_MODEL
+from specserve.bench.fake_engine import new_loop
 
 
 @dataclass
@@ -50,27 +67,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, phase: Phase) -> None:
+def _count_error(phase: Phase, kind: str) -> None:
+    phase.errors += 1
+    phase.error_kinds[kind] = phase.error_kinds.get(kind, 0) + 1
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: dict, phase: Phase) -> None:
     started = time.perf_counter()
     first: float | None = None
     chunks = 0
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                phase.errors += 1
-                kind = f"status_{response.status_code}"
-                phase.error_kinds[kind] = phase.error_kinds.get(kind, 0) + 1
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                await response.read()
+                _count_error(phase, f"status_{response.status}")
                 return
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
+            async for line in response.content:
+                if line.startswith(b"data: {"):
                     if first is None:
                         first = time.perf_counter() - started
                     chunks += 1
-    except httpx.HTTPError as exc:
-        phase.errors += 1
-        kind = type(exc).__name__
-        phase.error_kinds[kind] = phase.error_kinds.get(kind, 0) + 1
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        _count_error(phase, type(exc).__name__)
         return
     phase.requests += 1
     phase.chunks += chunks
@@ -79,21 +97,34 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, phase: Phase) ->
         phase.ttft_s.append(first)
 
 
-async def run_phase(url: str, body: dict, concurrency: int, duration_s: float) -> Phase:
-    """``concurrency`` workers each send stream after stream to ``url`` until the time is up."""
+async def _load(url: str, body: dict, concurrency: int, duration_s: float) -> Phase:
     phase = Phase()
-    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
         deadline = time.perf_counter() + duration_s
         started = time.perf_counter()
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
-                await _one(client, url, body, phase)
+                await _one(session, url, body, phase)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         phase.seconds = time.perf_counter() - started
     return phase
+
+
+def run_phase(url: str, body: dict, concurrency: int, duration_s: float) -> Phase:
+    """``concurrency`` workers each send stream after stream to ``url`` until the time is up.
+
+    The load client is aiohttp on uvloop (when installed): it shares the cores with what it
+    measures, so it should cost as little as possible.
+    """
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(_load(url, body, concurrency, duration_s))
+    finally:
+        loop.close()
 
 
 def summarize(phases: list[Phase]) -> dict[str, object]:
@@ -116,10 +147,74 @@ def summarize(phases: list[Phase]) -> dict[str, object]:
     }
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout_s: float = 60.0) -> None:
+    """Poll ``url`` until it answers 200 (raises ``RuntimeError`` after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready in {timeout_s} s")
+
+
+@contextmanager
+def subprocess_server(argv: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` (its output discarded) until the block ends; waits for ``ready_url`` first."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(ready_url)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def fake_targets(token_interval_s: float) -> Iterator[tuple[str, str, int]]:
+    """A fake engine and a gateway in front of it: yields (gateway URL, engine URL, gateway pid)."""
+    engine_port, gateway_port = free_port(), free_port()
+    engine = f"http://127.0.0.1:{engine_port}"
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    with ExitStack() as stack:
+        stack.enter_context(subprocess_server(
+            [sys.executable, "-m", "specserve.bench.fake_engine", "--port", str(engine_port),
+             "--token-interval", str(token_interval_s)], f"{engine}/health"))
+        proc = stack.enter_context(subprocess_server(
+            [sys.executable, "-m", "specserve.cli", "gateway", "--replica", engine,
+             "--port", str(gateway_port)], f"{gateway}/ready"))
+        yield gateway, engine, proc.pid
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gateway", required=True, help="gateway base URL")
-    parser.add_argument("--engine", required=True, help="the engine's base URL (behind the gateway)")
-    parser.add_argument("--model", default="specserve-demo")
+    parser.add_argument("--gateway", help="gateway base URL (required without --fake-engine)")
+    parser.add_argument("--engine", help="the engine's base URL behind the gateway (required without "
+                                         "--fake-engine)")
+    parser.add_argument("--fake-engine", action="store_true",
+                        help="start a fake engine and a gateway in front of it as subprocesses")
+    parser.add_argument("--token-interval", type=float, default=0.02,
+                        help="with --fake-engine: seconds between a stream's tokens")
+    parser.add_argument("--model", default=None,
+                        help="model name (default: specserve-demo, or the fake engine's model)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=2, help="engine/gateway phase pairs")
@@ -128,19 +223,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    body = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
+    if not args.fake_engine and not (args.gateway and args.engine):
+        raise SystemExit("give --gateway and --engine, or --fake-engine")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    if not args.fake_engine:
+        return measure(args, None)
+    with fake_targets(args.token_interval) as (args.gateway, args.engine, gateway_pid):
+        return measure(args, gateway_pid)
+
+
+def measure(args: argparse.Namespace, gateway_pid: int | None) -> int:
+    """Alternate engine and gateway phases; print the JSON result and the summary line."""
+    model = args.model or (FAKE_MODEL if args.fake_engine else "specserve-demo")
+    body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
     direct: list[Phase] = []
     via: list[Phase] = []
+    gateway_cpu_s = 0.0
     for _ in range(args.rounds):
-        direct.append(asyncio.run(run_phase(args.engine, body, args.concurrency, args.duration)))
-        via.append(asyncio.run(run_phase(args.gateway, body, args.concurrency, args.duration)))
+        direct.append(run_phase(args.engine, body, args.concurrency, args.duration))
+        cpu_before = cpu_seconds(gateway_pid) if gateway_pid is not None else 0.0
+        via.append(run_phase(args.gateway, body, args.concurrency, args.duration))
+        if gateway_pid is not None:
+            gateway_cpu_s += cpu_seconds(gateway_pid) - cpu_before
     d, g = summarize(direct), summarize(via)
+    if gateway_pid is not None:
+        answered = max(1, sum(p.requests for p in via))
+        g["cpu_ms_per_request"] = round(1000 * gateway_cpu_s / answered, 3)
     d_tps, g_tps = float(d["tokens_per_s"]), float(g["tokens_per_s"])  # type: ignore[arg-type]
     result: dict[str, object] = {
         "benchmark": "gateway_overhead",
         "concurrency": args.concurrency, "duration_s": args.duration, "rounds": args.rounds,
-        "max_tokens": args.max_tokens,
+        "max_tokens": args.max_tokens, "fake_engine": args.fake_engine,
+        "token_interval_s": args.token_interval if args.fake_engine else None,
         "direct": d, "gateway": g,
         "throughput_ratio": round(g_tps / d_tps, 4) if d_tps else None,
         **{f"added_{k}": round(float(g[k]) - float(d[k]), 3)  # type: ignore[arg-type]

@@ -13,7 +13,11 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 # Seconds; covers sub-millisecond proxying up to long generations.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -25,6 +29,7 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         ns, sub = "specserve", "gateway"
         self.requests = Counter(
             "requests", "Requests answered, by route, HTTP status and model.",
@@ -68,3 +73,18 @@ class GatewayMetrics:
             "queue_depth_requests", "Requests waiting for an in-flight slot.",
             namespace=ns, subsystem=sub, registry=registry,
         )
+
+    def child(self, metric: M, *values: str) -> M:
+        """``metric.labels(*values)``, looked up once per label set (for label sets never removed).
+
+        Example:
+            >>> from prometheus_client import CollectorRegistry
+            >>> m = GatewayMetrics(CollectorRegistry())
+            >>> m.child(m.tokens, "prompt") is m.child(m.tokens, "prompt")
+            True
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found  # type: ignore[no-any-return]

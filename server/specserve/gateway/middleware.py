@@ -104,8 +104,8 @@ class GatewayMiddleware:
             status = str(status_box["status"])
             route = route_label(path)
             model = str(state.get("model", ""))
-            self.metrics.requests.labels(route=route, status=status, model=model).inc()
-            self.metrics.latency.labels(route=route, status=status).observe(elapsed)
+            self.metrics.child(self.metrics.requests, route, status, model).inc()
+            self.metrics.child(self.metrics.latency, route, status).observe(elapsed)
             if route not in ("/health", "/ready", "/metrics"):
                 log.info("request", extra={"fields": {
                     "request_id": request_id, "method": scope.get("method"), "path": path,

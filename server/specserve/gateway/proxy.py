@@ -1,7 +1,7 @@
 """Forwarding a request to an engine replica: pick, send, retry before the first byte, stream back.
 
 Streaming responses are passed through chunk by chunk as the engine writes them (aiohttp
-``iter_any``; nothing is buffered). aiohttp rather than httpx here: its C HTTP parser and
+``readany``; nothing is buffered). aiohttp rather than httpx here: its C HTTP parser and
 connection pool cost a fraction of the CPU per chunk, which is the gateway's whole overhead. When the client goes away, the response generator is
 closed, which closes the upstream connection, which makes vLLM abort the request and free its slot.
 """
@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -76,6 +76,31 @@ def usage_from_sse_tail(tail: bytes) -> tuple[int | None, int | None]:
             continue
         return usage.get("prompt_tokens"), usage.get("completion_tokens")
     return None, None
+
+
+class Tail:
+    """The last ``size`` bytes of a stream, kept without copying them on every chunk.
+
+    Example:
+        >>> t = Tail(size=4)
+        >>> t.add(b"abc"); t.add(b"def"); t.value()
+        b'cdef'
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._parts: list[bytes] = []
+        self._length = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._parts.append(chunk)
+        self._length += len(chunk)
+        if self._length > 2 * self.size:
+            self._parts = [self.value()]
+            self._length = len(self._parts[0])
+
+    def value(self) -> bytes:
+        return b"".join(self._parts)[-self.size:]
 
 
 def upstream_error(status: int, content: bytes) -> Response:
@@ -174,8 +199,20 @@ class Proxy:
                        headers={"Retry-After": "1"})
 
     @staticmethod
-    def forward_headers(headers: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in headers.items() if k.lower() not in _DROP_HEADERS}
+    def forward_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+        """The request headers to send on (ASGI ``scope["headers"]``): the first value of each name,
+        hop-by-hop and credential headers dropped.
+
+        Example:
+            >>> Proxy.forward_headers([(b"host", b"gw"), (b"x-a", b"1"), (b"X-A", b"2")])
+            {'x-a': '1'}
+        """
+        out: dict[str, str] = {}
+        for name, value in raw:
+            key = name.decode("latin-1").lower()
+            if key not in _DROP_HEADERS and key not in out:
+                out[key] = value.decode("latin-1")
+        return out
 
     @staticmethod
     def _response_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
@@ -235,14 +272,17 @@ class Proxy:
             return upstream_error(response.status, content)
 
         async def chunks() -> AsyncIterator[bytes]:
-            tail = b""
+            tail = Tail()
             finished = False
+            content = response.content
             try:
-                async for chunk in response.content.iter_any():
-                    if outcome.first_chunk_s is None:
-                        outcome.first_chunk_s = time.perf_counter() - started
-                    tail = (tail + chunk)[-4096:] if len(chunk) < 4096 else chunk[-4096:]
+                chunk = await content.readany()
+                if chunk:
+                    outcome.first_chunk_s = time.perf_counter() - started
+                while chunk:  # b"" is the end of the response
+                    tail.add(chunk)
                     yield chunk
+                    chunk = await content.readany()
                 finished = True
             except asyncio.TimeoutError:
                 outcome.status = 504
@@ -251,7 +291,8 @@ class Proxy:
                 outcome.status = 502
                 log.warning("engine failed while streaming", extra={"fields": {
                     "replica": replica.url, "error": type(exc).__name__}})
-                prefix = b"" if tail.endswith(b"\n\n") or not tail else b"\n\n"
+                last = tail.value()
+                prefix = b"" if last.endswith(b"\n\n") or not last else b"\n\n"
                 yield prefix + sse_error_event(
                     APIError(502, "The engine failed while streaming; the response is incomplete.",
                              code="engine_failed"))
@@ -262,7 +303,7 @@ class Proxy:
                 else:
                     response.close()
                 self.pool.release(replica)
-                outcome.prompt_tokens, outcome.completion_tokens = usage_from_sse_tail(tail)
+                outcome.prompt_tokens, outcome.completion_tokens = usage_from_sse_tail(tail.value())
 
         return PassthroughStream(chunks(), status_code=200, headers=self._response_headers(response),
                                  on_close=on_close)

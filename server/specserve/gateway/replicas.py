@@ -193,12 +193,12 @@ class ReplicaPool:
 
     def acquire(self, replica: Replica) -> None:
         replica.in_flight += 1
-        self.metrics.in_flight.labels(replica=replica.url).set(replica.in_flight)
+        self.metrics.in_flight.labels(replica.url).set(replica.in_flight)
 
     def release(self, replica: Replica) -> None:
         replica.in_flight -= 1
         if replica.url in self.replicas:
-            self.metrics.in_flight.labels(replica=replica.url).set(replica.in_flight)
+            self.metrics.in_flight.labels(replica.url).set(replica.in_flight)
 
     def mark_down(self, replica: Replica, reason: str) -> None:
         if replica.healthy:

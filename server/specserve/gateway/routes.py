@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 router = APIRouter()
 
+# Request fields that can be large and that no pre-check reads.
+_BULK_FIELDS = frozenset({"messages", "prompt", "tools"})
+
 
 def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
@@ -66,7 +69,7 @@ async def list_models(request: Request) -> Response:
     gw = _gateway(request)
     _authenticate(gw, request)
     outcome = Outcome()
-    headers = gw.proxy.forward_headers(dict(request.headers))
+    headers = gw.proxy.forward_headers(request.scope["headers"])
     return await gw.proxy.unary("GET", "/v1/models", None, headers, outcome)
 
 
@@ -77,7 +80,9 @@ async def _generate(
     cfg = gw.config
     key = _authenticate(gw, request)
     body_bytes = await request.body()
-    body = parsed.model_dump(exclude_unset=True)
+    # The checks below read top-level fields only: the prompt and the messages (the bulk of a large
+    # request) are not dumped again.
+    body = parsed.model_dump(exclude_unset=True, exclude=_BULK_FIELDS)
     bad = unsupported_param(body)
     if bad is not None:
         gw.metrics.rejected.labels(reason="unsupported_param").inc()
@@ -104,9 +109,10 @@ async def _generate(
                        code="model_not_found")
     request.state.model = parsed.model
     await structured.aprecheck(body, route)
-    normalized = structured.normalize_legacy(body)
-    if normalized is not body:  # legacy guided_* fields: vLLM 0.32 would silently ignore them
-        body_bytes = json.dumps(normalized).encode()
+    if structured.normalize_legacy(body) is not body:
+        # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
+        full = parsed.model_dump(exclude_unset=True)
+        body_bytes = json.dumps(structured.normalize_legacy(full)).encode()
     if gw.limiter.enabled:
         try:
             gw.limiter.admit(key, prompt_chars // 4 + (max_tokens or 16) * (parsed.n or 1))
@@ -120,15 +126,15 @@ async def _generate(
         raise
     started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
     outcome = Outcome()
-    headers = gw.proxy.forward_headers(dict(request.headers))
+    headers = gw.proxy.forward_headers(request.scope["headers"])
     headers["x-request-id"] = request.state.request_id
 
     def record() -> None:
         request.state.replica = outcome.replica
         if outcome.prompt_tokens:
-            gw.metrics.tokens.labels(direction="prompt").inc(outcome.prompt_tokens)
+            gw.metrics.child(gw.metrics.tokens, "prompt").inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
-            gw.metrics.tokens.labels(direction="completion").inc(outcome.completion_tokens)
+            gw.metrics.child(gw.metrics.tokens, "completion").inc(outcome.completion_tokens)
 
     if not parsed.stream:
         try:
@@ -143,9 +149,9 @@ async def _generate(
         record()
         elapsed = time.perf_counter() - started
         if outcome.first_chunk_s is not None:
-            gw.metrics.ttft.labels(route=path).observe(outcome.first_chunk_s)
+            gw.metrics.child(gw.metrics.ttft, path).observe(outcome.first_chunk_s)
             if outcome.completion_tokens and outcome.completion_tokens > 1 and not disconnected:
-                gw.metrics.tpot.labels(route=path).observe(
+                gw.metrics.child(gw.metrics.tpot, path).observe(
                     (elapsed - outcome.first_chunk_s) / (outcome.completion_tokens - 1))
 
     try:
