@@ -7,6 +7,7 @@
 # The model is $SPECSERVE_MODEL, or the demo model shipped in the package when unset;
 # $SPECSERVE_SERVED_MODEL_NAME names it for clients.
 # $SPECSERVE_SPECULATIVE_CONFIG (JSON) turns on speculative decoding for `serve` and `engine`.
+# With $SPECSERVE_DRAFTER medusa or hydra, the heads are $SPECSERVE_HEADS_DIR, or the demo model's.
 set -eu
 
 mode="${1:-serve}"
@@ -41,6 +42,14 @@ case "$mode" in
     if [ -n "$name" ]; then
       set -- --served-model-name "$name" "$@"
     fi
+    case "${SPECSERVE_DRAFTER:-}" in
+      medusa|hydra)
+        if [ -z "${SPECSERVE_HEADS_DIR:-}" ]; then
+          SPECSERVE_HEADS_DIR=$(specserve heads path --kind "$SPECSERVE_DRAFTER")
+          export SPECSERVE_HEADS_DIR
+        fi
+        ;;
+    esac
     exec python -m vllm.entrypoints.openai.api_server --model "$model" \
       --host "$host" --port "${SPECSERVE_ENGINE_PORT:-8100}" "$@"
     ;;

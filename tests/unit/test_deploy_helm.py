@@ -257,6 +257,11 @@ def test_notes_render() -> None:
 @pytest.mark.parametrize(("drafter", "expected"), [
     ("recycling", {"method": "custom_class", "num_speculative_tokens": 3,
                    "model": "specserve_vllm.drafters.recycling_proposer.RecyclingProposer"}),
+    ("hydra", {"method": "custom_class", "num_speculative_tokens": 3,
+               "model": "specserve_vllm.heads.proposer.HydraProposer"}),
+    ("medusa", {"method": "custom_class", "num_speculative_tokens": 3,
+                "model": "specserve_vllm.heads.proposer.MedusaProposer"}),
+    ("vllm-medusa", {"method": "medusa", "num_speculative_tokens": 3}),
     ("eagle", {"method": "eagle", "num_speculative_tokens": 3}),
 ])
 def test_drafter_choice_builds_the_engine_speculative_config(drafter: str, expected: dict[str, Any]) -> None:
@@ -265,6 +270,13 @@ def test_drafter_choice_builds_the_engine_speculative_config(drafter: str, expec
     assert json.loads(env_of(engine["containers"][0])["SPECSERVE_SPECULATIVE_CONFIG"]["value"]) == expected
     assert by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"]["spec"]["template"]["metadata"][
         "labels"]["specserve.io/drafter"] == drafter
+    assert env_of(engine["containers"][0])["SPECSERVE_DRAFTER"]["value"] == drafter
+
+
+def test_head_checkpoint_reaches_the_engine() -> None:
+    docs = render("--set", "speculation.drafter=hydra", "--set", "speculation.heads=/models/heads/hydra")
+    engine = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"])
+    assert env_of(engine["containers"][0])["SPECSERVE_HEADS_DIR"]["value"] == "/models/heads/hydra"
 
 
 def test_install_tools_is_idempotent_and_gives_helm_v4() -> None:

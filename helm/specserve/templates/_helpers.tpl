@@ -81,7 +81,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/* vLLM --speculative-config JSON; "" when speculation is off (drafter "" or "none").
-"recycling" is specserve's Token Recycling drafter, run as vLLM's custom_class proposer. */}}
+"recycling" (Token Recycling), "medusa" and "hydra" (heads; checkpoint in speculation.heads, or the
+demo model's) are specserve's drafters, run as vLLM custom_class proposers; "vllm-medusa" is vLLM's
+own Medusa proposer (set config.model to a converted checkpoint). */}}
 {{- define "specserve.speculativeConfig" -}}
 {{- $drafter := .Values.speculation.drafter | default "none" }}
 {{- if ne $drafter "none" }}
@@ -89,6 +91,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- if eq $drafter "recycling" }}
 {{- $_ := set $cfg "method" "custom_class" }}
 {{- $_ := set $cfg "model" "specserve_vllm.drafters.recycling_proposer.RecyclingProposer" }}
+{{- end }}
+{{- if has $drafter (list "medusa" "hydra") }}
+{{- $_ := set $cfg "method" "custom_class" }}
+{{- $_ := set $cfg "model" (printf "specserve_vllm.heads.proposer.%sProposer" (title $drafter)) }}
+{{- end }}
+{{- if eq $drafter "vllm-medusa" }}
+{{- $_ := set $cfg "method" "medusa" }}
 {{- end }}
 {{- if eq $drafter "ngram" }}
 {{- $cfg = merge $cfg (.Values.speculation.config | default dict) }}
