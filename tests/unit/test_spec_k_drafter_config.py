@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from specserve.drafters import DRAFTERS, RECYCLING_CLASS_PATH, speculative_config
+from specserve.drafters import DRAFTERS, HEAD_CLASS_PATHS, RECYCLING_CLASS_PATH, speculative_config
 
 
 def test_none_disables_speculation() -> None:
     assert speculative_config("none", 4) is None
 
 
-@pytest.mark.parametrize("drafter", ["recycling", "ngram"])
+@pytest.mark.parametrize("drafter", ["recycling", "ngram", "medusa", "hydra"])
 def test_config_is_json_with_k(drafter: str) -> None:
     cfg = speculative_config(drafter, 5)  # type: ignore[arg-type]
     assert cfg is not None
@@ -32,6 +32,33 @@ def test_recycling_points_at_the_plugin_proposer() -> None:
         "model": CLASS_PATH,
         "num_speculative_tokens": 3,
     }
+
+
+def test_head_drafters_point_at_the_plugin_proposers() -> None:
+    from specserve_vllm.heads import proposer
+
+    for kind, cls in (("medusa", proposer.MedusaProposer), ("hydra", proposer.HydraProposer)):
+        assert HEAD_CLASS_PATHS[kind] == f"{cls.__module__}.{cls.__qualname__}"
+        assert speculative_config(kind, 2) == {"method": "custom_class", "model": HEAD_CLASS_PATHS[kind],  # type: ignore[arg-type]
+                                               "num_speculative_tokens": 2}
+
+
+def test_vllm_medusa_needs_converted_heads() -> None:
+    with pytest.raises(ValueError, match="converted head checkpoint"):
+        speculative_config("vllm-medusa", 4)
+    assert speculative_config("vllm-medusa", 4, heads="/h") == {"method": "medusa", "model": "/h",
+                                                                "num_speculative_tokens": 4}
+
+
+def test_resolve_heads() -> None:
+    from specserve.heads import resolve_heads
+
+    assert resolve_heads("ngram", None, is_demo=True) is None
+    assert resolve_heads("hydra", "/x/heads", is_demo=False) == "/x/heads"
+    with pytest.raises(ValueError, match="needs --heads"):
+        resolve_heads("medusa", None, is_demo=False)
+    shipped = resolve_heads("medusa", None, is_demo=True)
+    assert shipped is not None and shipped.endswith("artifact/medusa")
 
 
 @pytest.mark.parametrize(("drafter", "k"), [("medusa2", 4), ("ngram", 0), ("recycling", -1), ("ngram", 2.0)])

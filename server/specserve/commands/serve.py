@@ -52,6 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after --: extra arguments passed to vLLM verbatim")
 
 
+def _is_demo(model: str | None) -> bool:
+    """Whether ``model`` is the demo model (not given, or its directory)."""
+    if model is None:
+        return True
+    from pathlib import Path
+
+    from specserve.demo import find_demo_model
+
+    found = find_demo_model()
+    return found is not None and found.resolve() == Path(model).resolve()
+
+
 class _Stop(Exception):
     """SIGTERM arrived while the engine was starting."""
 
@@ -72,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             from specserve.heads import resolve_heads
 
-            heads = resolve_heads(args.drafter, args.heads, is_demo=args.model is None)
+            heads = resolve_heads(args.drafter, args.heads, is_demo=_is_demo(args.model))
             config = speculative_config(args.drafter, args.num_speculative_tokens, heads=heads)
             if heads and args.drafter in HEAD_DRAFTERS:
                 env[HEADS_ENV] = heads

@@ -1,8 +1,8 @@
 """Train Medusa or Hydra heads on a frozen target by self-distillation.
 
 Each optimiser step samples ``batch_positions`` (sequence, position ``p``) pairs; head ``i``
-learns the target's distribution at ``p + 1 + i`` (``"teacher"`` loss, soft labels, Hydra++'s
-teacher objective) or its argmax (``"hard"``). Hydra heads are teacher-forced with the
+learns the target's argmax at ``p + 1 + i`` (``"hard"``, the default: greedy acceptance is
+top-1 agreement) or its whole distribution there (``"teacher"``, Hydra++'s teacher objective). Hydra heads are teacher-forced with the
 sequence's own tokens ``x[p+1..p+1+i]``, which on greedy continuations are exactly the drafts a
 fully accepted chain would feed them.
 
@@ -85,7 +85,7 @@ def train_heads(recipe: HeadsRecipe, train: Distilled, heldout: Distilled, lm_he
     torch.set_num_threads(recipe.threads)
     d = train.hidden.shape[-1]
     config = HeadsConfig(kind=recipe.kind, num_heads=recipe.num_heads, hidden_size=d,
-                         vocab_size=int(lm_head.shape[0]), num_layers=recipe.num_layers)
+                         vocab_size=int(lm_head.shape[0]), num_layers=recipe.layers)
     heads = build_heads(config)
     opt = torch.optim.AdamW(heads.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.05)
