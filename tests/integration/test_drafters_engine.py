@@ -1,4 +1,11 @@
-"""Token Recycling inside the real vLLM engine (CPU, in-process): lossless at temperature 0 and > 0."""
+"""specserve's drafters inside the real vLLM engine (CPU, in-process, demo model): lossless.
+
+Token Recycling (model-free) and Medusa / Hydra heads (on the target's hidden states), each
+against one no-speculation baseline: greedy outputs equal token for token at batch 1 and 8,
+drafts really get accepted, ``spec_k = 0`` turns drafting off per request, and at temperature > 0
+the sampled distribution equals plain sampling (a chi-square homogeneity test per position) for
+Token Recycling and Hydra.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,8 @@ from typing import Any
 
 import pytest
 
+from specserve.drafters import HEADS_ENV, speculative_config
 from specserve.engine.local import local_llm
-
-from specserve_vllm.drafters.recycling_proposer import CLASS_PATH
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -35,13 +41,15 @@ NUM_SAMPLES = 320  # seeded requests per engine for the temperature > 0 comparis
 SAMPLE_TOKENS = 3
 TEMPERATURE = 1.0
 TOP_K = 3  # few categories per position whatever the model, so the test always has power
+DRAFTERS = ("recycling", "medusa", "hydra")
+SAMPLED = ("recycling", "hydra")  # one model-free and one head drafter
 
 
-def _engine(model_dir: Path, speculative_config: dict[str, Any] | None) -> Any:
+def _engine(model_dir: Path, spec: dict[str, Any] | None) -> Any:
     return local_llm(
         model_dir,
-        max_num_seqs=8, speculative_config=speculative_config,
-        per_request_spec_decode_metrics="detailed" if speculative_config else "none",
+        max_num_seqs=8, speculative_config=spec,
+        per_request_spec_decode_metrics="detailed" if spec else "none",
     )
 
 
@@ -105,40 +113,56 @@ def _run(llm: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
+    from specserve.heads import demo_heads_dir
+
     out: dict[str, dict[str, Any]] = {}
     llm = _engine(demo_model_dir, None)
     out["none"] = _run(llm)
     out["none"]["sampled"] = _sampled(llm)
     del llm
     gc.collect()
-    llm = _engine(demo_model_dir, {"method": "custom_class", "model": CLASS_PATH, "num_speculative_tokens": K})
-    out["recycling"] = _run(llm)
-    off = llm.generate([PROMPTS[REPETITIVE]], _greedy({"spec_k": 0}), use_tqdm=False)[0].outputs[0]
-    out["recycling"]["spec_k0"] = off
-    out["recycling"]["sampled"] = _sampled(llm)
+    saved = os.environ.get(HEADS_ENV)
+    try:
+        for drafter in DRAFTERS:
+            if drafter in ("medusa", "hydra"):
+                os.environ[HEADS_ENV] = str(demo_heads_dir(drafter))
+            llm = _engine(demo_model_dir, speculative_config(drafter, K))  # type: ignore[arg-type]
+            out[drafter] = _run(llm)
+            off = llm.generate([PROMPTS[REPETITIVE]], _greedy({"spec_k": 0}), use_tqdm=False)[0].outputs[0]
+            out[drafter]["spec_k0"] = off
+            if drafter in SAMPLED:
+                out[drafter]["sampled"] = _sampled(llm)
+            del llm
+            gc.collect()
+    finally:
+        if saved is None:
+            os.environ.pop(HEADS_ENV, None)
+        else:
+            os.environ[HEADS_ENV] = saved
     yield out
-    del llm
-    gc.collect()
 
 
-def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, Any]]) -> None:
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, Any]], drafter: str) -> None:
     assert all(len(t) == MAX_TOKENS for t in runs["none"]["batch8"])
-    assert runs["recycling"]["batch1"] == runs["none"]["batch1"]
-    assert runs["recycling"]["batch8"] == runs["none"]["batch8"]
+    assert runs[drafter]["batch1"] == runs["none"]["batch1"]
+    assert runs[drafter]["batch8"] == runs["none"]["batch8"]
 
 
-def test_recycling_drafts_get_accepted(runs: dict[str, dict[str, Any]]) -> None:
-    metrics = [o.spec_decode_metrics.to_dict() for o in runs["recycling"]["outputs"]]
-    rep = metrics[REPETITIVE]
-    assert rep["num_draft_tokens"] > 0
-    assert rep["num_accepted_draft_tokens"] > 0
-    assert max(rep["per_step_drafted"]) <= K
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_drafts_get_accepted(runs: dict[str, dict[str, Any]], drafter: str) -> None:
+    metrics = [o.spec_decode_metrics.to_dict() for o in runs[drafter]["outputs"]]
+    drafted = sum(m["num_draft_tokens"] for m in metrics)
+    accepted = sum(m["num_accepted_draft_tokens"] for m in metrics)
+    assert drafted > 0 and accepted > 0, f"{drafter}: drafted {drafted}, accepted {accepted}"
+    assert all(max(m["per_step_drafted"] or [0]) <= K for m in metrics)
     # Every drafted token is verified by the target, so acceptance never exceeds drafting.
     assert all(m["num_accepted_draft_tokens"] <= m["num_draft_tokens"] for m in metrics)
 
 
-def test_spec_k_zero_turns_recycling_off_for_that_request(runs: dict[str, dict[str, Any]]) -> None:
-    off = runs["recycling"]["spec_k0"]
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_spec_k_zero_turns_drafting_off_for_that_request(runs: dict[str, dict[str, Any]], drafter: str) -> None:
+    off = runs[drafter]["spec_k0"]
     assert off.spec_decode_metrics.to_dict()["num_draft_tokens"] == 0
     assert list(off.token_ids) == runs["none"]["batch8"][REPETITIVE]
 
@@ -149,10 +173,11 @@ def test_homogeneity_z_tells_equal_from_different() -> None:
     assert homogeneity_z(same, [0] * 100 + [1] * 100) > 5
 
 
-def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, Any]]) -> None:
+@pytest.mark.parametrize("drafter", SAMPLED)
+def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, Any]], drafter: str) -> None:
     # Each position's token distribution (over seeded samples) must match plain sampling;
     # accepting drafts the target would not have sampled shows up as a large z.
-    base, spec = runs["none"]["sampled"], runs["recycling"]["sampled"]
+    base, spec = runs["none"]["sampled"], runs[drafter]["sampled"]
     zs: list[float] = []
     for pos in range(SAMPLE_TOKENS):
         z = homogeneity_z([o.token_ids[pos] for o in base], [o.token_ids[pos] for o in spec])
