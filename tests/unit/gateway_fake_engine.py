@@ -2,7 +2,9 @@
 
 It speaks enough of the protocol for the gateway tests: /health, /v1/models, /metrics with
 ``vllm:num_requests_running``, chat/completions (stream and not), and knobs to hold a stream
-between chunks, delay answers, and count requests that are still running.
+between chunks, delay answers, and count requests that are still running. With ``spec_tokens``
+set, responses carry vLLM's per-request ``metrics.speculative_decoding`` as if each request ran
+``spec_steps`` verification steps, each accepting ``accepted_per_step`` of its ``spec_k`` drafts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,26 @@ class FakeState:
     delay_s: float = 0.0
     gate: threading.Event | None = None  # when set: the stream waits for it after the first chunk
     healthy: bool = True
+    spec_tokens: int = 0  # the engine's num_speculative_tokens; 0: no speculative metrics
+    spec_steps: int = 2
+    accepted_per_step: int = 1
+    spec_ks: list[int | None] = field(default_factory=list)  # vllm_xargs.spec_k of each request
+
+
+def spec_metrics(state: FakeState, spec_k: object) -> dict:
+    """``metrics.speculative_decoding`` for a request capped at ``spec_k`` (``None``: engine default)."""
+    k = state.spec_tokens if not isinstance(spec_k, int) else min(spec_k, state.spec_tokens)
+    steps = state.spec_steps if k > 0 else 0
+    accepted = min(state.accepted_per_step, k)
+    histogram = [0] * (state.spec_tokens + 1)
+    if steps:
+        histogram[accepted] = steps
+    return {"speculative_decoding": {
+        "mean_acceptance_length": 1.0 + accepted if steps else 1.0,
+        "draft_acceptance_rate": accepted / k if steps else 0.0,
+        "acceptance_histogram": histogram, "num_spec_steps": steps,
+        "num_accepted_draft_tokens": accepted * steps, "num_draft_tokens": k * steps,
+        "num_spec_tokens": state.spec_tokens}}
 
 
 def _sse(data: dict | str) -> bytes:
@@ -72,6 +94,9 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
         if state.delay_s:
             await asyncio.sleep(state.delay_s)
         usage = {"prompt_tokens": 4, "completion_tokens": state.chunks, "total_tokens": 4 + state.chunks}
+        xargs = body.get("vllm_xargs")
+        state.spec_ks.append(xargs.get("spec_k") if isinstance(xargs, dict) else None)
+        extra = {"metrics": spec_metrics(state, state.spec_ks[-1])} if state.spec_tokens else {}
         if not body.get("stream"):
             if kind == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": "a b c"},
@@ -79,7 +104,7 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
             else:
                 choice = {"index": 0, "text": "a b c", "finish_reason": "length"}
             return JSONResponse({"id": "x", "object": kind, "model": MODEL, "choices": [choice],
-                                 "usage": usage}, headers=tag)
+                                 "usage": usage, **extra}, headers=tag)
 
         async def events() -> AsyncIterator[bytes]:
             state.running += 1
@@ -98,7 +123,7 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
                     if state.chunk_delay_s:
                         await asyncio.sleep(state.chunk_delay_s)
                 yield _sse({"id": "x", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
-                            "usage": usage})
+                            "usage": usage, **extra})
                 yield _sse("[DONE]")
             finally:
                 state.running -= 1

@@ -2,7 +2,7 @@
 
 Example:
     specserve gateway --replica http://10.0.0.5:8000 --replica http://10.0.0.6:8000 --port 8080
-    specserve gateway --replicas-dns engine-headless.default.svc:8000
+    specserve gateway --replicas-dns engine-headless.default.svc:8000 --spec-policy goodput
 """
 
 from __future__ import annotations
@@ -37,6 +37,17 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before 504")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")
+    s = parser.add_argument_group("speculation length")
+    s.add_argument("--spec-policy", choices=("goodput", "fixed"),
+                   default=os.environ.get("SPECSERVE_SPEC_POLICY") or "fixed",
+                   help="each request's speculation length: goodput = chosen per request from load "
+                        "and acceptance, fixed = the engine's (default: $SPECSERVE_SPEC_POLICY or fixed)")
+    s.add_argument("--spec-k-max", type=int, default=0,
+                   help="largest spec_k the goodput policy sends (0 = the engine's num_speculative_tokens)")
+    s.add_argument("--spec-step-base-ms", type=float, default=20.0,
+                   help="goodput policy: start estimate of a decoding step's fixed time (refined online)")
+    s.add_argument("--spec-step-token-ms", type=float, default=0.5,
+                   help="goodput policy: start estimate of step time per token the batch verifies")
 
 
 def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str | None = None) -> GatewayConfig:
@@ -51,7 +62,8 @@ def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str |
         max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
         max_prompt_chars=args.max_prompt_chars, max_in_flight=args.max_in_flight,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout,
-        drain_timeout_s=args.drain_timeout,
+        drain_timeout_s=args.drain_timeout, spec_policy=args.spec_policy, spec_k_max=args.spec_k_max,
+        spec_step_base_ms=args.spec_step_base_ms, spec_step_token_ms=args.spec_step_token_ms,
     )
 
 

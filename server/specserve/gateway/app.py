@@ -33,6 +33,7 @@ from specserve.gateway.middleware import GatewayMiddleware
 from specserve.gateway.proxy import Proxy
 from specserve.gateway.replicas import ReplicaPool
 from specserve.gateway.routes import router
+from specserve.gateway.speculation import SpecLength
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Gateway:
             self.pool, metrics, max_attempts=config.max_attempts,
             request_timeout_s=config.request_timeout_s, connect_timeout_s=config.connect_timeout_s,
         )
+        self.spec = SpecLength(config.spec_policy, config.goodput_settings(), self.pool, metrics)
         self.limiter = RateLimiter(config.key_limits)
         self.queue = AdmissionQueue(config.max_in_flight, config.max_queue, config.queue_timeout_s)
 

@@ -6,11 +6,15 @@ Example:
     4194304
     >>> GatewayConfig(replicas_dns="engine:8000").replicas
     []
+    >>> GatewayConfig(replicas_dns="e:8000", spec_policy="goodput").goodput_settings().step_base_s
+    0.02
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from specserve.gateway.goodput import GoodputSettings, SpecPolicy
 
 
 class KeyLimits(BaseModel):
@@ -59,6 +63,19 @@ class GatewayConfig(BaseModel):
     """Rate limits applied to each key (or to each client address when auth is off)."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On shutdown, in-flight requests get this long to finish."""
+    spec_policy: SpecPolicy = "fixed"
+    """Each request's speculation length: ``goodput`` (chosen per request from load and acceptance)
+    or ``fixed`` (requests untouched: the engine's ``num_speculative_tokens``)."""
+    spec_k_max: int = Field(default=0, ge=0)
+    """Largest ``spec_k`` the goodput policy sends (0 = the engine's ``num_speculative_tokens``)."""
+    spec_step_base_ms: float = Field(default=20.0, gt=0)
+    """Goodput policy: starting estimate of a decoding step's fixed time (refined online)."""
+    spec_step_token_ms: float = Field(default=0.5, ge=0)
+    """Goodput policy: starting estimate of the step time per token the batch verifies."""
+
+    def goodput_settings(self) -> GoodputSettings:
+        return GoodputSettings(k_max=self.spec_k_max, step_base_s=self.spec_step_base_ms / 1000.0,
+                               step_token_s=self.spec_step_token_ms / 1000.0)
 
     @model_validator(mode="after")
     def _need_replicas(self) -> GatewayConfig:

@@ -22,6 +22,9 @@ M = TypeVar("M", Counter, Gauge, Histogram)
 # Seconds; covers sub-millisecond proxying up to long generations.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Tokens per verification step (1 = nothing accepted) and speculation lengths.
+ACCEPTANCE_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+SPEC_K_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 12, 16)
 
 
 class GatewayMetrics:
@@ -72,6 +75,42 @@ class GatewayMetrics:
         self.queue_depth = Gauge(
             "queue_depth_requests", "Requests waiting for an in-flight slot.",
             namespace=ns, subsystem=sub, registry=registry,
+        )
+
+        # Speculative decoding (``specserve_spec_*``): per-request acceptance and the k policy.
+        spec = "spec"
+        self.spec_draft_tokens = Counter(
+            "draft_tokens", "Draft tokens proposed for requests, from the engines' per-request metrics.",
+            ["model", "replica"], namespace=ns, subsystem=spec, registry=registry,
+        )
+        self.spec_accepted_tokens = Counter(
+            "accepted_tokens", "Draft tokens the target model accepted, from the per-request metrics.",
+            ["model", "replica"], namespace=ns, subsystem=spec, registry=registry,
+        )
+        self.spec_acceptance_length = Histogram(
+            "acceptance_length", "Per-request mean tokens per verification step (bonus token included).",
+            ["model"], namespace=ns, subsystem=spec, buckets=ACCEPTANCE_BUCKETS, registry=registry,
+        )
+        self.spec_k = Histogram(
+            "k", "Speculation length (vllm_xargs.spec_k) of each request, by who set it "
+            "(goodput: the gateway's controller; client: the request itself).",
+            ["model", "source"], namespace=ns, subsystem=spec, buckets=SPEC_K_BUCKETS, registry=registry,
+        )
+        self.spec_alpha = Gauge(
+            "alpha_ratio", "The controller's per-token draft acceptance estimate.",
+            ["model"], namespace=ns, subsystem=spec, registry=registry,
+        )
+        self.spec_batch = Gauge(
+            "batch_requests", "Batch size the controller assumed for its latest choice.",
+            ["model"], namespace=ns, subsystem=spec, registry=registry,
+        )
+        self.spec_step_base = Gauge(
+            "step_base_seconds", "The controller's fixed cost of one decoding step (a).",
+            ["model"], namespace=ns, subsystem=spec, registry=registry,
+        )
+        self.spec_step_token = Gauge(
+            "step_token_seconds", "The controller's cost per verified token of the batch (b).",
+            ["model"], namespace=ns, subsystem=spec, registry=registry,
         )
 
     def child(self, metric: M, *values: str) -> M:

@@ -14,13 +14,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from starlette.responses import Response
 
 from specserve.errors import APIError
+from specserve.gateway.goodput import SpecStats
 from specserve.gateway.metrics import GatewayMetrics
 from specserve.gateway.replicas import Replica, ReplicaPool
+from specserve.gateway.spec_io import spec_stats
 from specserve.gateway.streaming import PassthroughStream
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class Outcome:
     first_chunk_s: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    spec: SpecStats | None = None
+    """Per-request speculative acceptance, when the response carried it."""
 
 
 def sse_error_event(err: APIError) -> bytes:
@@ -58,6 +63,27 @@ def sse_error_event(err: APIError) -> bytes:
     return b"data: " + json.dumps(err.body()).encode() + b"\n\ndata: [DONE]\n\n"
 
 
+def usage_event_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
+    """The last data event of a stream's tail that holds a usage object (and, if any, the metrics).
+
+    Example:
+        >>> usage_event_from_sse_tail(b'data: {"usage": {"prompt_tokens": 3}}\\n\\ndata: [DONE]\\n\\n')
+        {'usage': {'prompt_tokens': 3}}
+        >>> usage_event_from_sse_tail(b'data: {"usage": null}\\n\\n') is None
+        True
+    """
+    for line in reversed(tail.split(b"\n")):
+        if not line.startswith(b"data: {") or b'"usage":{' not in line.replace(b" ", b""):
+            continue
+        try:
+            event = json.loads(line[6:])
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            return event
+    return None
+
+
 def usage_from_sse_tail(tail: bytes) -> tuple[int | None, int | None]:
     """Prompt and completion token counts from the last usage object in a stream's tail.
 
@@ -67,15 +93,9 @@ def usage_from_sse_tail(tail: bytes) -> tuple[int | None, int | None]:
         >>> usage_from_sse_tail(b'data: [DONE]\\n\\n')
         (None, None)
     """
-    for line in reversed(tail.split(b"\n")):
-        if not line.startswith(b"data: {") or b'"usage":{' not in line.replace(b" ", b""):
-            continue
-        try:
-            usage = json.loads(line[6:]).get("usage") or {}
-        except ValueError:
-            continue
-        return usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return None, None
+    event = usage_event_from_sse_tail(tail)
+    usage = (event or {}).get("usage") or {}
+    return usage.get("prompt_tokens"), usage.get("completion_tokens")
 
 
 class Tail:
@@ -240,9 +260,11 @@ class Proxy:
             outcome.status = response.status
             if response.status == 200 and content[:1] == b"{":
                 try:
-                    usage = json.loads(content).get("usage") or {}
+                    data = json.loads(content)
+                    usage = data.get("usage") or {}
                     outcome.prompt_tokens = usage.get("prompt_tokens")
                     outcome.completion_tokens = usage.get("completion_tokens")
+                    outcome.spec = spec_stats(data)
                 except (ValueError, AttributeError):
                     pass
             if response.status >= 400:
@@ -303,7 +325,12 @@ class Proxy:
                 else:
                     response.close()
                 self.pool.release(replica)
-                outcome.prompt_tokens, outcome.completion_tokens = usage_from_sse_tail(tail.value())
+                event = usage_event_from_sse_tail(tail.value())
+                if event is not None:
+                    usage = event.get("usage") or {}
+                    outcome.prompt_tokens = usage.get("prompt_tokens")
+                    outcome.completion_tokens = usage.get("completion_tokens")
+                    outcome.spec = spec_stats(event)
 
         return PassthroughStream(chunks(), status_code=200, headers=self._response_headers(response),
                                  on_close=on_close)

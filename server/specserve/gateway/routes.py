@@ -16,6 +16,7 @@ from specserve.errors import APIError
 from specserve.gateway.limits import check_api_key
 from specserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, unsupported_param
 from specserve.gateway.proxy import Outcome
+from specserve.gateway.speculation import SPEC_K_HEADER
 
 if TYPE_CHECKING:
     from specserve.gateway.app import Gateway
@@ -119,6 +120,7 @@ async def _generate(
         except APIError:
             gw.metrics.rejected.labels(reason="rate_limit").inc()
             raise
+    body_bytes, plan = gw.spec.prepare(parsed.model, body, body_bytes)
     try:
         await gw.queue.acquire()
     except APIError:
@@ -137,17 +139,25 @@ async def _generate(
             gw.metrics.child(gw.metrics.tokens, "completion").inc(outcome.completion_tokens)
 
     if not parsed.stream:
+        sent = time.perf_counter()
         try:
             response = await gw.proxy.unary("POST", path, body_bytes, headers, outcome, model=parsed.model)
         finally:
             gw.queue.release()
         record()
+        if outcome.spec is not None:
+            gw.spec.record(parsed.model, outcome, plan, elapsed_s=time.perf_counter() - sent, unary=True)
+        if plan.k is not None:
+            response.headers[SPEC_K_HEADER] = str(plan.k)
         return response
 
     async def on_close(disconnected: bool) -> None:
         gw.queue.release()
         record()
         elapsed = time.perf_counter() - started
+        if outcome.spec is not None and outcome.first_chunk_s is not None:
+            gw.spec.record(parsed.model, outcome, plan, elapsed_s=elapsed - outcome.first_chunk_s,
+                           unary=False)
         if outcome.first_chunk_s is not None:
             gw.metrics.child(gw.metrics.ttft, path).observe(outcome.first_chunk_s)
             if outcome.completion_tokens and outcome.completion_tokens > 1 and not disconnected:
@@ -155,11 +165,14 @@ async def _generate(
                     (elapsed - outcome.first_chunk_s) / (outcome.completion_tokens - 1))
 
     try:
-        return await gw.proxy.stream(path, body_bytes, headers, outcome, started,
-                                     model=parsed.model, on_close=on_close)
+        response = await gw.proxy.stream(path, body_bytes, headers, outcome, started,
+                                         model=parsed.model, on_close=on_close)
     except BaseException:
         gw.queue.release()
         raise
+    if plan.k is not None:
+        response.headers[SPEC_K_HEADER] = str(plan.k)
+    return response
 
 
 @router.post("/v1/chat/completions")

@@ -1,0 +1,116 @@
+"""The gateway side of speculation: set each request's ``spec_k``, record each response's acceptance.
+
+:class:`SpecLength` sits between the routes and the proxy. Before forwarding, under policy
+``goodput`` it asks the :class:`~specserve.gateway.goodput.GoodputController` for ``k`` given the
+batch the request joins, and writes it into the body as ``vllm_xargs.spec_k`` (a client's own
+``spec_k`` is forwarded as sent). After the response, it counts the per-request acceptance in
+Prometheus (``specserve_spec_*``) and feeds it back to the controller, under both policies.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from specserve.gateway.goodput import GoodputController, GoodputSettings, SpecPolicy, decode_steps
+from specserve.gateway.metrics import GatewayMetrics
+from specserve.gateway.proxy import Outcome
+from specserve.gateway.replicas import ReplicaPool
+from specserve.gateway.spec_io import client_spec_k, with_spec_k
+
+log = logging.getLogger(__name__)
+
+SPEC_K_HEADER = "x-specserve-spec-k"
+
+
+@dataclass(frozen=True)
+class SpecPlan:
+    """The speculation length of one request, and the batch it was chosen for."""
+
+    k: int | None
+    """``spec_k`` the engine gets (``None``: the engine's default)."""
+    source: str
+    """``goodput`` (set by the gateway), ``client`` (sent by the client) or ``engine`` (neither)."""
+    batch: float
+
+
+def pool_batch(pool: ReplicaPool, model: str) -> float:
+    """Requests at the least-loaded replica serving ``model``: the batch a new request joins.
+
+    Example:
+        >>> from unittest.mock import MagicMock
+        >>> from specserve.gateway.replicas import Replica
+        >>> pool = MagicMock(replicas={"a": Replica("a", healthy=True, in_flight=3, models=("m",)),
+        ...                            "b": Replica("b", healthy=True, engine_running=9.0)})
+        >>> pool_batch(pool, "m")
+        3.0
+    """
+    best: float | None = None
+    for replica in pool.replicas.values():
+        if replica.healthy and (not replica.models or model in replica.models):
+            load = replica.load
+            if best is None or load < best:
+                best = load
+    return best or 0.0
+
+
+class SpecLength:
+    """Per-request speculation length and acceptance accounting for one gateway."""
+
+    def __init__(self, policy: SpecPolicy, settings: GoodputSettings, pool: ReplicaPool,
+                 metrics: GatewayMetrics) -> None:
+        self.policy = policy
+        self.controller = GoodputController(settings)
+        self.pool = pool
+        self.metrics = metrics
+
+    def prepare(self, model: str, body: dict[str, Any], body_bytes: bytes) -> tuple[bytes, SpecPlan]:
+        """The body to forward and the plan; ``body`` holds the request's top-level fields."""
+        m = self.metrics
+        present, value = client_spec_k(body)
+        n = body.get("n")
+        batch = pool_batch(self.pool, model) + (n if isinstance(n, int) and n > 0 else 1)
+        if present:
+            if value is not None:
+                m.child(m.spec_k, model, "client").observe(value)
+            return body_bytes, SpecPlan(value, "client", batch)
+        if self.policy != "goodput":
+            return body_bytes, SpecPlan(None, "engine", batch)
+        decision = self.controller.choose(model, batch)
+        forwarded = with_spec_k(body_bytes, decision.k, has_xargs=body.get("vllm_xargs") is not None)
+        if forwarded is None:
+            return body_bytes, SpecPlan(None, "engine", batch)
+        m.child(m.spec_k, model, "goodput").observe(decision.k)
+        m.child(m.spec_batch, model).set(batch)
+        return forwarded, SpecPlan(decision.k, "goodput", batch)
+
+    def record(self, model: str, outcome: Outcome, plan: SpecPlan, *, elapsed_s: float | None,
+               unary: bool) -> None:
+        """Count a finished response's acceptance and learn from it.
+
+        ``elapsed_s`` is the decode time of a stream (first to last chunk) or the whole time of a
+        unary response (its prefill then counts as one more step).
+        """
+        stats = outcome.spec
+        if stats is None:
+            return
+        m = self.metrics
+        replica = outcome.replica
+        if stats.drafted:
+            m.child(m.spec_draft_tokens, model, replica).inc(stats.drafted)
+        if stats.accepted:
+            m.child(m.spec_accepted_tokens, model, replica).inc(stats.accepted)
+        if stats.steps:
+            m.child(m.spec_acceptance_length, model).observe(stats.mean_acceptance_length)
+        steps = decode_steps(outcome.completion_tokens, stats)
+        if unary and steps:
+            steps += 1
+        self.controller.observe(model, stats, batch=plan.batch, decode_s=elapsed_s, decode_steps=steps)
+        a, b = self.controller.step_params(model)
+        m.child(m.spec_alpha, model).set(self.controller.alpha(model))
+        m.child(m.spec_step_base, model).set(a)
+        m.child(m.spec_step_token, model).set(b)
+
+
+__all__ = ["SPEC_K_HEADER", "SpecLength", "SpecPlan", "pool_batch"]

@@ -1,0 +1,55 @@
+"""``specserve serve --drafter recycling --spec-policy goodput`` on the demo model: the gateway's
+``spec_k`` reaches the engine (the per-request metrics show at most ``k`` drafts a step), a client's
+own ``spec_k`` wins, and the acceptance lands in the gateway's Prometheus metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from specserve_process import MODEL_NAME, running_specserve
+
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+
+
+def _complete(client: httpx.Client, base: str, **extra: object) -> tuple[int, dict]:
+    r = client.post(f"{base}/v1/completions", json={
+        "model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 32, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    spec = r.json()["metrics"]["speculative_decoding"]
+    return int(r.headers["x-specserve-spec-k"]), spec
+
+
+def test_gateway_spec_k_reaches_the_engine(demo_model_dir: Path, tmp_path: Path) -> None:
+    args = ["--drafter", "recycling", "--num-speculative-tokens", "4",
+            "--spec-policy", "goodput", "--spec-k-max", "2"]
+    with running_specserve(demo_model_dir, args, log_dir=tmp_path) as server, \
+            httpx.Client(trust_env=False, timeout=120) as client:
+        base = server.base_url
+        k, spec = _complete(client, base)
+        assert k == 2  # idle, prior acceptance: the largest k allowed
+        assert spec["num_spec_tokens"] == 4 and spec["num_spec_steps"] > 0
+        assert 0 < spec["num_draft_tokens"] <= k * spec["num_spec_steps"]
+        assert max(i for i, c in enumerate(spec["acceptance_histogram"]) if c) <= k
+
+        k, spec = _complete(client, base, vllm_xargs={"spec_k": 0})
+        assert k == 0 and spec["num_draft_tokens"] == 0
+        k, spec = _complete(client, base, vllm_xargs={"spec_k": 1})
+        assert k == 1 and 0 < spec["num_draft_tokens"] <= spec["num_spec_steps"]
+
+        stream = client.post(f"{base}/v1/completions", json={
+            "model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}})
+        assert stream.status_code == 200 and stream.headers["x-specserve-spec-k"] in "012"
+
+        text = client.get(f"{base}/metrics").text
+    values = {(s.name, s.labels.get("source", "")): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples
+              if s.labels.get("model") == MODEL_NAME}
+    assert values[("specserve_spec_draft_tokens_total", "")] > 0
+    assert values[("specserve_spec_acceptance_length_count", "")] == 3  # spec_k=0 had no steps
+    assert values[("specserve_spec_k_count", "goodput")] == 2
+    assert values[("specserve_spec_k_count", "client")] == 2
+    assert 0.0 < values[("specserve_spec_alpha_ratio", "")] < 1.0
