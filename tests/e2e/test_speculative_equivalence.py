@@ -1,8 +1,9 @@
-"""Greedy outputs through ``specserve serve`` are identical with and without n-gram speculation.
+"""Greedy outputs through ``specserve serve`` are identical with and without speculation.
 
-Two servers run one after the other (module scope): first without speculation, then with
-``--speculative-config`` n-gram; the same prompts at temperature 0 must give the same tokens, and
-the second engine must really have proposed drafts.
+Three servers run one after the other (module scope): without speculation, with
+``--speculative-config`` n-gram, and with ``--drafter hydra`` (the demo model's heads, found by the
+CLI and handed to the engine); the same prompts at temperature 0 must give the same tokens, and
+each speculative engine must really have proposed and accepted drafts.
 """
 
 from __future__ import annotations
@@ -42,13 +43,18 @@ def _generate(server: ServeProcess) -> dict[str, list]:
     return {"completions": completions, "chat": [chat.choices[0].message.content]}
 
 
-def _draft_tokens(server: ServeProcess) -> float:
+def _spec_counter(server: ServeProcess, name: str) -> float:
     text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
     total = 0.0
     for family in text_string_to_metric_families(text):
-        if family.name == "vllm:spec_decode_num_draft_tokens":
+        if family.name == name:
             total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return total
+
+
+def _drafts(server: ServeProcess) -> dict[str, float]:
+    return {"drafted": _spec_counter(server, "vllm:spec_decode_num_draft_tokens"),
+            "accepted": _spec_counter(server, "vllm:spec_decode_num_accepted_tokens")}
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +62,24 @@ def outputs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     log_dir = tmp_path_factory.mktemp("spec")
     with running_specserve(demo_model_dir, log_dir=log_dir) as plain:
         base = _generate(plain)
-    with running_specserve(demo_model_dir, ["--speculative-config", json.dumps(NGRAM)], log_dir=log_dir) as spec:
-        speculative = _generate(spec)
-        drafts = _draft_tokens(spec)
-    return {"base": base, "speculative": speculative, "drafts": {"n": drafts}}
+    out: dict[str, dict] = {"base": base}
+    for name, args in (("ngram", ["--speculative-config", json.dumps(NGRAM)]),
+                       ("hydra", ["--drafter", "hydra", "--num-speculative-tokens", "4"])):
+        with running_specserve(demo_model_dir, args, log_dir=log_dir) as spec:
+            out[name] = _generate(spec)
+            out[name]["drafts"] = _drafts(spec)
+    return out
 
 
-def test_ngram_speculation_is_lossless_at_temperature_zero(outputs: dict[str, dict]) -> None:
-    base, speculative = outputs["base"], outputs["speculative"]
+@pytest.mark.parametrize("drafter", ["ngram", "hydra"])
+def test_speculation_is_lossless_at_temperature_zero(outputs: dict[str, dict], drafter: str) -> None:
+    base, speculative = outputs["base"], outputs[drafter]
     assert all(text for text, _ in base["completions"])
     assert speculative["completions"] == base["completions"]
     assert speculative["chat"] == base["chat"]
 
 
-def test_the_speculative_engine_proposed_drafts(outputs: dict[str, dict]) -> None:
-    assert outputs["drafts"]["n"] > 0
+@pytest.mark.parametrize("drafter", ["ngram", "hydra"])
+def test_the_speculative_engine_proposed_and_accepted_drafts(outputs: dict[str, dict], drafter: str) -> None:
+    drafts = outputs[drafter]["drafts"]
+    assert drafts["drafted"] > 0 and drafts["accepted"] > 0

@@ -1,11 +1,12 @@
 """``specserve bench drafters``: acceptance (τ) and speed of each drafter on the real engine.
 
-For each drafter (``none``, vLLM's ``ngram``, specserve's ``recycling``) an in-process vLLM engine
-runs the same prompts — the first tokens of the demo model's held-out stdlib files ("continue this
+For each drafter (``none``, vLLM's ``ngram`` and ``vllm-medusa`` — vLLM's own Medusa proposer fed
+our Medusa heads converted to its format — and specserve's ``recycling``, ``medusa``, ``hydra``) an
+in-process vLLM engine runs the same prompts — the first tokens of the demo model's held-out stdlib files ("continue this
 code file") — greedy, ``--max-tokens`` new tokens, at batch 1 (one request at a time) and batch 8.
 Reports per drafter and batch: τ = mean tokens emitted per verification step (1 + accepted drafts
-per step), output tokens/s, speedup vs ``none`` in the same run, and whether the outputs equal
-``none``'s token for token. JSON on stdout, one summary line on stderr.
+per step), acceptance rate per draft position, output tokens/s, speedup vs ``none`` in the same
+run, and whether the outputs equal ``none``'s token for token. JSON on stdout, one summary line on stderr.
 
 τ example: 10 verification steps that accepted 12 drafts in all emit 10 + 12 tokens, τ = 2.2.
 """
@@ -38,7 +39,11 @@ def tau(num_steps: int, num_accepted: int) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
-    parser.add_argument("--drafters", default="none,ngram,recycling")
+    parser.add_argument("--drafters", default="none,ngram,vllm-medusa,recycling,medusa,hydra")
+    parser.add_argument("--medusa-heads", default=None, help="Medusa head checkpoint (default: the demo model's)")
+    parser.add_argument("--hydra-heads", default=None, help="Hydra head checkpoint (default: the demo model's)")
+    parser.add_argument("--vllm-medusa-heads", default=None,
+                        help="Medusa heads in vLLM's format (`specserve heads convert`; default: the demo model's)")
     parser.add_argument("--k", type=int, default=4, help="tokens drafted per step")
     parser.add_argument("--prompts", type=int, default=8, help="number of held-out prompts")
     parser.add_argument("--prompt-tokens", type=int, default=192)
@@ -67,24 +72,38 @@ def _prompts(model_dir: Path, n: int, n_tokens: int) -> list[list[int]]:
     return out
 
 
-def _counters(llm: Any) -> dict[str, float]:
-    found: dict[str, float] = {}
+def _counters(llm: Any) -> dict[str, Any]:
+    """vLLM's speculative counters; ``...per_pos`` is a list (one count per draft position)."""
+    found: dict[str, Any] = {}
     for metric in llm.get_metrics():
         name = metric.name
         if name.startswith("vllm:spec_decode_num") and hasattr(metric, "value"):
             found[name] = float(metric.value)
+        elif name.startswith("vllm:spec_decode_num") and hasattr(metric, "values"):
+            found[name] = [float(v) for v in metric.values]
     return found
 
 
+def per_position_rates(steps: float, accepted_per_pos: list[float]) -> list[float]:
+    """Share of verification steps whose draft at each position was accepted.
+
+    >>> per_position_rates(10, [8, 5, 1])
+    [0.8, 0.5, 0.1]
+    """
+    return [round(a / steps, 3) if steps else 0.0 for a in accepted_per_pos]
+
+
 def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], max_tokens: int,
-             batch_sizes: list[int]) -> dict[str, Any]:
+             batch_sizes: list[int], heads: str | None = None) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from specserve.drafters import speculative_config
+    from specserve.drafters import HEAD_DRAFTERS, HEADS_ENV, speculative_config
     from specserve.engine.local import local_llm
 
-    spec = speculative_config(drafter, k)  # type: ignore[arg-type]
+    spec = speculative_config(drafter, k, heads=heads)  # type: ignore[arg-type]
+    if drafter in HEAD_DRAFTERS and heads:
+        os.environ[HEADS_ENV] = heads
     llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
                     speculative_config=spec, disable_log_stats=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -106,8 +125,12 @@ def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], ma
                 "vllm:spec_decode_num_accepted_tokens", 0
             )
             n_tokens = sum(len(o) for o in outputs)
+            per_pos_name = "vllm:spec_decode_num_accepted_tokens_per_pos"
+            now, was = after.get(per_pos_name, []), before.get(per_pos_name, [])
+            per_pos = [a - (was[i] if i < len(was) else 0.0) for i, a in enumerate(now)]
             result[str(bs)] = {
                 "tau": tau(int(steps), int(acc)) if spec else 1.0,
+                "accepted_per_position": per_position_rates(steps, per_pos),
                 "tokens_per_s": round(n_tokens / elapsed, 1),
                 "outputs": outputs,
             }
@@ -120,6 +143,19 @@ def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], ma
     return result
 
 
+def _heads(args: argparse.Namespace, drafters: list[str], is_demo: bool) -> dict[str, str]:
+    """Head checkpoint per head drafter in ``drafters`` (given, or the demo model's)."""
+    from specserve.heads import resolve_heads
+
+    given = {"medusa": args.medusa_heads, "hydra": args.hydra_heads, "vllm-medusa": args.vllm_medusa_heads}
+    out: dict[str, str] = {}
+    for d in drafters:
+        path = resolve_heads(d, given.get(d), is_demo)
+        if path:
+            out[d] = path
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from specserve.demo import demo_model_dir
 
@@ -130,18 +166,30 @@ def run(args: argparse.Namespace) -> int:
     drafters = [d.strip() for d in args.drafters.split(",")]
     if "none" not in drafters:
         drafters.insert(0, "none")
-    runs = {d: _run_one(model_dir, d, args.k, prompts, args.max_tokens, batch_sizes) for d in drafters}
+    heads = _heads(args, drafters, is_demo=args.model is None)
+    runs: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for d in drafters:
+        try:
+            runs[d] = _run_one(model_dir, d, args.k, prompts, args.max_tokens, batch_sizes, heads.get(d))
+        except Exception as exc:  # one drafter failing must not lose the others' figures
+            if d == "none":
+                raise
+            logger.exception("bench drafters: drafter failed", extra={"fields": {"drafter": d}})
+            failed[d] = f"{type(exc).__name__}: {exc}"
     report: dict[str, Any] = {"model": str(model_dir), "k": args.k, "prompts": len(prompts),
-                              "max_tokens": args.max_tokens, "drafters": {}}
+                              "max_tokens": args.max_tokens, "drafters": {}, "failed": failed}
     for d, res in runs.items():
         report["drafters"][d] = {}
         for bs, r in res.items():
             base = runs["none"][bs]
             report["drafters"][d][bs] = {
                 "tau": r["tau"],
+                "accepted_per_position": r["accepted_per_position"],
                 "tokens_per_s": r["tokens_per_s"],
                 "speedup": round(r["tokens_per_s"] / base["tokens_per_s"], 3),
                 "identical_to_none": r["outputs"] == base["outputs"],
+                "identical_outputs": f"{sum(a == b for a, b in zip(r['outputs'], base['outputs']))}/{len(base['outputs'])}",
             }
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     parts = [f"{d}@bs{bs}: tau={v['tau']} x{v['speedup']}" for d, per in report["drafters"].items()

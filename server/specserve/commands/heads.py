@@ -80,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from specserve.demo import demo_model_dir
     from specserve.heads.convert import convert_to_vllm_medusa
+    from specserve_vllm.heads.config import CheckpointError
 
-    out = convert_to_vllm_medusa(args.heads, args.model or demo_model_dir(), args.out)
+    try:
+        out = convert_to_vllm_medusa(args.heads, args.model or demo_model_dir(), args.out)
+    except CheckpointError as exc:
+        sys.stderr.write(f"heads convert: {exc}\n")
+        return 2
     sys.stdout.write(f"{out}\n")
     return 0

@@ -44,6 +44,15 @@ def head_states(heads: nn.Module, hidden: torch.Tensor, next_tokens: torch.Tenso
     return heads(hidden, embed[next_tokens])
 
 
+def warmup_fraction(steps: int) -> float:
+    """Share of the one-cycle schedule spent warming up: 5%, at least 2 steps (short runs).
+
+    >>> warmup_fraction(500), warmup_fraction(20)
+    (0.05, 0.1)
+    """
+    return max(0.05, 2.0 / max(steps, 2))
+
+
 def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean over positions and heads of the cross-entropy to the teacher (soft or argmax).
 
@@ -88,7 +97,8 @@ def train_heads(recipe: HeadsRecipe, train: Distilled, heldout: Distilled, lm_he
                          vocab_size=int(lm_head.shape[0]), num_layers=recipe.layers)
     heads = build_heads(config)
     opt = torch.optim.AdamW(heads.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps,
+                                                pct_start=warmup_fraction(recipe.steps))
     n, t = train.tokens.shape
     h = recipe.num_heads
     gen = torch.Generator().manual_seed(recipe.seed)
