@@ -221,7 +221,7 @@ def test_goodput_policy_sets_spec_k_and_respects_the_clients(fake: tuple[str, Fa
     assert found[("specserve_spec_k_count", (("model", MODEL), ("source", "client")))] == 2
     assert found[("specserve_spec_k_sum", (("model", MODEL), ("source", "client")))] == 1
     assert found[("specserve_spec_alpha_ratio", (("model", MODEL),))] > 0.8  # prior 0.5, 26 of 26 accepted
-    assert found[("specserve_spec_batch_requests", (("model", MODEL),))] == 1
+    assert found[("specserve_spec_batch_requests", (("model", MODEL),))] in (1, 2)  # 2: scraped mid-stream
     assert found[("specserve_spec_step_base_seconds", (("model", MODEL),))] > 0
 
 
