@@ -1,4 +1,5 @@
-"""Constrained JSON from the real engine parses strictly and validates, with and without ngram.
+"""Constrained JSON from the real engine parses strictly and validates, without speculation and
+with every drafter (vLLM's ngram; specserve's Token Recycling, Medusa and Hydra heads).
 
 The schemas include length-bounded strings, where xgrammar 0.2.8 on its own admits raw control
 characters; a barely trained model samples such bytes readily at temperature 1.
@@ -53,17 +54,28 @@ SCHEMAS: list[dict[str, Any]] = [
 PROMPTS = ['{"name": "', "JSON: ", "[1, 2, 3] {", "record\n"]
 
 
-def _engine(model: Path, speculative: bool) -> Any:
+DRAFTERS = ("plain", "ngram", "recycling", "medusa", "hydra")
+"""Every drafter specserve has: constrained outputs must stay strict and valid with each."""
+
+
+def _engine(model: Path, drafter: str) -> Any:
+    from specserve.drafters import HEADS_ENV, speculative_config
     from specserve.engine.local import local_llm
 
     kwargs: dict[str, Any] = {}
-    if speculative:
+    if drafter == "ngram":
         kwargs["speculative_config"] = {
             "method": "ngram",
             "num_speculative_tokens": 3,
             "prompt_lookup_max": 3,
             "prompt_lookup_min": 1,
         }
+    elif drafter != "plain":
+        if drafter in ("medusa", "hydra"):
+            from specserve.heads import demo_heads_dir
+
+            os.environ[HEADS_ENV] = str(demo_heads_dir(drafter))
+        kwargs["speculative_config"] = speculative_config(drafter, 3)  # type: ignore[arg-type]
     return local_llm(
         model,
         structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
@@ -89,11 +101,21 @@ def _generate(llm: Any, schema: dict[str, Any], n: int) -> list[tuple[str, str |
     return [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "ngram"])
+@pytest.fixture(scope="module", params=DRAFTERS)
 def engine(request: pytest.FixtureRequest, demo_model_dir: Path) -> Iterator[Any]:
-    llm = _engine(demo_model_dir, speculative=request.param)
+    import gc
+
+    from specserve.drafters import HEADS_ENV
+
+    saved = os.environ.get(HEADS_ENV)
+    llm = _engine(demo_model_dir, request.param)
     yield llm
     del llm
+    gc.collect()
+    if saved is None:
+        os.environ.pop(HEADS_ENV, None)
+    else:
+        os.environ[HEADS_ENV] = saved
 
 
 @pytest.mark.parametrize("schema_index", range(len(SCHEMAS)))
