@@ -24,7 +24,13 @@ def test_apply_is_idempotent() -> None:
     spec_length.apply()
     assert (GPUModelRunner.propose_draft_token_ids, InputProcessor._validate_params) == first
     assert getattr(first[0], "__wrapped__").__name__ == "propose_draft_token_ids"
-    assert not hasattr(first[0].__wrapped__, "__wrapped__"), "wrapped exactly once"
+    # Other patches (the hidden-state feed) may wrap the same method; spec_length wraps it once.
+    chain, fn = [], first[0]
+    while fn is not None:
+        chain.append(fn)
+        fn = getattr(fn, "__wrapped__", None)
+    ours = [f for f in chain if f.__code__.co_filename == spec_length.__file__]
+    assert len(ours) == 1, "wrapped exactly once"
 
 
 def _runner(extra_args: list[dict | None]) -> SimpleNamespace:
