@@ -253,6 +253,7 @@ class Proxy:
             except aiohttp.ClientError as exc:
                 log.warning("engine failed while answering; retrying", extra={"fields": {
                     "replica": replica.url, "error": type(exc).__name__}})
+                self.metrics.retries.inc()
                 continue
             finally:
                 response.release()
