@@ -173,6 +173,29 @@ class CompletionRequest(_Sampling):
         return sum(len(p) if isinstance(p, str | list) else 1 for p in self.prompt)
 
 
+class ErrorObject(BaseModel):
+    """The OpenAI error object every gateway error carries."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorObject
+
+
+# OpenAPI description of the errors of the proxied routes (FastAPI's default 422 is never sent:
+# invalid bodies get a 400 in this shape).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "Invalid request, unknown model, auth, rate limit"},
+    "5XX": {"model": ErrorResponse, "description": "No engine available, engine error or timeout"},
+}
+
+
 def unsupported_param(body: dict[str, Any]) -> str | None:
     """The first parameter in ``body`` the engine cannot serve, or ``None``."""
     for name in UNSUPPORTED_PARAMS:

@@ -14,7 +14,12 @@ from starlette.responses import JSONResponse, Response
 from specserve import structured
 from specserve.errors import APIError
 from specserve.gateway.limits import check_api_key
-from specserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, unsupported_param
+from specserve.gateway.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    unsupported_param,
+)
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.speculation import SPEC_K_HEADER
 
@@ -65,7 +70,7 @@ def _authenticate(gw: Gateway, request: Request) -> str:
     return request.client.host if request.client else "anonymous"
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> Response:
     gw = _gateway(request)
     _authenticate(gw, request)
@@ -175,11 +180,11 @@ async def _generate(
     return response
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     return await _generate(request, "/v1/chat/completions", "chat", body)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=ERROR_RESPONSES)
 async def completions(request: Request, body: CompletionRequest) -> Response:
     return await _generate(request, "/v1/completions", "completions", body)
