@@ -82,6 +82,24 @@ def test_errors_reach_the_client_openai_shaped(client: openai.OpenAI) -> None:
     assert bad.value.body["param"] == "temperature"
 
 
+def test_a_prompt_longer_than_the_context_is_an_openai_400(client: openai.OpenAI) -> None:
+    long_text = "word " * 2000  # far more tokens than --max-model-len 512
+    calls = [
+        ("messages", lambda stream: client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": long_text}], max_tokens=4, stream=stream)),
+        ("prompt", lambda stream: client.completions.create(
+            model=MODEL_NAME, prompt=long_text, max_tokens=4, stream=stream)),
+    ]
+    for param, call in calls:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as too_long:
+                call(stream)
+            body = too_long.value.body
+            assert set(body) == {"message", "type", "param", "code"}, body
+            assert (body["param"], body["code"]) == (param, "context_length_exceeded"), body
+            assert "maximum context length" in body["message"]
+
+
 def test_openai_features_through_the_gateway(client: openai.OpenAI) -> None:
     two = client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=8, n=2,
                                          temperature=0.8, seed=1)

@@ -123,15 +123,26 @@ class Tail:
         return b"".join(self._parts)[-self.size:]
 
 
-def upstream_error(status: int, content: bytes) -> Response:
+# vLLM's ``param`` when a prompt does not fit the context (``--max-model-len``).
+_PROMPT_LENGTH_PARAMS = frozenset({"input_tokens", "input_text"})
+_PROMPT_PARAMS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+
+
+def upstream_error(status: int, content: bytes, path: str = "") -> Response:
     """Re-shape an engine's error reply into the OpenAI error object, keeping its status.
+
+    A prompt longer than the engine's context is reported as OpenAI does: ``param`` is the
+    route's prompt field (``messages`` or ``prompt``), ``code`` is ``context_length_exceeded``.
 
     Example:
         >>> r = upstream_error(400, b'{"error": {"message": "bad", "type": "BadRequestError", "param": "n", "code": 400}}')
         >>> json.loads(r.body)["error"] == {"message": "bad", "type": "invalid_request_error", "param": "n", "code": None}
         True
+        >>> long = b'{"error": {"message": "too long", "param": "input_tokens", "code": 400}}'
+        >>> json.loads(upstream_error(400, long, "/v1/chat/completions").body)["error"]["param"]
+        'messages'
     """
-    message, param = f"The engine answered with status {status}.", None
+    message, param, code = f"The engine answered with status {status}.", None, None
     try:
         data = json.loads(content)
         error = data.get("error", data) if isinstance(data, dict) else {}
@@ -140,7 +151,9 @@ def upstream_error(status: int, content: bytes) -> Response:
             param = error.get("param") if isinstance(error.get("param"), str) else None
     except ValueError:
         pass
-    err = APIError(status, message, param=param)
+    if status == 400 and param in _PROMPT_LENGTH_PARAMS and path in _PROMPT_PARAMS:
+        param, code = _PROMPT_PARAMS[path], "context_length_exceeded"
+    err = APIError(status, message, param=param, code=code)
     return Response(json.dumps(err.body()), status_code=status, media_type="application/json")
 
 
@@ -269,7 +282,7 @@ class Proxy:
                 except (ValueError, AttributeError):
                     pass
             if response.status >= 400:
-                return upstream_error(response.status, content)
+                return upstream_error(response.status, content, path)
             return Response(content, status_code=response.status, headers=self._response_headers(response))
         raise APIError(503, "No engine available: every replica tried failed.", code="engine_unavailable",
                        headers={"Retry-After": "1"})
@@ -292,7 +305,7 @@ class Proxy:
                 self.pool.release(replica)
                 if on_close is not None:
                     await on_close(False)
-            return upstream_error(response.status, content)
+            return upstream_error(response.status, content, path)
 
         async def chunks() -> AsyncIterator[bytes]:
             tail = Tail()
