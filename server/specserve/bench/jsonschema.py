@@ -8,7 +8,8 @@ on stdout followed by a one-line summary on stderr:
 * ``compile``: per dataset, schemas the gateway's pre-check serves, schemas that compile with the
   model's tokenizer, compile time p50/p99 in ms;
 * ``generate`` (opt-in, starts engines): per backend (xgrammar, guidance), schemas refused,
-  generations finished and strict-JSON + schema-valid, constrained vs unconstrained tokens/s.
+  generations finished and strict-JSON + schema-valid, constrained vs unconstrained tokens/s
+  (each grammar compiled before timing: compile time is the compile part's figure).
 
 ``--limit N`` takes the first N files (sorted) per dataset, so runs are repeatable.
 """
