@@ -16,6 +16,7 @@ from specserve.heads.train import evaluate, gather, train_heads
 MODULES = [
     "specserve.heads.data", "specserve.heads.recipe", "specserve.heads.train", "specserve.heads.convert",
     "specserve_vllm.heads.config", "specserve_vllm.heads.model", "specserve_vllm.compat.hidden_feed",
+    "specserve_vllm.heads.prefix",
     "specserve.drafters", "specserve.bench.drafters",
 ]
 

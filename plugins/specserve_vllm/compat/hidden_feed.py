@@ -8,6 +8,15 @@ request ``r``'s last sampled token was sampled (the last accepted draft position
 position, or the last prompt position), chosen exactly as vLLM's own Medusa branch does. Then
 the original method runs and calls the drafter's ``propose``. Drafters without
 ``observe_hidden`` cost nothing.
+
+Drafters that keep per-position state (Hydra++'s prefix attention,
+:mod:`specserve_vllm.heads.prefix_cache`) also get, when they have
+``observe_positions(feed: CommittedPositions)`` and ``needs_positions`` is true, every
+request's hidden states of the positions that became committed in this step (before
+``observe_hidden``): all scheduled prompt positions of a prefill chunk, and in a decode step
+the positions of the last sampled token and of the accepted drafts, i.e. the first
+``num_sampled`` rows of the request's block (the rows a rejected draft produced are left out;
+see :func:`committed_counts`).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from specserve_vllm.compat.upstream import live_source_digests
@@ -28,15 +38,38 @@ _MARK = "_specserve_hidden_feed"
 # the argument names below, and the Medusa branch whose row choice last_hidden_rows mirrors.
 UPSTREAM_SHA256: dict[str, str] = {
     "GPUModelRunner.propose_draft_token_ids": "a60269aca9de4e251b8132aa1d95de38497b65bfdb20fbb54596fe4d5600ad35",
+    # committed_positions: rows of hidden_states follow input_batch.req_ids, num_scheduled_tokens
+    # each; input_batch.num_computed_tokens_cpu holds the count before this step.
+    "GPUModelRunner._prepare_inputs": "c31a77c123a09a04971543d691b8ecce045820a05578494fc58eea2d3c665662",
+    "GPUModelRunner._update_states": "326599f31b273b945fd7fc488f5e022c3b2d98d34fb74d2e9ce546e2abcdc892",
 }
 
 ARGUMENTS: tuple[str, ...] = ("sampled_token_ids", "sample_hidden_states", "spec_decode_metadata")
+POSITION_ARGUMENTS: tuple[str, ...] = ("scheduler_output", "sampled_token_ids", "hidden_states")
+
+
+@dataclass(frozen=True)
+class CommittedPositions:
+    """Hidden states of the positions each request committed in one step.
+
+    ``hidden[i]`` (``[n_i, d]``) holds request ``req_ids[i]``'s states at positions
+    ``starts[i] .. starts[i] + n_i - 1``; ``tokens[i]`` its token ids at positions
+    ``0 .. starts[i] + n_i - 1`` at least; ``finished`` the ids vLLM dropped since the last step.
+    """
+
+    req_ids: list[str]
+    starts: list[int]
+    hidden: list[Any]
+    tokens: list[Any]
+    finished: frozenset[str]
 
 
 def _targets() -> dict[str, Callable[..., Any]]:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    return {"GPUModelRunner.propose_draft_token_ids": GPUModelRunner.propose_draft_token_ids}
+    return {"GPUModelRunner.propose_draft_token_ids": GPUModelRunner.propose_draft_token_ids,
+            "GPUModelRunner._prepare_inputs": GPUModelRunner._prepare_inputs,
+            "GPUModelRunner._update_states": GPUModelRunner._update_states}
 
 
 def upstream_digests() -> dict[str, str]:
@@ -65,6 +98,43 @@ def last_hidden_rows(num_draft_tokens: list[int], num_sampled: list[int]) -> lis
     return rows
 
 
+def committed_counts(num_scheduled: list[int], num_spec: list[int], num_sampled: list[int]) -> list[int]:
+    """How many of each request's scheduled rows are committed positions.
+
+    A request scheduled ``n`` tokens of which ``s`` are drafts: the ``n - s`` others (a prompt
+    chunk, or the last sampled token in a decode step) are committed, and so are the drafts
+    the target accepted, ``num_sampled - 1`` of them (the last sampled token is the bonus or
+    the correction, not yet fed to the target).
+
+    >>> committed_counts([16, 3, 5, 1], [0, 2, 4, 0], [0, 2, 1, 1])  # chunk, 1 of 2, 0 of 4, plain
+    [16, 2, 1, 1]
+    """
+    return [n - s + max(k - 1, 0) for n, s, k in zip(num_scheduled, num_spec, num_sampled)]
+
+
+def committed_positions(runner: Any, scheduler_output: Any, sampled_token_ids: Any,
+                        hidden_states: Any) -> CommittedPositions | None:
+    """This step's :class:`CommittedPositions` from the runner's state (``None``: not a list step)."""
+    if not isinstance(sampled_token_ids, list):
+        return None
+    batch = runner.input_batch
+    req_ids = list(batch.req_ids)[: len(sampled_token_ids)]
+    scheduled = [int(scheduler_output.num_scheduled_tokens[r]) for r in req_ids]
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    counts = committed_counts(scheduled, [len(spec.get(r, ())) for r in req_ids],
+                              [len(t) for t in sampled_token_ids])
+    starts, hidden, tokens = [], [], []
+    offset = 0
+    for i, (n, c) in enumerate(zip(scheduled, counts)):
+        start = int(batch.num_computed_tokens_cpu[i])
+        starts.append(start)
+        hidden.append(hidden_states[offset : offset + c])
+        tokens.append(batch.token_ids_cpu[i, : start + c])
+        offset += n
+    return CommittedPositions(req_ids=req_ids, starts=starts, hidden=hidden, tokens=tokens,
+                              finished=frozenset(scheduler_output.finished_req_ids))
+
+
 def _hidden_per_request(sampled_token_ids: Any, sample_hidden_states: Any, spec_decode_metadata: Any) -> Any:
     import torch
 
@@ -89,7 +159,14 @@ def apply() -> None:
 
     @functools.wraps(current)
     def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
-        observe = getattr(getattr(self, "drafter", None), "observe_hidden", None)
+        drafter = getattr(self, "drafter", None)
+        observe_positions = getattr(drafter, "observe_positions", None)
+        if callable(observe_positions) and getattr(drafter, "needs_positions", False):
+            bound = signature.bind(self, *args, **kwargs).arguments
+            feed = committed_positions(self, *(bound[name] for name in POSITION_ARGUMENTS))
+            if feed is not None:
+                observe_positions(feed)
+        observe = getattr(drafter, "observe_hidden", None)
         if callable(observe):
             bound = signature.bind(self, *args, **kwargs).arguments
             observe(_hidden_per_request(*(bound[name] for name in ARGUMENTS)))

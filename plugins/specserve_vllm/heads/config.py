@@ -37,6 +37,10 @@ class HeadsConfig:
     one the target samples from the same hidden state. ``num_layers`` residual blocks per head.
     Hydra head ``i`` also reads the embeddings of the ``i + 1`` tokens before its own
     (the sampled token and the drafts of heads ``0..i-1``).
+
+    ``prefix_attention`` (Hydra only): the heads read ``z_p`` of one causal decoder block
+    (``prefix_heads`` attention heads) over the target's hidden states ``h_0..h_p`` instead
+    of ``h_p`` (Hydra++; :mod:`specserve_vllm.heads.prefix`).
     """
 
     kind: HeadKind
@@ -47,11 +51,15 @@ class HeadsConfig:
     target: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     heldout_top1: list[float] = field(default_factory=list)
+    prefix_attention: bool = False
+    prefix_heads: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise CheckpointError(f"unknown head kind {self.kind!r}; expected one of {KINDS}")
-        for name in ("num_heads", "hidden_size", "vocab_size", "num_layers"):
+        if self.prefix_attention and self.kind != "hydra":
+            raise CheckpointError(f"prefix attention is a Hydra option, not one of {self.kind} heads")
+        for name in ("num_heads", "hidden_size", "vocab_size", "num_layers", "prefix_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CheckpointError(f"{name} must be a positive integer, got {value!r}")

@@ -9,6 +9,11 @@ the target samples token ``x[p+1]`` from it) and score with the target's LM head
   ``num_layers - 1`` residual blocks; it sees the tokens drafted before it (sequential
   dependence), with ``E`` the target's input embedding.
 
+With ``config.prefix_attention`` Hydra heads own a ``prefix`` block
+(:class:`~specserve_vllm.heads.prefix.PrefixAttention`) and ``hidden`` above is its output
+``z_p`` over ``h_0..h_p`` rather than ``h_p``: :meth:`HydraHeads.head_inputs` computes it for
+whole sequences (training), the proposer incrementally per request (inference).
+
 Every projection starts at zero, so an untrained head predicts what the target predicts for
 the next token; training moves it to the token ``i + 1`` further.
 """
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 from specserve_vllm.heads.config import HeadsConfig
+from specserve_vllm.heads.prefix import PrefixAttention
 
 
 class ResidualStack(nn.Module):
@@ -50,6 +56,12 @@ class MedusaHeads(nn.Module):
         self.blocks = nn.ModuleList(
             ResidualStack(config.hidden_size, config.num_layers) for _ in range(config.num_heads)
         )
+
+    prefix = None
+
+    def head_inputs(self, sequences: torch.Tensor) -> torch.Tensor:
+        """The heads' input at every position of ``sequences [B, T, d]``: the states themselves."""
+        return sequences
 
     def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         return torch.stack([block(hidden) for block in self.blocks], dim=1)
@@ -82,6 +94,14 @@ class HydraHeads(nn.Module):
         self.blocks = nn.ModuleList(
             ResidualStack(d, config.num_layers - 1) for _ in range(config.num_heads)
         )
+        self.prefix = PrefixAttention(d, config.prefix_heads) if config.prefix_attention else None
+
+    def head_inputs(self, sequences: torch.Tensor) -> torch.Tensor:
+        """The heads' input at every position of ``sequences [B, T, d]`` (target hidden states).
+
+        ``z [B, T, d]`` of the causal prefix block, or the hidden states themselves without one.
+        """
+        return sequences if self.prefix is None else self.prefix(sequences)
 
     def head(self, i: int, hidden: torch.Tensor, prev_embeds: list[torch.Tensor]) -> torch.Tensor:
         """State of head ``i`` given the embeddings of the ``i + 1`` tokens before its target."""

@@ -12,6 +12,12 @@ the engine config only. :mod:`specserve_vllm.compat.hidden_feed` hands the propo
 request's last hidden state before ``propose``; the heads score with the target's own LM head
 and input embeddings, taken from the loaded target model. Drafts are greedy chains of length
 ``num_speculative_tokens`` (at most the number of heads), cut at the model length.
+
+Hydra heads with ``prefix_attention`` read ``z`` of their prefix block instead of the last
+hidden state: the proposer sets ``needs_positions``, so the feed also calls
+:meth:`HeadsProposer.observe_positions` with every request's newly committed positions, which
+:class:`~specserve_vllm.heads.prefix_cache.PrefixCache` turns into per-request keys/values
+(freed when vLLM reports the request finished).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from specserve_vllm.heads.checkpoint import load_heads
 from specserve_vllm.heads.config import CheckpointError, HeadsConfig, read_config
+from specserve_vllm.heads.prefix_cache import PrefixCache
 from specserve_vllm.heads.registry import resolve_head_class
 
 logger = logging.getLogger(__name__)
@@ -77,6 +84,13 @@ class HeadsProposer:
         self.lm_head: torch.Tensor | None = None
         self.embed: torch.Tensor | None = None
         self._hidden: torch.Tensor | None = None
+        self.prefix_cache: PrefixCache | None = None
+        self._req_ids: list[str] = []
+
+    @property
+    def needs_positions(self) -> bool:
+        """Whether the feed should call :meth:`observe_positions` (prefix attention only)."""
+        return bool(self.config.prefix_attention)
 
     def load_model(self, target_model: Any = None, *args: Any, **kwargs: Any) -> None:
         """Load the heads next to the target model (same device and dtype as its LM head)."""
@@ -84,6 +98,9 @@ class HeadsProposer:
         cls = resolve_head_class(self.config, self.model_config)
         _, self.heads = load_heads(self.directory, device=self.lm_head.device, dtype=self.lm_head.dtype,
                                    head_class=cls)
+        prefix = getattr(self.heads, "prefix", None)
+        if prefix is not None:
+            self.prefix_cache = PrefixCache(prefix)
         logger.info("loaded %s heads from %s (%d heads, drafting %d)", self.config.kind, self.directory,
                     self.config.num_heads, self.num_speculative_tokens)
 
@@ -91,10 +108,31 @@ class HeadsProposer:
         """This step's last hidden state per request (``[num_reqs, d]``), before ``propose``."""
         self._hidden = hidden
 
+    def observe_positions(self, feed: Any) -> None:
+        """This step's committed positions per request (a ``hidden_feed.CommittedPositions``)."""
+        if self.prefix_cache is None:
+            return
+        self.prefix_cache.finish(feed.finished)
+        for req_id, start, hidden, tokens in zip(feed.req_ids, feed.starts, feed.hidden, feed.tokens):
+            self.prefix_cache.commit(req_id, start, hidden, tokens)
+        self._req_ids = list(feed.req_ids)
+
+    def _head_inputs(self, hidden: torch.Tensor | None, num_reqs: int) -> torch.Tensor | None:
+        """``[num_reqs, d]`` heads' inputs: the fed hidden states, or the prefix block's ``z``."""
+        if self.prefix_cache is None or hidden is None:
+            return hidden
+        if len(self._req_ids) != num_reqs:
+            return None
+        rows = [self.prefix_cache.head_input(r) for r in self._req_ids]
+        # A request without cached positions (cannot happen once it sampled) drafts from h_p.
+        return torch.stack([z.to(device=hidden.device, dtype=hidden.dtype) if z is not None else hidden[i]
+                            for i, z in enumerate(rows)])
+
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
         num_reqs = len(sampled_token_ids)
         hidden, self._hidden = self._hidden, None
+        hidden = self._head_inputs(hidden, num_reqs)
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         n = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)
         room = np.minimum(self.num_speculative_tokens, self.max_model_len - n)

@@ -3,6 +3,7 @@
 Examples:
     specserve heads train --kind hydra --model /models/demo --out /models/demo-hydra
     specserve heads train --kind medusa,hydra --out-root /models/heads   # same data and budget
+    specserve heads train --kind hydra --prefix-attention --out /models/demo-hydra-pa   # Hydra++
     specserve heads path --kind medusa          # the demo model's heads (trained once, cached)
     specserve heads convert --heads DIR --model DIR --out DIR   # for vLLM's own Medusa proposer
 """
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--sequences", type=int, default=None, help="self-distillation sequences")
     t.add_argument("--loss", choices=("teacher", "hard"), default=None)
+    t.add_argument("--prefix-attention", action="store_true",
+                   help="Hydra only: heads read a causal attention block over all hidden states (Hydra++)")
     t.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("path", help="print the demo model's heads dir (trains them once if missing)")
     p.add_argument("--kind", choices=("medusa", "hydra"), required=True)
@@ -49,6 +52,9 @@ def _train(args: argparse.Namespace) -> int:
     if bad or not kinds:
         sys.stderr.write(f"--kind: unknown {bad or kinds}; use medusa, hydra or medusa,hydra\n")
         return 2
+    if args.prefix_attention and "hydra" not in kinds:
+        sys.stderr.write("--prefix-attention is a Hydra option; add --kind hydra\n")
+        return 2
     if args.out_root is not None:
         outs = {k: args.out_root / k for k in kinds}
     elif args.out is not None and len(kinds) == 1:
@@ -58,7 +64,8 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     recipe = HeadsRecipe()
     overrides = {"num_heads": args.num_heads, "num_layers": args.num_layers, "steps": args.steps,
-                 "sequences": args.sequences, "loss": args.loss}
+                 "sequences": args.sequences, "loss": args.loss,
+                 "prefix_attention": args.prefix_attention or None}
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     model = args.model or demo_model_dir(progress=not args.no_progress)
     records = build(Path(model), outs, recipe, corpus=args.corpus, progress=not args.no_progress)

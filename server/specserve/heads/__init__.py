@@ -53,7 +53,9 @@ def build(model_dir: Path, out_dirs: dict[str, Path], recipe: HeadsRecipe, corpu
     embed = model.get_input_embeddings().weight.detach()
     records = {}
     for kind, out in out_dirs.items():
-        kind_recipe = replace(recipe, kind=kind)  # type: ignore[arg-type]
+        # Prefix attention is a Hydra option: Medusa heads trained alongside go without it.
+        kind_recipe = replace(recipe, kind=kind,  # type: ignore[arg-type]
+                              prefix_attention=recipe.prefix_attention and kind == "hydra")
         heads, config, record = train_heads(kind_recipe, train, heldout, lm_head, embed, progress)
         config = replace(config, target=target_info(model_dir))
         save_heads(out, config, heads)

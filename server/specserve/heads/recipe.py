@@ -24,6 +24,10 @@ DEFAULT_LAYERS: dict[str, int] = {"medusa": 1, "hydra": 3}
 
 Loss = Literal["teacher", "hard"]
 
+OPTIONS_OFF: tuple[str, ...] = ("prefix_attention",)
+"""Options added after recipes shipped: left out of the fingerprint while off, so the shipped
+checkpoints' fingerprints stay valid."""
+
 
 @dataclass(frozen=True)
 class HeadsRecipe:
@@ -43,6 +47,7 @@ class HeadsRecipe:
     loss: Loss = "hard"  # "hard": CE to the target's argmax; "teacher": CE to its whole distribution
     seed: int = 7
     threads: int = 2
+    prefix_attention: bool = False  # Hydra++'s causal block over h_0..h_p (Hydra only)
 
     @property
     def layers(self) -> int:
@@ -54,5 +59,17 @@ class HeadsRecipe:
         return self.num_layers if self.num_layers is not None else DEFAULT_LAYERS[self.kind]
 
     def fingerprint(self) -> str:
-        payload = json.dumps({"trainer": TRAINER_VERSION, **asdict(self)}, sort_keys=True)
+        """Digest of what the recipe produces; options at their off default leave it unchanged.
+
+        >>> base = HeadsRecipe(kind="hydra")
+        >>> base.fingerprint() == HeadsRecipe(kind="hydra", prefix_attention=False).fingerprint()
+        True
+        >>> base.fingerprint() == HeadsRecipe(kind="hydra", prefix_attention=True).fingerprint()
+        False
+        """
+        fields = asdict(self)
+        for name in OPTIONS_OFF:
+            if fields[name] is False:
+                del fields[name]
+        payload = json.dumps({"trainer": TRAINER_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

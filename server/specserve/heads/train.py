@@ -6,6 +6,11 @@ top-1 agreement) or its whole distribution there (``"teacher"``, Hydra++'s teach
 sequence's own tokens ``x[p+1..p+1+i]``, which on greedy continuations are exactly the drafts a
 fully accepted chain would feed them.
 
+With ``prefix_attention`` (Hydra++) the heads read ``z_p`` of a causal block over the
+sequence's hidden states ``h_0..h_p`` instead of ``h_p``: a step then samples
+``PREFIX_SEQUENCES_PER_STEP`` sequences, runs the block once over each (causal mask, up to its
+last sampled position) and takes ``batch_positions`` positions from them.
+
 Evaluation on held-out sequences, generated region only: per-head top-1 agreement with the
 target's argmax, and ``est_tau`` = 1 + mean length of the prefix of heads that are all right,
 the τ a greedy chain draft of all heads would reach.
@@ -28,6 +33,9 @@ from specserve_vllm.heads.model import build_heads
 
 logger = logging.getLogger(__name__)
 
+PREFIX_SEQUENCES_PER_STEP = 32
+"""Sequences per optimiser step with prefix attention (positions spread over them)."""
+
 
 def gather(data: Distilled, seq: torch.Tensor, pos: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, ...]:
     """``(hidden [B, d], next_tokens [B, H], teacher_hidden [B, H, d])`` at positions ``pos``.
@@ -37,6 +45,37 @@ def gather(data: Distilled, seq: torch.Tensor, pos: torch.Tensor, num_heads: int
     """
     ahead = pos[:, None] + 1 + torch.arange(num_heads)[None, :]  # [B, H]
     return data.hidden[seq, pos], data.tokens[seq[:, None], ahead], data.hidden[seq[:, None], ahead]
+
+
+def all_head_inputs(heads: nn.Module, data: Distilled, chunk: int = 16) -> torch.Tensor:
+    """The heads' input ``[N, T, d]`` at every position of ``data`` (no grad; ``data.hidden`` itself
+    for heads without a prefix block)."""
+    if getattr(heads, "prefix", None) is None:
+        return data.hidden
+    with torch.no_grad():
+        return torch.cat([heads.head_inputs(data.hidden[i : i + chunk]) for i in range(0, data.hidden.shape[0], chunk)])
+
+
+def sample_batch(heads: nn.Module, data: Distilled, batch_positions: int, num_heads: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """One training batch ``(inputs [B, d], next_tokens [B, H], teacher_hidden [B, H, d])``.
+
+    Without a prefix block: ``B`` independent (sequence, position) pairs. With one: positions
+    spread over :data:`PREFIX_SEQUENCES_PER_STEP` sequences, the block run once per sequence
+    over positions ``0..max p`` (causal, so ``z_p`` sees exactly ``h_0..h_p``).
+    """
+    n, t = data.tokens.shape
+    if getattr(heads, "prefix", None) is None:
+        seq = torch.randint(0, n, (batch_positions,), generator=gen)
+        pos = torch.randint(0, t - num_heads, (batch_positions,), generator=gen)
+        return gather(data, seq, pos, num_heads)
+    per = max(1, batch_positions // PREFIX_SEQUENCES_PER_STEP)
+    seqs = torch.randint(0, n, (PREFIX_SEQUENCES_PER_STEP,), generator=gen)
+    pos = torch.randint(0, t - num_heads, (PREFIX_SEQUENCES_PER_STEP, per), generator=gen)
+    z = heads.head_inputs(data.hidden[seqs, : int(pos.max()) + 1])  # [S, <=T, d]
+    inputs = z[torch.arange(seqs.shape[0])[:, None], pos].reshape(-1, z.shape[-1])
+    _, nxt, teacher_hidden = gather(data, seqs.repeat_interleave(per), pos.reshape(-1), num_heads)
+    return inputs, nxt, teacher_hidden
 
 
 def head_states(heads: nn.Module, hidden: torch.Tensor, next_tokens: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
@@ -76,9 +115,11 @@ def evaluate(heads: nn.Module, data: Distilled, lm_head: torch.Tensor, embed: to
     first = max(0, data.prompt_tokens - 1)
     seq, pos = torch.meshgrid(torch.arange(n), torch.arange(first, t - h), indexing="ij")
     seq, pos = seq.reshape(-1), pos.reshape(-1)
+    inputs = all_head_inputs(heads, data)
     correct = []
     for i in range(0, seq.shape[0], batch):
-        hidden, nxt, teacher = gather(data, seq[i : i + batch], pos[i : i + batch], h)
+        _, nxt, teacher = gather(data, seq[i : i + batch], pos[i : i + batch], h)
+        hidden = inputs[seq[i : i + batch], pos[i : i + batch]]
         predicted = (head_states(heads, hidden, nxt, embed) @ lm_head.T).argmax(-1)
         correct.append(predicted == (teacher @ lm_head.T).argmax(-1))
     right = torch.cat(correct).float()  # [P, H]
@@ -94,7 +135,8 @@ def train_heads(recipe: HeadsRecipe, train: Distilled, heldout: Distilled, lm_he
     torch.set_num_threads(recipe.threads)
     d = train.hidden.shape[-1]
     config = HeadsConfig(kind=recipe.kind, num_heads=recipe.num_heads, hidden_size=d,
-                         vocab_size=int(lm_head.shape[0]), num_layers=recipe.layers)
+                         vocab_size=int(lm_head.shape[0]), num_layers=recipe.layers,
+                         prefix_attention=recipe.prefix_attention)
     heads = build_heads(config)
     opt = torch.optim.AdamW(heads.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps,
@@ -113,9 +155,7 @@ def train_heads(recipe: HeadsRecipe, train: Distilled, heldout: Distilled, lm_he
     t0 = time.monotonic()
     for step in range(recipe.steps):
         heads.train()
-        seq = torch.randint(0, n, (recipe.batch_positions,), generator=gen)
-        pos = torch.randint(0, t - h, (recipe.batch_positions,), generator=gen)
-        hidden, nxt, teacher_hidden = gather(train, seq, pos, h)
+        hidden, nxt, teacher_hidden = sample_batch(heads, train, recipe.batch_positions, h, gen)
         with torch.no_grad():
             teacher = teacher_hidden @ lm_head.T
         loss = distill_loss(head_states(heads, hidden, nxt, embed) @ lm_head.T, teacher, recipe.loss)
@@ -142,7 +182,8 @@ def train_heads(recipe: HeadsRecipe, train: Distilled, heldout: Distilled, lm_he
               "train_sequences": int(n), "heldout_sequences": int(heldout.tokens.shape[0])}
     config = HeadsConfig(kind=config.kind, num_heads=config.num_heads, hidden_size=d,
                          vocab_size=config.vocab_size, num_layers=config.num_layers,
-                         training=record, heldout_top1=result["top1"])
+                         training=record, heldout_top1=result["top1"],
+                         prefix_attention=config.prefix_attention, prefix_heads=config.prefix_heads)
     logger.info("heads trained", extra={"fields": {"kind": recipe.kind, "seconds": seconds, **result}})
     return heads.eval(), config, record
 
