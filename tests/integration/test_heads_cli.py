@@ -43,3 +43,5 @@ def test_train_refuses_bad_arguments(tmp_path: Path) -> None:
     assert out.returncode == 2 and "unknown" in out.stderr
     out = _cli("heads", "train", "--kind", "medusa,hydra", "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and "--out-root" in out.stderr
+    out = _cli("heads", "train", "--kind", "medusa", "--prefix-attention", "--out", str(tmp_path / "x"))
+    assert out.returncode == 2 and "Hydra option" in out.stderr
