@@ -268,6 +268,19 @@ def test_cli_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parser.parse_args(["--replica", "http://e:8000"]).spec_policy == "fixed"
 
 
+def test_step_cost_start_values_follow_the_device() -> None:
+    from specserve.commands.gateway import STEP_COST_MS, add_arguments, gateway_config, step_costs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--replica", "http://e:8000"])
+    assert gateway_config(args, args.replica).spec_step_base_ms == STEP_COST_MS["gpu"][0]
+    cpu = gateway_config(args, args.replica, device="cpu")
+    assert (cpu.spec_step_base_ms, cpu.spec_step_token_ms) == STEP_COST_MS["cpu"]
+    given = parser.parse_args(["--replica", "http://e:8000", "--spec-step-token-ms", "0.1"])
+    assert step_costs(given, "cpu") == (STEP_COST_MS["cpu"][0], 0.1)
+
+
 @pytest.mark.parametrize("name", ["specserve.gateway.goodput", "specserve.gateway.spec_io",
                                   "specserve.gateway.speculation"])
 def test_docstring_examples(name: str) -> None:

@@ -44,15 +44,42 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         "and acceptance, fixed = the engine's (default: $SPECSERVE_SPEC_POLICY or fixed)")
     s.add_argument("--spec-k-max", type=int, default=0,
                    help="largest spec_k the goodput policy sends (0 = the engine's num_speculative_tokens)")
-    s.add_argument("--spec-step-base-ms", type=float, default=20.0,
-                   help="goodput policy: start estimate of a decoding step's fixed time (refined online)")
-    s.add_argument("--spec-step-token-ms", type=float, default=0.5,
-                   help="goodput policy: start estimate of step time per token the batch verifies")
+    s.add_argument("--spec-step-base-ms", type=float, default=None,
+                   help="goodput policy: start estimate of a decoding step's fixed time, refined online "
+                        f"(default {STEP_COST_MS['gpu'][0]}; `serve` on CPU: {STEP_COST_MS['cpu'][0]})")
+    s.add_argument("--spec-step-token-ms", type=float, default=None,
+                   help="goodput policy: start estimate of step time per token the batch verifies "
+                        f"(default {STEP_COST_MS['gpu'][1]}; `serve` on CPU: {STEP_COST_MS['cpu'][1]})")
 
 
-def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str | None = None) -> GatewayConfig:
+STEP_COST_MS: dict[str, tuple[float, float]] = {
+    "gpu": (20.0, 0.5),
+    "cpu": (7.0, 2.2),
+}
+"""Start values (ms per step, ms per verified token) of the goodput policy's step-time model.
+
+``cpu`` is the demo model measured on 2 cores (``specserve bench drafters``: 9.1 ms for a 1-token
+step, 24.6 ms for 8 tokens, 22 ms for one request with 4 drafts); the model refits online.
+"""
+
+
+def step_costs(args: argparse.Namespace, device: str = "gpu") -> tuple[float, float]:
+    """The step-time start values: given flags, else ``device``'s defaults.
+
+    >>> ns = argparse.Namespace(spec_step_base_ms=None, spec_step_token_ms=1.0)
+    >>> step_costs(ns, "cpu")
+    (7.0, 1.0)
+    """
+    base, token = STEP_COST_MS.get(device, STEP_COST_MS["gpu"])
+    given_base, given_token = args.spec_step_base_ms, args.spec_step_token_ms
+    return (base if given_base is None else given_base, token if given_token is None else given_token)
+
+
+def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str | None = None,
+                   device: str = "gpu") -> GatewayConfig:
     from specserve.gateway.config import GatewayConfig, KeyLimits
 
+    step_base_ms, step_token_ms = step_costs(args, device)
     keys = list(args.api_key)
     keys += [k.strip() for k in os.environ.get("SPECSERVE_API_KEYS", "").split(",") if k.strip()]
     return GatewayConfig(
@@ -63,7 +90,7 @@ def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str |
         max_prompt_chars=args.max_prompt_chars, max_in_flight=args.max_in_flight,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout, spec_policy=args.spec_policy, spec_k_max=args.spec_k_max,
-        spec_step_base_ms=args.spec_step_base_ms, spec_step_token_ms=args.spec_step_token_ms,
+        spec_step_base_ms=step_base_ms, spec_step_token_ms=step_token_ms,
     )
 
 

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             code = engine.exit_code()
             return None if code is None else f"engine exited with code {code}"
 
-        return serve_gateway(args, gateway_config(args, [spec.url]), should_stop=engine_gone)
+        return serve_gateway(args, gateway_config(args, [spec.url], device=spec.device), should_stop=engine_gone)
     except EngineError as exc:
         log.error("engine failed", extra={"fields": {"error": str(exc)}})
         return 1
