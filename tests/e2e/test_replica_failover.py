@@ -183,7 +183,7 @@ async def _kill_under_load(cluster: Cluster, victim: str) -> tuple[list[str], li
         assert streams_there >= 1, "no stream is running on the engine about to be killed"
         unaries = [asyncio.create_task(_unary(client, i)) for i in range(4)]
         # Bounded: wait until a unary request is at the victim engine, not answered yet.
-        await asyncio.to_thread(_wait_until, lambda: _engine_load(victim_url) > streams_there, 30,
+        await asyncio.to_thread(_wait_until, lambda: _engine_load(victim_url) > streams_there, 90,
                                 "a unary request reaches the engine", 0.05)
         engine = cluster.engines[victim]
         assert engine.proc is not None

@@ -24,7 +24,10 @@ def _complete(client: httpx.Client, base: str, **extra: object) -> tuple[int, di
 
 def test_gateway_spec_k_reaches_the_engine(demo_model_dir: Path, tmp_path: Path) -> None:
     args = ["--drafter", "recycling", "--num-speculative-tokens", "4",
-            "--spec-policy", "goodput", "--spec-k-max", "2"]
+            "--spec-policy", "goodput", "--spec-k-max", "2",
+            # Explicit step-time start values (GPU-like): the test is about the mechanism, not
+            # the CPU calibration, under which k = 1 and k = 2 are nearly tied at the prior.
+            "--spec-step-base-ms", "20", "--spec-step-token-ms", "0.5"]
     with running_specserve(demo_model_dir, args, log_dir=tmp_path) as server, \
             httpx.Client(trust_env=False, timeout=120) as client:
         base = server.base_url
