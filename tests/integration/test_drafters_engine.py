@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from spec_runs import PROMPTS, REPETITIVE, greedy, run_batches
+
 from specserve.drafters import HEADS_ENV, speculative_config
 from specserve.engine.local import local_llm
 
@@ -26,17 +28,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 K = 4
 MAX_TOKENS = 48
-PROMPTS = [
-    "def add(a, b):\n    return",
-    "import os\nimport sys\n",
-    "class Stack:\n    def __init__(self):\n",
-    "for i in range(10):\n    print(i)\nfor i in range(10):\n    print(i)\n",
-    "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n",
-    "# a comment\n",
-    "def main():\n",
-    "return None\nreturn None\nreturn None\n",
-]
-REPETITIVE = 4  # index of a prompt whose continuation repeats
 NUM_SAMPLES = 320  # seeded requests per engine for the temperature > 0 comparison
 SAMPLE_TOKENS = 3
 TEMPERATURE = 1.0
@@ -54,9 +45,7 @@ def _engine(model_dir: Path, spec: dict[str, Any] | None) -> Any:
 
 
 def _greedy(extra_args: dict[str, Any] | None = None) -> Any:
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra_args)
+    return greedy(MAX_TOKENS, extra_args)
 
 
 def _sampled(llm: Any) -> list[Any]:
@@ -101,14 +90,7 @@ def homogeneity_z(a: list[int], b: list[int], min_count: int = 10) -> float:
 
 
 def _run(llm: Any) -> dict[str, Any]:
-    """Batch-1 outputs for three prompts, batch-8 outputs for all, and the batch-8 request outputs."""
-    batch1 = [list(llm.generate([p], _greedy(), use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS[:3]]
-    results = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    return {
-        "batch1": batch1,
-        "batch8": [list(r.outputs[0].token_ids) for r in results],
-        "outputs": [r.outputs[0] for r in results],
-    }
+    return run_batches(llm, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from spec_runs import greedy, run_batches
+
 from specserve.drafters import HEADS_ENV, speculative_config
 from specserve.engine.local import local_llm
 
@@ -23,29 +25,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 K = 4
 MAX_TOKENS = 40
-PROMPTS = [
-    "def add(a, b):\n    return",
-    "import os\nimport sys\n",
-    "class Stack:\n    def __init__(self):\n",
-    "for i in range(10):\n    print(i)\nfor i in range(10):\n    print(i)\n",
-    "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n",
-    "# a comment\n",
-    "def main():\n",
-    "return None\nreturn None\nreturn None\n",
-]
 
 
 def _greedy() -> Any:
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return greedy(MAX_TOKENS)
 
 
 def _run(llm: Any) -> dict[str, Any]:
-    batch1 = [list(llm.generate([p], _greedy(), use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS[:3]]
-    results = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    return {"batch1": batch1, "batch8": [list(r.outputs[0].token_ids) for r in results],
-            "outputs": [r.outputs[0] for r in results]}
+    return run_batches(llm, MAX_TOKENS)
 
 
 def _drafter(llm: Any) -> Any:

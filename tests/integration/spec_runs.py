@@ -1,0 +1,36 @@
+"""Prompts and greedy runs shared by the real-engine drafter tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROMPTS = [
+    "def add(a, b):\n    return",
+    "import os\nimport sys\n",
+    "class Stack:\n    def __init__(self):\n",
+    "for i in range(10):\n    print(i)\nfor i in range(10):\n    print(i)\n",
+    "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n",
+    "# a comment\n",
+    "def main():\n",
+    "return None\nreturn None\nreturn None\n",
+]
+REPETITIVE = 4  # index of a prompt whose continuation repeats
+
+
+def greedy(max_tokens: int, extra_args: dict[str, Any] | None = None) -> Any:
+    """Temperature-0 sampling params of exactly ``max_tokens`` tokens."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra_args)
+
+
+def run_batches(llm: Any, max_tokens: int) -> dict[str, Any]:
+    """Batch-1 outputs for three prompts, batch-8 outputs for all, and the batch-8 request outputs."""
+    params = greedy(max_tokens)
+    batch1 = [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS[:3]]
+    results = llm.generate(PROMPTS, params, use_tqdm=False)
+    return {
+        "batch1": batch1,
+        "batch8": [list(r.outputs[0].token_ids) for r in results],
+        "outputs": [r.outputs[0] for r in results],
+    }
