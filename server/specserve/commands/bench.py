@@ -14,6 +14,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "jsonschema": ("jsonschema", "structured outputs on JSONSchemaBench (MaskBench, compile)"),
     "drafters": ("drafters", "drafters: tau, tokens/s and speedup vs no speculation"),
     "gateway": ("gateway_overhead", "gateway overhead vs direct engine under concurrent streams"),
+    "spec-policy": ("spec_policy", "goodput speculation length vs a fixed one, same engine"),
 }
 
 

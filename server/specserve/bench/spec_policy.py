@@ -1,0 +1,138 @@
+"""``specserve bench spec-policy``: the goodput speculation-length policy against a fixed one.
+
+Starts ``specserve serve`` (one engine with ``--drafter``, gateway policy ``fixed``: every request
+drafts the engine's ``k``) and a second ``specserve gateway --spec-policy goodput`` in front of the
+same engine, then for each ``--concurrency`` sends closed-loop greedy completions through each
+gateway in turn for ``--duration`` seconds. Reports output tokens/s, p50 latency and the ``spec_k``
+the goodput gateway chose (``x-specserve-spec-k``), as JSON on stdout and one summary line on stderr.
+Both sides share the engine, so the comparison is within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PROMPT = ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
+          "fibonacci(n - 2)\n\n# the same for")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
+    parser.add_argument("--drafter", default="recycling")
+    parser.add_argument("--k", type=int, default=4, help="engine num_speculative_tokens")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts")
+    parser.add_argument("--duration", type=float, default=25.0, help="seconds per policy and concurrency")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--goodput-args", default="", help="extra flags for the goodput gateway")
+
+
+def p50(values: list[float]) -> float:
+    """Median (upper) of ``values``.
+
+    >>> p50([3.0, 1.0, 2.0, 4.0])
+    3.0
+    """
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+async def closed_loop(base: str, model: str, concurrency: int, duration: float, max_tokens: int) -> dict[str, Any]:
+    """``concurrency`` clients each sending the next request when the last one returns."""
+    import httpx
+
+    tokens, latencies, chosen = 0, [], {}  # type: ignore[var-annotated]
+    stop = time.monotonic() + duration
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+        async def client_loop() -> None:
+            nonlocal tokens
+            while time.monotonic() < stop:
+                t0 = time.monotonic()
+                r = await client.post(f"{base}/v1/completions", json=body)
+                r.raise_for_status()
+                latencies.append(time.monotonic() - t0)
+                tokens += int(r.json()["usage"]["completion_tokens"])
+                k = r.headers.get("x-specserve-spec-k", "engine")
+                chosen[k] = chosen.get(k, 0) + 1
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        elapsed = time.monotonic() - t0
+    return {"tokens_per_s": round(tokens / elapsed, 1), "requests": len(latencies),
+            "p50_latency_s": round(p50(latencies), 3), "spec_k": chosen}
+
+
+def _wait_ready(base: str, timeout_s: float = 900.0) -> None:
+    import httpx
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if httpx.get(f"{base}/ready", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"{base} not ready within {timeout_s} s")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(args: argparse.Namespace) -> int:
+    from specserve.demo import demo_model_dir
+    from specserve.engine.process import free_port
+
+    model_dir = args.model or demo_model_dir()
+    name = "bench-model"
+    fixed_port, goodput_port, engine_port = free_port(), free_port(), free_port()
+    cli = [sys.executable, "-m", "specserve.cli"]
+    serve = gateway = None
+    try:
+        serve = subprocess.Popen(
+            [*cli, "serve", "--model", str(model_dir), "--served-model-name", name, "--port", str(fixed_port),
+             "--engine-port", str(engine_port), "--drafter", args.drafter, "--num-speculative-tokens",
+             str(args.k), "--spec-policy", "fixed", "--", "--max-num-seqs", str(args.max_num_seqs), "--seed", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_ready(f"http://127.0.0.1:{fixed_port}")
+        gateway = subprocess.Popen(
+            [*cli, "gateway", "--replica", f"http://127.0.0.1:{engine_port}", "--port", str(goodput_port),
+             "--spec-policy", "goodput", *args.goodput_args.split()],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_ready(f"http://127.0.0.1:{goodput_port}")
+        # Warm-up: the goodput gateway learns acceptance from its first responses.
+        asyncio.run(closed_loop(f"http://127.0.0.1:{goodput_port}", name, 1, 5.0, args.max_tokens))
+        report: dict[str, Any] = {"drafter": args.drafter, "k": args.k, "duration_s": args.duration, "runs": {}}
+        for conc in (int(c) for c in args.concurrency.split(",")):
+            for policy, port in (("fixed", fixed_port), ("goodput", goodput_port)):
+                result = asyncio.run(closed_loop(f"http://127.0.0.1:{port}", name, conc, args.duration,
+                                                 args.max_tokens))
+                report["runs"][f"{policy}@{conc}"] = result
+                logger.info("bench spec-policy", extra={"fields": {"policy": policy, "concurrency": conc, **result}})
+    finally:
+        _stop(gateway)
+        _stop(serve)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    runs = report["runs"]
+    parts = [f"c{c.split('@')[1]}: goodput/fixed x{round(runs[c]['tokens_per_s'] / runs[c.replace('goodput', 'fixed')]['tokens_per_s'], 3)}"
+             for c in runs if c.startswith("goodput")]
+    sys.stderr.write("spec-policy: " + "; ".join(parts) + "\n")
+    return 0
