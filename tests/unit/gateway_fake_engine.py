@@ -168,6 +168,35 @@ def running_fake_engine(state: FakeState | None = None) -> Iterator[tuple[str, F
         thread.join(timeout=10)
 
 
+@contextmanager
+def gateway_over_fake_engine() -> Iterator[tuple[asyncio.AbstractEventLoop, "object"]]:
+    """The gateway app (lifespan started) in front of a fake engine: ``(loop, httpx.AsyncClient)``.
+
+    The app imports xgrammar (and numpy) in a background thread at start; Hypothesis looks at
+    ``sys.modules["numpy"]`` while generating, which races with a half-done import, so it is
+    imported here first.
+    """
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from specserve.gateway import GatewayConfig, create_app
+    from specserve.structured.compile import load_xgrammar
+
+    load_xgrammar()
+    with running_fake_engine() as (url, _):
+        app = create_app(GatewayConfig(replicas=[url]), registry=CollectorRegistry())
+        loop = asyncio.new_event_loop()
+        lifespan = app.router.lifespan_context(app)
+        loop.run_until_complete(lifespan.__aenter__())
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw", timeout=30)
+        try:
+            yield loop, http
+        finally:
+            loop.run_until_complete(http.aclose())
+            loop.run_until_complete(lifespan.__aexit__(None, None, None))
+            loop.close()
+
+
 def main() -> None:
     """Run a fake engine in this process (the fault tests SIGKILL it): PORT NAME CHUNKS CHUNK_DELAY DELAY."""
     import sys

@@ -11,11 +11,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
-from specserve.gateway import GatewayConfig, create_app
 
-from gateway_fake_engine import MODEL, running_fake_engine
+from gateway_fake_engine import MODEL, gateway_over_fake_engine
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False)
@@ -48,18 +46,8 @@ def bodies(draw: st.DrawFn) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]]:
-    with running_fake_engine() as (url, _):
-        app = create_app(GatewayConfig(replicas=[url]), registry=CollectorRegistry())
-        loop = asyncio.new_event_loop()
-        lifespan = app.router.lifespan_context(app)
-        loop.run_until_complete(lifespan.__aenter__())
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw", timeout=30)
-        try:
-            yield loop, http
-        finally:
-            loop.run_until_complete(http.aclose())
-            loop.run_until_complete(lifespan.__aexit__(None, None, None))
-            loop.close()
+    with gateway_over_fake_engine() as pair:
+        yield pair  # type: ignore[misc]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -22,9 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from specserve.gateway import GatewayConfig, create_app
 from specserve.gateway.protocol import ErrorResponse
-from specserve.structured.compile import load_xgrammar
 
-from gateway_fake_engine import MODEL, running_fake_engine
+from gateway_fake_engine import MODEL, gateway_over_fake_engine
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -77,21 +76,8 @@ def assert_openai_error(response: httpx.Response) -> None:
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[Gateway]:
-    # The app imports xgrammar (and numpy) in a background thread at start; Hypothesis looks at
-    # sys.modules["numpy"] while generating, which races with a half-done import. Import it now.
-    load_xgrammar()
-    with running_fake_engine() as (url, _):
-        app = create_app(GatewayConfig(replicas=[url]), registry=CollectorRegistry())
-        loop = asyncio.new_event_loop()
-        lifespan = app.router.lifespan_context(app)
-        loop.run_until_complete(lifespan.__aenter__())
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw", timeout=30)
-        try:
-            yield loop, http
-        finally:
-            loop.run_until_complete(http.aclose())
-            loop.run_until_complete(lifespan.__aexit__(None, None, None))
-            loop.close()
+    with gateway_over_fake_engine() as pair:
+        yield pair  # type: ignore[misc]
 
 
 def test_the_document_describes_the_request_bodies_and_errors() -> None:
