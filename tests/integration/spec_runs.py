@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PROMPTS = [
@@ -34,3 +37,20 @@ def run_batches(llm: Any, max_tokens: int) -> dict[str, Any]:
         "batch8": [list(r.outputs[0].token_ids) for r in results],
         "outputs": [r.outputs[0] for r in results],
     }
+
+
+@contextmanager
+def heads_env(directory: str | None) -> Iterator[None]:
+    """``SPECSERVE_HEADS_DIR`` set to ``directory`` (left alone when None), restored afterwards."""
+    from specserve.drafters import HEADS_ENV
+
+    saved = os.environ.get(HEADS_ENV)
+    if directory is not None:
+        os.environ[HEADS_ENV] = directory
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(HEADS_ENV, None)
+        else:
+            os.environ[HEADS_ENV] = saved

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from spec_runs import PROMPTS, REPETITIVE, greedy, run_batches
+from spec_runs import PROMPTS, REPETITIVE, greedy, heads_env, run_batches
 
-from specserve.drafters import HEADS_ENV, speculative_config
+from specserve.drafters import speculative_config
 from specserve.engine.local import local_llm
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -103,24 +103,17 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
     out["none"]["sampled"] = _sampled(llm)
     del llm
     gc.collect()
-    saved = os.environ.get(HEADS_ENV)
-    try:
-        for drafter in DRAFTERS:
-            if drafter in ("medusa", "hydra"):
-                os.environ[HEADS_ENV] = str(demo_heads_dir(drafter))
+    for drafter in DRAFTERS:
+        heads = str(demo_heads_dir(drafter)) if drafter in ("medusa", "hydra") else None
+        with heads_env(heads):
             llm = _engine(demo_model_dir, speculative_config(drafter, K))  # type: ignore[arg-type]
-            out[drafter] = _run(llm)
-            off = llm.generate([PROMPTS[REPETITIVE]], _greedy({"spec_k": 0}), use_tqdm=False)[0].outputs[0]
-            out[drafter]["spec_k0"] = off
-            if drafter in SAMPLED:
-                out[drafter]["sampled"] = _sampled(llm)
-            del llm
-            gc.collect()
-    finally:
-        if saved is None:
-            os.environ.pop(HEADS_ENV, None)
-        else:
-            os.environ[HEADS_ENV] = saved
+        out[drafter] = _run(llm)
+        off = llm.generate([PROMPTS[REPETITIVE]], _greedy({"spec_k": 0}), use_tqdm=False)[0].outputs[0]
+        out[drafter]["spec_k0"] = off
+        if drafter in SAMPLED:
+            out[drafter]["sampled"] = _sampled(llm)
+        del llm
+        gc.collect()
     yield out
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from spec_runs import greedy, run_batches
+from spec_runs import greedy, heads_env, run_batches
 
-from specserve.drafters import HEADS_ENV, speculative_config
+from specserve.drafters import speculative_config
 from specserve.engine.local import local_llm
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -55,25 +55,18 @@ def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     out["none"] = _run(llm)
     del llm
     gc.collect()
-    saved = os.environ.get(HEADS_ENV)
-    os.environ[HEADS_ENV] = str(heads_dir)
-    try:
+    with heads_env(str(heads_dir)):
         llm = local_llm(demo_model_dir, max_num_seqs=8, speculative_config=speculative_config("hydra", K),
                         per_request_spec_decode_metrics="detailed")
-        out["hydra-pa"] = _run(llm)
-        cache = _drafter(llm).prefix_cache
-        out["stats"] = dict(cache.stats)
-        # vLLM reports finished requests to the runner at its next step: run one more request.
-        llm.generate(["# done\n"], _greedy(), use_tqdm=False)
-        out["live_after"] = set(cache.live)
-        out["retired"] = len(cache.retired)
-        del llm
-        gc.collect()
-    finally:
-        if saved is None:
-            os.environ.pop(HEADS_ENV, None)
-        else:
-            os.environ[HEADS_ENV] = saved
+    out["hydra-pa"] = _run(llm)
+    cache = _drafter(llm).prefix_cache
+    out["stats"] = dict(cache.stats)
+    # vLLM reports finished requests to the runner at its next step: run one more request.
+    llm.generate(["# done\n"], _greedy(), use_tqdm=False)
+    out["live_after"] = set(cache.live)
+    out["retired"] = len(cache.retired)
+    del llm
+    gc.collect()
     yield out
 
 

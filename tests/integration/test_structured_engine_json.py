@@ -59,8 +59,11 @@ DRAFTERS = ("plain", "ngram", "recycling", "medusa", "hydra")
 
 
 def _engine(model: Path, drafter: str) -> Any:
-    from specserve.drafters import HEADS_ENV, speculative_config
+    from spec_runs import heads_env
+
+    from specserve.drafters import speculative_config
     from specserve.engine.local import local_llm
+    from specserve.heads import demo_heads_dir
 
     kwargs: dict[str, Any] = {}
     if drafter == "ngram":
@@ -71,16 +74,14 @@ def _engine(model: Path, drafter: str) -> Any:
             "prompt_lookup_min": 1,
         }
     elif drafter != "plain":
-        if drafter in ("medusa", "hydra"):
-            from specserve.heads import demo_heads_dir
-
-            os.environ[HEADS_ENV] = str(demo_heads_dir(drafter))
         kwargs["speculative_config"] = speculative_config(drafter, 3)  # type: ignore[arg-type]
-    return local_llm(
-        model,
-        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-        **kwargs,
-    )
+    heads = str(demo_heads_dir(drafter)) if drafter in ("medusa", "hydra") else None
+    with heads_env(heads):  # read once, when the engine builds its proposer
+        return local_llm(
+            model,
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+            **kwargs,
+        )
 
 
 def _generate(llm: Any, schema: dict[str, Any], n: int) -> list[tuple[str, str | None]]:
@@ -105,17 +106,10 @@ def _generate(llm: Any, schema: dict[str, Any], n: int) -> list[tuple[str, str |
 def engine(request: pytest.FixtureRequest, demo_model_dir: Path) -> Iterator[Any]:
     import gc
 
-    from specserve.drafters import HEADS_ENV
-
-    saved = os.environ.get(HEADS_ENV)
     llm = _engine(demo_model_dir, request.param)
     yield llm
     del llm
     gc.collect()
-    if saved is None:
-        os.environ.pop(HEADS_ENV, None)
-    else:
-        os.environ[HEADS_ENV] = saved
 
 
 @pytest.mark.parametrize("schema_index", range(len(SCHEMAS)))
