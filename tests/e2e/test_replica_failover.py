@@ -170,21 +170,34 @@ async def _unary(client: openai.AsyncOpenAI, i: int) -> int:
     return response.usage.completion_tokens
 
 
-async def _kill_under_load(cluster: Cluster, victim: str) -> tuple[list[str], list[int]]:
-    """Streams flowing on both engines, unary requests in flight, then SIGKILL ``victim``'s group."""
+async def _kill_under_load(cluster: Cluster) -> tuple[str, list[str], list[int]]:
+    """Streams flowing on both engines, unary requests in flight, then SIGKILL one engine's group.
+
+    The victim is an engine that holds a stream and has a unary request in flight (routing is
+    least-loaded, so which engine gets a unary is the gateway's choice). Returns
+    ``(victim, stream outcomes, unary completion token counts)``.
+    """
     client = openai.AsyncOpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0,
                                 timeout=120)
     try:
         flags = [asyncio.Event() for _ in range(4)]
         streams = [asyncio.create_task(_stream(client, i, flag)) for i, flag in enumerate(flags)]
         await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), timeout=120)
-        victim_url = cluster.engine_url(victim)
-        streams_there = await asyncio.to_thread(_engine_load, victim_url)
-        assert streams_there >= 1, "no stream is running on the engine about to be killed"
+        names = sorted(cluster.engines)
+        streams_at = {n: await asyncio.to_thread(_engine_load, cluster.engine_url(n)) for n in names}
+        assert any(streams_at.values()), f"no stream is running on any engine: {streams_at}"
         unaries = [asyncio.create_task(_unary(client, i)) for i in range(4)]
-        # Bounded: wait until a unary request is at the victim engine, not answered yet.
-        await asyncio.to_thread(_wait_until, lambda: _engine_load(victim_url) > streams_there, 90,
-                                "a unary request reaches the engine", 0.05)
+        found: list[str] = []
+
+        def unary_at_an_engine_with_a_stream() -> bool:
+            found[:] = [n for n in names
+                        if streams_at[n] >= 1 and _engine_load(cluster.engine_url(n)) > streams_at[n]]
+            return bool(found)
+
+        # Bounded: wait until a unary request is at an engine that also streams, not answered yet.
+        await asyncio.to_thread(_wait_until, unary_at_an_engine_with_a_stream, 90,
+                                "a unary request reaches an engine with a stream", 0.05)
+        victim = found[0]
         engine = cluster.engines[victim]
         assert engine.proc is not None
         os.killpg(engine.proc.pid, signal.SIGKILL)
@@ -193,7 +206,7 @@ async def _kill_under_load(cluster: Cluster, victim: str) -> tuple[list[str], li
         later = [asyncio.create_task(_unary(client, 10 + i)) for i in range(2)]
         stream_results = await asyncio.wait_for(asyncio.gather(*streams), timeout=150)
         unary_results = await asyncio.wait_for(asyncio.gather(*unaries, *later), timeout=150)
-        return list(stream_results), list(unary_results)
+        return victim, list(stream_results), list(unary_results)
     finally:
         await client.close()
 
@@ -229,8 +242,7 @@ def _assert_restarted_engine_serves(cluster: Cluster, victim: str, model_dir: Pa
 
 
 def test_kill_a_replica_under_load_then_restart_it(cluster: Cluster, demo_model_dir: Path) -> None:
-    victim = "a"
-    streams, unaries = asyncio.run(_kill_under_load(cluster, victim))
+    victim, streams, unaries = asyncio.run(_kill_under_load(cluster))
     log.info("load results", extra={"fields": {"streams": streams, "unaries": unaries}})
     # Every non-streaming request succeeded in full, those in flight at the killed engine on the other.
     assert unaries == [UNARY_TOKENS] * len(unaries)
