@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "specserve-demo"
 ENGINE_START_TIMEOUT_S = 600.0  # two engines starting at once on a busy 2-core machine
 STREAM_TOKENS = 400  # long enough to be mid-stream when the engine dies
-UNARY_TOKENS = 64  # long enough to be caught in flight at the engine
+UNARY_TOKENS = 300  # long enough to overlap the streams at the engine (seconds, even on a quiet machine)
 FULL = {"ignore_eos": True}  # a fixed number of tokens whatever the model prefers
 ERROR_KEYS = {"message", "type", "param", "code"}
 
