@@ -104,6 +104,37 @@ def test_errors_are_openai_shaped(fake: tuple[str, FakeState]) -> None:
     asyncio.run(main())
 
 
+def test_bodies_that_are_not_json_objects_have_a_code(fake: tuple[str, FakeState]) -> None:
+    url, state = fake
+    json_type = {"content-type": "application/json"}
+    cases = [
+        (b"{nope", json_type, "invalid_json"),
+        (b'{"model": "\xc3\x28"}', json_type, "invalid_json"),  # not UTF-8
+        (b"[" * 3000 + b"]" * 3000, json_type, "invalid_json"),  # nested too deep to parse
+        (b"", json_type, "invalid_json"),
+        (b"null", json_type, "invalid_json"),
+        (b'{"model": "m"}', {"content-type": "text/plain"}, "invalid_json"),
+        (b"[1, 2]", json_type, "invalid_type"),
+        (b'"hi"', json_type, "invalid_type"),
+        (b"42", json_type, "invalid_type"),
+    ]
+
+    async def main() -> None:
+        async with gateway(GatewayConfig(replicas=[url])) as (client, _):
+            for content, headers, code in cases:
+                for path in ("/v1/chat/completions", "/v1/completions"):
+                    r = await client.post(path, content=content, headers=headers)
+                    err = assert_openai_error(r, 400)
+                    assert (err["code"], err["param"]) == (code, None), (content[:20], err)
+            r = await client.post("/v1/completions", content=b"[1]", headers=json_type)
+            assert "must be a JSON object, not an array" in r.json()["error"]["message"]
+            err = assert_openai_error(await client.post("/v1/chat/completions", json={"model": MODEL}), 400)
+            assert (err["code"], err["param"]) == ("invalid_value", "messages")
+        assert state.requests == []
+
+    asyncio.run(main())
+
+
 def test_engine_down_is_503_and_slow_engine_is_504(fake: tuple[str, FakeState]) -> None:
     url, state = fake
 

@@ -79,6 +79,38 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+_JSON_KINDS: dict[type, str] = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
+                                float: "a number"}
+
+
+def body_error(first: dict[str, Any]) -> APIError | None:
+    """The error for a body that is not a JSON object at all (``None`` when the error is a field's).
+
+    Bodies that do not parse (or are empty, or not sent as JSON) get ``invalid_json``; JSON that is
+    not an object gets ``invalid_type``.
+
+    Example:
+        >>> body_error({"type": "json_invalid", "loc": ("body", 3)}).code
+        'invalid_json'
+        >>> body_error({"type": "model_attributes_type", "loc": ("body",), "input": [1]}).message
+        'The request body must be a JSON object, not an array.'
+        >>> body_error({"type": "missing", "loc": ("body", "messages")}) is None
+        True
+    """
+    if first.get("type") == "json_invalid":
+        return APIError(400, "The request body is not valid JSON.", code="invalid_json")
+    if tuple(first.get("loc", ())) != ("body",):
+        return None
+    value = first.get("input")
+    if first.get("type") == "missing":
+        return APIError(400, "The request body is empty or null: a JSON object is expected.", code="invalid_json")
+    if isinstance(value, bytes | bytearray):  # no JSON content type: FastAPI left the bytes unparsed
+        return APIError(400, "The request body is not JSON: send a JSON object with "
+                             "'Content-Type: application/json'.", code="invalid_json")
+    kind = _JSON_KINDS.get(type(value), "a JSON value of another type")
+    return APIError(400, f"The request body must be a JSON object, not {kind}.", code="invalid_type")
+
+
 def to_api_error(exc: Exception) -> APIError:
     """Map any exception leaving a route to the OpenAI-shaped error a client should see."""
     if isinstance(exc, APIError):
@@ -86,13 +118,17 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
+        whole_body = body_error(first)
+        if whole_body is not None:
+            return whole_body
         param = _param_of(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            return APIError(400, "The request body is not valid JSON.", code="invalid_json")
         detail = first.get("msg", "invalid request")
         message = f"Invalid value for '{param}': {detail}." if param else f"Invalid request: {detail}."
         return APIError(400, message, param=param, code="invalid_value")
     if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 400:
+            # FastAPI's only 400: reading the body as JSON failed (not UTF-8, nested too deep).
+            return APIError(400, "The request body could not be parsed as JSON.", code="invalid_json")
         if exc.status_code == 404:
             return APIError(404, "Unknown route.", code="unknown_url")
         if exc.status_code == 405:
