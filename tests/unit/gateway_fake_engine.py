@@ -1,10 +1,11 @@
 """A tiny stand-in for vLLM's OpenAI server, run with uvicorn on a free port in a thread.
 
 It speaks enough of the protocol for the gateway tests: /health, /v1/models, /metrics with
-``vllm:num_requests_running``, chat/completions (stream and not), and knobs to hold a stream
-between chunks, delay answers, and count requests that are still running. With ``spec_tokens``
-set, responses carry vLLM's per-request ``metrics.speculative_decoding`` as if each request ran
-``spec_steps`` verification steps, each accepting ``accepted_per_step`` of its ``spec_k`` drafts.
+``vllm:num_requests_running``, chat/completions (stream and not), /tokenize (one token per word),
+and knobs to hold a stream between chunks, delay answers, and count requests that are still
+running. With ``spec_tokens`` set, responses carry vLLM's per-request
+``metrics.speculative_decoding`` as if each request ran ``spec_steps`` verification steps, each
+accepting ``accepted_per_step`` of its ``spec_k`` drafts.
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ class FakeState:
     spec_steps: int = 2
     accepted_per_step: int = 1
     spec_ks: list[int | None] = field(default_factory=list)  # vllm_xargs.spec_k of each request
+    tokenize_requests: list[dict] = field(default_factory=list)  # bodies sent to /tokenize
+    tokenize_status: int = 200  # anything else: /tokenize fails with it
+    tokenize_delay_s: float = 0.0
+    max_model_len: int = 2048
+
+
+def word_count(body: dict) -> int:
+    """The fake tokenizer: one token per whitespace-separated word of the prompt or messages."""
+    if "prompt" in body:
+        return len(str(body["prompt"]).split())
+    words = 0
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or []]
+        words += sum(len(str(part).split()) for part in parts)
+    return words
 
 
 def spec_metrics(state: FakeState, spec_k: object) -> dict:
@@ -83,6 +100,18 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
             f'vllm:num_requests_waiting{{engine="0",model_name="{MODEL}"}} 0.0\n'
         )
         return Response(text, media_type="text/plain")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await request.json()
+        state.tokenize_requests.append(body)
+        if state.tokenize_delay_s:
+            await asyncio.sleep(state.tokenize_delay_s)
+        if state.tokenize_status != 200:
+            return JSONResponse({"error": {"message": "tokenizer failed", "code": state.tokenize_status}},
+                                status_code=state.tokenize_status)
+        count = word_count(body)
+        return JSONResponse({"count": count, "max_model_len": state.max_model_len, "tokens": list(range(count))})
 
     async def generate(request: Request, kind: str) -> Response:
         body = await request.json()

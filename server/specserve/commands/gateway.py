@@ -32,6 +32,8 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     g.add_argument("--max-tokens-cap", type=int, default=0, help="largest max_tokens accepted (0 = off)")
     g.add_argument("--max-prompt-chars", type=int, default=0, help="largest prompt accepted (0 = off)")
+    g.add_argument("--max-prompt-tokens", type=int, default=0,
+                   help="largest prompt in tokens, counted by the engine's /tokenize (0 = off)")
     g.add_argument("--max-in-flight", type=int, default=256, help="requests at the engines at once")
     g.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before 503")
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before 504")
@@ -87,8 +89,8 @@ def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str |
         key_limits=KeyLimits(requests_per_minute=args.rate_limit_rpm,
                              tokens_per_minute=args.rate_limit_tpm),
         max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
-        max_prompt_chars=args.max_prompt_chars, max_in_flight=args.max_in_flight,
-        max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+        max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
+        max_in_flight=args.max_in_flight, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout, spec_policy=args.spec_policy, spec_k_max=args.spec_k_max,
         spec_step_base_ms=step_base_ms, spec_step_token_ms=step_token_ms,
     )

@@ -30,6 +30,7 @@ from specserve.gateway.config import GatewayConfig
 from specserve.gateway.limits import AdmissionQueue, RateLimiter
 from specserve.gateway.metrics import GatewayMetrics
 from specserve.gateway.middleware import GatewayMiddleware
+from specserve.gateway.prompt_tokens import TOKENIZE_TIMEOUT_S, EngineTokenizer
 from specserve.gateway.proxy import Proxy
 from specserve.gateway.replicas import ReplicaPool
 from specserve.gateway.routes import router
@@ -56,6 +57,8 @@ class Gateway:
             self.pool, metrics, max_attempts=config.max_attempts,
             request_timeout_s=config.request_timeout_s, connect_timeout_s=config.connect_timeout_s,
         )
+        self.tokenizer = EngineTokenizer(self.pool, lambda: self.proxy.session,
+                                         timeout_s=min(config.request_timeout_s, TOKENIZE_TIMEOUT_S))
         self.spec = SpecLength(config.spec_policy, config.goodput_settings(), self.pool, metrics)
         self.limiter = RateLimiter(config.key_limits)
         self.queue = AdmissionQueue(config.max_in_flight, config.max_queue, config.queue_timeout_s)

@@ -51,6 +51,10 @@ class GatewayConfig(BaseModel):
     """Largest ``max_tokens`` accepted (0 = engine decides)."""
     max_prompt_chars: int = Field(default=0, ge=0)
     """Largest prompt (characters over all messages / prompts) accepted (0 = unlimited)."""
+    max_prompt_tokens: int = Field(default=0, ge=0)
+    """Largest prompt in tokens accepted (0 = unlimited), counted by an engine's ``/tokenize`` as the
+    engine will tokenize it (chat template included); the largest prompt of a list counts. When the
+    count fails, the request goes on uncounted."""
     max_in_flight: int = Field(default=256, ge=1)
     """Requests forwarded to engines at once; more wait in the queue."""
     max_queue: int = Field(default=1024, ge=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -20,12 +20,14 @@ from specserve.gateway.protocol import (
     CompletionRequest,
     unsupported_param,
 )
+from specserve.gateway.prompt_tokens import Route, TokenizeFailed, largest_prompt
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.speculation import SPEC_K_HEADER
 
 if TYPE_CHECKING:
     from specserve.gateway.app import Gateway
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 # Request fields that can be large and that no pre-check reads.
@@ -80,7 +82,7 @@ async def list_models(request: Request) -> Response:
 
 
 async def _generate(
-    request: Request, path: str, route: str, parsed: ChatCompletionRequest | CompletionRequest
+    request: Request, path: str, route: Route, parsed: ChatCompletionRequest | CompletionRequest
 ) -> Response:
     gw = _gateway(request)
     cfg = gw.config
@@ -119,6 +121,8 @@ async def _generate(
         # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
         full = parsed.model_dump(exclude_unset=True)
         body_bytes = json.dumps(structured.normalize_legacy(full)).encode()
+    if cfg.max_prompt_tokens:
+        await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
     if gw.limiter.enabled:
         try:
             gw.limiter.admit(key, prompt_chars // 4 + (max_tokens or 16) * (parsed.n or 1))
@@ -178,6 +182,24 @@ async def _generate(
     if plan.k is not None:
         response.headers[SPEC_K_HEADER] = str(plan.k)
     return response
+
+
+async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes, request_id: str) -> None:
+    """400 when the largest prompt has more than ``max_prompt_tokens`` tokens, as an engine counts them.
+
+    A count that fails lets the request through: the engine still checks its own context length.
+    """
+    cap = gw.config.max_prompt_tokens
+    try:
+        tokens = await largest_prompt(route, json.loads(body_bytes), gw.tokenizer, cap=cap)
+    except TokenizeFailed as exc:
+        log.warning("prompt not counted; forwarded without the token cap", extra={"fields": {
+            "request_id": request_id, "error": str(exc)}})
+        return
+    if tokens > cap:
+        gw.metrics.rejected.labels(reason="prompt_too_long").inc()
+        raise APIError(400, f"The prompt is too long: it has {tokens} tokens, at most {cap} are accepted.",
+                       param="messages" if route == "chat" else "prompt", code="context_length_exceeded")
 
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
