@@ -104,3 +104,37 @@ def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path |
         yield server
     finally:
         stop(server)
+
+
+@contextmanager
+def running_gateway(replicas: Sequence[str], args: Sequence[str] = (), log_dir: Path | None = None) -> Iterator[str]:
+    """``specserve gateway`` in front of running engines; yields its base URL; always stopped afterwards."""
+    port = free_port()
+    log_path = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"specserve-gateway-e2e-{port}.log"
+    cmd = [sys.executable, "-m", "specserve.cli", "gateway", "--port", str(port),
+           *(f"--replica={url}" for url in replicas), *args]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        with httpx.Client(trust_env=False, timeout=2.0) as client:
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-4000:]
+                    raise RuntimeError(f"specserve gateway not ready (exit {proc.returncode}):\n{tail}")
+                try:
+                    if client.get(f"{base_url}/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+        yield base_url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)

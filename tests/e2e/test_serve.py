@@ -15,7 +15,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specserve_process import MODEL_NAME, ServeProcess, running_specserve, stop
+from specserve_process import MODEL_NAME, ServeProcess, running_gateway, running_specserve, stop
 
 PROMPT = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
 # A fixed number of tokens whatever the model prefers (vLLM extra parameter).
@@ -98,6 +98,30 @@ def test_a_prompt_longer_than_the_context_is_an_openai_400(client: openai.OpenAI
             assert set(body) == {"message", "type", "param", "code"}, body
             assert (body["param"], body["code"]) == (param, "context_length_exceeded"), body
             assert "maximum context length" in body["message"]
+
+
+def test_max_prompt_tokens_counts_as_the_engine_does(server: ServeProcess, tmp_path: Path) -> None:
+    # A second gateway, with the cap, in front of the same engine: exactly at the cap passes, one
+    # word more is refused before the engine, chat template included.
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        counted = http.post(f"{server.engine_url}/tokenize", json={"model": MODEL_NAME, "messages": PROMPT})
+        counted.raise_for_status()
+    cap = counted.json()["count"]
+    longer = [{"role": "user", "content": PROMPT[0]["content"] + " Then subtract them."}]
+    with running_gateway([server.engine_url], ["--max-prompt-tokens", str(cap)], log_dir=tmp_path) as url:
+        capped = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        ok = capped.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=2)
+        assert ok.usage is not None and ok.usage.prompt_tokens == cap
+        calls = [
+            ("messages", lambda: capped.chat.completions.create(model=MODEL_NAME, messages=longer, max_tokens=2)),
+            ("prompt", lambda: capped.completions.create(model=MODEL_NAME, prompt=[[1] * (cap + 1)], max_tokens=2)),
+        ]
+        for param, call in calls:
+            with pytest.raises(openai.BadRequestError) as refused:
+                call()
+            body = refused.value.body
+            assert (refused.value.code, refused.value.param) == ("context_length_exceeded", param), body
+            assert isinstance(body, dict) and f"at most {cap} are accepted" in body["message"], body
 
 
 def test_openai_features_through_the_gateway(client: openai.OpenAI) -> None:
