@@ -110,7 +110,7 @@ def fake() -> Iterator[tuple[str, FakeState]]:
 
 @asynccontextmanager
 async def gateway(url: str, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(GatewayConfig(replicas=[url], **{"max_prompt_tokens": CAP, **overrides}),
+    app = create_app(GatewayConfig(**{"replicas": [url], "max_prompt_tokens": CAP, **overrides}),
                      registry=CollectorRegistry())
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw",
@@ -223,3 +223,15 @@ def test_no_cap_no_count(fake: tuple[str, FakeState]) -> None:
         assert state.tokenize_requests == [] and len(state.requests) == 2
 
     asyncio.run(main())
+
+
+def test_counting_leaves_the_round_robin_of_equal_replicas_alone() -> None:
+    async def main(urls: list[str]) -> None:
+        async with gateway(urls[0], replicas=urls) as client:
+            for _ in range(4):
+                assert (await client.post("/v1/chat/completions", json=chat(SHORT))).status_code == 200
+
+    with running_fake_engine() as (url_a, state_a), running_fake_engine() as (url_b, state_b):
+        asyncio.run(main([url_a, url_b]))
+    assert (len(state_a.requests), len(state_b.requests)) == (2, 2)
+    assert len(state_a.tokenize_requests) + len(state_b.tokenize_requests) == 4

@@ -177,7 +177,7 @@ class EngineTokenizer:
     async def __call__(self, payload: dict[str, Any]) -> TokenCount:
         session = self.session()
         model = payload.get("model")
-        replica = self.pool.pick(model=model if isinstance(model, str) else None)
+        replica = self.pool.pick(model=model if isinstance(model, str) else None, rotate=False)
         if session is None or replica is None:
             raise TokenizeFailed("no engine replica is ready")
         try:

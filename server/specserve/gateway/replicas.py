@@ -178,8 +178,14 @@ class ReplicaPool:
     def models(self) -> set[str]:
         return {m for r in self.replicas.values() if r.healthy for m in r.models}
 
-    def pick(self, exclude: set[str] | frozenset[str] = frozenset(), model: str | None = None) -> Replica | None:
-        """The healthy, least-loaded replica not in ``exclude`` (and serving ``model`` if known)."""
+    def pick(
+        self, exclude: set[str] | frozenset[str] = frozenset(), model: str | None = None, *, rotate: bool = True
+    ) -> Replica | None:
+        """The healthy, least-loaded replica not in ``exclude`` (and serving ``model`` if known).
+
+        Each pick moves the round-robin start for ties on; ``rotate=False`` (a side call such as
+        counting tokens) leaves it for the pick that routes the request.
+        """
         replicas = list(self.replicas.values())
         loads: list[float | None] = [
             r.load
@@ -187,7 +193,8 @@ class ReplicaPool:
             else None
             for r in replicas
         ]
-        self._rr = (self._rr + 1) % max(1, len(replicas))
+        if rotate:
+            self._rr = (self._rr + 1) % max(1, len(replicas))
         index = pick_least_loaded(loads, self._rr)
         return None if index is None else replicas[index]
 
