@@ -161,3 +161,75 @@ def test_errors_fall_back_to_the_valid_drafts() -> None:
     out: list[Any] = []
     update(None, out)
     assert out == [[3]]
+
+
+# The same grammar over a vocabulary that also has "c:": after "abx" the grammar allows "c" and
+# "c:", so no single token is forced, but the string "c:" is.
+VOCAB_WITH_PAIR = [*VOCAB, "c:"]
+C_COLON = len(VOCAB)
+
+
+def _longest_match_tokenizer(vocab: list[str]) -> Any:
+    """``encode`` by greedy longest match: the stand-in for the engine's tokenizer."""
+
+    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        assert add_special_tokens is False
+        ids: list[int] = []
+        while text:
+            piece = max((v for v in vocab[1:] if text.startswith(v)), key=len)
+            ids.append(vocab.index(piece))
+            text = text[len(piece):]
+        return ids
+
+    return SimpleNamespace(encode=encode)
+
+
+def _pair_grammar() -> Any:
+    import xgrammar as xgr
+    from vllm.v1.structured_output.backend_xgrammar import XgrammarGrammar
+
+    info = xgr.TokenizerInfo(VOCAB_WITH_PAIR, vocab_type=xgr.VocabType.RAW, stop_token_ids=[EOS])
+    ctx = xgr.GrammarCompiler(info).compile_grammar(GRAMMAR)
+    matcher = xgr.GrammarMatcher(ctx, max_rollback_tokens=4)
+    return XgrammarGrammar(vocab_size=len(VOCAB_WITH_PAIR), matcher=matcher, ctx=ctx)
+
+
+def _pair_manager(tokenizer: Any, num_spec: int = 4) -> Any:
+    import xgrammar as xgr
+
+    manager = _manager(num_spec)
+    manager.backend.vocab_size = len(VOCAB_WITH_PAIR)
+    manager.backend.allocate_token_bitmask = lambda n: xgr.allocate_token_bitmask(n, len(VOCAB_WITH_PAIR))
+    manager.tokenizer = tokenizer
+    return manager
+
+
+def test_a_forced_string_is_drafted_as_the_tokenizer_spells_it() -> None:
+    grammar = _pair_grammar()
+    grammar.accept_tokens("r0", [AB])
+    before = _state(grammar)
+    # Longest match spells "c:" as one token; then EOS is the only token allowed.
+    manager = _pair_manager(_longest_match_tokenizer(VOCAB_WITH_PAIR))
+    assert jump_forward.extend_drafts(manager, _request(grammar), [X]) == [X, C_COLON, EOS]
+    assert _state(grammar) == before
+    # Another spelling is drafted as given: the target decides which one it accepts.
+    chars = _pair_manager(_longest_match_tokenizer([v for v in VOCAB_WITH_PAIR if v != "c:"]))
+    assert jump_forward.extend_drafts(chars, _request(grammar), [X]) == [X, C, COLON, EOS]
+    # The cap counts the string's tokens too.
+    assert jump_forward.extend_drafts(_pair_manager(chars.tokenizer, 2), _request(grammar), [X]) == [X, C]
+    assert _state(grammar) == before
+
+
+def test_forced_strings_need_a_tokenizer_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    grammar = _pair_grammar()
+    grammar.accept_tokens("r0", [AB])
+    before = _state(grammar)
+    assert jump_forward.extend_drafts(_pair_manager(None), _request(grammar), [X]) == [X]
+    manager = _pair_manager(_longest_match_tokenizer(VOCAB_WITH_PAIR))
+    monkeypatch.setenv(jump_forward.STRINGS_ENV_SWITCH, "0")
+    assert jump_forward.extend_drafts(manager, _request(grammar), [X]) == [X]
+    monkeypatch.delenv(jump_forward.STRINGS_ENV_SWITCH)
+    # A tokenizer that spells the string with a token the grammar rejects: nothing is drafted.
+    wrong = _pair_manager(SimpleNamespace(encode=lambda text, add_special_tokens=True: [Y, C]))
+    assert jump_forward.extend_drafts(wrong, _request(grammar), [X]) == [X]
+    assert _state(grammar) == before

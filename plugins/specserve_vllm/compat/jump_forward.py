@@ -9,8 +9,11 @@ The seam is ``StructuredOutputManager.validate_tokens``, which ``Scheduler.updat
 calls on each request's drafts and which returns the grammar-valid prefix. The wrapper then
 appends grammar-forced tokens: it advances the request's grammar over that prefix, and while the
 grammar allows exactly one token (counted on a filled bitmask, :func:`sole_allowed_token`) and the
-draft is shorter than its cap, appends that token and advances; finally it rolls the grammar back
-so it ends in exactly the state it started in. The cap is the engine's ``num_speculative_tokens``
+draft is shorter than its cap, appends that token and advances. Where several tokens are allowed
+but the grammar still forces a string (``"name": "`` after a required key's ``{``: BPE
+vocabularies spell it many ways), the string is tokenized with the engine's tokenizer and its
+grammar-valid tokens are drafted (``SPECSERVE_JUMP_FORWARD_STRINGS=0`` turns just this off).
+Finally it rolls the grammar back so it ends in exactly the state it started in. The cap is the engine's ``num_speculative_tokens``
 and the request's own ``spec_k`` (:func:`draft_cap`; ``spec_k = 0`` keeps the request draft-free).
 
 Only the synchronous scheduling path extends drafts (a wrapper around
@@ -44,9 +47,13 @@ logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_jump_forward"
 _SCRATCH = "_specserve_jump_forward_bitmask"
+_ENCODED = "_specserve_jump_forward_encoded"
 
 ENV_SWITCH = "SPECSERVE_JUMP_FORWARD"
 """Environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables jump-forward drafting."""
+
+STRINGS_ENV_SWITCH = "SPECSERVE_JUMP_FORWARD_STRINGS"
+"""Environment variable: ``0`` drafts only single forced tokens, not tokenized forced strings."""
 
 ENABLED: bool = True
 """Module switch, read at call time (tests and benchmarks flip it between engines)."""
@@ -67,6 +74,7 @@ UPSTREAM_SHA256: dict[str, str] = {
     "XgrammarGrammar.rollback": "ff2e4a71f7bc62220912ef64fb7cfbbd2a9badd738839d6b6c4e1f29f5a384c7",
     "XgrammarGrammar.fill_bitmask": "10a7b48884984c75fb24f56b79f548ef17b3a9309128279f0963f2f75bf68bfb",
     "XgrammarGrammar.is_terminated": "7838bbf80a801f7ed301c3408efc4da657d857e0595aa7e6af5719e2d5b1e81f",
+    "XgrammarGrammar.validate_tokens": "a0f84a7544dcaf551b17f820fa29148c5508adda6da00b8d7d51ee827152eac0",
 }
 
 
@@ -94,6 +102,8 @@ def _targets() -> dict[str, Callable[..., Any]]:
         "XgrammarGrammar.rollback": XgrammarGrammar.rollback,
         "XgrammarGrammar.fill_bitmask": XgrammarGrammar.fill_bitmask,
         "XgrammarGrammar.is_terminated": XgrammarGrammar.is_terminated,
+        # Relied on: returns the accepted prefix and restores the matcher, without logging.
+        "XgrammarGrammar.validate_tokens": XgrammarGrammar.validate_tokens,
     }
 
 
@@ -106,6 +116,12 @@ def enabled() -> bool:
     """Whether jump-forward drafting is on (module flag and environment, read now)."""
     value = os.environ.get(ENV_SWITCH, "1").strip().lower()
     return ENABLED and value not in ("0", "false", "off", "no")
+
+
+def strings_enabled() -> bool:
+    """Whether forced *strings* are drafted too (not just single forced tokens); read now."""
+    value = os.environ.get(STRINGS_ENV_SWITCH, "1").strip().lower()
+    return value not in ("0", "false", "off", "no")
 
 
 def sole_allowed_token(row: npt.NDArray[np.int32], vocab_size: int) -> int | None:
@@ -152,8 +168,15 @@ def forced_tokens(
     cap: int,
     scratch: Any,
     vocab_size: int,
+    encode: Callable[[str], list[int]] | None = None,
 ) -> list[int]:
     """Tokens the grammar forces after ``prefix``, so that ``len(prefix) + len(result) <= cap``.
+
+    First every position where the grammar allows a single token. Where it allows several tokens
+    but only one *string* (a key and its ``": "`` can be spelled by many token sequences), that
+    string (xgrammar's jump-forward string) is tokenized with ``encode`` — the way the model most
+    likely writes it — and its grammar-valid prefix is drafted. The target model verifies every
+    draft, so a tokenization it would not choose costs a rejected draft, never an output change.
 
     ``scratch`` is a one-row bitmask tensor. The grammar is rolled back to its entry state.
     """
@@ -167,14 +190,56 @@ def forced_tokens(
         while len(prefix) + len(forced) < cap and not grammar.is_terminated():
             grammar.fill_bitmask(scratch, 0)
             token = sole_allowed_token(scratch[0].numpy(), vocab_size)
-            if token is None or not _advance(grammar, request_id, token):
+            if token is not None:
+                if not _advance(grammar, request_id, token):
+                    break
+                advanced += 1
+                forced.append(token)
+                continue
+            text = grammar.matcher.find_jump_forward_string() if encode is not None else ""
+            if not text:
                 break
-            advanced += 1
-            forced.append(token)
+            ids = encode(text)[: cap - len(prefix) - len(forced)]
+            moved = 0
+            for token in grammar.validate_tokens(ids):  # the valid prefix; no error log on a mismatch
+                if not _advance(grammar, request_id, token):
+                    break
+                advanced += 1
+                moved += 1
+                forced.append(token)
+            if moved == 0 or moved < len(ids):
+                break  # spelled otherwise than the grammar allows: stop where it diverged
     finally:
         if advanced:
             grammar.rollback(advanced)
     return forced
+
+
+_ENCODED_MAX = 4096
+
+
+def _encoder(manager: Any) -> Callable[[str], list[int]] | None:
+    """``text -> token ids`` with the engine's tokenizer (no special tokens), memoized per manager.
+
+    Forced strings repeat (a schema's keys, ``": "``), so a bounded dict saves most encodes.
+    """
+    tokenizer = getattr(manager, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    cache: dict[str, list[int]] | None = getattr(manager, _ENCODED, None)
+    if cache is None:
+        cache = {}
+        setattr(manager, _ENCODED, cache)
+
+    def encode(text: str) -> list[int]:
+        ids = cache.get(text)
+        if ids is None:
+            if len(cache) >= _ENCODED_MAX:
+                cache.clear()
+            ids = cache[text] = list(tokenizer.encode(text, add_special_tokens=False))
+        return ids
+
+    return encode
 
 
 def _scratch_bitmask(manager: Any) -> Any:
@@ -214,7 +279,8 @@ def extend_drafts(manager: Any, request: Any, valid: list[int]) -> list[int]:
         return valid
     vocab_size = int(manager.backend.vocab_size)
     forced = forced_tokens(
-        grammar, request.request_id, valid, cap, _scratch_bitmask(manager), vocab_size
+        grammar, request.request_id, valid, cap, _scratch_bitmask(manager), vocab_size,
+        _encoder(manager) if strings_enabled() else None,
     )
     return valid + forced if forced else valid
 
