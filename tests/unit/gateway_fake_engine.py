@@ -16,8 +16,9 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -195,6 +196,22 @@ def running_fake_engine(state: FakeState | None = None) -> Iterator[tuple[str, F
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@asynccontextmanager
+async def in_process_gateway(config: Any) -> AsyncIterator[tuple[Any, FastAPI]]:
+    """The gateway app for ``config`` (lifespan started, own metrics registry) and an
+    ``httpx.AsyncClient`` that calls it in process: ``(client, app)``."""
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from specserve.gateway import create_app
+
+    app = create_app(config, registry=CollectorRegistry())
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw",
+                                     timeout=20) as client:
+            yield client, app
 
 
 @contextmanager

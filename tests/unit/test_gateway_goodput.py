@@ -6,16 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 
-import httpx
 import pytest
-from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from specserve.gateway import GatewayConfig, create_app
+from specserve.gateway import GatewayConfig
 from specserve.gateway.goodput import (
     AcceptanceEstimate, GoodputController, GoodputSettings, SpecStats, StepTimeModel, best_k,
     expected_tokens, goodput,
@@ -24,6 +20,7 @@ from specserve.gateway.proxy import usage_event_from_sse_tail, usage_from_sse_ta
 from specserve.gateway.spec_io import client_spec_k, spec_stats, with_spec_k
 
 from gateway_fake_engine import MODEL, FakeState, running_fake_engine
+from gateway_fake_engine import in_process_gateway as gateway
 
 A, B = 0.02, 0.0005  # the default step-time model: 20 ms a step, 0.5 ms per verified token
 
@@ -170,15 +167,6 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 def fake() -> Iterator[tuple[str, FakeState]]:
     with running_fake_engine(FakeState(spec_tokens=4, accepted_per_step=4, chunks=9)) as pair:
         yield pair
-
-
-@asynccontextmanager
-async def gateway(config: GatewayConfig) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    app = create_app(config, registry=CollectorRegistry())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=20) as client:
-            yield client, app
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

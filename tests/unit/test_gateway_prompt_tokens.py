@@ -14,11 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from specserve.commands.gateway import add_arguments, gateway_config
-from specserve.gateway import GatewayConfig, create_app
+from specserve.gateway import GatewayConfig
 from specserve.gateway import prompt_tokens
 from specserve.gateway.prompt_tokens import (
     TokenCount,
@@ -28,7 +27,7 @@ from specserve.gateway.prompt_tokens import (
     largest_prompt,
 )
 
-from gateway_fake_engine import MODEL, FakeState, running_fake_engine
+from gateway_fake_engine import MODEL, FakeState, in_process_gateway, running_fake_engine
 
 CAP = 5
 SHORT = "one two three"
@@ -110,12 +109,9 @@ def fake() -> Iterator[tuple[str, FakeState]]:
 
 @asynccontextmanager
 async def gateway(url: str, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(GatewayConfig(**{"replicas": [url], "max_prompt_tokens": CAP, **overrides}),
-                     registry=CollectorRegistry())
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw",
-                                     timeout=20) as client:
-            yield client
+    config = GatewayConfig(**{"replicas": [url], "max_prompt_tokens": CAP, **overrides})
+    async with in_process_gateway(config) as (client, _):
+        yield client
 
 
 def chat(content: str, **extra: Any) -> dict[str, Any]:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from specserve.errors import APIError
-from specserve.gateway import GatewayConfig, KeyLimits, create_app
+from specserve.gateway import GatewayConfig, KeyLimits
 
 from gateway_fake_engine import MODEL, FakeState, running_fake_engine
+from gateway_fake_engine import in_process_gateway as gateway
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -31,15 +29,6 @@ def dead_url() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@asynccontextmanager
-async def gateway(config: GatewayConfig) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    app = create_app(config, registry=CollectorRegistry())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=20) as client:
-            yield client, app
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict:
