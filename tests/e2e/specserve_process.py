@@ -41,12 +41,6 @@ class ServeProcess:
     def engine_url(self) -> str:
         return f"http://127.0.0.1:{self.engine_port}"
 
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
     def descendants(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.proc.pid).children(recursive=True)
@@ -54,19 +48,29 @@ class ServeProcess:
             return []
 
 
-def _wait_ready(server: ServeProcess) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def _wait_ready(
+    proc: subprocess.Popen[bytes], base_url: str, log_path: Path, timeout_s: float, interval_s: float
+) -> None:
+    """Until ``base_url/ready`` answers 200; fails at once if ``proc`` exits, with its log's tail."""
+    deadline = time.monotonic() + timeout_s
     with httpx.Client(trust_env=False, timeout=2.0) as client:
         while time.monotonic() < deadline:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"specserve exited with {server.proc.returncode}:\n{server.log_tail()}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"specserve {proc.args[3]} exited with {proc.returncode}:\n{_tail(log_path)}")
             try:
-                if client.get(f"{server.base_url}/ready").status_code == 200:
+                if client.get(f"{base_url}/ready").status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(1.0)
-    raise RuntimeError(f"specserve not ready after {START_TIMEOUT_S} s:\n{server.log_tail()}")
+            time.sleep(interval_s)
+    raise RuntimeError(f"specserve {proc.args[3]} not ready after {timeout_s} s:\n{_tail(log_path)}")
+
+
+def _tail(log_path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
 
 
 def stop(server: ServeProcess, timeout_s: float = 60.0) -> int:
@@ -100,7 +104,7 @@ def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path |
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     server = ServeProcess(proc, port, engine_port, log_path)
     try:
-        _wait_ready(server)
+        _wait_ready(proc, server.base_url, log_path, START_TIMEOUT_S, 1.0)
         yield server
     finally:
         stop(server)
@@ -117,18 +121,7 @@ def running_gateway(replicas: Sequence[str], args: Sequence[str] = (), log_dir: 
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        with httpx.Client(trust_env=False, timeout=2.0) as client:
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log_path.read_text(errors="replace")[-4000:]
-                    raise RuntimeError(f"specserve gateway not ready (exit {proc.returncode}):\n{tail}")
-                try:
-                    if client.get(f"{base_url}/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
+        _wait_ready(proc, base_url, log_path, 60.0, 0.2)
         yield base_url
     finally:
         if proc.poll() is None:
