@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -27,91 +28,68 @@ ACCEPTANCE_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8
 SPEC_K_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 12, 16)
 
 
+def _maker(kind: Callable[..., M], registry: CollectorRegistry, subsystem: str) -> Callable[..., M]:
+    """``kind(name, documentation, labels, **options)`` named ``specserve_<subsystem>_<name>``."""
+
+    def make(name: str, documentation: str, labels: Sequence[str] = (), **options: Any) -> M:
+        return kind(name, documentation, list(labels), namespace="specserve", subsystem=subsystem,
+                    registry=registry, **options)
+
+    return make
+
+
 class GatewayMetrics:
     """All gateway metric objects; one instance per app."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        ns, sub = "specserve", "gateway"
-        self.requests = Counter(
-            "requests", "Requests answered, by route, HTTP status and model.",
-            ["route", "status", "model"], namespace=ns, subsystem=sub, registry=registry,
-        )
-        self.latency = Histogram(
-            "request_duration_seconds", "End-to-end request latency at the gateway.",
-            ["route", "status"], namespace=ns, subsystem=sub, buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.ttft = Histogram(
-            "time_to_first_token_seconds", "Time from request arrival to the first streamed chunk.",
-            ["route"], namespace=ns, subsystem=sub, buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.tpot = Histogram(
-            "time_per_output_token_seconds",
-            "Decode time per output token after the first (when usage is known).",
-            ["route"], namespace=ns, subsystem=sub, buckets=TOKEN_BUCKETS, registry=registry,
-        )
-        self.tokens = Counter(
-            "tokens", "Tokens reported by the engines' usage, by direction (prompt/completion).",
-            ["direction"], namespace=ns, subsystem=sub, registry=registry,
-        )
-        self.in_flight = Gauge(
-            "replica_in_flight_requests", "Requests the gateway has open at each replica.",
-            ["replica"], namespace=ns, subsystem=sub, registry=registry,
-        )
-        self.replica_up = Gauge(
-            "replica_up_ratio", "1 when the replica is healthy, 0 when marked down.",
-            ["replica"], namespace=ns, subsystem=sub, registry=registry,
-        )
-        self.rejected = Counter(
-            "rejected_requests", "Requests refused before reaching an engine, by reason.",
-            ["reason"], namespace=ns, subsystem=sub, registry=registry,
-        )
-        self.retries = Counter(
-            "retries", "Requests re-sent to another replica after a connection failure.",
-            namespace=ns, subsystem=sub, registry=registry,
-        )
-        self.queue_depth = Gauge(
-            "queue_depth_requests", "Requests waiting for an in-flight slot.",
-            namespace=ns, subsystem=sub, registry=registry,
-        )
+        counter, gauge = _maker(Counter, registry, "gateway"), _maker(Gauge, registry, "gateway")
+        histogram = _maker(Histogram, registry, "gateway")
+        self.requests = counter("requests", "Requests answered, by route, HTTP status and model.",
+                                ["route", "status", "model"])
+        self.latency = histogram("request_duration_seconds", "End-to-end request latency at the gateway.",
+                                 ["route", "status"], buckets=LATENCY_BUCKETS)
+        self.ttft = histogram("time_to_first_token_seconds",
+                              "Time from request arrival to the first streamed chunk.",
+                              ["route"], buckets=LATENCY_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds",
+                              "Decode time per output token after the first (when usage is known).",
+                              ["route"], buckets=TOKEN_BUCKETS)
+        self.tokens = counter("tokens", "Tokens reported by the engines' usage, by direction (prompt/completion).",
+                              ["direction"])
+        self.in_flight = gauge("replica_in_flight_requests", "Requests the gateway has open at each replica.",
+                               ["replica"])
+        self.replica_up = gauge("replica_up_ratio", "1 when the replica is healthy, 0 when marked down.",
+                                ["replica"])
+        self.rejected = counter("rejected_requests", "Requests refused before reaching an engine, by reason.",
+                                ["reason"])
+        self.retries = counter("retries", "Requests re-sent to another replica after a connection failure.")
+        self.queue_depth = gauge("queue_depth_requests", "Requests waiting for an in-flight slot.")
 
         # Speculative decoding (``specserve_spec_*``): per-request acceptance and the k policy.
-        spec = "spec"
-        self.spec_draft_tokens = Counter(
+        counter, gauge = _maker(Counter, registry, "spec"), _maker(Gauge, registry, "spec")
+        histogram = _maker(Histogram, registry, "spec")
+        self.spec_draft_tokens = counter(
             "draft_tokens", "Draft tokens proposed for requests, from the engines' per-request metrics.",
-            ["model", "replica"], namespace=ns, subsystem=spec, registry=registry,
-        )
-        self.spec_accepted_tokens = Counter(
+            ["model", "replica"])
+        self.spec_accepted_tokens = counter(
             "accepted_tokens", "Draft tokens the target model accepted, from the per-request metrics.",
-            ["model", "replica"], namespace=ns, subsystem=spec, registry=registry,
-        )
-        self.spec_acceptance_length = Histogram(
+            ["model", "replica"])
+        self.spec_acceptance_length = histogram(
             "acceptance_length", "Per-request mean tokens per verification step (bonus token included).",
-            ["model"], namespace=ns, subsystem=spec, buckets=ACCEPTANCE_BUCKETS, registry=registry,
-        )
-        self.spec_k = Histogram(
+            ["model"], buckets=ACCEPTANCE_BUCKETS)
+        self.spec_k = histogram(
             "k", "Speculation length (vllm_xargs.spec_k) of each request, by who set it "
             "(goodput: the gateway's controller; client: the request itself).",
-            ["model", "source"], namespace=ns, subsystem=spec, buckets=SPEC_K_BUCKETS, registry=registry,
-        )
-        self.spec_alpha = Gauge(
-            "alpha_ratio", "The controller's per-token draft acceptance estimate.",
-            ["model"], namespace=ns, subsystem=spec, registry=registry,
-        )
-        self.spec_batch = Gauge(
-            "batch_requests", "Batch size the controller assumed for its latest choice.",
-            ["model"], namespace=ns, subsystem=spec, registry=registry,
-        )
-        self.spec_step_base = Gauge(
-            "step_base_seconds", "The controller's fixed cost of one decoding step (a).",
-            ["model"], namespace=ns, subsystem=spec, registry=registry,
-        )
-        self.spec_step_token = Gauge(
-            "step_token_seconds", "The controller's cost per verified token of the batch (b).",
-            ["model"], namespace=ns, subsystem=spec, registry=registry,
-        )
+            ["model", "source"], buckets=SPEC_K_BUCKETS)
+        self.spec_alpha = gauge("alpha_ratio", "The controller's per-token draft acceptance estimate.", ["model"])
+        self.spec_batch = gauge("batch_requests", "Batch size the controller assumed for its latest choice.",
+                                ["model"])
+        self.spec_step_base = gauge("step_base_seconds", "The controller's fixed cost of one decoding step (a).",
+                                    ["model"])
+        self.spec_step_token = gauge("step_token_seconds",
+                                     "The controller's cost per verified token of the batch (b).", ["model"])
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, looked up once per label set (for label sets never removed).
