@@ -133,6 +133,13 @@ def test_compat_patch_wraps_backend_compiler() -> None:
     )
     free_form = [line for line in calls[1].split("\n") if line.startswith("basic_object")]
     assert free_form and all('", "' not in line for line in free_form)
+    # The schema is rewritten first (schema_rewrite): a required but undeclared name is declared.
+    compiler.compile_json_schema(
+        '{"type": "object", "properties": {"a": {}}, "required": ["a", "b"]}',
+        any_whitespace=False,
+        separators=(",", ":"),
+    )
+    assert '"\\"b\\""' in calls[2]
     assert compiler.compile_regex("a+") == "regex:a+"  # everything else passes through
 
 

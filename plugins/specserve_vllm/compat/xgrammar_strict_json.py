@@ -6,10 +6,11 @@ converter lets raw control characters into length-bounded strings (see
 :mod:`specserve.structured.strict_json`), so a constrained output can fail a strict JSON parser.
 
 The patch wraps ``XgrammarBackend.__post_init__``: after it has built ``self.compiler``, the
-compiler is wrapped in :class:`StrictJsonCompiler`, whose ``compile_json_schema`` converts the
-schema to a grammar, makes its string rules strict (and, with ``disable_any_whitespace``'s compact
-separators, makes free-form nested values compact too, which xgrammar 0.2.8 forgets) and compiles
-that grammar instead. Every other
+compiler is wrapped in :class:`StrictJsonCompiler`, whose ``compile_json_schema`` builds the
+grammar with :func:`specserve.structured.engine_grammar.json_schema_ebnf` (the schema rewritten
+so undeclared and required-but-undeclared properties are as the schema allows; string rules made
+strict; with ``disable_any_whitespace``'s compact separators, free-form nested values made
+compact too, which xgrammar 0.2.8 forgets) and compiles that grammar instead. Every other
 compiler method (regex, EBNF, structural tags, caching) goes to the original compiler unchanged.
 """
 
@@ -21,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve.structured.strict_json import fix_json_ebnf
+from specserve.structured.engine_grammar import json_schema_ebnf
 from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
 
 logger = logging.getLogger(__name__)
@@ -53,11 +54,7 @@ class StrictJsonCompiler:
         return getattr(self._inner, name)
 
     def compile_json_schema(self, schema: Any, **kwargs: Any) -> Any:
-        import xgrammar as xgr
-
-        grammar = xgr.Grammar.from_json_schema(schema, **kwargs)
-        compact = tuple(kwargs.get("separators") or ()) == (",", ":")
-        return self._inner.compile_grammar(fix_json_ebnf(str(grammar), compact))
+        return self._inner.compile_grammar(json_schema_ebnf(schema, **kwargs))
 
 
 def _wrap_post_init(original: Callable[..., None]) -> Callable[..., None]:

@@ -1,8 +1,10 @@
 """Grammar-level measurements on JSONSchemaBench: compile coverage/time and MaskBench agreement.
 
-Grammars are built exactly as the engine builds them for ``json_schema`` requests (xgrammar,
-``disable_any_whitespace``: compact separators, with the strict-string and compact free-form
-fixes of :mod:`specserve.structured.strict_json`) and compiled against a real tokenizer.
+Grammars are built exactly as the engine builds them for ``json_schema`` requests
+(:func:`specserve.structured.engine_grammar.json_schema_ebnf` with ``disable_any_whitespace``'s
+compact separators: the schema rewrite, xgrammar's conversion, the strict-string and compact
+free-form fixes) and compiled against a real tokenizer. ``--raw-xgrammar`` measures xgrammar's
+own conversion instead, ``--semantic`` its any-order, non-strict mode.
 
 MaskBench agreement: an instance agrees when the compiled grammar accepts its compact JSON text
 (tokenized with the model's tokenizer, fed token by token to a ``GrammarMatcher``, then the stop
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from specserve.structured.engine_grammar import json_schema_ebnf
 from specserve.structured.strict_json import fix_json_ebnf
 
 logger = logging.getLogger(__name__)
@@ -64,8 +67,12 @@ class SchemaCompiler:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-compile")
 
     def _compile(self, schema: Any) -> Any:
+        options: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":")}
+        if self.strict and not self.json_options:
+            # What the engine compiles (the compat patch calls the same function).
+            return self.compiler.compile_grammar(json_schema_ebnf(json.dumps(schema), **options))
         grammar = self.xgr.Grammar.from_json_schema(
-            json.dumps(schema), any_whitespace=False, separators=(",", ":"), **self.json_options
+            json.dumps(schema), **options, **self.json_options
         )
         ebnf = str(grammar)
         if self.strict:
