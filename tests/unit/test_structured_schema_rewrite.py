@@ -25,6 +25,14 @@ def _accepts(schema: dict[str, Any], text: str) -> bool:
     return bool(_is_grammar_accept_string(grammar, text))
 
 
+@pytest.fixture()
+def open_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specserve.structured.engine_grammar import OPEN_OBJECTS_ENV
+
+    monkeypatch.setenv(OPEN_OBJECTS_ENV, "1")
+
+
+@pytest.mark.usefixtures("open_objects")
 def test_objects_without_additional_properties_are_opened() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     out = rewrite_schema(schema)
@@ -33,6 +41,16 @@ def test_objects_without_additional_properties_are_opened() -> None:
     assert _accepts(schema, '{"a":1,"note":"x"}')
     assert not _accepts(schema, '{"a":1,"a":2}')  # a declared name is not "additional"
     assert not _accepts(schema, '{"a":"x"}')
+
+
+def test_objects_stay_closed_by_default_but_required_names_are_declared() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
+    assert rewrite_schema(schema, open_objects=False) == {**schema, "properties": {
+        "a": {"type": "integer"}, "b": {}}}
+    # What the engine serves without SPECSERVE_JSON_OPEN_OBJECTS: declared keys only.
+    assert _accepts(schema, '{"a":1,"b":null}')
+    assert not _accepts(schema, '{"a":1,"b":null,"note":"x"}')
+    assert not _accepts(schema, '{"a":1}')
 
 
 @pytest.mark.parametrize("extra", [False, {"type": "string"}])
@@ -97,6 +115,7 @@ def test_unsafe_or_non_object_schemas_are_unchanged(schema: dict[str, Any]) -> N
     assert rewrite_schema(schema) == schema
 
 
+@pytest.mark.usefixtures("open_objects")
 def test_nested_definitions_and_items_are_rewritten() -> None:
     schema = {
         "type": "array",

@@ -2,17 +2,30 @@
 
 vLLM's xgrammar backend (with the compat patch ``xgrammar_strict_json``) and ``specserve bench
 jsonschema`` both build it here, so the bench measures exactly what is served: the schema
-rewritten by :mod:`.schema_rewrite` (undeclared properties as the schema allows them, required
-names declared), converted by xgrammar with the backend's options, then the string and
-separator fixes of :mod:`.strict_json`.
+rewritten by :mod:`.schema_rewrite` (required names declared), converted by xgrammar with the
+backend's options, then the string and separator fixes of :mod:`.strict_json`.
+
+Objects without ``additionalProperties`` stay closed by default, as vLLM and OpenAI's strict mode
+have them: a model then writes only the declared keys. JSON Schema itself leaves such objects open;
+``SPECSERVE_JSON_OPEN_OBJECTS=1`` in the engine's environment serves that reading (outputs may then
+carry keys the schema does not name; on the demo model fewer of them finish within a token budget).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from specserve.structured.schema_rewrite import rewrite_schema_text
 from specserve.structured.strict_json import fix_json_ebnf
+
+
+OPEN_OBJECTS_ENV = "SPECSERVE_JSON_OPEN_OBJECTS"
+
+
+def open_objects() -> bool:
+    """Whether objects without ``additionalProperties`` accept undeclared keys (read now)."""
+    return os.environ.get(OPEN_OBJECTS_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def json_schema_ebnf(schema: str | dict[str, Any], **options: Any) -> str:
@@ -23,6 +36,7 @@ def json_schema_ebnf(schema: str | dict[str, Any], **options: Any) -> str:
     """
     import xgrammar as xgr
 
-    grammar = xgr.Grammar.from_json_schema(rewrite_schema_text(schema), **options)
+    text = rewrite_schema_text(schema, open_objects=open_objects())
+    grammar = xgr.Grammar.from_json_schema(text, **options)
     compact = tuple(options.get("separators") or ()) == (",", ":")
     return fix_json_ebnf(str(grammar), compact)

@@ -156,8 +156,13 @@ def _declare_required(node: dict[str, Any]) -> int:
     return len(missing)
 
 
-def rewrite_schema(schema: Any) -> Any:
-    """A copy of ``schema`` with both rewrites applied (see the module docstring)."""
+def rewrite_schema(schema: Any, *, open_objects: bool = True) -> Any:
+    """A copy of ``schema`` with both rewrites applied (see the module docstring); with
+    ``open_objects=False`` only the first (required names declared; objects stay closed).
+
+    >>> rewrite_schema({"type": "object", "required": ["a"]}, open_objects=False)
+    {'type': 'object', 'required': ['a'], 'properties': {'a': {}}}
+    """
     if not isinstance(schema, dict) or "unevaluatedProperties" in json.dumps(schema):
         return schema
     out = copy.deepcopy(schema)
@@ -170,7 +175,7 @@ def rewrite_schema(schema: Any) -> Any:
         if id(node) in untouchable or not _is_object_schema(node) or UNSAFE_SIBLINGS & node.keys():
             continue
         declared += _declare_required(node)
-        if "additionalProperties" not in node and id(node) not in closed:
+        if open_objects and "additionalProperties" not in node and id(node) not in closed:
             node["additionalProperties"] = True
             opened += 1
     if declared or opened:
@@ -180,7 +185,7 @@ def rewrite_schema(schema: Any) -> Any:
     return out
 
 
-def rewrite_schema_text(schema: str | dict[str, Any]) -> str:
+def rewrite_schema_text(schema: str | dict[str, Any], *, open_objects: bool = True) -> str:
     """:func:`rewrite_schema` for the JSON text an engine receives; unparsable text is returned
     unchanged (the converter reports the error).
 
@@ -190,9 +195,9 @@ def rewrite_schema_text(schema: str | dict[str, Any]) -> str:
     '{"type": '
     """
     if isinstance(schema, dict):
-        return json.dumps(rewrite_schema(schema))
+        return json.dumps(rewrite_schema(schema, open_objects=open_objects))
     try:
         parsed = json.loads(schema)
     except ValueError:
         return schema
-    return json.dumps(rewrite_schema(parsed))
+    return json.dumps(rewrite_schema(parsed, open_objects=open_objects))
