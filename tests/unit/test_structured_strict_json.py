@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,28 @@ def test_free_form_values_use_compact_separators() -> None:
     assert not _accepts(fixed, spaced_text)
     untouched = 'root ::= (("{" "\\"a\\"" ": " basic_any "}"))'
     assert compact_free_form(untouched) == untouched
+
+
+def test_compat_patch_converts_each_schema_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specserve.structured import engine_grammar
+    from specserve_vllm.compat import xgrammar_strict_json as patch
+
+    conversions: list[str] = []
+    real = engine_grammar.json_schema_ebnf
+
+    def counting(schema: Any, **options: Any) -> str:
+        conversions.append(schema)
+        return real(schema, **options)
+
+    monkeypatch.setattr(patch, "json_schema_ebnf", counting)
+    patch._cached_ebnf.cache_clear()
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+    compact = {"any_whitespace": False, "separators": (",", ":")}
+    first = patch.schema_ebnf(schema, **compact)
+    assert patch.schema_ebnf(schema, **compact) == first and len(conversions) == 1
+    assert patch.schema_ebnf(schema, any_whitespace=True) != first and len(conversions) == 2
+    # The open-objects switch is part of the key: flipping it gives the other grammar.
+    monkeypatch.setenv(engine_grammar.OPEN_OBJECTS_ENV, "1")
+    opened = patch.schema_ebnf(schema, **compact)
+    assert opened != first and "additional" in opened and len(conversions) == 3
+    patch._cached_ebnf.cache_clear()

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve.structured.engine_grammar import json_schema_ebnf
+from specserve.structured.engine_grammar import json_schema_ebnf, open_objects
 from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,35 @@ class StrictJsonCompiler:
         return getattr(self._inner, name)
 
     def compile_json_schema(self, schema: Any, **kwargs: Any) -> Any:
-        return self._inner.compile_grammar(json_schema_ebnf(schema, **kwargs))
+        return self._inner.compile_grammar(schema_ebnf(schema, **kwargs))
+
+
+EBNF_CACHE_SIZE = 512
+"""Schemas whose grammar text is kept: a service sees the same few schemas again and again, and
+converting one costs milliseconds (tens for large ones) on every request otherwise. The compiled
+grammar itself is cached by xgrammar's compiler, keyed by this text."""
+
+
+@functools.lru_cache(maxsize=EBNF_CACHE_SIZE)
+def _cached_ebnf(schema: str, options: tuple[tuple[str, Any], ...], open_objects: bool) -> str:
+    del open_objects  # part of the key: json_schema_ebnf reads the switch itself
+    return json_schema_ebnf(schema, **dict(options))
+
+
+def schema_ebnf(schema: Any, **options: Any) -> str:
+    """:func:`json_schema_ebnf`, memoized for schema text and hashable options.
+
+    >>> schema_ebnf('{"type": "boolean"}', any_whitespace=False) == json_schema_ebnf(
+    ...     '{"type": "boolean"}', any_whitespace=False)
+    True
+    """
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+    if not isinstance(schema, str):
+        return json_schema_ebnf(schema, **options)
+    try:
+        return _cached_ebnf(schema, key, open_objects())
+    except TypeError:  # an unhashable option value
+        return json_schema_ebnf(schema, **options)
 
 
 def _wrap_post_init(original: Callable[..., None]) -> Callable[..., None]:
