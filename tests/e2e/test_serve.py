@@ -237,6 +237,13 @@ def test_sigterm_drains_the_open_stream_then_stops_everything(server: ServeProce
     assert rest[-1] == "data: [DONE]"
     finals = [json.loads(line[6:]) for line in rest[:-1]]
     assert finals[-1]["choices"][0]["finish_reason"] == "length"
+    # A second SIGTERM while the engine is being stopped (as a supervisor may send) still ends in
+    # a clean exit.
+    deadline = time.monotonic() + 60
+    while "stopping engine" not in server.log_path.read_text(errors="replace"):
+        assert server.proc.poll() is None and time.monotonic() < deadline, "no engine stop logged"
+        time.sleep(0.02)
+    server.proc.send_signal(signal.SIGTERM)
     assert stop(server, timeout_s=90) == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [p.pid for p in alive]

@@ -72,6 +72,11 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def _already_stopping(signum: int, frame: FrameType | None) -> None:
+    """A repeated SIGTERM while the engine is being stopped: the stop (bounded) goes on."""
+    log.info("already stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+
+
 def run(args: argparse.Namespace) -> int:
     from specserve.engine.process import EngineError, EngineProcess, EngineSpec, detect_device, free_port
     from specserve.engine.process import served_name_for
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         env=tuple(env.items()),
     )
     engine = EngineProcess(spec, log_path=args.engine_log)
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
     serving = False
     try:
         engine.start()
@@ -139,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         log.info("interrupted while the engine was starting")
         return 130
     finally:
+        # From here on the process only stops: a repeated SIGTERM (an orchestrator, a supervisor)
+        # must neither abort the engine's stop nor turn a clean exit into an error. The handler
+        # stays installed until the process exits.
+        signal.signal(signal.SIGTERM, _already_stopping)
         engine.stop(grace_s=args.engine_stop_grace)
-        signal.signal(signal.SIGTERM, previous)
         log.info("stopped")
