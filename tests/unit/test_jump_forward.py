@@ -163,6 +163,18 @@ def test_errors_fall_back_to_the_valid_drafts() -> None:
     assert out == [[3]]
 
 
+def test_a_repeated_error_is_warned_once(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jump_forward, "_WARNED", set())
+    validate = jump_forward._wrap_validate(lambda self, request, tokens: list(tokens))
+    broken = SimpleNamespace(vllm_config=None)  # extension raises AttributeError
+    update = jump_forward._wrap_update(lambda self, d: d.append(validate(broken, _request(None), [3])))
+    with caplog.at_level("DEBUG", logger=jump_forward.__name__):
+        for _ in range(3):
+            update(None, [])
+    levels = [r.levelname for r in caplog.records if r.getMessage() == "jump-forward drafting skipped"]
+    assert levels == ["WARNING", "DEBUG", "DEBUG"]
+
+
 # The same grammar over a vocabulary that also has "c:": after "abx" the grammar allows "c" and
 # "c:", so no single token is forced, but the string "c:" is.
 VOCAB_WITH_PAIR = [*VOCAB, "c:"]

@@ -58,6 +58,9 @@ STRINGS_ENV_SWITCH = "SPECSERVE_JUMP_FORWARD_STRINGS"
 ENABLED: bool = True
 """Module switch, read at call time (tests and benchmarks flip it between engines)."""
 
+_WARNED: set[str] = set()
+"""Kinds of extension errors already logged at warning level (later ones go to debug)."""
+
 _SYNC_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "specserve_jump_forward_sync_path", default=False
 )
@@ -294,7 +297,12 @@ def _wrap_validate(original: Callable[..., list[int]]) -> Callable[..., list[int
         try:
             return extend_drafts(self, request, list(valid))
         except Exception as exc:  # never let drafting take the engine down
-            logger.warning(
+            # A systematic failure would repeat on every step: warn once per kind of error.
+            kind = type(exc).__name__
+            level = logging.DEBUG if kind in _WARNED else logging.WARNING
+            _WARNED.add(kind)
+            logger.log(
+                level,
                 "jump-forward drafting skipped",
                 extra={"fields": {"request_id": getattr(request, "request_id", None),
                                   "error": repr(exc)}},
