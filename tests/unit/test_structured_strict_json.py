@@ -63,41 +63,6 @@ def test_xgrammar_admits_control_chars_and_the_rewrite_removes_them(schema: dict
     assert _accepts(fixed, clean)
 
 
-def _source_text(schema: dict, source: str) -> str:
-    """A document whose constrained string is written as ``source`` (JSON string source text)."""
-    if schema.get("type") == "string":
-        return f'"{source}"'
-    if "propertyNames" in schema:
-        return '{"' + source + '":1}'
-    return '{"a":"' + source + '"}'
-
-
-@pytest.mark.parametrize("schema", LENGTH_BOUNDED)
-def test_rewrite_admits_escapes_in_length_bounded_strings(schema: dict) -> None:
-    import xgrammar as xgr
-
-    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
-    escaped = _source_text(schema, 'a\\"')  # the value a" (two characters)
-    # xgrammar 0.2.8 has no escape sequence in these rules: valid values are rejected.
-    assert not _accepts(grammar, escaped)
-    fixed = xgr.Grammar.from_ebnf(strict_json_ebnf(str(grammar)))
-    assert _accepts(fixed, escaped)
-    assert _accepts(fixed, _source_text(schema, "\\u00e9\\n"))
-    assert not _accepts(fixed, _source_text(schema, "a\\x"))  # not a JSON escape
-
-
-def test_an_escape_counts_as_one_character() -> None:
-    import xgrammar as xgr
-
-    schema = {"type": "string", "minLength": 2, "maxLength": 3}
-    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
-    fixed = xgr.Grammar.from_ebnf(strict_json_ebnf(str(grammar)))
-    for value in ['a"', "\\n\t", "\u00e9ab", 'a"b']:
-        assert _accepts(fixed, json.dumps(value)), value
-    for value in ["\n", 'ab"c', "\u00e9abc"]:
-        assert not _accepts(fixed, json.dumps(value)), value
-
-
 def test_compat_patch_wraps_backend_compiler() -> None:
     import xgrammar as xgr
 

@@ -8,17 +8,13 @@ control character except CR and LF slips through, so constrained outputs such as
 fail to parse.
 
 :func:`strict_json_ebnf` rewrites the printed grammar (xgrammar's EBNF, which it parses back
-losslessly) so those character rules exclude U+0000..U+001F too. The same rule has no escape
-sequence either, so a length-bounded string could not hold ``\\"``, ``\\\\`` or ``\\n`` at all (a
-valid value such as ``"<a href=\\"x\\">"`` for ``{"minLength": 1}`` was rejected): the rewritten
-rule is one plain character *or one escape*, so each repetition is still one character of the
-decoded string and the length bounds keep their meaning. Only rules whose whole body is that
-character class (optionally ``"" |`` it, as bounded repetitions print) are touched; string
-literals and regex-derived rules (``Regex(..., json_string=true)``) are left alone.
+losslessly) so those character rules exclude U+0000..U+001F too. Only rules whose whole body is
+that character class (optionally ``"" |`` it, as bounded repetitions print) are touched; string
+literals and regex-derived rules (``Regex(..., json_string=true)``, already strict) are left alone.
 
 Example:
-    >>> strict_json_ebnf('c ::= ((' + LOOSE_CLASS + '))') == 'c ::= ((' + STRICT_CHAR + '))'
-    True
+    >>> strict_json_ebnf('root_name_characters ::= (([^\\\\"\\\\\\\\\\\\r\\\\n]))')
+    'root_name_characters ::= (([^\\\\0-\\\\x1f\\\\"\\\\\\\\]))'
 """
 
 from __future__ import annotations
@@ -29,11 +25,6 @@ import re
 LOOSE_CLASS = '[^\\"\\\\\\r\\n]'
 # What a JSON string character must be (besides an escape): not a quote, backslash or control.
 STRICT_CLASS = '[^\\0-\\x1f\\"\\\\]'
-# A JSON escape sequence (RFC 8259, section 7) as one EBNF group: backslash, then one of
-# " \ / b f n r t, or u and four hex digits.
-ESCAPE = '("\\\\" (([\\"\\\\/bfnrt]) | ("u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])))'
-# One character of a JSON string's value: a plain character or an escape.
-STRICT_CHAR = f"({STRICT_CLASS} | {ESCAPE})"
 
 _RULE = re.compile(r"^(?P<head>[A-Za-z_][A-Za-z0-9_]* ::= )(?P<body>.*)$")
 # A rule body made only of the loose class, optionally alternated with the empty string.
@@ -48,7 +39,7 @@ def strict_json_ebnf(ebnf: str) -> str:
     for line in ebnf.split("\n"):
         m = _RULE.match(line)
         if m is not None and _BODY_ONLY_LOOSE.match(m.group("body")):
-            line = m.group("head") + m.group("body").replace(LOOSE_CLASS, STRICT_CHAR)
+            line = m.group("head") + m.group("body").replace(LOOSE_CLASS, STRICT_CLASS)
         out.append(line)
     return "\n".join(out)
 
