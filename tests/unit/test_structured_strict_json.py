@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from specserve.structured.strict_json import LOOSE_CLASS, has_loose_strings, strict_json_ebnf
+from specserve.structured.strict_json import LOOSE_CLASS, STRICT_CLASS, has_loose_strings, strict_json_ebnf
 
 LENGTH_BOUNDED = [
     {"type": "string", "minLength": 1, "maxLength": 20},
@@ -44,6 +44,15 @@ def test_rewrite_only_touches_whole_class_rules() -> None:
     assert LOOSE_CLASS not in out[0] and LOOSE_CLASS not in out[1]
     assert out[2] == f'r3 ::= (("x" {LOOSE_CLASS}))'
     assert out[3] == 'r4 ::= (("\\"" r1 "\\""))'
+
+
+def test_rewritten_rules_stay_one_character_class() -> None:
+    # xgrammar fills masks for a bounded repetition of one character class on a fast path. An
+    # alternation there (e.g. a class *or an escape sequence*) was tried and made each mask fill
+    # about 40 times slower (21 vs 840 microseconds per token on 60 MaskBench schemas), so a
+    # length-bounded string keeps refusing escapes rather than slowing every constrained step.
+    out = strict_json_ebnf(f'r ::= ("" | ({LOOSE_CLASS}))')
+    assert out == f'r ::= ("" | ({STRICT_CLASS}))'
 
 
 @pytest.mark.parametrize("schema", LENGTH_BOUNDED)
