@@ -28,4 +28,8 @@ def test_maskbench_agreement_on_served_schemas(
     assert total["served_instances"] >= 50
     # Schemas the gateway serves are classified exactly like their valid flags.
     assert total["served_agree"] == total["served_instances"]
+    # Mask fills were timed on the way, per dataset and overall.
+    assert 0 < total["mask_fill_us_p50"] <= total["mask_fill_us_p99"]
+    assert all(row["mask_fill_us_p50"] for row in result["maskbench"]["per_dataset"].values()
+               if row["compiled"])
     assert captured.err.strip().splitlines()[-1].startswith("jsonschema: maskbench agreement")

@@ -153,7 +153,8 @@ def summary(result: dict[str, Any]) -> str:
     if mb:
         bits.append(
             f"maskbench agreement {mb.get('agree_rate')} of {mb.get('instances')} instances "
-            f"(served schemas {mb.get('served_agree_rate')} of {mb.get('served_instances')})"
+            f"(served schemas {mb.get('served_agree_rate')} of {mb.get('served_instances')}), "
+            f"mask fill p50 {mb.get('mask_fill_us_p50')} us"
         )
     cc = result.get("compile")
     if cc:

@@ -6,6 +6,9 @@ compact separators: the schema rewrite, xgrammar's conversion, the strict-string
 free-form fixes) and compiled against a real tokenizer. ``--raw-xgrammar`` measures xgrammar's
 own conversion instead, ``--semantic`` its any-order, non-strict mode.
 
+MaskBench agreement also times each token-mask fill on the way (``mask_fill_us_p50/p99``): the
+grammar's work per constrained request and decoding step.
+
 MaskBench agreement: an instance agrees when the compiled grammar accepts its compact JSON text
 (tokenized with the model's tokenizer, fed token by token to a ``GrammarMatcher``, then the stop
 token) exactly when the instance is marked valid.
@@ -64,6 +67,10 @@ class SchemaCompiler:
         # Shipped: what vLLM compiles (properties in schema order, no undeclared properties).
         # Semantic: the schema's own meaning (any order, additionalProperties as written).
         self.json_options = {"any_order": True, "strict_mode": False} if semantic else {}
+        # Seconds of each token-mask fill while walking instances (the engine fills one per
+        # constrained request and step): the grammar's share of a decoding step.
+        self.fill_s: list[float] = []
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-compile")
 
     def _compile(self, schema: Any) -> Any:
@@ -97,6 +104,9 @@ class SchemaCompiler:
         """Does the grammar accept ``text`` followed by the stop token?"""
         matcher = self.xgr.GrammarMatcher(compiled)
         for token in self.tokenizer.encode(text, add_special_tokens=False):
+            start = time.perf_counter()
+            matcher.fill_next_token_bitmask(self._bitmask)
+            self.fill_s.append(time.perf_counter() - start)
             if not matcher.accept_token(token):
                 return False
         if matcher.is_terminated():
@@ -147,9 +157,11 @@ def maskbench(
 ) -> dict[str, Any]:
     """MaskBench agreement per dataset; ``precheck_ok(schema) -> bool`` marks served schemas."""
     per: dict[str, dict[str, int]] = {}
+    fills: dict[str, list[float]] = {}
     for i, path in enumerate(files):
         doc = _load(path)
         ds = dataset_of(path)
+        compiler.fill_s = fills.setdefault(ds, [])
         row = per.setdefault(
             ds,
             {"schemas": 0, "compiled": 0, "served": 0, "instances": 0, "agree": 0,
@@ -177,7 +189,13 @@ def maskbench(
             if served:
                 row["served_instances"] += 1
                 row["served_agree"] += agree
-    return _with_totals(per, ("agree", "instances"), ("served_agree", "served_instances"))
+    result = _with_totals(per, ("agree", "instances"), ("served_agree", "served_instances"))
+    everything = [t for times in fills.values() for t in times]
+    for row, times in [*((per[ds], fills.get(ds, [])) for ds in per), (result["total"], everything)]:
+        for q in (50, 99):
+            value = percentile(times, q)
+            row[f"mask_fill_us_p{q}"] = None if value is None else round(value * 1e6, 1)
+    return result
 
 
 def compile_coverage(
