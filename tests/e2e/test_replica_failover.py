@@ -21,8 +21,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from specserve.engine.process import EngineProcess, EngineSpec, free_port
+from specserve_process import running_gateway
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,6 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 @dataclass
 class Cluster:
     engines: dict[str, EngineProcess]
-    gateway: subprocess.Popen[bytes]
     gateway_url: str
     log_dir: Path
 
@@ -68,15 +66,6 @@ def _start_engines(engines: list[EngineProcess]) -> None:
         engine.start()
     for engine in engines:
         engine.wait_ready(timeout_s=ENGINE_START_TIMEOUT_S)
-
-
-def _start_gateway(replicas: list[str], port: int, log_dir: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "specserve.cli", "gateway", "--port", str(port),
-           "--request-timeout", "120", "--drain-timeout", "5"]
-    for url in replicas:
-        cmd += ["--replica", url]
-    with open(log_dir / f"gateway-{port}.log", "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_until(check: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.25) -> None:
@@ -108,35 +97,17 @@ def _metric(url: str, family_name: str, labels: dict[str, str] | None = None) ->
     )
 
 
-def _engine_load(url: str) -> float:
-    """Requests at a vLLM engine now: running plus waiting."""
-    return _metric(url, "vllm:num_requests_running") + _metric(url, "vllm:num_requests_waiting")
-
-
-def _stop_gateway(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 @pytest.fixture()
 def cluster(demo_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
     engines = {name: _engine(demo_model_dir, free_port(), tmp_path, name) for name in ("a", "b")}
-    gateway: subprocess.Popen[bytes] | None = None
     try:
         _start_engines(list(engines.values()))
-        port = free_port()
-        gateway = _start_gateway([e.spec.url for e in engines.values()], port, tmp_path)
-        result = Cluster(engines, gateway, f"http://127.0.0.1:{port}", tmp_path)
-        _wait_until(lambda: all(_ready_replicas(result.gateway_url).values()), 60, "both replicas up")
-        yield result
+        args = ["--request-timeout", "120", "--drain-timeout", "5"]
+        with running_gateway([e.spec.url for e in engines.values()], args, tmp_path) as url:
+            result = Cluster(engines, url, tmp_path)
+            _wait_until(lambda: all(_ready_replicas(url).values()), 60, "both replicas up")
+            yield result
     finally:
-        if gateway is not None:
-            _stop_gateway(gateway)
         for engine in engines.values():
             if engine.proc is not None and engine.proc.poll() is None:
                 os.killpg(engine.proc.pid, signal.SIGCONT)  # a frozen engine cannot stop gracefully
