@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve.structured.engine_grammar import json_schema_ebnf, open_objects
+from specserve.structured.engine_grammar import json_schema_ebnf, open_objects_enabled
 from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ grammar itself is cached by xgrammar's compiler, keyed by this text."""
 
 @functools.lru_cache(maxsize=EBNF_CACHE_SIZE)
 def _cached_ebnf(schema: str, options: tuple[tuple[str, Any], ...], open_objects: bool) -> str:
-    del open_objects  # part of the key: json_schema_ebnf reads the switch itself
-    return json_schema_ebnf(schema, **dict(options))
+    return json_schema_ebnf(schema, open_objects=open_objects, **dict(options))
 
 
 def schema_ebnf(schema: Any, **options: Any) -> str:
@@ -80,7 +79,7 @@ def schema_ebnf(schema: Any, **options: Any) -> str:
     if not isinstance(schema, str):
         return json_schema_ebnf(schema, **options)
     try:
-        return _cached_ebnf(schema, key, open_objects())
+        return _cached_ebnf(schema, key, open_objects_enabled())
     except TypeError:  # an unhashable option value
         return json_schema_ebnf(schema, **options)
 

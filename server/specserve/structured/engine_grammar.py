@@ -23,20 +23,24 @@ from specserve.structured.strict_json import fix_json_ebnf
 OPEN_OBJECTS_ENV = "SPECSERVE_JSON_OPEN_OBJECTS"
 
 
-def open_objects() -> bool:
+def open_objects_enabled() -> bool:
     """Whether objects without ``additionalProperties`` accept undeclared keys (read now)."""
     return os.environ.get(OPEN_OBJECTS_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def json_schema_ebnf(schema: str | dict[str, Any], **options: Any) -> str:
+def json_schema_ebnf(
+    schema: str | dict[str, Any], *, open_objects: bool | None = None, **options: Any
+) -> str:
     """EBNF for ``schema``; ``options`` are ``xgrammar.Grammar.from_json_schema``'s keywords.
+    ``open_objects`` defaults to the environment's switch (:func:`open_objects_enabled`).
 
     >>> "root ::= ((basic_boolean))" in json_schema_ebnf({"type": "boolean"}, any_whitespace=False)
     True
     """
     import xgrammar as xgr
 
-    text = rewrite_schema_text(schema, open_objects=open_objects())
+    opened = open_objects_enabled() if open_objects is None else open_objects
+    text = rewrite_schema_text(schema, open_objects=opened)
     grammar = xgr.Grammar.from_json_schema(text, **options)
     compact = tuple(options.get("separators") or ()) == (",", ":")
     return fix_json_ebnf(str(grammar), compact)
