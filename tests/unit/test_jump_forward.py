@@ -245,3 +245,13 @@ def test_forced_strings_need_a_tokenizer_and_the_switch(monkeypatch: pytest.Monk
     wrong = _pair_manager(SimpleNamespace(encode=lambda text, add_special_tokens=True: [Y, C]))
     assert jump_forward.extend_drafts(wrong, _request(grammar), [X]) == [X]
     assert _state(grammar) == before
+
+
+def test_the_manager_still_keeps_the_tokenizer_forced_strings_use() -> None:
+    # Forced strings are tokenized with StructuredOutputManager.tokenizer (read with getattr, so
+    # a rename would silently turn them off): fail here instead.
+    import inspect
+
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    assert "self.tokenizer = " in inspect.getsource(StructuredOutputManager.__init__)
