@@ -1,4 +1,5 @@
-"""The token-counted prompt cap (``max_prompt_tokens``): pure helpers, then the routes over a fake engine.
+"""The token-counted prompt cap (``max_prompt_tokens``): pure helpers, then the routes over a fake engine,
+then what the per-key token rate limit charges for counted prompts.
 
 The fake engine's ``/tokenize`` counts one token per word.
 """
@@ -19,12 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from specserve.commands.gateway import add_arguments, gateway_config
 from specserve.gateway import GatewayConfig
 from specserve.gateway import prompt_tokens
+from specserve.gateway.config import KeyLimits
+from specserve.gateway.limits import charged_tokens
 from specserve.gateway.prompt_tokens import (
+    PromptCount,
     TokenCount,
     chat_tokenize_body,
     completion_prompts,
+    count_prompts,
     kept_tokens,
-    largest_prompt,
 )
 
 from gateway_fake_engine import MODEL, FakeState, in_process_gateway, running_fake_engine
@@ -57,22 +61,23 @@ def test_completion_prompts_and_truncation() -> None:
     assert kept_tokens(10, True) == 10
 
 
-def test_largest_prompt_counts_token_ids_without_the_engine() -> None:
+def test_count_prompts_counts_token_ids_without_the_engine() -> None:
     async def never(body: dict[str, Any]) -> TokenCount:
         raise AssertionError(f"tokenize called with {body}")
 
     async def main() -> None:
         ids = {"model": "m", "prompt": [[1] * 3, [2] * 8, [3]]}
-        assert await largest_prompt("completions", ids, never, cap=CAP) == 8
-        assert await largest_prompt("completions", {"model": "m", "prompt": [7] * 4}, never, cap=CAP) == 4
-        # The engine keeps at most truncate_prompt_tokens <= cap tokens: nothing to count.
+        assert await count_prompts("completions", ids, never, cap=CAP) == PromptCount(8, 12)
+        assert await count_prompts("completions", {"model": "m", "prompt": [7] * 4}, never, cap=CAP) == \
+            PromptCount(4, 4)
+        # The engine keeps at most truncate_prompt_tokens <= cap tokens: nothing to count, total unknown.
         truncated = {"model": "m", "messages": [{"role": "user", "content": LONG}], "truncate_prompt_tokens": 3}
-        assert await largest_prompt("chat", truncated, never, cap=CAP) == 3
+        assert await count_prompts("chat", truncated, never, cap=CAP) == PromptCount(3, None)
 
     asyncio.run(main())
 
 
-def test_largest_prompt_stops_after_a_batch_over_the_cap() -> None:
+def test_count_prompts_stops_after_a_batch_over_the_cap() -> None:
     seen: list[str] = []
 
     async def words(body: dict[str, Any]) -> TokenCount:
@@ -81,11 +86,15 @@ def test_largest_prompt_stops_after_a_batch_over_the_cap() -> None:
 
     async def main() -> None:
         many = {"model": "m", "prompt": [LONG] + [SHORT] * 20}
-        assert await largest_prompt("completions", many, words, cap=CAP) == 7
+        assert await count_prompts("completions", many, words, cap=CAP) == PromptCount(7, None)
         assert len(seen) == 8  # one batch, not all 21 prompts
         seen.clear()
         clipped = {"model": "m", "prompt": LONG, "truncate_prompt_tokens": -1}
-        assert await largest_prompt("completions", clipped, words, cap=CAP) == 6  # max_model_len kept
+        assert await count_prompts("completions", clipped, words, cap=CAP) == PromptCount(6, 6)  # max_model_len
+        seen.clear()
+        several = {"model": "m", "prompt": [SHORT] * 10 + [[1, 2]]}  # two batches of text
+        assert await count_prompts("completions", several, words, cap=CAP) == PromptCount(3, 32)
+        assert len(seen) == 10
 
     asyncio.run(main())
 
@@ -231,3 +240,65 @@ def test_counting_leaves_the_round_robin_of_equal_replicas_alone() -> None:
         asyncio.run(main([url_a, url_b]))
     assert (len(state_a.requests), len(state_b.requests)) == (2, 2)
     assert len(state_a.tokenize_requests) + len(state_b.tokenize_requests) == 4
+
+
+def test_charged_tokens_prefers_the_exact_count() -> None:
+    assert charged_tokens(prompt_chars=400, max_tokens=2, n=1) == 102
+    assert charged_tokens(prompt_chars=400, max_tokens=2, n=1, prompt_tokens=1) == 3
+    assert charged_tokens(prompt_chars=400, max_tokens=2, n=3, prompt_tokens=0) == 6  # 0 is a count
+
+
+async def statuses(client: httpx.AsyncClient, path: str, body: dict[str, Any], times: int) -> list[int]:
+    return [(await client.post(path, json=body)).status_code for _ in range(times)]
+
+
+# Prompts whose exact count is far from the characters / 4 estimate: one 400-character word (1
+# token, estimated 100) and five one-letter words (5 tokens, estimated 2).
+ONE_LONG_WORD = "x" * 400
+FIVE_WORDS = "a b c d e"
+
+
+@pytest.mark.parametrize(("content", "budget", "expected"), [
+    # 1 + 2 tokens a request: all fit (estimated, 102 a request: the second is refused).
+    (ONE_LONG_WORD, 30, [200, 200, 200]),
+    # 5 + 2 tokens a request: the third is refused (estimated, 2 + 2: all fit).
+    (FIVE_WORDS, 14, [200, 200, 429]),
+])
+def test_rate_limit_charges_the_exact_prompt_count(
+    fake: tuple[str, FakeState], content: str, budget: int, expected: list[int]
+) -> None:
+    url, state = fake
+
+    async def main() -> None:
+        async with gateway(url, key_limits=KeyLimits(tokens_per_minute=budget)) as client:
+            assert await statuses(client, "/v1/chat/completions", chat(content), 3) == expected
+        assert len(state.tokenize_requests) == 3  # counted once each, the refused one too
+
+    asyncio.run(main())
+
+
+def test_rate_limit_charges_all_prompts_of_a_list(fake: tuple[str, FakeState]) -> None:
+    url, _ = fake
+    # 5 + 5 prompt tokens + 2 = 12 a request (the largest alone: 7; estimated: 18 // 4 + 2 = 6).
+    body = completion([FIVE_WORDS, FIVE_WORDS])
+
+    async def main() -> None:
+        async with gateway(url, key_limits=KeyLimits(tokens_per_minute=24)) as client:
+            assert await statuses(client, "/v1/completions", body, 3) == [200, 200, 429]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("counted", ["off", "failed"])
+def test_rate_limit_estimates_an_uncounted_prompt(fake: tuple[str, FakeState], counted: str) -> None:
+    url, state = fake
+    state.tokenize_status = 500  # only reached when the cap is on
+    cap = CAP if counted == "failed" else 0
+
+    async def main() -> None:
+        async with gateway(url, max_prompt_tokens=cap, key_limits=KeyLimits(tokens_per_minute=30)) as client:
+            # 400 // 4 + 2 = 102 a request: the first fits an empty window, the second does not.
+            assert await statuses(client, "/v1/chat/completions", chat(ONE_LONG_WORD), 2) == [200, 429]
+        assert len(state.tokenize_requests) == (2 if counted == "failed" else 0)
+
+    asyncio.run(main())

@@ -25,7 +25,8 @@ class KeyLimits(BaseModel):
     requests_per_minute: int = Field(default=0, ge=0)
     """Requests a key may start per rolling minute."""
     tokens_per_minute: int = Field(default=0, ge=0)
-    """Tokens (prompt estimate + requested max_tokens) a key may spend per rolling minute."""
+    """Tokens (prompt + requested max_tokens) a key may spend per rolling minute; the prompt is its
+    exact count when ``max_prompt_tokens`` counted it, else estimated as characters / 4."""
 
 
 class GatewayConfig(BaseModel):

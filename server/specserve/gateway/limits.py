@@ -67,6 +67,26 @@ def check_api_key(authorization: str | None, keys: Iterable[str]) -> str:
     raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
+def charged_tokens(prompt_chars: int, max_tokens: int | None, n: int | None,
+                   prompt_tokens: int | None = None) -> int:
+    """Tokens a request spends of its key's ``tokens_per_minute``: its prompt and what it may generate.
+
+    The prompt is charged its exact token count when the gateway has one (``--max-prompt-tokens``
+    counted it), else an estimate of four characters a token. Generation is ``max_tokens`` (16,
+    OpenAI's default, when unset) for each of the ``n`` choices.
+
+    Example:
+        >>> charged_tokens(prompt_chars=400, max_tokens=10, n=2)  # 400 // 4 + 10 * 2
+        120
+        >>> charged_tokens(prompt_chars=400, max_tokens=10, n=2, prompt_tokens=7)
+        27
+        >>> charged_tokens(prompt_chars=8, max_tokens=None, n=None)
+        18
+    """
+    prompt = prompt_tokens if prompt_tokens is not None else prompt_chars // 4
+    return prompt + (max_tokens or 16) * (n or 1)
+
+
 class RateLimiter:
     """Per-key request and token windows (keys are API keys, or client addresses without auth)."""
 

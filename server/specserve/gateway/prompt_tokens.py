@@ -7,7 +7,8 @@ of the generating routes, so the gateway copies them from the request (``add_gen
 ``tools``...; ``documents`` and ``reasoning_effort`` become template arguments, as in vLLM's chat
 route). Token-id prompts are counted by their length, without a round trip. A prompt the engine
 will truncate (``truncate_prompt_tokens``) counts as what it keeps. For a list of prompts the
-largest one counts.
+largest one counts against the cap; the total over all of them is what the per-key token rate
+limit charges.
 
 Example:
     >>> chat_tokenize_body({"model": "m", "messages": [{"role": "user", "content": "hi"}],
@@ -18,8 +19,8 @@ Example:
     >>> async def words(body):  # a stand-in for the engine: one token per word
     ...     return TokenCount(len(body["prompt"].split()))
     >>> import asyncio
-    >>> asyncio.run(largest_prompt("completions", {"model": "m", "prompt": ["a b", "c d e"]}, words, cap=10))
-    3
+    >>> asyncio.run(count_prompts("completions", {"model": "m", "prompt": ["a b", "c d e"]}, words, cap=10))
+    PromptCount(largest=3, total=5)
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class TokenCount:
 
     count: int
     max_model_len: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptCount:
+    """The tokens of a request's prompts, as the engine will keep them."""
+
+    largest: int
+    """The largest prompt: what ``--max-prompt-tokens`` caps."""
+    total: int | None
+    """All prompts together; ``None`` when not every prompt was counted (truncation answered
+    without the engine, or counting stopped once a prompt was over the cap)."""
 
 
 class TokenizeFailed(Exception):
@@ -139,28 +151,38 @@ def kept_tokens(count: int, truncate: object, max_model_len: int | None = None) 
     return min(count, max(truncate, 0))
 
 
-async def largest_prompt(route: Route, body: Mapping[str, Any], tokenize: Tokenize, *, cap: int) -> int:
-    """Tokens of the request's largest prompt as the engine will see it.
+async def count_prompts(route: Route, body: Mapping[str, Any], tokenize: Tokenize, *, cap: int) -> PromptCount:
+    """Tokens of the request's prompts as the engine will see them.
 
     It may stop counting once a prompt is over ``cap``, and answers ``truncate_prompt_tokens``
-    itself when the engine keeps no more than ``cap`` tokens anyway. Raises :class:`TokenizeFailed` when the engine could not count a text prompt.
+    itself when the engine keeps no more than ``cap`` tokens anyway; either way ``total`` is then
+    unknown. Raises :class:`TokenizeFailed` when the engine could not count a text prompt.
+
+    Example:
+        >>> async def never(body):
+        ...     raise AssertionError("no call expected")
+        >>> asyncio.run(count_prompts("completions", {"prompt": [[1, 2], [3]]}, never, cap=5))
+        PromptCount(largest=2, total=3)
+        >>> asyncio.run(count_prompts("chat", {"truncate_prompt_tokens": 4}, never, cap=5))
+        PromptCount(largest=4, total=None)
     """
     truncate = body.get("truncate_prompt_tokens")
     if isinstance(truncate, int) and not isinstance(truncate, bool) and 0 <= truncate <= cap:
-        return truncate  # the engine keeps at most this many: nothing to count
+        return PromptCount(truncate, None)  # the engine keeps at most this many: nothing to count
     if route == "chat":
         counted = await tokenize(chat_tokenize_body(body))
-        return kept_tokens(counted.count, truncate, counted.max_model_len)
+        kept = kept_tokens(counted.count, truncate, counted.max_model_len)
+        return PromptCount(kept, kept)
     prompts = completion_prompts(body.get("prompt"))
-    largest = max((kept_tokens(len(p), truncate) for p in prompts if isinstance(p, list)), default=0)
+    kept = [kept_tokens(len(p), truncate) for p in prompts if isinstance(p, list)]
     texts = [p for p in prompts if isinstance(p, str)]
     for start in range(0, len(texts), _CONCURRENCY):
-        if largest > cap:
-            break
+        if max(kept, default=0) > cap:
+            return PromptCount(max(kept), None)
         batch = texts[start:start + _CONCURRENCY]
         counts = await asyncio.gather(*(tokenize(completion_tokenize_body(body, t)) for t in batch))
-        largest = max(largest, *(kept_tokens(c.count, truncate, c.max_model_len) for c in counts))
-    return largest
+        kept += [kept_tokens(c.count, truncate, c.max_model_len) for c in counts]
+    return PromptCount(max(kept, default=0), sum(kept))
 
 
 class EngineTokenizer:

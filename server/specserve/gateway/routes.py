@@ -13,14 +13,14 @@ from starlette.responses import JSONResponse, Response
 
 from specserve import structured
 from specserve.errors import APIError
-from specserve.gateway.limits import check_api_key
+from specserve.gateway.limits import charged_tokens, check_api_key
 from specserve.gateway.protocol import (
     ERROR_RESPONSES,
     ChatCompletionRequest,
     CompletionRequest,
     unsupported_param,
 )
-from specserve.gateway.prompt_tokens import Route, TokenizeFailed, largest_prompt
+from specserve.gateway.prompt_tokens import Route, TokenizeFailed, count_prompts
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.speculation import SPEC_K_HEADER
 
@@ -121,11 +121,12 @@ async def _generate(
         # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
         full = parsed.model_dump(exclude_unset=True)
         body_bytes = json.dumps(structured.normalize_legacy(full)).encode()
+    prompt_tokens = None
     if cfg.max_prompt_tokens:
-        await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
+        prompt_tokens = await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
     if gw.limiter.enabled:
         try:
-            gw.limiter.admit(key, prompt_chars // 4 + (max_tokens or 16) * (parsed.n or 1))
+            gw.limiter.admit(key, charged_tokens(prompt_chars, max_tokens, parsed.n, prompt_tokens))
         except APIError:
             gw.metrics.rejected.labels(reason="rate_limit").inc()
             raise
@@ -184,22 +185,26 @@ async def _generate(
     return response
 
 
-async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes, request_id: str) -> None:
+async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes, request_id: str) -> int | None:
     """400 when the largest prompt has more than ``max_prompt_tokens`` tokens, as an engine counts them.
 
-    A count that fails lets the request through: the engine still checks its own context length.
+    Returns the tokens of all prompts together, for the rate limiter (``None`` when not all were
+    counted). A count that fails lets the request through: the engine still checks its own context
+    length.
     """
     cap = gw.config.max_prompt_tokens
     try:
-        tokens = await largest_prompt(route, json.loads(body_bytes), gw.tokenizer, cap=cap)
+        counted = await count_prompts(route, json.loads(body_bytes), gw.tokenizer, cap=cap)
     except TokenizeFailed as exc:
         log.warning("prompt not counted; forwarded without the token cap", extra={"fields": {
             "request_id": request_id, "error": str(exc)}})
-        return
+        return None
+    tokens = counted.largest
     if tokens > cap:
         gw.metrics.rejected.labels(reason="prompt_too_long").inc()
         raise APIError(400, f"The prompt is too long: it has {tokens} tokens, at most {cap} are accepted.",
                        param="messages" if route == "chat" else "prompt", code="context_length_exceeded")
+    return counted.total
 
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
