@@ -145,6 +145,16 @@ async def rejected_too_long(client: httpx.AsyncClient) -> float:
                for s in f.samples if s.labels.get("reason") == "prompt_too_long")
 
 
+async def count_failures(client: httpx.AsyncClient) -> float:
+    """``specserve_gateway_prompt_token_count_failures_total`` from the gateway's /metrics."""
+    text = (await client.get("/metrics")).text
+    values = [s.value for f in text_string_to_metric_families(text)
+              if f.name == "specserve_gateway_prompt_token_count_failures"
+              for s in f.samples if s.name == "specserve_gateway_prompt_token_count_failures_total"]
+    assert len(values) == 1, text
+    return values[0]
+
+
 def test_chat_under_the_cap_passes_and_over_it_is_a_400(fake: tuple[str, FakeState]) -> None:
     url, state = fake
 
@@ -164,6 +174,7 @@ def test_chat_under_the_cap_passes_and_over_it_is_a_400(fake: tuple[str, FakeSta
                          "messages", 7)
             assert len(state.requests) == 2  # the long ones never reached the engine
             assert await rejected_too_long(client) == 2
+            assert await count_failures(client) == 0
 
     asyncio.run(main())
 
@@ -210,6 +221,7 @@ def test_a_failed_count_lets_the_request_through(
                                       headers={"x-request-id": "uncounted-1"})
             assert r.status_code == 200, r.text
             assert await rejected_too_long(client) == 0
+            assert await count_failures(client) == 1
         assert len(state.tokenize_requests) == 1 and len(state.requests) == 1
         warnings = [rec for rec in caplog.records if rec.getMessage().startswith("prompt not counted")]
         assert len(warnings) == 1
@@ -299,6 +311,7 @@ def test_rate_limit_estimates_an_uncounted_prompt(fake: tuple[str, FakeState], c
         async with gateway(url, max_prompt_tokens=cap, key_limits=KeyLimits(tokens_per_minute=30)) as client:
             # 400 // 4 + 2 = 102 a request: the first fits an empty window, the second does not.
             assert await statuses(client, "/v1/chat/completions", chat(ONE_LONG_WORD), 2) == [200, 429]
+            assert await count_failures(client) == (2 if counted == "failed" else 0)
         assert len(state.tokenize_requests) == (2 if counted == "failed" else 0)
 
     asyncio.run(main())

@@ -65,6 +65,9 @@ class GatewayMetrics:
         self.rejected = counter("rejected_requests", "Requests refused before reaching an engine, by reason.",
                                 ["reason"])
         self.retries = counter("retries", "Requests re-sent to another replica after a connection failure.")
+        self.prompt_count_failures = counter(
+            "prompt_token_count_failures",
+            "Requests --max-prompt-tokens could not count (engine error or timeout); they went on uncounted.")
         self.queue_depth = gauge("queue_depth_requests", "Requests waiting for an in-flight slot.")
 
         # Speculative decoding (``specserve_spec_*``): per-request acceptance and the k policy.

@@ -189,13 +189,14 @@ async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes, req
     """400 when the largest prompt has more than ``max_prompt_tokens`` tokens, as an engine counts them.
 
     Returns the tokens of all prompts together, for the rate limiter (``None`` when not all were
-    counted). A count that fails lets the request through: the engine still checks its own context
-    length.
+    counted). A count that fails lets the request through (counted in
+    ``prompt_token_count_failures``): the engine still checks its own context length.
     """
     cap = gw.config.max_prompt_tokens
     try:
         counted = await count_prompts(route, json.loads(body_bytes), gw.tokenizer, cap=cap)
     except TokenizeFailed as exc:
+        gw.metrics.prompt_count_failures.inc()
         log.warning("prompt not counted; forwarded without the token cap", extra={"fields": {
             "request_id": request_id, "error": str(exc)}})
         return None
