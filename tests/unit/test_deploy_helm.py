@@ -128,6 +128,27 @@ def test_gateway_discovers_engines_through_the_headless_service(rendered: tuple[
     assert dns == [f"{RELEASE}-specserve-engine-headless.{NAMESPACE}.svc:{port}"]
 
 
+def gateway_args(docs: list[dict[str, Any]]) -> list[str]:
+    return pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-gateway"])["containers"][0]["args"]
+
+
+def test_prompt_token_cap_is_off_by_default(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    assert not [a for a in gateway_args(docs) if "max-prompt-tokens" in a]
+
+
+def test_prompt_token_cap_becomes_a_gateway_flag(tmp_path: Path) -> None:
+    args = gateway_args(render("--set", "gateway.maxPromptTokens=4096",
+                               "--set", "gateway.extraArgs[0]=--rate-limit-tpm=100000"))
+    assert [a for a in args if "max-prompt-tokens" in a] == ["--max-prompt-tokens=4096"]
+    assert args.index("--max-prompt-tokens=4096") < args.index("--rate-limit-tpm=100000")  # extraArgs win
+    # A values file gives YAML numbers (floats to Go templates): still a plain integer, not 1e+06.
+    values = tmp_path / "values.yaml"
+    values.write_text("gateway:\n  maxPromptTokens: 1000000\n")
+    assert "--max-prompt-tokens=1000000" in gateway_args(render("-f", str(values)))
+    assert not [a for a in gateway_args(render("--set", "gateway.maxPromptTokens=0")) if "max-prompt" in a]
+
+
 def test_gpu_values_request_nvidia_gpus_and_default_does_not(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     name, docs = rendered
     engine_spec = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"])
@@ -192,7 +213,7 @@ def test_auth_without_keys_or_secret_is_refused() -> None:
 
 
 @pytest.mark.parametrize("bad", ["engine.device=tpu", "gateway.replicaCount=0", "model.source=s3",
-                                 "speculation.policy=random", "unknownKey=1"])
+                                 "speculation.policy=random", "gateway.maxPromptTokens=-1", "unknownKey=1"])
 def test_schema_rejects_invalid_values(bad: str) -> None:
     proc = helm("template", RELEASE, str(CHART), "--set", bad)
     assert proc.returncode != 0, bad
