@@ -13,12 +13,15 @@ carry keys the schema does not name; on the demo model fewer of them finish with
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any
 
 from specserve.structured.schema_rewrite import rewrite_schema_text
 from specserve.structured.strict_json import fix_json_ebnf
 
+logger = logging.getLogger(__name__)
 
 OPEN_OBJECTS_ENV = "SPECSERVE_JSON_OPEN_OBJECTS"
 
@@ -41,6 +44,16 @@ def json_schema_ebnf(
 
     opened = open_objects_enabled() if open_objects is None else open_objects
     text = rewrite_schema_text(schema, open_objects=opened)
-    grammar = xgr.Grammar.from_json_schema(text, **options)
+    try:
+        grammar = xgr.Grammar.from_json_schema(text, **options)
+    except Exception as err:  # noqa: BLE001 - native code raises several types
+        original = schema if isinstance(schema, str) else json.dumps(schema)
+        if text == original:
+            raise
+        # The rewrite must never cost a schema that converts as written: serve it as written.
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        logger.warning("rewritten json schema did not convert; using it as written",
+                       extra={"fields": {"error": reason}})
+        grammar = xgr.Grammar.from_json_schema(original, **options)
     compact = tuple(options.get("separators") or ()) == (",", ":")
     return fix_json_ebnf(str(grammar), compact)

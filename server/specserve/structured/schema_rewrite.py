@@ -39,6 +39,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from specserve.structured.schema_merge import normalize_schema
+
 logger = logging.getLogger(__name__)
 
 # Keywords whose value maps names to subschemas.
@@ -165,7 +167,9 @@ def rewrite_schema(schema: Any, *, open_objects: bool = True) -> Any:
     """
     if not isinstance(schema, dict) or "unevaluatedProperties" in json.dumps(schema):
         return schema
-    out = copy.deepcopy(schema)
+    out = normalize_schema(schema)  # a copy, unless it was kept as written
+    if out is schema:
+        out = copy.deepcopy(schema)
     nodes = list(_walk(out))
     untouchable = _with_references(out, [n for n, role in nodes if role == "constrained"])
     # oneOf branches stay closed: xgrammar converts oneOf as anyOf, and open objects overlap.

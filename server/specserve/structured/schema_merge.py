@@ -1,0 +1,359 @@
+"""Schema normalisation before xgrammar: combinators merged with their parent, untyped
+constraints given their type. Each step keeps the set of valid instances unchanged.
+
+xgrammar 0.2.8 converts a schema node with ``anyOf``/``oneOf``/``allOf`` by converting the
+branches alone: the parent's own ``type``, ``properties`` and ``required`` are dropped. And a
+node without ``type`` whose keywords only apply to one type (``{"required": ["a"]}``,
+``{"minLength": 3}``, ``{"minItems": 2}``) becomes "any JSON value". Together they make the
+common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
+
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+     "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
+
+Four rewrites, applied top-down (:func:`normalize_schema`):
+
+* **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
+  when the parts merge without conflict (see :func:`merge`);
+* **anyOf / oneOf distributed**: ``{P..., "anyOf": [B1, B2]}`` becomes
+  ``{"anyOf": [P ∧ B1, P ∧ B2]}``; a branch whose type contradicts P's can never match and is
+  dropped;
+* **calendar dates**: ``format: date`` / ``date-time`` become a pattern with each month's
+  day count and leap years (:mod:`.formats`);
+* **untyped constraints typed**: ``{"minLength": 3}`` becomes
+  ``{"anyOf": [{"type": "string", "minLength": 3}, {"type": [every other type]}]}``. Nodes
+  with ``properties`` or ``items`` are left alone: xgrammar reads those as an object / array,
+  which is what their authors mean.
+
+A local ``$ref`` branch is inlined to be merged. Where a merge is not known to be exact
+(conflicting values, ``additionalProperties`` or ``patternProperties`` meeting the other side's
+properties, ``$ref`` next to other keywords, ``not``/``if``) the node is left as it was. A
+budget bounds the work and the growth on recursive or huge schemas; past it the original
+schema is returned.
+
+Example:
+    >>> normalize_schema({"type": "object", "properties": {"a": {"type": "integer"}},
+    ...                   "anyOf": [{"required": ["a"]}, {"type": "string"}]})
+    {'anyOf': [{'type': 'object', 'properties': {'a': {'type': 'integer'}}, 'required': ['a']}]}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from typing import Any
+
+from specserve.structured.formats import exact_format_pattern
+
+logger = logging.getLogger(__name__)
+
+# Keywords that do not constrain the instance: they stay where they are.
+ANNOTATIONS = frozenset(
+    {"$schema", "$id", "id", "$anchor", "$comment", "title", "description", "default",
+     "examples", "example", "deprecated", "readOnly", "writeOnly", "$defs", "definitions"}
+)
+# Keywords a merge cannot reason about: a node holding one is left as it is.
+OPAQUE = frozenset(
+    {"not", "if", "then", "else", "unevaluatedProperties", "unevaluatedItems", "$dynamicRef",
+     "$recursiveRef", "dependentSchemas", "dependencies", "propertyNames", "contains"}
+)
+LOWER_BOUNDS = frozenset({"minimum", "minLength", "minItems", "minProperties"})
+UPPER_BOUNDS = frozenset({"maximum", "maxLength", "maxItems", "maxProperties"})
+# Keywords that constrain one type only (JSON Schema ignores them for values of other types).
+FAMILIES: dict[str, frozenset[str]] = {
+    "string": frozenset({"minLength", "maxLength", "pattern", "format"}),
+    "number": frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+                         "multipleOf"}),
+    "array": frozenset({"minItems", "maxItems", "uniqueItems", "additionalItems"}),
+    "object": frozenset({"required", "additionalProperties", "minProperties", "maxProperties",
+                         "patternProperties"}),
+}
+ALL_TYPES = ("string", "number", "boolean", "null", "array", "object")
+# Nodes xgrammar already types by their keywords.
+TYPED_BY_XGRAMMAR = frozenset({"properties", "items", "prefixItems"})
+
+# Where subschemas are (other keywords hold data: a name in them may spell a keyword).
+SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+SCHEMA_VALUES = frozenset(
+    {"items", "prefixItems", "additionalItems", "additionalProperties", "anyOf", "oneOf", "allOf"}
+)
+
+MAX_OPERATIONS = 2000
+MAX_GROWTH = 4
+
+
+class _Conflict(Exception):
+    """The parts do not merge into one schema exactly."""
+
+
+class _Unsatisfiable(Exception):
+    """The parts have no instance in common (their types do not intersect)."""
+
+
+class _Budget(Exception):
+    """The normalisation did too much work; the original schema is kept."""
+
+
+def _types(node: dict[str, Any]) -> set[str] | None:
+    t = node.get("type")
+    if t is None:
+        return None
+    if isinstance(t, str):
+        return {t}
+    if isinstance(t, list) and all(isinstance(x, str) for x in t):
+        return set(t)
+    raise _Conflict
+
+
+def intersect_types(a: set[str] | None, b: set[str] | None) -> set[str] | None:
+    """Types both sides allow (``None``: no ``type`` keyword, every type).
+
+    >>> sorted(intersect_types({"number", "null"}, {"integer", "string"}))
+    ['integer']
+    >>> intersect_types(None, {"string"}), intersect_types({"object"}, {"array"})
+    ({'string'}, set())
+    """
+    if a is None or b is None:
+        return b if a is None else a
+    out = a & b
+    if "number" in a and "integer" in b or "integer" in a and "number" in b:
+        out.add("integer")
+    return out
+
+
+def _validation(node: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in node.items() if k not in ANNOTATIONS}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One schema valid exactly where both ``a`` and ``b`` are; ``a``'s keywords and properties
+    come first (property order is the order a model writes them in). Raises ``_Conflict`` when
+    that is not known to be exact, ``_Unsatisfiable`` when no value is valid under both.
+
+    >>> merge({"type": "object", "properties": {"a": {}}, "required": ["a"]},
+    ...       {"required": ["b"], "minProperties": 1})
+    {'type': 'object', 'properties': {'a': {}}, 'required': ['a', 'b'], 'minProperties': 1}
+    >>> merge({"minimum": 1, "maximum": 9}, {"minimum": 3})
+    {'minimum': 3, 'maximum': 9}
+    >>> merge({"properties": {"kind": {"type": "string"}}}, {"properties": {"kind": {"const": "a"}}})
+    {'properties': {'kind': {'type': 'string', 'const': 'a'}}}
+    """
+    if OPAQUE & (a.keys() | b.keys()) or "$ref" in a or "$ref" in b:
+        raise _Conflict
+    for x, y in ((a, b), (b, a)):  # a closed or patterned side forbids the other's extra names
+        if "patternProperties" in x and "properties" in y:
+            raise _Conflict
+        extra = x.get("additionalProperties", True)
+        if extra is not True and set(y.get("properties") or {}) - set(x.get("properties") or {}):
+            raise _Conflict
+    out = copy.deepcopy(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif out[key] == value or key in ANNOTATIONS:
+            continue
+        elif key == "type":
+            types = intersect_types(_types(out), _types(b))
+            if not types:
+                raise _Unsatisfiable
+            out["type"] = sorted(types) if len(types) > 1 else next(iter(types))
+        elif key == "required" and isinstance(value, list) and isinstance(out[key], list):
+            out[key] = list(dict.fromkeys([*out[key], *value]))
+        elif key == "properties" and isinstance(value, dict) and isinstance(out[key], dict):
+            for name, sub in value.items():
+                mine = out[key].get(name)
+                if mine is None:
+                    out[key][name] = copy.deepcopy(sub)
+                elif mine != sub:
+                    if not isinstance(mine, dict) or not isinstance(sub, dict):
+                        raise _Conflict
+                    try:  # both constrain the property's value
+                        out[key][name] = merge(mine, sub)
+                    except _Unsatisfiable:  # only its absence is valid: not expressible here
+                        raise _Conflict from None
+        elif key in LOWER_BOUNDS and _is_number(value) and _is_number(out[key]):
+            out[key] = max(value, out[key])
+        elif key in UPPER_BOUNDS and _is_number(value) and _is_number(out[key]):
+            out[key] = min(value, out[key])
+        else:
+            raise _Conflict
+    return out
+
+
+def _resolve(root: Any, ref: Any) -> Any:
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    node = root
+    for part in [p for p in ref[1:].split("/") if p]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _exact_format(node: dict[str, Any]) -> bool:
+    """Replace a ``date``/``date-time`` format by a pattern with the calendar's day counts
+    (xgrammar's own format rules accept 31 days in every month). Left alone next to a
+    ``pattern`` or a length bound: xgrammar would then enforce only one of them.
+
+    >>> node = {"type": "string", "format": "date"}
+    >>> _exact_format(node), "format" in node, node["pattern"].startswith("^")
+    (True, False, True)
+    """
+    fmt = node.get("format")
+    if not isinstance(fmt, str) or {"pattern", "minLength", "maxLength"} & node.keys():
+        return False
+    pattern = exact_format_pattern(fmt)
+    if pattern is None:
+        return False
+    del node["format"]
+    node["pattern"] = pattern
+    return True
+
+
+class _Normalizer:
+    def __init__(self, root: dict[str, Any]) -> None:
+        self.root = root
+        self.operations = 0
+
+    def _spend(self) -> None:
+        self.operations += 1
+        if self.operations > MAX_OPERATIONS:
+            raise _Budget
+
+    def _inline(self, branch: Any) -> dict[str, Any]:
+        """``branch`` itself, or a copy of the local definition it only references."""
+        if not isinstance(branch, dict):
+            raise _Conflict  # boolean schemas: left to xgrammar
+        if "$ref" not in branch:
+            return branch
+        if set(_validation(branch)) != {"$ref"}:
+            raise _Conflict
+        target = _resolve(self.root, branch["$ref"])
+        if not isinstance(target, dict):
+            raise _Conflict
+        self._spend()
+        return {k: v for k, v in copy.deepcopy(target).items() if k not in ("$defs", "definitions")}
+
+    def _flatten_all_of(self, node: dict[str, Any]) -> bool:
+        parts = node.get("allOf")
+        if not isinstance(parts, list) or not parts:
+            return False
+        merged = {k: v for k, v in node.items() if k != "allOf"}
+        kept = {k: v for k, v in merged.items() if k in ANNOTATIONS}
+        merged = _validation(merged)
+        try:
+            for part in parts:
+                self._spend()
+                merged = merge(merged, _validation(self._inline(part)))
+        except _Conflict:
+            return False
+        except _Unsatisfiable:
+            return False  # leave impossible schemas as written
+        node.clear()
+        node.update(kept)
+        node.update(merged)
+        return True
+
+    def _distribute(self, node: dict[str, Any]) -> bool:
+        present = [k for k in ("anyOf", "oneOf") if isinstance(node.get(k), list)]
+        if len(present) != 1 or "allOf" in node:
+            return False
+        key = present[0]
+        parent = _validation({k: v for k, v in node.items() if k != key})
+        if not parent:
+            return False
+        branches: list[dict[str, Any]] = []
+        try:
+            for branch in node[key]:
+                self._spend()
+                try:
+                    branches.append(merge(parent, _validation(self._inline(branch))))
+                except _Unsatisfiable:
+                    continue
+        except _Conflict:
+            return False
+        if not branches:
+            return False
+        kept = {k: v for k, v in node.items() if k in ANNOTATIONS}
+        node.clear()
+        node.update(kept)
+        node[key] = branches
+        return True
+
+    @staticmethod
+    def _type_untyped(node: dict[str, Any]) -> bool:
+        if "type" in node or TYPED_BY_XGRAMMAR & node.keys() or OPAQUE & node.keys():
+            return False
+        if {"enum", "const", "$ref", "anyOf", "oneOf", "allOf"} & node.keys():
+            return False
+        branches: list[dict[str, Any]] = []
+        free: list[str] = []
+        for name in ALL_TYPES:
+            keys = FAMILIES.get(name, frozenset()) & node.keys()
+            if keys:
+                branches.append({"type": name, **{k: node[k] for k in sorted(keys)}})
+            else:
+                free.append(name)
+        if not branches:
+            return False
+        if free:
+            branches.append({"type": free if len(free) > 1 else free[0]})
+        for keys in FAMILIES.values():
+            for k in keys:
+                node.pop(k, None)
+        node["anyOf"] = branches
+        return True
+
+    def visit(self, node: Any, depth: int = 0) -> None:
+        if not isinstance(node, (dict, list)):
+            return
+        if depth > 64:
+            raise _Budget
+        self._spend()
+        if isinstance(node, list):
+            for item in node:
+                self.visit(item, depth + 1)
+            return
+        if not OPAQUE & node.keys():
+            self._flatten_all_of(node)
+            self._distribute(node)
+            self._type_untyped(node)
+            _exact_format(node)
+        for key, value in list(node.items()):
+            if key in SCHEMA_MAPS and isinstance(value, dict):
+                for sub in value.values():
+                    self.visit(sub, depth + 1)
+            elif key in SCHEMA_VALUES:
+                self.visit(value, depth + 1)
+
+
+def normalize_schema(schema: Any) -> Any:
+    """A normalised copy of ``schema`` (see the module docstring); ``schema`` itself is left as
+    it is, and returned unchanged when the budget runs out.
+
+    >>> normalize_schema({"minItems": 2})
+    {'anyOf': [{'type': 'array', 'minItems': 2}, {'type': ['string', 'number', 'boolean', 'null', 'object']}]}
+    >>> normalize_schema({"allOf": [{"type": "integer"}, {"minimum": 0}]})
+    {'type': 'integer', 'minimum': 0}
+    """
+    if not isinstance(schema, dict):
+        return schema
+    try:
+        out = copy.deepcopy(schema)
+        _Normalizer(out).visit(out)
+    except (_Budget, RecursionError):
+        logger.debug("json schema normalisation over budget; kept as written")
+        return schema
+    if len(json.dumps(out)) > MAX_GROWTH * len(json.dumps(schema)) + 65536:
+        logger.debug("json schema normalisation grew too much; kept as written")
+        return schema
+    return out

@@ -1,0 +1,171 @@
+"""Schema normalisation: combinators merged with their parent, untyped constraints typed.
+
+Each case is checked three ways: the normalised schema, its verdicts under a JSON Schema
+validator (unchanged), and the grammar xgrammar builds from it (now enforcing the parent).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from specserve.structured import engine_grammar
+from specserve.structured.schema_merge import MAX_OPERATIONS, merge, normalize_schema
+
+COMPACT = {"any_whitespace": False, "separators": (",", ":")}
+
+
+def _accepts(schema: dict[str, Any], text: str, *, rewritten: bool = True) -> bool:
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    if rewritten:
+        grammar = xgr.Grammar.from_ebnf(engine_grammar.json_schema_ebnf(schema, **COMPACT))
+    else:
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), **COMPACT)
+    return bool(_is_grammar_accept_string(grammar, text))
+
+
+def _same_verdicts(schema: dict[str, Any], instances: list[Any]) -> None:
+    from jsonschema import validators
+
+    out = normalize_schema(schema)
+    before = validators.validator_for(schema)(schema)
+    after = validators.validator_for(out)(out)
+    for instance in instances:
+        assert before.is_valid(instance) == after.is_valid(instance), instance
+
+
+ANY_OF_REQUIRED = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+    "anyOf": [{"required": ["a"]}, {"required": ["b"]}],
+}
+
+
+def test_parent_properties_reach_each_branch() -> None:
+    out = normalize_schema(ANY_OF_REQUIRED)
+    assert set(out) == {"anyOf"}
+    assert [b["required"] for b in out["anyOf"]] == [["a"], ["b"]]
+    assert all(b["type"] == "object" and set(b["properties"]) == {"a", "b"} for b in out["anyOf"])
+    # xgrammar as is drops the parent: any JSON value passes.
+    assert _accepts(ANY_OF_REQUIRED, '"x"', rewritten=False)
+    assert _accepts(ANY_OF_REQUIRED, '{"a":"not an integer"}', rewritten=False)
+    # Rewritten, the parent holds and one of the names is required.
+    for good in ('{"a":1}', '{"b":"x"}', '{"a":1,"b":"x"}'):
+        assert _accepts(ANY_OF_REQUIRED, good), good
+    for bad in ('"x"', "[]", "{}", '{"a":"not an integer"}'):
+        assert not _accepts(ANY_OF_REQUIRED, bad), bad
+    _same_verdicts(ANY_OF_REQUIRED, ["x", [], {}, {"a": 1}, {"b": "x"}, {"a": "s"}, {"c": 1}])
+
+
+def test_all_of_with_a_referenced_base_is_flattened() -> None:
+    schema = {
+        "$defs": {"base": {"type": "object", "properties": {"id": {"type": "integer"}},
+                           "required": ["id"]}},
+        "allOf": [{"$ref": "#/$defs/base"},
+                  {"properties": {"name": {"type": "string", "minLength": 1}},
+                   "required": ["name"]}],
+    }
+    out = normalize_schema(schema)
+    assert "allOf" not in out and out["$defs"] == schema["$defs"]
+    assert out["required"] == ["id", "name"]
+    assert _accepts(schema, '{"id":1,"name":"n"}')
+    assert not _accepts(schema, '{"id":1}')
+    assert not _accepts(schema, '{"id":"1","name":"n"}')
+    _same_verdicts(schema, [{"id": 1, "name": "n"}, {"id": 1}, {"name": "n"}, 3, {"id": 1, "name": ""}])
+
+
+def test_discriminated_branches_merge_with_the_parents_property() -> None:
+    schema = {
+        "type": "object", "properties": {"kind": {"type": "string"}}, "required": ["kind"],
+        "oneOf": [{"properties": {"kind": {"const": "circle"}, "r": {"type": "number"}}},
+                  {"properties": {"kind": {"const": "square"}, "side": {"type": "number"}}},
+                  {"type": "array"}],  # contradicts the parent's type: never valid, dropped
+    }
+    out = normalize_schema(schema)
+    assert len(out["oneOf"]) == 2
+    assert out["oneOf"][0]["properties"]["kind"] == {"const": "circle", "type": "string"}
+    assert _accepts(schema, '{"kind":"circle","r":1}')
+    assert not _accepts(schema, '{"kind":"triangle"}')
+    _same_verdicts(schema, [{"kind": "circle", "r": 1}, {"kind": "square"}, {"kind": "x"}, [], {}])
+
+
+def test_untyped_constraints_apply_to_their_type_only() -> None:
+    schema = {"type": "array", "items": {"minLength": 2}}
+    out = normalize_schema(schema)
+    assert out["items"]["anyOf"][0] == {"type": "string", "minLength": 2}
+    assert out["items"]["anyOf"][1] == {"type": ["number", "boolean", "null", "array", "object"]}
+    assert _accepts(schema, '["abc",5,null,{"k":[]}]')
+    assert not _accepts(schema, '["a"]')
+    assert _accepts(schema, '["a"]', rewritten=False)  # xgrammar as is: any value
+    _same_verdicts(schema, [["abc", 5, None], ["a"], ["xyz"], [{"k": 1}]])
+    required = {"type": "array", "items": {"required": ["id"]}}
+    assert _accepts(required, '[{"id":1},"s"]')
+    assert not _accepts(required, '[{}]')
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # A closed parent forbids the branch's own property: not one object schema.
+        {"type": "object", "properties": {"a": {}}, "additionalProperties": False,
+         "anyOf": [{"properties": {"b": {}}}]},
+        # Conflicting values of one keyword.
+        {"allOf": [{"pattern": "^a"}, {"pattern": "b$"}]},
+        # A $ref next to other keywords means different things in different drafts.
+        {"properties": {"a": {}}, "anyOf": [{"$ref": "#/$defs/x", "required": ["a"]}],
+         "$defs": {"x": {}}},
+        # Keywords the merge does not reason about.
+        {"type": "object", "not": {"required": ["a"]}, "anyOf": [{"required": ["b"]}]},
+        # Properties, items: xgrammar already types these.
+        {"properties": {"a": {"type": "integer"}}},
+    ],
+)
+def test_merges_not_known_to_be_exact_are_left_alone(schema: dict[str, Any]) -> None:
+    original = copy.deepcopy(schema)
+    out = normalize_schema(schema)
+    assert schema == original
+    assert out.keys() == original.keys()  # the node keeps its keywords and its branches
+    for key in ("anyOf", "allOf"):
+        assert len(out.get(key, [])) == len(original.get(key, []))
+    _same_verdicts(original, [{}, {"a": 1}, {"b": 1}, "ab", "a", "b", 1])
+
+
+def test_calendar_dates_are_exact() -> None:
+    schema = {"type": "object", "properties": {"d": {"type": "string", "format": "date"},
+                                               "t": {"format": "date-time"}}}
+    assert _accepts(schema, '{"d":"2023-02-29"}', rewritten=False)  # xgrammar's own rule
+    assert _accepts(schema, '{"d":"2024-02-29","t":"2024-04-30T23:59:60Z"}')
+    for bad in ('{"d":"2023-02-29"}', '{"d":"2022-04-31"}', '{"t":"2021-02-29T00:00:00Z"}'):
+        assert not _accepts(schema, bad), bad
+    bounded = {"type": "string", "format": "date", "maxLength": 10}
+    assert normalize_schema(bounded) == bounded  # a pattern would silence the bound in xgrammar
+
+
+def test_merge_bounds_and_types() -> None:
+    assert merge({"type": ["integer", "null"], "maximum": 9}, {"type": "number", "maximum": 5}) == {
+        "type": "integer", "maximum": 5}
+    assert merge({"required": ["a"]}, {"required": ["b", "a"]}) == {"required": ["a", "b"]}
+
+
+def test_recursive_schemas_stop_within_the_budget() -> None:
+    schema = {"allOf": [{"$ref": "#"}], "type": "object"}  # refers to itself for ever
+    assert normalize_schema(schema) == schema
+    wide = {"allOf": [{"minimum": i} for i in range(MAX_OPERATIONS + 1)]}
+    assert normalize_schema(wide) is wide  # over budget: kept as written
+
+
+def test_a_rewrite_that_does_not_convert_falls_back_to_the_schema_as_written(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(engine_grammar, "rewrite_schema_text",
+                        lambda schema, **_: '{"type": "no such type"}')
+    with caplog.at_level(logging.WARNING, logger=engine_grammar.__name__):
+        ebnf = engine_grammar.json_schema_ebnf({"type": "boolean"}, **COMPACT)
+    assert "root ::= ((basic_boolean))" in ebnf
+    assert "using it as written" in caplog.text
