@@ -147,6 +147,17 @@ def test_calendar_dates_are_exact() -> None:
     assert normalize_schema(bounded) == bounded  # a pattern would silence the bound in xgrammar
 
 
+def test_length_bounds_fold_into_a_repeated_class_pattern() -> None:
+    digest = {"type": "string", "pattern": "^[0-9a-f]*$", "minLength": 32, "maxLength": 32}
+    assert normalize_schema(digest) == {"type": "string", "pattern": "^[0-9a-f]{32,32}$"}
+    ok, short = '"' + "a" * 32 + '"', '"' + "a" * 31 + '"'
+    assert _accepts(digest, short, rewritten=False)  # xgrammar drops bounds next to a pattern
+    assert _accepts(digest, ok) and not _accepts(digest, short)
+    _same_verdicts(digest, ["a" * 32, "a" * 31, "g" * 32, ""])
+    other = {"type": "string", "pattern": "^(ab)*$", "minLength": 2}
+    assert normalize_schema(other) == other  # not one character class: left alone
+
+
 def test_merge_bounds_and_types() -> None:
     assert merge({"type": ["integer", "null"], "maximum": 9}, {"type": "number", "maximum": 5}) == {
         "type": "integer", "maximum": 5}

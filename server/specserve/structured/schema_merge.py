@@ -10,7 +10,7 @@ common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
      "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
 
-Four rewrites, applied top-down (:func:`normalize_schema`):
+Five rewrites, applied top-down (:func:`normalize_schema`):
 
 * **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
   when the parts merge without conflict (see :func:`merge`);
@@ -19,6 +19,8 @@ Four rewrites, applied top-down (:func:`normalize_schema`):
   dropped;
 * **calendar dates**: ``format: date`` / ``date-time`` become a pattern with each month's
   day count and leap years (:mod:`.formats`);
+* **length-bounded patterns**: ``minLength``/``maxLength`` next to a pattern that repeats one
+  character class (``^[0-9a-f]*$``) are folded into its repeat count;
 * **untyped constraints typed**: ``{"minLength": 3}`` becomes
   ``{"anyOf": [{"type": "string", "minLength": 3}, {"type": [every other type]}]}``. Nodes
   with ``properties`` or ``items`` are left alone: xgrammar reads those as an object / array,
@@ -41,6 +43,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from typing import Any
 
 from specserve.structured.formats import exact_format_pattern
@@ -219,6 +222,49 @@ def _exact_format(node: dict[str, Any]) -> bool:
     return True
 
 
+# ``^ATOM*$``, ``^ATOM+$``, ``^ATOM{m}$``, ``^ATOM{m,}$``, ``^ATOM{m,n}$`` for one character class
+# (or escape class, or ``.``).
+_REPEATED_ATOM = re.compile(
+    r"^\^(?P<atom>\[(?:\\.|[^\]\\])+\]|\\[dwsDWS]|\.)"
+    r"(?:(?P<op>[*+])|\{(?P<lo>\d+)(?P<comma>,(?P<hi>\d*))?\})\$$"
+)
+
+
+def _bounded_pattern(node: dict[str, Any]) -> bool:
+    """Fold ``minLength``/``maxLength`` into a pattern that repeats one character class:
+    xgrammar ignores length bounds next to a ``pattern``.
+
+    >>> node = {"type": "string", "pattern": "^[0-9a-f]*$", "minLength": 32, "maxLength": 32}
+    >>> _bounded_pattern(node), node
+    (True, {'type': 'string', 'pattern': '^[0-9a-f]{32,32}$'})
+    >>> _bounded_pattern({"pattern": "^[a-z]+$", "maxLength": 0})  # no string fits both
+    False
+    """
+    pattern = node.get("pattern")
+    low, high = node.get("minLength"), node.get("maxLength")
+    if not isinstance(pattern, str) or (low is None and high is None):
+        return False
+    if not all(x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+               for x in (low, high)):
+        return False
+    m = _REPEATED_ATOM.match(pattern)
+    if m is None:
+        return False
+    if m.group("op"):
+        p_low, p_high = (0 if m.group("op") == "*" else 1), None
+    else:
+        p_low = int(m.group("lo"))
+        p_high = None if m.group("comma") and not m.group("hi") else int(m.group("hi") or p_low)
+    lo = max(p_low, low or 0)
+    hi = min(x for x in (p_high, high) if x is not None) if (p_high, high) != (None, None) else None
+    if hi is not None and hi < lo:
+        return False
+    node["pattern"] = f"^{m.group('atom')}{{{lo},{'' if hi is None else hi}}}$"
+    node.pop("minLength", None)
+    node.pop("maxLength", None)
+    return True
+
+
 class _Normalizer:
     def __init__(self, root: dict[str, Any]) -> None:
         self.root = root
@@ -328,6 +374,7 @@ class _Normalizer:
             self._distribute(node)
             self._type_untyped(node)
             _exact_format(node)
+            _bounded_pattern(node)
         for key, value in list(node.items()):
             if key in SCHEMA_MAPS and isinstance(value, dict):
                 for sub in value.values():
