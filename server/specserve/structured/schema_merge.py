@@ -81,7 +81,7 @@ SCHEMA_VALUES = frozenset(
     {"items", "prefixItems", "additionalItems", "additionalProperties", "anyOf", "oneOf", "allOf"}
 )
 
-MAX_OPERATIONS = 2000
+MAX_OPERATIONS = 10000
 MAX_GROWTH = 4
 
 
@@ -364,7 +364,6 @@ class _Normalizer:
             return
         if depth > 64:
             raise _Budget
-        self._spend()
         if isinstance(node, list):
             for item in node:
                 self.visit(item, depth + 1)
