@@ -158,6 +158,16 @@ def test_length_bounds_fold_into_a_repeated_class_pattern() -> None:
     assert normalize_schema(other) == other  # not one character class: left alone
 
 
+def test_patterns_match_anywhere_as_in_json_schema() -> None:
+    schema = {"type": "object", "properties": {"path": {"type": "string", "pattern": "/$"}},
+              "patternProperties": {"\\w+": {"type": "integer"}}, "additionalProperties": False}
+    assert not _accepts(schema, '{"path":"src/"}', rewritten=False)  # xgrammar: whole string
+    assert _accepts(schema, '{"path":"src/","web-service":1}')
+    assert not _accepts(schema, '{"path":"src"}')
+    assert not _accepts(schema, '{"-":1}')  # no word character: not a pattern property
+    _same_verdicts(schema, [{"path": "src/"}, {"path": "src"}, {"web-service": 1}, {"-": 1}])
+
+
 def test_merge_bounds_and_types() -> None:
     assert merge({"type": ["integer", "null"], "maximum": 9}, {"type": "number", "maximum": 5}) == {
         "type": "integer", "maximum": 5}

@@ -106,7 +106,7 @@ def test_one_of_branches_stay_closed_but_declare_required_names() -> None:
     [
         {"type": "object", "properties": {"a": {}}, "unevaluatedProperties": False},
         {"allOf": [{"properties": {"a": {}}}], "unevaluatedProperties": False},
-        {"type": "object", "patternProperties": {"^x": {}}},
+        {"type": "object", "patternProperties": {"^x$": {}}},
         {"type": "object", "properties": {"a": {}}, "$ref": "#/$defs/x", "$defs": {"x": {}}},
         {"type": "string", "enum": [{"type": "object"}]},
     ],

@@ -10,7 +10,7 @@ common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
      "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
 
-Five rewrites, applied top-down (:func:`normalize_schema`):
+Six rewrites, applied top-down (:func:`normalize_schema`):
 
 * **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
   when the parts merge without conflict (see :func:`merge`);
@@ -21,6 +21,9 @@ Five rewrites, applied top-down (:func:`normalize_schema`):
   day count and leap years (:mod:`.formats`);
 * **length-bounded patterns**: ``minLength``/``maxLength`` next to a pattern that repeats one
   character class (``^[0-9a-f]*$``) are folded into its repeat count;
+* **patterns match anywhere**: JSON Schema's ``pattern`` and ``patternProperties`` regexes
+  match anywhere in the string unless anchored; xgrammar matches them against the whole
+  string, so ``.*`` is added on each side that has no anchor;
 * **untyped constraints typed**: ``{"minLength": 3}`` becomes
   ``{"anyOf": [{"type": "string", "minLength": 3}, {"type": [every other type]}]}``. Nodes
   with ``properties`` or ``items`` are left alone: xgrammar reads those as an object / array,
@@ -265,6 +268,61 @@ def _bounded_pattern(node: dict[str, Any]) -> bool:
     return True
 
 
+def _top_level_alternation(pattern: str) -> bool:
+    """Whether ``pattern`` has a ``|`` outside every group and character class.
+
+    >>> _top_level_alternation("a|b"), _top_level_alternation("(a|b)c"), _top_level_alternation("[|]")
+    (True, False, False)
+    """
+    depth, in_class, escaped = 0, False, False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            return True
+    return False
+
+
+def search_pattern(pattern: str) -> str:
+    r"""The full-match regex for JSON Schema's ``pattern`` (which matches anywhere in the string:
+    ``"a"`` accepts ``"xay"``); xgrammar matches patterns against the whole string.
+
+    >>> search_pattern("/$"), search_pattern("^[a-z]+$"), search_pattern(r"\w+")
+    ('.*/$', '^[a-z]+$', '.*\\w+.*')
+    >>> search_pattern(r"a\$")  # an escaped dollar is a character, not an anchor
+    '.*a\\$.*'
+    >>> search_pattern("a|b")  # anchors may differ per branch: left as written
+    'a|b'
+    """
+    if not pattern or _top_level_alternation(pattern):
+        return pattern
+    backslashes = len(pattern[:-1]) - len(pattern[:-1].rstrip("\\"))
+    ends = pattern.endswith("$") and backslashes % 2 == 0
+    return ("" if pattern.startswith("^") else ".*") + pattern + ("" if ends else ".*")
+
+
+def _search_patterns(node: dict[str, Any]) -> None:
+    """Give ``pattern`` and ``patternProperties`` JSON Schema's match-anywhere meaning."""
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        node["pattern"] = search_pattern(pattern)
+    patterns = node.get("patternProperties")
+    if isinstance(patterns, dict):
+        renamed = {search_pattern(k): v for k, v in patterns.items()}
+        if len(renamed) == len(patterns):
+            node["patternProperties"] = renamed
+
+
 class _Normalizer:
     def __init__(self, root: dict[str, Any]) -> None:
         self.root = root
@@ -374,6 +432,7 @@ class _Normalizer:
             self._type_untyped(node)
             _exact_format(node)
             _bounded_pattern(node)
+            _search_patterns(node)
         for key, value in list(node.items()):
             if key in SCHEMA_MAPS and isinstance(value, dict):
                 for sub in value.values():

@@ -44,7 +44,7 @@ from specserve.structured.schema_merge import normalize_schema
 logger = logging.getLogger(__name__)
 
 # Keywords whose value maps names to subschemas.
-MAP_KEYWORDS = ("properties", "$defs", "definitions", "dependentSchemas")
+MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 # Keywords whose value is one subschema, or a list of them, that the rewrite walks into. Not
 # ``not`` / ``if`` / ``then`` / ``else`` / ``contains`` / ``propertyNames``: xgrammar does not
 # convert them into the grammar as written, so there is nothing to gain there.
