@@ -168,6 +168,17 @@ def test_patterns_match_anywhere_as_in_json_schema() -> None:
     _same_verdicts(schema, [{"path": "src/"}, {"path": "src"}, {"web-service": 1}, {"-": 1}])
 
 
+def test_a_negated_type_becomes_the_other_types() -> None:
+    schema = {"type": "object", "required": ["foo"], "properties": {"foo": {"not": {"type": "number"}}}}
+    assert normalize_schema(schema)["properties"]["foo"] == {
+        "type": ["array", "boolean", "null", "object", "string"]}
+    assert _accepts(schema, '{"foo":0}', rewritten=False)  # xgrammar ignores "not"
+    assert _accepts(schema, '{"foo":"bar"}') and not _accepts(schema, '{"foo":0}')
+    _same_verdicts(schema, [{"foo": "bar"}, {"foo": 0}, {"foo": 1.5}, {"foo": None}])
+    assert normalize_schema({"type": ["integer", "string"], "not": {"type": "string"}}) == {
+        "type": "integer"}
+
+
 def test_merge_bounds_and_types() -> None:
     assert merge({"type": ["integer", "null"], "maximum": 9}, {"type": "number", "maximum": 5}) == {
         "type": "integer", "maximum": 5}

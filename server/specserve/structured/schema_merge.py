@@ -10,7 +10,7 @@ common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
      "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
 
-Six rewrites, applied top-down (:func:`normalize_schema`):
+Seven rewrites, applied top-down (:func:`normalize_schema`):
 
 * **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
   when the parts merge without conflict (see :func:`merge`);
@@ -24,6 +24,7 @@ Six rewrites, applied top-down (:func:`normalize_schema`):
 * **patterns match anywhere**: JSON Schema's ``pattern`` and ``patternProperties`` regexes
   match anywhere in the string unless anchored; xgrammar matches them against the whole
   string, so ``.*`` is added on each side that has no anchor;
+* **negated types**: ``"not": {"type": "number"}`` becomes the other types;
 * **untyped constraints typed**: ``{"minLength": 3}`` becomes
   ``{"anyOf": [{"type": "string", "minLength": 3}, {"type": [every other type]}]}``. Nodes
   with ``properties`` or ``items`` are left alone: xgrammar reads those as an object / array,
@@ -323,6 +324,35 @@ def _search_patterns(node: dict[str, Any]) -> None:
             node["patternProperties"] = renamed
 
 
+def _negated_type(node: dict[str, Any]) -> bool:
+    """Turn ``"not": {"type": T}`` into the types T leaves (xgrammar ignores ``not``).
+
+    >>> node = {"not": {"type": "number"}, "description": "anything but a number"}
+    >>> _negated_type(node), node["type"]
+    (True, ['array', 'boolean', 'null', 'object', 'string'])
+    >>> _negated_type({"not": {"type": "integer"}})  # numbers that are not integers: no type
+    False
+    """
+    negated = node.get("not")
+    if not isinstance(negated, dict) or set(_validation(negated)) != {"type"}:
+        return False
+    try:
+        excluded = _types(negated) or set()
+        current = _types(node)
+    except _Conflict:
+        return False
+    if "integer" in excluded and "number" not in excluded:
+        return False
+    allowed = intersect_types(current, set(ALL_TYPES) - excluded)
+    if current is not None and "integer" in current and "number" not in excluded and allowed:
+        allowed.add("integer")
+    if not allowed:
+        return False
+    del node["not"]
+    node["type"] = sorted(allowed) if len(allowed) > 1 else next(iter(allowed))
+    return True
+
+
 class _Normalizer:
     def __init__(self, root: dict[str, Any]) -> None:
         self.root = root
@@ -426,6 +456,7 @@ class _Normalizer:
             for item in node:
                 self.visit(item, depth + 1)
             return
+        _negated_type(node)
         if not OPAQUE & node.keys():
             self._flatten_all_of(node)
             self._distribute(node)
