@@ -191,7 +191,12 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _resolve(root: Any, ref: Any) -> Any:
+def resolve_local_ref(root: Any, ref: Any) -> Any:
+    """The node a local ``$ref`` (``#/a/b``) points to in ``root``, else None.
+
+    >>> resolve_local_ref({"$defs": {"x/y": {"type": "null"}}}, "#/$defs/x~1y")
+    {'type': 'null'}
+    """
     if not isinstance(ref, str) or not ref.startswith("#"):
         return None
     node = root
@@ -371,7 +376,7 @@ class _Normalizer:
             return branch
         if set(_validation(branch)) != {"$ref"}:
             raise _Conflict
-        target = _resolve(self.root, branch["$ref"])
+        target = resolve_local_ref(self.root, branch["$ref"])
         if not isinstance(target, dict):
             raise _Conflict
         self._spend()

@@ -39,7 +39,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from specserve.structured.schema_merge import normalize_schema
+from specserve.structured.schema_merge import normalize_schema, resolve_local_ref
 
 logger = logging.getLogger(__name__)
 
@@ -90,26 +90,6 @@ def _children(node: dict[str, Any]) -> Iterator[tuple[Any, str]]:
                 yield sub, role
 
 
-def _resolve(root: Any, ref: Any) -> Any:
-    """The node a local ``$ref`` (``#/a/b``) points to, else None.
-
-    >>> _resolve({"$defs": {"x/y": {"type": "null"}}}, "#/$defs/x~1y")
-    {'type': 'null'}
-    """
-    if not isinstance(ref, str) or not ref.startswith("#"):
-        return None
-    node = root
-    for part in [p for p in ref[1:].split("/") if p]:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
-
-
 def _walk(root: Any) -> Iterator[tuple[dict[str, Any], str]]:
     """Every schema object reachable through :data:`MAP_KEYWORDS` etc., with its role."""
     stack: list[tuple[Any, str]] = [(root, "")]
@@ -133,7 +113,7 @@ def _with_references(root: Any, nodes: list[dict[str, Any]]) -> set[int]:
         if not isinstance(node, dict) or id(node) in found:
             continue
         found.add(id(node))
-        target = _resolve(root, node.get("$ref"))
+        target = resolve_local_ref(root, node.get("$ref"))
         if target is not None:
             pending.append(target)
         for key in COMBINATORS:
