@@ -291,12 +291,14 @@ def test_rate_limit_charges_the_exact_prompt_count(
 
 def test_rate_limit_charges_all_prompts_of_a_list(fake: tuple[str, FakeState]) -> None:
     url, _ = fake
-    # 5 + 5 prompt tokens + 2 = 12 a request (the largest alone: 7; estimated: 18 // 4 + 2 = 6).
+    # 5 + 5 prompt tokens + 2 generated for each prompt = 14 a request: the second is over 26
+    # (the largest prompt alone: 7; prompts summed but generation charged once: 12, so the third;
+    # estimated: 18 // 4 + 4 = 8).
     body = completion([FIVE_WORDS, FIVE_WORDS])
 
     async def main() -> None:
-        async with gateway(url, key_limits=KeyLimits(tokens_per_minute=24)) as client:
-            assert await statuses(client, "/v1/completions", body, 3) == [200, 200, 429]
+        async with gateway(url, key_limits=KeyLimits(tokens_per_minute=26)) as client:
+            assert await statuses(client, "/v1/completions", body, 3) == [200, 429, 429]
 
     asyncio.run(main())
 

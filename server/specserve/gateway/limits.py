@@ -68,12 +68,14 @@ def check_api_key(authorization: str | None, keys: Iterable[str]) -> str:
 
 
 def charged_tokens(prompt_chars: int, max_tokens: int | None, n: int | None,
-                   prompt_tokens: int | None = None) -> int:
-    """Tokens a request spends of its key's ``tokens_per_minute``: its prompt and what it may generate.
+                   prompt_tokens: int | None = None, prompts: int = 1) -> int:
+    """Tokens a request spends of its key's ``tokens_per_minute``: its prompts and what it may
+    generate.
 
-    The prompt is charged its exact token count when the gateway has one (``--max-prompt-tokens``
-    counted it), else an estimate of four characters a token. Generation is ``max_tokens`` (16,
-    OpenAI's default, when unset) for each of the ``n`` choices.
+    The prompts are charged their exact token count when the gateway has one (``--max-prompt-tokens``
+    counted them), else an estimate of four characters a token. Generation is ``max_tokens`` (16,
+    OpenAI's default, when unset) for each of the ``n`` choices of each of the ``prompts`` (a
+    completions request may send a list; the engine answers every prompt ``n`` times).
 
     Example:
         >>> charged_tokens(prompt_chars=400, max_tokens=10, n=2)  # 400 // 4 + 10 * 2
@@ -82,9 +84,11 @@ def charged_tokens(prompt_chars: int, max_tokens: int | None, n: int | None,
         27
         >>> charged_tokens(prompt_chars=8, max_tokens=None, n=None)
         18
+        >>> charged_tokens(prompt_chars=8, max_tokens=10, n=2, prompts=3)  # 8 // 4 + 10 * 2 * 3
+        62
     """
     prompt = prompt_tokens if prompt_tokens is not None else prompt_chars // 4
-    return prompt + (max_tokens or 16) * (n or 1)
+    return prompt + (max_tokens or 16) * (n or 1) * max(1, prompts)
 
 
 class RateLimiter:

@@ -20,7 +20,7 @@ from specserve.gateway.protocol import (
     CompletionRequest,
     unsupported_param,
 )
-from specserve.gateway.prompt_tokens import Route, TokenizeFailed, count_prompts
+from specserve.gateway.prompt_tokens import Route, TokenizeFailed, completion_prompts, count_prompts
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.speculation import SPEC_K_HEADER
 
@@ -126,7 +126,11 @@ async def _generate(
         prompt_tokens = await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
     if gw.limiter.enabled:
         try:
-            gw.limiter.admit(key, charged_tokens(prompt_chars, max_tokens, parsed.n, prompt_tokens))
+            # ``body`` leaves the prompt out (see above): read it from the parsed request.
+            prompts = (len(completion_prompts(parsed.prompt))
+                       if isinstance(parsed, CompletionRequest) else 1)
+            gw.limiter.admit(key, charged_tokens(prompt_chars, max_tokens, parsed.n, prompt_tokens,
+                                                 prompts))
         except APIError:
             gw.metrics.rejected.labels(reason="rate_limit").inc()
             raise
