@@ -167,9 +167,15 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> None:
 
 
 @contextmanager
-def subprocess_server(argv: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``argv`` (its output discarded) until the block ends; waits for ``ready_url`` first."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def subprocess_server(
+    argv: list[str], ready_url: str, cpus: frozenset[int] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` (its output discarded) until the block ends; waits for ``ready_url`` first.
+
+    ``cpus``: the CPUs the process may run on (all of this process's when ``None``).
+    """
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
     try:
         wait_ready(ready_url)
         yield proc
@@ -182,19 +188,67 @@ def subprocess_server(argv: list[str], ready_url: str) -> Iterator[subprocess.Po
             proc.wait()
 
 
+def parse_cpus(text: str) -> frozenset[int]:
+    """A CPU list as ``taskset -c`` writes it.
+
+    Example:
+        >>> sorted(parse_cpus("0,2-4"))
+        [0, 2, 3, 4]
+    """
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    if not cpus:
+        raise ValueError(f"no CPUs in {text!r}")
+    return frozenset(cpus)
+
+
+def split_cpus(available: frozenset[int], gateway: frozenset[int]) -> frozenset[int]:
+    """The CPUs left to the load client and the fake engine once the gateway has its own.
+
+    Example:
+        >>> sorted(split_cpus(frozenset({0, 1}), frozenset({1})))
+        [0]
+        >>> split_cpus(frozenset({0, 1}), frozenset({0, 1}))
+        Traceback (most recent call last):
+        ...
+        ValueError: --gateway-cpus must leave at least one CPU to the load client and the engine
+    """
+    if not gateway <= available:
+        raise ValueError(f"--gateway-cpus {sorted(gateway)} is not within this process's CPUs {sorted(available)}")
+    rest = available - gateway
+    if not rest:
+        raise ValueError("--gateway-cpus must leave at least one CPU to the load client and the engine")
+    return rest
+
+
 @contextmanager
-def fake_targets(token_interval_s: float) -> Iterator[tuple[str, str, int]]:
-    """A fake engine and a gateway in front of it: yields (gateway URL, engine URL, gateway pid)."""
+def fake_targets(
+    token_interval_s: float, gateway_cpus: frozenset[int] | None = None
+) -> Iterator[tuple[str, str, int]]:
+    """A fake engine and a gateway in front of it: yields (gateway URL, engine URL, gateway pid).
+
+    With ``gateway_cpus`` the gateway runs on those CPUs only, and the fake engine and this process
+    (the load client) on the others, as a gateway in a pod of its own would.
+    """
+    rest = None
+    own = frozenset(os.sched_getaffinity(0))
+    if gateway_cpus is not None:
+        rest = split_cpus(own, gateway_cpus)
     engine_port, gateway_port = free_port(), free_port()
     engine = f"http://127.0.0.1:{engine_port}"
     gateway = f"http://127.0.0.1:{gateway_port}"
     with ExitStack() as stack:
         stack.enter_context(subprocess_server(
             [sys.executable, "-m", "specserve.bench.fake_engine", "--port", str(engine_port),
-             "--token-interval", str(token_interval_s)], f"{engine}/health"))
+             "--token-interval", str(token_interval_s)], f"{engine}/health", rest))
         proc = stack.enter_context(subprocess_server(
             [sys.executable, "-m", "specserve.cli", "gateway", "--replica", engine,
-             "--port", str(gateway_port)], f"{gateway}/ready"))
+             "--port", str(gateway_port)], f"{gateway}/ready", gateway_cpus))
+        if rest is not None:
+            os.sched_setaffinity(0, rest)
+            stack.callback(os.sched_setaffinity, 0, own)
         yield gateway, engine, proc.pid
 
 
@@ -213,6 +267,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start a fake engine and a gateway in front of it as subprocesses")
     parser.add_argument("--token-interval", type=float, default=0.02,
                         help="with --fake-engine: seconds between a stream's tokens")
+    parser.add_argument("--gateway-cpus", type=parse_cpus, default=None, metavar="LIST",
+                        help="with --fake-engine: run the gateway on these CPUs only (e.g. '1') and the "
+                             "load client and fake engine on the rest, as a gateway with a core of its "
+                             "own would run")
     parser.add_argument("--model", default=None,
                         help="model name (default: specserve-demo, or the fake engine's model)")
     parser.add_argument("--concurrency", type=int, default=64)
@@ -225,10 +283,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.fake_engine and not (args.gateway and args.engine):
         raise SystemExit("give --gateway and --engine, or --fake-engine")
+    if args.gateway_cpus is not None and not args.fake_engine:
+        raise SystemExit("--gateway-cpus needs --fake-engine (pin your own servers with taskset)")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if not args.fake_engine:
         return measure(args, None)
-    with fake_targets(args.token_interval) as (args.gateway, args.engine, gateway_pid):
+    if args.gateway_cpus is not None:
+        try:
+            split_cpus(frozenset(os.sched_getaffinity(0)), args.gateway_cpus)
+        except ValueError as exc:  # leaves nothing to the load, or names CPUs not ours
+            raise SystemExit(str(exc)) from None
+    with fake_targets(args.token_interval, args.gateway_cpus) as (args.gateway, args.engine, gateway_pid):
         return measure(args, gateway_pid)
 
 
@@ -256,6 +321,8 @@ def measure(args: argparse.Namespace, gateway_pid: int | None) -> int:
         "concurrency": args.concurrency, "duration_s": args.duration, "rounds": args.rounds,
         "max_tokens": args.max_tokens, "fake_engine": args.fake_engine,
         "token_interval_s": args.token_interval if args.fake_engine else None,
+        "gateway_cpus": sorted(args.gateway_cpus) if args.gateway_cpus is not None else None,
+        "client_cpus": sorted(os.sched_getaffinity(0)),
         "direct": d, "gateway": g,
         "throughput_ratio": round(g_tps / d_tps, 4) if d_tps else None,
         **{f"added_{k}": round(float(g[k]) - float(d[k]), 3)  # type: ignore[arg-type]
