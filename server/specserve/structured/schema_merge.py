@@ -348,9 +348,7 @@ def _negated_type(node: dict[str, Any]) -> bool:
         return False
     if "integer" in excluded and "number" not in excluded:
         return False
-    allowed = intersect_types(current, set(ALL_TYPES) - excluded)
-    if current is not None and "integer" in current and "number" not in excluded and allowed:
-        allowed.add("integer")
+    allowed = intersect_types(current, set(ALL_TYPES) - excluded)  # keeps "integer" against "number"
     if not allowed:
         return False
     del node["not"]
@@ -380,7 +378,7 @@ class _Normalizer:
         if not isinstance(target, dict):
             raise _Conflict
         self._spend()
-        return {k: v for k, v in copy.deepcopy(target).items() if k not in ("$defs", "definitions")}
+        return {k: copy.deepcopy(v) for k, v in target.items() if k not in ("$defs", "definitions")}
 
     def _flatten_all_of(self, node: dict[str, Any]) -> bool:
         parts = node.get("allOf")
@@ -393,10 +391,8 @@ class _Normalizer:
             for part in parts:
                 self._spend()
                 merged = merge(merged, _validation(self._inline(part)))
-        except _Conflict:
-            return False
-        except _Unsatisfiable:
-            return False  # leave impossible schemas as written
+        except (_Conflict, _Unsatisfiable):
+            return False  # not known to merge exactly, or impossible: left as written
         node.clear()
         node.update(kept)
         node.update(merged)
