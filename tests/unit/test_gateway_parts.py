@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from specserve.cli import build_parser
 from specserve.engine.process import EngineSpec, engine_command, engine_env
-from specserve.gateway.limits import SlidingWindow
+from specserve.errors import APIError
+from specserve.gateway.config import KeyLimits
+from specserve.gateway.limits import RateLimiter, SlidingWindow
 from specserve.gateway.replicas import parse_engine_load, pick_least_loaded
 
 MODULES = [
@@ -62,6 +64,33 @@ def test_sliding_window_frees_capacity_after_the_window() -> None:
     assert w.retry_after(now=59) == 1
     assert w.try_take(6, now=60.5)  # the first 6 expired
     assert not w.try_take(5, now=61)
+
+
+def test_rate_limiter_is_all_or_nothing() -> None:
+    limiter = RateLimiter(KeyLimits(requests_per_minute=3, tokens_per_minute=12))
+    limiter.admit("k", 8, now=0)
+    for _ in range(3):  # over the token limit: refused, and not counted as requests either
+        with pytest.raises(APIError) as refused:
+            limiter.admit("k", 5, now=1)
+        assert refused.value.code == "rate_limit_tokens"
+    limiter.admit("k", 2, now=2)  # requests 2 and 3 of 3: the refused ones took no request
+    limiter.admit("k", 2, now=3)
+    limiter.check("other")  # keys are separate
+    with pytest.raises(APIError) as spent:
+        limiter.check("k", now=4)
+    assert spent.value.code == "rate_limit_requests" and spent.value.headers["Retry-After"] == "56"
+
+
+def test_rate_limiter_check_refuses_a_spent_key_and_takes_nothing() -> None:
+    limiter = RateLimiter(KeyLimits(tokens_per_minute=10))
+    limiter.admit("k", 9, now=0)
+    limiter.check("k", now=1)  # one token is left
+    limiter.check("k", now=1)  # checking took nothing
+    limiter.admit("k", 1, now=2)
+    with pytest.raises(APIError) as spent:
+        limiter.check("k", now=3)
+    assert spent.value.code == "rate_limit_tokens" and spent.value.headers["Retry-After"] == "57"
+    limiter.check("k", now=60.5)  # the first 9 left the window
 
 
 def test_engine_command_passes_options_and_extra_args_verbatim() -> None:

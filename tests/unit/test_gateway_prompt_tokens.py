@@ -145,6 +145,13 @@ async def rejected_too_long(client: httpx.AsyncClient) -> float:
                for s in f.samples if s.labels.get("reason") == "prompt_too_long")
 
 
+async def rejected_rate_limit(client: httpx.AsyncClient) -> float:
+    text = (await client.get("/metrics")).text
+    return sum(s.value for f in text_string_to_metric_families(text)
+               if f.name == "specserve_gateway_rejected_requests"
+               for s in f.samples if s.labels.get("reason") == "rate_limit" and s.name.endswith("_total"))
+
+
 async def count_failures(client: httpx.AsyncClient) -> float:
     """``specserve_gateway_prompt_token_count_failures_total`` from the gateway's /metrics."""
     text = (await client.get("/metrics")).text
@@ -270,21 +277,22 @@ ONE_LONG_WORD = "x" * 400
 FIVE_WORDS = "a b c d e"
 
 
-@pytest.mark.parametrize(("content", "budget", "expected"), [
+@pytest.mark.parametrize(("content", "budget", "expected", "counted"), [
     # 1 + 2 tokens a request: all fit (estimated, 102 a request: the second is refused).
-    (ONE_LONG_WORD, 30, [200, 200, 200]),
-    # 5 + 2 tokens a request: the third is refused (estimated, 2 + 2: all fit).
-    (FIVE_WORDS, 14, [200, 200, 429]),
+    (ONE_LONG_WORD, 30, [200, 200, 200], 3),
+    # 5 + 2 tokens a request: the third is refused (estimated, 2 + 2: all fit). The window is
+    # then full (14 of 14), so the third is refused before its prompt is counted.
+    (FIVE_WORDS, 14, [200, 200, 429], 2),
 ])
 def test_rate_limit_charges_the_exact_prompt_count(
-    fake: tuple[str, FakeState], content: str, budget: int, expected: list[int]
+    fake: tuple[str, FakeState], content: str, budget: int, expected: list[int], counted: int
 ) -> None:
     url, state = fake
 
     async def main() -> None:
         async with gateway(url, key_limits=KeyLimits(tokens_per_minute=budget)) as client:
             assert await statuses(client, "/v1/chat/completions", chat(content), 3) == expected
-        assert len(state.tokenize_requests) == 3  # counted once each, the refused one too
+        assert len(state.tokenize_requests) == counted
 
     asyncio.run(main())
 
@@ -311,9 +319,22 @@ def test_rate_limit_estimates_an_uncounted_prompt(fake: tuple[str, FakeState], c
 
     async def main() -> None:
         async with gateway(url, max_prompt_tokens=cap, key_limits=KeyLimits(tokens_per_minute=30)) as client:
-            # 400 // 4 + 2 = 102 a request: the first fits an empty window, the second does not.
+            # 400 // 4 + 2 = 102 a request: the first fits an empty window, the second does not
+            # (and, the window being spent, is refused before its prompt is counted).
             assert await statuses(client, "/v1/chat/completions", chat(ONE_LONG_WORD), 2) == [200, 429]
-            assert await count_failures(client) == (2 if counted == "failed" else 0)
-        assert len(state.tokenize_requests) == (2 if counted == "failed" else 0)
+            assert await count_failures(client) == (1 if counted == "failed" else 0)
+        assert len(state.tokenize_requests) == (1 if counted == "failed" else 0)
+
+    asyncio.run(main())
+
+
+def test_a_spent_key_is_refused_before_its_prompt_is_counted(fake: tuple[str, FakeState]) -> None:
+    url, state = fake
+
+    async def main() -> None:
+        async with gateway(url, key_limits=KeyLimits(requests_per_minute=2)) as client:
+            assert await statuses(client, "/v1/chat/completions", chat(FIVE_WORDS), 4) == [200, 200, 429, 429]
+            assert await rejected_rate_limit(client) == 2
+        assert len(state.tokenize_requests) == 2  # only the admitted ones were counted
 
     asyncio.run(main())

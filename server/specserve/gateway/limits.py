@@ -36,12 +36,21 @@ class SlidingWindow:
         while self._events and self._events[0][0] <= now - self.window_s:
             self._total -= self._events.popleft()[1]
 
-    def try_take(self, amount: int, now: float) -> bool:
+    def can_take(self, amount: int, now: float) -> bool:
+        """Whether ``amount`` fits now (an empty window takes any amount, so that one request over
+        the whole limit is not refused for ever)."""
         self._expire(now)
-        if self._total + amount > self.limit and self._total > 0:
-            return False
+        return self._total + amount <= self.limit or self._total == 0
+
+    def take(self, amount: int, now: float) -> None:
+        self._expire(now)
         self._events.append((now, amount))
         self._total += amount
+
+    def try_take(self, amount: int, now: float) -> bool:
+        if not self.can_take(amount, now):
+            return False
+        self.take(amount, now)
         return True
 
     def retry_after(self, now: float) -> float:
@@ -112,18 +121,24 @@ class RateLimiter:
             window = table[key] = SlidingWindow(limit)
         return window
 
-    def admit(self, key: str, tokens: int, now: float | None = None) -> None:
-        """Count one request of ``tokens`` for ``key``; 429 with Retry-After when over a limit."""
-        now = time.monotonic() if now is None else now
+    def _windows(self, key: str, tokens: int) -> list[tuple[SlidingWindow, int, int, str]]:
+        """(window, limit, amount, what) of each limit that is on."""
         checks = (
             (self._requests, self.limits.requests_per_minute, 1, "requests"),
             (self._tokens, self.limits.tokens_per_minute, tokens, "tokens"),
         )
-        for table, limit, amount, what in checks:
-            if not limit:
-                continue
-            window = self._window(table, key, limit)
-            if not window.try_take(amount, now):
+        return [(self._window(table, key, limit), limit, amount, what)
+                for table, limit, amount, what in checks if limit]
+
+    def check(self, key: str, tokens: int = 1, now: float | None = None) -> None:
+        """429 with Retry-After if a request of ``tokens`` would be over a limit of ``key``; takes nothing.
+
+        With the default of one token it refuses a key that has spent a whole window, before any
+        work (such as counting the prompt's tokens) is done for the request.
+        """
+        now = time.monotonic() if now is None else now
+        for window, limit, amount, what in self._windows(key, tokens):
+            if not window.can_take(amount, now):
                 retry = max(1, math.ceil(window.retry_after(now)))
                 raise APIError(
                     429,
@@ -131,6 +146,16 @@ class RateLimiter:
                     code=f"rate_limit_{what}",
                     headers={"Retry-After": str(retry)},
                 )
+
+    def admit(self, key: str, tokens: int, now: float | None = None) -> None:
+        """Count one request of ``tokens`` for ``key``; 429 with Retry-After when over a limit.
+
+        All or nothing: a request refused by one limit is not counted against the others.
+        """
+        now = time.monotonic() if now is None else now
+        self.check(key, tokens, now)
+        for window, _, amount, _ in self._windows(key, tokens):
+            window.take(amount, now)
 
 
 class AdmissionQueue:

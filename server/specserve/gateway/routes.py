@@ -123,6 +123,12 @@ async def _generate(
         body_bytes = json.dumps(structured.normalize_legacy(full)).encode()
     prompt_tokens = None
     if cfg.max_prompt_tokens:
+        if gw.limiter.enabled:
+            try:
+                gw.limiter.check(key)  # a key with nothing left is refused before its prompt is counted
+            except APIError:
+                gw.metrics.rejected.labels(reason="rate_limit").inc()
+                raise
         prompt_tokens = await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
     if gw.limiter.enabled:
         try:
