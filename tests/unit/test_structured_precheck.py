@@ -99,9 +99,12 @@ def test_property_named_type_is_not_mistaken_for_a_keyword() -> None:
     precheck(_rf(schema), "chat")
 
 
-def test_unresolvable_ref_refused_by_compiler() -> None:
+def test_unresolvable_ref_refused_naming_its_place() -> None:
     err = _refused(_rf({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}))
-    assert "invalid JSON schema" in err.message
+    assert "'/properties/a'" in err.message and "does not resolve" in err.message
+    # A plain name that nothing carries: xgrammar would only warn and allow any value there.
+    err = _refused(_rf({"type": "object", "properties": {"a": {"$ref": "#missing"}}}))
+    assert "'/properties/a'" in err.message and "'#missing'" in err.message
 
 
 @pytest.mark.parametrize(

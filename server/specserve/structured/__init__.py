@@ -29,6 +29,7 @@ from specserve.structured.compile import CompileBusy, CompileRefused, GrammarChe
 from specserve.structured.features import find_unsupported
 from specserve.structured.limits import SchemaLimits, check_regex, iter_patterns, json_depth
 from specserve.structured.request import Constraint, constraints, normalize_legacy
+from specserve.structured.schema_refs import dangling_refs
 
 __all__ = ["SchemaLimits", "aprecheck", "configure", "normalize_legacy", "precheck", "warm_up"]
 
@@ -93,6 +94,11 @@ def _check_json_schema(schema: Any, param: str, limits: SchemaLimits) -> None:
     unsupported = find_unsupported(schema)
     if unsupported is not None:
         raise _bad(f"unsupported schema at '{unsupported[0]}': {unsupported[1]}", param)
+    dangling = dangling_refs(schema)
+    if dangling:
+        pointer, ref = dangling[0]
+        raise _bad(f"invalid schema at '{pointer}': $ref '{ref}' does not resolve to a subschema "
+                   "of this schema", param)
     _compile_check("json", schema, param, "invalid JSON schema", limits)
 
 

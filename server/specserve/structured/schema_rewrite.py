@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from specserve.structured.schema_merge import normalize_schema, resolve_local_ref
+from specserve.structured.schema_refs import canonical_refs
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,10 @@ def rewrite_schema(schema: Any, *, open_objects: bool = True) -> Any:
     >>> rewrite_schema({"type": "object", "required": ["a"]}, open_objects=False)
     {'type': 'object', 'required': ['a'], 'properties': {'a': {}}}
     """
-    if not isinstance(schema, dict) or "unevaluatedProperties" in json.dumps(schema):
+    if not isinstance(schema, dict):
+        return schema
+    schema = canonical_refs(schema)  # references in the form xgrammar resolves
+    if "unevaluatedProperties" in json.dumps(schema):
         return schema
     out = normalize_schema(schema)  # a copy, unless it was kept as written
     if out is schema:
