@@ -201,3 +201,15 @@ def test_a_rewrite_that_does_not_convert_falls_back_to_the_schema_as_written(
         ebnf = engine_grammar.json_schema_ebnf({"type": "boolean"}, **COMPACT)
     assert "root ::= ((basic_boolean))" in ebnf
     assert "using it as written" in caplog.text
+
+
+PATTERN_AND_FORMAT = {"type": "string", "format": "uri", "pattern": "^(https|file)://"}
+
+
+def test_a_pattern_next_to_a_format_is_enforced() -> None:
+    assert normalize_schema(PATTERN_AND_FORMAT) == {"type": "string", "pattern": "^(https|file)://.*"}
+    # xgrammar as is keeps the format and drops the pattern: an ftp URI passes.
+    assert _accepts(PATTERN_AND_FORMAT, '"ftp://example.com"', rewritten=False)
+    assert not _accepts(PATTERN_AND_FORMAT, '"ftp://example.com"')
+    assert _accepts(PATTERN_AND_FORMAT, '"https://example.com/a"')
+    _same_verdicts(PATTERN_AND_FORMAT, ["ftp://example.com", "https://example.com", "file:///tmp", 3])

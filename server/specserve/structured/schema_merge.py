@@ -1,5 +1,6 @@
 """Schema normalisation before xgrammar: combinators merged with their parent, untyped
-constraints given their type. Each step keeps the set of valid instances unchanged.
+constraints given their type. Each step keeps the set of valid instances unchanged (``format``
+read as an annotation, JSON Schema's default).
 
 xgrammar 0.2.8 converts a schema node with ``anyOf``/``oneOf``/``allOf`` by converting the
 branches alone: the parent's own ``type``, ``properties`` and ``required`` are dropped. And a
@@ -10,13 +11,17 @@ common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
      "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
 
-Seven rewrites, applied top-down (:func:`normalize_schema`):
+Eight rewrites, applied top-down (:func:`normalize_schema`):
 
 * **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
   when the parts merge without conflict (see :func:`merge`);
 * **anyOf / oneOf distributed**: ``{P..., "anyOf": [B1, B2]}`` becomes
   ``{"anyOf": [P ∧ B1, P ∧ B2]}``; a branch whose type contradicts P's can never match and is
   dropped;
+* **pattern over format**: next to a ``pattern``, ``format`` is dropped: xgrammar enforces
+  one of the two and picks the format, while the pattern is the keyword every validator asserts
+  (``format`` is an annotation unless a validator is asked to assert it). This is the one step
+  that widens the valid set, and only for validators that assert formats;
 * **calendar dates**: ``format: date`` / ``date-time`` become a pattern with each month's
   day count and leap years (:mod:`.formats`);
 * **length-bounded patterns**: ``minLength``/``maxLength`` next to a pattern that repeats one
@@ -209,6 +214,24 @@ def resolve_local_ref(root: Any, ref: Any) -> Any:
         else:
             return None
     return node
+
+
+def _pattern_over_format(node: dict[str, Any]) -> bool:
+    """Drop ``format`` next to a ``pattern``: xgrammar enforces only one of them and picks the
+    format, so the pattern (which every validator asserts; ``format`` is asserted only where a
+    validator is asked to) was ignored: ``"ftp://x"`` passed ``{"format": "uri", "pattern":
+    "^https://"}``.
+
+    >>> node = {"type": "string", "format": "uri", "pattern": "^https://"}
+    >>> _pattern_over_format(node), node
+    (True, {'type': 'string', 'pattern': '^https://'})
+    >>> _pattern_over_format({"type": "string", "format": "uri"})
+    False
+    """
+    if not isinstance(node.get("pattern"), str) or not isinstance(node.get("format"), str):
+        return False
+    del node["format"]
+    return True
 
 
 def _exact_format(node: dict[str, Any]) -> bool:
@@ -462,6 +485,7 @@ class _Normalizer:
             self._flatten_all_of(node)
             self._distribute(node)
             self._type_untyped(node)
+            _pattern_over_format(node)
             _exact_format(node)
             _bounded_pattern(node)
             _search_patterns(node)
