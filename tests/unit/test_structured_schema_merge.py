@@ -213,3 +213,79 @@ def test_a_pattern_next_to_a_format_is_enforced() -> None:
     assert not _accepts(PATTERN_AND_FORMAT, '"ftp://example.com"')
     assert _accepts(PATTERN_AND_FORMAT, '"https://example.com/a"')
     _same_verdicts(PATTERN_AND_FORMAT, ["ftp://example.com", "https://example.com", "file:///tmp", 3])
+
+
+DRAFT7 = "http://json-schema.org/draft-07/schema#"
+DEPENDENCIES = {
+    "$schema": DRAFT7,
+    "type": "object",
+    "properties": {"card": {"type": "string"}, "billing": {"type": "string"}, "note": {"type": "string"}},
+    "dependencies": {"card": ["billing"]},
+    "additionalProperties": False,
+}
+DEPENDENT_SCHEMAS = {
+    "type": "object",
+    "properties": {"kind": {"type": "string"}, "size": {"type": "integer"}},
+    "dependentSchemas": {"kind": {"required": ["size"], "properties": {"size": {"minimum": 1}}}},
+}
+
+
+def _closed_accepts(schema: dict[str, Any], text: str, *, rewritten: bool = True) -> bool:
+    """As served with closed objects (the shipped default)."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    if rewritten:
+        ebnf = engine_grammar.json_schema_ebnf(schema, open_objects=False, **COMPACT)
+        grammar = xgr.Grammar.from_ebnf(ebnf)
+    else:
+        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), **COMPACT)
+    return bool(_is_grammar_accept_string(grammar, text))
+
+
+def test_dependencies_of_a_closed_object_are_enforced() -> None:
+    out = normalize_schema(DEPENDENCIES)
+    assert [sorted(b["properties"]) for b in out["anyOf"]] == [["billing", "note"], ["billing", "card", "note"]]
+    assert out["anyOf"][1]["required"] == ["card", "billing"]
+    # xgrammar as is ignores "dependencies": a card without billing passes.
+    assert _accepts(DEPENDENCIES, '{"card":"4111"}', rewritten=False)
+    assert not _accepts(DEPENDENCIES, '{"card":"4111"}')
+    for good in ('{}', '{"billing":"x"}', '{"card":"4111","billing":"x"}', '{"card":"4111","billing":"x","note":"n"}'):
+        assert _accepts(DEPENDENCIES, good), good
+    _same_verdicts(DEPENDENCIES, [{}, {"card": "1"}, {"card": "1", "billing": "b"}, {"billing": "b"},
+                                  {"note": "n", "card": "1"}, {"other": 1}])
+
+
+def test_dependent_schemas_hold_where_objects_are_served_closed() -> None:
+    assert _closed_accepts(DEPENDENT_SCHEMAS, '{"kind":"a"}', rewritten=False)
+    assert _closed_accepts(DEPENDENT_SCHEMAS, '{"kind":"a","size":0}', rewritten=False)
+    assert not _closed_accepts(DEPENDENT_SCHEMAS, '{"kind":"a"}')
+    assert not _closed_accepts(DEPENDENT_SCHEMAS, '{"kind":"a","size":0}')
+    for good in ('{}', '{"size":0}', '{"kind":"a","size":1}'):
+        assert _closed_accepts(DEPENDENT_SCHEMAS, good), good
+    # Open objects cannot be told to lack "kind": left as written.
+    assert normalize_schema(DEPENDENT_SCHEMAS) == DEPENDENT_SCHEMAS
+    assert normalize_schema(DEPENDENT_SCHEMAS, closed_objects=True) != DEPENDENT_SCHEMAS
+
+
+def test_contradictory_dependency_sets_are_pruned() -> None:
+    # Each requires the other: only "neither" and "both" can match.
+    both = {"$schema": DRAFT7, "type": "object", "properties": {"a": {}, "b": {}},
+            "dependencies": {"a": ["b"], "b": ["a"]}, "additionalProperties": False}
+    out = normalize_schema(both)
+    assert [b.get("required") for b in out["anyOf"]] == [None, ["a", "b"]]
+    _same_verdicts(both, [{}, {"a": 1}, {"b": 1}, {"a": 1, "b": 2}])
+
+
+def test_dependency_keywords_follow_the_draft() -> None:
+    # Without "$schema" (read as the latest draft) "dependencies" is no keyword: left alone.
+    latest = {k: v for k, v in DEPENDENCIES.items() if k != "$schema"}
+    assert normalize_schema(latest) == latest
+    _same_verdicts(latest, [{"card": "1"}, {}])
+    # And in draft 7, "dependentRequired" is no keyword.
+    old = {"$schema": DRAFT7, "type": "object", "properties": {"a": {}, "b": {}},
+           "dependentRequired": {"a": ["b"]}, "additionalProperties": False}
+    assert normalize_schema(old) == old
+    new = {**{k: v for k, v in old.items() if k != "$schema"}}
+    assert "anyOf" in normalize_schema(new)
+    _same_verdicts(new, [{"a": 1}, {"a": 1, "b": 1}, {}])

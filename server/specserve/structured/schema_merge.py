@@ -11,7 +11,7 @@ common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
      "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
 
-Eight rewrites, applied top-down (:func:`normalize_schema`):
+Nine rewrites, applied top-down (:func:`normalize_schema`):
 
 * **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
   when the parts merge without conflict (see :func:`merge`);
@@ -30,6 +30,12 @@ Eight rewrites, applied top-down (:func:`normalize_schema`):
   match anywhere in the string unless anchored; xgrammar matches them against the whole
   string, so ``.*`` is added on each side that has no anchor;
 * **negated types**: ``"not": {"type": "number"}`` becomes the other types;
+* **dependencies split**: ``dependencies`` (drafts 3–7, by ``$schema``) or
+  ``dependentRequired`` / ``dependentSchemas`` (later drafts, or no ``$schema``) of a closed
+  object (which xgrammar ignores) become an ``anyOf`` with one branch per set of present
+  trigger names: absent triggers leave ``properties``, present ones are required with what
+  they require. Up to four triggers; open objects are left alone (a grammar cannot make an
+  open object lack a name);
 * **untyped constraints typed**: ``{"minLength": 3}`` becomes
   ``{"anyOf": [{"type": "string", "minLength": 3}, {"type": [every other type]}]}``. Nodes
   with ``properties`` or ``items`` are left alone: xgrammar reads those as an object / array,
@@ -379,9 +385,37 @@ def _negated_type(node: dict[str, Any]) -> bool:
     return True
 
 
+DEPENDENCY_KEYWORDS = ("dependencies", "dependentRequired", "dependentSchemas")
+# Drafts in which "dependencies" is a keyword; "dependentRequired"/"dependentSchemas" replaced it
+# in 2019-09, and a schema without "$schema" is read as the latest draft (as validators do).
+LEGACY_DRAFTS = ("draft-03", "draft-04", "draft-06", "draft-07")
+
+
+def dependency_keywords(root: Any) -> tuple[str, ...]:
+    """The dependency keywords in force for a schema document, by its ``$schema``.
+
+    >>> dependency_keywords({"$schema": "http://json-schema.org/draft-04/schema#"})
+    ('dependencies',)
+    >>> dependency_keywords({})
+    ('dependentRequired', 'dependentSchemas')
+    """
+    dialect = root.get("$schema") if isinstance(root, dict) else None
+    if isinstance(dialect, str) and any(d in dialect for d in LEGACY_DRAFTS):
+        return ("dependencies",)
+    return ("dependentRequired", "dependentSchemas")
+MAX_DEPENDENCIES = 4  # 2**4 branches at most
+MAX_SPLIT_BYTES = 32768  # the branches of one split, serialised
+
+
+def _object_only(node: dict[str, Any]) -> bool:
+    return node.get("type") in ("object", ["object"])
+
+
 class _Normalizer:
-    def __init__(self, root: dict[str, Any]) -> None:
+    def __init__(self, root: dict[str, Any], closed_objects: bool = False) -> None:
         self.root = root
+        self.closed_objects = closed_objects
+        self.dependencies = dependency_keywords(root)
         self.operations = 0
 
     def _spend(self) -> None:
@@ -447,6 +481,95 @@ class _Normalizer:
         node[key] = branches
         return True
 
+    def _closed(self, node: dict[str, Any]) -> bool:
+        """Whether ``node`` admits only its declared properties as served."""
+        extra = node.get("additionalProperties", None if self.closed_objects else True)
+        return extra in (None, False) and "patternProperties" not in node
+
+    def _split_dependencies(self, node: dict[str, Any]) -> bool:
+        """``dependencies`` / ``dependentRequired`` / ``dependentSchemas`` of a closed object as
+        an ``anyOf`` of one branch per set of present trigger names (xgrammar ignores them).
+
+        In the branch where trigger ``a`` is absent, ``a`` leaves ``properties`` (a closed object
+        then cannot have it); where it is present, it is required along with what it requires
+        (or the object also meets its schema). Only closed objects: an open object cannot be
+        told to lack a name.
+
+        >>> n = _Normalizer({"$schema": "http://json-schema.org/draft-07/schema#"}, closed_objects=True)
+        >>> node = {"type": "object", "properties": {"a": {}, "b": {}}, "dependencies": {"a": ["b"]}}
+        >>> n._split_dependencies(node), [(sorted(b["properties"]), b.get("required")) for b in node["anyOf"]]
+        (True, [(['b'], None), (['a', 'b'], ['a', 'b'])])
+        """
+        present_keys = [k for k in self.dependencies if k in node]
+        if not present_keys or not _object_only(node) or not self._closed(node):
+            return False
+        if any(k in node for k in DEPENDENCY_KEYWORDS if k not in self.dependencies):
+            return False  # a keyword of another draft next to them: left as written
+        if (OPAQUE - set(DEPENDENCY_KEYWORDS)) & node.keys() or {"anyOf", "oneOf", "allOf"} & node.keys():
+            return False
+        properties = node.get("properties", {})
+        required = node.get("required", [])
+        if not isinstance(properties, dict) or not isinstance(required, list):
+            return False
+        triggers: dict[str, Any] = {}
+        for key in present_keys:
+            table = node[key]
+            if not isinstance(table, dict):
+                return False
+            for name, spec in table.items():
+                if name in triggers or not isinstance(spec, (list, dict)):
+                    return False
+                if isinstance(spec, list) and not all(isinstance(x, str) for x in spec):
+                    return False
+                if name in properties:  # an undeclared name never appears in a closed object
+                    triggers[name] = spec
+        if len(triggers) > MAX_DEPENDENCIES:
+            return False
+        base = _validation({k: v for k, v in node.items() if k not in DEPENDENCY_KEYWORDS})
+        names = list(triggers)
+        branches: list[dict[str, Any]] = []
+        try:
+            for mask in range(2 ** len(names)):
+                self._spend()
+                present = [n for i, n in enumerate(names) if mask >> i & 1]
+                absent = {n for n in names if n not in present}
+                branch = self._dependency_branch(base, triggers, present, absent)
+                if branch is not None:
+                    branches.append(branch)
+        except _Conflict:
+            return False
+        if not branches or len(branches) * len(json.dumps(base)) > MAX_SPLIT_BYTES:
+            return False
+        kept = {k: v for k, v in node.items() if k in ANNOTATIONS}
+        node.clear()
+        node.update(kept)
+        node["anyOf"] = [copy.deepcopy(b) for b in branches]  # each branch is normalised on its own
+        return True
+
+    def _dependency_branch(
+        self, base: dict[str, Any], triggers: dict[str, Any], present: list[str], absent: set[str]
+    ) -> dict[str, Any] | None:
+        """One branch of :meth:`_split_dependencies`; ``None`` when it can match nothing."""
+        branch = dict(base)
+        wanted = list(base.get("required", []))
+        for name in present:
+            spec = triggers[name]
+            wanted.append(name)
+            if isinstance(spec, list):
+                wanted.extend(spec)
+                continue
+            try:
+                branch = merge(branch, _validation(self._inline(spec)))
+            except _Unsatisfiable:
+                return None
+            wanted.extend(branch.get("required", []))
+        if absent & set(wanted):
+            return None
+        branch["properties"] = {n: s for n, s in branch.get("properties", {}).items() if n not in absent}
+        if wanted:
+            branch["required"] = list(dict.fromkeys(wanted))
+        return branch
+
     @staticmethod
     def _type_untyped(node: dict[str, Any]) -> bool:
         if "type" in node or TYPED_BY_XGRAMMAR & node.keys() or OPAQUE & node.keys():
@@ -481,6 +604,7 @@ class _Normalizer:
                 self.visit(item, depth + 1)
             return
         _negated_type(node)
+        self._split_dependencies(node)
         if not OPAQUE & node.keys():
             self._flatten_all_of(node)
             self._distribute(node)
@@ -497,9 +621,10 @@ class _Normalizer:
                 self.visit(value, depth + 1)
 
 
-def normalize_schema(schema: Any) -> Any:
+def normalize_schema(schema: Any, *, closed_objects: bool = False) -> Any:
     """A normalised copy of ``schema`` (see the module docstring); ``schema`` itself is left as
-    it is, and returned unchanged when the budget runs out.
+    it is, and returned unchanged when the budget runs out. ``closed_objects``: objects without
+    ``additionalProperties`` will be served closed (declared names only).
 
     >>> normalize_schema({"minItems": 2})
     {'anyOf': [{'type': 'array', 'minItems': 2}, {'type': ['string', 'number', 'boolean', 'null', 'object']}]}
@@ -510,7 +635,7 @@ def normalize_schema(schema: Any) -> Any:
         return schema
     try:
         out = copy.deepcopy(schema)
-        _Normalizer(out).visit(out)
+        _Normalizer(out, closed_objects).visit(out)
     except (_Budget, RecursionError):
         logger.debug("json schema normalisation over budget; kept as written")
         return schema

@@ -151,7 +151,7 @@ def rewrite_schema(schema: Any, *, open_objects: bool = True) -> Any:
     schema = canonical_refs(schema)  # references in the form xgrammar resolves
     if "unevaluatedProperties" in json.dumps(schema):
         return schema
-    out = normalize_schema(schema)  # a copy, unless it was kept as written
+    out = normalize_schema(schema, closed_objects=not open_objects)  # a copy, unless kept as written
     if out is schema:
         out = copy.deepcopy(schema)
     nodes = list(_walk(out))
