@@ -289,3 +289,35 @@ def test_dependency_keywords_follow_the_draft() -> None:
     new = {**{k: v for k, v in old.items() if k != "$schema"}}
     assert "anyOf" in normalize_schema(new)
     _same_verdicts(new, [{"a": 1}, {"a": 1, "b": 1}, {}])
+
+
+EXACTLY_ONE = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "ssn": {"type": "string"}, "ein": {"type": "string"}},
+    "required": ["name"],
+    "additionalProperties": False,
+    "oneOf": [{"required": ["ssn"]}, {"required": ["ein"]}],
+}
+
+
+def test_exactly_one_of_several_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = normalize_schema(EXACTLY_ONE)
+    assert [(sorted(b["properties"]), b["required"]) for b in out["anyOf"]] == [
+        (["name", "ssn"], ["name", "ssn"]), (["ein", "name"], ["name", "ein"])]
+    both = '{"name":"x","ssn":"1","ein":"2"}'
+    assert not _accepts(EXACTLY_ONE, both)
+    # Without this step the parent is distributed into the branches, and xgrammar reads the oneOf
+    # as anyOf: both names pass.
+    from specserve.structured import schema_merge
+
+    monkeypatch.setattr(schema_merge._Normalizer, "_exclusive_names", lambda self, node: False)
+    assert _accepts(EXACTLY_ONE, both)
+    monkeypatch.undo()
+    assert not _accepts(EXACTLY_ONE, '{"name":"x"}')
+    for good in ('{"name":"x","ssn":"1"}', '{"name":"x","ein":"2"}'):
+        assert _accepts(EXACTLY_ONE, good), good
+    _same_verdicts(EXACTLY_ONE, [{"name": "x"}, {"name": "x", "ssn": "1"}, {"name": "x", "ein": "1"},
+                                 {"name": "x", "ssn": "1", "ein": "2"}, {"ssn": "1"}])
+    # Open objects (no "additionalProperties": false) cannot be told to lack a name.
+    open_one = {k: v for k, v in EXACTLY_ONE.items() if k != "additionalProperties"}
+    assert "oneOf" in normalize_schema(open_one)

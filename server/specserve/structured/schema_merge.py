@@ -11,7 +11,7 @@ common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
      "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
 
-Nine rewrites, applied top-down (:func:`normalize_schema`):
+Ten rewrites, applied top-down (:func:`normalize_schema`):
 
 * **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
   when the parts merge without conflict (see :func:`merge`);
@@ -30,6 +30,9 @@ Nine rewrites, applied top-down (:func:`normalize_schema`):
   match anywhere in the string unless anchored; xgrammar matches them against the whole
   string, so ``.*`` is added on each side that has no anchor;
 * **negated types**: ``"not": {"type": "number"}`` becomes the other types;
+* **exactly one name**: ``"oneOf": [{"required": ["a"]}, {"required": ["b"]}]`` on a closed
+  object becomes an ``anyOf`` whose branch for each name lacks the others (xgrammar reads
+  ``oneOf`` as ``anyOf``, so both names passed);
 * **dependencies split**: ``dependencies`` (drafts 3–7, by ``$schema``) or
   ``dependentRequired`` / ``dependentSchemas`` (later drafts, or no ``$schema``) of a closed
   object (which xgrammar ignores) become an ``anyOf`` with one branch per set of present
@@ -570,6 +573,49 @@ class _Normalizer:
             branch["required"] = list(dict.fromkeys(wanted))
         return branch
 
+    def _exclusive_names(self, node: dict[str, Any]) -> bool:
+        """``"oneOf": [{"required": ["a"]}, {"required": ["b"]}]`` on a closed object ("exactly
+        one of these names") as an ``anyOf`` whose branch for ``a`` requires ``a`` and lacks the
+        other names (xgrammar reads ``oneOf`` as ``anyOf``: both names passed).
+
+        >>> n = _Normalizer({}, closed_objects=True)
+        >>> node = {"type": "object", "properties": {"a": {}, "b": {}, "c": {}},
+        ...         "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}
+        >>> n._exclusive_names(node), [(sorted(b["properties"]), b["required"]) for b in node["anyOf"]]
+        (True, [(['a', 'c'], ['a']), (['b', 'c'], ['b'])])
+        """
+        branches = node.get("oneOf")
+        if not isinstance(branches, list) or len(branches) < 2 or not _object_only(node):
+            return False
+        if not self._closed(node) or {"anyOf", "allOf"} & node.keys() or OPAQUE & node.keys():
+            return False
+        properties = node.get("properties")
+        required = node.get("required", [])
+        if not isinstance(properties, dict) or not isinstance(required, list):
+            return False
+        names: list[str] = []
+        for branch in branches:
+            if not isinstance(branch, dict) or set(_validation(branch)) != {"required"}:
+                return False
+            wanted = branch["required"]
+            if not isinstance(wanted, list) or len(wanted) != 1 or not isinstance(wanted[0], str):
+                return False
+            names.append(wanted[0])
+        if len(set(names)) != len(names) or not set(names) <= properties.keys() or set(names) & set(required):
+            return False
+        parent = _validation({k: v for k, v in node.items() if k != "oneOf"})
+        out = []
+        for name in names:
+            self._spend()
+            others = set(names) - {name}
+            out.append({**copy.deepcopy(parent), "required": [*required, name],
+                        "properties": {k: copy.deepcopy(v) for k, v in properties.items() if k not in others}})
+        kept = {k: v for k, v in node.items() if k in ANNOTATIONS}
+        node.clear()
+        node.update(kept)
+        node["anyOf"] = out
+        return True
+
     @staticmethod
     def _type_untyped(node: dict[str, Any]) -> bool:
         if "type" in node or TYPED_BY_XGRAMMAR & node.keys() or OPAQUE & node.keys():
@@ -607,6 +653,7 @@ class _Normalizer:
         self._split_dependencies(node)
         if not OPAQUE & node.keys():
             self._flatten_all_of(node)
+            self._exclusive_names(node)
             self._distribute(node)
             self._type_untyped(node)
             _pattern_over_format(node)
