@@ -56,4 +56,42 @@ def json_schema_ebnf(
                        extra={"fields": {"error": reason}})
         grammar = xgr.Grammar.from_json_schema(original, **options)
     compact = tuple(options.get("separators") or ()) == (",", ":")
-    return fix_json_ebnf(str(grammar), compact)
+    return shortest_float_literals(fix_json_ebnf(str(grammar), compact), text)
+
+
+def _enum_floats(node: Any, out: set[float]) -> set[float]:
+    """Non-integral numbers among the ``enum``/``const`` values of a schema."""
+    if isinstance(node, dict):
+        values = node.get("enum") if isinstance(node.get("enum"), list) else []
+        for value in [*values, *([node["const"]] if "const" in node else [])]:
+            if isinstance(value, float) and value == value and not value.is_integer():
+                out.add(value)
+        for key, sub in node.items():
+            if key not in ("enum", "const", "default", "examples"):
+                _enum_floats(sub, out)
+    elif isinstance(node, list):
+        for sub in node:
+            _enum_floats(sub, out)
+    return out
+
+
+def shortest_float_literals(ebnf: str, schema_text: str) -> str:
+    """Let enum/const numbers also be written the way JSON writes them.
+
+    xgrammar 0.2.8 renders a float ``enum``/``const`` value with 17 significant digits, so the
+    only accepted spelling of ``0.1`` was ``0.10000000000000001``: a valid instance writing ``0.1``
+    was refused, and a model could only write the long form. Each such literal becomes a choice of
+    the shortest round-trip spelling and the long one (the same number).
+
+    >>> shortest_float_literals('root ::= (("0.10000000000000001") | ("2"))', '{"enum": [0.1, 2]}')
+    'root ::= ((("0.1" | "0.10000000000000001")) | ("2"))'
+    """
+    try:
+        floats = _enum_floats(json.loads(schema_text), set())
+    except (ValueError, RecursionError):
+        return ebnf
+    for value in sorted(floats):
+        long, short = f'"{value:.17g}"', f'"{json.dumps(value)}"'
+        if long != short:
+            ebnf = ebnf.replace(long, f"({short} | {long})")
+    return ebnf
