@@ -321,3 +321,30 @@ def test_exactly_one_of_several_names(monkeypatch: pytest.MonkeyPatch) -> None:
     # Open objects (no "additionalProperties": false) cannot be told to lack a name.
     open_one = {k: v for k, v in EXACTLY_ONE.items() if k != "additionalProperties"}
     assert "oneOf" in normalize_schema(open_one)
+
+
+IMPOSSIBLE = {
+    "type": "object",
+    "properties": {"builtin": {"type": "object", "enum": ["MODIFIABLE", "IMMUTABLE"], "readonly": True},
+                   "name": {"type": "string"}},
+    "additionalProperties": False,
+}
+
+
+def test_a_property_no_value_can_meet_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert list(normalize_schema(IMPOSSIBLE)["properties"]) == ["name"]
+    bad = '{"builtin":"MODIFIABLE","name":"x"}'
+    assert not _accepts(IMPOSSIBLE, bad)
+    assert _accepts(IMPOSSIBLE, '{"name":"x"}') and _accepts(IMPOSSIBLE, "{}")
+    _same_verdicts(IMPOSSIBLE, [{"builtin": "MODIFIABLE"}, {"builtin": {}}, {"name": "x"}, {}])
+    # xgrammar keeps the enum and drops the type: without this step the string passed.
+    from specserve.structured import schema_merge
+
+    monkeypatch.setattr(schema_merge._Normalizer, "_drop_impossible_properties", lambda self, node: False)
+    assert _accepts(IMPOSSIBLE, bad)
+    monkeypatch.undo()
+    # A required one makes the object impossible: left as written, like open objects.
+    required = {**IMPOSSIBLE, "required": ["builtin"]}
+    assert normalize_schema(required)["properties"].keys() == {"builtin", "name"}
+    opened = {k: v for k, v in IMPOSSIBLE.items() if k != "additionalProperties"}
+    assert normalize_schema(opened)["properties"].keys() == {"builtin", "name"}

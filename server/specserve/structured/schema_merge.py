@@ -11,7 +11,7 @@ common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
      "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
 
-Ten rewrites, applied top-down (:func:`normalize_schema`):
+Eleven rewrites, applied top-down (:func:`normalize_schema`):
 
 * **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
   when the parts merge without conflict (see :func:`merge`);
@@ -30,6 +30,9 @@ Ten rewrites, applied top-down (:func:`normalize_schema`):
   match anywhere in the string unless anchored; xgrammar matches them against the whole
   string, so ``.*`` is added on each side that has no anchor;
 * **negated types**: ``"not": {"type": "number"}`` becomes the other types;
+* **impossible properties dropped**: an optional property of a closed object whose ``enum``
+  / ``const`` values all contradict its ``type`` (``{"type": "object", "enum": ["A"]}``) can
+  never be present; xgrammar kept the values and dropped the type, so they passed;
 * **exactly one name**: ``"oneOf": [{"required": ["a"]}, {"required": ["b"]}]`` on a closed
   object becomes an ``anyOf`` whose branch for each name lacks the others (xgrammar reads
   ``oneOf`` as ``anyOf``, so both names passed);
@@ -223,6 +226,45 @@ def resolve_local_ref(root: Any, ref: Any) -> Any:
         else:
             return None
     return node
+
+
+def json_type_of(value: Any) -> set[str]:
+    """The JSON Schema types a value has.
+
+    >>> sorted(json_type_of(3)), sorted(json_type_of(3.5)), sorted(json_type_of(True))
+    (['integer', 'number'], ['number'], ['boolean'])
+    """
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int) or isinstance(value, float) and value.is_integer():
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"number"}
+    names = {str: "string", type(None): "null", list: "array", dict: "object"}
+    return {names[type(value)]} if type(value) in names else set()
+
+
+def impossible_values(node: Any) -> bool:
+    """Whether ``node`` lists values (``enum``/``const``) none of which has its ``type``: no
+    instance is valid. xgrammar keeps the values and drops the type, so they passed.
+
+    >>> impossible_values({"type": "object", "enum": ["MODIFIABLE", "DELETABLE"]})
+    True
+    >>> impossible_values({"type": "string", "enum": ["a", 1]}), impossible_values({"enum": []})
+    (False, False)
+    """
+    if not isinstance(node, dict):
+        return False
+    try:
+        types = _types(node)
+    except _Conflict:
+        return False
+    values = node["enum"] if isinstance(node.get("enum"), list) else None
+    if "const" in node:
+        values = [node["const"]]
+    if types is None or not values:
+        return False
+    return not any(json_type_of(v) & types for v in values)
 
 
 def _pattern_over_format(node: dict[str, Any]) -> bool:
@@ -573,6 +615,26 @@ class _Normalizer:
             branch["required"] = list(dict.fromkeys(wanted))
         return branch
 
+    def _drop_impossible_properties(self, node: dict[str, Any]) -> bool:
+        """Remove optional properties of a closed object whose schema no value can meet
+        (:func:`impossible_values`): such a name can never be present, and a closed object
+        without it cannot have it.
+
+        >>> n = _Normalizer({}, closed_objects=True)
+        >>> node = {"type": "object", "properties": {"a": {"type": "object", "enum": ["X"]}, "b": {}}}
+        >>> n._drop_impossible_properties(node), node["properties"]
+        (True, {'b': {}})
+        """
+        properties = node.get("properties")
+        if not isinstance(properties, dict) or not _object_only(node) or not self._closed(node):
+            return False
+        required = node.get("required", [])
+        gone = [name for name, sub in properties.items()
+                if impossible_values(sub) and not (isinstance(required, list) and name in required)]
+        for name in gone:
+            del properties[name]
+        return bool(gone)
+
     def _exclusive_names(self, node: dict[str, Any]) -> bool:
         """``"oneOf": [{"required": ["a"]}, {"required": ["b"]}]`` on a closed object ("exactly
         one of these names") as an ``anyOf`` whose branch for ``a`` requires ``a`` and lacks the
@@ -653,6 +715,7 @@ class _Normalizer:
         self._split_dependencies(node)
         if not OPAQUE & node.keys():
             self._flatten_all_of(node)
+            self._drop_impossible_properties(node)
             self._exclusive_names(node)
             self._distribute(node)
             self._type_untyped(node)
