@@ -7,27 +7,18 @@ validator (unchanged), and the grammar xgrammar builds from it (now enforcing th
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from typing import Any
 
 import pytest
+from grammar_accepts import COMPACT, accepts
 
 from specserve.structured import engine_grammar
 from specserve.structured.schema_merge import MAX_OPERATIONS, merge, normalize_schema
 
-COMPACT = {"any_whitespace": False, "separators": (",", ":")}
-
 
 def _accepts(schema: dict[str, Any], text: str, *, rewritten: bool = True) -> bool:
-    import xgrammar as xgr
-    from xgrammar.testing import _is_grammar_accept_string
-
-    if rewritten:
-        grammar = xgr.Grammar.from_ebnf(engine_grammar.json_schema_ebnf(schema, **COMPACT))
-    else:
-        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), **COMPACT)
-    return bool(_is_grammar_accept_string(grammar, text))
+    return accepts(schema, text, served=rewritten)
 
 
 def _same_verdicts(schema: dict[str, Any], instances: list[Any]) -> None:
@@ -232,15 +223,7 @@ DEPENDENT_SCHEMAS = {
 
 def _closed_accepts(schema: dict[str, Any], text: str, *, rewritten: bool = True) -> bool:
     """As served with closed objects (the shipped default)."""
-    import xgrammar as xgr
-    from xgrammar.testing import _is_grammar_accept_string
-
-    if rewritten:
-        ebnf = engine_grammar.json_schema_ebnf(schema, open_objects=False, **COMPACT)
-        grammar = xgr.Grammar.from_ebnf(ebnf)
-    else:
-        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), **COMPACT)
-    return bool(_is_grammar_accept_string(grammar, text))
+    return accepts(schema, text, served=rewritten, open_objects=False)
 
 
 def test_dependencies_of_a_closed_object_are_enforced() -> None:
