@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from specserve.structured.limits import escape_pointer_part
+
 # Formats xgrammar 0.2.8 converts for strings (vLLM's STRING_SUPPORTED_FORMATS).
 SUPPORTED_FORMATS = frozenset(
     {
@@ -53,10 +55,6 @@ def _types(node: dict[str, Any]) -> set[str]:
     if isinstance(t, list):
         return {x for x in t if isinstance(x, str)}
     return set()
-
-
-def _escape(key: Any) -> str:
-    return str(key).replace("~", "~0").replace("/", "~1")
 
 
 def _node_problem(node: dict[str, Any]) -> tuple[str, str] | None:
@@ -114,17 +112,17 @@ def find_unsupported(schema: Any) -> tuple[str, str] | None:
             problem = _node_problem(node)
             if problem is not None:
                 keyword, reason = problem
-                return f"{path}/{_escape(keyword)}", reason
+                return f"{path}/{escape_pointer_part(keyword)}", reason
             for key, child in node.items():
                 if key in DATA_KEYWORDS:
                     continue
                 if key in MAP_KEYWORDS and isinstance(child, dict):
                     queue.extend(
-                        (sub, f"{path}/{_escape(key)}/{_escape(name)}")
+                        (sub, f"{path}/{escape_pointer_part(key)}/{escape_pointer_part(name)}")
                         for name, sub in child.items()
                     )
                 elif isinstance(child, (dict, list)):
-                    queue.append((child, f"{path}/{_escape(key)}"))
+                    queue.append((child, f"{path}/{escape_pointer_part(key)}"))
         elif isinstance(node, list):
             for i, child in enumerate(node):
                 if isinstance(child, (dict, list)):

@@ -74,17 +74,22 @@ def iter_patterns(schema: Any) -> Iterator[tuple[str, str]]:
             pattern_props = node.get("patternProperties")
             if isinstance(pattern_props, dict):
                 for key in pattern_props:
-                    yield f"{path}/patternProperties/{_escape(key)}", key
+                    yield f"{path}/patternProperties/{escape_pointer_part(key)}", key
             for key, child in node.items():
                 if isinstance(child, (dict, list)):
-                    stack.append((child, f"{path}/{_escape(key)}"))
+                    stack.append((child, f"{path}/{escape_pointer_part(key)}"))
         elif isinstance(node, list):
             for i, child in enumerate(node):
                 if isinstance(child, (dict, list)):
                     stack.append((child, f"{path}/{i}"))
 
 
-def _escape(key: Any) -> str:
+def escape_pointer_part(key: Any) -> str:
+    """One JSON-pointer reference token (RFC 6901: ``~`` as ``~0``, ``/`` as ``~1``).
+
+    >>> escape_pointer_part("a/b~c")
+    'a~1b~0c'
+    """
     return str(key).replace("~", "~0").replace("/", "~1")
 
 

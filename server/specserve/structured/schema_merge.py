@@ -448,6 +448,8 @@ def dependency_keywords(root: Any) -> tuple[str, ...]:
     if isinstance(dialect, str) and any(d in dialect for d in LEGACY_DRAFTS):
         return ("dependencies",)
     return ("dependentRequired", "dependentSchemas")
+
+
 MAX_DEPENDENCIES = 4  # 2**4 branches at most
 MAX_SPLIT_BYTES = 32768  # the branches of one split, serialised
 
@@ -665,7 +667,7 @@ class _Normalizer:
             names.append(wanted[0])
         if len(set(names)) != len(names) or not set(names) <= properties.keys() or set(names) & set(required):
             return False
-        parent = _validation({k: v for k, v in node.items() if k != "oneOf"})
+        parent = _validation({k: v for k, v in node.items() if k not in ("oneOf", "properties", "required")})
         out = []
         for name in names:
             self._spend()

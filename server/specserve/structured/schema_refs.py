@@ -30,19 +30,11 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
+from specserve.structured.limits import escape_pointer_part
 from specserve.structured.schema_merge import resolve_local_ref
 
 # Keywords whose values are data, not subschemas: a "$ref" key inside them is not a reference.
 _DATA_KEYWORDS = frozenset({"enum", "const", "examples", "default"})
-
-
-def escape_pointer_part(part: str) -> str:
-    """One JSON-pointer reference token (RFC 6901: ``~`` as ``~0``, ``/`` as ``~1``).
-
-    >>> escape_pointer_part("a/b~c")
-    'a~1b~0c'
-    """
-    return part.replace("~", "~0").replace("/", "~1")
 
 
 def _nodes(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[dict[str, Any], tuple[str, ...]]]:
