@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any
 
+from specserve.structured.any_order import SeparatorStyle, mark_any_order, splice_any_order
 from specserve.structured.schema_rewrite import rewrite_schema_text
 from specserve.structured.strict_json import fix_json_ebnf
 
@@ -44,6 +45,10 @@ def json_schema_ebnf(
 
     opened = open_objects_enabled() if open_objects is None else open_objects
     text = rewrite_schema_text(schema, open_objects=opened)
+    compact = tuple(options.get("separators") or ()) == (",", ":")
+    spliced = _any_order_ebnf(text, options)
+    if spliced is not None:
+        return shortest_float_literals(fix_json_ebnf(spliced, compact), text)
     try:
         grammar = xgr.Grammar.from_json_schema(text, **options)
     except Exception as err:  # noqa: BLE001 - native code raises several types
@@ -55,8 +60,31 @@ def json_schema_ebnf(
         logger.warning("rewritten json schema did not convert; using it as written",
                        extra={"fields": {"error": reason}})
         grammar = xgr.Grammar.from_json_schema(original, **options)
-    compact = tuple(options.get("separators") or ()) == (",", ":")
     return shortest_float_literals(fix_json_ebnf(str(grammar), compact), text)
+
+
+def _any_order_ebnf(text: str, options: dict[str, Any]) -> str | None:
+    """xgrammar's grammar for ``text`` with its small objects in any property order
+    (:mod:`.any_order`); ``None`` when there are none, or the splice does not hold."""
+    import xgrammar as xgr
+
+    try:
+        marked = mark_any_order(json.loads(text))
+    except (ValueError, RecursionError):
+        return None
+    if not marked.objects:
+        return None
+    try:
+        ebnf = str(xgr.Grammar.from_json_schema(json.dumps(marked.schema), **options))
+        spliced = splice_any_order(ebnf, marked.objects, SeparatorStyle.of(options))
+        if spliced is not None:
+            xgr.Grammar.from_ebnf(spliced)  # parses: the engine compiles exactly this text
+    except Exception as err:  # noqa: BLE001 - native code raises several types
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        logger.warning("any-order grammar did not build; serving declared order",
+                       extra={"fields": {"error": reason}})
+        return None
+    return spliced
 
 
 def _enum_floats(node: Any, out: set[float]) -> set[float]:
