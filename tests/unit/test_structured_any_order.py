@@ -119,12 +119,13 @@ def test_marks_only_what_the_grammar_can_serve_exactly() -> None:
     assert not accepts(shared, '{"n":{"y":1,"y":2},"m":{"x":3}}')
 
 
-def test_splice_declines_when_a_rule_it_needs_is_missing() -> None:
+def test_splice_keeps_declared_order_where_a_rule_it_needs_is_missing() -> None:
     obj = AnyOrderObject("o", ("a", "b"), ("va", "vb"), frozenset(), False)
     style = SeparatorStyle.of(COMPACT)
     ebnf = 'root ::= ((o))\no ::= (("{" "}"))\nva ::= (("1"))'
-    assert splice_any_order(ebnf, (obj,), style) is None
-    assert splice_any_order(ebnf + '\nvb ::= (("2"))', (obj,), style) is not None
+    assert splice_any_order(ebnf, (obj,), style) == ebnf
+    spliced = splice_any_order(ebnf + '\nvb ::= (("2"))', (obj,), style)
+    assert "o_anyorder_ab ::= " in spliced and 'o ::= (("{" "}"))' not in spliced
 
 
 _names = st.lists(st.sampled_from("abcd"), min_size=1, max_size=4, unique=True)

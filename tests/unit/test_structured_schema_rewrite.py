@@ -127,6 +127,38 @@ def test_nested_definitions_and_items_are_rewritten() -> None:
     assert _accepts(schema, '[{"x":1,"y":[true]}]')
 
 
+@pytest.mark.parametrize("where", ["inline", "defs"])
+def test_arrays_without_items_allow_items_as_json_schema_says(where: str) -> None:
+    """xgrammar's strict mode read a missing ``items`` as "no items": ``maxItems`` allowed only
+    ``[]``, ``minItems`` did not convert, and a bare array allowed items only inline."""
+    def schema(array: dict[str, Any]) -> dict[str, Any]:
+        if where == "inline":
+            return {"type": "object", "properties": {"p": array}, "required": ["p"]}
+        return {"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}}, "required": ["p"],
+                "$defs": {"a": array}}
+
+    bounded = schema({"type": "array", "maxItems": 2})
+    assert not _accepts(bounded, '{"p":[1,2,3]}')
+    assert _accepts(bounded, '{"p":[1,"x"]}') and _accepts(bounded, '{"p":[]}')
+    assert _accepts(schema({"type": "array", "minItems": 1}), '{"p":[true]}')
+    assert not _accepts(schema({"type": "array", "minItems": 1}), '{"p":[]}')
+    assert _accepts(schema({"type": "array", "description": "d"}), '{"p":[1,[2]]}')
+    # prefixItems without items: more items are allowed (2020-12), the first one is checked.
+    tuple_ = schema({"type": "array", "prefixItems": [{"type": "integer"}]})
+    assert _accepts(tuple_, '{"p":[1,"x"]}') and not _accepts(tuple_, '{"p":["x"]}')
+
+
+def test_objects_that_declare_no_names_are_free_form_in_both_modes() -> None:
+    """A closed object lists only the names it declares; one that declares none is free-form
+    (xgrammar allowed only ``{}`` for it under ``$defs`` or beside any other keyword)."""
+    for value in ({"type": "object", "description": "d"}, {"$ref": "#/$defs/o"}):
+        schema = {"type": "object", "properties": {"p": value}, "required": ["p"],
+                  "$defs": {"o": {"type": "object"}}}
+        assert _accepts(schema, '{"p":{"k":[1]}}')
+        assert not _accepts(schema, '{"p":{"k":[1]},"q":1}')  # the declaring object stays closed
+    assert not _accepts({"type": "object", "properties": {}}, '{"k":1}')  # declares: no names
+
+
 def test_text_form_round_trips_and_passes_bad_text_through() -> None:
     assert json.loads(rewrite_schema_text('{"type": "object"}')) == {
         "type": "object", "additionalProperties": True}

@@ -345,10 +345,11 @@ _RULE_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-.]*) ::= ")
 
 
 def splice_any_order(ebnf: str, objects: tuple[AnyOrderObject, ...],
-                     style: SeparatorStyle) -> str | None:
+                     style: SeparatorStyle) -> str:
     """``ebnf`` (xgrammar's grammar of a :func:`mark_any_order` schema) with each object's rule
-    replaced by :func:`any_order_rules`; ``None`` when a rule the splice relies on is missing
-    (the caller then serves the grammar of the unmarked schema)."""
+    replaced by :func:`any_order_rules`. An object whose rules are not all there keeps
+    xgrammar's rule (declared order): xgrammar does not convert every subschema (an unreferenced
+    definition, say), and a value it wrote inline has no rule to reference."""
     lines = ebnf.split("\n")
     index = {m.group(1): i for i, line in enumerate(lines) if (m := _RULE_NAME.match(line))}
     added: list[str] = []
@@ -356,10 +357,9 @@ def splice_any_order(ebnf: str, objects: tuple[AnyOrderObject, ...],
         needed = [obj.rule, *obj.value_rules]
         if obj.additional:
             needed += [f"{obj.rule}_addl_key", f"{obj.rule}_addl"]
-        if any(name not in index for name in needed):
-            return None
-        if any(_state_name(obj.rule, 0, 0).rsplit("_", 1)[0] + "_" in name for name in index):
-            return None  # the grammar already uses the names the splice would add
+        prefix = f"{obj.rule}_anyorder_"
+        if any(name not in index for name in needed) or any(prefix in name for name in index):
+            continue
         rules = any_order_rules(obj, style)
         lines[index[obj.rule]] = rules[0]
         added.extend(rules[1:])

@@ -65,7 +65,7 @@ def json_schema_ebnf(
 
 def _any_order_ebnf(text: str, options: dict[str, Any]) -> str | None:
     """xgrammar's grammar for ``text`` with its small objects in any property order
-    (:mod:`.any_order`); ``None`` when there are none, or the splice does not hold."""
+    (:mod:`.any_order`); ``None`` when there are none, or the marked schema does not convert."""
     import xgrammar as xgr
 
     try:
@@ -77,8 +77,7 @@ def _any_order_ebnf(text: str, options: dict[str, Any]) -> str | None:
     try:
         ebnf = str(xgr.Grammar.from_json_schema(json.dumps(marked.schema), **options))
         spliced = splice_any_order(ebnf, marked.objects, SeparatorStyle.of(options))
-        if spliced is not None:
-            xgr.Grammar.from_ebnf(spliced)  # parses: the engine compiles exactly this text
+        xgr.Grammar.from_ebnf(spliced)  # parses: the engine compiles exactly this text
     except Exception as err:  # noqa: BLE001 - native code raises several types
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         logger.warning("any-order grammar did not build; serving declared order",

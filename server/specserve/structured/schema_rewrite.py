@@ -9,7 +9,15 @@ each leaving the set of valid instances unchanged:
 * **declare required names**: a required name missing from ``properties`` is declared there with
   the schema the object gives undeclared names (``additionalProperties``: ``{}`` when absent);
 * **open objects**: an object schema without ``additionalProperties`` gets the default written
-  out, ``"additionalProperties": true``, which xgrammar's strict mode honours.
+  out, ``"additionalProperties": true``, which xgrammar's strict mode honours;
+* **free-form objects** (always): an object schema that declares no names (no ``properties``) is
+  opened in either mode. xgrammar converts a bare inline ``{"type": "object"}`` as any object,
+  but the same schema under ``$defs``, or with any other keyword beside ``type``, as ``{}``
+  only; "closed objects" means objects that list only the names they declare;
+* **open arrays** (always): an array schema without ``items`` gets ``"items": {}``, JSON Schema's
+  default. xgrammar's strict mode reads a missing ``items`` as "no items": ``{"type": "array",
+  "maxItems": 3}`` allowed only ``[]``, ``{"type": "array", "minItems": 1}`` did not convert at
+  all, and only a bare ``{"type": "array"}`` written inline (not under ``$defs``) allowed items.
 
 A client that wants closed objects says so (``"additionalProperties": false``), as JSON Schema
 and OpenAI's strict mode both require. Objects are left as they are where the rewrite is not
@@ -139,6 +147,16 @@ def _declare_required(node: dict[str, Any]) -> int:
     return len(missing)
 
 
+def _open_array(node: dict[str, Any]) -> bool:
+    """Write out ``"items": {}`` on an array schema that has no ``items`` (see module doc)."""
+    t = node.get("type")
+    is_array = t == "array" or (isinstance(t, list) and "array" in t)
+    if not is_array or "items" in node or "additionalItems" in node:
+        return False
+    node["items"] = {}
+    return True
+
+
 def rewrite_schema(schema: Any, *, open_objects: bool = True) -> Any:
     """A copy of ``schema`` with both rewrites applied (see the module docstring); with
     ``open_objects=False`` only the first (required names declared; objects stay closed).
@@ -158,12 +176,21 @@ def rewrite_schema(schema: Any, *, open_objects: bool = True) -> Any:
     untouchable = _with_references(out, [n for n, role in nodes if role == "constrained"])
     # oneOf branches stay closed: xgrammar converts oneOf as anyOf, and open objects overlap.
     closed = _with_references(out, [n for n, role in nodes if role == "oneOf"])
+    # Combinator branches (and what they reference) keep their arrays as written: xgrammar
+    # converts a branch without its parent's "items", which an opened branch would then lose.
+    branches = _with_references(out, [b for n, _ in nodes for k in COMBINATORS
+                                      if isinstance(n.get(k), list) for b in n[k]])
     declared = opened = 0
     for node, _ in nodes:
+        if id(node) not in branches and not UNSAFE_SIBLINGS & node.keys():
+            opened += _open_array(node)
         if id(node) in untouchable or not _is_object_schema(node) or UNSAFE_SIBLINGS & node.keys():
             continue
         declared += _declare_required(node)
-        if open_objects and "additionalProperties" not in node and id(node) not in closed:
+        # An object that declares no names is free-form in either mode (see the module doc).
+        free_form = "properties" not in node and "patternProperties" not in node
+        if (open_objects or free_form) and "additionalProperties" not in node \
+                and id(node) not in closed:
             node["additionalProperties"] = True
             opened += 1
     if declared or opened:
