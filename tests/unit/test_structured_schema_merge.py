@@ -6,6 +6,8 @@ validator (unchanged), and the grammar xgrammar builds from it (now enforcing th
 
 from __future__ import annotations
 
+import json
+
 import copy
 import logging
 from typing import Any
@@ -286,7 +288,7 @@ EXACTLY_ONE = {
 def test_exactly_one_of_several_names(monkeypatch: pytest.MonkeyPatch) -> None:
     out = normalize_schema(EXACTLY_ONE)
     assert [(sorted(b["properties"]), b["required"]) for b in out["anyOf"]] == [
-        (["name", "ssn"], ["name", "ssn"]), (["ein", "name"], ["name", "ein"])]
+        (["ein", "name"], ["name", "ein"]), (["name", "ssn"], ["name", "ssn"])]
     both = '{"name":"x","ssn":"1","ein":"2"}'
     assert not _accepts(EXACTLY_ONE, both)
     # Without this step the parent is distributed into the branches, and xgrammar reads the oneOf
@@ -304,6 +306,29 @@ def test_exactly_one_of_several_names(monkeypatch: pytest.MonkeyPatch) -> None:
     # Open objects (no "additionalProperties": false) cannot be told to lack a name.
     open_one = {k: v for k, v in EXACTLY_ONE.items() if k != "additionalProperties"}
     assert "oneOf" in normalize_schema(open_one)
+
+
+AREA = {
+    "type": "object",
+    "properties": {"length": {"type": "number"}, "radius": {"type": "number"},
+                   "width": {"type": "number"}},
+    "oneOf": [{"required": ["length", "width"]}, {"required": ["radius"]}],
+    "additionalProperties": False,
+}
+
+
+def test_exactly_one_of_several_sets_of_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    all_three = '{"length":1,"radius":2,"width":3}'  # meets both branches: not oneOf
+    assert not _accepts(AREA, all_three)
+    for good in ('{"width":3,"length":1}', '{"radius":2}', '{"length":1,"radius":2}'):
+        assert _accepts(AREA, good), good
+    assert not _accepts(AREA, '{"length":1}') and not _accepts(AREA, "{}")
+    _same_verdicts(AREA, [json.loads(all_three), {"length": 1, "width": 3}, {"radius": 2},
+                          {"length": 1, "radius": 2}, {"length": 1}, {}])
+    from specserve.structured import schema_merge
+
+    monkeypatch.setattr(schema_merge._Normalizer, "_exclusive_names", lambda self, node: False)
+    assert _accepts(AREA, all_three)  # xgrammar reads the oneOf as anyOf
 
 
 IMPOSSIBLE = {

@@ -451,6 +451,7 @@ def dependency_keywords(root: Any) -> tuple[str, ...]:
 
 
 MAX_DEPENDENCIES = 4  # 2**4 branches at most
+MAX_EXCLUSIVE_NAMES = 5  # names in an exactly-one-of split: 2**5 candidate branches at most
 MAX_SPLIT_BYTES = 32768  # the branches of one split, serialised
 
 
@@ -638,15 +639,21 @@ class _Normalizer:
         return bool(gone)
 
     def _exclusive_names(self, node: dict[str, Any]) -> bool:
-        """``"oneOf": [{"required": ["a"]}, {"required": ["b"]}]`` on a closed object ("exactly
-        one of these names") as an ``anyOf`` whose branch for ``a`` requires ``a`` and lacks the
-        other names (xgrammar reads ``oneOf`` as ``anyOf``: both names passed).
+        """``"oneOf": [{"required": [...]}, ...]`` on a closed object ("exactly one of these sets
+        of names is all present") as an ``anyOf`` with one branch per set of present names that
+        meets exactly one ``oneOf`` branch; each branch requires its names and lacks the others
+        (xgrammar reads ``oneOf`` as ``anyOf``: an object meeting two branches passed). At most
+        :data:`MAX_EXCLUSIVE_NAMES` names take part.
 
         >>> n = _Normalizer({}, closed_objects=True)
         >>> node = {"type": "object", "properties": {"a": {}, "b": {}, "c": {}},
         ...         "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}
         >>> n._exclusive_names(node), [(sorted(b["properties"]), b["required"]) for b in node["anyOf"]]
         (True, [(['a', 'c'], ['a']), (['b', 'c'], ['b'])])
+        >>> node = {"type": "object", "properties": {"l": {}, "w": {}, "r": {}},
+        ...         "oneOf": [{"required": ["l", "w"]}, {"required": ["r"]}]}
+        >>> n._exclusive_names(node), [(sorted(b["properties"]), b["required"]) for b in node["anyOf"]]
+        (True, [(['r'], ['r']), (['l', 'r'], ['l', 'r']), (['l', 'w'], ['l', 'w']), (['r', 'w'], ['r', 'w'])])
         """
         branches = node.get("oneOf")
         if not isinstance(branches, list) or len(branches) < 2 or not _object_only(node):
@@ -657,23 +664,34 @@ class _Normalizer:
         required = node.get("required", [])
         if not isinstance(properties, dict) or not isinstance(required, list):
             return False
-        names: list[str] = []
+        sets: list[frozenset[str]] = []
         for branch in branches:
             if not isinstance(branch, dict) or set(_validation(branch)) != {"required"}:
                 return False
             wanted = branch["required"]
-            if not isinstance(wanted, list) or len(wanted) != 1 or not isinstance(wanted[0], str):
+            if not isinstance(wanted, list) or not wanted or not all(isinstance(w, str) for w in wanted):
                 return False
-            names.append(wanted[0])
-        if len(set(names)) != len(names) or not set(names) <= properties.keys() or set(names) & set(required):
+            sets.append(frozenset(wanted))
+        names = sorted(set().union(*sets))
+        if not set(names) <= properties.keys() or len(names) > MAX_EXCLUSIVE_NAMES:
             return False
+        always = set(names) & set(required)
+        free = [name for name in names if name not in always]
+        kept_sets = []
+        for mask in range(1 << len(free)):
+            present = always | {name for i, name in enumerate(free) if mask >> i & 1}
+            if sum(s <= present for s in sets) == 1:
+                kept_sets.append(present)
+        if not kept_sets:
+            return False  # no object meets exactly one branch: leave it as written
         parent = _validation({k: v for k, v in node.items() if k not in ("oneOf", "properties", "required")})
         out = []
-        for name in names:
+        for present in kept_sets:
             self._spend()
-            others = set(names) - {name}
-            out.append({**copy.deepcopy(parent), "required": [*required, name],
-                        "properties": {k: copy.deepcopy(v) for k, v in properties.items() if k not in others}})
+            absent = set(names) - present
+            out.append({**copy.deepcopy(parent),
+                        "required": [*required, *[n for n in free if n in present]],
+                        "properties": {k: copy.deepcopy(v) for k, v in properties.items() if k not in absent}})
         kept = {k: v for k, v in node.items() if k in ANNOTATIONS}
         node.clear()
         node.update(kept)
