@@ -157,6 +157,9 @@ def test_objects_that_declare_no_names_are_free_form_in_both_modes() -> None:
         assert _accepts(schema, '{"p":{"k":[1]}}')
         assert not _accepts(schema, '{"p":{"k":[1]},"q":1}')  # the declaring object stays closed
     assert not _accepts({"type": "object", "properties": {}}, '{"k":1}')  # declares: no names
+    # Untyped object keywords constrain only objects: other values still pass.
+    untyped = {"type": "array", "items": {"required": [], "properties": {}}}
+    assert _accepts(untyped, '["a",1,{}]')
 
 
 def test_text_form_round_trips_and_passes_bad_text_through() -> None:

@@ -188,7 +188,11 @@ def rewrite_schema(schema: Any, *, open_objects: bool = True) -> Any:
             continue
         declared += _declare_required(node)
         # An object that declares no names is free-form in either mode (see the module doc).
-        free_form = "properties" not in node and "patternProperties" not in node
+        # Only where "type" says object: xgrammar reads an untyped schema with object keywords
+        # (``{"required": []}``) as any value, and an added keyword would make it an object.
+        t = node.get("type")
+        free_form = (t == "object" or isinstance(t, list) and "object" in t) \
+            and "properties" not in node and "patternProperties" not in node
         if (open_objects or free_form) and "additionalProperties" not in node \
                 and id(node) not in closed:
             node["additionalProperties"] = True
