@@ -11,14 +11,17 @@ from specserve.structured import engine_grammar
 COMPACT = {"any_whitespace": False, "separators": (",", ":")}
 
 
-def accepts(schema: dict[str, Any], text: str, *, served: bool = True, open_objects: bool | None = None) -> bool:
-    """``served``: the grammar the engine compiles (``open_objects`` as the engine's switch when
-    ``None``); else xgrammar's own conversion of ``schema``, with compact separators either way."""
+def accepts(schema: dict[str, Any], text: str, *, served: bool = True, open_objects: bool | None = None,
+            strict: bool | None = None) -> bool:
+    """``served``: the grammar the engine compiles (``strict`` and ``open_objects`` as the engine
+    reads them when ``None``); else xgrammar's own conversion of ``schema``, with compact
+    separators either way."""
     import xgrammar as xgr
     from xgrammar.testing import _is_grammar_accept_string
 
     if served:
-        ebnf = engine_grammar.json_schema_ebnf(schema, open_objects=open_objects, **COMPACT)
+        ebnf = engine_grammar.json_schema_ebnf(schema, strict=strict, open_objects=open_objects,
+                                               **COMPACT)
         grammar = xgr.Grammar.from_ebnf(ebnf)
     else:
         grammar = xgr.Grammar.from_json_schema(json.dumps(schema), **COMPACT)

@@ -27,9 +27,17 @@ def _accepts(schema: dict[str, Any], text: str) -> bool:
 
 @pytest.fixture()
 def open_objects(monkeypatch: pytest.MonkeyPatch) -> None:
-    from specserve.structured.engine_grammar import OPEN_OBJECTS_ENV
+    """The engine's default reading (JSON Schema's): objects open, whatever the environment."""
+    from specserve.structured.engine_grammar import JSON_MODE_ENV
 
-    monkeypatch.setenv(OPEN_OBJECTS_ENV, "1")
+    monkeypatch.setenv(JSON_MODE_ENV, "schema")
+
+
+@pytest.fixture()
+def strict_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specserve.structured.engine_grammar import JSON_MODE_ENV
+
+    monkeypatch.setenv(JSON_MODE_ENV, "strict")
 
 
 @pytest.mark.usefixtures("open_objects")
@@ -43,11 +51,12 @@ def test_objects_without_additional_properties_are_opened() -> None:
     assert not _accepts(schema, '{"a":"x"}')
 
 
-def test_objects_stay_closed_by_default_but_required_names_are_declared() -> None:
+@pytest.mark.usefixtures("strict_mode")
+def test_objects_stay_closed_when_strict_but_required_names_are_declared() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
     assert rewrite_schema(schema, open_objects=False) == {**schema, "properties": {
         "a": {"type": "integer"}, "b": {}}}
-    # What the engine serves without SPECSERVE_JSON_OPEN_OBJECTS: declared keys only.
+    # What the engine serves with SPECSERVE_JSON_MODE=strict: declared keys only.
     assert _accepts(schema, '{"a":1,"b":null}')
     assert not _accepts(schema, '{"a":1,"b":null,"note":"x"}')
     assert not _accepts(schema, '{"a":1}')
@@ -148,7 +157,8 @@ def test_arrays_without_items_allow_items_as_json_schema_says(where: str) -> Non
     assert _accepts(tuple_, '{"p":[1,"x"]}') and not _accepts(tuple_, '{"p":["x"]}')
 
 
-def test_objects_that_declare_no_names_are_free_form_in_both_modes() -> None:
+@pytest.mark.usefixtures("strict_mode")
+def test_objects_that_declare_no_names_are_free_form_even_when_strict() -> None:
     """A closed object lists only the names it declares; one that declares none is free-form
     (xgrammar allowed only ``{}`` for it under ``$defs`` or beside any other keyword)."""
     for value in ({"type": "object", "description": "d"}, {"$ref": "#/$defs/o"}):

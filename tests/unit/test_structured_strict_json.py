@@ -164,8 +164,12 @@ def test_compat_patch_converts_each_schema_once(monkeypatch: pytest.MonkeyPatch)
     first = patch.schema_ebnf(schema, **compact)
     assert patch.schema_ebnf(schema, **compact) == first and len(conversions) == 1
     assert patch.schema_ebnf(schema, any_whitespace=True) != first and len(conversions) == 2
-    # The open-objects switch is part of the key: flipping it gives the other grammar.
-    monkeypatch.setenv(engine_grammar.OPEN_OBJECTS_ENV, "1")
-    opened = patch.schema_ebnf(schema, **compact)
-    assert opened != first and "additional" in opened and len(conversions) == 3
+    # The default reading is part of the key: the strict one gives the other grammar (closed).
+    assert "additional" in first
+    monkeypatch.setenv(engine_grammar.JSON_MODE_ENV, "strict")
+    closed = patch.schema_ebnf(schema, **compact)
+    assert closed != first and "additional" not in closed and len(conversions) == 3
+    # A schema's own keyword wins over the default reading.
+    marked = schema[:-1] + f', "{engine_grammar.STRICT_KEYWORD}": false}}'
+    assert "additional" in patch.schema_ebnf(marked, **compact)
     patch._cached_ebnf.cache_clear()

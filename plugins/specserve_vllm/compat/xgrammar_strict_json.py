@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve.structured.engine_grammar import json_schema_ebnf, open_objects_enabled
+from specserve.structured.engine_grammar import json_schema_ebnf, strict_by_default, strict_reading
 from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,10 @@ grammar itself is cached by xgrammar's compiler, keyed by this text."""
 
 
 @functools.lru_cache(maxsize=EBNF_CACHE_SIZE)
-def _cached_ebnf(schema: str, options: tuple[tuple[str, Any], ...], open_objects: bool) -> str:
-    return json_schema_ebnf(schema, open_objects=open_objects, **dict(options))
+def _cached_ebnf(schema: str, options: tuple[tuple[str, Any], ...], strict: bool) -> str:
+    """``strict``: the environment's default reading (a schema's own keyword still wins)."""
+    asked = strict_reading(schema)[1]
+    return json_schema_ebnf(schema, strict=strict if asked is None else asked, **dict(options))
 
 
 def schema_ebnf(schema: Any, **options: Any) -> str:
@@ -79,7 +81,7 @@ def schema_ebnf(schema: Any, **options: Any) -> str:
     if not isinstance(schema, str):
         return json_schema_ebnf(schema, **options)
     try:
-        return _cached_ebnf(schema, key, open_objects_enabled())
+        return _cached_ebnf(schema, key, strict_by_default())
     except TypeError:  # an unhashable option value
         return json_schema_ebnf(schema, **options)
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from specserve.structured.engine_grammar import open_objects_enabled
+from specserve.structured.engine_grammar import strict_by_default
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "json_fixes": not args.raw_xgrammar,
         "grammar_mode": "semantic" if args.semantic else "shipped",
-        "open_objects": open_objects_enabled(),
+        "json_mode": "strict" if strict_by_default() else "schema",
         "backend": "xgrammar",
     }
     if "maskbench" in parts:

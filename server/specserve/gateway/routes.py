@@ -121,6 +121,9 @@ async def _generate(
         # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
         full = parsed.model_dump(exclude_unset=True)
         body_bytes = json.dumps(structured.normalize_legacy(full)).encode()
+    if structured.asks_strict(body):
+        # strict: true reaches the engine as a keyword of the schema (vLLM drops the flag).
+        body_bytes = json.dumps(structured.mark_strict(json.loads(body_bytes))).encode()
     prompt_tokens = None
     if cfg.max_prompt_tokens:
         if gw.limiter.enabled:

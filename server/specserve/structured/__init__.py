@@ -28,10 +28,17 @@ from specserve.errors import APIError
 from specserve.structured.compile import CompileBusy, CompileRefused, GrammarChecker, warm_up
 from specserve.structured.features import find_unsupported
 from specserve.structured.limits import SchemaLimits, check_regex, iter_patterns, json_depth
-from specserve.structured.request import Constraint, constraints, normalize_legacy
+from specserve.structured.request import (
+    Constraint,
+    asks_strict,
+    constraints,
+    mark_strict,
+    normalize_legacy,
+)
 from specserve.structured.schema_refs import dangling_refs
 
-__all__ = ["SchemaLimits", "aprecheck", "configure", "normalize_legacy", "precheck", "warm_up"]
+__all__ = ["SchemaLimits", "aprecheck", "asks_strict", "configure", "mark_strict", "normalize_legacy",
+           "precheck", "warm_up"]
 
 ROUTES = ("chat", "completions")
 

@@ -5,10 +5,18 @@ jsonschema`` both build it here, so the bench measures exactly what is served: t
 rewritten by :mod:`.schema_rewrite` (required names declared), converted by xgrammar with the
 backend's options, then the string and separator fixes of :mod:`.strict_json`.
 
-Objects without ``additionalProperties`` stay closed by default, as vLLM and OpenAI's strict mode
-have them: a model then writes only the declared keys. JSON Schema itself leaves such objects open;
-``SPECSERVE_JSON_OPEN_OBJECTS=1`` in the engine's environment serves that reading (outputs may then
-carry keys the schema does not name; on the demo model fewer of them finish within a token budget).
+Two readings of a schema, per request:
+
+* **schema** (the default): what JSON Schema says. Objects without ``additionalProperties`` accept
+  undeclared names, and objects of up to :data:`.any_order.MAX_PROPERTIES` names accept them in
+  any order (:mod:`.any_order`); larger objects keep the declared order.
+* **strict**: OpenAI's strict-mode contract, and vLLM's reading. Objects list only their declared
+  names, in the declared order (a schema that puts ``"reasoning"`` before ``"answer"`` gets them
+  written in that order). The gateway asks for it when a request sets
+  ``response_format.json_schema.strict: true``, by adding :data:`STRICT_KEYWORD` to the schema;
+  ``SPECSERVE_JSON_MODE=strict`` in the engine's environment makes it the default.
+
+Both accept only instances the schema accepts; they differ in which valid instances they allow.
 """
 
 from __future__ import annotations
@@ -24,29 +32,66 @@ from specserve.structured.strict_json import fix_json_ebnf
 
 logger = logging.getLogger(__name__)
 
-OPEN_OBJECTS_ENV = "SPECSERVE_JSON_OPEN_OBJECTS"
+JSON_MODE_ENV = "SPECSERVE_JSON_MODE"
+STRICT_KEYWORD = "x-specserve-strict"
+"""Root keyword that asks for the strict reading of one schema (an annotation to validators)."""
 
 
-def open_objects_enabled() -> bool:
-    """Whether objects without ``additionalProperties`` accept undeclared keys (read now)."""
-    return os.environ.get(OPEN_OBJECTS_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+def strict_by_default() -> bool:
+    """Whether schemas without :data:`STRICT_KEYWORD` get the strict reading (read now)."""
+    mode = os.environ.get(JSON_MODE_ENV, "schema").strip().lower()
+    if mode not in ("schema", "strict"):
+        logger.warning("unknown json mode; using schema", extra={"fields": {"mode": mode}})
+    return mode == "strict"
+
+
+def strict_reading(schema: str | dict[str, Any]) -> tuple[str | dict[str, Any], bool | None]:
+    """``schema`` without :data:`STRICT_KEYWORD`, and its value (``None`` when absent).
+
+    >>> strict_reading({"type": "object", STRICT_KEYWORD: True})
+    ({'type': 'object'}, True)
+    >>> strict_reading('{"type": "null"}')
+    ('{"type": "null"}', None)
+    """
+    if isinstance(schema, str):
+        if STRICT_KEYWORD not in schema:
+            return schema, None
+        try:
+            parsed = json.loads(schema)
+        except ValueError:
+            return schema, None
+        if not isinstance(parsed, dict) or STRICT_KEYWORD not in parsed:
+            return schema, None
+        schema = parsed
+    if not isinstance(schema, dict) or STRICT_KEYWORD not in schema:
+        return schema, None
+    rest = {k: v for k, v in schema.items() if k != STRICT_KEYWORD}
+    return rest, schema[STRICT_KEYWORD] is True
 
 
 def json_schema_ebnf(
-    schema: str | dict[str, Any], *, open_objects: bool | None = None, **options: Any
+    schema: str | dict[str, Any], *, strict: bool | None = None,
+    open_objects: bool | None = None, any_order: bool | None = None, **options: Any
 ) -> str:
     """EBNF for ``schema``; ``options`` are ``xgrammar.Grammar.from_json_schema``'s keywords.
-    ``open_objects`` defaults to the environment's switch (:func:`open_objects_enabled`).
+
+    ``strict`` defaults to the schema's :data:`STRICT_KEYWORD`, else the environment's mode
+    (:func:`strict_by_default`). ``open_objects`` and ``any_order`` default to the reading's
+    (both off when strict); tests and benchmarks set them apart.
 
     >>> "root ::= ((basic_boolean))" in json_schema_ebnf({"type": "boolean"}, any_whitespace=False)
     True
     """
     import xgrammar as xgr
 
-    opened = open_objects_enabled() if open_objects is None else open_objects
+    schema, asked = strict_reading(schema)
+    if strict is None:
+        strict = strict_by_default() if asked is None else asked
+    opened = not strict if open_objects is None else open_objects
+    reordered = not strict if any_order is None else any_order
     text = rewrite_schema_text(schema, open_objects=opened)
     compact = tuple(options.get("separators") or ()) == (",", ":")
-    spliced = _any_order_ebnf(text, options)
+    spliced = _any_order_ebnf(text, options) if reordered else None
     if spliced is not None:
         return shortest_float_literals(fix_json_ebnf(spliced, compact), text)
     try:

@@ -131,6 +131,42 @@ def constraints(body: dict[str, Any]) -> list[Constraint]:
     return found
 
 
+def asks_strict(body: dict[str, Any]) -> bool:
+    """Whether ``body`` asks for OpenAI's strict schema contract
+    (``response_format.json_schema.strict: true`` with an object schema).
+
+    >>> asks_strict({"response_format": {"type": "json_schema", "json_schema": {
+    ...     "name": "n", "schema": {"type": "object"}, "strict": True}}})
+    True
+    """
+    rf = body.get("response_format")
+    if not isinstance(rf, dict) or rf.get("type") != "json_schema":
+        return False
+    js = rf.get("json_schema")
+    return isinstance(js, dict) and js.get("strict") is True and isinstance(js.get("schema"), dict)
+
+
+def mark_strict(body: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``body`` whose schema carries the engine's strict keyword
+    (:data:`specserve.structured.engine_grammar.STRICT_KEYWORD`): the engine then serves objects
+    with only their declared names, in the declared order, as OpenAI's strict mode promises.
+    ``body`` itself when it does not ask for that (:func:`asks_strict`).
+
+    >>> body = {"response_format": {"type": "json_schema", "json_schema": {
+    ...     "name": "n", "schema": {"type": "object"}, "strict": True}}}
+    >>> mark_strict(body)["response_format"]["json_schema"]["schema"]
+    {'type': 'object', 'x-specserve-strict': True}
+    """
+    from specserve.structured.engine_grammar import STRICT_KEYWORD
+
+    if not asks_strict(body):
+        return body
+    rf = body["response_format"]
+    js = rf["json_schema"]
+    schema = {**js["schema"], STRICT_KEYWORD: True}
+    return {**body, "response_format": {**rf, "json_schema": {**js, "schema": schema}}}
+
+
 def normalize_legacy(body: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``body`` with ``guided_*`` fields moved into ``structured_outputs``.
 
