@@ -23,7 +23,8 @@ SCHEMA = {"type": "object", "properties": {"reasoning": {"type": "string"},
 
 
 def _chat(response_format: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            **extra}
     if response_format is not None:
         body["response_format"] = response_format
     return body
@@ -66,7 +67,7 @@ def test_the_gateway_forwards_strict_as_the_schema_keyword() -> None:
     strict, loose, unset, vllm_field = asyncio.run(main())
     assert strict["response_format"]["json_schema"]["schema"] == {**SCHEMA, STRICT_KEYWORD: True}
     assert strict["response_format"]["json_schema"]["strict"] is True
-    assert strict["messages"] == [{"role": "user", "content": "hi"}]  # the rest is forwarded as sent
+    assert strict["messages"] == [{"role": "user", "content": "hi"}]  # the rest as sent
     for body in (loose, unset):
         assert body["response_format"]["json_schema"]["schema"] == SCHEMA
     assert vllm_field["structured_outputs"] == {"json": SCHEMA}

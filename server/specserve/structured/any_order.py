@@ -241,7 +241,8 @@ def _ref_targets(node: Any, out: list[str]) -> list[str]:
 def _candidate(node: dict[str, Any], *, root: bool = False) -> tuple[list[str], bool] | None:
     """``(names, additional)`` when ``node`` can be served in any order, else ``None``.
     Without ``additionalProperties`` an object is closed, as xgrammar's strict mode reads it."""
-    if not set(node) <= (_ALLOWED | set(_ROOT_KEEP) if root else _ALLOWED) or node.get("type") not in ("object", ["object"]):
+    allowed = _ALLOWED | set(_ROOT_KEEP) if root else _ALLOWED
+    if not set(node) <= allowed or node.get("type") not in ("object", ["object"]):
         return None
     properties = node.get("properties")
     if not isinstance(properties, dict) or not all(isinstance(v, (dict, bool)) for v in
