@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from specserve.structured.limits import escape_pointer_part
+from specserve.structured.schema_refs import schema_nodes
 
 MAX_PROPERTIES = 8
 """Declared names of an object served in any order: ``2**8`` subset rules of at most 10
@@ -224,20 +225,6 @@ def _slots(node: Any, path: str) -> Iterator[tuple[Any, Any, dict[str, Any], str
                     yield value, i, sub, f"{path}/{key}/{i}"
 
 
-def _ref_targets(node: Any, out: list[str]) -> list[str]:
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str):
-            out.append(ref)
-        for key, value in node.items():
-            if key not in ("enum", "const", "default", "examples"):
-                _ref_targets(value, out)
-    elif isinstance(node, list):
-        for value in node:
-            _ref_targets(value, out)
-    return out
-
-
 def _candidate(node: dict[str, Any], *, root: bool = False) -> tuple[list[str], bool] | None:
     """``(names, additional)`` when ``node`` can be served in any order, else ``None``.
     Without ``additionalProperties`` an object is closed, as xgrammar's strict mode reads it."""
@@ -288,7 +275,8 @@ def mark_any_order(schema: Any) -> MarkedSchema:
         return MarkedSchema(schema, ())
     if "unevaluatedProperties" in json.dumps(schema):
         return MarkedSchema(schema, ())
-    targets = [r.split("#", 1)[1] for r in _ref_targets(schema, []) if "#" in r]
+    refs = [node["$ref"] for node, _ in schema_nodes(schema) if isinstance(node.get("$ref"), str)]
+    targets = [r.split("#", 1)[1] for r in refs if "#" in r]
     out = copy.deepcopy(schema)
     defs: dict[str, Any] = {}
     objects: list[AnyOrderObject] = []

@@ -27,6 +27,7 @@ import os
 from typing import Any
 
 from specserve.structured.any_order import SeparatorStyle, mark_any_order, splice_any_order
+from specserve.structured.schema_refs import schema_nodes
 from specserve.structured.schema_rewrite import rewrite_schema_text
 from specserve.structured.strict_json import fix_json_ebnf
 
@@ -131,19 +132,14 @@ def _any_order_ebnf(text: str, options: dict[str, Any]) -> str | None:
     return spliced
 
 
-def _enum_floats(node: Any, out: set[float]) -> set[float]:
+def _enum_floats(schema: Any) -> set[float]:
     """Non-integral numbers among the ``enum``/``const`` values of a schema."""
-    if isinstance(node, dict):
+    out: set[float] = set()
+    for node, _ in schema_nodes(schema):
         values = node.get("enum") if isinstance(node.get("enum"), list) else []
         for value in [*values, *([node["const"]] if "const" in node else [])]:
             if isinstance(value, float) and value == value and not value.is_integer():
                 out.add(value)
-        for key, sub in node.items():
-            if key not in ("enum", "const", "default", "examples"):
-                _enum_floats(sub, out)
-    elif isinstance(node, list):
-        for sub in node:
-            _enum_floats(sub, out)
     return out
 
 
@@ -159,7 +155,7 @@ def shortest_float_literals(ebnf: str, schema_text: str) -> str:
     'root ::= ((("0.1" | "0.10000000000000001")) | ("2"))'
     """
     try:
-        floats = _enum_floats(json.loads(schema_text), set())
+        floats = _enum_floats(json.loads(schema_text))
     except (ValueError, RecursionError):
         return ebnf
     for value in sorted(floats):

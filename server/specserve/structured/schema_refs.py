@@ -37,16 +37,17 @@ from specserve.structured.schema_merge import resolve_local_ref
 _DATA_KEYWORDS = frozenset({"enum", "const", "examples", "default"})
 
 
-def _nodes(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[dict[str, Any], tuple[str, ...]]]:
-    """Every object of the schema that can be a subschema, with its path."""
+def schema_nodes(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[dict[str, Any], tuple[str, ...]]]:
+    """Every object of the schema that can be a subschema, with its path (values of ``enum``,
+    ``const``, ``default`` and ``examples`` are data, not subschemas)."""
     if isinstance(node, dict):
         yield node, path
         for key, value in node.items():
             if key not in _DATA_KEYWORDS:
-                yield from _nodes(value, (*path, key))
+                yield from schema_nodes(value, (*path, key))
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _nodes(value, (*path, str(i)))
+            yield from schema_nodes(value, (*path, str(i)))
 
 
 def _pointer(path: tuple[str, ...]) -> str:
@@ -66,7 +67,7 @@ def named_subschemas(schema: Any) -> dict[str, str] | None:
     """
     found: dict[str, str] = {}
     repeated: set[str] = set()
-    for node, path in _nodes(schema):
+    for node, path in schema_nodes(schema):
         names = []
         for key in ("id", "$id"):
             value = node.get(key)
@@ -118,7 +119,7 @@ def canonical_refs(schema: Any) -> Any:
     names: dict[str, str] | None = None
     names_read = False
     changes: list[tuple[tuple[str, ...], str]] = []
-    for node, path in _nodes(schema):
+    for node, path in schema_nodes(schema):
         ref = node.get("$ref")
         if not isinstance(ref, str) or not ref.startswith("#") or ref.startswith("#/") and "%" not in ref:
             continue
@@ -152,7 +153,7 @@ def dangling_refs(schema: Any) -> list[tuple[str, str]]:
     names: dict[str, str] | None = None
     names_read = False
     out = []
-    for node, path in _nodes(schema):
+    for node, path in schema_nodes(schema):
         ref = node.get("$ref")
         if not isinstance(ref, str) or not ref.startswith("#") or ref == "#":
             continue
