@@ -187,3 +187,37 @@ def test_many_objects_keep_their_own_values() -> None:
         assert not accepts(schema, json.dumps(bad, separators=(",", ":")))
         bad[i] = {"k": i + 1}
         assert not accepts(schema, json.dumps(bad, separators=(",", ":")))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_objects_and_instances())
+def test_large_open_objects_take_undeclared_names_anywhere(
+        case: tuple[dict[str, Any], list[str]]) -> None:
+    """Past :data:`MAX_PROPERTIES` (here 0) an open object keeps the declared order of its
+    declared names, and its undeclared names may come anywhere (xgrammar: only at the end)."""
+    schema, keys = case
+    text = "{" + ",".join(f'"{k}":{i}' for i, k in enumerate(keys)) + "}"
+    declared = [k for k in keys if k in schema["properties"]]
+    order = list(schema["properties"])
+    valid = (len(set(keys)) == len(keys) and declared == sorted(declared, key=order.index)
+             and jsonschema.Draft202012Validator(schema).is_valid(json.loads(text)))
+    saved = any_order.MAX_PROPERTIES
+    any_order.MAX_PROPERTIES = 0
+    try:
+        marked = mark_any_order(schema).objects
+        assert [o.ordered for o in marked] == ([True] if schema["additionalProperties"] else [])
+        assert accepts(schema, text) is valid, (schema, text)
+    finally:
+        any_order.MAX_PROPERTIES = saved
+
+
+def test_undeclared_names_before_declared_ones_in_a_large_object() -> None:
+    names = [f"p{i:02d}" for i in range(MAX_PROPERTIES + 4)]
+    schema = {"type": "object", "properties": {n: {"type": "integer"} for n in names},
+              "required": [names[3]]}
+    text = '{"zz":true,"p01":1,"note":"x","p03":2,"p07":3,"more":[]}'
+    assert not accepts(schema, text, served=False)  # xgrammar: undeclared names only at the end
+    assert accepts(schema, text)
+    assert not accepts(schema, '{"zz":true,"p01":1,"p07":3}')  # p03 is required
+    assert not accepts(schema, '{"p03":1,"p01":2}')  # declared order kept past the size limit
+    assert not accepts(schema, '{"p03":1,"zz":1,"p03":2}')

@@ -130,13 +130,16 @@ class AnyOrderObject:
 
     ``rule`` is the rule xgrammar writes for it; ``value_rules[i]`` the rule of ``names[i]``'s
     value; ``required`` the indices of required names; ``additional`` whether undeclared names
-    are allowed (xgrammar's ``<rule>_addl_key`` / ``<rule>_addl`` rules then exist)."""
+    are allowed (xgrammar's ``<rule>_addl_key`` / ``<rule>_addl`` rules then exist).
+    ``ordered``: declared names keep the declared order and only undeclared ones may come
+    anywhere (:func:`ordered_rules`, for objects too large for :func:`any_order_rules`)."""
 
     rule: str
     names: tuple[str, ...]
     value_rules: tuple[str, ...]
     required: frozenset[int]
     additional: bool
+    ordered: bool = False
 
 
 def _ebnf_literal(text: str) -> str:
@@ -187,6 +190,62 @@ def any_order_rules(obj: AnyOrderObject, style: SeparatorStyle) -> list[str]:
         if seen & required == required:
             alts.insert(0, style.close)
         lines.append(f"{_state_name(obj.rule, seen, n)} ::= ({' | '.join(f'({a})' for a in alts)})")
+    return lines
+
+
+def ordered_rules(obj: AnyOrderObject, style: SeparatorStyle) -> list[str]:
+    """EBNF rules for ``obj`` with its declared names in the declared order and undeclared names
+    (``obj.additional``) before, between or after them: xgrammar allows undeclared names only
+    after the last declared one. Linear in the number of names.
+
+    ``<rule>_anyorder_s_<i>``: declared names from index ``i`` on may follow; ``_n_<i>``: the
+    next declared name is the one at ``i`` or, past an optional one, a later one; ``_g_<i>``: the
+    same as the object's first member (no comma).
+
+    >>> style = SeparatorStyle(any_whitespace=False, item=",", key=":")
+    >>> obj = AnyOrderObject("o", ("a", "b"), ("va", "vb"), frozenset({1}), True, ordered=True)
+    >>> print("\\n".join(ordered_rules(obj, style)))  # doctest: +NORMALIZE_WHITESPACE
+    o ::= (("{" o_anyorder_g_a) | ("{" o_addl_key ":" o_addl o_anyorder_s_a))
+    o_anyorder_s_a ::= (("," o_addl_key ":" o_addl o_anyorder_s_a) | (o_anyorder_n_a))
+    o_anyorder_n_a ::= (("," "\\"a\\"" ":" va o_anyorder_s_b) | (o_anyorder_n_b))
+    o_anyorder_g_a ::= (("\\"a\\"" ":" va o_anyorder_s_b) | (o_anyorder_g_b))
+    o_anyorder_s_b ::= (("," o_addl_key ":" o_addl o_anyorder_s_b) | (o_anyorder_n_b))
+    o_anyorder_n_b ::= (("," "\\"b\\"" ":" vb o_anyorder_s_c))
+    o_anyorder_g_b ::= (("\\"b\\"" ":" vb o_anyorder_s_c))
+    o_anyorder_s_c ::= (("}") | ("," o_addl_key ":" o_addl o_anyorder_s_c))
+    """
+    n = len(obj.names)
+    extra = f"{obj.rule}_addl_key {style.colon} {obj.rule}_addl"
+
+    def name(kind: str, i: int) -> str:
+        return f"{obj.rule}_anyorder_{kind}_{_letters(i)}"
+
+    def entry(i: int) -> str:
+        literal = _ebnf_literal(json.dumps(obj.names[i], ensure_ascii=False))
+        return f"{literal} {style.colon} {obj.value_rules[i]} {name('s', i + 1)}"
+
+    def alts(items: list[str]) -> str:
+        return f"({' | '.join(f'({a})' for a in items)})"
+
+    first = [f"{style.open} {name('g', 0)}"] if n else []
+    if obj.additional:
+        first.append(f"{style.open} {extra} {name('s', 0)}")
+    if not obj.required:
+        first.insert(0, f"{style.open} {style.close}")
+    lines = [f"{obj.rule} ::= {alts(first)}"]
+    for i in range(n + 1):
+        ends = not any(r >= i for r in obj.required)
+        state = [style.close] if ends else []
+        if obj.additional:
+            state.append(f"{style.comma} {extra} {name('s', i)}")
+        if i < n:
+            state.append(name("n", i))
+        lines.append(f"{name('s', i)} ::= {alts(state)}")
+        if i < n:
+            skip = [] if i in obj.required or i + 1 == n else [name("n", i + 1)]
+            lines.append(f"{name('n', i)} ::= {alts([f'{style.comma} {entry(i)}', *skip])}")
+            skip = [] if i in obj.required or i + 1 == n else [name("g", i + 1)]
+            lines.append(f"{name('g', i)} ::= {alts([entry(i), *skip])}")
     return lines
 
 
@@ -245,7 +304,7 @@ def _candidate(node: dict[str, Any], *, root: bool = False) -> tuple[list[str], 
         return None
     if any(v is False for v in properties.values()):
         return None
-    if len(names) > MAX_PROPERTIES or len(names) + additional < 2:
+    if len(names) + additional < 2:
         return None
     return names, additional
 
@@ -285,7 +344,13 @@ def mark_any_order(schema: Any) -> MarkedSchema:
     def take(node: dict[str, Any], path: str) -> dict[str, Any] | None:
         nonlocal states
         found = _candidate(node, root=not path)
-        if found is None or states + (1 << len(found[0])) > MAX_STATES:
+        if found is None:
+            return None
+        ordered = len(found[0]) > MAX_PROPERTIES or states + (1 << len(found[0])) > MAX_STATES
+        if ordered and not found[1]:
+            return None  # closed: xgrammar's declared order is that grammar already
+        cost = len(found[0]) + 1 if ordered else 1 << len(found[0])
+        if states + cost > MAX_STATES:
             return None
         moved = (f"{path}/properties/", f"{path}/additionalProperties")
         if any(t.startswith(moved) for t in targets):
@@ -311,10 +376,10 @@ def mark_any_order(schema: Any) -> MarkedSchema:
         if node.get("required"):
             hoisted["required"] = list(node["required"])
         defs[mark] = hoisted
-        states += 1 << len(names)
+        states += cost
         required = frozenset(names.index(r) for r in node.get("required", []))
         objects.append(AnyOrderObject(f"defs_{mark}", tuple(names), tuple(value_rules),
-                                      required, additional))
+                                      required, additional, ordered))
         return {"$ref": f"#/$defs/{mark}"}
 
     for container, key, node, path in list(_slots(out, "")):
@@ -349,7 +414,7 @@ def splice_any_order(ebnf: str, objects: tuple[AnyOrderObject, ...],
         prefix = f"{obj.rule}_anyorder_"
         if any(name not in index for name in needed) or any(prefix in name for name in index):
             continue
-        rules = any_order_rules(obj, style)
+        rules = (ordered_rules if obj.ordered else any_order_rules)(obj, style)
         lines[index[obj.rule]] = rules[0]
         added.extend(rules[1:])
     return "\n".join([*lines, *added])
