@@ -11,7 +11,9 @@ For a small object this module serves any order exactly: the grammar tracks whic
 have been written (one rule per subset), allows the end of the object once every required name is
 among them, and never offers a name twice. Undeclared names, where allowed, may come anywhere.
 With ``n`` declared names that is ``2**n`` rules of at most ``n + 2`` alternatives, hence
-:data:`MAX_PROPERTIES` and :data:`MAX_STATES`.
+:data:`MAX_PROPERTIES` and :data:`MAX_STATES`. A larger object that allows undeclared names keeps
+the declared order for its declared names but takes undeclared ones anywhere
+(:func:`ordered_rules`, linear in ``n``): xgrammar allows them only after the last declared one.
 
 How it is built, in two steps around xgrammar's converter:
 
