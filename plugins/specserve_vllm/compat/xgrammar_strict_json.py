@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve.structured.engine_grammar import json_schema_ebnf, strict_by_default, strict_reading
+from specserve.structured.engine_grammar import json_schema_ebnf, strict_by_default
 from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,10 @@ grammar itself is cached by xgrammar's compiler, keyed by this text."""
 
 @functools.lru_cache(maxsize=EBNF_CACHE_SIZE)
 def _cached_ebnf(schema: str, options: tuple[tuple[str, Any], ...], strict: bool) -> str:
-    """``strict``: the environment's default reading (a schema's own keyword still wins)."""
-    asked = strict_reading(schema)[1]
-    return json_schema_ebnf(schema, strict=strict if asked is None else asked, **dict(options))
+    """``strict``: the environment's default reading, part of the cache key only
+    (:func:`json_schema_ebnf` reads it, and a schema's own keyword, itself)."""
+    del strict
+    return json_schema_ebnf(schema, **dict(options))
 
 
 def schema_ebnf(schema: Any, **options: Any) -> str:

@@ -158,8 +158,8 @@ def _open_array(node: dict[str, Any]) -> bool:
 
 
 def rewrite_schema(schema: Any, *, open_objects: bool = True) -> Any:
-    """A copy of ``schema`` with both rewrites applied (see the module docstring); with
-    ``open_objects=False`` only the first (required names declared; objects stay closed).
+    """A copy of ``schema`` with the rewrites applied (see the module docstring); with
+    ``open_objects=False`` objects that declare names stay closed.
 
     >>> rewrite_schema({"type": "object", "required": ["a"]}, open_objects=False)
     {'type': 'object', 'required': ['a'], 'properties': {'a': {}}}
