@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Fast, deterministic vLLM on 2 CPU cores (see README "Running on CPU").
+# Fast, deterministic vLLM on 2 CPU cores (see docs/development.md).
 for _k, _v in {
     "VLLM_TARGET_DEVICE": "cpu",
     "HF_HUB_OFFLINE": "1",
