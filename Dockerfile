@@ -65,6 +65,17 @@ COPY server ./server
 COPY plugins ./plugins
 
 FROM engine-base AS engine-gpu
+# Triton (vLLM's GPU kernels) JIT-compiles a small C launcher per kernel signature on first use:
+# it needs a C compiler (gcc, or $CC), the C library headers and Python.h (shipped by the official
+# python images under /usr/local/include), and finds libcuda.so.1 through `ldconfig -p`, which the
+# NVIDIA container toolkit mounts. Without gcc the first kernel fails with "Failed to find C
+# compiler". Its cache goes under the writable cache mount.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && test -f "$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"
+ENV CC=gcc \
+    TRITON_CACHE_DIR=/home/specserve/.cache/triton
 # pip reads these from the environment: point them at a mirror or an extra wheel index if needed.
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL

@@ -8,7 +8,20 @@
 # $SPECSERVE_SERVED_MODEL_NAME names it for clients.
 # $SPECSERVE_SPECULATIVE_CONFIG (JSON) turns on speculative decoding for `serve` and `engine`.
 # With $SPECSERVE_DRAFTER medusa or hydra, the heads are $SPECSERVE_HEADS_DIR, or the demo model's.
+# $SPECSERVE_ENGINE_HEADLESS=1 runs a multi-node engine's worker (`vllm serve --headless`: no HTTP).
+# Secrets as files (compose secrets, mounted Secrets): $SPECSERVE_API_KEYS_FILE (one key a line) and
+# $SPECSERVE_ENGINE_API_KEY_FILE fill $SPECSERVE_API_KEYS and $SPECSERVE_ENGINE_API_KEY when unset,
+# so that no key appears in a command line or a compose file.
 set -eu
+
+if [ -z "${SPECSERVE_API_KEYS:-}" ] && [ -n "${SPECSERVE_API_KEYS_FILE:-}" ]; then
+  SPECSERVE_API_KEYS=$(grep -v '^[[:space:]]*$' "$SPECSERVE_API_KEYS_FILE" | tr -d '\r' | paste -sd, -)
+  export SPECSERVE_API_KEYS
+fi
+if [ -z "${SPECSERVE_ENGINE_API_KEY:-}" ] && [ -n "${SPECSERVE_ENGINE_API_KEY_FILE:-}" ]; then
+  SPECSERVE_ENGINE_API_KEY=$(tr -d '\r\n' < "$SPECSERVE_ENGINE_API_KEY_FILE")
+  export SPECSERVE_ENGINE_API_KEY
+fi
 
 mode="${1:-serve}"
 [ "$#" -gt 0 ] && shift
@@ -50,6 +63,9 @@ case "$mode" in
         fi
         ;;
     esac
+    if [ "${SPECSERVE_ENGINE_HEADLESS:-0}" = 1 ]; then
+      exec vllm serve "$model" --headless "$@"
+    fi
     exec python -m vllm.entrypoints.openai.api_server --model "$model" \
       --host "$host" --port "${SPECSERVE_ENGINE_PORT:-8100}" "$@"
     ;;

@@ -73,6 +73,11 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         for name in ("engine", "gateway"):
             svc = services[name]
             env = {k: str(v) for k, v in (svc.get("environment") or {}).items() if v is not None}
+            for key, value in list(env.items()):  # the mounted compose secrets, as files here
+                if key.endswith("_FILE") and value.startswith("/run/secrets/"):
+                    secret = tmp / value.rsplit("/", 1)[-1]
+                    secret.write_text("test-key\n")
+                    env[key] = str(secret)
             found[f"{label}/{name}"] = entrypoint_argv(tmp, list(svc["command"]), env)
     for label, values in {"helm-default": [], "helm-gpu": ["values-gpu.yaml"],
                           "helm-minimal": ["values-minimal.yaml"]}.items():

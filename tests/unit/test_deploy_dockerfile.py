@@ -192,3 +192,46 @@ def test_entrypoint_modes(tmp_path: Path) -> None:
     assert gateway[:2] == ["specserve", "gateway"] and gateway[-1] == "--replica=http://engine:8100"
     assert gateway[gateway.index("--port") + 1] == "9000"
     assert _entrypoint(tmp_path, "echo-args", "hi", env={}) == ["echo-args", "hi"]
+
+
+ENV_STUB = """#!/bin/sh
+printf "%s\\n" "$(basename "$0")" "API_KEYS=${SPECSERVE_API_KEYS:-}" "ENGINE_KEY=${SPECSERVE_ENGINE_API_KEY:-}" "$@"
+"""
+
+
+def test_entrypoint_reads_keys_from_secret_files_and_runs_headless_workers(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("specserve", "python", "vllm"):
+        (bin_dir / name).write_text(ENV_STUB if name != "specserve" else STUB.replace("/demo/model", "/demo"))
+        (bin_dir / name).chmod(0o755)
+    keys, engine_key = tmp_path / "api-keys", tmp_path / "engine-key"
+    keys.write_text("sk-one\r\n\nsk-two\n")
+    engine_key.write_text("ek-secret\n")
+
+    def run(*args: str, **env: str) -> list[str]:
+        proc = subprocess.run(["sh", str(ENTRYPOINT), *args], capture_output=True, text=True, timeout=30,
+                              env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    files = {"SPECSERVE_API_KEYS_FILE": str(keys), "SPECSERVE_ENGINE_API_KEY_FILE": str(engine_key)}
+    engine = run("engine", **files)
+    assert "API_KEYS=sk-one,sk-two" in engine and "ENGINE_KEY=ek-secret" in engine
+    assert not [a for a in engine if "sk-one" in a and not a.startswith("API_KEYS=")]  # never an argument
+    given = run("engine", SPECSERVE_ENGINE_API_KEY="from-env", **files)
+    assert "ENGINE_KEY=from-env" in given  # an explicit variable wins over the file
+    worker = run("engine", "--nnodes=2", SPECSERVE_ENGINE_HEADLESS="1", SPECSERVE_MODEL="/models/m")
+    assert worker[0] == "vllm" and worker[3:6] == ["serve", "/models/m", "--headless"]
+    assert "--port" not in worker and worker[-1] == "--nnodes=2"
+
+
+def test_gpu_image_can_jit_triton_kernels(stages: dict[str, Stage]) -> None:
+    """Triton compiles a C launcher on first use: a C compiler, libc headers and Python.h (checked at
+    build time); the CPU image does not need them."""
+    gpu_runs = " ".join(inherited(stages, "engine-gpu", "RUN"))
+    assert re.search(r"apt-get install [^&]*\bgcc\b", gpu_runs) and "libc6-dev" in gpu_runs
+    assert "Python.h" in gpu_runs
+    env = " ".join(inherited(stages, "engine-gpu", "ENV"))
+    assert "CC=gcc" in env and "TRITON_CACHE_DIR=/home/specserve/.cache/" in env
+    assert "gcc" not in " ".join(inherited(stages, "engine-cpu", "RUN"))

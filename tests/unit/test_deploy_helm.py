@@ -14,44 +14,22 @@ from typing import Any
 
 import pytest
 import yaml
-from installed_tools import tool
+from helm_render import (
+    CHART,
+    NAMESPACE,
+    PROMETHEUS_OPERATOR,
+    RELEASE,
+    ROOT,
+    VALUES,
+    by_kind,
+    env_of,
+    helm,
+    matches,
+    pod_spec,
+    render,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "specserve"
-VALUES = {
-    "default": [],
-    "gpu": ["-f", str(CHART / "values-gpu.yaml")],
-    "minimal": ["-f", str(CHART / "values-minimal.yaml")],
-}
-NAMESPACE = "llm"
-RELEASE = "rel"
 STABLE_SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
-
-
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("helm"), *args], capture_output=True, text=True, timeout=120)
-
-
-def render(*args: str) -> list[dict[str, Any]]:
-    proc = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
-
-
-def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
-
-
-def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
-    return workload["spec"]["template"]["spec"]
-
-
-def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 @pytest.fixture(scope="module", params=sorted(VALUES))
@@ -160,7 +138,6 @@ def test_gpu_values_request_nvidia_gpus_and_default_does_not(rendered: tuple[str
         assert engine_spec["containers"][0]["image"].startswith("specserve-engine-gpu:")
         claim = [v for v in engine_spec["volumes"] if v["name"] == "model"][0]
         assert claim["persistentVolumeClaim"]["claimName"] == "specserve-models"
-        assert "ServiceMonitor" in {d["kind"] for d in docs}
     else:
         assert "nvidia.com/gpu" not in json.dumps(res)
         assert engine_spec["containers"][0]["image"].startswith("specserve-engine-cpu:")
@@ -186,7 +163,7 @@ def test_api_keys_come_from_a_created_secret_and_are_never_inlined() -> None:
     docs = render("--set", "auth.enabled=true", "--set", f"auth.apiKeys[0]={secret_value}",
                   "--set", "auth.apiKeys[1]=second-key")
     secrets = by_kind(docs, "Secret")
-    assert list(secrets) == [f"{RELEASE}-specserve-api-keys"]
+    assert sorted(secrets) == [f"{RELEASE}-specserve-api-keys", f"{RELEASE}-specserve-engine-key"]
     stored = base64.b64decode(secrets[f"{RELEASE}-specserve-api-keys"]["data"]["api-keys"]).decode()
     assert stored == f"{secret_value},second-key"
     for doc in docs:
@@ -201,15 +178,21 @@ def test_api_keys_come_from_a_created_secret_and_are_never_inlined() -> None:
 def test_api_keys_from_an_existing_secret() -> None:
     docs = render("--set", "auth.enabled=true", "--set", "auth.existingSecret=team-keys",
                   "--set", "auth.secretKey=tokens")
-    assert by_kind(docs, "Secret") == {}
+    assert list(by_kind(docs, "Secret")) == [f"{RELEASE}-specserve-engine-key"]
     gateway = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-gateway"])["containers"][0]
     assert env_of(gateway)["SPECSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "team-keys", "key": "tokens"}
 
 
-def test_auth_without_keys_or_secret_is_refused() -> None:
-    proc = helm("template", RELEASE, str(CHART), "--set", "auth.enabled=true")
-    assert proc.returncode != 0
-    assert "auth.existingSecret or auth.apiKeys" in proc.stderr
+def test_auth_is_on_by_default_with_a_generated_key() -> None:
+    docs = render()
+    secret = by_kind(docs, "Secret")[f"{RELEASE}-specserve-api-keys"]
+    (key,) = base64.b64decode(secret["data"]["api-keys"]).decode().split(",")
+    assert key.startswith("sk-") and len(key) >= 40
+    gateway = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-gateway"])["containers"][0]
+    env = env_of(gateway)
+    assert env["SPECSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-specserve-api-keys"
+    assert "SPECSERVE_ALLOW_UNAUTHENTICATED" not in env
+    assert key not in yaml.safe_dump(by_kind(docs, "Deployment"))
 
 
 @pytest.mark.parametrize("bad", ["engine.device=tpu", "gateway.replicaCount=0", "model.source=s3",
@@ -222,24 +205,26 @@ def test_schema_rejects_invalid_values(bad: str) -> None:
 
 def test_model_sources_mount_the_model() -> None:
     engine_name = f"{RELEASE}-specserve-engine"
-    pvc = render("--set", "model.source=pvc", "--set", "model.pvc.create=true", "--set", "model.path=llama")
+    pvc = render("--set", "model.source=pvc", "--set", "model.pvc.claimName=models", "--set", "model.path=llama")
     spec = pod_spec(by_kind(pvc, "Deployment")[engine_name])
     assert env_of(spec["containers"][0])["SPECSERVE_MODEL"]["value"] == "/models/llama"
-    claim = by_kind(pvc, "PersistentVolumeClaim")[f"{RELEASE}-specserve-model"]
     volume = [v for v in spec["volumes"] if v["name"] == "model"][0]
-    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 
     host = render("--set", "model.source=hostPath", "--set", "model.hostPath.path=/data/models")
     spec = pod_spec(by_kind(host, "Deployment")[engine_name])
     assert [v["hostPath"]["path"] for v in spec["volumes"] if v["name"] == "model"] == ["/data/models"]
 
+    rev = "0123456789abcdef0123456789abcdef01234567"
     dl = render("--set", "model.source=download", "--set", "model.download.repo=org/model",
-                "--set", "model.download.tokenSecret.name=hub-token")
+                "--set", f"model.download.revision={rev}", "--set", "model.download.tokenSecret.name=hub-token")
     spec = pod_spec(by_kind(dl, "Deployment")[engine_name])
     init = spec["initContainers"][0]
     assert env_of(init)["MODEL_REPO"]["value"] == "org/model"
+    assert env_of(init)["MODEL_REVISION"]["value"] == rev
     assert env_of(init)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hub-token"
     assert env_of(spec["containers"][0])["SPECSERVE_MODEL"]["value"] == env_of(init)["MODEL_DIR"]["value"]
+    assert env_of(init)["MODEL_DIR"]["value"] == f"/models/org/model/{rev}"
 
     demo = render()
     assert "SPECSERVE_MODEL" not in env_of(pod_spec(by_kind(demo, "Deployment")[engine_name])["containers"][0])
@@ -247,7 +232,7 @@ def test_model_sources_mount_the_model() -> None:
 
 def test_optional_ingress_hpa_and_service_monitor() -> None:
     docs = render("--set", "gateway.ingress.enabled=true", "--set", "gateway.autoscaling.enabled=true",
-                  "--set", "metrics.serviceMonitor.enabled=true")
+                  "--set", "metrics.serviceMonitor.enabled=true", *PROMETHEUS_OPERATOR)
     gateway_name = f"{RELEASE}-specserve-gateway"
     assert "replicas" not in by_kind(docs, "Deployment")[gateway_name]["spec"]  # the HPA owns it
     hpa = by_kind(docs, "HorizontalPodAutoscaler")[gateway_name]
@@ -268,11 +253,11 @@ def test_optional_ingress_hpa_and_service_monitor() -> None:
 
 
 def test_notes_render() -> None:
-    proc = helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
-                "--set", "auth.enabled=true", "--set", "auth.apiKeys[0]=k")
+    proc = helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
     assert proc.returncode == 0, proc.stderr
     assert f"port-forward service/{RELEASE}-specserve-gateway" in proc.stdout
     assert f"Secret {RELEASE}-specserve-api-keys" in proc.stdout
+    assert "--wait --timeout 16m" in proc.stdout  # startup budget 600 s + 300 s, in minutes + 1
 
 
 @pytest.mark.parametrize(("drafter", "expected"), [

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from specserve.gateway.config import GatewayConfig
@@ -52,6 +52,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--spec-step-token-ms", type=float, default=None,
                    help="goodput policy: start estimate of step time per token the batch verifies "
                         f"(default {STEP_COST_MS['gpu'][1]}; `serve` on CPU: {STEP_COST_MS['cpu'][1]})")
+    m = parser.add_argument_group("metrics")
+    m.add_argument("--metrics-port", type=int, default=0,
+                   help="also serve /metrics on this port, same --host (0 = off), so that scrapers reach "
+                        "metrics on a port that no ingress routes")
 
 
 STEP_COST_MS: dict[str, tuple[float, float]] = {
@@ -96,6 +100,26 @@ def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str |
     )
 
 
+def start_metrics_server(app: Any, host: str, port: int) -> Callable[[], None]:
+    """Serve the gateway's /metrics on its own ``port`` (a thread); returns the function that stops it.
+
+    The queue-depth gauge, set at each scrape of the main port's /metrics, is read live here.
+    """
+    from prometheus_client import start_http_server
+
+    gw = app.state.gateway
+    gw.metrics.queue_depth.set_function(lambda: gw.queue.waiting)
+    server, thread = start_http_server(port, addr=host, registry=gw.metrics.registry)
+    log.info("metrics listening", extra={"fields": {"url": f"http://{host}:{port}/metrics"}})
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=2)
+
+    return stop
+
+
 def serve_gateway(
     args: argparse.Namespace, config: GatewayConfig, should_stop: Callable[[], str | None] | None = None
 ) -> int:
@@ -106,6 +130,7 @@ def serve_gateway(
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine poll otherwise
     app = create_app(config)
+    stop_metrics = start_metrics_server(app, args.host, args.metrics_port) if args.metrics_port else None
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=config.drain_timeout_s, lifespan="on",
@@ -134,6 +159,8 @@ def serve_gateway(
     finally:
         done.set()
         watcher.join(timeout=2)
+        if stop_metrics is not None:
+            stop_metrics()
     return 1 if stopped_for else 0
 
 
