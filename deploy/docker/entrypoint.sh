@@ -1,7 +1,8 @@
 #!/bin/sh
 # Container entry point of the specserve images.
 #   serve   [args]  engine + gateway in one container (`specserve serve`), on $SPECSERVE_PORT (8000)
-#   engine  [args]  one vLLM OpenAI server with the specserve plugin, on $SPECSERVE_ENGINE_PORT (8100)
+#   engine  [args]  one vLLM OpenAI server with the specserve plugin, on $SPECSERVE_ENGINE_PORT (8100);
+#                   every route but /health and /metrics needs $SPECSERVE_ENGINE_API_KEY when set
 #   gateway [args]  the gateway alone (`specserve gateway ...`), on $SPECSERVE_PORT (8000)
 #   anything else   run as given
 # The model is $SPECSERVE_MODEL, or the demo model shipped in the package when unset;
@@ -41,6 +42,23 @@ case "$mode" in
     exec specserve serve --host "$host" --port "${SPECSERVE_PORT:-8000}" "$@"
     ;;
   engine)
+    # The engine key ($SPECSERVE_ENGINE_API_KEY, or --engine-api-key-file PATH / $SPECSERVE_ENGINE_API_KEY_FILE)
+    # is read by the middleware below: every route but /health and /metrics then needs it.
+    # --engine-api-key-file is taken out of the arguments (vLLM does not know it).
+    for arg in "$@"; do
+      shift
+      if [ "${want_key_file:-0}" = 1 ]; then
+        SPECSERVE_ENGINE_API_KEY_FILE="$arg"; export SPECSERVE_ENGINE_API_KEY_FILE; want_key_file=0
+        continue
+      fi
+      case "$arg" in
+        --engine-api-key-file) want_key_file=1 ;;
+        --engine-api-key-file=*)
+          SPECSERVE_ENGINE_API_KEY_FILE="${arg#*=}"; export SPECSERVE_ENGINE_API_KEY_FILE ;;
+        *) set -- "$@" "$arg" ;;
+      esac
+    done
+    set -- --middleware specserve_vllm.engine_auth.EngineKeyMiddleware "$@"
     if [ -n "${SPECSERVE_SPECULATIVE_CONFIG:-}" ]; then
       set -- --speculative-config "$SPECSERVE_SPECULATIVE_CONFIG" "$@"
     fi

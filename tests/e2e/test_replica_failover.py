@@ -102,7 +102,7 @@ def cluster(demo_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
     engines = {name: _engine(demo_model_dir, free_port(), tmp_path, name) for name in ("a", "b")}
     try:
         _start_engines(list(engines.values()))
-        args = ["--request-timeout", "120", "--drain-timeout", "5"]
+        args = ["--request-timeout", "120", "--drain-timeout", "5", "--expose-replica-addresses"]
         with running_gateway([e.spec.url for e in engines.values()], args, tmp_path) as url:
             result = Cluster(engines, url, tmp_path)
             _wait_until(lambda: all(_ready_replicas(url).values()), 60, "both replicas up")

@@ -12,7 +12,7 @@ import pytest
 
 import specserve_vllm
 from specserve_vllm import compat
-from specserve_vllm.compat import cpu_expand_kernel, dispatcher_rebind
+from specserve_vllm.compat import cpu_expand_kernel, dispatcher_rebind, grammar_validation
 from specserve_vllm.compat.upstream import (
     UpstreamFunction,
     parameters_of,
@@ -21,7 +21,7 @@ from specserve_vllm.compat.upstream import (
 
 UPSTREAM = [
     pytest.param(fn, id=f"{patch.__name__.rsplit('.', 1)[-1]}:{fn.qualname}")
-    for patch in (cpu_expand_kernel, dispatcher_rebind)
+    for patch in (cpu_expand_kernel, dispatcher_rebind, grammar_validation)
     for fn in patch.UPSTREAM
 ]
 

@@ -46,7 +46,8 @@ def test_health_ready_models_and_chat(fake: tuple[str, FakeState]) -> None:
         async with gateway(GatewayConfig(replicas=[url])) as (client, _):
             assert (await client.get("/health")).json() == {"status": "ok"}
             ready = await client.get("/ready")
-            assert ready.status_code == 200 and ready.json()["replicas"] == {url: True}
+            # Engine addresses stay private unless asked for (test_replica_addresses_are_opt_in).
+            assert ready.status_code == 200 and ready.json()["replicas"] == {"0": True}
             models = await client.get("/v1/models")
             assert [m["id"] for m in models.json()["data"]] == [MODEL]
             r = await client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "req-42"})

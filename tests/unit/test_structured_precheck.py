@@ -11,6 +11,7 @@ import pytest
 from specserve.errors import APIError
 from specserve.structured import SchemaLimits, normalize_legacy, precheck
 from specserve.structured.compile import GrammarChecker
+from specserve.structured.workers import compile_job
 from specserve.structured.limits import regex_cost
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "jsonschemabench"
@@ -183,21 +184,105 @@ def test_compile_timeout_refuses_and_is_cached() -> None:
 
 def test_busy_workers_give_503_and_are_not_cached() -> None:
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    import time
 
     from specserve.structured.compile import CompileBusy
+    from specserve.structured.workers import CompileWorkers
 
-    release = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=1)
-    pool.submit(release.wait, 30)  # the only worker is tied up
-    checker = GrammarChecker(cache_size=8, timeout_s=0.05, executor=pool)
+    workers = CompileWorkers(size=1)
+    workers.wait_started(120)
+    holder = threading.Thread(target=workers.run, args=(time.sleep, 30, 20.0), daemon=True)
+    holder.start()  # the only worker is tied up for 20 s
+    checker = GrammarChecker(cache_size=8, timeout_s=0.2, workers=workers)
     try:
         with pytest.raises(CompileBusy):
             checker.check("regex", "[a-z]+")
         assert checker.cached("regex", "[a-z]+") == (False, None)
     finally:
-        release.set()
-        pool.shutdown(wait=True)
+        workers.close()
+
+
+def test_a_compile_over_its_time_is_killed_and_others_go_on() -> None:
+    """A worker running over its time limit is killed and replaced: the next compile gets a
+    worker at once, where a thread given up on would still hold it."""
+    import time
+
+    from specserve.structured.workers import CompileWorkers
+
+    workers = CompileWorkers(size=1)
+    workers.wait_started(120)
+    try:
+        answer = workers.run(time.sleep, 60, timeout_s=0.5)
+        assert answer is not None and "longer than" in answer
+        assert workers.killed == 1
+        workers.wait_started(120)
+        assert workers.run(compile_job, ("regex", "[a-z]+"), timeout_s=60) is None
+    finally:
+        workers.close()
+
+
+def test_one_owner_runs_one_compile_at_a_time() -> None:
+    import threading
+    import time
+
+    from specserve.structured.compile import CompileThrottled
+    from specserve.structured.workers import CompileWorkers
+
+    workers = CompileWorkers(size=2)
+    workers.wait_started(120)
+    checker = GrammarChecker(cache_size=8, timeout_s=30, workers=workers)
+    slow = threading.Thread(target=lambda: checker.check("json", SLOW_SCHEMA, owner="a"), daemon=True)
+    slow.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not checker._owners.get("a"):  # noqa: SLF001 - the slow compile has started
+            assert time.monotonic() < deadline, "the slow compile never started"
+            time.sleep(0.01)
+        with pytest.raises(CompileThrottled):
+            checker.check("regex", "[0-9]+", owner="a", deadline=time.monotonic() + 0.3)
+        checker.check("regex", "[0-9]+", owner="b")  # another client is not held up
+    finally:
+        workers.close()
+
+
+# 1,200 object branches (~220 KB): several seconds to compile, within every size limit.
+SLOW_SCHEMA = {"anyOf": [
+    {"type": "object", "properties": {f"k{i}": {"type": "string", "pattern": "[a-z]{1,20}"},
+                                      f"v{i}": {"type": "integer"}},
+     "required": [f"k{i}", f"v{i}"], "additionalProperties": False}
+    for i in range(1200)]}
+
+
+def test_schemas_the_engine_cannot_serve_are_refused_naming_the_place() -> None:
+    # Converts, but xgrammar's compiler stops on an internal check (was a 500 from the engine).
+    err = _refused(_rf({"type": "object", "properties": {"s": {"type": "string", "pattern": "[a-z]{1,200}"}}}))
+    assert "#/properties/s/pattern" in err.message
+    precheck(_rf({"type": "string", "pattern": "[a-z]{1,100}"}), "chat")
+    precheck({"structured_outputs": {"regex": "[a-z]{1,200}"}}, "chat")  # the regex alone compiles
+
+
+@pytest.mark.parametrize("schema", [
+    {"$ref": "#"},
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    {"type": "array", "items": {"$ref": "#"}, "minItems": 1},
+])
+def test_schemas_with_no_instance_are_refused(schema: dict[str, Any]) -> None:
+    err = _refused({"structured_outputs": {"json": schema}})
+    assert "admits no output" in err.message and err.param == "structured_outputs.json"
+
+
+def test_recursive_schemas_with_a_way_out_pass() -> None:
+    precheck({"structured_outputs": {"json": {"type": "object", "properties": {"a": {"$ref": "#"}}}}}, "chat")
+    precheck({"structured_outputs": {"grammar": 'root ::= "(" root ")" | "x"'}}, "chat")
+    err = _refused({"structured_outputs": {"grammar": 'root ::= "(" root ")"'}})
+    assert "admits no output" in err.message
+
+
+@pytest.mark.parametrize("ref", ["http://example.com/s.json", "other.json#/x", "urn:x"])
+def test_remote_refs_are_refused(ref: str) -> None:
+    err = _refused(_rf({"type": "object", "properties": {"a": {"$ref": ref}}}))
+    assert "'/properties/a'" in err.message and "not fetched" in err.message
 
 
 def test_checker_cache_is_bounded() -> None:
@@ -237,9 +322,19 @@ def test_docstring_examples() -> None:
     import doctest
 
     import specserve.structured as pkg
-    from specserve.structured import compile, features, limits, meta, request, strict_json
+    from specserve.structured import (
+        compile,
+        features,
+        limits,
+        meta,
+        request,
+        schema_refs,
+        served,
+        strict_json,
+        workers,
+    )
 
-    for mod in (pkg, compile, features, limits, meta, request, strict_json):
+    for mod in (pkg, compile, features, limits, meta, request, schema_refs, served, strict_json, workers):
         result = doctest.testmod(mod)
         assert result.failed == 0, mod.__name__
         assert result.attempted > 0, mod.__name__

@@ -23,6 +23,7 @@ PATCHES: tuple[str, ...] = (
     "hidden_feed",
     "empty_top_k",
     "xgrammar_strict_json",
+    "grammar_validation",
 )
 
 

@@ -25,8 +25,23 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("gateway")
     g.add_argument("--host", default="127.0.0.1", help="address the gateway listens on")
     g.add_argument("--port", type=int, default=8000, help="port the gateway listens on")
+    g.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
+                   help="file of accepted bearer tokens, one per line (blank lines and # comments "
+                        "ignored; repeatable). Also $SPECSERVE_API_KEYS=k1,k2. Prefer these to --api-key")
     g.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="accepted bearer token (repeatable); also SPECSERVE_API_KEYS=k1,k2")
+                   help="accepted bearer token (repeatable). Anyone on the host can read it in the "
+                        "process list (ps): prefer --api-key-file or $SPECSERVE_API_KEYS")
+    g.add_argument("--allow-unauthenticated", action="store_true",
+                   default=_env_flag("SPECSERVE_ALLOW_UNAUTHENTICATED"),
+                   help="serve without API keys on an address beyond loopback (refused otherwise; "
+                        "also $SPECSERVE_ALLOW_UNAUTHENTICATED=1)")
+    g.add_argument("--bad-key-limit", type=int, default=20,
+                   help="wrong or missing keys per client address per minute before 429 (0 = off)")
+    g.add_argument("--engine-api-key-file", default=None, metavar="PATH",
+                   help="file holding the key sent to the engines (their $SPECSERVE_ENGINE_API_KEY); "
+                        "also $SPECSERVE_ENGINE_API_KEY")
+    g.add_argument("--expose-replica-addresses", action="store_true",
+                   help="name engines by address in the public /ready and /metrics (default: by index)")
     g.add_argument("--rate-limit-rpm", type=int, default=0, help="requests per minute per key (0 = off)")
     g.add_argument("--rate-limit-tpm", type=int, default=0, help="tokens per minute per key (0 = off)")
     g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
@@ -39,6 +54,16 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before 504")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")
+    h = parser.add_argument_group("client connections")
+    h.add_argument("--max-connections", type=int, default=2048,
+                   help="open client connections at once; more are answered 503 and closed")
+    h.add_argument("--max-header-bytes", type=int, default=32 * 1024,
+                   help="largest request head (request line + headers); larger gets 431")
+    h.add_argument("--max-header-count", type=int, default=100, help="most headers a request may have (431)")
+    h.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's head (408, then closed)")
+    h.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body once its head is in (408)")
     s = parser.add_argument_group("speculation length")
     s.add_argument("--spec-policy", choices=("goodput", "fixed"),
                    default=os.environ.get("SPECSERVE_SPEC_POLICY") or "fixed",
@@ -69,6 +94,77 @@ step, 24.6 ms for 8 tokens, 22 ms for one request with 4 drafts); the model refi
 """
 
 
+def _env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def read_key_file(path: str) -> list[str]:
+    """The keys of a key file: one a line; blank lines and ``#`` comments ignored.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
+        ...     _ = f.write("# team a\nsk-a  \n\n  sk-b # rotated 2026-11\n")
+        >>> read_key_file(f.name)
+        ['sk-a', 'sk-b']
+    """
+    keys = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            key = line.split("#", 1)[0].strip()
+            if key:
+                keys.append(key)
+    return keys
+
+
+def client_keys(args: argparse.Namespace) -> list[str]:
+    """Accepted client keys: ``--api-key``, each ``--api-key-file``, ``$SPECSERVE_API_KEYS``."""
+    keys = list(args.api_key)
+    for path in args.api_key_file:
+        keys += read_key_file(path)
+    keys += [k.strip() for k in os.environ.get("SPECSERVE_API_KEYS", "").split(",") if k.strip()]
+    return list(dict.fromkeys(keys))
+
+
+def engine_key(args: argparse.Namespace) -> str | None:
+    """The key the gateway sends to engines: ``--engine-api-key-file`` or
+    ``$SPECSERVE_ENGINE_API_KEY`` (``None``: engines without a key)."""
+    if args.engine_api_key_file:
+        keys = read_key_file(args.engine_api_key_file)
+        if len(keys) != 1:
+            raise ValueError(f"{args.engine_api_key_file} must hold exactly one key, not {len(keys)}")
+        return keys[0]
+    return os.environ.get("SPECSERVE_ENGINE_API_KEY", "").strip() or None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine.
+
+    Example:
+        >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("::1"), is_loopback("0.0.0.0")
+        (True, True, True, False)
+    """
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_open_listener(host: str, keys: Sequence[str], allow_unauthenticated: bool) -> str | None:
+    """Why the gateway must not start: listening beyond loopback without keys, not allowed."""
+    if keys or allow_unauthenticated or is_loopback(host):
+        return None
+    return (f"refusing to serve on {host} without API keys: anyone who reaches it could use the "
+            "engines. Give keys (--api-key-file PATH, or $SPECSERVE_API_KEYS), listen on 127.0.0.1, "
+            "or pass --allow-unauthenticated ($SPECSERVE_ALLOW_UNAUTHENTICATED=1) to serve open "
+            "on purpose")
+
+
 def step_costs(args: argparse.Namespace, device: str = "gpu") -> tuple[float, float]:
     """The step-time start values: given flags, else ``device``'s defaults.
 
@@ -82,14 +178,18 @@ def step_costs(args: argparse.Namespace, device: str = "gpu") -> tuple[float, fl
 
 
 def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str | None = None,
-                   device: str = "gpu") -> GatewayConfig:
+                   device: str = "gpu", engine_api_key: str | None = None) -> GatewayConfig:
+    """The gateway's config from its flags; ``engine_api_key`` overrides the flag/env one."""
     from specserve.gateway.config import GatewayConfig, KeyLimits
 
     step_base_ms, step_token_ms = step_costs(args, device)
-    keys = list(args.api_key)
-    keys += [k.strip() for k in os.environ.get("SPECSERVE_API_KEYS", "").split(",") if k.strip()]
     return GatewayConfig(
-        replicas=list(replicas), replicas_dns=dns, api_keys=tuple(keys),
+        replicas=list(replicas), replicas_dns=dns, api_keys=tuple(client_keys(args)),
+        bad_key_limit=args.bad_key_limit, engine_api_key=engine_api_key or engine_key(args),
+        expose_replica_addresses=args.expose_replica_addresses,
+        max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
+        max_header_count=args.max_header_count, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
         key_limits=KeyLimits(requests_per_minute=args.rate_limit_rpm,
                              tokens_per_minute=args.rate_limit_tpm),
         max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
@@ -128,12 +228,15 @@ def serve_gateway(
 
     from specserve.gateway import create_app
 
+    from specserve.gateway.connections import guarded_protocol
+
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine poll otherwise
     app = create_app(config)
     stop_metrics = start_metrics_server(app, args.host, args.metrics_port) if args.metrics_port else None
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=config.drain_timeout_s, lifespan="on",
+        http=guarded_protocol(config.connection_limits()),
     ))
     stopped_for: list[str] = []
     done = threading.Event()
@@ -173,5 +276,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_gateway_arguments(parser)
 
 
+def check_listener(args: argparse.Namespace) -> bool:
+    """Log why the gateway must not start on ``args.host`` and return False; True when it may."""
+    why = refuse_open_listener(args.host, client_keys(args), args.allow_unauthenticated)
+    if why is not None:
+        log.error(why)
+        return False
+    if not client_keys(args) and not is_loopback(args.host):
+        log.warning("serving without API keys on purpose", extra={"fields": {"host": args.host}})
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
-    return serve_gateway(args, gateway_config(args, args.replica, args.replicas_dns))
+    try:
+        if not check_listener(args):
+            return 2
+        config = gateway_config(args, args.replica, args.replicas_dns)
+    except (OSError, ValueError) as exc:
+        log.error("bad gateway options", extra={"fields": {"error": str(exc)}})
+        return 2
+    return serve_gateway(args, config)

@@ -14,10 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import signal
 from types import FrameType
 
-from specserve.commands.gateway import add_gateway_arguments, gateway_config, serve_gateway
+from specserve.commands.gateway import (
+    add_gateway_arguments,
+    check_listener,
+    engine_key,
+    gateway_config,
+    serve_gateway,
+)
 from specserve.drafters import DRAFTERS, HEAD_DRAFTERS, HEADS_ENV, speculative_config
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,15 @@ def run(args: argparse.Namespace) -> int:
     from specserve.engine.process import EngineError, EngineProcess, EngineSpec, detect_device, free_port
     from specserve.engine.process import served_name_for
 
+    try:
+        if not check_listener(args):
+            return 2
+        # The engine listens on 127.0.0.1 and answers only the gateway: a key of its own, made
+        # per run unless one is given.
+        key = engine_key(args) or secrets.token_urlsafe(32)
+    except (OSError, ValueError) as exc:
+        log.error("bad gateway options", extra={"fields": {"error": str(exc)}})
+        return 2
     env: dict[str, str] = {}
     if args.drafter is not None:
         if args.speculative_config:
@@ -120,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         extra_args=tuple(extra),
         env=tuple(env.items()),
+        api_key=key,
     )
     engine = EngineProcess(spec, log_path=args.engine_log)
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -133,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
             code = engine.exit_code()
             return None if code is None else f"engine exited with code {code}"
 
-        return serve_gateway(args, gateway_config(args, [spec.url], device=spec.device), should_stop=engine_gone)
+        config = gateway_config(args, [spec.url], device=spec.device, engine_api_key=key)
+        return serve_gateway(args, config, should_stop=engine_gone)
     except EngineError as exc:
         log.error("engine failed", extra={"fields": {"error": str(exc)}})
         return 1

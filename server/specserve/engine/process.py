@@ -41,6 +41,10 @@ CPU_ENV: dict[str, str] = {
 
 
 DEFAULT_STRUCTURED_OUTPUTS = '{"backend":"xgrammar","disable_any_whitespace":true}'
+ENGINE_KEY_ENV = "SPECSERVE_ENGINE_API_KEY"
+"""The engine's key (read by the middleware below in the engine, sent by the gateway)."""
+ENGINE_KEY_MIDDLEWARE = "specserve_vllm.engine_auth.EngineKeyMiddleware"
+"""vLLM ``--middleware`` that refuses every route but ``/health`` and ``/metrics`` without the key."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class EngineSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     """Extra environment variables for the engine (e.g. the head checkpoint of a head drafter)."""
+    api_key: str | None = field(default=None, repr=False)
+    """Key every engine route but ``/health`` and ``/metrics`` requires (environment, not argv)."""
 
     @property
     def url(self) -> str:
@@ -107,6 +113,8 @@ def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
     eager = spec.enforce_eager if spec.enforce_eager is not None else spec.device == "cpu"
     if eager:
         cmd.append("--enforce-eager")
+    if spec.api_key:
+        cmd += ["--middleware", ENGINE_KEY_MIDDLEWARE]
     return cmd + list(spec.extra_args)
 
 
@@ -143,8 +151,11 @@ class EngineProcess:
         log.info("starting engine", extra={"fields": {"cmd": cmd, "url": self.spec.url}})
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - owned by the child
         try:
+            env = {**engine_env(self.spec.device), **dict(self.spec.env)}
+            if self.spec.api_key:
+                env[ENGINE_KEY_ENV] = self.spec.api_key
             self.proc = subprocess.Popen(
-                cmd, env={**engine_env(self.spec.device), **dict(self.spec.env)}, start_new_session=True,
+                cmd, env=env, start_new_session=True,
                 stdout=out, stderr=subprocess.STDOUT if out else None,
             )
         finally:

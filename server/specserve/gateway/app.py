@@ -27,11 +27,11 @@ from starlette.responses import JSONResponse
 from specserve import structured
 from specserve.errors import APIError
 from specserve.gateway.config import GatewayConfig
-from specserve.gateway.limits import AdmissionQueue, RateLimiter
+from specserve.gateway.limits import AdmissionQueue, KeyGuard, RateLimiter
 from specserve.gateway.metrics import GatewayMetrics
 from specserve.gateway.middleware import GatewayMiddleware
 from specserve.gateway.prompt_tokens import TOKENIZE_TIMEOUT_S, EngineTokenizer
-from specserve.gateway.proxy import Proxy
+from specserve.gateway.proxy import Proxy, engine_auth_headers
 from specserve.gateway.replicas import ReplicaPool
 from specserve.gateway.routes import router
 from specserve.gateway.speculation import SpecLength
@@ -48,14 +48,17 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=config.max_in_flight)
-        self.client = httpx.AsyncClient(limits=limits, trust_env=False)  # health checks
+        self.client = httpx.AsyncClient(limits=limits, trust_env=False,  # health checks
+                                        headers=engine_auth_headers(config.engine_api_key))
         self.pool = ReplicaPool(
             config.replicas, client=self.client, metrics=metrics, dns=config.replicas_dns,
             interval_s=config.health_interval_s, timeout_s=config.connect_timeout_s,
+            expose_addresses=config.expose_replica_addresses,
         )
         self.proxy = Proxy(
             self.pool, metrics, max_attempts=config.max_attempts,
             request_timeout_s=config.request_timeout_s, connect_timeout_s=config.connect_timeout_s,
+            engine_api_key=config.engine_api_key,
         )
         self.tokenizer = EngineTokenizer(self.pool, lambda: self.proxy.session,
                                          timeout_s=min(config.request_timeout_s, TOKENIZE_TIMEOUT_S))
@@ -184,5 +187,6 @@ def create_app(
     for exc_type in (APIError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
-                       render_error=render_error)
+                       render_error=render_error,
+                       guard=KeyGuard(config.api_keys, bad_key_limit=config.bad_key_limit))
     return app

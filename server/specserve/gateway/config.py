@@ -12,9 +12,14 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specserve.gateway.goodput import GoodputSettings, SpecPolicy
+
+if TYPE_CHECKING:
+    from specserve.gateway.connections import ConnectionLimits
 
 
 class KeyLimits(BaseModel):
@@ -63,7 +68,26 @@ class GatewayConfig(BaseModel):
     queue_timeout_s: float = Field(default=30.0, gt=0)
     """How long a queued request waits for a slot before 503."""
     api_keys: tuple[str, ...] = ()
-    """Accepted bearer tokens; empty = no authentication."""
+    """Accepted bearer tokens; empty = no authentication. Checked before a body is read."""
+    bad_key_limit: int = Field(default=20, ge=0)
+    """Missing or wrong keys a client address may send per rolling minute; beyond that every
+    request from it gets 429 until the minute has passed (0 = no throttling)."""
+    engine_api_key: str | None = None
+    """Bearer token sent to the engines on every request (proxied requests, /tokenize, probes):
+    the engines' ``SPECSERVE_ENGINE_API_KEY``."""
+    expose_replica_addresses: bool = False
+    """Name replicas by address in the public ``/ready`` and ``/metrics`` (default: by index)."""
+    max_connections: int = Field(default=2048, ge=1)
+    """Open client connections at once; more are answered 503 and closed."""
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    """Largest request head (request line and headers); larger gets 431."""
+    max_header_count: int = Field(default=100, ge=8)
+    """Most header fields in a request; more gets 431."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """Time a client has to send a request's head, from connecting or from the previous response;
+    then 408 and the connection is closed."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """Time a client has to send a request's body once its head is in; then 408 and close."""
     key_limits: KeyLimits = KeyLimits()
     """Rate limits applied to each key (or to each client address when auth is off)."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
@@ -77,6 +101,14 @@ class GatewayConfig(BaseModel):
     """Goodput policy: starting estimate of a decoding step's fixed time (refined online)."""
     spec_step_token_ms: float = Field(default=0.5, ge=0)
     """Goodput policy: starting estimate of the step time per token the batch verifies."""
+
+    def connection_limits(self) -> ConnectionLimits:
+        from specserve.gateway.connections import ConnectionLimits
+
+        return ConnectionLimits(
+            max_connections=self.max_connections, max_header_bytes=self.max_header_bytes,
+            max_header_count=self.max_header_count, header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s)
 
     def goodput_settings(self) -> GoodputSettings:
         return GoodputSettings(k_max=self.spec_k_max, step_base_s=self.spec_step_base_ms / 1000.0,

@@ -42,6 +42,11 @@ class SlidingWindow:
         self._expire(now)
         return self._total + amount <= self.limit or self._total == 0
 
+    def total(self, now: float) -> int:
+        """The amount taken in the window ending ``now``."""
+        self._expire(now)
+        return self._total
+
     def take(self, amount: int, now: float) -> None:
         self._expire(now)
         self._events.append((now, amount))
@@ -76,15 +81,110 @@ def check_api_key(authorization: str | None, keys: Iterable[str]) -> str:
     raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
+class KeyGuard:
+    """The API-key check at the door, and a throttle on addresses that keep guessing.
+
+    Each missing or wrong key counts against the client address it came from; an address with
+    ``bad_key_limit`` of them in the last ``window_s`` gets 429 for every request (its keys are
+    not even compared) until the oldest leaves the window. Without keys every request passes,
+    keyed by its address.
+
+    Example:
+        >>> guard = KeyGuard(("sk-1",), bad_key_limit=2)
+        >>> guard.check("Bearer sk-1", "10.0.0.1", now=0.0)
+        'sk-1'
+        >>> for _ in range(2):
+        ...     try:
+        ...         guard.check("Bearer guess", "10.0.0.2", now=1.0)
+        ...     except APIError as err:
+        ...         print(err.status)
+        401
+        401
+        >>> try:
+        ...     guard.check("Bearer sk-1", "10.0.0.2", now=2.0)
+        ... except APIError as err:
+        ...     print(err.status, err.headers)
+        429 {'Retry-After': '59'}
+        >>> guard.check("Bearer sk-1", "10.0.0.2", now=61.5)
+        'sk-1'
+    """
+
+    def __init__(self, keys: Iterable[str], bad_key_limit: int = 20, window_s: float = 60.0,
+                 max_addresses: int = 100_000) -> None:
+        self.keys = tuple(keys)
+        self.bad_key_limit = bad_key_limit
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._bad: dict[str, SlidingWindow] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def check(self, authorization: str | None, address: str, now: float | None = None) -> str:
+        """The rate-limit key of a request: its API key (auth on) or ``address`` (auth off).
+        401 for a missing or wrong key, 429 while ``address`` is throttled."""
+        if not self.keys:
+            return address
+        now = time.monotonic() if now is None else now
+        window = self._bad.get(address)
+        if window is not None and self.bad_key_limit and window.total(now) >= self.bad_key_limit:
+            retry = max(1, math.ceil(window.retry_after(now)))
+            raise APIError(429, f"Too many requests with a wrong API key from this address. Retry "
+                                f"after {retry} s.", code="too_many_bad_keys",
+                           headers={"Retry-After": str(retry)})
+        try:
+            return check_api_key(authorization, self.keys)
+        except APIError:
+            if self.bad_key_limit:
+                if window is None:
+                    if len(self._bad) >= self.max_addresses:
+                        self._bad.clear()  # bounded memory; throttles restart
+                    window = self._bad[address] = SlidingWindow(self.bad_key_limit, self.window_s)
+                window.take(1, now)
+            raise
+
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""vLLM's (and OpenAI's) ``max_tokens`` for a completions request that leaves it out."""
+
+
+def engine_max_tokens(route: str, requested: int | None, sent_null: bool, context: int | None,
+                      prompt_tokens: int | None) -> int | None:
+    """The most tokens per choice the engine will generate for a request, as vLLM 0.32 decides:
+    ``max_tokens`` when given; 16 for completions that leave it out; else (chat, or an explicit
+    ``null``) the rest of the context: ``context`` less the prompt's tokens when counted, the whole
+    context when not. ``None`` when that is unknown (no context reported).
+
+    Example:
+        >>> engine_max_tokens("chat", None, False, context=2048, prompt_tokens=48)
+        2000
+        >>> engine_max_tokens("completions", None, False, context=2048, prompt_tokens=None)
+        16
+        >>> engine_max_tokens("completions", None, True, context=2048, prompt_tokens=None)
+        2048
+        >>> engine_max_tokens("chat", 7, False, context=None, prompt_tokens=None)
+        7
+    """
+    if requested is not None:
+        return requested
+    if route == "completions" and not sent_null:
+        return COMPLETIONS_DEFAULT_MAX_TOKENS
+    if context is None:
+        return None
+    return max(1, context - (prompt_tokens or 0))
+
+
 def charged_tokens(prompt_chars: int, max_tokens: int | None, n: int | None,
                    prompt_tokens: int | None = None, prompts: int = 1) -> int:
     """Tokens a request spends of its key's ``tokens_per_minute``: its prompts and what it may
     generate.
 
     The prompts are charged their exact token count when the gateway has one (``--max-prompt-tokens``
-    counted them), else an estimate of four characters a token. Generation is ``max_tokens`` (16,
-    OpenAI's default, when unset) for each of the ``n`` choices of each of the ``prompts`` (a
-    completions request may send a list; the engine answers every prompt ``n`` times).
+    counted them), else an estimate of four characters a token. Generation is ``max_tokens`` (what
+    the engine will allow, :func:`engine_max_tokens`; 16 when even that is unknown) for each of the
+    ``n`` choices of each of the ``prompts`` (a completions request may send a list; the engine
+    answers every prompt ``n`` times).
 
     Example:
         >>> charged_tokens(prompt_chars=400, max_tokens=10, n=2)  # 400 // 4 + 10 * 2

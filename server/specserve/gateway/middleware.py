@@ -13,6 +13,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from specserve.errors import APIError
+from specserve.gateway.limits import KeyGuard
 from specserve.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("specserve.gateway.access")
@@ -22,6 +23,8 @@ REQUEST_ID_HEADER = "x-request-id"
 KNOWN_ROUTES = frozenset(
     {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/ready", "/metrics"}
 )
+# Routes answered without a key; every other path needs one when keys are configured.
+PUBLIC_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 
 
 def route_label(path: str) -> str:
@@ -58,9 +61,11 @@ class GatewayMiddleware:
         metrics: GatewayMetrics,
         max_body_bytes: int,
         render_error: Callable[[APIError], tuple[int, list[tuple[bytes, bytes]], bytes]],
+        guard: KeyGuard | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
+        self.guard = guard or KeyGuard(())
         self.max_body_bytes = max_body_bytes
         self.render_error = render_error
 
@@ -92,9 +97,10 @@ class GatewayMiddleware:
             await send(message)
 
         try:
+            # The key first: a request without one is refused before its body is read.
+            state["client_key"] = self._authenticate(scope, path, headers)
             receive = await self._limit_body(scope, receive, headers)
         except APIError as err:
-            self.metrics.rejected.labels(reason="body_too_large").inc()
             status_box["status"] = err.status
             await self._reject(send, err, request_id)
         else:
@@ -113,6 +119,19 @@ class GatewayMiddleware:
                     "model": model, "replica": state.get("replica", ""),
                 }})
 
+    def _authenticate(self, scope: Scope, path: str, headers: dict[bytes, bytes]) -> str:
+        """The rate-limit key (API key, or client address without auth); 401/429 from the guard."""
+        client = scope.get("client")
+        address = str(client[0]) if client else "anonymous"
+        if path in PUBLIC_ROUTES or not self.guard.enabled:
+            return address
+        authorization = headers.get(b"authorization")
+        try:
+            return self.guard.check(authorization.decode("latin-1") if authorization else None, address)
+        except APIError as err:
+            self.metrics.rejected.labels(reason="auth" if err.status == 401 else "bad_key_throttle").inc()
+            raise
+
     async def _limit_body(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]) -> Receive:
         """Refuse bodies over the limit: at once by Content-Length, else while reading them."""
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
@@ -122,10 +141,12 @@ class GatewayMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
-                if int(declared) > self.max_body_bytes:
-                    raise too_large
+                size = int(declared)
             except ValueError:
                 raise APIError(400, "Invalid Content-Length header.") from None
+            if size > self.max_body_bytes:
+                self.metrics.rejected.labels(reason="body_too_large").inc()
+                raise too_large
             return receive
         # Chunked upload: read it all here (bounded), then replay it to the app.
         chunks: list[bytes] = []
@@ -137,6 +158,7 @@ class GatewayMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
+                self.metrics.rejected.labels(reason="body_too_large").inc()
                 raise too_large
             chunks.append(chunk)
             if not message.get("more_body", False):

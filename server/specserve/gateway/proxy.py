@@ -44,6 +44,9 @@ class Outcome:
 
     status: int = 0
     replica: str = ""
+    """The replica's address (for logs)."""
+    replica_label: str = ""
+    """The replica's public name (for metrics)."""
     first_chunk_s: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -157,6 +160,16 @@ def upstream_error(status: int, content: bytes, path: str = "") -> Response:
     return Response(json.dumps(err.body()), status_code=status, media_type="application/json")
 
 
+def engine_auth_headers(key: str | None) -> dict[str, str]:
+    """The header that authenticates the gateway to the engines (none without a key).
+
+    Example:
+        >>> engine_auth_headers("k"), engine_auth_headers(None)
+        ({'Authorization': 'Bearer k'}, {})
+    """
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class Proxy:
     """Sends requests to the replicas of a :class:`ReplicaPool` (call :meth:`start` in the loop)."""
 
@@ -168,8 +181,10 @@ class Proxy:
         max_attempts: int = 3,
         request_timeout_s: float = 600.0,
         connect_timeout_s: float = 2.0,
+        engine_api_key: str | None = None,
     ) -> None:
         self.pool = pool
+        self.engine_headers = engine_auth_headers(engine_api_key)
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=request_timeout_s)
@@ -180,7 +195,7 @@ class Proxy:
             connector = aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True)
             self.session = aiohttp.ClientSession(
                 connector=connector, timeout=self.timeout, auto_decompress=False, trust_env=False,
-                skip_auto_headers=("Accept-Encoding",),
+                skip_auto_headers=("Accept-Encoding",), headers=self.engine_headers,
             )
 
     async def close(self) -> None:
@@ -206,6 +221,9 @@ class Proxy:
             self.pool.acquire(replica)
             try:
                 response = await self.session.request(method, replica.url + path, data=body, headers=headers)
+            except asyncio.CancelledError:  # the client went away: nothing is left open
+                self.pool.release(replica)
+                raise
             except aiohttp.ConnectionTimeoutError:
                 self.pool.release(replica)
                 self.pool.mark_down(replica, "connect timeout")
@@ -258,9 +276,12 @@ class Proxy:
         """Forward a non-streaming request; a failure while reading the body is retried too."""
         for _ in range(self.max_attempts):
             replica, response = await self._open(method, path, body, headers, model)
-            outcome.replica = replica.url
+            outcome.replica, outcome.replica_label = replica.url, replica.label
             try:
                 content = await response.read()
+            except asyncio.CancelledError:
+                response.close()  # the client went away: dropping the connection makes vLLM abort
+                raise
             except asyncio.TimeoutError as exc:
                 raise APIError(504, "The engine did not answer in time.", code="upstream_timeout") from exc
             except aiohttp.ClientError as exc:
@@ -293,7 +314,7 @@ class Proxy:
     ) -> Response:
         """Forward a streaming request; SSE bytes flow through as they arrive."""
         replica, response = await self._open("POST", path, body, headers, model)
-        outcome.replica = replica.url
+        outcome.replica, outcome.replica_label = replica.url, replica.label
         outcome.status = response.status
         if response.status != 200:
             try:

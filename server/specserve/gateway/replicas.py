@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,11 +29,15 @@ class Replica:
     """One engine's mutable state, owned by the :class:`ReplicaPool`."""
 
     url: str
+    label: str = ""
+    """The name public endpoints show: the address, or an index unless addresses are exposed."""
     healthy: bool = False
     in_flight: int = 0
     engine_running: float = 0.0
     engine_waiting: float = 0.0
     models: tuple[str, ...] = ()
+    context: dict[str, int] = field(default_factory=dict)
+    """Each model's ``max_model_len``, as the engine's ``/v1/models`` reports it."""
     failures: int = 0
     probe_failures: int = 0
 
@@ -117,8 +121,11 @@ class ReplicaPool:
         interval_s: float = 1.0,
         timeout_s: float = 2.0,
         down_after: int = 3,
+        expose_addresses: bool = False,
     ) -> None:
         self.client = client
+        self.expose_addresses = expose_addresses
+        self._next_index = 0
         self.metrics = metrics
         self.dns = dns
         self.interval_s = interval_s
@@ -134,17 +141,19 @@ class ReplicaPool:
     # -- membership -------------------------------------------------------------------------
     def _add(self, url: str) -> None:
         if url not in self.replicas:
-            self.replicas[url] = Replica(url)
-            self.metrics.replica_up.labels(replica=url).set(0)
-            self.metrics.in_flight.labels(replica=url).set(0)
-            log.info("replica added", extra={"fields": {"replica": url}})
+            label = url if self.expose_addresses else str(self._next_index)
+            self._next_index += 1
+            self.replicas[url] = Replica(url, label=label)
+            self.metrics.replica_up.labels(replica=label).set(0)
+            self.metrics.in_flight.labels(replica=label).set(0)
+            log.info("replica added", extra={"fields": {"replica": url, "label": label}})
 
     def _remove(self, url: str) -> None:
         replica = self.replicas.pop(url, None)
         if replica is not None:
-            self.metrics.replica_up.remove(url)
-            self.metrics.in_flight.remove(url)
-            log.info("replica removed", extra={"fields": {"replica": url}})
+            self.metrics.replica_up.remove(replica.label)
+            self.metrics.in_flight.remove(replica.label)
+            log.info("replica removed", extra={"fields": {"replica": url, "label": replica.label}})
 
     async def resolve_dns(self) -> None:
         """Make the replica set equal to the addresses ``HOST:PORT`` resolves to now."""
@@ -178,6 +187,19 @@ class ReplicaPool:
     def models(self) -> set[str]:
         return {m for r in self.replicas.values() if r.healthy for m in r.models}
 
+    def max_model_len(self, model: str) -> int | None:
+        """The largest context any healthy replica serving ``model`` reported (``None``: unknown).
+
+        Example:
+            >>> from unittest.mock import MagicMock
+            >>> pool = ReplicaPool([], client=MagicMock(), metrics=MagicMock())
+            >>> pool.replicas["a"] = Replica("a", healthy=True, models=("m",), context={"m": 512})
+            >>> pool.max_model_len("m"), pool.max_model_len("x")
+            (512, None)
+        """
+        found = [r.context[model] for r in self.replicas.values() if r.healthy and model in r.context]
+        return max(found) if found else None
+
     def pick(
         self, exclude: set[str] | frozenset[str] = frozenset(), model: str | None = None, *, rotate: bool = True
     ) -> Replica | None:
@@ -200,12 +222,12 @@ class ReplicaPool:
 
     def acquire(self, replica: Replica) -> None:
         replica.in_flight += 1
-        self.metrics.in_flight.labels(replica.url).set(replica.in_flight)
+        self.metrics.in_flight.labels(replica.label).set(replica.in_flight)
 
     def release(self, replica: Replica) -> None:
         replica.in_flight -= 1
         if replica.url in self.replicas:
-            self.metrics.in_flight.labels(replica.url).set(replica.in_flight)
+            self.metrics.in_flight.labels(replica.label).set(replica.in_flight)
 
     def mark_down(self, replica: Replica, reason: str) -> None:
         if replica.healthy:
@@ -213,14 +235,14 @@ class ReplicaPool:
         replica.healthy = False
         replica.failures += 1
         if replica.url in self.replicas:
-            self.metrics.replica_up.labels(replica=replica.url).set(0)
+            self.metrics.replica_up.labels(replica=replica.label).set(0)
 
     def _mark_up(self, replica: Replica) -> None:
         if not replica.healthy:
             log.info("replica up", extra={"fields": {"replica": replica.url, "models": list(replica.models)}})
         replica.healthy = True
         replica.failures = 0
-        self.metrics.replica_up.labels(replica=replica.url).set(1)
+        self.metrics.replica_up.labels(replica=replica.label).set(1)
 
     # -- background checks --------------------------------------------------------------------
     async def check(self, replica: Replica) -> None:
@@ -233,7 +255,10 @@ class ReplicaPool:
             if not replica.models or not replica.healthy:
                 listing = await self.client.get(f"{replica.url}/v1/models", timeout=self.timeout)
                 listing.raise_for_status()
-                replica.models = tuple(str(m["id"]) for m in listing.json().get("data", []))
+                cards = listing.json().get("data", [])
+                replica.models = tuple(str(m["id"]) for m in cards)
+                replica.context = {str(m["id"]): m["max_model_len"] for m in cards
+                                   if isinstance(m.get("max_model_len"), int)}
             page = await self.client.get(f"{replica.url}/metrics", timeout=self.timeout)
             if page.status_code == 200:
                 replica.engine_running, replica.engine_waiting = parse_engine_load(page.text)

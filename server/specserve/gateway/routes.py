@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from specserve import structured
 from specserve.errors import APIError
-from specserve.gateway.limits import charged_tokens, check_api_key
+from specserve.gateway.limits import charged_tokens, check_api_key, engine_max_tokens
 from specserve.gateway.protocol import (
     ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+T = TypeVar("T")
 
 # Request fields that can be large and that no pre-check reads.
 _BULK_FIELDS = frozenset({"messages", "prompt", "tools"})
@@ -48,7 +52,7 @@ async def health() -> Response:
 async def ready(request: Request) -> Response:
     """200 when at least one engine replica is healthy, else 503."""
     gw = _gateway(request)
-    replicas = {r.url: r.healthy for r in gw.pool.replicas.values()}
+    replicas = {r.label: r.healthy for r in gw.pool.replicas.values()}
     if not gw.pool.ready:
         raise APIError(503, "No engine replica is ready.", code="not_ready", headers={"Retry-After": "1"})
     return JSONResponse({"status": "ready", "replicas": replicas})
@@ -62,13 +66,13 @@ async def metrics(request: Request) -> Response:
 
 
 def _authenticate(gw: Gateway, request: Request) -> str:
-    """The rate-limit key: the API key when auth is on, else the client address."""
-    if gw.config.api_keys:
-        try:
-            return check_api_key(request.headers.get("authorization"), gw.config.api_keys)
-        except APIError:
-            gw.metrics.rejected.labels(reason="auth").inc()
-            raise
+    """The rate-limit key: the API key when auth is on, else the client address. The middleware
+    checked the key before the body was read; this only reads its answer."""
+    key = request.scope.get("state", {}).get("client_key")
+    if key is not None:
+        return str(key)
+    if gw.config.api_keys:  # not through the middleware: check here
+        return check_api_key(request.headers.get("authorization"), gw.config.api_keys)
     return request.client.host if request.client else "anonymous"
 
 
@@ -124,7 +128,7 @@ async def _generate(
     if structured.asks_strict(body):
         # strict: true reaches the engine as a keyword of the schema (vLLM drops the flag).
         body_bytes = json.dumps(structured.mark_strict(json.loads(body_bytes))).encode()
-    prompt_tokens = None
+    prompt_tokens = largest_prompt = None
     if cfg.max_prompt_tokens:
         if gw.limiter.enabled:
             try:
@@ -132,22 +136,33 @@ async def _generate(
             except APIError:
                 gw.metrics.rejected.labels(reason="rate_limit").inc()
                 raise
-        prompt_tokens = await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
+        counted = await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
+        if counted is not None:
+            prompt_tokens, largest_prompt = counted
+    # What the engine will generate per choice, also when max_tokens is left out (chat: the rest
+    # of the context); over the cap, the request is sent with max_tokens set to the cap.
+    allowed = engine_max_tokens(route, max_tokens, "max_tokens" in body and max_tokens is None,
+                                gw.pool.max_model_len(parsed.model),
+                                largest_prompt if route == "chat" else None)
+    if cfg.max_tokens_cap and max_tokens is None and (allowed is None or allowed > cfg.max_tokens_cap):
+        allowed = cfg.max_tokens_cap
+        body_bytes = json.dumps({**json.loads(body_bytes), "max_tokens": allowed}).encode()
     if gw.limiter.enabled:
         try:
             # ``body`` leaves the prompt out (see above): read it from the parsed request.
             prompts = (len(completion_prompts(parsed.prompt))
                        if isinstance(parsed, CompletionRequest) else 1)
-            gw.limiter.admit(key, charged_tokens(prompt_chars, max_tokens, parsed.n, prompt_tokens,
+            gw.limiter.admit(key, charged_tokens(prompt_chars, allowed, parsed.n, prompt_tokens,
                                                  prompts))
         except APIError:
             gw.metrics.rejected.labels(reason="rate_limit").inc()
             raise
     body_bytes, plan = gw.spec.prepare(parsed.model, body, body_bytes)
     try:
-        await gw.queue.acquire()
-    except APIError:
-        gw.metrics.rejected.labels(reason="queue_full").inc()
+        await _unless_client_leaves(request, gw.queue.acquire())
+    except APIError as err:
+        if err.status == 503:
+            gw.metrics.rejected.labels(reason="queue_full").inc()
         raise
     started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
     outcome = Outcome()
@@ -164,7 +179,8 @@ async def _generate(
     if not parsed.stream:
         sent = time.perf_counter()
         try:
-            response = await gw.proxy.unary("POST", path, body_bytes, headers, outcome, model=parsed.model)
+            response = await _unless_client_leaves(
+                request, gw.proxy.unary("POST", path, body_bytes, headers, outcome, model=parsed.model))
         finally:
             gw.queue.release()
         record()
@@ -198,11 +214,39 @@ async def _generate(
     return response
 
 
-async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes, request_id: str) -> int | None:
+async def _client_left(request: Request) -> None:
+    """Return when the client disconnects (the body has been read: the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``await work``, cancelled when the client disconnects first (then 499, which nobody reads).
+
+    A request waiting for a slot leaves the queue, and a forwarded one drops its engine
+    connection, which makes the engine abort it: a client that sends and hangs up holds nothing.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if task.cancelled():
+            raise APIError(499, "The client closed the request.", code="client_closed")
+    return task.result()
+
+
+async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes,
+                               request_id: str) -> tuple[int | None, int] | None:
     """400 when the largest prompt has more than ``max_prompt_tokens`` tokens, as an engine counts them.
 
-    Returns the tokens of all prompts together, for the rate limiter (``None`` when not all were
-    counted). A count that fails lets the request through (counted in
+    Returns the tokens of all prompts together, for the rate limiter, and of the largest
+    (``None`` when not all were counted). A count that fails lets the request through (counted in
     ``prompt_token_count_failures``): the engine still checks its own context length.
     """
     cap = gw.config.max_prompt_tokens
@@ -218,7 +262,7 @@ async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes, req
         gw.metrics.rejected.labels(reason="prompt_too_long").inc()
         raise APIError(400, f"The prompt is too long: it has {tokens} tokens, at most {cap} are accepted.",
                        param="messages" if route == "chat" else "prompt", code="context_length_exceeded")
-    return counted.total
+    return counted.total, tokens
 
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES)

@@ -96,7 +96,7 @@ class SpecLength:
         if stats is None:
             return
         m = self.metrics
-        replica = outcome.replica
+        replica = outcome.replica_label
         if stats.drafted:
             m.child(m.spec_draft_tokens, model, replica).inc(stats.drafted)
         if stats.accepted:

@@ -22,10 +22,19 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from specserve.errors import APIError
-from specserve.structured.compile import CompileBusy, CompileRefused, GrammarChecker, warm_up
+from specserve.structured.compile import (
+    CompileBusy,
+    CompileRefused,
+    CompileThrottled,
+    GrammarChecker,
+    warm_up,
+)
 from specserve.structured.features import find_unsupported
 from specserve.structured.limits import SchemaLimits, check_regex, iter_patterns, json_depth
 from specserve.structured.request import (
@@ -35,7 +44,7 @@ from specserve.structured.request import (
     mark_strict,
     normalize_legacy,
 )
-from specserve.structured.schema_refs import dangling_refs
+from specserve.structured.schema_refs import dangling_refs, unresolvable_refs
 
 __all__ = ["SchemaLimits", "aprecheck", "asks_strict", "configure", "mark_strict", "normalize_legacy",
            "precheck", "warm_up"]
@@ -44,6 +53,17 @@ ROUTES = ("chat", "completions")
 
 _STATE_LOCK = threading.Lock()
 _STATE: dict[str, Any] = {"limits": SchemaLimits(), "checker": None}
+# Threads that wait for compile workers on behalf of async handlers: waiting is all they do, and
+# the event loop's default executor (DNS lookups, ...) is left alone.
+_WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="grammar-wait")
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """What one request may spend on compiles: until ``deadline``, as ``owner``."""
+
+    deadline: float
+    owner: str
 
 
 def configure(limits: SchemaLimits) -> None:
@@ -81,7 +101,7 @@ def _check_size(value: Any, param: str, limits: SchemaLimits) -> None:
         raise _bad(f"{param} is too large ({size} > {limits.max_schema_bytes} bytes)", param)
 
 
-def _check_json_schema(schema: Any, param: str, limits: SchemaLimits) -> None:
+def _check_json_schema(schema: Any, param: str, limits: SchemaLimits, budget: _Budget) -> None:
     if isinstance(schema, str):
         _check_size(schema, param, limits)
         try:
@@ -106,14 +126,51 @@ def _check_json_schema(schema: Any, param: str, limits: SchemaLimits) -> None:
         pointer, ref = dangling[0]
         raise _bad(f"invalid schema at '{pointer}': $ref '{ref}' does not resolve to a subschema "
                    "of this schema", param)
-    _compile_check("json", schema, param, "invalid JSON schema", limits)
-
-
-def _compile_check(kind: Any, value: Any, param: str, what: str, limits: SchemaLimits) -> None:
+    elsewhere = unresolvable_refs(schema)
+    if elsewhere:
+        pointer, ref = elsewhere[0]
+        raise _bad(f"unsupported schema at '{pointer}': $ref '{ref}' refers outside this schema; "
+                   "references are not fetched: put the definition under '$defs' and refer to "
+                   "it as '#/$defs/NAME'", param)
     try:
-        _checker(limits).check(kind, value)
+        _compile_check("json", schema, param, "invalid JSON schema", limits, budget)
+    except APIError as err:
+        if err.status != 400:
+            raise
+        place = _failing_pattern(schema, limits, budget)
+        if place is not None:
+            raise _bad(f"unsupported schema at '{place}': {err.message}", param) from err
+        raise
+
+
+def _failing_pattern(schema: dict[str, Any], limits: SchemaLimits, budget: _Budget) -> str | None:
+    """The place of the first ``pattern`` that fails on its own (a counted repetition the
+    compiler cannot build, say), to name it in the refusal; ``None`` when none does or time is up."""
+    checker = _checker(limits)
+    for pointer, pattern in iter_patterns(schema):
+        if not pointer.endswith("/pattern"):
+            continue
+        try:
+            checker.check("json", {"type": "string", "pattern": pattern}, deadline=budget.deadline,
+                          owner=budget.owner)
+        except CompileRefused:
+            return pointer
+        except CompileBusy:
+            return None
+    return None
+
+
+def _compile_check(kind: Any, value: Any, param: str, what: str, limits: SchemaLimits,
+                   budget: _Budget) -> None:
+    try:
+        _checker(limits).check(kind, value, deadline=budget.deadline, owner=budget.owner)
     except CompileRefused as err:
         raise _bad(f"{what}: {err}", param) from err
+    except CompileThrottled as err:
+        raise APIError(
+            429, f"Cannot check {param} now: {err}.", param=param,
+            code="grammar_check_throttled", headers={"Retry-After": "1"},
+        ) from err
     except CompileBusy as err:
         raise APIError(
             503, f"Cannot check {param} now: {err}", param=param,
@@ -121,9 +178,9 @@ def _compile_check(kind: Any, value: Any, param: str, what: str, limits: SchemaL
         ) from err
 
 
-def _check_one(c: Constraint, limits: SchemaLimits) -> None:
+def _check_one(c: Constraint, limits: SchemaLimits, budget: _Budget) -> None:
     if c.kind == "json":
-        _check_json_schema(c.value, c.param, limits)
+        _check_json_schema(c.value, c.param, limits, budget)
     elif c.kind == "json_object":
         if not isinstance(c.value, bool):
             raise _bad(f"{c.param} must be a boolean", c.param)
@@ -133,7 +190,7 @@ def _check_one(c: Constraint, limits: SchemaLimits) -> None:
         problem = check_regex(c.value, limits)
         if problem is not None:
             raise _bad(f"{c.param}: {problem}", c.param)
-        _compile_check("regex", c.value, c.param, "invalid regex", limits)
+        _compile_check("regex", c.value, c.param, "invalid regex", limits, budget)
     elif c.kind == "choice":
         if not isinstance(c.value, list) or not c.value:
             raise _bad(f"{c.param} must be a non-empty list of strings", c.param)
@@ -146,7 +203,7 @@ def _check_one(c: Constraint, limits: SchemaLimits) -> None:
         if not isinstance(c.value, str) or not c.value.strip():
             raise _bad(f"{c.param} must be a non-empty grammar string", c.param)
         _check_size(c.value, c.param, limits)
-        _compile_check("grammar", c.value, c.param, "invalid grammar", limits)
+        _compile_check("grammar", c.value, c.param, "invalid grammar", limits, budget)
     else:  # structural_tag: the engine validates its shape; bound its size here
         _check_size(c.value, c.param, limits)
         value = c.value
@@ -160,25 +217,33 @@ def _check_one(c: Constraint, limits: SchemaLimits) -> None:
 
 
 def precheck(
-    body: dict[str, Any], route: str, *, limits: SchemaLimits | None = None
+    body: dict[str, Any], route: str, *, limits: SchemaLimits | None = None, owner: str = ""
 ) -> None:
     """Validate a request's structured-output constraints before it reaches an engine.
 
     Raises :class:`specserve.errors.APIError` (400) naming the offending parameter. ``route`` is
-    ``"chat"`` or ``"completions"``.
+    ``"chat"`` or ``"completions"``. The schema checked is the one the engine gets (with the
+    strict keyword when the request asks for strict mode). All compiles of one request share
+    ``compile_timeout_s``; ``owner`` (the client) has one compile running at a time (429 when its
+    earlier ones hold it past the request's time; 503 when no compile worker frees up in time).
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     active = limits or _STATE["limits"]
-    for c in constraints(body):
-        _check_one(c, active)
+    found = constraints(mark_strict(body))
+    if not found:
+        return
+    _checker(active).prepare()  # one-time start-up: not part of any request's time
+    budget = _Budget(time.monotonic() + active.compile_timeout_s, owner)
+    for c in found:
+        _check_one(c, active, budget)
 
 
 async def aprecheck(
-    body: dict[str, Any], route: str, *, limits: SchemaLimits | None = None
+    body: dict[str, Any], route: str, *, limits: SchemaLimits | None = None, owner: str = ""
 ) -> None:
     """:func:`precheck` for async handlers: the compile wait (up to the compile time limit) and
-    xgrammar's one-time import run in a worker thread, so the event loop keeps serving.
+    xgrammar's one-time import run in a waiting thread, so the event loop keeps serving.
 
     Requests without constraints are answered inline.
     """
@@ -186,4 +251,5 @@ async def aprecheck(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not constraints(body):
         return
-    await asyncio.to_thread(precheck, body, route, limits=limits)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(_WAITERS, lambda: precheck(body, route, limits=limits, owner=owner))

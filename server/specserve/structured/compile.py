@@ -1,16 +1,16 @@
 """Check that a constraint compiles, with a time limit and a bounded cache of answers.
 
-The check is tokenizer-free: ``xgrammar.Grammar.from_json_schema`` / ``from_regex`` /
-``from_ebnf`` / ``from_lark`` build the grammar an engine would compile, which is where invalid
-or unsupported schemas fail. xgrammar imports torch (seconds), so it is imported lazily, once;
-:func:`warm_up` starts that import in the background at gateway start. Without xgrammar (the slim
-gateway image) the check falls back to JSON Schema meta-validation (when ``jsonschema`` is
-installed) or accepts.
+The check compiles the grammar the engine serves (:mod:`.served`: for a schema, the rewritten
+schema's grammar), with a small stand-in vocabulary, and refuses grammars that admit no output.
+xgrammar imports torch (seconds), so it is imported lazily, once; :func:`warm_up` starts that
+import and the compile workers in the background at start. Without xgrammar (the slim gateway
+image) the check falls back to JSON Schema meta-validation (when ``jsonschema`` is installed) or
+accepts.
 
-Compiles run on a small thread pool (xgrammar releases the GIL while compiling, so the event
-loop stays responsive) and are abandoned after ``compile_timeout_s``; the refusal is cached, so
-repeating a slow schema costs nothing. Limits checked beforehand (:mod:`.limits`) keep honest
-compiles far below the timeout.
+Compiles run in worker processes (:mod:`.workers`), each within the time its request has left;
+one that runs over is killed and its worker replaced, and the refusal is cached, so repeating a
+slow schema costs nothing. Limits checked beforehand (:mod:`.limits`) keep honest compiles far
+below the timeout.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Literal
+
+from specserve.structured.workers import CompileWorkers, WorkersBusy, compile_job
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ Kind = Literal["json", "regex", "grammar"]
 _XGR_LOCK = threading.Lock()
 _XGR: dict[str, Any] = {}
 _POOL_LOCK = threading.Lock()
-_POOL: dict[str, ThreadPoolExecutor] = {}
+_POOL: dict[str, CompileWorkers] = {}
+COMPILE_WORKERS = 2
+"""Compile worker processes per gateway (or engine front end)."""
 # xgrammar prefixes messages with "[hh:mm:ss] /path/file.cc:123: "
 _LOG_PREFIX = re.compile(r"^\s*(\[[0-9:]+\]\s*)?\S+\.(cc|h|cpp):\d+:\s*")
 
@@ -44,6 +47,10 @@ class CompileRefused(Exception):
 
 class CompileBusy(Exception):
     """Every compile worker is busy (with earlier slow constraints); try again shortly."""
+
+
+class CompileThrottled(CompileBusy):
+    """The same client already has its share of compiles running; try again shortly."""
 
 
 def has_xgrammar() -> bool:
@@ -64,17 +71,16 @@ def load_xgrammar() -> Any:
 
 
 def warm_up() -> threading.Thread:
-    """Import xgrammar in a background thread so the first request does not wait for it."""
-    thread = threading.Thread(target=load_xgrammar, name="xgrammar-import", daemon=True)
+    """Import xgrammar and start the compile workers in a background thread, so the first
+    request does not wait for them."""
+
+    def load() -> None:
+        if load_xgrammar() is not None:
+            shared_workers()
+
+    thread = threading.Thread(target=load, name="xgrammar-import", daemon=True)
     thread.start()
     return thread
-
-
-def _pool() -> ThreadPoolExecutor:
-    with _POOL_LOCK:
-        if "pool" not in _POOL:
-            _POOL["pool"] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-check")
-        return _POOL["pool"]
 
 
 def clean_message(err: BaseException) -> str:
@@ -96,50 +102,48 @@ def looks_like_lark(grammar: str) -> bool:
     return "::=" not in grammar
 
 
-def _compile(kind: Kind, spec: Any) -> None:
-    """Raise :class:`CompileRefused` if ``spec`` is malformed or does not compile."""
+def _meta_check(kind: Kind, spec: Any) -> None:
+    """JSON Schema meta-validation (when ``jsonschema`` is installed): names the bad keyword's place."""
     if kind == "json" and importlib.util.find_spec("jsonschema") is not None:
         from specserve.structured.meta import meta_schema_problem
 
         problem = meta_schema_problem(spec)
         if problem is not None:
             raise CompileRefused(f"invalid schema at '{problem[0]}': {problem[1]}")
-    xgr = load_xgrammar()
-    if xgr is None:
-        return
-    try:
-        if kind == "json":
-            xgr.Grammar.from_json_schema(
-                json.dumps(spec), any_whitespace=False, separators=(",", ":")
-            )
-        elif kind == "regex":
-            xgr.Grammar.from_regex(spec)
-        elif looks_like_lark(spec):
-            xgr.Grammar.from_lark(spec)
-        else:
-            xgr.Grammar.from_ebnf(spec)
-    except Exception as err:  # native code raises RuntimeError, ValueError and its own types
-        raise CompileRefused(clean_message(err)) from err
 
 
 class GrammarChecker:
-    """Compile-checks constraints; remembers the answer per content hash (LRU, bounded)."""
+    """Compile-checks constraints; remembers the answer per content hash (LRU, bounded).
+
+    Compiles run in :class:`~specserve.structured.workers.CompileWorkers` processes (the
+    process-wide pool of :data:`WORKERS` unless ``workers`` is given), each within the time left
+    to its request; one sender has at most ``per_owner`` compiles running at once, so a client
+    sending slow schemas ties up at most that many workers.
+    """
 
     def __init__(
         self,
         cache_size: int = 1024,
         timeout_s: float = 3.0,
-        executor: ThreadPoolExecutor | None = None,
+        workers: CompileWorkers | None = None,
+        per_owner: int = 1,
     ) -> None:
         self.cache_size = cache_size
         self.timeout_s = timeout_s
-        self._executor = executor  # None: the process-wide pool of two workers
+        self.per_owner = per_owner
+        self._workers = workers
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, str | None] = OrderedDict()
+        self._owners: dict[str, int] = {}
+        self._owner_free = threading.Condition(self._lock)
 
     @staticmethod
     def key(kind: Kind, spec: Any) -> str:
         text = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
+        if kind == "json":  # the engine's default reading is part of the grammar served
+            from specserve.structured.engine_grammar import strict_by_default
+
+            text = f"{strict_by_default()}\0{text}"
         return hashlib.sha256(f"{kind}\0{text}".encode()).hexdigest()
 
     def _remember(self, key: str, verdict: str | None) -> None:
@@ -158,29 +162,63 @@ class GrammarChecker:
                 return True, self._cache[key]
         return False, None
 
-    def check(self, kind: Kind, spec: Any) -> None:
-        """Raise :class:`CompileRefused` unless ``spec`` compiles within the time limit."""
-        key = self.key(kind, spec)
+    def prepare(self, timeout_s: float = 300.0) -> None:
+        """Import xgrammar and wait for the compile workers to start (once; seconds)."""
+        if load_xgrammar() is not None:
+            (self._workers or shared_workers()).wait_started(timeout_s)
+
+    def check(self, kind: Kind, spec: Any, *, deadline: float | None = None, owner: str = "") -> None:
+        """Raise :class:`CompileRefused` unless ``spec`` compiles, as the engine serves it, before
+        ``deadline`` (``time.monotonic()``; default: ``timeout_s`` from now).
+
+        :class:`CompileBusy` when no worker frees up in time, :class:`CompileThrottled` when
+        ``owner`` already has ``per_owner`` compiles running until the deadline (neither is an
+        answer about the constraint: not remembered).
+        """
         hit, refusal = self.cached(kind, spec)
         if not hit:
-            refusal = self._run(kind, spec)  # CompileBusy is not an answer: not remembered
-            self._remember(key, refusal)
+            _meta_check(kind, spec)
+            deadline = time.monotonic() + self.timeout_s if deadline is None else deadline
+            refusal = self._run(kind, spec, deadline, owner)
+            self._remember(self.key(kind, spec), refusal)
         if refusal is not None:
             raise CompileRefused(refusal)
 
-    def _run(self, kind: Kind, spec: Any) -> str | None:
-        load_xgrammar()  # import time (seconds, once) is not part of the compile limit
-        future = (self._executor or _pool()).submit(_compile, kind, spec)
+    def _run(self, kind: Kind, spec: Any, deadline: float, owner: str) -> str | None:
+        if load_xgrammar() is None:  # import time (seconds, once) is not part of the limit
+            return None
+        with self._owner_free:
+            while self._owners.get(owner, 0) >= self.per_owner:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CompileThrottled(
+                        f"{self.per_owner} grammar compile(s) of this client are already running")
+                self._owner_free.wait(remaining)
+            self._owners[owner] = self._owners.get(owner, 0) + 1
         try:
-            future.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            if future.cancel():  # never started: the workers are tied up by earlier compiles
-                raise CompileBusy(f"no compile worker free within {self.timeout_s:g} s") from None
-            logger.warning(
-                "grammar compile exceeded its time limit",
-                extra={"fields": {"kind": kind, "timeout_s": self.timeout_s}},
-            )
-            return f"compiling the {kind} constraint took longer than {self.timeout_s:g} s"
-        except CompileRefused as err:
-            return str(err)
-        return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CompileBusy("the request's time for grammar checks is spent")
+            workers = self._workers or shared_workers()
+            try:
+                refusal = workers.run(compile_job, (kind, spec), timeout_s=remaining)
+            except WorkersBusy as err:
+                raise CompileBusy(f"no compile worker free within {self.timeout_s:g} s") from err
+        finally:
+            with self._owner_free:
+                left = self._owners.pop(owner) - 1
+                if left:
+                    self._owners[owner] = left
+                self._owner_free.notify_all()
+        if refusal is not None and refusal.startswith("compiling it took longer"):
+            logger.warning("grammar compile exceeded its time limit; worker replaced",
+                           extra={"fields": {"kind": kind, "timeout_s": round(remaining, 3)}})
+        return refusal
+
+
+def shared_workers() -> CompileWorkers:
+    """The process-wide compile workers (started on first use; :func:`warm_up` starts them)."""
+    with _POOL_LOCK:
+        if "workers" not in _POOL:
+            _POOL["workers"] = CompileWorkers(size=COMPILE_WORKERS)
+        return _POOL["workers"]

@@ -166,3 +166,34 @@ def dangling_refs(schema: Any) -> list[tuple[str, str]]:
         if canonical_ref(schema, ref, names) is None:
             out.append((_pointer(path)[1:] or "/", ref))
     return out
+
+
+def unresolvable_refs(schema: Any) -> list[tuple[str, str]]:
+    """``(pointer of the node, ref)`` for each reference to another document (``http://...``,
+    ``other.json#/x``) and each plain name resolved against another base URI: nothing here
+    fetches them, and xgrammar would leave any value allowed at that place, a weaker constraint
+    than the schema states.
+
+    >>> unresolvable_refs({"properties": {"a": {"$ref": "https://example.com/a.json"}}})
+    [('/properties/a', 'https://example.com/a.json')]
+    >>> unresolvable_refs({"$defs": {"a": {"$id": "other.json"}}, "items": {"$ref": "#a"}})
+    [('/items', '#a')]
+    >>> unresolvable_refs({"items": {"$ref": "#"}, "$defs": {"x": {"$anchor": "x"}}, "not": {"$ref": "#x"}})
+    []
+    """
+    if not isinstance(schema, dict):
+        return []
+    names: dict[str, str] | None = None
+    names_read = False
+    out = []
+    for node, path in schema_nodes(schema):
+        ref = node.get("$ref")
+        if not isinstance(ref, str) or ref == "#" or ref.startswith("#/"):
+            continue
+        if ref.startswith("#"):
+            if not names_read:
+                names, names_read = named_subschemas(schema), True
+            if names is not None:
+                continue  # judged by dangling_refs
+        out.append((_pointer(path)[1:] or "/", ref))
+    return out
