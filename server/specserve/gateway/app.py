@@ -52,6 +52,7 @@ class Gateway:
         self.pool = ReplicaPool(
             config.replicas, client=self.client, metrics=metrics, dns=config.replicas_dns,
             interval_s=config.health_interval_s, timeout_s=config.connect_timeout_s,
+            probe_timeout_s=config.health_timeout_s,
         )
         self.proxy = Proxy(
             self.pool, metrics, max_attempts=config.max_attempts,
