@@ -58,6 +58,8 @@ class SoakConfig:
     drafter: str = "hydra"
     num_speculative_tokens: int = 4
     max_num_seqs: int = 8
+    dtype: str = "float32"
+    """Engine dtype of both runs: greedy equality with the reference is an exact check (fp32)."""
     seed: int = 0
     sample_every_s: float = 30.0
     max_rss_growth_mb: float = 100.0
@@ -138,7 +140,7 @@ def running_serve(config: SoakConfig, drafter: str, log_dir: Path) -> Iterator[S
            "--drafter", drafter, "--num-speculative-tokens", str(config.num_speculative_tokens)]
     if config.model:
         cmd += ["--model", config.model]
-    cmd += ["--", "--max-num-seqs", str(config.max_num_seqs), "--seed", str(config.seed)]
+    cmd += ["--", "--max-num-seqs", str(config.max_num_seqs), "--seed", str(config.seed), "--dtype", config.dtype]
     log_path = log_dir / f"serve-{drafter}-{port}.log"
     log.info("starting specserve serve", extra={"fields": {"drafter": drafter, "port": port, "log": str(log_path)}})
     with open(log_path, "wb") as out:
@@ -331,6 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", default=d.drafter, help="serve's --drafter for the soak")
     parser.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    parser.add_argument("--dtype", default=d.dtype, help="engine dtype (greedy equality is exact in float32)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the request mix and the engine")
     parser.add_argument("--sample-every", type=float, default=d.sample_every_s,
                         help="seconds between RSS/fd samples (and progress lines)")
@@ -343,7 +346,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SoakConfig:
     return SoakConfig(duration_s=args.duration, concurrency=args.concurrency, drafter=args.drafter,
                       num_speculative_tokens=args.num_speculative_tokens, max_num_seqs=args.max_num_seqs,
-                      seed=args.seed, sample_every_s=args.sample_every, max_rss_growth_mb=args.max_rss_growth_mb,
+                      dtype=args.dtype, seed=args.seed, sample_every_s=args.sample_every, max_rss_growth_mb=args.max_rss_growth_mb,
                       model=args.model, log_dir=args.log_dir)
 
 
