@@ -1,18 +1,23 @@
 """Kill a real vLLM replica under load behind ``specserve gateway``, then bring it back.
 
 Two vLLM engines (the demo model, CPU) run as their own process groups and ``specserve gateway``
-runs in front of both as a subprocess, all on free 127.0.0.1 ports. Under a mix of streaming and
-non-streaming requests (official ``openai`` client) one engine's whole process group is frozen
-(so the test does not race the engines, whatever the machine's speed), then SIGKILLed:
+runs in front of both as a subprocess, all on free 127.0.0.1 ports. The test sets the engines' pace
+itself instead of racing them: both engine groups are frozen (SIGSTOP) before anything is routed, so
+every request stays open where the gateway placed it, whatever the machine's speed. Then:
 
-- requests that had not started streaming succeed (retried on the other replica);
-- streams that were on the killed engine end with an OpenAI-shaped error event, the others complete;
-- nothing hangs (every wait is bounded), ``/ready`` stays 200, the replica-health gauge reads 0.
+- the victim alone is resumed until both of its streams have received tokens, frozen again, and
+  SIGKILLed with its streams and non-streaming requests open;
+- non-streaming requests open at the victim, and those sent after the kill, succeed in full on the
+  other replica (counted as retries);
+- the victim's streams end with an OpenAI-shaped ``engine_failed`` error event, the others complete;
+- ``/ready`` stays 200 with the victim marked down and its replica-health gauge at 0.
 
 An engine restarted on the same port is marked up again and serves requests again (its own
 ``vllm:request_success`` counter, which starts at 0 in the new process, goes up).
 
-A client that disconnects mid-stream freeing the engine's slot is proven in ``test_serve.py``.
+Every wait is on a condition the test observes (the gateway's own per-replica open-request gauge,
+tokens received per stream), bounded, and fails with what it saw. A client that disconnects
+mid-stream freeing the engine's slot is proven in ``test_serve.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import openai
@@ -35,13 +41,23 @@ from specserve.engine.process import EngineProcess, EngineSpec, free_port
 from specserve_process import running_gateway
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODEL_NAME = "specserve-demo"
 ENGINE_START_TIMEOUT_S = 600.0  # two engines starting at once on a busy 2-core machine
-STREAM_TOKENS = 400  # longer than it takes to start the four streams one after the other
+# Long enough that no request at the victim can finish in the moment between its streams' first
+# tokens and the victim's second freeze (checked, not assumed: the test fails saying so).
+STREAM_TOKENS = 400
 UNARY_TOKENS = 300
+STREAMS, UNARIES, LATER_UNARIES = 4, 6, 2
+# Every request open at one engine runs in the same batch (none waits for another to finish).
+MAX_NUM_SEQS = STREAMS + UNARIES + LATER_UNARIES
+# Generous bounds for a busy 2-core machine: a wait that reaches one has failed, whatever the speed.
+WAIT_S = 120.0
+FINISH_S = 600.0
 FULL = {"ignore_eos": True}  # a fixed number of tokens whatever the model prefers
 ERROR_KEYS = {"message", "type", "param", "code"}
+IN_FLIGHT = "specserve_gateway_replica_in_flight_requests"
 
 
 @dataclass
@@ -56,7 +72,8 @@ class Cluster:
 
 def _engine(model_dir: Path, port: int, log_dir: Path, name: str) -> EngineProcess:
     spec = EngineSpec(model=str(model_dir), port=port, served_model_name=MODEL_NAME, device="cpu",
-                      max_model_len=512, extra_args=("--max-num-seqs", "4", "--seed", "0"))
+                      max_model_len=512,
+                      extra_args=("--max-num-seqs", str(MAX_NUM_SEQS), "--seed", "0"))
     return EngineProcess(spec, log_path=str(log_dir / f"engine-{name}-{port}.log"))
 
 
@@ -68,16 +85,20 @@ def _start_engines(engines: list[EngineProcess]) -> None:
         engine.wait_ready(timeout_s=ENGINE_START_TIMEOUT_S)
 
 
-def _wait_until(check: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.25) -> None:
+def _wait_until(check: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1,
+                seen: Callable[[], object] | None = None) -> None:
+    """Poll ``check`` until true; fail after ``timeout_s`` naming ``what`` and the last observation."""
     deadline = time.monotonic() + timeout_s
+    last: object = None
     while time.monotonic() < deadline:
         try:
             if check():
                 return
-        except httpx.HTTPError:
-            pass
+            last = seen() if seen is not None else None
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
         time.sleep(interval_s)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
+    raise AssertionError(f"{what}: not within {timeout_s} s (last seen: {last})")
 
 
 def _ready_replicas(gateway_url: str) -> dict[str, bool]:
@@ -102,10 +123,14 @@ def cluster(demo_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
     engines = {name: _engine(demo_model_dir, free_port(), tmp_path, name) for name in ("a", "b")}
     try:
         _start_engines(list(engines.values()))
-        args = ["--request-timeout", "120", "--drain-timeout", "5", "--expose-replica-addresses"]
+        # A frozen engine accepts connections (the kernel does) but answers nothing: probes wait as
+        # long as the test may freeze it, so it is not marked down before the test kills it.
+        args = ["--request-timeout", str(FINISH_S), "--health-timeout", str(FINISH_S),
+                "--drain-timeout", "5", "--expose-replica-addresses"]
         with running_gateway([e.spec.url for e in engines.values()], args, tmp_path) as url:
             result = Cluster(engines, url, tmp_path)
-            _wait_until(lambda: all(_ready_replicas(url).values()), 60, "both replicas up")
+            _wait_until(lambda: all(_ready_replicas(url).values()), 60, "both replicas up",
+                        seen=lambda: _ready_replicas(url))
             yield result
     finally:
         for engine in engines.values():
@@ -115,23 +140,37 @@ def cluster(demo_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
 
 
 # -- load -------------------------------------------------------------------------------------
-async def _stream(client: openai.AsyncOpenAI, i: int, started: asyncio.Event) -> str:
+@dataclass
+class StreamProgress:
+    """Chunks (of one or more tokens) each stream has received so far; ``on_token(i, n)`` runs in the
+    event loop per chunk."""
+
+    tokens: list[int] = field(default_factory=lambda: [0] * STREAMS)
+    on_token: Callable[[int, int], None] = lambda i, n: None
+
+    def started(self) -> set[int]:
+        return {i for i, n in enumerate(self.tokens) if n > 0}
+
+
+async def _stream(client: openai.AsyncOpenAI, i: int, progress: StreamProgress) -> str:
     """One streaming completion: ``"complete"``, or ``"error"`` after an OpenAI-shaped error event."""
     stream = await client.completions.create(
         model=MODEL_NAME, prompt=f"def f{i}(x):\n", max_tokens=STREAM_TOKENS, temperature=0,
-        stream=True, extra_body=FULL)
-    tokens, finish = 0, None
+        stream=True, stream_options={"include_usage": True}, extra_body=FULL)
+    finish, generated = None, None
     try:
         async for chunk in stream:
-            if chunk.choices:
-                started.set()
-                tokens += 1
+            if chunk.choices:  # one chunk may carry several tokens
+                progress.tokens[i] += 1
+                progress.on_token(i, progress.tokens[i])
                 finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage is not None:
+                generated = chunk.usage.completion_tokens
     except openai.APIError as exc:
         assert isinstance(exc.body, dict) and set(exc.body) == ERROR_KEYS, exc.body
-        assert exc.body["code"] == "engine_failed" and tokens > 0
+        assert exc.body["code"] == "engine_failed", exc.body
         return "error"
-    assert finish == "length", (tokens, finish)
+    assert finish == "length" and generated == STREAM_TOKENS, (generated, finish)
     return "complete"
 
 
@@ -146,8 +185,23 @@ async def _unary(client: openai.AsyncOpenAI, i: int) -> int:
 
 def _in_flight(cluster: Cluster) -> dict[str, float]:
     """The gateway's own open-request count at each engine, by engine name."""
-    return {name: _metric(cluster.gateway_url, "specserve_gateway_replica_in_flight_requests",
-                          {"replica": cluster.engine_url(name)}) for name in cluster.engines}
+    text = httpx.get(f"{cluster.gateway_url}/metrics", timeout=10, trust_env=False).text
+    by_url = {s.labels.get("replica"): s.value for f in text_string_to_metric_families(text)
+              if f.name == IN_FLIGHT for s in f.samples}
+    return {name: by_url.get(cluster.engine_url(name), -1.0) for name in cluster.engines}
+
+
+async def _wait_in_flight(cluster: Cluster, total: int, what: str) -> dict[str, float]:
+    """Poll the gateway's per-engine open-request gauge until it sums to ``total``; return it."""
+    seen: dict[str, float] = {}
+
+    def check() -> bool:
+        seen.update(_in_flight(cluster))
+        return sum(seen.values()) == total
+
+    await asyncio.to_thread(_wait_until, check, WAIT_S, f"{what}: {total} requests open at the gateway",
+                            0.05, lambda: dict(seen))
+    return dict(seen)
 
 
 def _signal_engine(cluster: Cluster, name: str, sig: signal.Signals) -> None:
@@ -156,59 +210,109 @@ def _signal_engine(cluster: Cluster, name: str, sig: signal.Signals) -> None:
     os.killpg(engine.proc.pid, sig)
 
 
-async def _kill_under_load(cluster: Cluster) -> tuple[str, list[str], list[int], float]:
-    """Streams on both engines, unary requests in flight at one of them, then SIGKILL its group.
+async def _finish(tasks: list[asyncio.Task[T]], what: str, detail: Callable[[], object]) -> list[T]:
+    """Await all ``tasks`` within ``FINISH_S``; on timeout fail naming how many were still open."""
+    done, pending = await asyncio.wait(tasks, timeout=FINISH_S)
+    for task in pending:
+        task.cancel()
+    failed = [task.exception() for task in done if task.exception() is not None]
+    if failed:
+        raise failed[0]  # type: ignore[misc]
+    if pending:
+        raise AssertionError(f"{what}: {len(pending)} of {len(tasks)} not finished within {FINISH_S} s "
+                             f"({detail()})")
+    return [task.result() for task in tasks]
 
-    Nothing here depends on how fast the engines are. Streams start one at a time, each after the
-    previous one's first token, so least-loaded routing puts two on each engine. The victim is then
-    frozen (SIGSTOP): its streams stall mid-way and nothing it holds can finish. Unary requests
-    follow; routing sends some of them to the frozen victim (its load is no higher than the
-    other's), and the test waits until the gateway counts one open there. Only then is the frozen
-    group SIGKILLed. Returns ``(victim, stream outcomes, unary completion token counts,
-    unary requests open at the victim when it died)``.
+
+@dataclass
+class LoadResult:
+    victim: str
+    streams: list[str]
+    victim_streams: set[int]
+    unaries: list[int]
+    unary_open_at_victim: int
+
+
+async def _kill_under_load(cluster: Cluster, victim: str, survivor: str) -> LoadResult:
+    """Streams and non-streaming requests placed on two frozen engines, then SIGKILL of one.
+
+    With both engines frozen, nothing the gateway routes can finish, so the gateway's open-request
+    gauge counts every request where it was placed: least-loaded routing by open requests (ties
+    round-robin) puts half of each kind on each engine. The victim alone is then resumed until its
+    two streams have received tokens (the survivor is frozen, so they can only be the victim's),
+    frozen again at once, checked to have finished nothing, and SIGKILLed.
     """
     client = openai.AsyncOpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0,
-                                timeout=120)
+                                timeout=FINISH_S)
+    progress = StreamProgress()
     try:
+        for name in cluster.engines:
+            _signal_engine(cluster, name, signal.SIGSTOP)
         streams: list[asyncio.Task[str]] = []
-        for i in range(4):
-            started = asyncio.Event()
-            streams.append(asyncio.create_task(_stream(client, i, started)))
-            await asyncio.wait_for(started.wait(), timeout=120)
-        victim = "a"
-        _signal_engine(cluster, victim, signal.SIGSTOP)
-        streams_at = await asyncio.to_thread(_in_flight, cluster)
-        assert streams_at[victim] == 2, f"streams per engine: {streams_at}"
-        unaries = [asyncio.create_task(_unary(client, i)) for i in range(6)]
-        at_victim: list[float] = []
+        for i in range(STREAMS):
+            streams.append(asyncio.create_task(_stream(client, i, progress)))
+            streams_at = await _wait_in_flight(cluster, i + 1, f"stream {i} routed")
+        assert streams_at == {victim: STREAMS / 2, survivor: STREAMS / 2}, f"streams per engine: {streams_at}"
+        unaries: list[asyncio.Task[int]] = []
+        for i in range(UNARIES):
+            unaries.append(asyncio.create_task(_unary(client, i)))
+            open_at = await _wait_in_flight(cluster, STREAMS + i + 1, f"unary request {i} routed")
+        unaries_at = {name: open_at[name] - streams_at[name] for name in open_at}
+        assert unaries_at == {victim: UNARIES / 2, survivor: UNARIES / 2}, f"unary requests per engine: {unaries_at}"
 
-        def unary_open_at_victim() -> bool:
-            at_victim[:] = [_in_flight(cluster)[victim] - streams_at[victim]]
-            return at_victim[0] >= 1
+        # Resume the victim alone; freeze it again as soon as both of its streams have a token.
+        refrozen = asyncio.Event()
 
-        # Bounded: the victim is frozen, so a unary request routed to it stays open until killed.
-        await asyncio.to_thread(_wait_until, unary_open_at_victim, 30,
-                                "a unary request is open at the frozen engine", 0.05)
+        def on_token(i: int, n: int) -> None:
+            if n == 1 and len(progress.started()) == STREAMS // 2 and not refrozen.is_set():
+                _signal_engine(cluster, victim, signal.SIGSTOP)
+                refrozen.set()
+
+        progress.on_token = on_token
+        _signal_engine(cluster, victim, signal.SIGCONT)
+        try:
+            await asyncio.wait_for(refrozen.wait(), timeout=WAIT_S)
+        except TimeoutError as exc:
+            raise AssertionError(f"the resumed victim's two streams did not both get a token within "
+                                 f"{WAIT_S} s (chunks per stream: {progress.tokens})") from exc
+        victim_streams = progress.started()
+        frozen_at = await asyncio.to_thread(_in_flight, cluster)
+        finished = [t for t in streams + unaries if t.done()]
+        assert frozen_at == open_at and not finished, (
+            f"a request at the victim finished before it was frozen again (open per engine {frozen_at}, "
+            f"before {open_at}; chunks per stream {progress.tokens}): raise STREAM_TOKENS / UNARY_TOKENS "
+            "for this machine's speed")
+
         _signal_engine(cluster, victim, signal.SIGKILL)
         engine = cluster.engines[victim]
         assert engine.proc is not None
-        await asyncio.to_thread(engine.proc.wait, 10)
-        log.info("engine killed", extra={"fields": {"replica": cluster.engine_url(victim),
-                                                    "unary_open": at_victim[0]}})
-        later = [asyncio.create_task(_unary(client, 10 + i)) for i in range(2)]
-        stream_results = await asyncio.wait_for(asyncio.gather(*streams), timeout=150)
-        unary_results = await asyncio.wait_for(asyncio.gather(*unaries, *later), timeout=300)
-        return victim, list(stream_results), list(unary_results), at_victim[0]
+        await asyncio.to_thread(engine.proc.wait, WAIT_S)
+        log.info("engine killed", extra={"fields": {"replica": cluster.engine_url(victim), "open": frozen_at,
+                                                    "stream_chunks": list(progress.tokens)}})
+        progress.on_token = lambda i, n: None
+        _signal_engine(cluster, survivor, signal.SIGCONT)
+        later = [asyncio.create_task(_unary(client, 10 + i)) for i in range(LATER_UNARIES)]
+        stream_results = await _finish(streams, "streams", lambda: f"chunks per stream {progress.tokens}")
+        unary_results = await _finish(unaries + later, "unary requests",
+                                      lambda: f"open per engine {_in_flight(cluster)}")
+        return LoadResult(victim, stream_results, victim_streams, unary_results, int(unaries_at[victim]))
     finally:
         await client.close()
 
 
-def _assert_replica_down(cluster: Cluster, victim: str) -> None:
-    url = cluster.engine_url(victim)
-    replicas = _ready_replicas(cluster.gateway_url)  # still 200: the other replica serves
-    assert replicas[url] is False and replicas[cluster.engine_url("b" if victim == "a" else "a")] is True
-    up = _metric(cluster.gateway_url, "specserve_gateway_replica_up_ratio", {"replica": url})
-    assert up == 0.0
+def _up_gauge(cluster: Cluster, name: str) -> float:
+    return _metric(cluster.gateway_url, "specserve_gateway_replica_up_ratio", {"replica": cluster.engine_url(name)})
+
+
+def _wait_replica_state(cluster: Cluster, name: str, up: bool) -> None:
+    """Until ``/ready`` (200 throughout: the other replica serves) and the health gauge show ``name`` up/down."""
+    url = cluster.engine_url(name)
+
+    def seen() -> object:
+        return {"ready": _ready_replicas(cluster.gateway_url), "up_gauge": _up_gauge(cluster, name)}
+
+    _wait_until(lambda: _ready_replicas(cluster.gateway_url)[url] is up and _up_gauge(cluster, name) == float(up),
+                WAIT_S, f"replica {url} marked {'up' if up else 'down'}", 0.2, seen)
 
 
 def _assert_restarted_engine_serves(cluster: Cluster, victim: str, model_dir: Path) -> None:
@@ -216,31 +320,35 @@ def _assert_restarted_engine_serves(cluster: Cluster, victim: str, model_dir: Pa
     engine = _engine(model_dir, cluster.engines[victim].spec.port, cluster.log_dir, f"{victim}2")
     cluster.engines[victim] = engine
     _start_engines([engine])
-    _wait_until(lambda: _ready_replicas(cluster.gateway_url)[url], 30, "restarted replica marked up")
-    _wait_until(lambda: _metric(cluster.gateway_url, "specserve_gateway_replica_up_ratio",
-                                {"replica": url}) == 1.0, 10, "replica-health gauge back to 1")
+    _wait_replica_state(cluster, victim, up=True)
 
     async def burst() -> list[int]:
         client = openai.AsyncOpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused",
-                                    max_retries=0, timeout=120)
+                                    max_retries=0, timeout=FINISH_S)
         try:
-            return await asyncio.wait_for(
-                asyncio.gather(*(_unary(client, 20 + i) for i in range(4))), timeout=150)
+            tasks = [asyncio.create_task(_unary(client, 20 + i)) for i in range(4)]
+            return await _finish(tasks, "requests after the restart", lambda: _in_flight(cluster))
         finally:
             await client.close()
 
     assert asyncio.run(burst()) == [UNARY_TOKENS] * 4
-    assert _metric(url, "vllm:request_success") >= 1  # the new engine process served some of them
+    served = _metric(url, "vllm:request_success")
+    assert served >= 1, f"the restarted engine served none of 4 requests (vllm:request_success {served})"
 
 
 def test_kill_a_replica_under_load_then_restart_it(cluster: Cluster, demo_model_dir: Path) -> None:
+    victim, survivor = "a", "b"
     retries_before = _metric(cluster.gateway_url, "specserve_gateway_retries")
-    victim, streams, unaries, open_at_victim = asyncio.run(_kill_under_load(cluster))
-    log.info("load results", extra={"fields": {"streams": streams, "unaries": unaries}})
-    # Every non-streaming request succeeded in full, those open at the killed engine on the other.
-    assert unaries == [UNARY_TOKENS] * len(unaries)
-    # The two streams on the killed engine ended with an error event; the two others completed.
-    assert sorted(streams) == ["complete", "complete", "error", "error"], streams
-    assert _metric(cluster.gateway_url, "specserve_gateway_retries") - retries_before >= open_at_victim
-    _assert_replica_down(cluster, victim)
+    result = asyncio.run(_kill_under_load(cluster, victim, survivor))
+    log.info("load results", extra={"fields": {"streams": result.streams, "unaries": result.unaries}})
+    # Every non-streaming request succeeded in full: those open at the killed engine, and those sent
+    # after it died, on the other replica.
+    assert result.unaries == [UNARY_TOKENS] * (UNARIES + LATER_UNARIES), result.unaries
+    # Exactly the streams that were streaming from the killed engine ended with an error event.
+    errored = {i for i, outcome in enumerate(result.streams) if outcome == "error"}
+    assert errored == result.victim_streams and len(errored) == STREAMS // 2, result.streams
+    retries = _metric(cluster.gateway_url, "specserve_gateway_retries") - retries_before
+    assert retries >= result.unary_open_at_victim, (retries, result.unary_open_at_victim)
+    _wait_replica_state(cluster, victim, up=False)
+    assert _ready_replicas(cluster.gateway_url)[cluster.engine_url(survivor)] is True
     _assert_restarted_engine_serves(cluster, victim, demo_model_dir)

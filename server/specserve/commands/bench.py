@@ -15,6 +15,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "drafters": ("drafters", "drafters: tau, tokens/s and speedup vs no speculation"),
     "gateway": ("gateway_overhead", "gateway overhead vs direct engine under concurrent streams"),
     "spec-policy": ("spec_policy", "goodput speculation length vs a fixed one, same engine"),
+    "soak": ("soak", "mixed traffic through specserve serve for a bounded time, every answer checked"),
 }
 
 

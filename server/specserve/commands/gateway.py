@@ -54,6 +54,8 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before 504")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")
+    g.add_argument("--health-timeout", type=float, default=5.0,
+                   help="seconds a health probe waits for an engine; 3 slow probes in a row mark it down")
     h = parser.add_argument_group("client connections")
     h.add_argument("--max-connections", type=int, default=2048,
                    help="open client connections at once; more are answered 503 and closed")
@@ -195,7 +197,7 @@ def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str |
         max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
         max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
         max_in_flight=args.max_in_flight, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
-        drain_timeout_s=args.drain_timeout, spec_policy=args.spec_policy, spec_k_max=args.spec_k_max,
+        drain_timeout_s=args.drain_timeout, health_timeout_s=args.health_timeout, spec_policy=args.spec_policy, spec_k_max=args.spec_k_max,
         spec_step_base_ms=step_base_ms, spec_step_token_ms=step_token_ms,
     )
 

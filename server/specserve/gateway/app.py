@@ -54,6 +54,7 @@ class Gateway:
             config.replicas, client=self.client, metrics=metrics, dns=config.replicas_dns,
             interval_s=config.health_interval_s, timeout_s=config.connect_timeout_s,
             expose_addresses=config.expose_replica_addresses,
+            probe_timeout_s=config.health_timeout_s,
         )
         self.proxy = Proxy(
             self.pool, metrics, max_attempts=config.max_attempts,

@@ -47,6 +47,9 @@ class GatewayConfig(BaseModel):
     """Period of the background health check and engine-metrics scrape."""
     connect_timeout_s: float = Field(default=2.0, gt=0)
     """Time allowed to open a connection to an engine before it is marked down."""
+    health_timeout_s: float = Field(default=5.0, gt=0)
+    """Time a health probe may wait for an engine's answer; three slow or failed probes in a row mark
+    the replica down (a refused connection marks it down at once)."""
     request_timeout_s: float = Field(default=600.0, gt=0)
     """Upper bound on waiting for an engine's response bytes (504 when exceeded)."""
     max_attempts: int = Field(default=3, ge=1)

@@ -120,6 +120,7 @@ class ReplicaPool:
         dns: str | None = None,
         interval_s: float = 1.0,
         timeout_s: float = 2.0,
+        probe_timeout_s: float = 5.0,
         down_after: int = 3,
         expose_addresses: bool = False,
     ) -> None:
@@ -130,7 +131,7 @@ class ReplicaPool:
         self.dns = dns
         self.interval_s = interval_s
         # A busy engine may answer probes slowly: a slow probe is not a dead engine.
-        self.timeout = httpx.Timeout(max(5.0, timeout_s), connect=timeout_s)
+        self.timeout = httpx.Timeout(max(probe_timeout_s, timeout_s), connect=timeout_s)
         self.down_after = down_after
         self.replicas: dict[str, Replica] = {}
         self._rr = 0
