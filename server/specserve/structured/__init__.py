@@ -1,11 +1,13 @@
-"""Structured outputs: request pre-checks for response_format / regex / choice / grammar.
+"""Structured outputs: request pre-checks for response_format / regex / choice / grammar / tools.
 
 :func:`precheck` runs in the gateway before a request is forwarded. It refuses, with a 400 that
 names the request parameter and the schema keyword's JSON pointer, constraints that an engine
 would reject or that could tie it up: malformed envelopes, oversized or deeply nested schemas,
 regexes whose automata explode, schema features vLLM's xgrammar backend does not support, and
 anything that does not compile (tokenizer-free xgrammar compile with a time limit, answers cached
-by content hash).
+by content hash). Every tool's ``function.parameters`` gets the same JSON-schema check
+(:mod:`.tools`), reported under ``tools[i].function.parameters`` with code
+``invalid_function_parameters``.
 
 Example:
     >>> precheck({"response_format": {"type": "text"}}, "chat") is None
@@ -36,9 +38,12 @@ from specserve.structured.request import (
     normalize_legacy,
 )
 from specserve.structured.schema_refs import dangling_refs
+from specserve.structured.tools import asks_strict_tool, mark_strict_tools, tool_constraints
 
-__all__ = ["SchemaLimits", "aprecheck", "asks_strict", "configure", "mark_strict", "normalize_legacy",
-           "precheck", "warm_up"]
+__all__ = ["SchemaLimits", "aprecheck", "asks_strict", "asks_strict_tool", "configure", "mark_strict",
+           "mark_strict_tools", "normalize_legacy", "precheck", "warm_up"]
+
+TOOL_PARAMETERS_CODE = "invalid_function_parameters"
 
 ROUTES = ("chat", "completions")
 
@@ -172,6 +177,13 @@ def precheck(
     active = limits or _STATE["limits"]
     for c in constraints(body):
         _check_one(c, active)
+    for c in tool_constraints(body):
+        try:
+            _check_one(c, active)
+        except APIError as err:
+            if err.status == 400:
+                err.code = TOOL_PARAMETERS_CODE
+            raise
 
 
 async def aprecheck(
@@ -184,6 +196,6 @@ async def aprecheck(
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    if not constraints(body):
+    if not constraints(body) and not tool_constraints(body):
         return
     await asyncio.to_thread(precheck, body, route, limits=limits)
