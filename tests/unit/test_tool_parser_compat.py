@@ -14,6 +14,7 @@ pytest.importorskip("vllm")
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest  # noqa: E402
 from vllm.tool_parsers.abstract_tool_parser import ToolParserManager  # noqa: E402
 
+from specserve.structured.engine_grammar import STRICT_KEYWORD  # noqa: E402
 from specserve_vllm.compat import tool_parser  # noqa: E402
 from specserve_vllm.compat.upstream import UpstreamFunction  # noqa: E402
 
@@ -72,6 +73,12 @@ def test_forced_calls_get_the_json_schema_and_keep_special_tokens_skipped(tokeni
     required = _request(tools=TOOLS, tool_choice="required")
     schema = _parser(tokenizer, required).adjust_request(required).structured_outputs.json
     assert schema["type"] == "array" and schema["minItems"] == 1
+    # each call's envelope is closed; the strict reading only when every tool asks for it
+    assert [b["additionalProperties"] for b in schema["items"]["anyOf"]] == [False]
+    assert STRICT_KEYWORD not in schema
+    strict_tools = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}]
+    strict = _request(tools=strict_tools, tool_choice="required")
+    assert _parser(tokenizer, strict).adjust_request(strict).structured_outputs.json[STRICT_KEYWORD] is True
 
 
 def test_whole_answers_with_calls_text_or_both(tokenizer: Any) -> None:

@@ -10,7 +10,10 @@ server where tools are optional:
 * a held-back tail is flushed when the end-of-sequence token arrives;
 * special tokens stay skipped (the markers are plain text here, unlike Hermes models' own tokens);
 * ``tool_choice`` named / ``required`` keep vLLM's grammar-forced JSON path
-  (``supports_required_and_named``), which works with any model.
+  (``supports_required_and_named``), which works with any model; for ``required`` the
+  ``{"name", "parameters"}`` envelope of each call is closed (vLLM leaves it open, and under the
+  JSON-Schema reading a model may then add names to it without end), and when every tool says
+  ``strict: true`` the whole array gets the strict reading.
 
 vLLM loads it with ``--tool-parser-plugin specserve_vllm.compat.tool_parser`` (``specserve serve``
 passes both flags); importing the module registers the name. It relies on the Hermes parser's
@@ -64,7 +67,13 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
     def adjust_request(self, request: Any) -> Any:
         # The Hermes parser turns skip_special_tokens off for its special tag tokens; the demo
         # model's tags are text, and its role markers must stay out of the answer.
-        return ToolParser.adjust_request(self, request)
+        request = ToolParser.adjust_request(self, request)
+        if getattr(request, "tool_choice", None) == "required":
+            so = getattr(request, "structured_outputs", None)
+            if so is not None and isinstance(so.json, dict):
+                strict = all(getattr(t.function, "strict", None) is True for t in request.tools or [])
+                so.json = close_call_envelopes(so.json, strict=strict)
+        return request
 
     def extract_tool_calls_streaming(
         self,
@@ -90,6 +99,26 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
                 return DeltaMessage(content=rest)
             delta.content = (delta.content or "") + rest
         return delta
+
+
+def close_call_envelopes(schema: dict[str, Any], *, strict: bool) -> dict[str, Any]:
+    """vLLM's ``required`` array schema with each ``{"name", "parameters"}`` item closed, and the
+    strict keyword at the root when ``strict``.
+
+    >>> s = {"type": "array", "items": {"type": "object", "anyOf": [{"properties": {}, "required": []}]}}
+    >>> close_call_envelopes(s, strict=False)["items"]["anyOf"][0]["additionalProperties"]
+    False
+    """
+    from specserve.structured.engine_grammar import STRICT_KEYWORD
+
+    items = schema.get("items")
+    if not isinstance(items, dict) or not isinstance(items.get("anyOf"), list):
+        return schema
+    closed = [{**b, "additionalProperties": False} if isinstance(b, dict) else b for b in items["anyOf"]]
+    out = {**schema, "items": {**items, "anyOf": closed}}
+    if strict:
+        out[STRICT_KEYWORD] = True
+    return out
 
 
 def register() -> None:
