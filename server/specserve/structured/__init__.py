@@ -1,11 +1,13 @@
-"""Structured outputs: request pre-checks for response_format / regex / choice / grammar.
+"""Structured outputs: request pre-checks for response_format / regex / choice / grammar / tools.
 
 :func:`precheck` runs in the gateway before a request is forwarded. It refuses, with a 400 that
 names the request parameter and the schema keyword's JSON pointer, constraints that an engine
 would reject or that could tie it up: malformed envelopes, oversized or deeply nested schemas,
 regexes whose automata explode, schema features vLLM's xgrammar backend does not support, and
 anything that does not compile (tokenizer-free xgrammar compile with a time limit, answers cached
-by content hash).
+by content hash). Every tool's ``function.parameters`` gets the same JSON-schema check
+(:mod:`.tools`), reported under ``tools[i].function.parameters`` with code
+``invalid_function_parameters``.
 
 Example:
     >>> precheck({"response_format": {"type": "text"}}, "chat") is None
@@ -45,9 +47,12 @@ from specserve.structured.request import (
     normalize_legacy,
 )
 from specserve.structured.schema_refs import dangling_refs, unresolvable_refs
+from specserve.structured.tools import asks_strict_tool, mark_strict_tools, tool_constraints
 
-__all__ = ["SchemaLimits", "aprecheck", "asks_strict", "configure", "mark_strict", "normalize_legacy",
-           "precheck", "warm_up"]
+__all__ = ["SchemaLimits", "aprecheck", "asks_strict", "asks_strict_tool", "configure", "mark_strict",
+           "mark_strict_tools", "normalize_legacy", "precheck", "warm_up"]
+
+TOOL_PARAMETERS_CODE = "invalid_function_parameters"
 
 ROUTES = ("chat", "completions")
 
@@ -231,12 +236,20 @@ def precheck(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     active = limits or _STATE["limits"]
     found = constraints(mark_strict(body))
-    if not found:
+    tool_found = tool_constraints(body)
+    if not found and not tool_found:
         return
     _checker(active).prepare()  # one-time start-up: not part of any request's time
     budget = _Budget(time.monotonic() + active.compile_timeout_s, owner)
     for c in found:
         _check_one(c, active, budget)
+    for c in tool_found:
+        try:
+            _check_one(c, active, budget)
+        except APIError as err:
+            if err.status == 400:
+                err.code = TOOL_PARAMETERS_CODE
+            raise
 
 
 async def aprecheck(
@@ -249,7 +262,7 @@ async def aprecheck(
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    if not constraints(body):
+    if not constraints(body) and not tool_constraints(body):
         return
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(_WAITERS, lambda: precheck(body, route, limits=limits, owner=owner))

@@ -1,0 +1,133 @@
+"""The ``specserve`` tool-call parser: ``--tool-call-parser specserve`` in vLLM's OpenAI server.
+
+The demo model's chat template writes a call as
+``<tool_call>{"name": "f", "arguments": {...}}</tool_call>`` (several in a row for parallel calls),
+the Hermes format, so the parser reuses vLLM's Hermes parser and changes what it gets wrong for a
+server where tools are optional:
+
+* requests without tools (or with ``tool_choice: "none"``) stream their text unchanged: the Hermes
+  parser holds back a trailing ``<`` that might open a tag, and loses it when the answer ends there;
+* a held-back tail is flushed when the end-of-sequence token arrives;
+* special tokens stay skipped (the markers are plain text here, unlike Hermes models' own tokens);
+* ``tool_choice`` named / ``required`` keep vLLM's grammar-forced JSON path
+  (``supports_required_and_named``), which works with any model; for ``required`` the
+  ``{"name", "parameters"}`` envelope of each call is closed (vLLM leaves it open, and under the
+  JSON-Schema reading a model may then add names to it without end), and when every tool says
+  ``strict: true`` the whole array gets the strict reading.
+
+vLLM loads it with ``--tool-parser-plugin specserve_vllm.compat.tool_parser`` (``specserve serve``
+passes both flags); importing the module registers the name. It relies on the Hermes parser's
+streaming internals, so their sources are pinned below (drift test in tests/unit).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from vllm.entrypoints.generate.base.protocol import DeltaMessage
+from vllm.tool_parsers.abstract_tool_parser import ToolParser, ToolParserManager
+from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+
+from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
+
+logger = logging.getLogger(__name__)
+
+PARSER_NAME = "specserve"
+PLUGIN_MODULE = "specserve_vllm.compat.tool_parser"
+
+_HERMES = "vllm.tool_parsers.hermes_tool_parser"
+UPSTREAM = (
+    UpstreamFunction(_HERMES, "Hermes2ProToolParser._extract_content",
+                     "ca5f636da912d8aaa427216de14a8bb81a65539c213eb9c66d17a123906632d5"),
+    UpstreamFunction(_HERMES, "Hermes2ProToolParser.extract_tool_calls_streaming",
+                     "32d9c6c1c79c72335d808096c1d6248b196b8cc36e6344350ace79eb8c66a333"),
+    UpstreamFunction(_HERMES, "Hermes2ProToolParser.extract_tool_calls",
+                     "01020f0bb288fbc3f32246214f29ece8481abf38c59d7fa879b51bbf223294a4"),
+    UpstreamFunction("vllm.tool_parsers.abstract_tool_parser", "ToolParser.adjust_request",
+                     "7f015ae2866b25df4908672f28ff34b67178f6b93276737fc9facce32e0ce95f"),
+)
+
+
+def wants_tools(request: Any) -> bool:
+    """Whether ``request`` offers tools the model may call in its own format."""
+    return bool(getattr(request, "tools", None)) and getattr(request, "tool_choice", None) != "none"
+
+
+class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
+    """Hermes-format calls; plain text passes through untouched when no tools are offered."""
+
+    structural_tag_model = None
+    # The Hermes class turns this off when vLLM's strict tool calling (structural tags, on by
+    # default) is on; named / required here take vLLM's JSON path: the output is the arguments
+    # (or the array of calls), forced by the schema's grammar.
+    supports_required_and_named = True
+
+    def adjust_request(self, request: Any) -> Any:
+        # The Hermes parser turns skip_special_tokens off for its special tag tokens; the demo
+        # model's tags are text, and its role markers must stay out of the answer.
+        request = ToolParser.adjust_request(self, request)
+        if getattr(request, "tool_choice", None) == "required":
+            so = getattr(request, "structured_outputs", None)
+            if so is not None and isinstance(so.json, dict):
+                strict = all(getattr(t.function, "strict", None) is True for t in request.tools or [])
+                so.json = close_call_envelopes(so.json, strict=strict)
+        return request
+
+    def extract_tool_calls_streaming(
+        self,
+        previous_text: str,
+        current_text: str,
+        delta_text: str,
+        previous_token_ids: Sequence[int],
+        current_token_ids: Sequence[int],
+        delta_token_ids: Sequence[int],
+        request: Any,
+    ) -> DeltaMessage | None:
+        if not wants_tools(request):
+            return DeltaMessage(content=delta_text) if delta_text else None
+        delta = super().extract_tool_calls_streaming(
+            previous_text, current_text, delta_text, previous_token_ids, current_token_ids,
+            delta_token_ids, request)
+        eos = getattr(self.model_tokenizer, "eos_token_id", None)
+        if (eos is not None and eos in delta_token_ids and self.tool_call_start_token not in current_text
+                and self._sent_content_idx < len(current_text)):
+            rest = current_text[self._sent_content_idx:]
+            self._sent_content_idx = len(current_text)
+            if delta is None:
+                return DeltaMessage(content=rest)
+            delta.content = (delta.content or "") + rest
+        return delta
+
+
+def close_call_envelopes(schema: dict[str, Any], *, strict: bool) -> dict[str, Any]:
+    """vLLM's ``required`` array schema with each ``{"name", "parameters"}`` item closed, and the
+    strict keyword at the root when ``strict``.
+
+    >>> s = {"type": "array", "items": {"type": "object", "anyOf": [{"properties": {}, "required": []}]}}
+    >>> close_call_envelopes(s, strict=False)["items"]["anyOf"][0]["additionalProperties"]
+    False
+    """
+    from specserve.structured.engine_grammar import STRICT_KEYWORD
+
+    items = schema.get("items")
+    if not isinstance(items, dict) or not isinstance(items.get("anyOf"), list):
+        return schema
+    closed = [{**b, "additionalProperties": False} if isinstance(b, dict) else b for b in items["anyOf"]]
+    out = {**schema, "items": {**items, "anyOf": closed}}
+    if strict:
+        out[STRICT_KEYWORD] = True
+    return out
+
+
+def register() -> None:
+    """Register ``specserve`` with vLLM's ToolParserManager (idempotent)."""
+    if ToolParserManager.tool_parsers.get(PARSER_NAME) is SpecserveToolParser:
+        return
+    warn_if_drifted(__name__, UPSTREAM)
+    ToolParserManager.register_module(PARSER_NAME, module=SpecserveToolParser)
+    logger.debug("registered the specserve tool parser")
+
+
+register()

@@ -1,0 +1,117 @@
+"""The ``specserve`` tool parser inside vLLM's parser layer (no engine): registration, parsing of
+whole and streamed answers, plain text passing through, and the upstream code it relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest  # noqa: E402
+from vllm.tool_parsers.abstract_tool_parser import ToolParserManager  # noqa: E402
+
+from specserve.structured.engine_grammar import STRICT_KEYWORD  # noqa: E402
+from specserve_vllm.compat import tool_parser  # noqa: E402
+from specserve_vllm.compat.upstream import UpstreamFunction  # noqa: E402
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("fn", tool_parser.UPSTREAM, ids=lambda fn: fn.qualname)
+def test_upstream_source_unchanged(fn: UpstreamFunction) -> None:
+    assert fn.digest() == fn.sha256, f"{fn.qualname} changed upstream: review the parser, record {fn.digest()}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from specserve.demo import ARTIFACT_DIR
+
+    return AutoTokenizer.from_pretrained(str(Path(ARTIFACT_DIR)))
+
+
+def _request(**kw: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def _parser(tokenizer: Any, request: ChatCompletionRequest) -> Any:
+    cls = ToolParserManager.get_tool_parser(tool_parser.PARSER_NAME)
+    return cls(tokenizer, request.tools)
+
+
+def _stream(parser: Any, request: ChatCompletionRequest, pieces: list[str], eos: bool = True) -> list[Any]:
+    deltas, text = [], ""
+    for i, piece in enumerate(pieces):
+        ids = [parser.model_tokenizer.eos_token_id] if eos and i == len(pieces) - 1 else [7]
+        delta = parser.extract_tool_calls_streaming(text, text + piece, piece, [], [], ids, request)
+        text += piece
+        if delta is not None:
+            deltas.append(delta)
+    return deltas
+
+
+def test_registered_under_its_name_with_the_json_path_for_forced_calls() -> None:
+    cls = ToolParserManager.get_tool_parser("specserve")
+    assert cls is tool_parser.SpecserveToolParser
+    assert cls.supports_required_and_named is True  # Hermes turns it off under strict tool calling
+    tool_parser.register()  # idempotent
+    assert ToolParserManager.get_tool_parser("specserve") is cls
+
+
+def test_forced_calls_get_the_json_schema_and_keep_special_tokens_skipped(tokenizer: Any) -> None:
+    request = _request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    adjusted = _parser(tokenizer, request).adjust_request(request)
+    assert adjusted.structured_outputs.json == TOOLS[0]["function"]["parameters"]
+    assert adjusted.skip_special_tokens is True
+    required = _request(tools=TOOLS, tool_choice="required")
+    schema = _parser(tokenizer, required).adjust_request(required).structured_outputs.json
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    # each call's envelope is closed; the strict reading only when every tool asks for it
+    assert [b["additionalProperties"] for b in schema["items"]["anyOf"]] == [False]
+    assert STRICT_KEYWORD not in schema
+    strict_tools = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}]
+    strict = _request(tools=strict_tools, tool_choice="required")
+    assert _parser(tokenizer, strict).adjust_request(strict).structured_outputs.json[STRICT_KEYWORD] is True
+
+
+def test_whole_answers_with_calls_text_or_both(tokenizer: Any) -> None:
+    request = _request(tools=TOOLS)
+    parser = _parser(tokenizer, request)
+    out = parser.extract_tool_calls(
+        'Let me look.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>', request)
+    assert out.tools_called and out.content == "Let me look."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in out.tool_calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+    plain = parser.extract_tool_calls("It is sunny.", request)
+    assert not plain.tools_called and plain.content == "It is sunny."
+
+
+def test_streamed_calls_arrive_as_name_then_argument_fragments(tokenizer: Any) -> None:
+    request = _request(tools=TOOLS)
+    pieces = ["Sure.", "<tool", '_call>{"name": "get_', 'weather", "arguments": {"ci', 'ty": "Pa', 'ris"}}',
+              "</tool_call>"]
+    deltas = _stream(_parser(tokenizer, request), request, pieces)
+    content = "".join(d.content or "" for d in deltas)
+    calls = [c for d in deltas for c in d.tool_calls or []]
+    assert content == "Sure."
+    assert calls[0].function.name == "get_weather" and calls[0].id and calls[0].index == 0
+    assert json.loads("".join(c.function.arguments or "" for c in calls)) == {"city": "Paris"}
+
+
+def test_plain_text_streams_unchanged_even_ending_in_a_tag_prefix(tokenizer: Any) -> None:
+    pieces = ["if a ", "<", " b:", " x <"]
+    for request in (_request(), _request(tools=TOOLS, tool_choice="none")):
+        deltas = _stream(_parser(tokenizer, request), request, pieces, eos=False)
+        assert "".join(d.content or "" for d in deltas) == "".join(pieces)
+    # with tools offered, a possible tag is held back until it cannot be one, and flushed at the end
+    request = _request(tools=TOOLS)
+    deltas = _stream(_parser(tokenizer, request), request, pieces)
+    assert "".join(d.content or "" for d in deltas) == "".join(pieces)
