@@ -4,6 +4,8 @@
   step (the ``jitter`` policy: a random length in ``[0, cap]`` per row and step, and whole steps
   off), with requests capped at different ``spec_k`` in the same batch, at batch 1 and 8, for
   Token Recycling and Hydra.
+* The same with the ``goodput`` controller choosing k each step (recycling): outputs equal, and
+  the controller did change k (speculating steps and non-speculative ones, several lengths).
 * A step in which every row has k = 0 takes vLLM's non-speculative branch: the rejection
   sampler and the drafter's ``propose`` are never called, the plain sampler is, and the state
   feeds keep running (the recycling matrix keeps changing). The same engine with drafts calls
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,8 +37,12 @@ SPEC_KS: list[int | None] = [None, 0, 1, 2, 3, None, 4, 2]  # per request of the
 DRAFTERS = ("recycling", "hydra")
 
 
-def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None) -> Any:
-    extra = {"additional_config": {"specserve": {"spec_policy": policy, "seed": 7}}} if policy else {}
+def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None,
+            calibration: str | None = None) -> Any:
+    ours: dict[str, Any] = {"spec_policy": policy, "seed": 7}
+    if calibration:
+        ours["calibration"] = calibration
+    extra = {"additional_config": {"specserve": ours}} if policy else {}
     return local_llm(model_dir, max_num_seqs=8, speculative_config=spec, dtype="float32",
                      per_request_spec_decode_metrics="detailed" if spec else "none", **extra)
 
@@ -73,7 +80,7 @@ class _Spy:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_model_dir: Path) -> Iterator[dict[str, Any]]:
+def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from specserve.heads import demo_heads_dir
 
     out: dict[str, Any] = {}
@@ -92,7 +99,25 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, Any]]:
             out["spies"] = _spied_runs(llm, runner)
         del llm, runner
         gc.collect()
+    llm = _engine(demo_model_dir, speculative_config("recycling", K), policy="goodput",
+                  calibration=str(_break_even_calibration(tmp_path_factory.mktemp("calibration"))))
+    out["goodput"] = _runs(llm)
+    out["goodput"]["stats"] = _runner(llm)._specserve_planner.stats.snapshot()
+    del llm
+    gc.collect()
     yield out
+
+
+def _break_even_calibration(directory: Path) -> Path:
+    """The shipped calibration with a costlier speculative path, so that on this small batch the
+    controller's break-even falls between batch 1 (speculate) and batch 8 (do not)."""
+    from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION
+
+    data = json.loads(DEFAULT_CALIBRATION.read_text())
+    data["cost"].update({"spec": 4.0, "spec_row": 1.5})
+    path = directory / "calibration.json"
+    path.write_text(json.dumps(data))
+    return path
 
 
 def _spied_runs(llm: Any, runner: Any) -> dict[str, Any]:
@@ -148,3 +173,12 @@ def test_all_k0_steps_run_without_drafter_or_rejection_sampler(runs: dict[str, A
     on = spied["counts_on"]
     assert on["rejection"] > 0 and on["propose"] > 0, on
     assert [list(o.token_ids) for o in spied["on"]] == runs["none"]["batch8"][:2]
+
+
+def test_goodput_controller_changes_k_and_outputs_stay_identical(runs: dict[str, Any]) -> None:
+    assert runs["goodput"]["batch1"] == runs["none"]["batch1"]
+    assert runs["goodput"]["batch8"] == runs["none"]["batch8"]
+    stats = runs["goodput"]["stats"]
+    assert stats["no_spec_steps"] > 0 and stats["drafter_calls"] > 0, stats
+    assert len([k for k, n in stats["k_rows"].items() if n]) >= 2, stats["k_rows"]
+    assert stats["timed_steps"] > 0 and stats["mape"] is not None, stats

@@ -19,6 +19,7 @@ PATCHES: tuple[str, ...] = (
     "cpu_expand_kernel",
     "spec_length",
     "no_spec_step",
+    "step_timer",
     "jump_forward",
     "logits_feed",
     "hidden_feed",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -146,7 +147,9 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
     set_lengths = getattr(drafter, "set_draft_lengths", None)
     if callable(set_lengths):
         set_lengths(lengths)
+    t0 = time.perf_counter()
     drafts = propose()
+    planner.record_drafting(int(lengths.sum()), (time.perf_counter() - t0) * 1e3)
     planner.stats.drafter_calls += 1
     if bool((lengths == planner.num_speculative_tokens).all()):
         return drafts

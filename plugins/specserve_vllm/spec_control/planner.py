@@ -5,13 +5,14 @@ The policy comes from vLLM's ``additional_config`` (``--additional-config``), ke
 
     {"specserve": {"spec_policy": "goodput", "calibration": "/path/calibration.json"}}
 
-or, when that is absent, from the environment (``SPECSERVE_SPEC_POLICY``,
-``SPECSERVE_CALIBRATION``). Default: ``fixed`` (every decode row drafts its cap), the engine's
+or, when that is absent, from the environment (``SPECSERVE_ENGINE_SPEC_POLICY``,
+``SPECSERVE_ENGINE_CALIBRATION``; not the gateway's ``SPECSERVE_SPEC_POLICY``, which the engine
+process inherits under ``specserve serve``). Default: ``fixed`` (every decode row drafts its cap), the engine's
 behaviour before policies existed. Pure apart from reading that config: no vLLM import.
 
     >>> settings_from({"specserve": {"spec_policy": "off"}}, env={}).policy
     'off'
-    >>> settings_from({}, env={"SPECSERVE_SPEC_POLICY": "goodput"}).policy
+    >>> settings_from({}, env={"SPECSERVE_ENGINE_SPEC_POLICY": "goodput"}).policy
     'goodput'
     >>> settings_from(None, env={}).policy
     'fixed'
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +45,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "specserve"
 """Key of specserve's settings in vLLM's ``additional_config``."""
-POLICY_ENV = "SPECSERVE_SPEC_POLICY"
-CALIBRATION_ENV = "SPECSERVE_CALIBRATION"
+POLICY_ENV = "SPECSERVE_ENGINE_SPEC_POLICY"
+CALIBRATION_ENV = "SPECSERVE_ENGINE_CALIBRATION"
 DEFAULT_POLICY = "fixed"
 
 
@@ -99,11 +101,34 @@ def build_policy(settings: PlannerSettings, num_speculative_tokens: int, drafter
 class StepPlanner:
     """One per runner: turns the batch into a plan through the policy, and counts."""
 
-    def __init__(self, policy: SpecLengthPolicy, num_speculative_tokens: int, log_every: int = 0) -> None:
+    def __init__(self, policy: SpecLengthPolicy, num_speculative_tokens: int, log_every: int = 0,
+                 keep_records: int = 4096) -> None:
         self.policy = policy
         self.num_speculative_tokens = num_speculative_tokens
         self.stats = PlanStats()
         self.log_every = log_every
+        self.records: deque[Any] = deque(maxlen=keep_records)
+        """The last measured steps (``compat.step_timer.StepRecord``), for calibration."""
+        self._draft_timing = (0, 0.0)
+
+    def record_drafting(self, drafts: int, ms: float) -> None:
+        """The drafter ran this step: ``drafts`` tokens in ``ms``."""
+        self._draft_timing = (drafts, ms)
+
+    def take_draft_timing(self) -> tuple[int, float]:
+        """``(drafts, ms)`` of this step's drafting (``(0, 0.0)`` when the drafter did not run)."""
+        timing, self._draft_timing = self._draft_timing, (0, 0.0)
+        return timing
+
+    def observe_step(self, record: Any) -> None:
+        """A measured step: kept, passed to the policy, and its prediction error counted."""
+        self.records.append(record)
+        observe = getattr(self.policy, "observe_step", None)
+        predicted = 0.0
+        if callable(observe):
+            predicted = observe(record.rows, record.tokens, record.ctx_tokens, record.spec,
+                                record.prefill_tokens, record.step_ms, record.drafts, record.draft_ms)
+        self.stats.record_time(predicted, record.total_ms)
 
     def rows(self, req_ids: Sequence[str], spec_ks: Sequence[int | None], sampled: Sequence[int],
              context: np.ndarray) -> StepRows:
@@ -124,6 +149,8 @@ class StepPlanner:
 
     def observe(self, verified: VerifiedRows) -> None:
         if len(verified.req_ids):
+            for _, drafted, accepted in verified.positions():
+                self.stats.record_verified(drafted, accepted)
             self.policy.observe(verified)
 
     def finished(self, req_ids: frozenset[str]) -> None:

@@ -37,6 +37,29 @@ class PlanStats:
     """Sum of |predicted - measured| / measured over timed steps (MAPE = sum / timed_steps)."""
     last_predicted_ms: float = 0.0
     last_measured_ms: float = 0.0
+    position_trials: list[int] = field(default_factory=list)
+    """Per draft position: verifications that tested it (every earlier draft was accepted)."""
+    position_accepted: list[int] = field(default_factory=list)
+    """Per draft position: of those, how many accepted it."""
+
+    def record_verified(self, drafted: int, accepted: int) -> None:
+        """One row's verification: positions ``1..min(accepted + 1, drafted)`` were tested."""
+        tested = min(accepted + 1, drafted)
+        while len(self.position_trials) < tested:
+            self.position_trials.append(0)
+            self.position_accepted.append(0)
+        for j in range(tested):
+            self.position_trials[j] += 1
+            self.position_accepted[j] += int(j < accepted)
+
+    def conditional_acceptance(self) -> list[float]:
+        """Per position: accepted / tested (the rate given every earlier draft held).
+
+        >>> s = PlanStats(); s.record_verified(3, 1); s.record_verified(3, 3)
+        >>> s.conditional_acceptance()
+        [1.0, 0.5, 1.0]
+        """
+        return [round(a / t, 4) if t else 0.0 for a, t in zip(self.position_accepted, self.position_trials)]
 
     def record_plan(self, decode_plan: Iterable[int]) -> None:
         """Count one plan, given the lengths of its decode rows (rows that could draft)."""
@@ -62,4 +85,5 @@ class PlanStats:
     def snapshot(self) -> dict[str, Any]:
         out = asdict(self)
         out["mape"] = self.mape
+        out["conditional_acceptance"] = self.conditional_acceptance()
         return out

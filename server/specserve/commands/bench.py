@@ -15,6 +15,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "drafters": ("drafters", "drafters: tau, tokens/s and speedup vs no speculation"),
     "gateway": ("gateway_overhead", "gateway overhead vs direct engine under concurrent streams"),
     "spec-policy": ("spec_policy", "goodput speculation length vs a fixed one, same engine"),
+    "spec-off": ("spec_off", "every request at k=0 vs an engine without a drafter (interleaved)"),
 }
 
 
