@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-model": ("demo_model", "build (or find) the demo model and print where it is"),
     "heads": ("heads", "train Medusa / Hydra draft heads"),
     "bench": ("bench", "benchmarks (print JSON and a summary line)"),
+    "calibrate": ("calibrate", "fit the engine's step-time model for the goodput policy"),
 }
 
 

@@ -18,6 +18,8 @@ PATCHES: tuple[str, ...] = (
     "dispatcher_rebind",
     "cpu_expand_kernel",
     "spec_length",
+    "no_spec_step",
+    "step_timer",
     "jump_forward",
     "logits_feed",
     "hidden_feed",

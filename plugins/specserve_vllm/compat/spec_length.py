@@ -1,14 +1,27 @@
-"""Per-request speculation length (``extra_args["spec_k"]``) inside vLLM 0.32's V1 runner.
+"""Per-request and per-step speculation length inside vLLM 0.32's V1 runner.
 
-Two seams:
+Seams:
 
-* ``GPUModelRunner.propose_draft_token_ids`` (also the CPU runner's): after the drafter
-  proposes, each request's draft list is cut to its ``spec_k``. The runner hands these lists to
-  the scheduler (``take_draft_token_ids`` -> ``Scheduler.update_draft_token_ids``), which already
-  accepts per-request lengths, so a capped request is scheduled, verified and counted in the
-  per-request spec metrics with only its own drafts; ``spec_k = 0`` drafts nothing.
-  A drafter that returns a ``[num_reqs, k]`` tensor is turned into lists only when some request
-  in the batch sets ``spec_k``.
+* ``GPUModelRunner.propose_draft_token_ids`` (also the CPU runner's) runs after each step's
+  sampling to draft for the next step. Before the drafter runs, the runner's
+  :class:`~specserve_vllm.spec_control.planner.StepPlanner` plans one draft length per row:
+  the policy (``fixed``, ``off``, ``goodput``; see :mod:`specserve_vllm.spec_control`) chooses
+  within each row's cap, the request's ``spec_k`` (``extra_args["spec_k"]``) bounded by the
+  engine's k, 0 for rows that sampled nothing (prefill chunks). The policy first learns what
+  this step verified (drafts scheduled vs tokens sampled per row). Then:
+
+  - a plan of all zeros skips the drafter: every row gets an empty draft, so the next step has
+    no scheduled drafts and takes the non-speculative path
+    (:mod:`specserve_vllm.compat.no_spec_step`). The cheap state feeds are not here and keep
+    running (Token Recycling's matrix in ``logits_feed``, the heads' prefix cache in
+    ``hidden_feed``, whose wrap is outside this one);
+  - otherwise a drafter with ``set_draft_lengths(lengths)`` is told the plan first (it drafts
+    only rows with a length, each only that far), and every draft list is cut to its length
+    afterwards (drafters without the method, e.g. vLLM's n-gram, draft in full and are cut).
+
+  The runner hands the lists to the scheduler (``take_draft_token_ids`` ->
+  ``Scheduler.update_draft_token_ids``), which accepts per-request lengths, so a row is
+  scheduled, verified and counted in the per-request spec metrics with only its own drafts.
 * ``InputProcessor._validate_params``: an invalid ``spec_k`` (not an int, negative) is rejected
   when the request is added, as a ``VLLMValidationError`` (HTTP 400 in vLLM's server), instead
   of reaching the engine loop. The runner side treats an invalid value as absent, so it can
@@ -18,17 +31,25 @@ Two seams:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from specserve_vllm.compat.upstream import live_source_digests
+import numpy as np
 
+from specserve_vllm.compat.upstream import live_source_digests
 from specserve_vllm.drafters.spec_length import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
+from specserve_vllm.spec_control.plan import VerifiedRows
+from specserve_vllm.spec_control.planner import StepPlanner, build_policy, settings_from
 
 logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_spec_length"
+_PLANNER_ATTR = "_specserve_planner"
+ARGUMENTS: tuple[str, ...] = ("scheduler_output", "sampled_token_ids")
+"""Arguments of ``propose_draft_token_ids`` the wrap reads (checked by the drift test)."""
 
 # sha256 of the upstream source each patch relies on (see tests/unit/test_spec_k_drift.py).
 UPSTREAM_SHA256: dict[str, str] = {
@@ -79,6 +100,66 @@ def _cap_runner_drafts(runner: Any, drafts: Any) -> Any:
     return cap_drafts(rows, caps)
 
 
+def runner_planner(runner: Any) -> StepPlanner:
+    """The runner's planner, built on first use from its ``vllm_config``."""
+    planner = getattr(runner, _PLANNER_ATTR, None)
+    if planner is None:
+        settings = settings_from(getattr(runner.vllm_config, "additional_config", None))
+        k = int(runner.speculative_config.num_speculative_tokens)
+        policy = build_policy(settings, k, type(getattr(runner, "drafter", None)).__name__)
+        planner = StepPlanner(policy, k, log_every=settings.log_every)
+        setattr(runner, _PLANNER_ATTR, planner)
+        logger.info("speculation length policy", extra={"fields": {"policy": policy.name, "k": k}})
+    return planner
+
+
+def verified_rows(scheduler_output: Any, req_ids: list[str], sampled: list[list[int]]) -> VerifiedRows:
+    """Per row that verified drafts this step: drafts scheduled and how many were accepted
+    (tokens sampled minus the bonus/correction token)."""
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    ids, drafted, accepted = [], [], []
+    for req_id, tokens in zip(req_ids, sampled):
+        d = len(spec.get(req_id, ()))
+        if d and tokens:
+            ids.append(req_id)
+            drafted.append(d)
+            accepted.append(min(len(tokens) - 1, d))
+    return VerifiedRows(req_ids=tuple(ids), drafted=np.array(drafted, dtype=np.int64),
+                        accepted=np.array(accepted, dtype=np.int64))
+
+
+def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
+                propose: Callable[[], Any]) -> Any:
+    """Plan this step's draft lengths, then draft (or not) accordingly; see the module docstring."""
+    planner = runner_planner(runner)
+    req_ids = list(runner.input_batch.req_ids)
+    if not isinstance(sampled, list):  # a tensor of sampled ids: a GPU drafter, cap afterwards only
+        return _cap_runner_drafts(runner, propose())
+    planner.finished(frozenset(scheduler_output.finished_req_ids))
+    planner.observe(verified_rows(scheduler_output, req_ids, sampled))
+    n = len(req_ids)
+    rows = planner.rows(req_ids, request_caps(runner), [len(t) for t in sampled[:n]],
+                        runner.input_batch.num_tokens_no_spec[:n])
+    lengths = planner.plan(rows)
+    if not lengths.any():
+        return [[] for _ in range(n)]
+    drafter = getattr(runner, "drafter", None)
+    set_lengths = getattr(drafter, "set_draft_lengths", None)
+    if callable(set_lengths):
+        set_lengths(lengths)
+    t0 = time.perf_counter()
+    drafts = propose()
+    planner.record_drafting(int(lengths.sum()), (time.perf_counter() - t0) * 1e3)
+    planner.stats.drafter_calls += 1
+    if bool((lengths == planner.num_speculative_tokens).all()):
+        return drafts
+    rows_out = drafts.tolist() if hasattr(drafts, "tolist") else drafts
+    if len(rows_out) != n:
+        logger.warning("draft plan not applied: %d draft rows for %d requests", len(rows_out), n)
+        return drafts
+    return cap_drafts(rows_out, lengths.tolist())
+
+
 def apply() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
@@ -89,10 +170,13 @@ def apply() -> None:
         return
 
     propose = GPUModelRunner.propose_draft_token_ids
+    signature = inspect.signature(propose)
 
     @functools.wraps(propose)
     def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return _cap_runner_drafts(self, propose(self, *args, **kwargs))
+        bound = signature.bind(self, *args, **kwargs).arguments
+        return plan_drafts(self, *(bound[name] for name in ARGUMENTS),
+                           lambda: propose(self, *args, **kwargs))
 
     setattr(propose_draft_token_ids, _MARK, True)
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids  # type: ignore[method-assign]

@@ -2,7 +2,8 @@
 
 A request may carry ``SamplingParams.extra_args["spec_k"]`` (over HTTP: ``vllm_xargs``): an int
 ``>= 0`` capping that request's draft length for every drafter; ``0`` turns speculation off for
-the request; absent means the engine's ``num_speculative_tokens``. Pure functions, no vLLM.
+the request; absent means the engine's ``num_speculative_tokens``. A drafter learns each step's
+planned lengths through ``set_draft_lengths`` (:class:`PlannedLengths`). Pure, no vLLM.
 
     >>> parse_spec_k({"spec_k": 2}), parse_spec_k(None), parse_spec_k({})
     (2, None, None)
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 SPEC_K_KEY = "spec_k"
 """The ``extra_args`` / ``vllm_xargs`` key."""
@@ -57,3 +60,37 @@ def cap_drafts(drafts: Sequence[Sequence[int]], caps: Sequence[int | None]) -> l
     if len(drafts) != len(caps):
         raise ValueError(f"{len(drafts)} drafts but {len(caps)} caps")
     return [list(d) if c is None else list(d[:c]) for d, c in zip(drafts, caps)]
+
+
+class PlannedLengths:
+    """A drafter's per-step plan: the lengths handed in by ``set_draft_lengths``, used once.
+
+    The runner's planner calls ``set_draft_lengths`` right before ``propose``; ``propose`` takes
+    the plan (``None`` when none was set or it does not fit the batch) and drafts each row only
+    that far, skipping rows at 0.
+
+    >>> p = PlannedLengths()
+    >>> p.set([2, 0, 4]); p.take(3).tolist(), p.take(3)
+    ([2, 0, 4], None)
+    >>> p.set([1]); p.take(2) is None
+    True
+    """
+
+    def __init__(self) -> None:
+        self._lengths: np.ndarray | None = None
+
+    def set(self, lengths: Sequence[int] | np.ndarray) -> None:
+        self._lengths = np.asarray(lengths, dtype=np.int64)
+
+    def take(self, num_reqs: int) -> np.ndarray | None:
+        lengths, self._lengths = self._lengths, None
+        return lengths if lengths is not None and lengths.shape[0] == num_reqs else None
+
+
+def bounded_room(room: np.ndarray, planned: np.ndarray | None) -> np.ndarray:
+    """Each row's drafting room (model length, engine k) further bounded by the plan.
+
+    >>> bounded_room(np.array([4, 4, 1]), np.array([2, 0, 3])).tolist()
+    [2, 0, 1]
+    """
+    return room if planned is None else np.minimum(room, planned)

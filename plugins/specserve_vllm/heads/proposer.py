@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from specserve_vllm.drafters.spec_length import PlannedLengths, bounded_room
 from specserve_vllm.heads.checkpoint import load_heads
 from specserve_vllm.heads.config import CheckpointError, HeadsConfig, read_config
 from specserve_vllm.heads.prefix_cache import PrefixCache
@@ -86,6 +87,7 @@ class HeadsProposer:
         self._hidden: torch.Tensor | None = None
         self.prefix_cache: PrefixCache | None = None
         self._req_ids: list[str] = []
+        self._planned = PlannedLengths()
 
     @property
     def needs_positions(self) -> bool:
@@ -128,6 +130,13 @@ class HeadsProposer:
         return torch.stack([z.to(device=hidden.device, dtype=hidden.dtype) if z is not None else hidden[i]
                             for i, z in enumerate(rows)])
 
+    def set_draft_lengths(self, lengths: Any) -> None:
+        """This step's planned draft length per row (``[num_reqs]``), used by the next ``propose``.
+
+        Rows planned at 0 are not drafted; the heads run only as deep as the longest plan.
+        The prefix cache is fed by ``observe_positions`` whatever the plan."""
+        self._planned.set(lengths)
+
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
         num_reqs = len(sampled_token_ids)
@@ -136,6 +145,7 @@ class HeadsProposer:
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         n = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)
         room = np.minimum(self.num_speculative_tokens, self.max_model_len - n)
+        room = bounded_room(room, self._planned.take(num_reqs))  # [num_reqs]
         rows = [r for r in range(num_reqs) if sampled_token_ids[r] and room[r] > 0]
         if not rows or hidden is None or hidden.shape[0] != num_reqs or self.heads is None:
             return drafts
@@ -143,7 +153,8 @@ class HeadsProposer:
         index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
         first = torch.tensor([sampled_token_ids[r][-1] for r in rows], dtype=torch.long, device=hidden.device)
         states = hidden.index_select(0, index).to(self.lm_head.dtype)
-        tokens = self.heads.draft(states, first, self.lm_head, self.embed, self.num_speculative_tokens)
+        depth = int(max(room[r] for r in rows))
+        tokens = self.heads.draft(states, first, self.lm_head, self.embed, depth)
         for r, chain in zip(rows, tokens.tolist()):
             drafts[r] = chain[: int(room[r])]
         return drafts

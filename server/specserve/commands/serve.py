@@ -50,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default on the demo model: heads trained for it, cached)")
     e.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="with --drafter: tokens drafted per step (requests may lower it with spec_k)")
+    e.add_argument("--engine-spec-policy", choices=("goodput", "fixed", "off"), default=None,
+                   help="with a drafter: the engine's per-step draft lengths: goodput = chosen each step "
+                        "for the batch from measured step time and acceptance (SmartSpec), fixed = each "
+                        "request's spec_k or the engine's k, off = never speculate (default: fixed). "
+                        "The gateway's --spec-policy is the per-request level")
+    e.add_argument("--calibration", default=None, metavar="FILE",
+                   help="step-time calibration for --engine-spec-policy goodput (`specserve calibrate`; "
+                        "default: the demo model's, shipped)")
     t = parser.add_argument_group("tool calling (docs/tools.md)")
     t.add_argument("--tool-call-parser", default=None, metavar="NAME",
                    help="vLLM tool-call parser for the model's format (hermes, llama3_json, mistral, ...; "
@@ -185,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or served_name_for(model, is_demo=args.model is None),
         device=detect_device() if args.device == "auto" else args.device,
         speculative_config=args.speculative_config,
+        spec_policy=args.engine_spec_policy,
+        calibration=args.calibration,
         max_model_len=args.max_model_len,
         extra_args=tuple(extra),
         env=tuple(env.items()),

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -67,6 +68,11 @@ class EngineSpec:
     """``None``: on for CPU (torch.compile costs ~80 s at start there), vLLM's default on GPU."""
     structured_outputs_config: str | None = DEFAULT_STRUCTURED_OUTPUTS
     """vLLM's ``--structured-outputs-config``; compact JSON is what the strict-JSON patch expects."""
+    spec_policy: str | None = None
+    """The engine's per-step draft-length policy (``goodput``, ``fixed``, ``off``; None: the
+    engine's default, ``fixed``); passed in vLLM's ``--additional-config``."""
+    calibration: str | None = None
+    """Step-time calibration JSON for the ``goodput`` policy (None: the shipped demo one)."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     """Extra environment variables for the engine (e.g. the head checkpoint of a head drafter)."""
@@ -121,6 +127,9 @@ def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
         # per-request acceptance in each response (`metrics.speculative_decoding`) for the gateway
         cmd += ["--speculative-config", spec.speculative_config,
                 "--per-request-spec-decode-metrics", "summary"]
+        ours = {k: v for k, v in (("spec_policy", spec.spec_policy), ("calibration", spec.calibration)) if v}
+        if ours:
+            cmd += ["--additional-config", json.dumps({"specserve": {**ours, "log_every": 2000}})]
     if spec.structured_outputs_config:
         cmd += ["--structured-outputs-config", spec.structured_outputs_config]
     if spec.tool_parser_plugin:

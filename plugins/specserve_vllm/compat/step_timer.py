@@ -1,0 +1,126 @@
+"""Measure each engine step and hand it to the spec-length planner (speculative engines only).
+
+vLLM 0.32's V1 runner runs a step as ``execute_model(scheduler_output)`` (forward) followed by
+``sample_tokens(grammar_output)`` (sampling, bookkeeping and drafting for the next step). Two
+wraps on ``GPUModelRunner`` (the CPU runner inherits them) time that pair with
+``time.perf_counter`` and describe the step (:class:`StepRecord`): rows, scheduled tokens,
+context tokens, whether it verified drafts (the speculative path), drafts verified, prefill
+tokens, and the drafting time the planner measured around the drafter. The planner's policy uses
+it to correct its step-time model; the planner's stats keep predicted vs measured.
+``execute_model`` returning early (nothing scheduled) leaves a stale start that the next call
+overwrites; ``sample_tokens`` without a pending start records nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from specserve_vllm.compat.upstream import live_source_digests
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_specserve_step_timer"
+_START_ATTR = "_specserve_step_start"
+
+# sha256 of the upstream source the wraps rely on (see tests/unit/test_goodput_engine_parts.py):
+# a step is execute_model then sample_tokens, and sample_tokens drafts before returning.
+UPSTREAM_SHA256: dict[str, str] = {
+    "GPUModelRunner.execute_model": "e058bf791a298e988db79e75c180c5474cd4884623d87c8fe600a89b6289d1aa",
+    "GPUModelRunner.sample_tokens": "047e6a4738dead564fe9b997672e5737a9af3514a1b07fbc87c9f7df6a372d1b",
+}
+
+
+def _targets() -> dict[str, Callable[..., Any]]:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return {"GPUModelRunner.execute_model": GPUModelRunner.execute_model,
+            "GPUModelRunner.sample_tokens": GPUModelRunner.sample_tokens}
+
+
+def upstream_digests() -> dict[str, str]:
+    """sha256 of the (unpatched) source of every function this patch depends on."""
+    return live_source_digests(_targets())
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One measured step (times in ms; ``total_ms`` includes ``draft_ms``)."""
+
+    rows: int
+    tokens: int
+    ctx_tokens: int
+    spec: bool
+    drafts_verified: int
+    prefill_tokens: int
+    total_ms: float
+    drafts: int
+    """Tokens drafted for the next step."""
+    draft_ms: float
+
+    @property
+    def step_ms(self) -> float:
+        """Forward and sampling (the step without drafting for the next one)."""
+        return max(self.total_ms - self.draft_ms, 0.0)
+
+
+def describe(scheduler_output: Any, req_ids: list[str], ctx_tokens: int) -> dict[str, Any]:
+    """Rows, tokens, spec flag, verified drafts and prefill tokens of a scheduled step.
+
+    A decode row schedules ``1 + drafts`` tokens; everything else scheduled is prefill.
+    """
+    scheduled = scheduler_output.num_scheduled_tokens
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    drafts = decode_tokens = 0
+    for r in req_ids:
+        d = len(spec.get(r, ()))
+        drafts += d
+        if scheduled.get(r, 0) == 1 + d:
+            decode_tokens += 1 + d
+    tokens = int(scheduler_output.total_num_scheduled_tokens)
+    return {"rows": len(req_ids), "tokens": tokens, "ctx_tokens": ctx_tokens, "spec": drafts > 0,
+            "drafts_verified": drafts, "prefill_tokens": tokens - decode_tokens}
+
+
+def apply() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner.sample_tokens, _MARK, False):
+        return
+    execute = GPUModelRunner.execute_model
+    sample = GPUModelRunner.sample_tokens
+
+    @functools.wraps(execute)
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.speculative_config is not None:
+            setattr(self, _START_ATTR, (time.perf_counter(), scheduler_output))
+        return execute(self, scheduler_output, *args, **kwargs)
+
+    @functools.wraps(sample)
+    def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+        pending = getattr(self, _START_ATTR, None)
+        setattr(self, _START_ATTR, None)
+        if pending is not None:
+            # Described before sampling: the batch's rows and context are still this step's.
+            req_ids = list(self.input_batch.req_ids)
+            ctx = int(self.input_batch.num_tokens_no_spec[: len(req_ids)].sum())
+            step = describe(pending[1], req_ids, ctx)
+        out = sample(self, *args, **kwargs)
+        if pending is not None:
+            from specserve_vllm.compat.spec_length import runner_planner
+
+            planner = runner_planner(self)
+            drafts, draft_ms = planner.take_draft_timing()
+            planner.observe_step(StepRecord(total_ms=(time.perf_counter() - pending[0]) * 1e3,
+                                            drafts=drafts, draft_ms=draft_ms, **step))
+        return out
+
+    for fn in (execute_model, sample_tokens):
+        setattr(fn, _MARK, True)
+    GPUModelRunner.execute_model = execute_model  # type: ignore[method-assign]
+    GPUModelRunner.sample_tokens = sample_tokens  # type: ignore[method-assign]
+    logger.debug("installed the step timer")

@@ -1,0 +1,158 @@
+"""The engine's per-step spec-length planner: policy choice from the engine config, plus stats.
+
+The policy comes from vLLM's ``additional_config`` (``--additional-config``), key
+``specserve``::
+
+    {"specserve": {"spec_policy": "goodput", "calibration": "/path/calibration.json"}}
+
+or, when that is absent, from the environment (``SPECSERVE_ENGINE_SPEC_POLICY``,
+``SPECSERVE_ENGINE_CALIBRATION``; not the gateway's ``SPECSERVE_SPEC_POLICY``, which the engine
+process inherits under ``specserve serve``). Default: ``fixed`` (every decode row drafts its cap), the engine's
+behaviour before policies existed. Pure apart from reading that config: no vLLM import.
+
+    >>> settings_from({"specserve": {"spec_policy": "off"}}, env={}).policy
+    'off'
+    >>> settings_from({}, env={"SPECSERVE_ENGINE_SPEC_POLICY": "goodput"}).policy
+    'goodput'
+    >>> settings_from(None, env={}).policy
+    'fixed'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from specserve_vllm.spec_control.plan import (
+    POLICIES,
+    FixedPolicy,
+    JitterPolicy,
+    OffPolicy,
+    SpecLengthPolicy,
+    StepRows,
+    VerifiedRows,
+    clip_plan,
+)
+from specserve_vllm.spec_control.stats import PlanStats
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "specserve"
+"""Key of specserve's settings in vLLM's ``additional_config``."""
+POLICY_ENV = "SPECSERVE_ENGINE_SPEC_POLICY"
+CALIBRATION_ENV = "SPECSERVE_ENGINE_CALIBRATION"
+DEFAULT_POLICY = "fixed"
+
+
+class InvalidSpecPolicy(ValueError):
+    """An unknown ``spec_policy`` name."""
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """How the engine chooses draft lengths each step."""
+
+    policy: str = DEFAULT_POLICY
+    """One of :data:`~specserve_vllm.spec_control.plan.POLICIES`."""
+    calibration: str | None = None
+    """Step-time calibration JSON for ``goodput`` (None: the shipped default)."""
+    seed: int = 0
+    """Seed of the ``jitter`` policy."""
+    log_every: int = 0
+    """Log plan statistics every this many steps (0: never)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise InvalidSpecPolicy(f"spec_policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+
+
+def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) -> PlannerSettings:
+    """:class:`PlannerSettings` from vLLM's ``additional_config`` or, failing that, ``env``."""
+    env = os.environ if env is None else env
+    ours = additional_config.get(CONFIG_KEY) if isinstance(additional_config, Mapping) else None
+    ours = ours if isinstance(ours, Mapping) else {}
+    return PlannerSettings(
+        policy=str(ours.get("spec_policy") or env.get(POLICY_ENV) or DEFAULT_POLICY),
+        calibration=ours.get("calibration") or env.get(CALIBRATION_ENV) or None,
+        seed=int(ours.get("seed", 0)),
+        log_every=int(ours.get("log_every", 0)),
+    )
+
+
+def build_policy(settings: PlannerSettings, num_speculative_tokens: int, drafter: str) -> SpecLengthPolicy:
+    """The policy object ``settings`` names (``drafter``: the proposer's class name, for priors)."""
+    if settings.policy == "off":
+        return OffPolicy()
+    if settings.policy == "jitter":
+        return JitterPolicy(settings.seed)
+    if settings.policy == "goodput":
+        from specserve_vllm.spec_control.goodput import GoodputPolicy
+
+        return GoodputPolicy.from_settings(settings, num_speculative_tokens, drafter)
+    return FixedPolicy()
+
+
+class StepPlanner:
+    """One per runner: turns the batch into a plan through the policy, and counts."""
+
+    def __init__(self, policy: SpecLengthPolicy, num_speculative_tokens: int, log_every: int = 0,
+                 keep_records: int = 4096) -> None:
+        self.policy = policy
+        self.num_speculative_tokens = num_speculative_tokens
+        self.stats = PlanStats()
+        self.log_every = log_every
+        self.records: deque[Any] = deque(maxlen=keep_records)
+        """The last measured steps (``compat.step_timer.StepRecord``), for calibration."""
+        self._draft_timing = (0, 0.0)
+
+    def record_drafting(self, drafts: int, ms: float) -> None:
+        """The drafter ran this step: ``drafts`` tokens in ``ms``."""
+        self._draft_timing = (drafts, ms)
+
+    def take_draft_timing(self) -> tuple[int, float]:
+        """``(drafts, ms)`` of this step's drafting (``(0, 0.0)`` when the drafter did not run)."""
+        timing, self._draft_timing = self._draft_timing, (0, 0.0)
+        return timing
+
+    def observe_step(self, record: Any) -> None:
+        """A measured step: kept, passed to the policy, and its prediction error counted."""
+        self.records.append(record)
+        observe = getattr(self.policy, "observe_step", None)
+        predicted = 0.0
+        if callable(observe):
+            predicted = observe(record.rows, record.tokens, record.ctx_tokens, record.spec,
+                                record.prefill_tokens, record.step_ms, record.drafts, record.draft_ms)
+        self.stats.record_time(predicted, record.total_ms)
+
+    def rows(self, req_ids: Sequence[str], spec_ks: Sequence[int | None], sampled: Sequence[int],
+             context: np.ndarray) -> StepRows:
+        """:class:`StepRows`: a row's cap is its ``spec_k`` (or the engine's k), bounded by the
+        engine's k, and 0 unless it sampled a token this step (a decode row next step)."""
+        k = self.num_speculative_tokens
+        caps = np.array([0 if not n else (k if c is None else min(c, k)) for c, n in zip(spec_ks, sampled)],
+                        dtype=np.int64)
+        return StepRows(req_ids=tuple(req_ids), caps=caps, context=np.asarray(context, dtype=np.int64))
+
+    def plan(self, rows: StepRows) -> np.ndarray:
+        """``[n]`` draft lengths for the next step (clipped to the caps) and count them."""
+        lengths = clip_plan(self.policy.plan(rows), rows.caps)
+        self.stats.record_plan(lengths[rows.caps > 0].tolist())
+        if self.log_every and self.stats.steps % self.log_every == 0:
+            logger.info("spec plan", extra={"fields": {"policy": self.policy.name, **self.stats.snapshot()}})
+        return lengths
+
+    def observe(self, verified: VerifiedRows) -> None:
+        if len(verified.req_ids):
+            for _, drafted, accepted in verified.positions():
+                self.stats.record_verified(drafted, accepted)
+            self.policy.observe(verified)
+
+    def finished(self, req_ids: frozenset[str]) -> None:
+        if req_ids:
+            self.policy.finished(req_ids)

@@ -1,0 +1,89 @@
+"""Counters of the per-step speculation plan, kept by the engine and read by tests and logs.
+
+One :class:`PlanStats` per runner: how many steps were planned, how many ran with no
+speculation at all, how often the drafter ran, the histogram of per-row draft lengths, and (for
+the goodput policy) predicted against measured step time.
+
+    >>> s = PlanStats()
+    >>> s.record_plan([0, 0, 0]); s.record_plan([2, 0, 4])
+    >>> s.steps, s.no_spec_steps, s.k_rows
+    (2, 1, {0: 4, 2: 1, 4: 1})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PlanStats:
+    """Running totals since the engine started (plain ints: cheap, picklable)."""
+
+    steps: int = 0
+    """Plans made (one per step that drafted or could have)."""
+    no_spec_steps: int = 0
+    """Plans of all zeros: the next step runs without speculation."""
+    drafter_calls: int = 0
+    """Times the drafter's ``propose`` ran."""
+    decode_rows: int = 0
+    """Decode rows over all plans (mean batch = decode_rows / steps)."""
+    k_rows: dict[int, int] = field(default_factory=dict)
+    """Decode rows planned at each draft length."""
+    timed_steps: int = 0
+    """Steps with both a prediction and a measurement."""
+    abs_pct_error_sum: float = 0.0
+    """Sum of |predicted - measured| / measured over timed steps (MAPE = sum / timed_steps)."""
+    last_predicted_ms: float = 0.0
+    last_measured_ms: float = 0.0
+    position_trials: list[int] = field(default_factory=list)
+    """Per draft position: verifications that tested it (every earlier draft was accepted)."""
+    position_accepted: list[int] = field(default_factory=list)
+    """Per draft position: of those, how many accepted it."""
+
+    def record_verified(self, drafted: int, accepted: int) -> None:
+        """One row's verification: positions ``1..min(accepted + 1, drafted)`` were tested."""
+        tested = min(accepted + 1, drafted)
+        while len(self.position_trials) < tested:
+            self.position_trials.append(0)
+            self.position_accepted.append(0)
+        for j in range(tested):
+            self.position_trials[j] += 1
+            self.position_accepted[j] += int(j < accepted)
+
+    def conditional_acceptance(self) -> list[float]:
+        """Per position: accepted / tested (the rate given every earlier draft held).
+
+        >>> s = PlanStats(); s.record_verified(3, 1); s.record_verified(3, 3)
+        >>> s.conditional_acceptance()
+        [1.0, 0.5, 1.0]
+        """
+        return [round(a / t, 4) if t else 0.0 for a, t in zip(self.position_accepted, self.position_trials)]
+
+    def record_plan(self, decode_plan: Iterable[int]) -> None:
+        """Count one plan, given the lengths of its decode rows (rows that could draft)."""
+        lengths = [int(k) for k in decode_plan]
+        self.steps += 1
+        self.decode_rows += len(lengths)
+        if not any(lengths):
+            self.no_spec_steps += 1
+        for k in lengths:
+            self.k_rows[k] = self.k_rows.get(k, 0) + 1
+
+    def record_time(self, predicted_ms: float, measured_ms: float) -> None:
+        self.last_predicted_ms, self.last_measured_ms = predicted_ms, measured_ms
+        if measured_ms > 0 and predicted_ms > 0:
+            self.timed_steps += 1
+            self.abs_pct_error_sum += abs(predicted_ms - measured_ms) / measured_ms
+
+    @property
+    def mape(self) -> float | None:
+        """Mean absolute percentage error of the step-time prediction (None before any)."""
+        return self.abs_pct_error_sum / self.timed_steps if self.timed_steps else None
+
+    def snapshot(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mape"] = self.mape
+        out["conditional_acceptance"] = self.conditional_acceptance()
+        return out

@@ -1,0 +1,181 @@
+"""Predicted engine step time: a calibrated linear model, corrected online from measured steps.
+
+A step's time (ms) is its forward and sampling, plus the drafting that prepares the next step:
+
+    step  = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000
+            + [spec] * (spec + spec_row * rows)
+    draft = [drafts > 0] * (draft + draft_token * drafts)
+
+``tokens``: tokens the step schedules (decode rows * (1 + k) plus prefill tokens); ``rows``:
+requests in the step; ``ctx_tokens``: their context lengths summed; ``spec``: the step verifies
+drafts (vLLM's speculative path: spec metadata and the rejection sampler), a fixed cost the whole
+batch pays once any row speculates; ``drafts``: tokens drafted for the next step. The
+coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
+demo model's ship with the plugin). Online, one EWMA of measured / predicted per (spec on/off,
+batch bucket) corrects them, so load on a shared machine and a calibration from another one
+still give close predictions.
+
+    >>> c = StepCost(base=5.0, per_token=0.5, per_row=1.0, context=0.0, spec=2.0, spec_row=0.25,
+    ...              draft=0.5, draft_token=0.05)
+    >>> c.step_ms(rows=4, tokens=4, ctx_tokens=0, spec=False), c.step_ms(4, 12, 0, True)
+    (11.0, 18.0)
+    >>> m = StepTimeModel(c, alpha=0.5); m.observe(4, 4, 0, False, measured_ms=22.0)
+    >>> m.step_ms(4, 4, 0, False)
+    16.5
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Upper bounds of the batch-size buckets of the online correction."""
+
+
+def bucket(rows: int) -> int:
+    """Index of the smallest bucket holding ``rows``.
+
+    >>> bucket(1), bucket(3), bucket(8), bucket(1000)
+    (0, 2, 3, 8)
+    """
+    for i, b in enumerate(BUCKETS):
+        if rows <= b:
+            return i
+    return len(BUCKETS) - 1
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Calibrated coefficients, all in milliseconds (see the module docstring)."""
+
+    base: float
+    per_token: float
+    per_row: float
+    context: float
+    """Per 1000 context tokens in the batch."""
+    spec: float
+    spec_row: float
+    draft: float
+    draft_token: float
+
+    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool) -> float:
+        t = self.base + self.per_token * tokens + self.per_row * rows + self.context * ctx_tokens / 1000.0
+        return t + (self.spec + self.spec_row * rows if spec else 0.0)
+
+    def draft_ms(self, drafts: int) -> float:
+        return self.draft + self.draft_token * drafts if drafts > 0 else 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepCost:
+        return cls(**{f.name: float(data[f.name]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``specserve calibrate`` writes: coefficients, and per-drafter acceptance priors."""
+
+    cost: StepCost
+    drafter_cost: dict[str, tuple[float, float]]
+    """Drafter class name -> (draft, draft_token) ms, overriding ``cost``'s drafting terms."""
+    acceptance: dict[str, list[float]]
+    """Drafter class name -> conditional acceptance per draft position (engine-wide prior)."""
+    source: str = ""
+
+    def for_drafter(self, drafter: str) -> tuple[StepCost, list[float] | None]:
+        cost = self.cost
+        if drafter in self.drafter_cost:
+            d, dt = self.drafter_cost[drafter]
+            cost = StepCost(**{**asdict(cost), "draft": d, "draft_token": dt})
+        return cost, self.acceptance.get(drafter)
+
+    def to_json(self) -> str:
+        return json.dumps({"cost": asdict(self.cost), "drafter_cost": self.drafter_cost,
+                           "acceptance": self.acceptance, "source": self.source}, indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(cost=StepCost.from_dict(data["cost"]),
+                   drafter_cost={k: (float(v[0]), float(v[1])) for k, v in data.get("drafter_cost", {}).items()},
+                   acceptance={k: [float(x) for x in v] for k, v in data.get("acceptance", {}).items()},
+                   source=str(data.get("source", "")))
+
+
+DEFAULT_CALIBRATION = Path(__file__).with_name("calibration_demo.json")
+"""Calibration of the demo model on a 2-core CPU (``specserve calibrate``), shipped."""
+
+
+class StepTimeModel:
+    """:class:`StepCost` times an online EWMA correction per (spec on/off, batch bucket)."""
+
+    def __init__(self, cost: StepCost, alpha: float = 0.1) -> None:
+        self.cost = cost
+        self.alpha = alpha
+        self.correction = np.ones((2, len(BUCKETS)))  # [spec, bucket]
+        self.draft_correction = 1.0
+
+    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool) -> float:
+        return float(self.cost.step_ms(rows, tokens, ctx_tokens, spec) * self.correction[int(spec), bucket(rows)])
+
+    def draft_ms(self, drafts: int) -> float:
+        return float(self.cost.draft_ms(drafts) * self.draft_correction)
+
+    def cycle_ms(self, rows: int, tokens: int, ctx_tokens: int, drafts: np.ndarray) -> np.ndarray:
+        """Step plus drafting time for each total draft count in ``drafts`` (vectorised).
+
+        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1))
+        >>> m.cycle_ms(1, 1, 0, np.array([0, 1, 4])).round(2).tolist()
+        [6.0, 9.6, 12.9]
+        """
+        n = np.asarray(drafts, dtype=np.float64)
+        off = self.step_ms(rows, tokens, ctx_tokens, False)
+        on = self.step_ms(rows, tokens, ctx_tokens, True)
+        slope = self.cost.per_token * self.correction[1, bucket(rows)]
+        draft = (self.cost.draft + self.cost.draft_token * n) * self.draft_correction
+        return np.where(n > 0, on + slope * n + draft, off)
+
+    def observe(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, measured_ms: float) -> None:
+        """Move the correction of this step's (spec, bucket) toward measured / calibrated."""
+        raw = self.cost.step_ms(rows, tokens, ctx_tokens, spec)
+        if raw <= 0 or measured_ms <= 0:
+            return
+        i, b = int(spec), bucket(rows)
+        self.correction[i, b] += self.alpha * (measured_ms / raw - self.correction[i, b])
+
+    def observe_draft(self, drafts: int, measured_ms: float) -> None:
+        raw = self.cost.draft_ms(drafts)
+        if raw > 0 and measured_ms > 0:
+            self.draft_correction += self.alpha * (measured_ms / raw - self.draft_correction)
+
+
+def fit_cost(records: list[dict[str, float]]) -> StepCost:
+    """Least-squares :class:`StepCost` from measured steps (``rows, tokens, ctx_tokens, spec,
+    step_ms``, and ``drafts, draft_ms`` for the drafting terms). Coefficients are kept >= 0."""
+    x = np.array([[1.0, r["tokens"], r["rows"], r["ctx_tokens"] / 1000.0, float(r["spec"]),
+                   float(r["spec"]) * r["rows"]] for r in records])
+    y = np.array([r["step_ms"] for r in records])
+    coef = _nonneg_lstsq(x, y)
+    drafting = [r for r in records if r.get("drafts", 0) > 0]
+    dcoef = (_nonneg_lstsq(np.array([[1.0, r["drafts"]] for r in drafting]),
+                           np.array([r["draft_ms"] for r in drafting])) if len(drafting) >= 2 else [0.0, 0.0])
+    return StepCost(base=coef[0], per_token=coef[1], per_row=coef[2], context=coef[3], spec=coef[4],
+                    spec_row=coef[5], draft=dcoef[0], draft_token=dcoef[1])
+
+
+def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:
+    """Least squares with negative coefficients dropped and the rest refitted."""
+    keep = np.ones(x.shape[1], dtype=bool)
+    coef = np.zeros(x.shape[1])
+    for _ in range(x.shape[1]):
+        sol, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
+        coef[:] = 0.0
+        coef[keep] = sol
+        if (sol >= 0).all():
+            break
+        keep[np.flatnonzero(keep)[np.argmin(sol)]] = False
+    return [round(float(c), 5) for c in coef]

@@ -1,0 +1,132 @@
+"""``specserve bench spec-off``: the cost of a drafter whose requests all run at k = 0.
+
+A speculative engine whose every request sets ``spec_k = 0`` should run as fast as an engine
+without a drafter (its steps take vLLM's non-speculative path: no drafting, no rejection
+sampler). This benchmark keeps one in-process engine per arm alive — ``none`` and, for each
+drafter, that drafter with every request at ``spec_k = 0`` — and runs the arms interleaved in a
+new random order in every repetition, at each batch size, on the same prompts (the demo model's
+held-out stdlib files, greedy, ``--max-tokens`` new tokens). On a machine shared with other
+work, absolute tokens/s drift; the paired ratio arm / ``none`` within one repetition is the
+figure to read (its median and range over repetitions are reported).
+
+JSON on stdout; one summary line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
+    parser.add_argument("--drafters", default="recycling,hydra", help="drafters run with every request at k=0")
+    parser.add_argument("--k", type=int, default=4, help="the drafters' engine-wide k")
+    parser.add_argument("--medusa-heads", default=None, help="Medusa head checkpoint (default: the demo model's)")
+    parser.add_argument("--hydra-heads", default=None, help="Hydra head checkpoint (default: the demo model's)")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=192)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every arm")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arm order")
+
+
+def paired_ratios(runs: list[dict[str, float]], arm: str, base: str = "none") -> dict[str, float]:
+    """Median, min and max over repetitions of ``run[arm] / run[base]``.
+
+    >>> paired_ratios([{"none": 100.0, "a": 95.0}, {"none": 80.0, "a": 80.0}], "a")
+    {'median': 0.975, 'min': 0.95, 'max': 1.0}
+    """
+    ratios = [r[arm] / r[base] for r in runs if r.get(base)]
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3)}
+
+
+def _timed(llm: Any, prompts: list[list[int]], bs: int, params: Any) -> tuple[float, list[list[int]]]:
+    from vllm.inputs import TokensPrompt
+
+    outputs: list[list[int]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), bs):
+        batch = [TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + bs]]
+        outputs.extend(list(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False))
+    elapsed = time.perf_counter() - t0
+    return sum(len(o) for o in outputs) / elapsed, outputs
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm import SamplingParams
+
+    from specserve.bench.drafters import _heads, _prompts
+    from specserve.demo import demo_model_dir
+    from specserve.drafters import HEAD_DRAFTERS, HEADS_ENV, speculative_config
+    from specserve.engine.local import local_llm
+
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    model_dir = args.model or demo_model_dir()
+    prompts = _prompts(model_dir, args.prompts, args.prompt_tokens)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    drafters = [d.strip() for d in args.drafters.split(",") if d.strip() and d.strip() != "none"]
+    args.vllm_medusa_heads = None
+    heads = _heads(args, drafters, is_demo=args.model is None) if any(d in HEAD_DRAFTERS for d in drafters) else {}
+    arms = ["none"] + [f"{d}@k0" for d in drafters]
+    engines: dict[str, Any] = {}
+    plain = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    off = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, extra_args={"spec_k": 0})
+    params = {arm: plain if arm == "none" else off for arm in arms}
+    for arm, drafter in zip(arms, ["none", *drafters]):
+        if drafter in heads:
+            os.environ[HEADS_ENV] = heads[drafter]
+        engines[arm] = local_llm(model_dir, max_num_seqs=max(batch_sizes), kv_cache_memory_bytes=256 << 20,
+                                 speculative_config=speculative_config(drafter, args.k))  # type: ignore[arg-type]
+        _timed(engines[arm], prompts[:1], 1, params[arm])  # warm-up
+    rng = random.Random(args.seed)
+    runs: dict[int, list[dict[str, float]]] = {bs: [] for bs in batch_sizes}
+    outputs: dict[str, list[list[int]]] = {}
+    orders: list[list[str]] = []
+    try:
+        for rep in range(args.reps):
+            order = arms[:]
+            rng.shuffle(order)
+            orders.append(order)
+            per_bs: dict[int, dict[str, float]] = {bs: {} for bs in batch_sizes}
+            for arm in order:
+                for bs in batch_sizes:
+                    tok_s, outs = _timed(engines[arm], prompts, bs, params[arm])
+                    per_bs[bs][arm] = tok_s
+                    outputs.setdefault(f"{arm}@bs{bs}", outs)
+                    logger.info("bench spec-off", extra={"fields": {"rep": rep, "arm": arm, "batch": bs,
+                                                                      "tok_s": round(tok_s, 1)}})
+            for bs in batch_sizes:
+                runs[bs].append(per_bs[bs])
+    finally:
+        engines.clear()
+        gc.collect()
+    report: dict[str, Any] = {
+        "model": str(model_dir), "k": args.k, "prompts": len(prompts), "max_tokens": args.max_tokens,
+        "reps": args.reps, "orders": orders, "shared_machine": True, "batches": {},
+    }
+    for bs in batch_sizes:
+        report["batches"][str(bs)] = {
+            "tokens_per_s": {arm: [round(r[arm], 1) for r in runs[bs]] for arm in arms},
+            "ratio_vs_none": {arm: paired_ratios(runs[bs], arm) for arm in arms if arm != "none"},
+            "identical_to_none": {arm: outputs[f"{arm}@bs{bs}"] == outputs[f"none@bs{bs}"]
+                                  for arm in arms if arm != "none"},
+        }
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    parts = [f"{arm}@bs{bs}: x{v['median']} [{v['min']}, {v['max']}]"
+             for bs, per in report["batches"].items() for arm, v in per["ratio_vs_none"].items()]
+    sys.stderr.write("spec-off vs none (median [min, max] of paired ratios): " + "; ".join(parts) + "\n")
+    return 0

@@ -1,0 +1,116 @@
+"""Calibrate the engine's step-time model (used by ``--engine-spec-policy goodput``).
+
+Runs an in-process engine per drafter over a grid of batch sizes and per-request draft lengths
+(``spec_k``; 0 gives non-speculative steps), collects every step the engine measured (rows,
+scheduled and context tokens, spec path on/off, drafting time), and fits the linear model of
+:mod:`specserve_vllm.spec_control.step_time` by least squares: one step cost shared by the
+drafters (same target model), a drafting cost and an acceptance prior per drafter. Writes the
+calibration JSON the engine loads (``--additional-config '{"specserve": {"calibration": FILE}}'``,
+or ``SPECSERVE_CALIBRATION``) and prints the fit's error (MAPE) on the measured steps.
+
+Example:
+    specserve calibrate --drafters recycling,hydra --out calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
+    parser.add_argument("--drafters", default="recycling,hydra")
+    parser.add_argument("--k", type=int, default=4, help="the engine's num_speculative_tokens")
+    parser.add_argument("--batch-sizes", default="1,2,4,8")
+    parser.add_argument("--spec-ks", default="0,1,2,4", help="per-request draft lengths of the grid")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("calibration.json"))
+
+
+def mape(records: list[dict[str, Any]], cost: Any) -> float:
+    """Mean |predicted - measured| / measured of the step time (drafting excluded)."""
+    errors = [abs(cost.step_ms(r["rows"], r["tokens"], r["ctx_tokens"], r["spec"]) - r["step_ms"]) / r["step_ms"]
+              for r in records if r["step_ms"] > 0]
+    return round(sum(errors) / len(errors), 4) if errors else 0.0
+
+
+def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: list[list[int]],
+             heads: str | None) -> tuple[str, list[dict[str, Any]], list[float]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from specserve.drafters import HEADS_ENV, speculative_config
+    from specserve.engine.local import local_llm
+
+    if heads:
+        os.environ[HEADS_ENV] = heads
+    llm = local_llm(model_dir, max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=256 << 20,
+                    speculative_config=speculative_config(drafter, args.k),  # type: ignore[arg-type]
+                    additional_config={"specserve": {"spec_policy": "fixed"}})
+    try:
+        def runner_state(worker: Any) -> tuple[str, list[dict[str, Any]], list[float]]:
+            runner = getattr(worker, "worker", worker).model_runner
+            planner = runner._specserve_planner
+            records = [{**asdict(r), "step_ms": r.step_ms} for r in planner.records]
+            return type(runner.drafter).__name__, records, planner.stats.conditional_acceptance()
+
+        llm.generate([TokensPrompt(prompt_token_ids=prompts[0])],
+                     SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
+        llm.collective_rpc(lambda w: getattr(w, "worker", w).model_runner._specserve_planner.records.clear())
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            for k in [int(x) for x in args.spec_ks.split(",")]:
+                params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                                        extra_args={"spec_k": k})
+                batch = [TokensPrompt(prompt_token_ids=p) for p in (prompts * bs)[:bs]]
+                llm.generate(batch, params, use_tqdm=False)
+                log.info("calibrate", extra={"fields": {"drafter": drafter, "batch": bs, "spec_k": k}})
+        return llm.collective_rpc(runner_state)[0]
+    finally:
+        del llm
+        gc.collect()
+
+
+def run(args: argparse.Namespace) -> int:
+    from specserve.bench.drafters import _prompts
+    from specserve.demo import demo_model_dir
+    from specserve.heads import resolve_heads
+    from specserve_vllm.spec_control.step_time import Calibration, fit_cost
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    model_dir = args.model or demo_model_dir()
+    prompts = _prompts(model_dir, 8, args.prompt_tokens)
+    drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
+    all_records: list[dict[str, Any]] = []
+    drafter_cost: dict[str, tuple[float, float]] = {}
+    acceptance: dict[str, list[float]] = {}
+    per_drafter: dict[str, list[dict[str, Any]]] = {}
+    for drafter in drafters:
+        heads = resolve_heads(drafter, None, is_demo=args.model is None)
+        name, records, rates = _measure(model_dir, drafter, args, prompts, heads)
+        all_records += records
+        per_drafter[name] = records
+        acceptance[name] = rates
+    cost = fit_cost(all_records)
+    for name, records in per_drafter.items():
+        own = fit_cost(records)
+        drafter_cost[name] = (own.draft, own.draft_token)
+    calibration = Calibration(cost=cost, drafter_cost=drafter_cost, acceptance=acceptance,
+                              source=f"specserve calibrate on {model_dir.name}: {len(all_records)} steps")
+    args.out.write_text(calibration.to_json() + "\n", encoding="utf-8")
+    summary = {"out": str(args.out), "steps": len(all_records), "mape": mape(all_records, cost),
+               "cost": asdict(cost), "drafter_cost": drafter_cost, "acceptance": acceptance}
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    sys.stderr.write(f"calibrate: {len(all_records)} steps, step-time MAPE {summary['mape']:.1%} -> {args.out}\n")
+    return 0

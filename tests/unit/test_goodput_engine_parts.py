@@ -1,0 +1,160 @@
+"""The engine's per-step goodput controller: its pure parts, the step timer patch and the wiring."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from specserve.engine.process import EngineSpec, engine_command
+from specserve_vllm.compat import step_timer
+from specserve_vllm.spec_control.acceptance import AcceptanceModel
+from specserve_vllm.spec_control.goodput import GoodputPolicy
+from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
+from specserve_vllm.spec_control.planner import PlannerSettings, StepPlanner, build_policy
+from specserve_vllm.spec_control.step_time import (
+    DEFAULT_CALIBRATION,
+    Calibration,
+    StepCost,
+    StepTimeModel,
+    fit_cost,
+)
+
+# Roughly the demo model on 2 cores: ~9 ms a step at batch 1, ~25 ms at 8; spec path ~3 ms + 0.4/row.
+COST = StepCost(base=6.0, per_token=1.0, per_row=1.0, context=0.0, spec=2.0, spec_row=0.4, draft=0.3,
+                draft_token=0.05)
+
+
+def _rows(n: int, cap: int = 4, ctx: int = 200) -> StepRows:
+    return StepRows(tuple(f"r{i}" for i in range(n)), np.full(n, cap), np.full(n, ctx))
+
+
+def _policy(rate: float, cost: StepCost = COST) -> GoodputPolicy:
+    return GoodputPolicy(StepTimeModel(cost), AcceptanceModel([rate] * 4))
+
+
+def test_upstream_code_under_the_step_timer_is_unchanged() -> None:
+    # A mismatch means vLLM changed what a step is (execute_model then sample_tokens, drafting
+    # inside sample_tokens): re-check step_timer.py, then update UPSTREAM_SHA256.
+    assert step_timer.upstream_digests() == step_timer.UPSTREAM_SHA256
+
+
+def test_describe_splits_decode_and_prefill_tokens() -> None:
+    out = SimpleNamespace(num_scheduled_tokens={"a": 3, "b": 1, "c": 16}, total_num_scheduled_tokens=20,
+                          scheduled_spec_decode_tokens={"a": [5, 6]})
+    step = step_timer.describe(out, ["a", "b", "c"], ctx_tokens=99)
+    assert step == {"rows": 3, "tokens": 20, "ctx_tokens": 99, "spec": True, "drafts_verified": 2,
+                    "prefill_tokens": 16}
+
+
+def test_idle_speculates_and_a_full_batch_of_poor_drafts_does_not() -> None:
+    assert _policy(0.8).plan(_rows(1)).tolist() == [4]
+    assert _policy(0.3).plan(_rows(16)).tolist() == [0] * 16
+
+
+def test_plan_is_within_caps_and_skips_rows_that_are_not_decoding() -> None:
+    rows = StepRows(("a", "b", "c"), np.array([2, 0, 4]), np.array([50, 500, 50]))
+    plan = _policy(0.9).plan(rows)
+    assert plan[1] == 0 and 0 < plan[0] <= 2 and 0 < plan[2] <= 4
+
+
+def test_better_requests_get_longer_drafts() -> None:
+    policy = _policy(0.6)
+    for _ in range(10):
+        policy.observe(VerifiedRows(("good", "bad"), np.array([4, 4]), np.array([4, 0])))
+    plan = policy.plan(StepRows(("good", "bad"), np.array([4, 4]), np.array([100, 100])))
+    assert plan[0] > plan[1], plan
+
+
+def test_no_spec_is_priced_without_spec_path_or_drafting() -> None:
+    g, _, times = _policy(0.5).goodput(_rows(8))
+    assert times[0] == pytest.approx(COST.step_ms(8, 8, 1600, spec=False))
+    assert times[1] == pytest.approx(COST.step_ms(8, 9, 1600, spec=True) + COST.draft_ms(1))
+    assert g[0] == pytest.approx(8 / times[0])
+
+
+def test_hysteresis_keeps_the_current_side_near_the_break_even() -> None:
+    policy = _policy(0.5)
+    g, _, _ = policy.goodput(_rows(4))
+    best_on = float(g[1:].max())
+    # Make "off" 1% better than the best "on": a speculating policy stays on, an idle one stays off.
+    margin_cost = StepCost(**{**COST.__dict__, "base": COST.base})
+    policy = GoodputPolicy(StepTimeModel(margin_cost), AcceptanceModel([0.5] * 4), margin=0.03)
+    policy.model.correction[0, :] = g[0] / (best_on * 1.01)
+    assert policy.plan(_rows(4)).sum() > 0
+    policy.speculating = False
+    assert policy.plan(_rows(4)).sum() == 0
+
+
+def test_decision_costs_well_under_a_percent_of_a_step() -> None:
+    policy = _policy(0.7)
+    rows = _rows(16)
+    for i in range(16):
+        policy.observe(VerifiedRows((f"r{i}",), np.array([4]), np.array([i % 5])))
+    # CPU time of this process, so that other work on a shared machine does not count.
+    t0 = time.process_time()
+    for _ in range(200):
+        policy.plan(rows)
+    per_decision_us = (time.process_time() - t0) / 200 * 1e6
+    # A demo-model step at batch 16 takes ~40 ms on 2 cores; 1% of it is 400 µs.
+    assert per_decision_us < 400, per_decision_us
+
+
+def test_online_correction_tracks_a_slower_machine() -> None:
+    model = StepTimeModel(COST, alpha=0.2)
+    for _ in range(40):
+        model.observe(8, 8, 1600, False, measured_ms=2 * COST.step_ms(8, 8, 1600, False))
+    assert model.step_ms(8, 8, 1600, False) == pytest.approx(2 * COST.step_ms(8, 8, 1600, False), rel=0.01)
+    # Other buckets and the spec path keep their own correction.
+    assert model.step_ms(1, 1, 200, False) == pytest.approx(COST.step_ms(1, 1, 200, False))
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(200):
+        rows = int(rng.integers(1, 17))
+        spec = bool(rng.integers(0, 2))
+        drafts = int(rng.integers(0, 4 * rows + 1)) if spec else 0
+        tokens = rows + drafts
+        ctx = int(rng.integers(100, 300)) * rows
+        records.append({"rows": rows, "tokens": tokens, "ctx_tokens": ctx, "spec": spec, "drafts": drafts,
+                        "step_ms": COST.step_ms(rows, tokens, ctx, spec), "draft_ms": COST.draft_ms(drafts)})
+    fitted = fit_cost(records)
+    for name in ("base", "per_token", "per_row", "spec", "spec_row", "draft", "draft_token"):
+        assert getattr(fitted, name) == pytest.approx(getattr(COST, name), abs=1e-3), name
+
+
+def test_shipped_calibration_loads_and_gives_priors(tmp_path: Path) -> None:
+    calibration = Calibration.load(DEFAULT_CALIBRATION)
+    cost, prior = calibration.for_drafter("RecyclingProposer")
+    assert cost.step_ms(1, 1, 200, False) > 0 and prior and all(0 < p < 1 for p in prior)
+    again = tmp_path / "c.json"
+    again.write_text(calibration.to_json())
+    assert Calibration.load(again) == calibration
+    policy = build_policy(PlannerSettings(policy="goodput"), 4, "HydraProposer")
+    assert isinstance(policy, GoodputPolicy) and policy.acceptance.k == 4
+
+
+def test_planner_counts_measured_steps_against_predictions() -> None:
+    planner = StepPlanner(_policy(0.7), num_speculative_tokens=4)
+    record = step_timer.StepRecord(rows=1, tokens=1, ctx_tokens=200, spec=False, drafts_verified=0,
+                                   prefill_tokens=0, total_ms=9.0, drafts=0, draft_ms=0.0)
+    planner.observe_step(record)
+    assert planner.stats.timed_steps == 1 and planner.stats.last_measured_ms == 9.0
+    assert planner.stats.mape == pytest.approx(abs(COST.step_ms(1, 1, 200, False) - 9.0) / 9.0)
+    assert list(planner.records) == [record]
+
+
+def test_engine_command_carries_the_engine_policy() -> None:
+    spec = EngineSpec(model="/m", port=1, served_model_name="m", speculative_config='{"method":"ngram"}',
+                      spec_policy="goodput", calibration="/c.json")
+    cmd = engine_command(spec, python="py")
+    config = json.loads(cmd[cmd.index("--additional-config") + 1])
+    assert config["specserve"]["spec_policy"] == "goodput" and config["specserve"]["calibration"] == "/c.json"
+    plain = engine_command(EngineSpec(model="/m", port=1, served_model_name="m", spec_policy="goodput"), "py")
+    assert "--additional-config" not in plain
