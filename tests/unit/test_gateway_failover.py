@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry
 
 from specserve.gateway import GatewayConfig, create_app
 
-from gateway_fake_engine import MODEL, free_port
+from support.gateway_fake_engine import MODEL, free_port
 
-FAKE = Path(__file__).with_name("gateway_fake_engine.py")
+FAKE = Path(__file__).parents[1] / "support" / "gateway_fake_engine.py"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 

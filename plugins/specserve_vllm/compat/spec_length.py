@@ -24,7 +24,7 @@ from typing import Any
 
 from specserve_vllm.compat.upstream import live_source_digests
 
-from specserve_vllm.drafters.spec_length import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
+from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import signal
 from types import FrameType
 
 from specserve.commands.gateway import add_gateway_arguments, gateway_config, serve_gateway
-from specserve.drafters import DRAFTERS, HEAD_DRAFTERS, HEADS_ENV, speculative_config
+from specserve.speculative_config import DRAFTERS, HEAD_DRAFTERS, HEADS_ENV, speculative_config
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             log.error("give either --drafter or --speculative-config, not both")
             return 2
         try:
-            from specserve.heads import resolve_heads
+            from specserve.head_training import resolve_heads
 
             heads = resolve_heads(args.drafter, args.heads, is_demo=_is_demo(args.model))
             config = speculative_config(args.drafter, args.num_speculative_tokens, heads=heads)
