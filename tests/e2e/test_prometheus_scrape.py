@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 from openai import OpenAI
-from installed_tools import tool
+from support.installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"

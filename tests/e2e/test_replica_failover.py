@@ -38,7 +38,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from specserve.engine.process import EngineProcess, EngineSpec, free_port
-from specserve_process import running_gateway
+from support.specserve_process import running_gateway
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specserve_process import MODEL_NAME, ServeProcess, running_gateway, running_specserve, stop
+from support.specserve_process import MODEL_NAME, ServeProcess, running_gateway, running_specserve, stop
 
 PROMPT = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
 # A fixed number of tokens whatever the model prefers (vLLM extra parameter).

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from specserve_process import MODEL_NAME, running_specserve
+from support.specserve_process import MODEL_NAME, running_specserve
 
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from spec_runs import PROMPTS, REPETITIVE, greedy, heads_env, run_batches
+from support.spec_runs import PROMPTS, REPETITIVE, greedy, heads_env, run_batches
 
-from specserve.drafters import speculative_config
+from specserve.speculative_config import speculative_config
 from specserve.engine.local import local_llm
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -95,7 +95,7 @@ def _run(llm: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
-    from specserve.heads import demo_heads_dir
+    from specserve.head_training import demo_heads_dir
 
     out: dict[str, dict[str, Any]] = {}
     llm = _engine(demo_model_dir, None)

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from spec_runs import greedy, heads_env, run_batches
+from support.spec_runs import greedy, heads_env, run_batches
 
-from specserve.drafters import speculative_config
+from specserve.speculative_config import speculative_config
 from specserve.engine.local import local_llm
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -43,8 +43,8 @@ def _drafter(llm: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from specserve.heads import build
-    from specserve.heads.recipe import HeadsRecipe
+    from specserve.head_training import build
+    from specserve.head_training.recipe import HeadsRecipe
 
     heads_dir = tmp_path_factory.mktemp("heads") / "hydra-pa"
     recipe = HeadsRecipe(kind="hydra", prefix_attention=True, sequences=24, heldout_sequences=4,

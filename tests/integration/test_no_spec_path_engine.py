@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from spec_runs import PROMPTS, greedy, heads_env
+from support.spec_runs import PROMPTS, greedy, heads_env
 
-from specserve.drafters import speculative_config
+from specserve.speculative_config import speculative_config
 from specserve.engine.local import local_llm
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -81,7 +81,7 @@ class _Spy:
 
 @pytest.fixture(scope="module")
 def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from specserve.heads import demo_heads_dir
+    from specserve.head_training import demo_heads_dir
 
     out: dict[str, Any] = {}
     llm = _engine(demo_model_dir, None)

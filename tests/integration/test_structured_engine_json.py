@@ -59,11 +59,11 @@ DRAFTERS = ("plain", "ngram", "recycling", "medusa", "hydra")
 
 
 def _engine(model: Path, drafter: str) -> Any:
-    from spec_runs import heads_env
+    from support.spec_runs import heads_env
 
-    from specserve.drafters import speculative_config
+    from specserve.speculative_config import speculative_config
     from specserve.engine.local import local_llm
-    from specserve.heads import demo_heads_dir
+    from specserve.head_training import demo_heads_dir
 
     kwargs: dict[str, Any] = {}
     if drafter == "ngram":

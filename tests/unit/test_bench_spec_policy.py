@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import doctest
 
 from specserve.bench import spec_policy
 from specserve.commands.bench import BENCHES
@@ -16,7 +15,3 @@ def test_registered_and_parses() -> None:
     args = parser.parse_args(["--concurrency", "1,8", "--goodput-args=--spec-step-base-ms 7"])
     assert args.concurrency == "1,8" and args.goodput_args.split() == ["--spec-step-base-ms", "7"]
     assert args.drafter == "recycling" and args.k == 4
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(spec_policy).failed == 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from installed_tools import tool
+from support.installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"

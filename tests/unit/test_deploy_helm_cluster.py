@@ -15,7 +15,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from helm_render import (
+from support.helm_render import (
     CHART,
     ENGINE,
     GATEWAY,

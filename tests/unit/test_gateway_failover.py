@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry
 
 from specserve.gateway import GatewayConfig, create_app
 
-from gateway_fake_engine import MODEL, free_port
+from support.gateway_fake_engine import MODEL, free_port
 
-FAKE = Path(__file__).with_name("gateway_fake_engine.py")
+FAKE = Path(__file__).parents[1] / "support" / "gateway_fake_engine.py"
 STREAM_CHUNKS = 200
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 

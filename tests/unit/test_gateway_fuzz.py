@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 
-from gateway_fake_engine import MODEL, gateway_over_fake_engine
+from support.gateway_fake_engine import MODEL, gateway_over_fake_engine
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False)

@@ -19,8 +19,8 @@ from specserve.gateway.goodput import (
 from specserve.gateway.proxy import usage_event_from_sse_tail, usage_from_sse_tail
 from specserve.gateway.spec_io import client_spec_k, spec_stats, with_spec_k
 
-from gateway_fake_engine import MODEL, FakeState, running_fake_engine
-from gateway_fake_engine import in_process_gateway as gateway
+from support.gateway_fake_engine import MODEL, FakeState, running_fake_engine
+from support.gateway_fake_engine import in_process_gateway as gateway
 
 A, B = 0.02, 0.0005  # the default step-time model: 20 ms a step, 0.5 ms per verified token
 
@@ -267,13 +267,3 @@ def test_step_cost_start_values_follow_the_device() -> None:
     assert (cpu.spec_step_base_ms, cpu.spec_step_token_ms) == STEP_COST_MS["cpu"]
     given = parser.parse_args(["--replica", "http://e:8000", "--spec-step-token-ms", "0.1"])
     assert step_costs(given, "cpu") == (STEP_COST_MS["cpu"][0], 0.1)
-
-
-@pytest.mark.parametrize("name", ["specserve.gateway.goodput", "specserve.gateway.spec_io",
-                                  "specserve.gateway.speculation"])
-def test_docstring_examples(name: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name))
-    assert result.failed == 0 and result.attempted > 0

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from gateway_fake_engine import free_port, running_fake_engine
+from support.gateway_fake_engine import free_port, running_fake_engine
 
 
 def _wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60.0) -> httpx.Response:

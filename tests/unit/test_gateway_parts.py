@@ -1,9 +1,6 @@
-"""Pure parts of the gateway and the engine launcher: doctests, routing choice, windows, argv."""
+"""Pure parts of the gateway and the engine launcher: routing choice, windows, argv."""
 
 from __future__ import annotations
-
-import doctest
-import importlib
 
 import pytest
 from hypothesis import given
@@ -15,20 +12,6 @@ from specserve.errors import APIError
 from specserve.gateway.config import KeyLimits
 from specserve.gateway.limits import RateLimiter, SlidingWindow
 from specserve.gateway.replicas import parse_engine_load, pick_least_loaded
-
-MODULES = [
-    "specserve.gateway.config", "specserve.gateway.metrics", "specserve.gateway.replicas",
-    "specserve.gateway.protocol", "specserve.gateway.limits", "specserve.gateway.proxy",
-    "specserve.gateway.middleware", "specserve.gateway.app", "specserve.engine.process",
-]
-
-
-@pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name: str) -> None:
-    result = doctest.testmod(importlib.import_module(name))
-    assert result.failed == 0
-    assert result.attempted > 0
-
 
 @given(st.lists(st.one_of(st.none(), st.floats(0, 100)), min_size=1, max_size=8), st.integers(0, 20))
 def test_pick_least_loaded_returns_a_minimum(loads: list[float | None], start: int) -> None:

@@ -7,7 +7,6 @@ The fake engine's ``/tokenize`` counts one token per word.
 from __future__ import annotations
 
 import asyncio
-import doctest
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -31,16 +30,11 @@ from specserve.gateway.prompt_tokens import (
     kept_tokens,
 )
 
-from gateway_fake_engine import MODEL, FakeState, in_process_gateway, running_fake_engine
+from support.gateway_fake_engine import MODEL, FakeState, in_process_gateway, running_fake_engine
 
 CAP = 5
 SHORT = "one two three"
 LONG = "one two three four five six seven"  # 7 words: over the cap
-
-
-def test_doctests() -> None:
-    result = doctest.testmod(prompt_tokens)
-    assert result.failed == 0 and result.attempted > 0
 
 
 def test_chat_tokenize_body_keeps_what_changes_the_rendered_prompt() -> None:

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from specserve.errors import APIError
 from specserve.gateway import GatewayConfig, KeyLimits
 
-from gateway_fake_engine import MODEL, FakeState, running_fake_engine
-from gateway_fake_engine import in_process_gateway as gateway
+from support.gateway_fake_engine import MODEL, FakeState, running_fake_engine
+from support.gateway_fake_engine import in_process_gateway as gateway
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from specserve.gateway import GatewayConfig, create_app
 from specserve.gateway.protocol import ErrorResponse
 
-from gateway_fake_engine import MODEL, gateway_over_fake_engine
+from support.gateway_fake_engine import MODEL, gateway_over_fake_engine
 
 schemathesis = pytest.importorskip("schemathesis")
 

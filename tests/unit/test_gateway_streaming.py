@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from specserve.gateway import GatewayConfig, create_app
 
-from gateway_fake_engine import MODEL, FakeState, running_fake_engine
+from support.gateway_fake_engine import MODEL, FakeState, running_fake_engine
 
 STREAM = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
 

@@ -8,11 +8,10 @@ serves the schema's own meaning (undeclared names where allowed, any order of sm
 from __future__ import annotations
 
 import asyncio
-import doctest
 from typing import Any
 
-from gateway_fake_engine import MODEL, in_process_gateway, running_fake_engine
-from grammar_accepts import accepts
+from support.gateway_fake_engine import MODEL, in_process_gateway, running_fake_engine
+from support.grammar_accepts import accepts
 from specserve.gateway import GatewayConfig
 from specserve.structured import request
 from specserve.structured.engine_grammar import STRICT_KEYWORD
@@ -35,10 +34,6 @@ def _json_schema(strict: bool | None) -> dict[str, Any]:
     if strict is not None:
         js["strict"] = strict
     return {"type": "json_schema", "json_schema": js}
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(request).failed == 0
 
 
 def test_the_engine_reads_the_keyword_as_the_strict_contract() -> None:

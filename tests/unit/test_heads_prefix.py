@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from specserve.heads.data import Distilled
-from specserve.heads.train import all_head_inputs, gather, sample_batch
+from specserve.head_training.data import Distilled
+from specserve.head_training.train import all_head_inputs, gather, sample_batch
 from specserve_vllm.compat import hidden_feed
 from specserve_vllm.heads.checkpoint import load_heads, save_heads
 from specserve_vllm.heads.config import CheckpointError, HeadsConfig

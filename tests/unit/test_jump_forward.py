@@ -3,7 +3,6 @@ over a toy vocabulary (no model)."""
 
 from __future__ import annotations
 
-import doctest
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,10 +20,6 @@ def test_upstream_code_under_the_patch_is_unchanged() -> None:
     # A mismatch means vLLM changed draft validation, the scheduler's draft hand-off or the
     # xgrammar grammar wrapper: re-read them, adapt jump_forward.py, then update UPSTREAM_SHA256.
     assert jump_forward.upstream_digests() == jump_forward.UPSTREAM_SHA256
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(jump_forward).failed == 0
 
 
 def test_apply_is_idempotent() -> None:

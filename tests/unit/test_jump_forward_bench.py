@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import doctest
 from pathlib import Path
 
 from specserve.bench import jsonschema_speculation
 from specserve.bench.jsonschema import summary
 from specserve.cli import build_parser
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(jsonschema_speculation).failed == 0
 
 
 def test_totals_without_drafts() -> None:

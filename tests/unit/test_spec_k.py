@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specserve_vllm.drafters.spec_length import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
+from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from specserve.drafters import DRAFTERS, HEAD_CLASS_PATHS, RECYCLING_CLASS_PATH, speculative_config
+from specserve.speculative_config import DRAFTERS, HEAD_CLASS_PATHS, RECYCLING_CLASS_PATH, speculative_config
 
 
 def test_none_disables_speculation() -> None:
@@ -51,7 +51,7 @@ def test_vllm_medusa_needs_converted_heads() -> None:
 
 
 def test_resolve_heads() -> None:
-    from specserve.heads import resolve_heads
+    from specserve.head_training import resolve_heads
 
     assert resolve_heads("ngram", None, is_demo=True) is None
     assert resolve_heads("hydra", "/x/heads", is_demo=False) == "/x/heads"
@@ -68,7 +68,7 @@ def test_rejects_bad_input(drafter: str, k: object) -> None:
 
 
 def test_imports_without_torch_or_vllm() -> None:
-    code = "import sys, specserve.drafters; print('torch' in sys.modules or 'vllm' in sys.modules)"
+    code = "import sys, specserve.speculative_config; print('torch' in sys.modules or 'vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
     assert set(DRAFTERS) >= {"recycling", "ngram", "none"}

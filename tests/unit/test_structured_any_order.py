@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import itertools
 import json
 from typing import Any
@@ -12,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grammar_accepts import COMPACT, accepts
+from support.grammar_accepts import COMPACT, accepts
 from specserve.structured import any_order, engine_grammar
 from specserve.structured.any_order import (
     MAX_PROPERTIES,
@@ -27,10 +26,6 @@ OBJ = {
     "properties": {"a": {"type": "integer"}, "b": {"type": "string"}, "c": {"type": "boolean"}},
     "required": ["b"],
 }
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(any_order).failed == 0
 
 
 def test_raw_xgrammar_refuses_another_order_and_the_served_grammar_accepts_it() -> None:

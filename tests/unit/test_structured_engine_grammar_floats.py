@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from grammar_accepts import accepts
+from support.grammar_accepts import accepts
 
 from specserve.structured import engine_grammar
 

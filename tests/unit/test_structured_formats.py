@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import calendar
 import datetime
-import doctest
 import itertools
 import re
 from typing import Any
@@ -48,10 +47,6 @@ def _grid(years: list[str]) -> list[str]:
 
 def _fullmatch(pattern: str, text: str) -> bool:
     return re.fullmatch(pattern, text) is not None
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(formats).failed == 0
 
 
 @pytest.mark.parametrize(

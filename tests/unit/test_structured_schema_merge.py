@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 import pytest
-from grammar_accepts import COMPACT, accepts
+from support.grammar_accepts import COMPACT, accepts
 
 from specserve.structured import engine_grammar
 from specserve.structured.schema_merge import MAX_OPERATIONS, merge, normalize_schema

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from grammar_accepts import accepts
+from support.grammar_accepts import accepts
 
 from specserve import structured
 from specserve.errors import APIError

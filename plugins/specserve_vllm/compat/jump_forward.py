@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from specserve_vllm.compat.upstream import live_source_digests
-from specserve_vllm.drafters.spec_length import safe_spec_k
+from specserve_vllm.spec_k import safe_spec_k
 
 logger = logging.getLogger(__name__)
 

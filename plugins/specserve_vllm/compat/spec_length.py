@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.compat.upstream import live_source_digests
-from specserve_vllm.drafters.spec_length import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
+from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 from specserve_vllm.spec_control.plan import VerifiedRows
 from specserve_vllm.spec_control.planner import StepPlanner, build_policy, settings_from
 

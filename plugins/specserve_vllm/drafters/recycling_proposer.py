@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.drafters import recycling
-from specserve_vllm.drafters.spec_length import PlannedLengths, bounded_room
+from specserve_vllm.spec_k import PlannedLengths, bounded_room
 
 logger = logging.getLogger(__name__)
 

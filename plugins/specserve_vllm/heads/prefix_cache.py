@@ -6,7 +6,7 @@ step; :meth:`PrefixCache.commit` runs :meth:`PrefixAttention.extend` over them, 
 keys/values to the request's cache and keeps the last ``z``, the heads' input for the next
 draft.
 
-Alignment (the same as training's, :func:`specserve.heads.train.gather`): the target's hidden
+Alignment (the same as training's, :func:`specserve.head_training.train.gather`): the target's hidden
 state ``h_q`` at position ``q`` is its state *after reading token* ``x[q]``, from which it
 samples ``x[q+1]``. Worked example, prompt ``x0 x1 x2 x3``, ``k = 2`` drafts:
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from specserve_vllm.drafters.spec_length import PlannedLengths, bounded_room
+from specserve_vllm.spec_k import PlannedLengths, bounded_room
 from specserve_vllm.heads.checkpoint import load_heads
 from specserve_vllm.heads.config import CheckpointError, HeadsConfig, read_config
 from specserve_vllm.heads.prefix_cache import PrefixCache

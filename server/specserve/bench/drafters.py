@@ -98,7 +98,7 @@ def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], ma
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from specserve.drafters import HEAD_DRAFTERS, HEADS_ENV, speculative_config
+    from specserve.speculative_config import HEAD_DRAFTERS, HEADS_ENV, speculative_config
     from specserve.engine.local import local_llm
 
     spec = speculative_config(drafter, k, heads=heads)  # type: ignore[arg-type]
@@ -145,7 +145,7 @@ def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], ma
 
 def _heads(args: argparse.Namespace, drafters: list[str], is_demo: bool) -> dict[str, str]:
     """Head checkpoint per head drafter in ``drafters`` (given, or the demo model's)."""
-    from specserve.heads import resolve_heads
+    from specserve.head_training import resolve_heads
 
     given = {"medusa": args.medusa_heads, "hydra": args.hydra_heads, "vllm-medusa": args.vllm_medusa_heads}
     out: dict[str, str] = {}

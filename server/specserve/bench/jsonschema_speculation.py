@@ -86,7 +86,7 @@ def _row(completion: Any, schema: Any) -> dict[str, Any]:
 def _engine(model: Path, drafter: str, k: int) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
-    from specserve.drafters import speculative_config
+    from specserve.speculative_config import speculative_config
     from specserve.engine.local import local_llm
 
     return local_llm(

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     from specserve.bench.drafters import _heads, _prompts
     from specserve.demo import demo_model_dir
-    from specserve.drafters import HEAD_DRAFTERS, HEADS_ENV, speculative_config
+    from specserve.speculative_config import HEAD_DRAFTERS, HEADS_ENV, speculative_config
     from specserve.engine.local import local_llm
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

@@ -51,7 +51,7 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from specserve.drafters import HEADS_ENV, speculative_config
+    from specserve.speculative_config import HEADS_ENV, speculative_config
     from specserve.engine.local import local_llm
 
     if heads:
@@ -85,7 +85,7 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
 def run(args: argparse.Namespace) -> int:
     from specserve.bench.drafters import _prompts
     from specserve.demo import demo_model_dir
-    from specserve.heads import resolve_heads
+    from specserve.head_training import resolve_heads
     from specserve_vllm.spec_control.step_time import Calibration, fit_cost
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from specserve.demo import demo_model_dir
-    from specserve.heads import build
-    from specserve.heads.recipe import HeadsRecipe
+    from specserve.head_training import build
+    from specserve.head_training.recipe import HeadsRecipe
 
     kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("medusa", "hydra")]
@@ -81,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.heads_command == "train":
         return _train(args)
     if args.heads_command == "path":
-        from specserve.heads import demo_heads_dir
+        from specserve.head_training import demo_heads_dir
 
         sys.stdout.write(f"{demo_heads_dir(args.kind)}\n")
         return 0
     from specserve.demo import demo_model_dir
-    from specserve.heads.convert import convert_to_vllm_medusa
+    from specserve.head_training.convert import convert_to_vllm_medusa
     from specserve_vllm.heads.config import CheckpointError
 
     try:

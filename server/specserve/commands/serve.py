@@ -27,7 +27,7 @@ from specserve.commands.gateway import (
     gateway_config,
     serve_gateway,
 )
-from specserve.drafters import DRAFTERS, HEAD_DRAFTERS, HEADS_ENV, speculative_config
+from specserve.speculative_config import DRAFTERS, HEAD_DRAFTERS, HEADS_ENV, speculative_config
 from specserve.engine.process import DEMO_TOOL_PARSER, TOOL_PARSER_PLUGIN
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             log.error("give either --drafter or --speculative-config, not both")
             return 2
         try:
-            from specserve.heads import resolve_heads
+            from specserve.head_training import resolve_heads
 
             heads = resolve_heads(args.drafter, args.heads, is_demo=_is_demo(args.model))
             config = speculative_config(args.drafter, args.num_speculative_tokens, heads=heads)

@@ -38,7 +38,7 @@ from specserve.structured.compile import (
     warm_up,
 )
 from specserve.structured.features import find_unsupported
-from specserve.structured.limits import SchemaLimits, check_regex, iter_patterns, json_depth
+from specserve.structured.schema_limits import SchemaLimits, check_regex, iter_patterns, json_depth
 from specserve.structured.request import (
     Constraint,
     asks_strict,

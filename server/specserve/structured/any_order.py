@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from specserve.structured.limits import escape_pointer_part
+from specserve.structured.schema_limits import escape_pointer_part
 from specserve.structured.schema_refs import schema_nodes
 
 MAX_PROPERTIES = 8

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from specserve.structured.limits import escape_pointer_part
+from specserve.structured.schema_limits import escape_pointer_part
 
 # Formats xgrammar 0.2.8 converts for strings (vLLM's STRING_SUPPORTED_FORMATS).
 SUPPORTED_FORMATS = frozenset(

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
-from specserve.structured.limits import escape_pointer_part
+from specserve.structured.schema_limits import escape_pointer_part
 from specserve.structured.schema_merge import resolve_local_ref
 
 # Keywords whose values are data, not subschemas: a "$ref" key inside them is not a reference.

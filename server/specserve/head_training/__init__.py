@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from specserve.heads.recipe import HeadsRecipe
+from specserve.head_training.recipe import HeadsRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def build(model_dir: Path, out_dirs: dict[str, Path], recipe: HeadsRecipe, corpu
     """
     from dataclasses import replace
 
-    from specserve.heads.data import demo_corpus, directory_corpus, distill, load_target
-    from specserve.heads.train import target_info, train_heads
+    from specserve.head_training.data import demo_corpus, directory_corpus, distill, load_target
+    from specserve.head_training.train import target_info, train_heads
     from specserve_vllm.heads.checkpoint import save_heads
 
     model, tokenizer = load_target(model_dir)
@@ -85,7 +85,7 @@ def demo_heads_dir(kind: str, build_missing: bool = True, progress: bool = True)
 def demo_vllm_medusa_dir() -> Path:
     """The demo model's Medusa heads converted for vLLM's own Medusa proposer (cached)."""
     from specserve.demo import cache_root, demo_model_dir
-    from specserve.heads.convert import convert_to_vllm_medusa
+    from specserve.head_training.convert import convert_to_vllm_medusa
 
     source = demo_heads_dir("medusa")
     recipe_fp = json.loads((source / "config.json").read_text())["training"]["fingerprint"]

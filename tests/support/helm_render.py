@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from installed_tools import tool
+from support.installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = Path(os.environ.get("SPECSERVE_TEST_CHART") or ROOT / "helm" / "specserve")

@@ -44,7 +44,7 @@ def convert_to_vllm_medusa(heads_dir: Path, model_dir: Path, out: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from specserve.heads.data import load_target
+    from specserve.head_training.data import load_target
     from specserve_vllm.heads.config import WEIGHTS_FILE, read_config
 
     config = read_config(heads_dir)

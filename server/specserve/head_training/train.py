@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from specserve.heads.data import Distilled
-from specserve.heads.recipe import HeadsRecipe
+from specserve.head_training.data import Distilled
+from specserve.head_training.recipe import HeadsRecipe
 from specserve_vllm.heads.config import HeadsConfig
 from specserve_vllm.heads.model import build_heads
 

@@ -42,7 +42,7 @@ def run_batches(llm: Any, max_tokens: int) -> dict[str, Any]:
 @contextmanager
 def heads_env(directory: str | None) -> Iterator[None]:
     """``SPECSERVE_HEADS_DIR`` set to ``directory`` (left alone when None), restored afterwards."""
-    from specserve.drafters import HEADS_ENV
+    from specserve.speculative_config import HEADS_ENV
 
     saved = os.environ.get(HEADS_ENV)
     if directory is not None:
