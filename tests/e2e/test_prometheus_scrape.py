@@ -185,7 +185,15 @@ def scraped(stack: dict[str, Any]) -> dict[str, Any]:
         return bool(drafts and float(drafts[0]["value"][1]) > 0 and reqs and float(reqs[0]["value"][1]) >= 5)
 
     wait_until("scrape after traffic", drafted_and_counted, 60)
-    time.sleep(3.0)  # a few more 1 s scrapes so that rate() windows hold two samples after traffic
+    # rate() windows need two samples holding the traffic: one more scrape of every target after the
+    # one that was seen to hold it.
+    counted_at = time.time()
+
+    def scraped_again() -> bool:
+        last = prom.query("min(timestamp(up))")
+        return bool(last and float(last[0]["value"][1]) > counted_at)
+
+    wait_until("a scrape of every target after the traffic was counted", scraped_again, 60)
     return {"model": model, **stack}
 
 

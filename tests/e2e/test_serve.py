@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -198,30 +199,45 @@ def _long_stream(server: ServeProcess, max_tokens: int, n: int = 1) -> httpx.Res
     return client.send(request, stream=True)
 
 
+def _wait_engine_metric(server: ServeProcess, name: str, check: Callable[[float], bool], what: str,
+                        timeout_s: float = 120.0) -> float:
+    """Poll the engine's ``name`` until ``check`` holds (bounded); fail with the last value seen."""
+    deadline = time.monotonic() + timeout_s
+    value = _engine_metric(server, name)
+    while not check(value):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s ({name} = {value})"
+        time.sleep(0.05)
+        value = _engine_metric(server, name)
+    return value
+
+
+def _engine_group(server: ServeProcess) -> int:
+    """The engine's process group (its own session: the group id is the engine's pid)."""
+    for child in psutil.Process(server.proc.pid).children():
+        if os.getpgid(child.pid) == child.pid:
+            return child.pid
+    raise AssertionError(f"no engine process group under serve: {server.descendants()}")
+
+
 def test_client_disconnect_frees_the_engine_slot(server: ServeProcess) -> None:
     n, max_tokens = 4, 480
     generated_before = _engine_metric(server, "vllm:generation_tokens")
+    group = _engine_group(server)
     response = _long_stream(server, max_tokens=max_tokens, n=n)
     assert response.status_code == 200, response.read()
     lines = response.iter_lines()
     assert next(line for line in lines if line.startswith("data: {"))
-    running = 0.0
-    for _ in range(100):  # bounded: the engine's gauge is refreshed every step
-        running = _engine_metric(server, "vllm:num_requests_running")
-        if running >= 1:
-            break
-        time.sleep(0.05)
-    assert running >= 1  # the request is generating at the engine
-    response.close()  # the client goes away mid-stream
-    for _ in range(100):  # bounded: up to ~20 s
-        running = _engine_metric(server, "vllm:num_requests_running")
-        if running == 0.0:
-            break
-        time.sleep(0.2)
-    assert running == 0.0
+    # The client goes away mid-stream. The engine is frozen meanwhile, so it cannot run the request
+    # to its end before the disconnect reaches it, however fast the machine.
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        response.close()
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    _wait_engine_metric(server, "vllm:num_requests_running", lambda v: v == 0.0, "the engine slot freed")
     # Aborted, not run to completion: far fewer tokens than n * max_tokens were generated.
     generated = _engine_metric(server, "vllm:generation_tokens") - generated_before
-    assert 0 < generated < n * max_tokens
+    assert 0 < generated < n * max_tokens, generated
 
 
 def test_sigterm_drains_the_open_stream_then_stops_everything(server: ServeProcess) -> None:

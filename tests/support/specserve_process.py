@@ -88,9 +88,11 @@ def stop(server: ServeProcess, timeout_s: float = 60.0) -> int:
 
 
 @contextmanager
-def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path | None = None) -> Iterator[ServeProcess]:
-    """``specserve serve --model model_dir`` with small CPU settings; always stopped afterwards."""
-    port, engine_port = free_port(), free_port()
+def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path | None = None,
+                      port: int = 0, engine_port: int = 0) -> Iterator[ServeProcess]:
+    """``specserve serve --model model_dir`` with small CPU settings (on free ports unless given);
+    always stopped afterwards."""
+    port, engine_port = port or free_port(), engine_port or free_port()
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     log_path = log_dir / f"specserve-e2e-{port}.log"
     cmd = [
@@ -100,7 +102,7 @@ def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path |
         "--max-model-len", "512", *args,
         "--", "--max-num-seqs", "4", "--seed", "0",
     ]
-    with open(log_path, "wb") as log_file:
+    with open(log_path, "ab") as log_file:  # a restart on the same port appends
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     server = ServeProcess(proc, port, engine_port, log_path)
     try:
