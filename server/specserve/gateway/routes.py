@@ -120,7 +120,7 @@ async def _generate(
         raise APIError(404, f"The model '{parsed.model}' does not exist.", param="model",
                        code="model_not_found")
     request.state.model = parsed.model
-    await structured.aprecheck(body, route)
+    await structured.aprecheck(body, route, owner=key)
     if structured.normalize_legacy(body) is not body:
         # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
         full = parsed.model_dump(exclude_unset=True)
