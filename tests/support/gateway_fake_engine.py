@@ -45,6 +45,9 @@ class FakeState:
     tokenize_status: int = 200  # anything else: /tokenize fails with it
     tokenize_delay_s: float = 0.0
     max_model_len: int = 2048
+    unary_running: int = 0  # non-streaming requests being answered now
+    unary_aborted: int = 0  # non-streaming requests whose client left before the answer
+    api_key: str | None = None  # when set: the engine's key middleware guards every route
 
 
 def word_count(body: dict) -> int:
@@ -83,6 +86,10 @@ def _sse(data: dict | str) -> bytes:
 def build_app(state: FakeState, name: str = "fake") -> FastAPI:
     app = FastAPI()
     tag = {"x-fake-engine": name}
+    if state.api_key:
+        from specserve_vllm.engine_auth import EngineKeyMiddleware
+
+        app.add_middleware(EngineKeyMiddleware, key=state.api_key)
 
     @app.get("/health")
     async def health() -> Response:
@@ -90,7 +97,8 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model",
+                                                         "max_model_len": state.max_model_len}]})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -128,6 +136,16 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
         state.spec_ks.append(xargs.get("spec_k") if isinstance(xargs, dict) else None)
         extra = {"metrics": spec_metrics(state, state.spec_ks[-1])} if state.spec_tokens else {}
         if not body.get("stream"):
+            if state.gate is not None:  # held until the gate opens or the client leaves
+                state.unary_running += 1
+                try:
+                    while not state.gate.is_set():
+                        if await request.is_disconnected():
+                            state.unary_aborted += 1
+                            return Response(status_code=499)
+                        await asyncio.sleep(0.01)
+                finally:
+                    state.unary_running -= 1
             if kind == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": "a b c"},
                           "finish_reason": "length"}

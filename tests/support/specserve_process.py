@@ -18,6 +18,13 @@ import psutil
 
 START_TIMEOUT_S = 900.0  # engine start on a busy 2-core machine can take minutes
 MODEL_NAME = "specserve-demo"
+ENGINE_KEY = "e2e-engine-key"
+"""The engine key ``specserve serve`` gives its engine here (and a separate gateway sends), so
+tests can also call the engine directly."""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "SPECSERVE_ENGINE_API_KEY": ENGINE_KEY}
 
 
 def free_port() -> int:
@@ -103,7 +110,7 @@ def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path |
         "--", "--max-num-seqs", "4", "--seed", "0",
     ]
     with open(log_path, "ab") as log_file:  # a restart on the same port appends
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_env())
     server = ServeProcess(proc, port, engine_port, log_path)
     try:
         _wait_ready(proc, server.base_url, log_path, START_TIMEOUT_S, 1.0)
@@ -120,7 +127,7 @@ def running_gateway(replicas: Sequence[str], args: Sequence[str] = (), log_dir: 
     cmd = [sys.executable, "-m", "specserve.cli", "gateway", "--port", str(port),
            *(f"--replica={url}" for url in replicas), *args]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_env())
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, base_url, log_path, 60.0, 0.2)

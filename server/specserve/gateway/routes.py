@@ -126,7 +126,7 @@ async def _generate(
         # Tools are left out of ``body`` above; their schemas are checked like response_format.
         checked = {**body, **parsed.model_dump(include={"tools"}, exclude_unset=True)}
     try:
-        await structured.aprecheck(checked, route)
+        await structured.aprecheck(checked, route, owner=key)
     except APIError as err:
         if (err.param or "").startswith("tool"):
             gw.metrics.rejected.labels(reason="invalid_tools").inc()

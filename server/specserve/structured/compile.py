@@ -197,8 +197,8 @@ class GrammarChecker:
             self._owners[owner] = self._owners.get(owner, 0) + 1
         try:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise CompileBusy("the request's time for grammar checks is spent")
+            if remaining <= 0:  # spent on this request's own checks: an answer, not remembered
+                raise CompileRefused(f"checking it took longer than {self.timeout_s:g} s")
             workers = self._workers or shared_workers()
             try:
                 refusal = workers.run(compile_job, (kind, spec), timeout_s=remaining)

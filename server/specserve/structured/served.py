@@ -77,7 +77,10 @@ def compile_served(kind: Kind, spec: Any) -> None:
         grammar = served_grammar(kind, spec)
         _compiler().compile_grammar(grammar)
     except Exception as err:  # noqa: BLE001 - native code raises RuntimeError, ValueError, own types
-        raise NotServable(clean_message(err)) from err
+        text = clean_message(err)
+        if text.startswith("Check failed"):  # an assertion inside xgrammar, not a message for people
+            text = f"the grammar compiler cannot build it (xgrammar: {text.rstrip(': ')})"
+        raise NotServable(text) from err
     if not admits_a_string(str(grammar)):
         what = "schema" if kind == "json" else kind
         raise NotServable(f"the {what} admits no output at all (a $ref or rule that only refers "
