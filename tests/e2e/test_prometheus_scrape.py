@@ -30,7 +30,7 @@ PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "specserve.json"
 SPEC_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 # The compose service each scrape job points at (deploy/docker-compose.yml).
-COMPOSE_TARGETS = {"specserve-gateway": "gateway:8000", "specserve-engine": "engine:8100"}
+COMPOSE_TARGETS = {"specserve-gateway": "gateway:9100", "specserve-engine": "engine:8100"}  # gateway: --metrics-port
 START_TIMEOUT_S = 420.0
 FUNCTIONS_AND_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
                           "unless", "bool", "offset"}
@@ -128,18 +128,18 @@ class Prom:
 @pytest.fixture(scope="module")
 def stack(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("scrape")
-    gateway_port, engine_port, prom_port = free_port(), free_port(), free_port()
+    gateway_port, engine_port, prom_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     serve = subprocess.Popen(
         [sys.executable, "-m", "specserve.cli", "serve", "--model", str(demo_model_dir),
          "--host", "127.0.0.1", "--port", str(gateway_port), "--engine-port", str(engine_port),
          "--speculative-config", json.dumps(SPEC_CONFIG), "--max-model-len", "512",
-         "--max-tokens-cap", "128", "--engine-log", str(work / "engine.log"), "--", "--max-num-seqs", "4"],
+         "--max-tokens-cap", "128", "--metrics-port", str(metrics_port), "--engine-log", str(work / "engine.log"), "--", "--max-num-seqs", "4"],
         env=env, stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
         start_new_session=True,
     )
-    config = derived_prometheus_config({"specserve-gateway": f"127.0.0.1:{gateway_port}",
+    config = derived_prometheus_config({"specserve-gateway": f"127.0.0.1:{metrics_port}",
                                         "specserve-engine": f"127.0.0.1:{engine_port}"})
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     prometheus = subprocess.Popen(

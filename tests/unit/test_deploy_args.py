@@ -28,7 +28,7 @@ def entrypoint_argv(tmp: Path, args: list[str], env: dict[str, str]) -> list[str
     """The command the entry point would exec, with `specserve` and `python` as recording stubs."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name in ("specserve", "python"):
+    for name in ("specserve", "python", "vllm"):
         (bin_dir / name).write_text(STUB)
         (bin_dir / name).chmod(0o755)
     proc = subprocess.run(["sh", str(ENTRYPOINT), *args], capture_output=True, text=True, timeout=30,
@@ -130,3 +130,40 @@ def test_engine_commands_parse_with_the_vllm_server_parser(launches: dict[str, l
     assert parsed["helm-default/engine"]["spec"]["method"] == "ngram"
     assert parsed["helm-minimal/engine"]["spec"] is None
     assert parsed["helm-gpu/engine"]["model"] == "/models"
+
+
+def test_multi_node_leader_and_worker_commands_parse_with_the_vllm_server_parser(tmp_path: Path) -> None:
+    """The LeaderWorkerSet's pods, with the $(LWS_*) references the kubelet expands filled in."""
+    out = subprocess.run([tool("helm"), "template", "rel", str(CHART), "-f", str(CHART / "values-gpu.yaml"),
+                          "--api-versions", "leaderworkerset.x-k8s.io/v1", "--set", "engine.gpus=8",
+                          "--set", "engine.multiNode.enabled=true", "--set", "engine.multiNode.nodes=2"],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    (lws,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "LeaderWorkerSet"]
+    leader = "rel-specserve-engine-0.rel-specserve-engine.llm"
+    argvs = {}
+    for role, index in (("leaderTemplate", "0"), ("workerTemplate", "1")):
+        (c,) = lws["spec"]["leaderWorkerTemplate"][role]["spec"]["containers"]
+        args = [a.replace("$(LWS_LEADER_ADDRESS)", leader).replace("$(LWS_WORKER_INDEX)", index) for a in c["args"]]
+        argvs[role] = entrypoint_argv(tmp_path, args, helm_env(c))
+    assert argvs["leaderTemplate"][:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert argvs["workerTemplate"][:3] == ["vllm", "serve", "/models"] and "--headless" in argvs["workerTemplate"]
+    script = (
+        "import json, sys\n"
+        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "out = {}\n"
+        "for role, argv in json.loads(sys.stdin.read()).items():\n"
+        "    a = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)\n"
+        "    out[role] = [a.tensor_parallel_size, a.pipeline_parallel_size, a.nnodes, a.node_rank,\n"
+        "                 a.master_addr, a.headless, a.shutdown_timeout]\n"
+        "print(json.dumps(out))\n"
+    )
+    parsed_input = {"leaderTemplate": argvs["leaderTemplate"][3:],
+                    "workerTemplate": ["--model", *argvs["workerTemplate"][2:]]}
+    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(parsed_input),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parsed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert parsed["leaderTemplate"][:3] == parsed["workerTemplate"][:3] == [8, 2, 2]
+    assert parsed["workerTemplate"][3:6] == [1, leader, True]
+    assert parsed["leaderTemplate"][3:7] == [0, leader, False, 120]
