@@ -9,7 +9,9 @@ on stdout followed by a one-line summary on stderr:
   model's tokenizer, compile time p50/p99 in ms;
 * ``generate`` (opt-in, starts engines): per backend (xgrammar, guidance), schemas refused,
   generations finished and strict-JSON + schema-valid, constrained vs unconstrained tokens/s
-  (each grammar compiled before timing: compile time is the compile part's figure).
+  (each grammar compiled before timing: compile time is the compile part's figure);
+* ``tools`` (opt-in, starts an engine): the schemas as tool parameters, tool_choice named and
+  ``required`` next to ``response_format``: validity and tokens/s (:mod:`.jsonschema_tools`).
 
 ``--limit N`` takes the first N files (sorted) per dataset, so runs are repeatable.
 """
@@ -36,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parts",
         default="maskbench,compile",
-        help="comma-separated: maskbench, compile, generate, speculation (the last two start engines)",
+        help="comma-separated: maskbench, compile, generate, speculation, tools (the last three "
+        "start engines)",
     )
     parser.add_argument("--gen-limit", type=int, default=2, help="schemas per dataset to generate")
     parser.add_argument("--max-tokens", type=int, default=256, help="generation length bound")
@@ -71,6 +74,20 @@ def _precheck_ok(schema: Any) -> bool:
     from specserve.structured import precheck
 
     body = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    try:
+        precheck(body, "chat")
+    except APIError:
+        return False
+    return True
+
+
+def _tool_precheck_ok(schema: Any) -> bool:
+    """The gateway's pre-check of ``schema`` as a tool's parameters."""
+    from specserve.errors import APIError
+    from specserve.structured import precheck
+
+    body = {"tools": [{"type": "function", "function": {"name": "tool", "parameters": schema}}],
+            "tool_choice": "required"}
     try:
         precheck(body, "chat")
     except APIError:
@@ -136,6 +153,12 @@ def run(args: argparse.Namespace) -> int:
         result["speculation"] = speculation_coverage(
             model, groups, args.spec_drafter, args.spec_k, args.max_tokens, _precheck_ok
         )
+    if "tools" in parts:
+        from specserve.bench.jsonschema_tools import tool_call_coverage
+
+        schema_files = list((args.data / "schemas").glob("*/*.json"))
+        groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
+        result["tools"] = tool_call_coverage(model, groups, args.max_tokens, _precheck_ok, _tool_precheck_ok)
     result["seconds"] = round(time.perf_counter() - started, 1)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     sys.stderr.write(summary(result) + "\n")
@@ -174,4 +197,8 @@ def summary(result: dict[str, Any]) -> str:
         from specserve.bench.jsonschema_speculation import speculation_summary
 
         bits.append(speculation_summary(result["speculation"]))
+    if "tools" in result:
+        from specserve.bench.jsonschema_tools import tools_summary
+
+        bits.append(tools_summary(result["tools"]))
     return "jsonschema: " + "; ".join(bits + [f"{result.get('seconds')} s"])

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,7 +26,7 @@ from specserve.gateway.protocol import (
 from specserve.gateway.prompt_tokens import Route, TokenizeFailed, completion_prompts, count_prompts
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.speculation import SPEC_K_HEADER
-from specserve.gateway.tools import ToolRequest, failures, tool_request
+from specserve.gateway.tools import Call, ToolRequest, failures, tool_request
 
 if TYPE_CHECKING:
     from specserve.gateway.app import Gateway
@@ -232,7 +232,7 @@ async def _generate(
     return response
 
 
-def _record_tool_calls(gw: Gateway, tools: ToolRequest, by_choice: list[list[Any]], request_id: str) -> None:
+def _record_tool_calls(gw: Gateway, tools: ToolRequest, by_choice: list[list[Call]], request_id: str) -> None:
     """Count an answer's tool calls and the failures among them (see :mod:`.tools`)."""
     m = gw.metrics
     for calls in by_choice:
