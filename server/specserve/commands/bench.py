@@ -16,6 +16,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "gateway": ("gateway_overhead", "gateway overhead vs direct engine under concurrent streams"),
     "spec-policy": ("spec_policy", "goodput speculation length vs a fixed one, same engine"),
     "spec-off": ("spec_off", "every request at k=0 vs an engine without a drafter (interleaved)"),
+    "goodput": ("goodput", "engine goodput controller vs no drafter and fixed k, open-loop Poisson (skeleton)"),
 }
 
 
