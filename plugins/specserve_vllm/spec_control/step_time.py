@@ -13,7 +13,8 @@ batch pays once any row speculates; ``drafts``: tokens drafted for the next step
 coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
 demo model's ship with the plugin). Online, one EWMA of measured / predicted per (spec on/off,
 batch bucket) corrects them, so load on a shared machine and a calibration from another one
-still give close predictions.
+still give close predictions; half of each correction (in log terms) carries over to the other
+path of the same bucket, so the path not being taken follows the machine too.
 
     >>> c = StepCost(base=5.0, per_token=0.5, per_row=1.0, context=0.0, spec=2.0, spec_row=0.25,
     ...              draft=0.5, draft_token=0.05)
@@ -145,7 +146,11 @@ class StepTimeModel:
         if raw <= 0 or measured_ms <= 0:
             return
         i, b = int(spec), bucket(rows)
-        self.correction[i, b] += self.alpha * (measured_ms / raw - self.correction[i, b])
+        before = self.correction[i, b]
+        self.correction[i, b] += self.alpha * (measured_ms / raw - before)
+        # Half of a change (in log terms) carries to the other path of the bucket: a machine
+        # that slows down slows both, and the path not taken must not keep a stale price.
+        self.correction[1 - i, b] *= float(np.sqrt(self.correction[i, b] / before))
 
     def observe_draft(self, drafts: int, measured_ms: float) -> None:
         raw = self.cost.draft_ms(drafts)

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from specserve_vllm.spec_control.step_time import Calibration, fit_cost
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     model_dir = args.model or demo_model_dir()
     prompts = _prompts(model_dir, 8, args.prompt_tokens)
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
