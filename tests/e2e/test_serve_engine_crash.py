@@ -28,7 +28,7 @@ import openai
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from specserve_process import MODEL_NAME, ServeProcess, running_specserve
+from support.specserve_process import MODEL_NAME, ServeProcess, running_specserve
 
 STREAMS, UNARIES = 2, 2  # all four fit the engine's batch (--max-num-seqs 4): none waits for another
 STREAM_TOKENS, UNARY_TOKENS = 400, 300

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from specserve_process import ENGINE_KEY, MODEL_NAME, ServeProcess, running_specserve
+from support.specserve_process import ENGINE_KEY, MODEL_NAME, ServeProcess, running_specserve
 
 KEYED = {"authorization": f"Bearer {ENGINE_KEY}"}
 ERROR_KEYS = {"message", "type", "param", "code"}

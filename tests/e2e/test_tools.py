@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict
 
-from specserve_process import MODEL_NAME, ServeProcess, running_specserve
+from support.specserve_process import MODEL_NAME, ServeProcess, running_specserve
 
 WEATHER = {
     "type": "object",

@@ -17,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specserve_process import MODEL_NAME, ServeProcess, running_specserve
+from support.specserve_process import MODEL_NAME, ServeProcess, running_specserve
 
 DRAFTERS = ("ngram", "recycling", "medusa", "hydra", "vllm-medusa")
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}, "days": {"type": "integer"}},

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from specserve.gateway import GatewayConfig, KeyLimits, create_app
 
-from gateway_fake_engine import MODEL, FakeState, free_port, running_fake_engine
+from support.gateway_fake_engine import MODEL, FakeState, free_port, running_fake_engine
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 ERROR_KEYS = {"message", "type", "param", "code"}

@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
     from specserve.bench.drafters import _prompts
     from specserve.demo import demo_model_dir
-    from specserve.drafters import HEADS_ENV, speculative_config
+    from specserve.speculative_config import HEADS_ENV, speculative_config
     from specserve.engine.local import local_llm
-    from specserve.heads import resolve_heads
+    from specserve.head_training import resolve_heads
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
