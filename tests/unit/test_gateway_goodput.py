@@ -200,7 +200,7 @@ def test_goodput_policy_sets_spec_k_and_respects_the_clients(fake: tuple[str, Fa
             return (await client.get("/metrics")).text
 
     found = samples(asyncio.run(main()))
-    by_model = (("model", MODEL), ("replica", url))
+    by_model = (("model", MODEL), ("replica", "0"))  # replicas are labelled by index
     # 5 responses with metrics: 3 at k=4 (2 steps x 4 drafts, all accepted), 1 at k=1, 1 at k=0.
     assert found[("specserve_spec_draft_tokens_total", by_model)] == 3 * 8 + 2
     assert found[("specserve_spec_accepted_tokens_total", by_model)] == 3 * 8 + 2
@@ -236,7 +236,7 @@ def test_fixed_policy_leaves_requests_alone_and_still_counts(fake: tuple[str, Fa
             return (await client.get("/metrics")).text
 
     found = samples(asyncio.run(main()))
-    assert found[("specserve_spec_draft_tokens_total", (("model", MODEL), ("replica", url)))] == 16
+    assert found[("specserve_spec_draft_tokens_total", (("model", MODEL), ("replica", "0")))] == 16
 
 
 def test_cli_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
