@@ -308,6 +308,9 @@ def limited_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         f"--replica={engine}", "--api-key-file", str(keys), "--header-timeout", "1",
         "--body-timeout", "1", "--max-connections", "6", "--max-header-count", "50",
         "--max-header-bytes", "8192"]) as port:
+        # /health answers before the first probe has found the engine: wait until it is routable.
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/ready", trust_env=False).status_code == 200,
+                 "the gateway ready (its engine probed)", timeout_s=120)
         yield port
 
 
