@@ -16,12 +16,6 @@ from specserve_vllm.heads.model import HydraHeads, build_heads
 from specserve_vllm.heads.proposer import HEADS_ENV, HydraProposer, MedusaProposer
 
 
-def test_upstream_code_under_the_patch_is_unchanged() -> None:
-    # A mismatch means vLLM changed propose_draft_token_ids (its arguments or the Medusa
-    # branch's choice of hidden rows): re-check hidden_feed.py, then update the digest.
-    assert hidden_feed.upstream_digests() == hidden_feed.UPSTREAM_SHA256
-
-
 def test_patch_binds_the_arguments_it_reads() -> None:
     import inspect
 

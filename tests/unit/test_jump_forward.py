@@ -1,4 +1,4 @@
-"""Jump-forward drafting: upstream drift, idempotence, and the extension on a real xgrammar grammar
+"""Jump-forward drafting: idempotence, and the extension on a real xgrammar grammar
 over a toy vocabulary (no model)."""
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ VOCAB = ["<eos>", "{", "}", '"', "a", "b", ":", "x", "y", "c", "ab"]
 EOS, A, B, COLON, X, Y, C, AB = 0, 4, 5, 6, 7, 8, 9, 10
 # After "ab" (one token or two) the grammar forks on x|y, then forces "c", ":", then EOS.
 GRAMMAR = 'root ::= "ab" ("x" | "y") "c:"'
-
-
-def test_upstream_code_under_the_patch_is_unchanged() -> None:
-    # A mismatch means vLLM changed draft validation, the scheduler's draft hand-off or the
-    # xgrammar grammar wrapper: re-read them, adapt jump_forward.py, then update UPSTREAM_SHA256.
-    assert jump_forward.upstream_digests() == jump_forward.UPSTREAM_SHA256
 
 
 def test_apply_is_idempotent() -> None:
