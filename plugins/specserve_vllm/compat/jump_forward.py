@@ -24,8 +24,9 @@ them. Requests without a grammar, with a grammar still compiling, failed or term
 requests still reasoning before their constraint starts are left unchanged too; an unexpected
 error in the extension is logged and the unextended drafts are used.
 
-Switch: ``SPECSERVE_JUMP_FORWARD=0`` in the environment, or :data:`ENABLED` set to ``False``,
-turns the extension off; both are read on every call, so one process can compare engines.
+Switches: the engine settings ``jump_forward`` and ``jump_forward_strings``
+(:mod:`specserve.engine.settings`: ``SPECSERVE_JUMP_FORWARD[_STRINGS]``, ``specserve serve
+--no-jump-forward[-strings]``), read at plugin registration.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from specserve.engine import settings
 from specserve_vllm.compat.upstream import UpstreamFunction
 from specserve_vllm.spec_k import safe_spec_k
 
@@ -48,15 +49,6 @@ logger = logging.getLogger(__name__)
 _MARK = "_specserve_jump_forward"
 _SCRATCH = "_specserve_jump_forward_bitmask"
 _ENCODED = "_specserve_jump_forward_encoded"
-
-ENV_SWITCH = "SPECSERVE_JUMP_FORWARD"
-"""Environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables jump-forward drafting."""
-
-STRINGS_ENV_SWITCH = "SPECSERVE_JUMP_FORWARD_STRINGS"
-"""Environment variable: ``0`` drafts only single forced tokens, not tokenized forced strings."""
-
-ENABLED: bool = True
-"""Module switch, read at call time (tests and benchmarks flip it between engines)."""
 
 _WARNED: set[str] = set()
 """Kinds of extension errors already logged at warning level (later ones go to debug)."""
@@ -99,15 +91,13 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
 
 
 def enabled() -> bool:
-    """Whether jump-forward drafting is on (module flag and environment, read now)."""
-    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
-    return ENABLED and value not in ("0", "false", "off", "no")
+    """Whether jump-forward drafting is on (the engine setting)."""
+    return settings.current().jump_forward
 
 
 def strings_enabled() -> bool:
-    """Whether forced *strings* are drafted too (not just single forced tokens); read now."""
-    value = os.environ.get(STRINGS_ENV_SWITCH, "1").strip().lower()
-    return value not in ("0", "false", "off", "no")
+    """Whether forced *strings* are drafted too (not just single forced tokens)."""
+    return settings.current().jump_forward_strings
 
 
 def sole_allowed_token(row: npt.NDArray[np.int32], vocab_size: int) -> int | None:
