@@ -27,7 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from specserve_vllm.compat.upstream import UpstreamFunction
+from specserve_vllm.compat.upstream import PREPARE_INPUTS, PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +36,12 @@ _MARK = "_specserve_hidden_feed"
 UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Wrapped: the argument names below, and the Medusa branch whose row choice
     # last_hidden_rows mirrors.
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids",
-                     "e44b96f31942673620ebf3630c09d50fe3e4fbab9521602d6de388c404acc2d2"),
+    PROPOSE_DRAFT_TOKEN_IDS,
     # Relied on (committed_positions): rows of hidden_states follow input_batch.req_ids,
     # num_scheduled_tokens each; input_batch.num_computed_tokens_cpu holds the count before
     # this step.
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
-                     "555a08b216e197714c49835c0e7d5b4d82bf89c0e3ac05bb55299abcc964a125"),
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states",
+    PREPARE_INPUTS,
+    UpstreamFunction(RUNNER, "GPUModelRunner._update_states",
                      "95e379e122d7fc0cf27d3f7571f56eb6181874d848a2489c03a4f31a8cc5276d"),
 )
 

@@ -23,7 +23,7 @@ import functools
 import logging
 from typing import Any
 
-from specserve_vllm.compat.upstream import UpstreamFunction
+from specserve_vllm.compat.upstream import PREPARE_INPUTS, RUNNER, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,12 @@ _INDICES_ATTR = "_specserve_logits_indices"
 
 UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Wrapped: returns this step's logits_indices first.
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
-                     "555a08b216e197714c49835c0e7d5b4d82bf89c0e3ac05bb55299abcc964a125"),
+    PREPARE_INPUTS,
     # Wrapped: receives the logits of every sampled position.
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample",
+    UpstreamFunction(RUNNER, "GPUModelRunner._sample",
                      "e00bd57221003822e51f31e2e1702e978cd1d79a5ca9f403bc2a0ff9f21d6dfb"),
     # Relied on: calls _sample before the drafter proposes.
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens",
+    UpstreamFunction(RUNNER, "GPUModelRunner.sample_tokens",
                      "31c5090a90c39dc7904f105a8620a3623383efd82cce8935e91cc60e853c8721"),
 )
 

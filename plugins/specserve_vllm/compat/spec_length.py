@@ -21,7 +21,7 @@ import functools
 import logging
 from typing import Any
 
-from specserve_vllm.compat.upstream import UpstreamFunction
+from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction
 
 from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 
@@ -31,12 +31,11 @@ _MARK = "_specserve_spec_length"
 
 UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Wrapped: the drafts are cut after the drafter proposes.
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids",
-                     "e44b96f31942673620ebf3630c09d50fe3e4fbab9521602d6de388c404acc2d2"),
+    PROPOSE_DRAFT_TOKEN_IDS,
     # Relied on: per-request draft lists reach the scheduler as returned.
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._get_draft_token_ids_cpu",
+    UpstreamFunction(RUNNER, "GPUModelRunner._get_draft_token_ids_cpu",
                      "2f1324baa012de2d857b75f7e32c55caa8d34eff7f8e4822527b298ba287f0be"),
-    UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.take_draft_token_ids",
+    UpstreamFunction(RUNNER, "GPUModelRunner.take_draft_token_ids",
                      "c16093bcaca3f827d960eb2c498d9015a22d8d28077bef455975d3cbedb2a22c"),
     # Wrapped: spec_k is validated with the other sampling parameters.
     UpstreamFunction("vllm.v1.engine.input_processor", "InputProcessor._validate_params",

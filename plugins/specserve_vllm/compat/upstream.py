@@ -105,6 +105,19 @@ class UpstreamFunction:
         return obj
 
 
+RUNNER = "vllm.v1.worker.gpu_model_runner"
+
+PROPOSE_DRAFT_TOKEN_IDS = UpstreamFunction(
+    RUNNER, "GPUModelRunner.propose_draft_token_ids",
+    "e44b96f31942673620ebf3630c09d50fe3e4fbab9521602d6de388c404acc2d2")
+"""The runner's drafting step, which ``spec_length`` and ``hidden_feed`` both wrap."""
+
+PREPARE_INPUTS = UpstreamFunction(
+    RUNNER, "GPUModelRunner._prepare_inputs",
+    "555a08b216e197714c49835c0e7d5b4d82bf89c0e3ac05bb55299abcc964a125")
+"""Wrapped by ``logits_feed`` (its ``logits_indices``); ``hidden_feed`` relies on its row layout."""
+
+
 def parameters_of(fn: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:
     """``(name, has_default)`` for each parameter of ``fn``, comparable to
     :meth:`UpstreamFunction.parameters`."""

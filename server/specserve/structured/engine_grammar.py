@@ -28,7 +28,7 @@ from typing import Any
 
 from specserve.engine import settings
 from specserve.structured.any_order import SeparatorStyle, mark_any_order, splice_any_order
-from specserve.structured.schema_refs import schema_nodes
+from specserve.structured.schema_walk import schema_nodes
 from specserve.structured.schema_rewrite import rewrite_schema_text
 from specserve.structured.strict_json import fix_json_ebnf
 
