@@ -14,9 +14,13 @@ _STATE = {"registered": False}
 
 
 def register() -> None:
-    """Install the compat patches and register specserve's model classes (idempotent)."""
+    """Read the engine settings, install the compat patches and register specserve's model
+    classes (idempotent)."""
     if _STATE["registered"]:
         return
+    from specserve.engine import settings
+
+    settings.read()  # once per process: every request sees the same engine settings
     from specserve_vllm import compat
 
     compat.apply_all()

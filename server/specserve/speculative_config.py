@@ -31,10 +31,7 @@ HEAD_CLASS_PATHS: dict[str, str] = {
     "medusa": "specserve_vllm.heads.proposer.MedusaProposer",
     "hydra": "specserve_vllm.heads.proposer.HydraProposer",
 }
-"""specserve's Medusa / Hydra heads, also ``custom_class`` proposers (checkpoint in HEADS_ENV)."""
-
-HEADS_ENV = "SPECSERVE_HEADS_DIR"
-"""Environment variable through which the engine finds the head checkpoint."""
+"""specserve's Medusa / Hydra heads, also ``custom_class`` proposers (checkpoint: the engine setting ``heads_dir``)."""
 
 NGRAM_LOOKUP = (1, 3)
 """(min, max) n-gram sizes for vLLM's prompt-lookup drafter."""

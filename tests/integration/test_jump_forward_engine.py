@@ -2,7 +2,7 @@
 
 Greedy JSON-schema-constrained generation with an ngram drafter: outputs equal the
 no-speculation engine's token for token, parse strictly and validate, with jump-forward on and
-off (``jump_forward.ENABLED``, read at call time, so one speculative engine serves both); with it
+off (``settings.override(jump_forward=False)``, so one speculative engine serves both); with it
 on, more drafts are accepted (grammar-forced keys, separators and enum tails).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from specserve.engine.local import local_llm
-from specserve_vllm.compat import jump_forward
+from specserve.engine import settings
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -81,14 +81,10 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, list[Any]]]:
         demo_model_dir, structured_outputs_config=STRUCTURED, speculative_config=NGRAM,
         per_request_spec_decode_metrics="detailed",
     )
-    try:
-        jump_forward.ENABLED = False
+    with settings.override(jump_forward=False):
         result["ngram"] = _run(spec)
-        jump_forward.ENABLED = True
-        result["jump_forward"] = _run(spec)
-        result["spec_k"] = _run_spec_k(spec)
-    finally:
-        jump_forward.ENABLED = True
+    result["jump_forward"] = _run(spec)
+    result["spec_k"] = _run_spec_k(spec)
     yield result
     del spec
     gc.collect()

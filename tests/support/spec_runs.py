@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -41,16 +40,11 @@ def run_batches(llm: Any, max_tokens: int) -> dict[str, Any]:
 
 @contextmanager
 def heads_env(directory: str | None) -> Iterator[None]:
-    """``SPECSERVE_HEADS_DIR`` set to ``directory`` (left alone when None), restored afterwards."""
-    from specserve.speculative_config import HEADS_ENV
+    """The engine setting ``heads_dir`` set to ``directory`` (left alone when None) in the block."""
+    from specserve.engine import settings
 
-    saved = os.environ.get(HEADS_ENV)
-    if directory is not None:
-        os.environ[HEADS_ENV] = directory
-    try:
+    if directory is None:
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(HEADS_ENV, None)
-        else:
-            os.environ[HEADS_ENV] = saved
+        return
+    with settings.override(heads_dir=directory):
+        yield

@@ -1,12 +1,16 @@
-"""Drift tests for the vLLM compat patches, and plugin registration.
+"""Drift tests for every vLLM compat patch, and plugin registration.
 
-Each patch records the sha256 of every upstream function it replaces or relies on; these tests
-fail when the installed vLLM differs, so a vLLM upgrade forces a review of each patch.
+Each patch declares the upstream functions it replaces or relies on (``UPSTREAM``) with the sha256
+of their source; these tests fail when the installed vLLM differs, so a vLLM upgrade forces a
+review of each patch, and registration warns about the same drift.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import logging
+from types import ModuleType
 
 import pytest
 
@@ -19,19 +23,44 @@ from specserve_vllm.compat.upstream import (
     warn_if_unsupported_vllm,
 )
 
+
+def _patch(name: str) -> ModuleType:
+    return importlib.import_module(f"{compat.__name__}.{name}")
+
+
 UPSTREAM = [
-    pytest.param(fn, id=f"{patch.__name__.rsplit('.', 1)[-1]}:{fn.qualname}")
-    for patch in (cpu_expand_kernel, dispatcher_rebind, grammar_validation)
-    for fn in patch.UPSTREAM
+    pytest.param(name, fn, id=f"{name}:{fn.qualname}")
+    for name in compat.PATCHES
+    for fn in _patch(name).UPSTREAM
 ]
 
 
-@pytest.mark.parametrize("fn", UPSTREAM)
-def test_upstream_source_unchanged(fn: UpstreamFunction) -> None:
+@pytest.mark.parametrize("name", compat.PATCHES)
+def test_every_patch_declares_its_upstream(name: str) -> None:
+    upstream = _patch(name).UPSTREAM
+    assert upstream and all(isinstance(fn, UpstreamFunction) for fn in upstream)
+
+
+@pytest.mark.parametrize(("patch", "fn"), UPSTREAM)
+def test_upstream_source_unchanged(patch: str, fn: UpstreamFunction) -> None:
     assert fn.digest() == fn.sha256, (
-        f"{fn.module}.{fn.qualname} changed upstream: review the compat patch, then record "
-        f"the new digest {fn.digest()}"
+        f"{fn.module}.{fn.qualname} changed upstream: review compat/{patch}.py (what its "
+        f"comment says it relies on), then record the new digest {fn.digest()}"
     )
+
+
+@pytest.mark.parametrize("name", compat.PATCHES)
+def test_registration_warns_when_a_patch_drifted(
+    name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    patch = _patch(name)
+    stale = dataclasses.replace(patch.UPSTREAM[0], sha256="0" * 64)
+    monkeypatch.setattr(patch, "UPSTREAM", (stale, *patch.UPSTREAM[1:]))
+    with caplog.at_level(logging.WARNING, logger="specserve_vllm.compat.upstream"):
+        compat.apply_all()
+    warned = [r for r in caplog.records if "changed" in r.getMessage()]
+    assert [r.fields["patch"] for r in warned] == [patch.__name__]  # type: ignore[attr-defined]
+    assert warned[0].fields["target"] == f"{stale.module}.{stale.qualname}"  # type: ignore[attr-defined]
 
 
 def test_expand_kernel_replacement_matches_upstream_signature() -> None:

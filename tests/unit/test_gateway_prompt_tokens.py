@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from specserve.commands.gateway import add_arguments, gateway_config
 from specserve.gateway import GatewayConfig
-from specserve.gateway import prompt_tokens
 from specserve.gateway.config import KeyLimits
 from specserve.gateway.limits import charged_tokens
 from specserve.gateway.prompt_tokens import (

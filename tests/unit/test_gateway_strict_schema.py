@@ -13,7 +13,6 @@ from typing import Any
 from support.gateway_fake_engine import MODEL, in_process_gateway, running_fake_engine
 from support.grammar_accepts import accepts
 from specserve.gateway import GatewayConfig
-from specserve.structured import request
 from specserve.structured.engine_grammar import STRICT_KEYWORD
 
 SCHEMA = {"type": "object", "properties": {"reasoning": {"type": "string"},

@@ -19,7 +19,8 @@ from specserve_vllm.heads.config import CheckpointError, HeadsConfig
 from specserve_vllm.heads.model import HydraHeads, build_heads
 from specserve_vllm.heads.prefix import PrefixAttention
 from specserve_vllm.heads.prefix_cache import PrefixCache
-from specserve_vllm.heads.proposer import HEADS_ENV, HydraProposer
+from specserve.engine import settings
+from specserve_vllm.heads.proposer import HydraProposer
 
 D, VOCAB = 16, 24
 
@@ -187,17 +188,17 @@ def test_training_batches_read_z_at_the_sampled_positions() -> None:
     assert torch.equal(nxt, nxt_ref)
 
 
-def test_proposer_drafts_from_the_cached_z(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_proposer_drafts_from_the_cached_z(tmp_path: Path) -> None:
     config = _config()
     heads = build_heads(config)
     _randomize(heads, seed=4)
     save_heads(tmp_path / "hpa", config, heads)
-    monkeypatch.setenv(HEADS_ENV, str(tmp_path / "hpa"))
     vllm_config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=3),
         model_config=SimpleNamespace(max_model_len=64, get_vocab_size=lambda: VOCAB, get_hidden_size=lambda: D,
                                      model_impl="auto", convert_type="none"))
-    proposer = HydraProposer(vllm_config)
+    with settings.override(heads_dir=str(tmp_path / "hpa")):
+        proposer = HydraProposer(vllm_config)
     assert proposer.needs_positions
     lm, emb = torch.randn(VOCAB, D), torch.randn(VOCAB, D)
     proposer.load_model(SimpleNamespace(lm_head=SimpleNamespace(weight=lm),

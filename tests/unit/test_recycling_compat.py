@@ -1,4 +1,4 @@
-"""The logits-feed patch that gives Token Recycling the target's top-k: drift and behaviour."""
+"""The logits-feed patch that gives Token Recycling the target's top-k: behaviour."""
 
 from __future__ import annotations
 
@@ -9,12 +9,6 @@ import torch
 
 from specserve_vllm.compat import logits_feed
 from specserve_vllm.drafters.recycling_proposer import CLASS_PATH, RecyclingProposer
-
-
-def test_upstream_code_under_the_patch_is_unchanged() -> None:
-    # A mismatch means vLLM changed how logits rows map to input positions or when the
-    # drafter runs relative to sampling: re-check logits_feed.py, then update the digests.
-    assert logits_feed.upstream_digests() == logits_feed.UPSTREAM_SHA256
 
 
 def test_apply_is_idempotent() -> None:

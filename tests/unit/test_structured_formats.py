@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from specserve.structured import formats
 from specserve.structured.formats import exact_format_pattern
 
 YEARS = ["0000", "0004", "0100", "0400", "1900", "2000", "2023", "2024", "2100", "2400", "9999"]

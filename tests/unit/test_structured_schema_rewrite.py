@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from specserve.engine import settings
 from specserve.structured.schema_rewrite import rewrite_schema, rewrite_schema_text
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "jsonschemabench" / "maskbench"
@@ -26,18 +28,16 @@ def _accepts(schema: dict[str, Any], text: str) -> bool:
 
 
 @pytest.fixture()
-def open_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+def open_objects() -> Iterator[None]:
     """The engine's default reading (JSON Schema's): objects open, whatever the environment."""
-    from specserve.structured.engine_grammar import JSON_MODE_ENV
-
-    monkeypatch.setenv(JSON_MODE_ENV, "schema")
+    with settings.override(json_mode="schema"):
+        yield
 
 
 @pytest.fixture()
-def strict_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    from specserve.structured.engine_grammar import JSON_MODE_ENV
-
-    monkeypatch.setenv(JSON_MODE_ENV, "strict")
+def strict_mode() -> Iterator[None]:
+    with settings.override(json_mode="strict"):
+        yield
 
 
 @pytest.mark.usefixtures("open_objects")

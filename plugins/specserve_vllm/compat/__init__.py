@@ -1,7 +1,9 @@
 """Everything that patches or reaches into vLLM internals, pinned to vLLM 0.32.0.
 
-Each patch is one module with an ``apply()`` function (idempotent) and a drift test in
-``tests/`` that fails if the upstream code it replaces changes.
+Each patch is one module with an ``apply()`` function (idempotent) and
+``UPSTREAM: tuple[UpstreamFunction, ...]``, the upstream functions it replaces or relies on with
+the digest of their source in the supported release. :func:`apply_all` warns for each one that
+drifted; ``tests/unit/test_compat_drift.py`` fails on it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ PATCHES: tuple[str, ...] = (
 
 
 def apply_all() -> None:
-    from specserve_vllm.compat.upstream import warn_if_unsupported_vllm
+    """Warn about upstream drift under any patch, then apply every patch in order."""
+    from specserve_vllm.compat.upstream import warn_if_drifted, warn_if_unsupported_vllm
 
     warn_if_unsupported_vllm()
     for name in PATCHES:
         mod = importlib.import_module(f"{__name__}.{name}")
+        warn_if_drifted(mod.__name__, mod.UPSTREAM)
         mod.apply()

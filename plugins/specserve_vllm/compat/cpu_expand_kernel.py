@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
+from specserve_vllm.compat.upstream import UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ def apply() -> None:
     """Install :func:`expand_kernel_impl` as vLLM's CPU ``expand_kernel`` fallback (idempotent)."""
     module = importlib.import_module(REPLACED.module)
     if getattr(module, REPLACED.qualname) is not expand_kernel_impl:
-        warn_if_drifted(__name__, UPSTREAM)
         setattr(module, REPLACED.qualname, expand_kernel_impl)
         logger.debug("installed the CPU expand_kernel fallback")
     if _broken_override_active():

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
+from specserve_vllm.compat.upstream import UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,5 @@ def apply() -> None:
     module = importlib.import_module(REPLACED.module)
     if getattr(module, REPLACED.qualname) is rebind_kernels:
         return
-    warn_if_drifted(__name__, UPSTREAM)
     setattr(module, REPLACED.qualname, rebind_kernels)
     logger.debug("installed the kernel-override rebinding")

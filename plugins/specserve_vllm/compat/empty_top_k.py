@@ -13,21 +13,17 @@ import functools
 import logging
 from typing import Any
 
-from specserve_vllm.compat.upstream import live_source_digests
+from specserve_vllm.compat.upstream import UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_empty_top_k"
 
-UPSTREAM_SHA256 = {
-    "topk_topp_sampler.apply_top_k_only": "4af02a4dad88c663c45133442ce31e091546a9e164eaa8f22244c30dca3220bb",
-}
-
-
-def upstream_digests() -> dict[str, str]:
-    from vllm.v1.sample.ops import topk_topp_sampler
-
-    return live_source_digests({"topk_topp_sampler.apply_top_k_only": topk_topp_sampler.apply_top_k_only})
+UPSTREAM: tuple[UpstreamFunction, ...] = (
+    # Wrapped: calls k.max() on the (possibly empty) k.
+    UpstreamFunction("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_only",
+                     "2d58824a27f72f0a9f8f70b2d80fc212604e4d6177694209efce7aca8d05d57b"),
+)
 
 
 def apply() -> None:

@@ -24,25 +24,26 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from specserve_vllm.compat.upstream import live_source_digests
+from specserve_vllm.compat.upstream import PREPARE_INPUTS, PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_hidden_feed"
 
-# sha256 of the upstream source the wrap relies on (see tests/unit/test_heads_compat.py):
-# the argument names below, and the Medusa branch whose row choice last_hidden_rows mirrors.
-UPSTREAM_SHA256: dict[str, str] = {
-    "GPUModelRunner.propose_draft_token_ids": "a60269aca9de4e251b8132aa1d95de38497b65bfdb20fbb54596fe4d5600ad35",
-    # committed_positions: rows of hidden_states follow input_batch.req_ids, num_scheduled_tokens
-    # each; input_batch.num_computed_tokens_cpu holds the count before this step.
-    "GPUModelRunner._prepare_inputs": "c31a77c123a09a04971543d691b8ecce045820a05578494fc58eea2d3c665662",
-    "GPUModelRunner._update_states": "326599f31b273b945fd7fc488f5e022c3b2d98d34fb74d2e9ce546e2abcdc892",
-}
+UPSTREAM: tuple[UpstreamFunction, ...] = (
+    # Wrapped: the argument names below, and the Medusa branch whose row choice
+    # last_hidden_rows mirrors.
+    PROPOSE_DRAFT_TOKEN_IDS,
+    # Relied on (committed_positions): rows of hidden_states follow input_batch.req_ids,
+    # num_scheduled_tokens each; input_batch.num_computed_tokens_cpu holds the count before
+    # this step.
+    PREPARE_INPUTS,
+    UpstreamFunction(RUNNER, "GPUModelRunner._update_states",
+                     "95e379e122d7fc0cf27d3f7571f56eb6181874d848a2489c03a4f31a8cc5276d"),
+)
 
 ARGUMENTS: tuple[str, ...] = ("sampled_token_ids", "sample_hidden_states", "spec_decode_metadata")
 POSITION_ARGUMENTS: tuple[str, ...] = ("scheduler_output", "sampled_token_ids", "hidden_states")
@@ -63,18 +64,6 @@ class CommittedPositions:
     tokens: list[Any]
     finished: frozenset[str]
 
-
-def _targets() -> dict[str, Callable[..., Any]]:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    return {"GPUModelRunner.propose_draft_token_ids": GPUModelRunner.propose_draft_token_ids,
-            "GPUModelRunner._prepare_inputs": GPUModelRunner._prepare_inputs,
-            "GPUModelRunner._update_states": GPUModelRunner._update_states}
-
-
-def upstream_digests() -> dict[str, str]:
-    """sha256 of the (unpatched) source of every function this patch depends on."""
-    return live_source_digests(_targets())
 
 
 def last_hidden_rows(num_draft_tokens: list[int], num_sampled: list[int]) -> list[int]:

@@ -24,8 +24,9 @@ them. Requests without a grammar, with a grammar still compiling, failed or term
 requests still reasoning before their constraint starts are left unchanged too; an unexpected
 error in the extension is logged and the unextended drafts are used.
 
-Switch: ``SPECSERVE_JUMP_FORWARD=0`` in the environment, or :data:`ENABLED` set to ``False``,
-turns the extension off; both are read on every call, so one process can compare engines.
+Switches: the engine settings ``jump_forward`` and ``jump_forward_strings``
+(:mod:`specserve.engine.settings`: ``SPECSERVE_JUMP_FORWARD[_STRINGS]``, ``specserve serve
+--no-jump-forward[-strings]``), read at plugin registration.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from specserve_vllm.compat.upstream import live_source_digests
+from specserve.engine import settings
+from specserve_vllm.compat.upstream import UpstreamFunction
 from specserve_vllm.spec_k import safe_spec_k
 
 logger = logging.getLogger(__name__)
@@ -49,15 +50,6 @@ _MARK = "_specserve_jump_forward"
 _SCRATCH = "_specserve_jump_forward_bitmask"
 _ENCODED = "_specserve_jump_forward_encoded"
 
-ENV_SWITCH = "SPECSERVE_JUMP_FORWARD"
-"""Environment variable: ``0`` / ``false`` / ``off`` / ``no`` disables jump-forward drafting."""
-
-STRINGS_ENV_SWITCH = "SPECSERVE_JUMP_FORWARD_STRINGS"
-"""Environment variable: ``0`` drafts only single forced tokens, not tokenized forced strings."""
-
-ENABLED: bool = True
-"""Module switch, read at call time (tests and benchmarks flip it between engines)."""
-
 _WARNED: set[str] = set()
 """Kinds of extension errors already logged at warning level (later ones go to debug)."""
 
@@ -65,66 +57,47 @@ _SYNC_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "specserve_jump_forward_sync_path", default=False
 )
 
-# sha256 of the upstream source this patch wraps or relies on (tests/unit/test_jump_forward.py).
-UPSTREAM_SHA256: dict[str, str] = {
-    "StructuredOutputManager.validate_tokens": "0209afea4a3ed3023a9aa01de256f0aeec75a091f5d80db97d70c63a41d6b5c0",
-    "StructuredOutputManager._get_constraint_bounds": "0a5938e1b801ab0d9a53728c390c9c5e51677df0b11cc7f0bc69d49245f154b9",
-    "StructuredOutputManager.grammar_bitmask": "46f2867ad31aea096ea3a719c5336d4736df94cf2142fd6b0eb68b006aa2a30c",
-    "Scheduler.update_draft_token_ids": "f05dcf1d78912b3633f794fddda0fdd5fa71675c168b261cc2e9358397f5a893",
-    "Scheduler.update_draft_token_ids_in_output": "527750a65877b9e3828b8edf4f2d19a6b9f587184925f99830f3d2ed033b31a9",
-    "XgrammarBackend.compile_grammar": "d9a7ffa62a2ef76afd251be793e53ea384126cb04194d2f110df6e36069273b9",
-    "XgrammarGrammar.accept_tokens": "831fb6c4373e0dcd27008a4855cace7c0afe3dbfa1027b6e43cc4caf7d6c3b8c",
-    "XgrammarGrammar.rollback": "ff2e4a71f7bc62220912ef64fb7cfbbd2a9badd738839d6b6c4e1f29f5a384c7",
-    "XgrammarGrammar.fill_bitmask": "10a7b48884984c75fb24f56b79f548ef17b3a9309128279f0963f2f75bf68bfb",
-    "XgrammarGrammar.is_terminated": "7838bbf80a801f7ed301c3408efc4da657d857e0595aa7e6af5719e2d5b1e81f",
-    "XgrammarGrammar.validate_tokens": "a0f84a7544dcaf551b17f820fa29148c5508adda6da00b8d7d51ee827152eac0",
-}
-
-
-def _targets() -> dict[str, Callable[..., Any]]:
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.structured_output import StructuredOutputManager
-    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend, XgrammarGrammar
-
-    return {
-        # Wrapped: returns the grammar-valid prefix of the drafts.
-        "StructuredOutputManager.validate_tokens": StructuredOutputManager.validate_tokens,
-        # Relied on: grammar_start == 0 for an empty draft means "constrained from here".
-        "StructuredOutputManager._get_constraint_bounds": (
-            StructuredOutputManager._get_constraint_bounds
-        ),
-        # Relied on: one bitmask row per draft position, (1 + num_speculative_tokens) per request.
-        "StructuredOutputManager.grammar_bitmask": StructuredOutputManager.grammar_bitmask,
-        # Wrapped (marks the sync path): drafts become request.spec_token_ids as returned.
-        "Scheduler.update_draft_token_ids": Scheduler.update_draft_token_ids,
-        # Relied on: the async path pads to placeholders, so it must not be extended.
-        "Scheduler.update_draft_token_ids_in_output": Scheduler.update_draft_token_ids_in_output,
-        # Relied on: matcher created with max_rollback_tokens = num_speculative_tokens.
-        "XgrammarBackend.compile_grammar": XgrammarBackend.compile_grammar,
-        "XgrammarGrammar.accept_tokens": XgrammarGrammar.accept_tokens,
-        "XgrammarGrammar.rollback": XgrammarGrammar.rollback,
-        "XgrammarGrammar.fill_bitmask": XgrammarGrammar.fill_bitmask,
-        "XgrammarGrammar.is_terminated": XgrammarGrammar.is_terminated,
-        # Relied on: returns the accepted prefix and restores the matcher, without logging.
-        "XgrammarGrammar.validate_tokens": XgrammarGrammar.validate_tokens,
-    }
-
-
-def upstream_digests() -> dict[str, str]:
-    """sha256 of the (unpatched) source of every function this patch depends on."""
-    return live_source_digests(_targets())
+UPSTREAM: tuple[UpstreamFunction, ...] = (
+    # Wrapped: returns the grammar-valid prefix of the drafts.
+    UpstreamFunction("vllm.v1.structured_output", "StructuredOutputManager.validate_tokens",
+                     "afead6e9119093aaabf4c171bf6cf4f976817f07a2827ac0248747d05b1bd59f"),
+    # Relied on: grammar_start == 0 for an empty draft means "constrained from here".
+    UpstreamFunction("vllm.v1.structured_output", "StructuredOutputManager._get_constraint_bounds",
+                     "f952489bf3371e7910a848eb6c285801584c7ac27ef16bd246369c4503684eb6"),
+    # Relied on: one bitmask row per draft position, (1 + num_speculative_tokens) per request.
+    UpstreamFunction("vllm.v1.structured_output", "StructuredOutputManager.grammar_bitmask",
+                     "67b3e0e65ccde211b6155cf3a569e5b62712e0c63a16f4bfcddc0083db72c1c7"),
+    # Wrapped (marks the sync path): drafts become request.spec_token_ids as returned.
+    UpstreamFunction("vllm.v1.core.sched.scheduler", "Scheduler.update_draft_token_ids",
+                     "d6dc1e96fb96d1d3b62ff7780f7e23ed6e00d2a5468f454434f69bfa66048b3c"),
+    # Relied on: the async path pads to placeholders, so it must not be extended.
+    UpstreamFunction("vllm.v1.core.sched.scheduler", "Scheduler.update_draft_token_ids_in_output",
+                     "ef7eee38ed3919d14f0bebe6240333ea590244036000d788e85b5e81ad68bf31"),
+    # Relied on: matcher created with max_rollback_tokens = num_speculative_tokens.
+    UpstreamFunction("vllm.v1.structured_output.backend_xgrammar", "XgrammarBackend.compile_grammar",
+                     "b1ebb9c0c209160857f2d3282d6caccb463828670cdb771ad937d0cd7e347ee6"),
+    UpstreamFunction("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar.accept_tokens",
+                     "bcc62b08640423a6d578699014a6b4bbf20e66c7873daa49f309d020743a3a78"),
+    UpstreamFunction("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar.rollback",
+                     "5297b5adc4628598cc3c7e65dea8f4e1bcbb7c33dc01ba77b9b8b61321570538"),
+    UpstreamFunction("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar.fill_bitmask",
+                     "a235f340d78767da65eff577f272e91135a5a85fd774f4cf4b09bd085814a392"),
+    UpstreamFunction("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar.is_terminated",
+                     "dcc56a6ae81438bee890414e97e0867af00522cf3d0d376aa910ae0dafb231ac"),
+    # Relied on: returns the accepted prefix and restores the matcher, without logging.
+    UpstreamFunction("vllm.v1.structured_output.backend_xgrammar", "XgrammarGrammar.validate_tokens",
+                     "6dd9de1a3370995c0237fffb797f58d6a11811ecbab92e242ac75fa2b6cc4de0"),
+)
 
 
 def enabled() -> bool:
-    """Whether jump-forward drafting is on (module flag and environment, read now)."""
-    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
-    return ENABLED and value not in ("0", "false", "off", "no")
+    """Whether jump-forward drafting is on (the engine setting)."""
+    return settings.current().jump_forward
 
 
 def strings_enabled() -> bool:
-    """Whether forced *strings* are drafted too (not just single forced tokens); read now."""
-    value = os.environ.get(STRINGS_ENV_SWITCH, "1").strip().lower()
-    return value not in ("0", "false", "off", "no")
+    """Whether forced *strings* are drafted too (not just single forced tokens)."""
+    return settings.current().jump_forward_strings
 
 
 def sole_allowed_token(row: npt.NDArray[np.int32], vocab_size: int) -> int | None:
@@ -333,13 +306,6 @@ def apply() -> None:
 
     if getattr(StructuredOutputManager.validate_tokens, _MARK, False):
         return
-    digests = upstream_digests()
-    changed = sorted(k for k, v in UPSTREAM_SHA256.items() if digests.get(k) != v)
-    if changed:
-        logger.warning(
-            "upstream vLLM code under a compat patch changed; review the patch",
-            extra={"fields": {"patch": __name__, "targets": changed}},
-        )
     StructuredOutputManager.validate_tokens = _wrap_validate(  # type: ignore[method-assign]
         StructuredOutputManager.validate_tokens
     )

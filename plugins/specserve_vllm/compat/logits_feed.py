@@ -21,37 +21,25 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from specserve_vllm.compat.upstream import live_source_digests
+from specserve_vllm.compat.upstream import PREPARE_INPUTS, RUNNER, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_logits_feed"
 _INDICES_ATTR = "_specserve_logits_indices"
 
-# sha256 of the upstream source each wrap relies on (see tests/unit/test_recycling_drift.py).
-UPSTREAM_SHA256: dict[str, str] = {
-    "GPUModelRunner._prepare_inputs": "c31a77c123a09a04971543d691b8ecce045820a05578494fc58eea2d3c665662",
-    "GPUModelRunner._sample": "5cb5c1da02cfdc689acb7bab51ca7eb56e2ef3b19bea4b92fc6ca4370be2cf5a",
-    "GPUModelRunner.sample_tokens": "047e6a4738dead564fe9b997672e5737a9af3514a1b07fbc87c9f7df6a372d1b",
-}
-
-
-def _targets() -> dict[str, Callable[..., Any]]:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    return {
-        "GPUModelRunner._prepare_inputs": GPUModelRunner._prepare_inputs,
-        "GPUModelRunner._sample": GPUModelRunner._sample,
-        "GPUModelRunner.sample_tokens": GPUModelRunner.sample_tokens,
-    }
-
-
-def upstream_digests() -> dict[str, str]:
-    """sha256 of the (unpatched) source of every function this patch depends on."""
-    return live_source_digests(_targets())
+UPSTREAM: tuple[UpstreamFunction, ...] = (
+    # Wrapped: returns this step's logits_indices first.
+    PREPARE_INPUTS,
+    # Wrapped: receives the logits of every sampled position.
+    UpstreamFunction(RUNNER, "GPUModelRunner._sample",
+                     "e00bd57221003822e51f31e2e1702e978cd1d79a5ca9f403bc2a0ff9f21d6dfb"),
+    # Relied on: calls _sample before the drafter proposes.
+    UpstreamFunction(RUNNER, "GPUModelRunner.sample_tokens",
+                     "31c5090a90c39dc7904f105a8620a3623383efd82cce8935e91cc60e853c8721"),
+)
 
 
 def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any] | None:

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve_vllm.compat.upstream import live_source_digests
+from specserve_vllm.compat.upstream import RUNNER, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -41,28 +41,17 @@ NO_SPEC_STEPS_ATTR = "_specserve_no_spec_steps"
 # sha256 of the upstream source this wrap relies on (see tests/unit/test_no_spec_step.py):
 # the branch in _prepare_inputs, the plain/rejection choice in _sample, the sampled-ids parsing in
 # _bookkeeping_sync, and sample_tokens passing spec_decode_metadata on to them and the drafter.
-UPSTREAM_SHA256: dict[str, str] = {
-    "GPUModelRunner._prepare_inputs": "c31a77c123a09a04971543d691b8ecce045820a05578494fc58eea2d3c665662",
-    "GPUModelRunner._sample": "5cb5c1da02cfdc689acb7bab51ca7eb56e2ef3b19bea4b92fc6ca4370be2cf5a",
-    "GPUModelRunner.sample_tokens": "047e6a4738dead564fe9b997672e5737a9af3514a1b07fbc87c9f7df6a372d1b",
-    "GPUModelRunner._bookkeeping_sync": "13c3e81003a7e168f5cd7a0a04bbc70b16d6c54c18ae4edbf41a45f73c3b6ea1",
-}
+UPSTREAM: tuple[UpstreamFunction, ...] = (
+    UpstreamFunction(RUNNER, "GPUModelRunner._prepare_inputs",
+                     "555a08b216e197714c49835c0e7d5b4d82bf89c0e3ac05bb55299abcc964a125"),
+    UpstreamFunction(RUNNER, "GPUModelRunner._sample",
+                     "e00bd57221003822e51f31e2e1702e978cd1d79a5ca9f403bc2a0ff9f21d6dfb"),
+    UpstreamFunction(RUNNER, "GPUModelRunner.sample_tokens",
+                     "31c5090a90c39dc7904f105a8620a3623383efd82cce8935e91cc60e853c8721"),
+    UpstreamFunction(RUNNER, "GPUModelRunner._bookkeeping_sync",
+                     "3ed5aaf644257e9643c9440e31042cf82bb2114a47ea56a94ca8bf2b4a6972b3"),
+)
 
-
-def _targets() -> dict[str, Callable[..., Any]]:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    return {
-        "GPUModelRunner._prepare_inputs": GPUModelRunner._prepare_inputs,
-        "GPUModelRunner._sample": GPUModelRunner._sample,
-        "GPUModelRunner.sample_tokens": GPUModelRunner.sample_tokens,
-        "GPUModelRunner._bookkeeping_sync": GPUModelRunner._bookkeeping_sync,
-    }
-
-
-def upstream_digests() -> dict[str, str]:
-    """sha256 of the (unpatched) source of every function this patch depends on."""
-    return live_source_digests(_targets())
 
 
 def has_drafts(scheduler_output: Any) -> bool:

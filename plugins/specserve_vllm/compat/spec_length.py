@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from specserve_vllm.compat.upstream import live_source_digests
+from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction
+
 from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 from specserve_vllm.spec_control.plan import VerifiedRows
 from specserve_vllm.spec_control.planner import StepPlanner, build_policy, settings_from
@@ -51,30 +52,18 @@ _PLANNER_ATTR = "_specserve_planner"
 ARGUMENTS: tuple[str, ...] = ("scheduler_output", "sampled_token_ids")
 """Arguments of ``propose_draft_token_ids`` the wrap reads (checked by the drift test)."""
 
-# sha256 of the upstream source each patch relies on (see tests/unit/test_spec_k_drift.py).
-UPSTREAM_SHA256: dict[str, str] = {
-    "GPUModelRunner.propose_draft_token_ids": "a60269aca9de4e251b8132aa1d95de38497b65bfdb20fbb54596fe4d5600ad35",
-    "GPUModelRunner._get_draft_token_ids_cpu": "48bdeff52e00cecbda33a03869104c7ce9f837116b4d44830994847538d0bab5",
-    "GPUModelRunner.take_draft_token_ids": "21e3697c8c5f9a817a05cb97c90c8c535eaf6b50ac15f532139457d4530096d8",
-    "InputProcessor._validate_params": "656325c2c4138dbdaaa2cc977b30f4e282449481a2d9ba9f0f170b54e65194a6",
-}
-
-
-def _targets() -> dict[str, Callable[..., Any]]:
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    return {
-        "GPUModelRunner.propose_draft_token_ids": GPUModelRunner.propose_draft_token_ids,
-        "GPUModelRunner._get_draft_token_ids_cpu": GPUModelRunner._get_draft_token_ids_cpu,
-        "GPUModelRunner.take_draft_token_ids": GPUModelRunner.take_draft_token_ids,
-        "InputProcessor._validate_params": InputProcessor._validate_params,
-    }
-
-
-def upstream_digests() -> dict[str, str]:
-    """sha256 of the (unpatched) source of every function this patch depends on."""
-    return live_source_digests(_targets())
+UPSTREAM: tuple[UpstreamFunction, ...] = (
+    # Wrapped: the drafts are cut after the drafter proposes.
+    PROPOSE_DRAFT_TOKEN_IDS,
+    # Relied on: per-request draft lists reach the scheduler as returned.
+    UpstreamFunction(RUNNER, "GPUModelRunner._get_draft_token_ids_cpu",
+                     "2f1324baa012de2d857b75f7e32c55caa8d34eff7f8e4822527b298ba287f0be"),
+    UpstreamFunction(RUNNER, "GPUModelRunner.take_draft_token_ids",
+                     "c16093bcaca3f827d960eb2c498d9015a22d8d28077bef455975d3cbedb2a22c"),
+    # Wrapped: spec_k is validated with the other sampling parameters.
+    UpstreamFunction("vllm.v1.engine.input_processor", "InputProcessor._validate_params",
+                     "37ae3e0f471fd44cbf72eb3dffa30cc5ec72b1e9784db5c9031d0e0a5330c0e8"),
+)
 
 
 def request_caps(runner: Any) -> list[int | None]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from specserve_vllm.compat.upstream import live_source_digests
+from specserve_vllm.compat.upstream import RUNNER, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +29,13 @@ _START_ATTR = "_specserve_step_start"
 
 # sha256 of the upstream source the wraps rely on (see tests/unit/test_goodput_engine_parts.py):
 # a step is execute_model then sample_tokens, and sample_tokens drafts before returning.
-UPSTREAM_SHA256: dict[str, str] = {
-    "GPUModelRunner.execute_model": "e058bf791a298e988db79e75c180c5474cd4884623d87c8fe600a89b6289d1aa",
-    "GPUModelRunner.sample_tokens": "047e6a4738dead564fe9b997672e5737a9af3514a1b07fbc87c9f7df6a372d1b",
-}
+UPSTREAM: tuple[UpstreamFunction, ...] = (
+    UpstreamFunction(RUNNER, "GPUModelRunner.execute_model",
+                     "d2d938ab66d17641ea6d80b04602377db31782252f238ec52325359c8b511467"),
+    UpstreamFunction(RUNNER, "GPUModelRunner.sample_tokens",
+                     "31c5090a90c39dc7904f105a8620a3623383efd82cce8935e91cc60e853c8721"),
+)
 
-
-def _targets() -> dict[str, Callable[..., Any]]:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    return {"GPUModelRunner.execute_model": GPUModelRunner.execute_model,
-            "GPUModelRunner.sample_tokens": GPUModelRunner.sample_tokens}
-
-
-def upstream_digests() -> dict[str, str]:
-    """sha256 of the (unpatched) source of every function this patch depends on."""
-    return live_source_digests(_targets())
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,15 @@
 A patch records, for every upstream function it replaces or depends on, the sha256 of that
 function's source text as shipped in the supported vLLM release. The source is read from the
 installed file (not from the live attribute), so the check gives the same answer before and after
-a patch has been applied. Drift tests compare the recorded and the installed digests; ``apply()``
-logs a warning when they differ.
+a patch has been applied. Every patch module declares its functions once, as
+``UPSTREAM: tuple[UpstreamFunction, ...]``; :func:`specserve_vllm.compat.apply_all` warns for each
+one that drifted, and one parametrised test fails on it.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -22,6 +24,17 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SERIES = "0.32."
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed_module(module: str) -> tuple[str, ast.Module]:
+    """The installed source of ``module`` and its syntax tree (parsed once per process: several
+    patches check functions of the same large modules at every registration)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise LookupError(f"module {module} not found")
+    text = Path(spec.origin).read_text(encoding="utf-8")
+    return text, ast.parse(text)
 
 
 @dataclass(frozen=True)
@@ -39,11 +52,8 @@ class UpstreamFunction:
     """Digest of the definition's source text in the supported vLLM release."""
 
     def _definition(self) -> tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]:
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or spec.origin is None:
-            raise LookupError(f"module {self.module} not found")
-        text = Path(spec.origin).read_text(encoding="utf-8")
-        body: list[ast.stmt] = ast.parse(text).body
+        text, tree = _parsed_module(self.module)
+        body: list[ast.stmt] = tree.body
         parts = self.qualname.split(".")
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
@@ -95,6 +105,19 @@ class UpstreamFunction:
         return obj
 
 
+RUNNER = "vllm.v1.worker.gpu_model_runner"
+
+PROPOSE_DRAFT_TOKEN_IDS = UpstreamFunction(
+    RUNNER, "GPUModelRunner.propose_draft_token_ids",
+    "e44b96f31942673620ebf3630c09d50fe3e4fbab9521602d6de388c404acc2d2")
+"""The runner's drafting step, which ``spec_length`` and ``hidden_feed`` both wrap."""
+
+PREPARE_INPUTS = UpstreamFunction(
+    RUNNER, "GPUModelRunner._prepare_inputs",
+    "555a08b216e197714c49835c0e7d5b4d82bf89c0e3ac05bb55299abcc964a125")
+"""Wrapped by ``logits_feed`` (its ``logits_indices``); ``hidden_feed`` relies on its row layout."""
+
+
 def parameters_of(fn: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:
     """``(name, has_default)`` for each parameter of ``fn``, comparable to
     :meth:`UpstreamFunction.parameters`."""
@@ -143,14 +166,3 @@ def warn_if_unsupported_vllm() -> bool:
     )
     return False
 
-
-def live_source_digests(functions: dict[str, Callable[..., Any]]) -> dict[str, str]:
-    """sha256 of the source of each (unwrapped) live function, by name.
-
-    The patches that wrap methods record these digests; unwrapping makes the answer the same
-    before and after the wrap is installed.
-    """
-    return {
-        name: hashlib.sha256(inspect.getsource(inspect.unwrap(fn)).encode()).hexdigest()
-        for name, fn in functions.items()
-    }

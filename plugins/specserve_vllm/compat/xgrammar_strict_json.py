@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from specserve.structured.engine_grammar import json_schema_ebnf, strict_by_default
-from specserve_vllm.compat.upstream import UpstreamFunction, warn_if_drifted
+from specserve_vllm.compat.upstream import UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,5 @@ def apply() -> None:
     current = backend.__post_init__
     if getattr(current, "__specserve_strict_json__", False):
         return
-    warn_if_drifted(__name__, UPSTREAM)
     backend.__post_init__ = _wrap_post_init(current)
     logger.debug("installed strict JSON strings for the xgrammar backend")

@@ -7,10 +7,11 @@ Selected with::
                           "model": "specserve_vllm.heads.proposer.HydraProposer",
                           "num_speculative_tokens": 4}
 
-The checkpoint directory comes from the environment because vLLM instantiates the class with
-the engine config only. :mod:`specserve_vllm.compat.hidden_feed` hands the proposer each
-request's last hidden state before ``propose``; the heads score with the target's own LM head
-and input embeddings, taken from the loaded target model. Drafts are greedy chains of length
+The checkpoint directory is the engine setting ``heads_dir``
+(:mod:`specserve.engine.settings`) because vLLM instantiates the class with the engine config
+only. :mod:`specserve_vllm.compat.hidden_feed` hands the proposer each request's last hidden
+state before ``propose``; the heads score with the target's own LM head and input embeddings,
+taken from the loaded target model. Drafts are greedy chains of length
 ``num_speculative_tokens`` (at most the number of heads), cut at the model length.
 
 Hydra heads with ``prefix_attention`` read ``z`` of their prefix block instead of the last
@@ -23,12 +24,13 @@ hidden state: the proposer sets ``needs_positions``, so the feed also calls
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from specserve.engine.settings import HEADS_ENV
+from specserve.engine import settings
 from specserve_vllm.spec_k import PlannedLengths, bounded_room
 from specserve_vllm.heads.checkpoint import load_heads
 from specserve_vllm.heads.config import CheckpointError, HeadsConfig, read_config
@@ -37,8 +39,6 @@ from specserve_vllm.heads.registry import resolve_head_class
 
 logger = logging.getLogger(__name__)
 
-HEADS_ENV = "SPECSERVE_HEADS_DIR"
-"""Environment variable naming the head checkpoint directory."""
 
 
 def target_weights(target_model: Any, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ class HeadsProposer:
     kind: str | None = None  # set by subclasses: the checkpoint kind they accept
 
     def __init__(self, vllm_config: Any) -> None:
-        directory = os.environ.get(HEADS_ENV)
+        directory = settings.current().heads_dir
         if not directory:
             raise CheckpointError(f"{type(self).__name__} needs {HEADS_ENV} set to a head checkpoint directory")
         self.directory = directory

@@ -98,14 +98,15 @@ def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], ma
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from specserve.speculative_config import HEAD_DRAFTERS, HEADS_ENV, speculative_config
+    from specserve.engine import settings
     from specserve.engine.local import local_llm
+    from specserve.speculative_config import HEAD_DRAFTERS, speculative_config
 
     spec = speculative_config(drafter, k, heads=heads)  # type: ignore[arg-type]
-    if drafter in HEAD_DRAFTERS and heads:
-        os.environ[HEADS_ENV] = heads
-    llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
-                    speculative_config=spec, disable_log_stats=False)
+    heads_dir = heads if drafter in HEAD_DRAFTERS and heads else settings.current().heads_dir
+    with settings.override(heads_dir=heads_dir):  # the proposer reads it as the engine builds it
+        llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
+                        speculative_config=spec, disable_log_stats=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     result: dict[str, Any] = {}
     try:

@@ -136,7 +136,7 @@ def speculation_coverage(
     gate: Any,
 ) -> dict[str, Any]:
     """τ and acceptance per mode (``off``, ``jump_forward``) over the served schemas."""
-    from specserve_vllm.compat import jump_forward
+    from specserve.engine import settings
 
     schemas = _load(files_by_dataset, gate)
     llm = _engine(model, drafter, k)
@@ -147,8 +147,8 @@ def speculation_coverage(
             logger.info("speculation progress", extra={"fields": {"done": i, "of": len(schemas)}})
             done: dict[str, list[Any]] = {}
             for mode in MODES:
-                jump_forward.ENABLED = mode == "jump_forward"
-                outs = _generate(llm, schema, max_tokens)
+                with settings.override(jump_forward=mode == "jump_forward"):
+                    outs = _generate(llm, schema, max_tokens)
                 if outs is None:
                     break
                 done[mode] = outs
@@ -158,7 +158,6 @@ def speculation_coverage(
                 rows[mode] += [_row(c, schema) for c in outs]
                 tokens[mode] += [list(c.token_ids) for c in outs]
     finally:
-        jump_forward.ENABLED = True
         del llm
     identical = sum(a == b for a, b in zip(tokens["off"], tokens["jump_forward"]))
     result: dict[str, Any] = {

@@ -20,6 +20,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _default(field: str) -> Any:
+    """``GatewayConfig``'s default for ``field``: each gateway default is written once, there."""
+    from specserve.gateway.config import GatewayConfig
+
+    return GatewayConfig.model_fields[field].default
+
+
+def _limit(field: str) -> Any:
+    from specserve.gateway.config import KeyLimits
+
+    return KeyLimits.model_fields[field].default
+
+
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``serve`` and ``gateway`` (listen address, limits, auth)."""
     g = parser.add_argument_group("gateway")
@@ -42,17 +55,24 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         "also $SPECSERVE_ENGINE_API_KEY")
     g.add_argument("--expose-replica-addresses", action="store_true",
                    help="name engines by address in the public /ready and /metrics (default: by index)")
-    g.add_argument("--rate-limit-rpm", type=int, default=0, help="requests per minute per key (0 = off)")
-    g.add_argument("--rate-limit-tpm", type=int, default=0, help="tokens per minute per key (0 = off)")
-    g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
-    g.add_argument("--max-tokens-cap", type=int, default=0, help="largest max_tokens accepted (0 = off)")
-    g.add_argument("--max-prompt-chars", type=int, default=0, help="largest prompt accepted (0 = off)")
-    g.add_argument("--max-prompt-tokens", type=int, default=0,
+    g.add_argument("--rate-limit-rpm", type=int, default=_limit("requests_per_minute"),
+                   help="requests per minute per key (0 = off)")
+    g.add_argument("--rate-limit-tpm", type=int, default=_limit("tokens_per_minute"),
+                   help="tokens per minute per key (0 = off)")
+    g.add_argument("--max-body-bytes", type=int, default=_default("max_body_bytes"))
+    g.add_argument("--max-tokens-cap", type=int, default=_default("max_tokens_cap"),
+                   help="largest max_tokens accepted (0 = off)")
+    g.add_argument("--max-prompt-chars", type=int, default=_default("max_prompt_chars"),
+                   help="largest prompt accepted (0 = off)")
+    g.add_argument("--max-prompt-tokens", type=int, default=_default("max_prompt_tokens"),
                    help="largest prompt in tokens, counted by the engine's /tokenize (0 = off)")
-    g.add_argument("--max-in-flight", type=int, default=256, help="requests at the engines at once")
-    g.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before 503")
-    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before 504")
-    g.add_argument("--drain-timeout", type=float, default=30.0,
+    g.add_argument("--max-in-flight", type=int, default=_default("max_in_flight"),
+                   help="requests at the engines at once")
+    g.add_argument("--max-queue", type=int, default=_default("max_queue"),
+                   help="requests waiting for a slot before 503")
+    g.add_argument("--request-timeout", type=float, default=_default("request_timeout_s"),
+                   help="seconds before 504")
+    g.add_argument("--drain-timeout", type=float, default=_default("drain_timeout_s"),
                    help="seconds in-flight requests get to finish on shutdown")
     g.add_argument("--health-timeout", type=float, default=5.0,
                    help="seconds a health probe waits for an engine; 3 slow probes in a row mark it down")
@@ -68,10 +88,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds a client has to send a request's body once its head is in (408)")
     s = parser.add_argument_group("speculation length")
     s.add_argument("--spec-policy", choices=("goodput", "fixed"),
-                   default=os.environ.get("SPECSERVE_SPEC_POLICY") or "fixed",
+                   default=os.environ.get("SPECSERVE_SPEC_POLICY") or _default("spec_policy"),
                    help="each request's speculation length: goodput = chosen per request from load "
                         "and acceptance, fixed = the engine's (default: $SPECSERVE_SPEC_POLICY or fixed)")
-    s.add_argument("--spec-k-max", type=int, default=0,
+    s.add_argument("--spec-k-max", type=int, default=_default("spec_k_max"),
                    help="largest spec_k the goodput policy sends (0 = the engine's num_speculative_tokens)")
     s.add_argument("--spec-step-base-ms", type=float, default=None,
                    help="goodput policy: start estimate of a decoding step's fixed time, refined online "
@@ -86,7 +106,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 STEP_COST_MS: dict[str, tuple[float, float]] = {
-    "gpu": (20.0, 0.5),
+    "gpu": (_default("spec_step_base_ms"), _default("spec_step_token_ms")),
     "cpu": (7.0, 2.2),
 }
 """Start values (ms per step, ms per verified token) of the goodput policy's step-time model.

@@ -27,8 +27,9 @@ from specserve.commands.gateway import (
     gateway_config,
     serve_gateway,
 )
-from specserve.speculative_config import DRAFTERS, HEAD_DRAFTERS, HEADS_ENV, speculative_config
 from specserve.engine.process import DEMO_TOOL_PARSER, TOOL_PARSER_PLUGIN
+from specserve.engine.settings import HEADS_ENV, add_flags, environ_from_flags
+from specserve.speculative_config import DRAFTERS, HEAD_DRAFTERS, speculative_config
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--engine-stop-grace", type=float, default=20.0,
                    help="seconds between SIGTERM and SIGKILL when stopping the engine")
     e.add_argument("--engine-log", default=None, help="write the engine's output to this file")
+    add_flags(e, skip=("heads_dir",))  # engine settings; --heads above (resolved with --drafter)
     add_gateway_arguments(parser)
     parser.add_argument("engine_args", nargs=argparse.REMAINDER,
                         help="after --: extra arguments passed to vLLM verbatim")
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         log.error("bad gateway options", extra={"fields": {"error": str(exc)}})
         return 2
-    env: dict[str, str] = {}
+    env: dict[str, str] = environ_from_flags(args)
     if args.drafter is not None:
         if args.speculative_config:
             log.error("give either --drafter or --speculative-config, not both")

@@ -98,11 +98,11 @@ class GatewayConfig(BaseModel):
     spec_policy: SpecPolicy = "fixed"
     """Each request's speculation length: ``goodput`` (chosen per request from load and acceptance)
     or ``fixed`` (requests untouched: the engine's ``num_speculative_tokens``)."""
-    spec_k_max: int = Field(default=0, ge=0)
+    spec_k_max: int = Field(default=GoodputSettings.k_max, ge=0)
     """Largest ``spec_k`` the goodput policy sends (0 = the engine's ``num_speculative_tokens``)."""
-    spec_step_base_ms: float = Field(default=20.0, gt=0)
+    spec_step_base_ms: float = Field(default=GoodputSettings.step_base_s * 1000.0, gt=0)
     """Goodput policy: starting estimate of a decoding step's fixed time (refined online)."""
-    spec_step_token_ms: float = Field(default=0.5, ge=0)
+    spec_step_token_ms: float = Field(default=GoodputSettings.step_token_s * 1000.0, ge=0)
     """Goodput policy: starting estimate of the step time per token the batch verifies."""
 
     def connection_limits(self) -> ConnectionLimits:

@@ -47,8 +47,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from specserve.structured.schema_limits import escape_pointer_part
-from specserve.structured.schema_refs import schema_nodes
+from specserve.structured.schema_walk import COMBINATORS, SCHEMA_MAPS, SUBSCHEMA_KEYWORDS, escape_pointer_part
+from specserve.structured.schema_walk import schema_nodes
 
 MAX_PROPERTIES = 8
 """Declared names of an object served in any order: ``2**8`` subset rules of at most 10
@@ -71,9 +71,8 @@ _ALLOWED = frozenset(
      "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
 )
 # Where subschemas sit that xgrammar converts into the grammar.
-_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-_SUBS = ("items", "prefixItems", "additionalItems", "additionalProperties", "anyOf", "oneOf",
-         "allOf")
+_MAPS = SCHEMA_MAPS
+_SUBS = (*SUBSCHEMA_KEYWORDS, *COMBINATORS)
 _ROOT_KEEP = ("$schema", "$defs", "definitions")
 _WS = "[ \\n\\r\\t]*"
 

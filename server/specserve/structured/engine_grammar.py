@@ -14,7 +14,8 @@ Two readings of a schema, per request:
   names, in the declared order (a schema that puts ``"reasoning"`` before ``"answer"`` gets them
   written in that order). The gateway asks for it when a request sets
   ``response_format.json_schema.strict: true``, by adding :data:`STRICT_KEYWORD` to the schema;
-  ``SPECSERVE_JSON_MODE=strict`` in the engine's environment makes it the default.
+  the engine setting ``json_mode`` (``SPECSERVE_JSON_MODE=strict``, ``specserve serve --json-mode
+  strict``) makes it the default.
 
 Both accept only instances the schema accepts; they differ in which valid instances they allow.
 """
@@ -23,27 +24,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
+from specserve.engine import settings
 from specserve.structured.any_order import SeparatorStyle, mark_any_order, splice_any_order
-from specserve.structured.schema_refs import schema_nodes
+from specserve.structured.schema_walk import schema_nodes
 from specserve.structured.schema_rewrite import rewrite_schema_text
 from specserve.structured.strict_json import fix_json_ebnf
 
 logger = logging.getLogger(__name__)
 
-JSON_MODE_ENV = "SPECSERVE_JSON_MODE"
 STRICT_KEYWORD = "x-specserve-strict"
 """Root keyword that asks for the strict reading of one schema (an annotation to validators)."""
 
 
 def strict_by_default() -> bool:
-    """Whether schemas without :data:`STRICT_KEYWORD` get the strict reading (read now)."""
-    mode = os.environ.get(JSON_MODE_ENV, "schema").strip().lower()
-    if mode not in ("schema", "strict"):
-        logger.warning("unknown json mode; using schema", extra={"fields": {"mode": mode}})
-    return mode == "strict"
+    """Whether schemas without :data:`STRICT_KEYWORD` get the strict reading (engine setting)."""
+    return settings.current().json_mode == "strict"
 
 
 def strict_reading(schema: str | dict[str, Any]) -> tuple[str | dict[str, Any], bool | None]:
@@ -76,7 +73,7 @@ def json_schema_ebnf(
 ) -> str:
     """EBNF for ``schema``; ``options`` are ``xgrammar.Grammar.from_json_schema``'s keywords.
 
-    ``strict`` defaults to the schema's :data:`STRICT_KEYWORD`, else the environment's mode
+    ``strict`` defaults to the schema's :data:`STRICT_KEYWORD`, else the engine's setting
     (:func:`strict_by_default`). ``open_objects`` and ``any_order`` default to the reading's
     (both off when strict); tests and benchmarks set them apart.
 

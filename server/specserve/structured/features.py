@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from specserve.structured.schema_limits import escape_pointer_part
+from specserve.structured.schema_walk import DATA_KEYWORDS, MAP_KEYWORDS, escape_pointer_part
 
 # Formats xgrammar 0.2.8 converts for strings (vLLM's STRING_SUPPORTED_FORMATS).
 SUPPORTED_FORMATS = frozenset(
@@ -40,12 +40,6 @@ SUPPORTED_FORMATS = frozenset(
     }
 )
 
-# Keywords whose value maps names to subschemas (the map itself is not a schema).
-MAP_KEYWORDS = frozenset(
-    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-)
-# Keywords whose value is instance data, never a subschema.
-DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 
 
 def _types(node: dict[str, Any]) -> set[str]:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from specserve.structured.schema_walk import escape_pointer_part, pointer, schema_nodes
+
 
 @dataclass(frozen=True)
 class SchemaLimits:
@@ -59,38 +61,21 @@ def json_depth(value: Any) -> int:
 
 
 def iter_patterns(schema: Any) -> Iterator[tuple[str, str]]:
-    """Yield ``(json_pointer, regex)`` for every ``pattern`` and ``patternProperties`` key.
+    """Yield ``(json_pointer, regex)`` for every ``pattern`` and ``patternProperties`` key of the
+    schema's subschemas (not of ``enum``/``const`` data).
 
     >>> list(iter_patterns({"properties": {"a": {"pattern": "x+"}}}))
     [('#/properties/a/pattern', 'x+')]
     """
-    stack: list[tuple[Any, str]] = [(schema, "#")]
-    while stack:
-        node, path = stack.pop()
-        if isinstance(node, dict):
-            pattern = node.get("pattern")
-            if isinstance(pattern, str):
-                yield f"{path}/pattern", pattern
-            pattern_props = node.get("patternProperties")
-            if isinstance(pattern_props, dict):
-                for key in pattern_props:
-                    yield f"{path}/patternProperties/{escape_pointer_part(key)}", key
-            for key, child in node.items():
-                if isinstance(child, (dict, list)):
-                    stack.append((child, f"{path}/{escape_pointer_part(key)}"))
-        elif isinstance(node, list):
-            for i, child in enumerate(node):
-                if isinstance(child, (dict, list)):
-                    stack.append((child, f"{path}/{i}"))
-
-
-def escape_pointer_part(key: Any) -> str:
-    """One JSON-pointer reference token (RFC 6901: ``~`` as ``~0``, ``/`` as ``~1``).
-
-    >>> escape_pointer_part("a/b~c")
-    'a~1b~0c'
-    """
-    return str(key).replace("~", "~0").replace("/", "~1")
+    for node, path in schema_nodes(schema):
+        at = pointer(path)
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            yield f"{at}/pattern", pattern
+        pattern_props = node.get("patternProperties")
+        if isinstance(pattern_props, dict):
+            for key in pattern_props:
+                yield f"{at}/patternProperties/{escape_pointer_part(key)}", key
 
 
 def regex_cost(pattern: str) -> int:

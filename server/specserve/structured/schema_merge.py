@@ -1,57 +1,14 @@
 """Schema normalisation before xgrammar: combinators merged with their parent, untyped
-constraints given their type. Each step keeps the set of valid instances unchanged (``format``
-read as an annotation, JSON Schema's default).
+constraints given their type, and the other rewrites listed in ``docs/structured-outputs.md``.
+Each keeps the set of valid instances unchanged (``format`` read as an annotation).
 
-xgrammar 0.2.8 converts a schema node with ``anyOf``/``oneOf``/``allOf`` by converting the
-branches alone: the parent's own ``type``, ``properties`` and ``required`` are dropped. And a
-node without ``type`` whose keywords only apply to one type (``{"required": ["a"]}``,
-``{"minLength": 3}``, ``{"minItems": 2}``) becomes "any JSON value". Together they make the
-common idiom below accept *every* JSON value, ``"x"`` and ``[]`` included:
-
-    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
-     "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
-
-Eleven rewrites, applied top-down (:func:`normalize_schema`):
-
-* **allOf flattened**: ``{P..., "allOf": [B1, B2]}`` becomes the single schema P ∧ B1 ∧ B2,
-  when the parts merge without conflict (see :func:`merge`);
-* **anyOf / oneOf distributed**: ``{P..., "anyOf": [B1, B2]}`` becomes
-  ``{"anyOf": [P ∧ B1, P ∧ B2]}``; a branch whose type contradicts P's can never match and is
-  dropped;
-* **pattern over format**: next to a ``pattern``, ``format`` is dropped: xgrammar enforces
-  one of the two and picks the format, while the pattern is the keyword every validator asserts
-  (``format`` is an annotation unless a validator is asked to assert it). This is the one step
-  that widens the valid set, and only for validators that assert formats;
-* **calendar dates**: ``format: date`` / ``date-time`` become a pattern with each month's
-  day count and leap years (:mod:`.formats`);
-* **length-bounded patterns**: ``minLength``/``maxLength`` next to a pattern that repeats one
-  character class (``^[0-9a-f]*$``) are folded into its repeat count;
-* **patterns match anywhere**: JSON Schema's ``pattern`` and ``patternProperties`` regexes
-  match anywhere in the string unless anchored; xgrammar matches them against the whole
-  string, so ``.*`` is added on each side that has no anchor;
-* **negated types**: ``"not": {"type": "number"}`` becomes the other types;
-* **impossible properties dropped**: an optional property of a closed object whose ``enum``
-  / ``const`` values all contradict its ``type`` (``{"type": "object", "enum": ["A"]}``) can
-  never be present; xgrammar kept the values and dropped the type, so they passed;
-* **exactly one name**: ``"oneOf": [{"required": ["a"]}, {"required": ["b"]}]`` on a closed
-  object becomes an ``anyOf`` whose branch for each name lacks the others (xgrammar reads
-  ``oneOf`` as ``anyOf``, so both names passed);
-* **dependencies split**: ``dependencies`` (drafts 3–7, by ``$schema``) or
-  ``dependentRequired`` / ``dependentSchemas`` (later drafts, or no ``$schema``) of a closed
-  object (which xgrammar ignores) become an ``anyOf`` with one branch per set of present
-  trigger names: absent triggers leave ``properties``, present ones are required with what
-  they require. Up to four triggers; open objects are left alone (a grammar cannot make an
-  open object lack a name);
-* **untyped constraints typed**: ``{"minLength": 3}`` becomes
-  ``{"anyOf": [{"type": "string", "minLength": 3}, {"type": [every other type]}]}``. Nodes
-  with ``properties`` or ``items`` are left alone: xgrammar reads those as an object / array,
-  which is what their authors mean.
-
-A local ``$ref`` branch is inlined to be merged. Where a merge is not known to be exact
-(conflicting values, ``additionalProperties`` or ``patternProperties`` meeting the other side's
-properties, ``$ref`` next to other keywords, ``not``/``if``) the node is left as it was. A
-budget bounds the work and the growth on recursive or huge schemas; past it the original
-schema is returned.
+xgrammar 0.2.8 converts a node with ``anyOf``/``oneOf``/``allOf`` from the branches alone (the
+parent's ``type``, ``properties`` and ``required`` are dropped) and reads a node without
+``type`` whose keywords apply to one type (``{"required": ["a"]}``) as "any JSON value", so the
+common idiom ``{"type": "object", "properties": {...}, "anyOf": [{"required": ["a"]},
+{"required": ["b"]}]}`` accepted every JSON value. :func:`normalize_schema` applies its rewrites
+top-down (the string ones are in :mod:`.schema_patterns`); where a merge is not known to be exact
+the node is left as it was, and a budget bounds the work on recursive or huge schemas.
 
 Example:
     >>> normalize_schema({"type": "object", "properties": {"a": {"type": "integer"}},
@@ -64,10 +21,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 from typing import Any
 
-from specserve.structured.formats import exact_format_pattern
+from specserve.structured.schema_patterns import bounded_pattern, exact_format, pattern_over_format, search_patterns
+from specserve.structured.schema_walk import COMBINATORS, SCHEMA_MAPS, SUBSCHEMA_KEYWORDS, resolve_local_ref
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +54,7 @@ ALL_TYPES = ("string", "number", "boolean", "null", "array", "object")
 TYPED_BY_XGRAMMAR = frozenset({"properties", "items", "prefixItems"})
 
 # Where subschemas are (other keywords hold data: a name in them may spell a keyword).
-SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
-SCHEMA_VALUES = frozenset(
-    {"items", "prefixItems", "additionalItems", "additionalProperties", "anyOf", "oneOf", "allOf"}
-)
+SCHEMA_VALUES = frozenset({*SUBSCHEMA_KEYWORDS, *COMBINATORS})
 
 MAX_OPERATIONS = 10000
 MAX_GROWTH = 4
@@ -208,26 +162,6 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_local_ref(root: Any, ref: Any) -> Any:
-    """The node a local ``$ref`` (``#/a/b``) points to in ``root``, else None.
-
-    >>> resolve_local_ref({"$defs": {"x/y": {"type": "null"}}}, "#/$defs/x~1y")
-    {'type': 'null'}
-    """
-    if not isinstance(ref, str) or not ref.startswith("#"):
-        return None
-    node = root
-    for part in [p for p in ref[1:].split("/") if p]:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
-
-
 def json_type_of(value: Any) -> set[str]:
     """The JSON Schema types a value has.
 
@@ -265,142 +199,6 @@ def impossible_values(node: Any) -> bool:
     if types is None or not values:
         return False
     return not any(json_type_of(v) & types for v in values)
-
-
-def _pattern_over_format(node: dict[str, Any]) -> bool:
-    """Drop ``format`` next to a ``pattern``: xgrammar enforces only one of them and picks the
-    format, so the pattern (which every validator asserts; ``format`` is asserted only where a
-    validator is asked to) was ignored: ``"ftp://x"`` passed ``{"format": "uri", "pattern":
-    "^https://"}``.
-
-    >>> node = {"type": "string", "format": "uri", "pattern": "^https://"}
-    >>> _pattern_over_format(node), node
-    (True, {'type': 'string', 'pattern': '^https://'})
-    >>> _pattern_over_format({"type": "string", "format": "uri"})
-    False
-    """
-    if not isinstance(node.get("pattern"), str) or not isinstance(node.get("format"), str):
-        return False
-    del node["format"]
-    return True
-
-
-def _exact_format(node: dict[str, Any]) -> bool:
-    """Replace a ``date``/``date-time`` format by a pattern with the calendar's day counts
-    (xgrammar's own format rules accept 31 days in every month). Left alone next to a
-    ``pattern`` or a length bound: xgrammar would then enforce only one of them.
-
-    >>> node = {"type": "string", "format": "date"}
-    >>> _exact_format(node), "format" in node, node["pattern"].startswith("^")
-    (True, False, True)
-    """
-    fmt = node.get("format")
-    if not isinstance(fmt, str) or {"pattern", "minLength", "maxLength"} & node.keys():
-        return False
-    pattern = exact_format_pattern(fmt)
-    if pattern is None:
-        return False
-    del node["format"]
-    node["pattern"] = pattern
-    return True
-
-
-# ``^ATOM*$``, ``^ATOM+$``, ``^ATOM{m}$``, ``^ATOM{m,}$``, ``^ATOM{m,n}$`` for one character class
-# (or escape class, or ``.``).
-_REPEATED_ATOM = re.compile(
-    r"^\^(?P<atom>\[(?:\\.|[^\]\\])+\]|\\[dwsDWS]|\.)"
-    r"(?:(?P<op>[*+])|\{(?P<lo>\d+)(?P<comma>,(?P<hi>\d*))?\})\$$"
-)
-
-
-def _bounded_pattern(node: dict[str, Any]) -> bool:
-    """Fold ``minLength``/``maxLength`` into a pattern that repeats one character class:
-    xgrammar ignores length bounds next to a ``pattern``.
-
-    >>> node = {"type": "string", "pattern": "^[0-9a-f]*$", "minLength": 32, "maxLength": 32}
-    >>> _bounded_pattern(node), node
-    (True, {'type': 'string', 'pattern': '^[0-9a-f]{32,32}$'})
-    >>> _bounded_pattern({"pattern": "^[a-z]+$", "maxLength": 0})  # no string fits both
-    False
-    """
-    pattern = node.get("pattern")
-    low, high = node.get("minLength"), node.get("maxLength")
-    if not isinstance(pattern, str) or (low is None and high is None):
-        return False
-    if not all(x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
-               for x in (low, high)):
-        return False
-    m = _REPEATED_ATOM.match(pattern)
-    if m is None:
-        return False
-    if m.group("op"):
-        p_low, p_high = (0 if m.group("op") == "*" else 1), None
-    else:
-        p_low = int(m.group("lo"))
-        p_high = None if m.group("comma") and not m.group("hi") else int(m.group("hi") or p_low)
-    lo = max(p_low, low or 0)
-    hi = min(x for x in (p_high, high) if x is not None) if (p_high, high) != (None, None) else None
-    if hi is not None and hi < lo:
-        return False
-    node["pattern"] = f"^{m.group('atom')}{{{lo},{'' if hi is None else hi}}}$"
-    node.pop("minLength", None)
-    node.pop("maxLength", None)
-    return True
-
-
-def _top_level_alternation(pattern: str) -> bool:
-    """Whether ``pattern`` has a ``|`` outside every group and character class.
-
-    >>> _top_level_alternation("a|b"), _top_level_alternation("(a|b)c"), _top_level_alternation("[|]")
-    (True, False, False)
-    """
-    depth, in_class, escaped = 0, False, False
-    for ch in pattern:
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif in_class:
-            in_class = ch != "]"
-        elif ch == "[":
-            in_class = True
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            return True
-    return False
-
-
-def search_pattern(pattern: str) -> str:
-    r"""The full-match regex for JSON Schema's ``pattern`` (which matches anywhere in the string:
-    ``"a"`` accepts ``"xay"``); xgrammar matches patterns against the whole string.
-
-    >>> search_pattern("/$"), search_pattern("^[a-z]+$"), search_pattern(r"\w+")
-    ('.*/$', '^[a-z]+$', '.*\\w+.*')
-    >>> search_pattern(r"a\$")  # an escaped dollar is a character, not an anchor
-    '.*a\\$.*'
-    >>> search_pattern("a|b")  # anchors may differ per branch: left as written
-    'a|b'
-    """
-    if not pattern or _top_level_alternation(pattern):
-        return pattern
-    backslashes = len(pattern[:-1]) - len(pattern[:-1].rstrip("\\"))
-    ends = pattern.endswith("$") and backslashes % 2 == 0
-    return ("" if pattern.startswith("^") else ".*") + pattern + ("" if ends else ".*")
-
-
-def _search_patterns(node: dict[str, Any]) -> None:
-    """Give ``pattern`` and ``patternProperties`` JSON Schema's match-anywhere meaning."""
-    pattern = node.get("pattern")
-    if isinstance(pattern, str):
-        node["pattern"] = search_pattern(pattern)
-    patterns = node.get("patternProperties")
-    if isinstance(patterns, dict):
-        renamed = {search_pattern(k): v for k, v in patterns.items()}
-        if len(renamed) == len(patterns):
-            node["patternProperties"] = renamed
 
 
 def _negated_type(node: dict[str, Any]) -> bool:
@@ -739,10 +537,10 @@ class _Normalizer:
             self._exclusive_names(node)
             self._distribute(node)
             self._type_untyped(node)
-            _pattern_over_format(node)
-            _exact_format(node)
-            _bounded_pattern(node)
-            _search_patterns(node)
+            pattern_over_format(node)
+            exact_format(node)
+            bounded_pattern(node)
+            search_patterns(node)
         for key, value in list(node.items()):
             if key in SCHEMA_MAPS and isinstance(value, dict):
                 for sub in value.values():

@@ -26,33 +26,11 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
-from specserve.structured.schema_limits import escape_pointer_part
-from specserve.structured.schema_merge import resolve_local_ref
-
-# Keywords whose values are data, not subschemas: a "$ref" key inside them is not a reference.
-_DATA_KEYWORDS = frozenset({"enum", "const", "examples", "default"})
-
-
-def schema_nodes(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[dict[str, Any], tuple[str, ...]]]:
-    """Every object of the schema that can be a subschema, with its path (values of ``enum``,
-    ``const``, ``default`` and ``examples`` are data, not subschemas)."""
-    if isinstance(node, dict):
-        yield node, path
-        for key, value in node.items():
-            if key not in _DATA_KEYWORDS:
-                yield from schema_nodes(value, (*path, key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from schema_nodes(value, (*path, str(i)))
-
-
-def _pointer(path: tuple[str, ...]) -> str:
-    return "#" + "".join("/" + escape_pointer_part(p) for p in path)
-
+from specserve.structured.schema_walk import pointer as _pointer
+from specserve.structured.schema_walk import resolve_local_ref, schema_nodes
 
 def named_subschemas(schema: Any) -> dict[str, str] | None:
     """Plain names (``#name``) to the pointer of the one subschema carrying them.

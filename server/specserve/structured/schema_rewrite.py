@@ -47,18 +47,15 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from specserve.structured.schema_merge import normalize_schema, resolve_local_ref
+from specserve.structured.schema_merge import normalize_schema
 from specserve.structured.schema_refs import canonical_refs
+from specserve.structured.schema_walk import COMBINATORS, MAP_KEYWORDS, SUBSCHEMA_KEYWORDS, resolve_local_ref
 
 logger = logging.getLogger(__name__)
 
-# Keywords whose value maps names to subschemas.
-MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-# Keywords whose value is one subschema, or a list of them, that the rewrite walks into. Not
+# The rewrite walks into MAP_KEYWORDS, SUBSCHEMA_KEYWORDS and COMBINATORS (schema_walk). Not
 # ``not`` / ``if`` / ``then`` / ``else`` / ``contains`` / ``propertyNames``: xgrammar does not
 # convert them into the grammar as written, so there is nothing to gain there.
-SUBSCHEMA_KEYWORDS = ("items", "prefixItems", "additionalItems", "additionalProperties")
-COMBINATORS = ("anyOf", "oneOf", "allOf")
 # An object schema with any of these is left alone (see the module docstring).
 UNSAFE_SIBLINGS = frozenset(
     {"patternProperties", "unevaluatedProperties", "$ref", "not", "if", "then", "else",
