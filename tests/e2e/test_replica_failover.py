@@ -37,7 +37,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specserve.engine.process import EngineProcess, EngineSpec, free_port
+from specserve.engine.process import EngineError, EngineProcess, EngineSpec, free_port
 from support.specserve_process import running_gateway
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ T = TypeVar("T")
 
 MODEL_NAME = "specserve-demo"
 ENGINE_START_TIMEOUT_S = 600.0  # two engines starting at once on a busy 2-core machine
+PORT_ATTEMPTS = 3
 # Long enough that no request at the victim can finish in the moment between its streams' first
 # tokens and the victim's second freeze (checked, not assumed: the test fails saying so).
 STREAM_TOKENS = 400
@@ -77,12 +78,31 @@ def _engine(model_dir: Path, port: int, log_dir: Path, name: str) -> EngineProce
     return EngineProcess(spec, log_path=str(log_dir / f"engine-{name}-{port}.log"))
 
 
-def _start_engines(engines: list[EngineProcess]) -> None:
-    """Start all engines at once, then wait for each (their start-ups overlap)."""
-    for engine in engines:
+def _start_engines(engines: dict[str, EngineProcess], model_dir: Path, log_dir: Path,
+                   new_port_if_taken: bool = True) -> None:
+    """Start all engines at once, then wait for each (their start-ups overlap).
+
+    A free port is only free when it is picked: on a shared machine another process may bind it
+    before vLLM does. An engine that exits for that reason is started again on another port
+    (``new_port_if_taken``; a restart on a given port fails instead).
+    """
+    for engine in engines.values():
         engine.start()
-    for engine in engines:
-        engine.wait_ready(timeout_s=ENGINE_START_TIMEOUT_S)
+    for name in list(engines):
+        for attempt in range(PORT_ATTEMPTS):
+            engine = engines[name]
+            try:
+                engine.wait_ready(timeout_s=ENGINE_START_TIMEOUT_S)
+                break
+            except EngineError:
+                taken = "Address already in use" in Path(str(engine.log_path)).read_text(errors="replace")
+                if not (taken and new_port_if_taken) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                log.warning("engine port taken by another process; another port",
+                            extra={"fields": {"engine": name, "port": engine.spec.port}})
+                engine.stop(grace_s=5)  # whatever of its group is left
+                engines[name] = _engine(model_dir, free_port(), log_dir, f"{name}{attempt + 1}")
+                engines[name].start()
 
 
 def _wait_until(check: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1,
@@ -122,7 +142,7 @@ def _metric(url: str, family_name: str, labels: dict[str, str] | None = None) ->
 def cluster(demo_model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
     engines = {name: _engine(demo_model_dir, free_port(), tmp_path, name) for name in ("a", "b")}
     try:
-        _start_engines(list(engines.values()))
+        _start_engines(engines, demo_model_dir, tmp_path)
         # A frozen engine accepts connections (the kernel does) but answers nothing: probes wait as
         # long as the test may freeze it, so it is not marked down before the test kills it.
         args = ["--request-timeout", str(FINISH_S), "--health-timeout", str(FINISH_S),
@@ -317,9 +337,9 @@ def _wait_replica_state(cluster: Cluster, name: str, up: bool) -> None:
 
 def _assert_restarted_engine_serves(cluster: Cluster, victim: str, model_dir: Path) -> None:
     url = cluster.engine_url(victim)
-    engine = _engine(model_dir, cluster.engines[victim].spec.port, cluster.log_dir, f"{victim}2")
+    engine = _engine(model_dir, cluster.engines[victim].spec.port, cluster.log_dir, f"{victim}-restart")
     cluster.engines[victim] = engine
-    _start_engines([engine])
+    _start_engines({victim: engine}, model_dir, cluster.log_dir, new_port_if_taken=False)
     _wait_replica_state(cluster, victim, up=True)
 
     async def burst() -> list[int]:
