@@ -91,6 +91,15 @@ def test_engine_command_passes_options_and_extra_args_verbatim() -> None:
     assert "--enforce-eager" not in gpu
 
 
+def test_an_engine_key_adds_the_middleware_and_stays_out_of_argv() -> None:
+    spec = EngineSpec(model="/m", port=1, served_model_name="m", api_key="secret-key",
+                      extra_args=("--max-num-seqs", "8"))
+    cmd = engine_command(spec, python="py")
+    assert cmd[cmd.index("--middleware") + 1] == "specserve_vllm.engine_auth.EngineKeyMiddleware"
+    assert not any("secret-key" in part for part in cmd) and "secret-key" not in repr(spec)
+    assert "--middleware" not in engine_command(EngineSpec(model="/m", port=1, served_model_name="m"))
+
+
 def test_engine_env_adds_cpu_settings_without_overriding() -> None:
     env = engine_env("cpu", {"VLLM_CPU_KVCACHE_SPACE": "8", "PATH": "/bin"})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "8" and env["PATH"] == "/bin"

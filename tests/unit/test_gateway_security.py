@@ -53,9 +53,12 @@ def running_gateway(config: GatewayConfig) -> Iterator[tuple[str, object]]:
     wait_for(lambda: server.started, "gateway started")
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"{url}/ready", trust_env=False).status_code == 200, "gateway ready")
-    from specserve.structured.compile import shared_workers
-
-    shared_workers().wait_started(600)  # the first start imports xgrammar: seconds to a minute here
+    try:
+        from specserve.structured.compile import shared_workers
+    except ImportError:  # a build without compile workers (the regression check on older code)
+        pass
+    else:
+        shared_workers().wait_started(600)  # the first start imports xgrammar: up to a minute here
     try:
         yield url, app
     finally:
@@ -203,7 +206,7 @@ def test_one_clients_slow_schemas_do_not_hold_up_another_client(fake_engine: tup
         async def main() -> None:
             async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
                 slow = [asyncio.create_task(post(client, f"a{i}", "key-a", {**_rf(SLOW_SCHEMA), "seed": i}))
-                        for i in range(3)]
+                        for i in range(4)]
                 await asyncio.sleep(0)  # the slow ones are sent first
                 other = _rf({"type": "object", "properties": {"m": {"type": "string"}}})
                 await asyncio.gather(*slow, post(client, "b", "key-b", other))

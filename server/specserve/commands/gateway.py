@@ -127,7 +127,7 @@ def read_key_file(path: str) -> list[str]:
     Example:
         >>> import tempfile
         >>> with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
-        ...     _ = f.write("# team a\nsk-a  \n\n  sk-b # rotated 2026-11\n")
+        ...     _ = f.write("# team a\\nsk-a  \\n\\n  sk-b # rotated 2026-11\\n")
         >>> read_key_file(f.name)
         ['sk-a', 'sk-b']
     """

@@ -7,7 +7,8 @@ idle one, and kills and replaces a worker whose compile outlives its time limit,
 costs its sender the time limit and nobody else anything.
 
 Workers fork from a ``forkserver`` that has xgrammar imported (``set_forkserver_preload``), so a
-replacement is ready in milliseconds rather than the seconds of a fresh interpreter.
+replacement is ready without importing it again; a worker joins the pool only once it has answered
+a first job.
 
 Example:
     >>> workers = CompileWorkers(size=1)
@@ -83,6 +84,10 @@ class _Worker:
         self.process = ctx.Process(target=_serve, args=(child,), name="grammar-compile", daemon=True)
         self.process.start()
         child.close()
+        # A first job, waited for without a limit: a new worker imports the parent's main module
+        # (vLLM's server, in an engine) before it serves, which must not count against a request.
+        self.conn.send((compile_job, ("regex", "a")))
+        self.conn.recv()
 
     def kill(self) -> None:
         self.process.kill()
