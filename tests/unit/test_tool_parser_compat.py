@@ -115,3 +115,15 @@ def test_plain_text_streams_unchanged_even_ending_in_a_tag_prefix(tokenizer: Any
     request = _request(tools=TOOLS)
     deltas = _stream(_parser(tokenizer, request), request, pieces)
     assert "".join(d.content or "" for d in deltas) == "".join(pieces)
+
+
+def test_the_bench_uses_the_constraints_the_server_compiles(tokenizer: Any) -> None:
+    from specserve.bench.jsonschema_tools import output_valid, served_constraints
+
+    schema = TOOLS[0]["function"]["parameters"]
+    constraints = served_constraints(tokenizer, schema)
+    assert constraints["response_format"] == schema and constraints["named"] == schema
+    required = constraints["required"]
+    assert required["maxItems"] == 1 and required["items"]["anyOf"][0]["additionalProperties"] is False
+    assert output_valid("required", '[{"name": "tool", "parameters": {"city": "Oslo"}}]', schema)
+    assert not output_valid("named", '{"city": 1}', schema)
