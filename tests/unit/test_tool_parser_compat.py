@@ -81,6 +81,22 @@ def test_forced_calls_get_the_json_schema_and_keep_special_tokens_skipped(tokeni
     assert _parser(tokenizer, strict).adjust_request(strict).structured_outputs.json[STRICT_KEYWORD] is True
 
 
+def test_required_keeps_definitions_references_resolvable(tokenizer: Any) -> None:
+    from specserve.bench.jsonschema_tools import output_valid
+    from specserve.structured.engine_grammar import json_schema_ebnf
+
+    params = {"type": "object", "properties": {"p": {"$ref": "#/definitions/point"}}, "required": ["p"],
+              "additionalProperties": False,
+              "definitions": {"point": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                        "required": ["x"], "additionalProperties": False}}}
+    tools = [{"type": "function", "function": {"name": "tool", "parameters": params}}]
+    request = _request(tools=tools, tool_choice="required")
+    schema = _parser(tokenizer, request).adjust_request(request).structured_outputs.json
+    assert schema["definitions"] == params["definitions"]
+    json_schema_ebnf(json.dumps(schema))  # xgrammar resolves the reference from the root
+    assert output_valid("required", '[{"name": "tool", "parameters": {"p": {"x": 1}}}]', params)
+
+
 def test_whole_answers_with_calls_text_or_both(tokenizer: Any) -> None:
     request = _request(tools=TOOLS)
     parser = _parser(tokenizer, request)

@@ -98,6 +98,7 @@ def tool_call_coverage(
 ) -> dict[str, Any]:
     """Per mode: schemas, outputs finished, valid, tokens/s; and schemas skipped (refused, too long)."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import StructuredOutputsParams
 
     from specserve.bench.jsonschema_generate import _engine
@@ -129,7 +130,7 @@ def tool_call_coverage(
                     warm = SamplingParams(max_tokens=1, structured_outputs=StructuredOutputsParams(
                         json=constraints[mode]))
                     llm.generate([prompts[mode]], warm, use_tqdm=False)
-            except (ValueError, TypeError) as err:
+            except (ValueError, TypeError, VLLMClientError) as err:
                 skipped["engine_refused"] += 1
                 logger.info("schema refused", extra={"fields": {"dataset": ds, "error": str(err)[:200]}})
                 continue
