@@ -81,6 +81,22 @@ def test_forced_calls_get_the_json_schema_and_keep_special_tokens_skipped(tokeni
     assert _parser(tokenizer, strict).adjust_request(strict).structured_outputs.json[STRICT_KEYWORD] is True
 
 
+def test_required_keeps_definitions_references_resolvable(tokenizer: Any) -> None:
+    from specserve.bench.jsonschema_tools import output_valid
+    from specserve.structured.engine_grammar import json_schema_ebnf
+
+    params = {"type": "object", "properties": {"p": {"$ref": "#/definitions/point"}}, "required": ["p"],
+              "additionalProperties": False,
+              "definitions": {"point": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                        "required": ["x"], "additionalProperties": False}}}
+    tools = [{"type": "function", "function": {"name": "tool", "parameters": params}}]
+    request = _request(tools=tools, tool_choice="required")
+    schema = _parser(tokenizer, request).adjust_request(request).structured_outputs.json
+    assert schema["definitions"] == params["definitions"]
+    json_schema_ebnf(json.dumps(schema))  # xgrammar resolves the reference from the root
+    assert output_valid("required", '[{"name": "tool", "parameters": {"p": {"x": 1}}}]', params)
+
+
 def test_whole_answers_with_calls_text_or_both(tokenizer: Any) -> None:
     request = _request(tools=TOOLS)
     parser = _parser(tokenizer, request)
@@ -115,3 +131,15 @@ def test_plain_text_streams_unchanged_even_ending_in_a_tag_prefix(tokenizer: Any
     request = _request(tools=TOOLS)
     deltas = _stream(_parser(tokenizer, request), request, pieces)
     assert "".join(d.content or "" for d in deltas) == "".join(pieces)
+
+
+def test_the_bench_uses_the_constraints_the_server_compiles(tokenizer: Any) -> None:
+    from specserve.bench.jsonschema_tools import output_valid, served_constraints
+
+    schema = TOOLS[0]["function"]["parameters"]
+    constraints = served_constraints(tokenizer, schema)
+    assert constraints["response_format"] == schema and constraints["named"] == schema
+    required = constraints["required"]
+    assert required["maxItems"] == 1 and required["items"]["anyOf"][0]["additionalProperties"] is False
+    assert output_valid("required", '[{"name": "tool", "parameters": {"city": "Oslo"}}]', schema)
+    assert not output_valid("named", '{"city": 1}', schema)

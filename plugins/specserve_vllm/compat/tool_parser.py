@@ -12,7 +12,9 @@ server where tools are optional:
 * ``tool_choice`` named / ``required`` keep vLLM's grammar-forced JSON path
   (``supports_required_and_named``), which works with any model; for ``required`` the
   ``{"name", "parameters"}`` envelope of each call is closed (vLLM leaves it open, and under the
-  JSON-Schema reading a model may then add names to it without end), and when every tool says
+  JSON-Schema reading a model may then add names to it without end), each tool's ``definitions``
+  move to the root with the ``$defs`` vLLM already moves (``#/definitions/...`` references
+  resolve from the root, where a tool's schema no longer is), and when every tool says
   ``strict: true`` the whole array gets the strict reading.
 
 vLLM loads it with ``--tool-parser-plugin specserve_vllm.compat.tool_parser`` (``specserve serve``
@@ -71,8 +73,12 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
         if getattr(request, "tool_choice", None) == "required":
             so = getattr(request, "structured_outputs", None)
             if so is not None and isinstance(so.json, dict):
-                strict = all(getattr(t.function, "strict", None) is True for t in request.tools or [])
-                so.json = close_call_envelopes(so.json, strict=strict)
+                tools = request.tools or []
+                strict = all(getattr(t.function, "strict", None) is True for t in tools)
+                definitions = [getattr(t.function, "parameters", None) or {} for t in tools]
+                so.json = close_call_envelopes(
+                    so.json, strict=strict,
+                    definitions=[d["definitions"] for d in definitions if isinstance(d.get("definitions"), dict)])
         return request
 
     def extract_tool_calls_streaming(
@@ -101,9 +107,11 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
         return delta
 
 
-def close_call_envelopes(schema: dict[str, Any], *, strict: bool) -> dict[str, Any]:
-    """vLLM's ``required`` array schema with each ``{"name", "parameters"}`` item closed, and the
-    strict keyword at the root when ``strict``.
+def close_call_envelopes(schema: dict[str, Any], *, strict: bool,
+                         definitions: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """vLLM's ``required`` array schema with each ``{"name", "parameters"}`` item closed, the tools'
+    ``definitions`` at the root (the first of a name wins), and the strict keyword at the root
+    when ``strict``.
 
     >>> s = {"type": "array", "items": {"type": "object", "anyOf": [{"properties": {}, "required": []}]}}
     >>> close_call_envelopes(s, strict=False)["items"]["anyOf"][0]["additionalProperties"]
@@ -116,6 +124,12 @@ def close_call_envelopes(schema: dict[str, Any], *, strict: bool) -> dict[str, A
         return schema
     closed = [{**b, "additionalProperties": False} if isinstance(b, dict) else b for b in items["anyOf"]]
     out = {**schema, "items": {**items, "anyOf": closed}}
+    hoisted: dict[str, Any] = {}
+    for group in definitions:
+        for name, subschema in group.items():
+            hoisted.setdefault(name, subschema)
+    if hoisted:
+        out["definitions"] = {**hoisted, **(schema.get("definitions") or {})}
     if strict:
         out[STRICT_KEYWORD] = True
     return out

@@ -6,14 +6,16 @@ server builds for it (vLLM's tool schema, then the ``specserve`` parser's ``adju
 * ``response_format``: the schema itself, the chat prompt without tools;
 * ``named``: ``tool_choice`` naming the function: the arguments are generated under the schema,
   the prompt lists the tool (the demo chat template writes each tool's schema into it);
-* ``required``: the array of ``{"name", "parameters"}`` calls.
+* ``required``: the array of ``{"name", "parameters"}`` calls, with ``parallel_tool_calls: false``
+  (one call: allowed more, the demo model repeats its call until ``max_tokens``).
 
 A schema is used when the gateway's pre-check serves it (as ``response_format`` and as tool
 parameters alike) and the prompt with the tool fits the context with room to answer (large
 schemas written into the prompt do not fit the demo model's 512 tokens: counted as
 ``too_long``). An output is *valid* when it finished and what a client gets parses and validates:
 the arguments (named), every call's parameters (required). Tokens/s: decoding only (each grammar
-compiled first), the same seeds in every mode.
+compiled first, prefill included: the tool modes' prompts are longer, they list the schema), the
+same seeds in every mode.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def served_constraints(tokenizer: Any, schema: dict[str, Any]) -> dict[str, Any]
                          ("required", "required")):
         request = ChatCompletionRequest.model_validate({
             "model": "m", "messages": [{"role": "user", "content": ASK_TOOL}], "tools": tools,
-            "tool_choice": choice})
+            "tool_choice": choice, "parallel_tool_calls": False})
         adjusted = SpecserveToolParser(tokenizer, request.tools).adjust_request(request)
         out[mode] = adjusted.structured_outputs.json
     return out
@@ -96,6 +98,7 @@ def tool_call_coverage(
 ) -> dict[str, Any]:
     """Per mode: schemas, outputs finished, valid, tokens/s; and schemas skipped (refused, too long)."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import StructuredOutputsParams
 
     from specserve.bench.jsonschema_generate import _engine
@@ -127,7 +130,7 @@ def tool_call_coverage(
                     warm = SamplingParams(max_tokens=1, structured_outputs=StructuredOutputsParams(
                         json=constraints[mode]))
                     llm.generate([prompts[mode]], warm, use_tqdm=False)
-            except (ValueError, TypeError) as err:
+            except (ValueError, TypeError, VLLMClientError) as err:
                 skipped["engine_refused"] += 1
                 logger.info("schema refused", extra={"fields": {"dataset": ds, "error": str(err)[:200]}})
                 continue
