@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             os.environ[HEADS_ENV] = heads[drafter]
         engines[arm] = local_llm(model_dir, max_num_seqs=max(batch_sizes), kv_cache_memory_bytes=256 << 20,
                                  speculative_config=speculative_config(drafter, args.k))  # type: ignore[arg-type]
-        _timed(engines[arm], prompts[:1], 1, params[arm])  # warm-up
+        _timed(engines[arm], prompts[:1], params[arm])  # warm-up
     rng = random.Random(args.seed)
     wall: dict[int, list[dict[str, float]]] = {bs: [] for bs in batch_sizes}
     cpu: dict[int, list[dict[str, float]]] = {bs: [] for bs in batch_sizes}
