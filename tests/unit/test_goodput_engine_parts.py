@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,3 +154,21 @@ def test_engine_command_carries_the_engine_policy() -> None:
     assert config["specserve"]["spec_policy"] == "goodput" and config["specserve"]["calibration"] == "/c.json"
     plain = engine_command(EngineSpec(model="/m", port=1, served_model_name="m", spec_policy="goodput"), "py")
     assert "--additional-config" not in plain
+
+
+def test_vllm_server_parser_reads_the_engine_policy() -> None:
+    spec = EngineSpec(model="/m", port=1, served_model_name="m", speculative_config='{"method":"ngram"}',
+                      spec_policy="off")
+    argv = engine_command(spec, python="py")[3:]
+    script = (
+        "import json, sys\n"
+        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "a = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.stdin.read()))\n"
+        "print(json.dumps(a.additional_config))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(argv), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parsed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert parsed["specserve"]["spec_policy"] == "off"

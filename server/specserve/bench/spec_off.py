@@ -3,11 +3,13 @@
 A speculative engine whose every request sets ``spec_k = 0`` should run as fast as an engine
 without a drafter (its steps take vLLM's non-speculative path: no drafting, no rejection
 sampler). This benchmark keeps one in-process engine per arm alive — ``none`` and, for each
-drafter, that drafter with every request at ``spec_k = 0`` — and runs the arms interleaved in a
-new random order in every repetition, at each batch size, on the same prompts (the demo model's
-held-out stdlib files, greedy, ``--max-tokens`` new tokens). On a machine shared with other
-work, absolute tokens/s drift; the paired ratio arm / ``none`` within one repetition is the
-figure to read (its median and range over repetitions are reported).
+drafter, that drafter with every request at ``spec_k = 0`` — and interleaves them finely: each
+batch of prompts (the demo model's held-out stdlib files, greedy, ``--max-tokens`` new tokens)
+is run by every arm back to back, in a new random order, so the arms share the machine's load
+of that moment. On a machine shared with other work, absolute tokens/s drift; the paired ratio
+arm / ``none`` within one repetition is the figure to read (median and range over repetitions).
+Tokens per second of this process's CPU time are reported too: less sensitive to other work,
+though not immune (caches, memory bandwidth).
 
 JSON on stdout; one summary line on stderr.
 """
@@ -54,16 +56,13 @@ def paired_ratios(runs: list[dict[str, float]], arm: str, base: str = "none") ->
             "max": round(max(ratios), 3)}
 
 
-def _timed(llm: Any, prompts: list[list[int]], bs: int, params: Any) -> tuple[float, list[list[int]]]:
+def _timed(llm: Any, batch: list[list[int]], params: Any) -> tuple[float, float, list[list[int]]]:
+    """``(wall s, process CPU s, outputs)`` of one ``generate`` over ``batch``."""
     from vllm.inputs import TokensPrompt
 
-    outputs: list[list[int]] = []
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), bs):
-        batch = [TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + bs]]
-        outputs.extend(list(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False))
-    elapsed = time.perf_counter() - t0
-    return sum(len(o) for o in outputs) / elapsed, outputs
+    w0, c0 = time.perf_counter(), time.process_time()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
+    return time.perf_counter() - w0, time.process_time() - c0, [list(o.outputs[0].token_ids) for o in outs]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,42 +90,50 @@ def run(args: argparse.Namespace) -> int:
             os.environ[HEADS_ENV] = heads[drafter]
         engines[arm] = local_llm(model_dir, max_num_seqs=max(batch_sizes), kv_cache_memory_bytes=256 << 20,
                                  speculative_config=speculative_config(drafter, args.k))  # type: ignore[arg-type]
-        _timed(engines[arm], prompts[:1], 1, params[arm])  # warm-up
+        _timed(engines[arm], prompts[:1], params[arm])  # warm-up
     rng = random.Random(args.seed)
-    runs: dict[int, list[dict[str, float]]] = {bs: [] for bs in batch_sizes}
+    wall: dict[int, list[dict[str, float]]] = {bs: [] for bs in batch_sizes}
+    cpu: dict[int, list[dict[str, float]]] = {bs: [] for bs in batch_sizes}
     outputs: dict[str, list[list[int]]] = {}
-    orders: list[list[str]] = []
     try:
         for rep in range(args.reps):
-            order = arms[:]
-            rng.shuffle(order)
-            orders.append(order)
-            per_bs: dict[int, dict[str, float]] = {bs: {} for bs in batch_sizes}
-            for arm in order:
-                for bs in batch_sizes:
-                    tok_s, outs = _timed(engines[arm], prompts, bs, params[arm])
-                    per_bs[bs][arm] = tok_s
-                    outputs.setdefault(f"{arm}@bs{bs}", outs)
-                    logger.info("bench spec-off", extra={"fields": {"rep": rep, "arm": arm, "batch": bs,
-                                                                      "tok_s": round(tok_s, 1)}})
             for bs in batch_sizes:
-                runs[bs].append(per_bs[bs])
+                tokens = {arm: 0 for arm in arms}
+                w = {arm: 0.0 for arm in arms}
+                c = {arm: 0.0 for arm in arms}
+                for i in range(0, len(prompts), bs):
+                    # Every arm runs this batch back to back, in a new random order: paired in time.
+                    order = arms[:]
+                    rng.shuffle(order)
+                    for arm in order:
+                        dw, dc, outs = _timed(engines[arm], prompts[i : i + bs], params[arm])
+                        tokens[arm] += sum(len(o) for o in outs)
+                        w[arm] += dw
+                        c[arm] += dc
+                        if rep == 0:
+                            outputs.setdefault(f"{arm}@bs{bs}", []).extend(outs)
+                wall[bs].append({arm: tokens[arm] / w[arm] for arm in arms})
+                cpu[bs].append({arm: tokens[arm] / c[arm] for arm in arms if c[arm] > 0})
+                logger.info("bench spec-off", extra={"fields": {"rep": rep, "batch": bs, **{
+                    arm: round(v, 1) for arm, v in wall[bs][-1].items()}}})
     finally:
         engines.clear()
         gc.collect()
     report: dict[str, Any] = {
         "model": str(model_dir), "k": args.k, "prompts": len(prompts), "max_tokens": args.max_tokens,
-        "reps": args.reps, "orders": orders, "shared_machine": True, "batches": {},
+        "reps": args.reps, "shared_machine": True, "batches": {},
     }
     for bs in batch_sizes:
         report["batches"][str(bs)] = {
-            "tokens_per_s": {arm: [round(r[arm], 1) for r in runs[bs]] for arm in arms},
-            "ratio_vs_none": {arm: paired_ratios(runs[bs], arm) for arm in arms if arm != "none"},
+            "tokens_per_s": {arm: [round(r[arm], 1) for r in wall[bs]] for arm in arms},
+            "ratio_vs_none": {arm: paired_ratios(wall[bs], arm) for arm in arms if arm != "none"},
+            "tokens_per_cpu_s": {arm: [round(r.get(arm, 0.0), 1) for r in cpu[bs]] for arm in arms},
+            "cpu_ratio_vs_none": {arm: paired_ratios(cpu[bs], arm) for arm in arms if arm != "none"},
             "identical_to_none": {arm: outputs[f"{arm}@bs{bs}"] == outputs[f"none@bs{bs}"]
                                   for arm in arms if arm != "none"},
         }
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    parts = [f"{arm}@bs{bs}: x{v['median']} [{v['min']}, {v['max']}]"
+    parts = [f"{arm}@bs{bs}: x{v['median']} [{v['min']}, {v['max']}] (cpu x{per['cpu_ratio_vs_none'][arm]['median']})"
              for bs, per in report["batches"].items() for arm, v in per["ratio_vs_none"].items()]
-    sys.stderr.write("spec-off vs none (median [min, max] of paired ratios): " + "; ".join(parts) + "\n")
+    sys.stderr.write("spec-off vs none, tokens/s (median [min, max] of paired ratios): " + "; ".join(parts) + "\n")
     return 0
