@@ -15,7 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specserve_vllm.tree.attention import rope_neox, tree_attention, tree_attention_mask
-from specserve_vllm.tree.draft import DraftTree, depth_positions, from_topological, leaf_paths
+from specserve_vllm.tree.draft import (
+    DraftTree,
+    depth_positions,
+    from_topological,
+    leaf_paths,
+)
 
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 64, 32
 SCALE = DIM**-0.5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -113,7 +115,7 @@ def test_leaf_paths_cover_the_tree_and_start_with_the_best_path(tree: DraftTree)
     assert {i for p in paths for i in p} == set(range(len(tree)))
     for p in paths:
         assert tree.children(p[-1]) == ()
-        assert all(tree.parents[b] == a for a, b in zip(p, p[1:])) and tree.parents[p[0]] == -1
+        assert all(tree.parents[b] == a for a, b in itertools.pairwise(p)) and tree.parents[p[0]] == -1
     if len(tree):
         assert paths[0] == tuple(range(best_path_length(tree)))
     # The best path is the first-child descent.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -55,7 +55,7 @@ def test_one_hot_logits_return_the_longest_matching_path(case: tuple[DraftTree, 
     assert verdict.tokens == (*(tree.tokens[i] for i in verdict.accepted), argmax[last_row])
     # With one-hot target probabilities sampling is deterministic and agrees with greedy when
     # siblings are distinct (with repeated siblings it takes the first, which stays lossless).
-    distinct = all(len(set(tree.tokens[c] for c in tree.children(n))) == len(tree.children(n))
+    distinct = all(len({tree.tokens[c] for c in tree.children(n)}) == len(tree.children(n))
                    for n in range(-1, len(tree)))
     sampled = verify_sampled(tree, np.eye(VOCAB)[argmax], np.random.default_rng(0))
     assert sampled.tokens[: len(sampled.accepted)] == verdict.tokens[: len(sampled.accepted)]
@@ -72,7 +72,7 @@ def test_greedy_on_a_chain_is_chain_verification() -> None:
 
 
 # A toy target model: its next-token distribution is a fixed function of the whole context.
-@lru_cache(maxsize=None)
+@cache
 def _target(context: tuple[int, ...]) -> np.ndarray:
     seed = zlib.crc32(bytes(context))
     logits = np.random.default_rng(seed).normal(0.0, 1.5, VOCAB)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def verify_greedy(tree: DraftTree, logits: np.ndarray) -> TreeVerdict:
     target = rows.argmax(axis=-1).tolist()  # [N+1] the target's token after each row
     kids = _children_by_row(tree)
 
-    @lru_cache(maxsize=None)
+    @cache
     def matching_depth(row: int) -> int:
         hits = [1 + matching_depth(c + 1) for c in kids[row] if tree.tokens[c] == target[row]]
         return max(hits, default=0)
