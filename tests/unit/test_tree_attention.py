@@ -119,3 +119,65 @@ def test_shape_errors() -> None:
         tree_attention(torch.zeros(2, HEADS, DIM), torch.zeros(5, KV_HEADS, DIM), torch.zeros(5, KV_HEADS, DIM), tree, SCALE)
     with pytest.raises(ValueError, match="cover"):
         tree_attention(torch.zeros(3, HEADS, DIM), torch.zeros(2, KV_HEADS, DIM), torch.zeros(2, KV_HEADS, DIM), tree, SCALE)
+
+
+def _paged(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, block: int) -> tuple:
+    """Write ``k``/``v`` through vLLM's op into a paged cache with a reversed block table."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, block, k.shape[-1], "auto")
+    blocks = (k.shape[0] + block - 1) // block + 1
+    cache = torch.zeros(blocks, k.shape[1], block * 2, k.shape[-1], dtype=dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    table = torch.arange(blocks - 1, -1, -1, dtype=torch.int32)
+    pos = torch.arange(k.shape[0])
+    slots = table[pos // block].long() * block + pos % block
+    ops.cpu_attn_reshape_and_cache(k.to(dtype), v.to(dtype), key_cache, value_cache, slots, isa)
+    return key_cache, value_cache, table, slots, isa
+
+
+@pytest.mark.parametrize("dtype,block", [(torch.float32, 32), (torch.float32, 128), (torch.bfloat16, 128)])
+def test_gather_reads_the_paged_cache_back_exactly(dtype: torch.dtype, block: int) -> None:
+    from specserve_vllm.tree.cpu_kv import gather_kv
+
+    gen = torch.Generator().manual_seed(block)
+    k = torch.randn(block + 9, KV_HEADS, 32, generator=gen).to(dtype)
+    v = torch.randn(block + 9, KV_HEADS, 32, generator=gen).to(dtype)
+    key_cache, value_cache, table, _, isa = _paged(k, v, dtype, block)
+    got_k, got_v = gather_kv(key_cache, value_cache, table, k.shape[0], isa)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+
+
+def test_tree_rows_from_the_cache_and_compaction_through_vllms_op() -> None:
+    """The engine path on a real cache: gather + tree attention on a chain equals the kernel;
+    compacting an accepted side branch with vLLM's write op leaves it contiguous."""
+    from vllm import _custom_ops as ops
+
+    from specserve_vllm.tree import compaction
+    from specserve_vllm.tree.cpu_kv import gather_kv
+
+    gen = torch.Generator().manual_seed(5)
+    prefix_len, nodes = 45, 6
+    length = prefix_len + 1 + nodes
+    q = torch.randn(1 + nodes, HEADS, DIM, generator=gen)
+    k = torch.randn(length, KV_HEADS, DIM, generator=gen)
+    v = torch.randn(length, KV_HEADS, DIM, generator=gen)
+    key_cache, value_cache, table, slots, isa = _paged(k, v, torch.float32, BLOCK)
+    gk, gv = gather_kv(key_cache, value_cache, table, length, isa)
+    torch.testing.assert_close(tree_attention(q, gk, gv, DraftTree.chain(range(nodes)), SCALE),
+                               _native_causal(q, k, v), atol=2e-5, rtol=1e-5)
+
+    tree = from_topological(list(range(nodes)), [-1, 0, -1, 2, 3, 2])[0]  # 0-1 | 2-3-4, 2-5
+    accepted = tree.node_path(4)  # a side branch: rows move
+    row_slots = slots[prefix_len:].tolist()  # the request's 1 + N rows this step
+    moves = compaction.kv_moves(tree, accepted)
+    assert moves
+    stash_k, stash_v = k[prefix_len:].clone(), v[prefix_len:].clone()  # the backend's per-layer stash
+    src = torch.tensor([m.src for m in moves])
+    dst = torch.tensor([d for _, d in compaction.slot_moves(moves, row_slots)])
+    ops.cpu_attn_reshape_and_cache(stash_k[src], stash_v[src], key_cache, value_cache, dst, isa)
+    kept = prefix_len + 1 + len(accepted)
+    gk, gv = gather_kv(key_cache, value_cache, table, kept, isa)
+    order = list(range(prefix_len + 1)) + [prefix_len + 1 + i for i in accepted]
+    assert torch.equal(gk, k[order]) and torch.equal(gv, v[order])

@@ -4,5 +4,6 @@
 first) with its ancestor mask, depth positions and root-to-leaf paths. ``compaction``: the KV
 moves that make an accepted path contiguous. ``verify``: greedy and lossless sampling
 verification over the target's logits. ``build``: tree drafts from the drafters (top-k trees
-and DySpec dynamic trees). ``attention``: a reference tree attention. See docs/trees.md.
+and DySpec dynamic trees). ``attention``: a reference tree attention; ``cpu_kv``: reading
+K/V back from vLLM's CPU paged cache for it. See docs/trees.md.
 """
