@@ -1,4 +1,4 @@
-"""Token Recycling's pure parts: the adjacency matrix update, BFS drafting, the tree type."""
+"""Token Recycling's pure parts: the adjacency matrix update and BFS drafting (returned in preorder)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specserve_vllm.drafters import recycling
-from specserve_vllm.drafters.tree import DraftTree, best_path
+from specserve_vllm.tree.draft import DraftTree, best_path
 
 VOCAB = 12
 K = 3
@@ -76,7 +76,8 @@ def test_bfs_tree_follows_the_matrix(m: np.ndarray, root: int, widths: list[int]
         row = m[parent_tok, : widths[depth]].tolist()
         leading = row[: row.index(-1)] if -1 in row else row
         assert [tree.tokens[c] for c in kids] == leading
-    assert all(b >= a for a, b in zip(depths, depths[1:])), "nodes are breadth-first"
+    # Breadth-first expansion, preorder layout: the first-child chain is the node prefix.
+    assert tree.tokens[: len(best_path(tree))] == best_path(tree)
 
 
 @given(matrices(), st.integers(0, VOCAB - 1), st.lists(st.integers(1, 3), min_size=1, max_size=5))
@@ -101,7 +102,9 @@ def test_max_nodes_budget() -> None:
     m = np.array([[1, 2], [0, 2], [1, 0]], dtype=np.int16)
     t = recycling.draft_tree(m, 0, (2, 2, 2), max_nodes=5)
     assert len(t) == 5
-    assert t.parents == (-1, -1, 0, 0, 1)
+    # BFS keeps levels 1-2 whole (1, 2 | 0, 2 under 1) and the first of level 3's under 2;
+    # the layout is preorder.
+    assert (t.tokens, t.parents) == ((1, 0, 2, 2, 1), (-1, 0, 0, -1, 3))
 
 
 def test_recycled_predictions_drive_drafts() -> None:
@@ -113,21 +116,7 @@ def test_recycled_predictions_drive_drafts() -> None:
     assert recycling.draft_chain(m, 3, 0) == ()
 
 
-@given(st.lists(st.integers(-1, 5), min_size=0, max_size=8).map(lambda ps: [min(p, i - 1) for i, p in enumerate(ps)]))
-def test_tree_paths_are_consistent(parents: list[int]) -> None:
-    tree = DraftTree(tokens=tuple(range(100, 100 + len(parents))), parents=tuple(parents))
-    for i, d in enumerate(tree.depths()):
-        path = tree.path_to(i)
-        assert len(path) == d and path[-1] == tree.tokens[i]
-    assert DraftTree.chain(list(best_path(tree))).depths() == tuple(range(1, len(best_path(tree)) + 1))
-
-
 @pytest.mark.parametrize("parents", [(0,), (-2,), (-1, 1)])
 def test_tree_rejects_bad_parents(parents: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="parent"):
         DraftTree(tokens=tuple(range(len(parents))), parents=parents)
-
-
-def test_tree_rejects_length_mismatch() -> None:
-    with pytest.raises(ValueError, match="length"):
-        DraftTree(tokens=(1, 2), parents=(-1,))

@@ -5,7 +5,8 @@ Recycling". Every verification step computes the target's logits at each verifie
 top-k of those logits is normally thrown away. Token Recycling keeps it in an *adjacency matrix*
 ``M`` of shape ``[vocab, k]``: row ``t`` holds the top-k next tokens the target predicted the last
 time it saw token ``t`` as input, best first. Drafting walks the matrix breadth-first from the
-sequence's last token, which yields a draft tree (a chain when every node keeps one child).
+sequence's last token, which yields a draft tree (a chain when every node keeps one child),
+returned in DFS preorder like every :class:`~specserve_vllm.tree.draft.DraftTree`.
 
 One matrix serves the whole engine (all requests feed it, and it outlives requests): the paper
 finds the shared, persistent matrix works better than per-request ones.
@@ -23,7 +24,7 @@ Worked example (vocab 6, k 2)::
     ([3, 4], [5, 1], [-1, -1])
     >>> t = draft_tree(m, root=1, widths=(2, 1))
     >>> t.tokens, t.parents          # 1 -> {3, 4}; 3 -> 5; 4 has no row yet
-    ((3, 4, 5), (-1, -1, 0))
+    ((3, 5, 4), (-1, 0, -1))
     >>> draft_chain(m, root=1, length=3)   # 1 -> 3 -> 5 -> (row 5 empty)
     (3, 5)
 
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from specserve_vllm.drafters.tree import DraftTree, best_path
+from specserve_vllm.tree.draft import DraftTree, best_path, from_topological
 
 EMPTY = -1
 """Matrix entry meaning "no candidate recorded"."""
@@ -106,11 +107,12 @@ def draft_tree(
     ``widths[d]`` is how many candidates each node at depth ``d`` expands (``d = 0`` is the
     root), so ``len(widths)`` is the tree's maximum depth: a static tree template in the
     paper's sense. Children come in the matrix's rank order (best first); expansion stops at
-    ``EMPTY`` entries and after ``max_nodes`` nodes.
+    ``EMPTY`` entries and after ``max_nodes`` nodes (so a budget keeps the shallow levels).
+    The breadth-first result is returned in DFS preorder, so the best path is its prefix.
 
     >>> m = np.array([[1, 2], [2, 0], [-1, -1]], dtype=np.int16)
-    >>> draft_tree(m, root=0, widths=(2, 2))
-    DraftTree(tokens=(1, 2, 2, 0), parents=(-1, -1, 0, 0))
+    >>> draft_tree(m, root=0, widths=(2, 2))      # BFS 1, 2 | 2, 0 under 1
+    DraftTree(tokens=(1, 2, 0, 2), parents=(-1, 0, 0, -1))
     """
     vocab = matrix.shape[0]
     tokens: list[int] = []
@@ -131,7 +133,7 @@ def draft_tree(
         if not nxt:
             break
         frontier = nxt
-    return DraftTree(tokens=tuple(tokens), parents=tuple(parents))
+    return from_topological(tokens, parents)[0]
 
 
 def draft_chain(matrix: np.ndarray, root: int, length: int) -> tuple[int, ...]:

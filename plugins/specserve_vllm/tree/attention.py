@@ -1,0 +1,65 @@
+"""Reference tree attention (torch, dense): what the engine's tree rows must compute.
+
+In a verification step a request's ``1 + N`` query rows (root, then nodes in preorder) attend
+to the committed prefix (``prefix_len`` tokens already in the KV cache) and, among the new
+rows, only to themselves and their ancestors (:func:`~specserve_vllm.tree.draft.ancestor_mask`).
+RoPE positions follow depth (:func:`~specserve_vllm.tree.draft.depth_positions`), so node ``i``
+sees exactly what it would see as the last token of the chain ``prefix, root, path to i``.
+
+vLLM's CPU kernel (``cpu_attention_with_kv_cache``) only knows causal masks; the planned
+engine path recomputes tree rows with this dense form over K/V gathered from the cache (see
+docs/trees.md). Tests check it against the kernel on chains and on every root-to-leaf path.
+
+    >>> from specserve_vllm.tree.draft import DraftTree
+    >>> tree_attention_mask(DraftTree((5, 9, 7), (-1, 0, -1)), prefix_len=2).int().tolist()
+    [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specserve_vllm.tree.draft import DraftTree, ancestor_mask
+
+
+def tree_attention_mask(tree: DraftTree, prefix_len: int) -> torch.Tensor:
+    """``[1+N, prefix_len+1+N]`` bool: every row sees the prefix, then its ancestors and itself."""
+    rows = len(tree) + 1
+    prefix = torch.ones(rows, prefix_len, dtype=torch.bool)
+    return torch.cat([prefix, torch.from_numpy(ancestor_mask(tree))], dim=1)
+
+
+def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tree: DraftTree,
+                   scale: float) -> torch.Tensor:
+    """Masked attention of one request's tree rows.
+
+    ``query``: ``[1+N, num_heads, head_dim]`` (RoPE applied at depth positions);
+    ``key``/``value``: ``[prefix_len+1+N, num_kv_heads, head_dim]``, the prefix then the tree
+    rows in the same order as ``query``. Returns ``[1+N, num_heads, head_dim]``.
+    """
+    rows, heads, _ = query.shape
+    if rows != len(tree) + 1:
+        raise ValueError(f"query has {rows} rows, a {len(tree)}-node tree has {len(tree) + 1}")
+    prefix_len = key.shape[0] - rows
+    if prefix_len < 0 or value.shape[0] != key.shape[0]:
+        raise ValueError(f"key/value rows {key.shape[0]}/{value.shape[0]} do not cover {rows} query rows")
+    group = heads // key.shape[1]  # grouped-query attention: kv head h serves q heads h*g..h*g+g-1
+    k = key.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
+    v = value.repeat_interleave(group, dim=1).transpose(0, 1)
+    mask = tree_attention_mask(tree, prefix_len)  # [1+N, L]
+    out = torch.nn.functional.scaled_dot_product_attention(query.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def rope_neox(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding in the GPT-NeoX layout (halves rotated) at ``positions``: ``[T, H, D]``.
+
+    A reference for tests; the engine keeps the model's own rotary embedding and only changes
+    the positions it is given.
+    """
+    d = x.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [D/2]
+    ang = positions.to(torch.float64)[:, None] * inv[None, :]  # [T, D/2]
+    cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -1,0 +1,69 @@
+"""Read a request's K/V back from vLLM's CPU paged cache, whatever the ISA's block layout.
+
+Tree rows are recomputed with dense attention (:mod:`specserve_vllm.tree.attention`) over the
+request's K/V, which the CPU backend stores per block in an ISA-specific layout (with ``vec``,
+K is transposed within each block and V is not). Rather than hard-coding layouts, a probe
+writes known values with vLLM's own ``cpu_attn_reshape_and_cache`` into a scratch block and
+reads back where each ``(token, dim)`` landed: a permutation per block, found once per
+``(isa, dtype, block_size, head_dim)``. Probe values are small integers (token and dim
+indices, at most 256), exact in fp32, fp16 and bf16. A layout that is not a permutation (e.g.
+a quantised cache) raises, and the caller keeps chains.
+
+KV compaction needs no read-back: it rewrites rows through the same op at new slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=16)
+def block_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key_index, value_index)``: ``[block_size * head_dim]`` int64 each, such that
+    ``block.reshape(-1)[index].view(block_size, head_dim)`` is the block's natural
+    ``[token, dim]`` view of one KV head."""
+    from vllm import _custom_ops as ops
+
+    if block_size > 256 or head_dim > 256:
+        raise ValueError(f"probe values must be exact: block_size {block_size}, head_dim {head_dim} > 256")
+    cache = torch.zeros(1, 1, 2 * block_size, head_dim, dtype=dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    slots = torch.arange(block_size)
+    found = []
+    for fill in (lambda t, d: t, lambda t, d: d):
+        t, d = torch.meshgrid(torch.arange(block_size), torch.arange(head_dim), indexing="ij")
+        probe = fill(t, d).to(dtype)[:, None, :] + 1  # [block, 1 head, dim]; 0 marks "unwritten"
+        cache.zero_()
+        ops.cpu_attn_reshape_and_cache(probe, probe, key_cache, value_cache, slots, isa)
+        found.append((key_cache.reshape(-1).long() - 1, value_cache.reshape(-1).long() - 1))
+    out = []
+    for which in (0, 1):
+        token, dim = found[0][which], found[1][which]
+        flat = token * head_dim + dim  # natural index held by each stored element
+        if sorted(flat.tolist()) != list(range(block_size * head_dim)):
+            raise ValueError(f"the {('key', 'value')[which]} layout of isa {isa!r} is not a permutation of its block")
+        index = torch.empty_like(flat)
+        index[flat] = torch.arange(flat.numel())
+        out.append(index)
+    return out[0], out[1]
+
+
+def gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor, length: int,
+              isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's first ``length`` positions as ``[length, num_kv_heads, head_dim]`` K and V.
+
+    ``key_cache``/``value_cache``: the backend's ``[num_blocks, num_kv_heads, block_size,
+    head_dim]`` halves; ``block_table``: the request's block ids.
+    """
+    _, heads, block_size, head_dim = key_cache.shape
+    k_index, v_index = block_layout(isa, key_cache.dtype, block_size, head_dim)
+    blocks = block_table[: (length + block_size - 1) // block_size].long()
+
+    def natural(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        raw = cache[blocks].reshape(len(blocks), heads, block_size * head_dim)  # [b, H, B*D]
+        nat = raw[:, :, index].view(len(blocks), heads, block_size, head_dim)
+        return nat.permute(0, 2, 1, 3).reshape(-1, heads, head_dim)[:length]
+
+    return natural(key_cache, k_index), natural(value_cache, v_index)
