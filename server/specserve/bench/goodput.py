@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                               "requests": args.requests, "temperature": args.temperature,
                               "shared_machine": True, "rates": {}}
     try:
-        for name, llm in engines.items():  # the same warm-up for every engine
+        for llm in engines.values():  # the same warm-up for every engine
             llm.generate([{"prompt_token_ids": pool[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
         for ri, rate in enumerate(rates):
             times = arrivals(rate, args.requests, args.seed + ri)
