@@ -163,12 +163,14 @@ def test_compat_patch_converts_each_schema_once(monkeypatch: pytest.MonkeyPatch)
     first = patch.schema_ebnf(schema, **compact)
     assert patch.schema_ebnf(schema, **compact) == first and len(conversions) == 1
     assert patch.schema_ebnf(schema, any_whitespace=True) != first and len(conversions) == 2
-    # The default reading is part of the key: the strict one gives the other grammar (closed).
-    assert "additional" in first
-    with settings.override(json_mode="strict"):
-        closed = patch.schema_ebnf(schema, **compact)
-        assert closed != first and "additional" not in closed and len(conversions) == 3
-        # A schema's own keyword wins over the default reading.
-        marked = schema[:-1] + f', "{engine_grammar.STRICT_KEYWORD}": false}}'
-        assert "additional" in patch.schema_ebnf(marked, **compact)
+    # The default reading is part of the key: open objects give the other grammar.
+    assert "additional" not in first
+    with settings.override(json_objects="open"):
+        opened = patch.schema_ebnf(schema, **compact)
+        assert opened != first and "additional" in opened and len(conversions) == 3
+        # A schema's own keywords win over the default reading.
+        marked = schema[:-1] + f', "{engine_grammar.OBJECTS_KEYWORD}": "closed"}}'
+        assert "additional" not in patch.schema_ebnf(marked, **compact)
+        strict = schema[:-1] + f', "{engine_grammar.STRICT_KEYWORD}": true}}'
+        assert "additional" not in patch.schema_ebnf(strict, **compact)
     patch._cached_ebnf.cache_clear()

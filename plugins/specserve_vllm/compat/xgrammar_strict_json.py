@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve.structured.engine_grammar import json_schema_ebnf, strict_by_default
+from specserve.structured.engine_grammar import default_reading, json_schema_ebnf
 from specserve_vllm.compat.upstream import UpstreamFunction
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,10 @@ grammar itself is cached by xgrammar's compiler, keyed by this text."""
 
 
 @functools.lru_cache(maxsize=EBNF_CACHE_SIZE)
-def _cached_ebnf(schema: str, options: tuple[tuple[str, Any], ...], strict: bool) -> str:
-    """``strict``: the environment's default reading, part of the cache key only
-    (:func:`json_schema_ebnf` reads it, and a schema's own keyword, itself)."""
-    del strict
+def _cached_ebnf(schema: str, options: tuple[tuple[str, Any], ...], reading: tuple[bool, bool]) -> str:
+    """``reading``: the engine's default reading, part of the cache key only
+    (:func:`json_schema_ebnf` reads it, and a schema's own keywords, itself)."""
+    del reading
     return json_schema_ebnf(schema, **dict(options))
 
 
@@ -82,7 +82,7 @@ def schema_ebnf(schema: Any, **options: Any) -> str:
     if not isinstance(schema, str):
         return json_schema_ebnf(schema, **options)
     try:
-        return _cached_ebnf(schema, key, strict_by_default())
+        return _cached_ebnf(schema, key, default_reading())
     except TypeError:  # an unhashable option value
         return json_schema_ebnf(schema, **options)
 

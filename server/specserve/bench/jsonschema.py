@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from specserve.structured.engine_grammar import strict_by_default
+from specserve.structured.engine_grammar import objects_open_by_default, strict_by_default
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         "json_fixes": not args.raw_xgrammar,
         "grammar_mode": "semantic" if args.semantic else "shipped",
         "json_mode": "strict" if strict_by_default() else "schema",
+        "json_objects": "open" if objects_open_by_default() else "closed",
         "backend": "xgrammar",
     }
     if "maskbench" in parts:

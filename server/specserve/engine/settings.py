@@ -8,7 +8,9 @@ and tests that run several in-process engines change them with :func:`override`.
 neither torch nor vLLM.
 
     >>> load({"SPECSERVE_JUMP_FORWARD": "off", "SPECSERVE_JSON_MODE": "strict"})
-    EngineSettings(json_mode='strict', jump_forward=False, jump_forward_strings=True, heads_dir=None)
+    ... # doctest: +NORMALIZE_WHITESPACE
+    EngineSettings(json_mode='strict', json_objects='closed', jump_forward=False,
+                   jump_forward_strings=True, heads_dir=None)
     >>> to_environ(EngineSettings(jump_forward=False, heads_dir="/h"))["SPECSERVE_JUMP_FORWARD"]
     '0'
 """
@@ -28,6 +30,7 @@ from typing import Any, Literal, get_args
 logger = logging.getLogger(__name__)
 
 JsonMode = Literal["schema", "strict"]
+JsonObjects = Literal["closed", "open"]
 _FALSE = ("0", "false", "off", "no")
 
 
@@ -38,6 +41,9 @@ class EngineSettings:
     json_mode: JsonMode = "schema"
     """How a ``json_schema`` without its own reading is read: ``schema`` (JSON Schema's meaning) or
     ``strict`` (OpenAI's strict contract: declared keys only, in the declared order)."""
+    json_objects: JsonObjects = "closed"
+    """Objects of a ``json_schema`` without ``additionalProperties``: ``closed`` (only the declared
+    keys, as vLLM, SGLang and OpenAI read them) or ``open`` (JSON Schema's letter: any key)."""
     jump_forward: bool = True
     """Draft the tokens a grammar forces (structured outputs with a drafter)."""
     jump_forward_strings: bool = True
@@ -64,6 +70,13 @@ def _json_mode(text: str) -> JsonMode:
     return "strict" if mode == "strict" else "schema"
 
 
+def _json_objects(text: str) -> JsonObjects:
+    value = text.strip().lower()
+    if value not in ("closed", "open"):
+        raise ValueError(f"{value!r} is not one of closed, open")
+    return "open" if value == "open" else "closed"
+
+
 def _switch(text: str) -> bool:
     return text.strip().lower() not in _FALSE
 
@@ -79,6 +92,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("json_mode", "SPECSERVE_JSON_MODE", "--json-mode", _json_mode,
             "reading of json_schema constraints without their own: schema (JSON Schema's meaning) "
             "or strict (declared keys only, in the declared order)"),
+    Setting("json_objects", "SPECSERVE_JSON_OBJECTS", "--json-objects", _json_objects,
+            "objects of json_schema constraints without additionalProperties: closed (declared "
+            "keys only) or open (any key, JSON Schema's letter)"),
     Setting("jump_forward", "SPECSERVE_JUMP_FORWARD", "--jump-forward", _switch,
             "draft the tokens a grammar forces (0/false/off/no turns it off)"),
     Setting("jump_forward_strings", "SPECSERVE_JUMP_FORWARD_STRINGS", "--jump-forward-strings", _switch,
@@ -125,8 +141,9 @@ def add_flags(group: Any, skip: tuple[str, ...] = ()) -> None:
         if isinstance(default, bool):
             group.add_argument(setting.flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=None, help=f"{setting.help} (default: on; {setting.env})")
-        elif setting.field == "json_mode":
-            group.add_argument(setting.flag, dest=dest, choices=get_args(JsonMode), default=None,
+        elif setting.field in ("json_mode", "json_objects"):
+            choices = get_args(JsonMode if setting.field == "json_mode" else JsonObjects)
+            group.add_argument(setting.flag, dest=dest, choices=choices, default=None,
                                help=f"{setting.help} (default: {default}; {setting.env})")
         else:
             group.add_argument(setting.flag, dest=dest, default=None,

@@ -5,19 +5,20 @@ jsonschema`` both build it here, so the bench measures exactly what is served: t
 rewritten by :mod:`.schema_rewrite` (required names declared), converted by xgrammar with the
 backend's options, then the string and separator fixes of :mod:`.strict_json`.
 
-Two readings of a schema, per request:
+Three readings of a schema (``docs/structured-outputs.md``), chosen per request:
 
-* **schema** (the default): what JSON Schema says. Objects without ``additionalProperties`` accept
-  undeclared names, and objects of up to :data:`.any_order.MAX_PROPERTIES` names accept them in
-  any order (:mod:`.any_order`); larger objects keep the declared order.
-* **strict**: OpenAI's strict-mode contract, and vLLM's reading. Objects list only their declared
-  names, in the declared order (a schema that puts ``"reasoning"`` before ``"answer"`` gets them
-  written in that order). The gateway asks for it when a request sets
-  ``response_format.json_schema.strict: true``, by adding :data:`STRICT_KEYWORD` to the schema;
-  the engine setting ``json_mode`` (``SPECSERVE_JSON_MODE=strict``, ``specserve serve --json-mode
-  strict``) makes it the default.
+* **closed** (the default): objects without ``additionalProperties`` take only their declared
+  keys, as vLLM, SGLang and OpenAI read them; objects of up to :data:`.any_order.MAX_PROPERTIES`
+  keys take them in any order (:mod:`.any_order`).
+* **open**: JSON Schema's letter, undeclared keys allowed too. A schema asks for it with
+  ``"x-specserve-objects": "open"`` (:data:`OBJECTS_KEYWORD`); the engine setting
+  ``json_objects`` (``specserve serve --json-objects open``) makes it the default.
+* **strict**: OpenAI's strict-mode contract: declared keys only, in the declared order. The
+  gateway asks for it when a request sets ``response_format.json_schema.strict: true``, by adding
+  :data:`STRICT_KEYWORD` to the schema; the engine setting ``json_mode`` (``--json-mode strict``)
+  makes it the default.
 
-Both accept only instances the schema accepts; they differ in which valid instances they allow.
+All accept only instances the schema accepts; they differ in which valid instances they allow.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 STRICT_KEYWORD = "x-specserve-strict"
 """Root keyword that asks for the strict reading of one schema (an annotation to validators)."""
+OBJECTS_KEYWORD = "x-specserve-objects"
+"""Root keyword, ``"open"`` or ``"closed"``, that chooses one schema's reading of objects."""
+_KEYWORDS = (STRICT_KEYWORD, OBJECTS_KEYWORD)
 
 
 def strict_by_default() -> bool:
@@ -43,28 +47,52 @@ def strict_by_default() -> bool:
     return settings.current().json_mode == "strict"
 
 
+def objects_open_by_default() -> bool:
+    """Whether objects without ``additionalProperties`` are open where a schema does not say
+    (engine setting)."""
+    return settings.current().json_objects == "open"
+
+
+def default_reading() -> tuple[bool, bool]:
+    """``(strict, open objects)`` for schemas without their own reading keywords."""
+    return strict_by_default(), objects_open_by_default()
+
+
+def reading_keywords(schema: str | dict[str, Any]) -> tuple[str | dict[str, Any], dict[str, Any]]:
+    """``schema`` without :data:`STRICT_KEYWORD` and :data:`OBJECTS_KEYWORD`, and their values.
+
+    >>> reading_keywords({"type": "object", OBJECTS_KEYWORD: "open"})
+    ({'type': 'object'}, {'x-specserve-objects': 'open'})
+    >>> reading_keywords('{"type": "null"}')
+    ('{"type": "null"}', {})
+    """
+    if isinstance(schema, str):
+        if not any(k in schema for k in _KEYWORDS):
+            return schema, {}
+        try:
+            parsed = json.loads(schema)
+        except ValueError:
+            return schema, {}
+        if not isinstance(parsed, dict) or not any(k in parsed for k in _KEYWORDS):
+            return schema, {}
+        schema = parsed
+    if not isinstance(schema, dict) or not any(k in schema for k in _KEYWORDS):
+        return schema, {}
+    rest = {k: v for k, v in schema.items() if k not in _KEYWORDS}
+    return rest, {k: schema[k] for k in _KEYWORDS if k in schema}
+
+
 def strict_reading(schema: str | dict[str, Any]) -> tuple[str | dict[str, Any], bool | None]:
-    """``schema`` without :data:`STRICT_KEYWORD`, and its value (``None`` when absent).
+    """``schema`` without the reading keywords, and :data:`STRICT_KEYWORD`'s value (``None`` when
+    absent).
 
     >>> strict_reading({"type": "object", STRICT_KEYWORD: True})
     ({'type': 'object'}, True)
     >>> strict_reading('{"type": "null"}')
     ('{"type": "null"}', None)
     """
-    if isinstance(schema, str):
-        if STRICT_KEYWORD not in schema:
-            return schema, None
-        try:
-            parsed = json.loads(schema)
-        except ValueError:
-            return schema, None
-        if not isinstance(parsed, dict) or STRICT_KEYWORD not in parsed:
-            return schema, None
-        schema = parsed
-    if not isinstance(schema, dict) or STRICT_KEYWORD not in schema:
-        return schema, None
-    rest = {k: v for k, v in schema.items() if k != STRICT_KEYWORD}
-    return rest, schema[STRICT_KEYWORD] is True
+    rest, keywords = reading_keywords(schema)
+    return rest, keywords[STRICT_KEYWORD] is True if STRICT_KEYWORD in keywords else None
 
 
 def json_schema_ebnf(
@@ -74,18 +102,24 @@ def json_schema_ebnf(
     """EBNF for ``schema``; ``options`` are ``xgrammar.Grammar.from_json_schema``'s keywords.
 
     ``strict`` defaults to the schema's :data:`STRICT_KEYWORD`, else the engine's setting
-    (:func:`strict_by_default`). ``open_objects`` and ``any_order`` default to the reading's
-    (both off when strict); tests and benchmarks set them apart.
+    (:func:`strict_by_default`); ``open_objects`` to the schema's :data:`OBJECTS_KEYWORD`, else
+    the setting (:func:`objects_open_by_default`), and off when strict; ``any_order`` is on unless
+    strict. Tests and benchmarks set them apart.
 
     >>> "root ::= ((basic_boolean))" in json_schema_ebnf({"type": "boolean"}, any_whitespace=False)
     True
     """
     import xgrammar as xgr
 
-    schema, asked = strict_reading(schema)
+    schema, keywords = reading_keywords(schema)
     if strict is None:
-        strict = strict_by_default() if asked is None else asked
-    opened = not strict if open_objects is None else open_objects
+        asked = keywords.get(STRICT_KEYWORD)
+        strict = strict_by_default() if asked is None else asked is True
+    if open_objects is None:
+        objects = keywords.get(OBJECTS_KEYWORD)
+        wanted = objects_open_by_default() if objects not in ("open", "closed") else objects == "open"
+        open_objects = wanted and not strict
+    opened = open_objects
     reordered = not strict if any_order is None else any_order
     text = rewrite_schema_text(schema, open_objects=opened)
     compact = tuple(options.get("separators") or ()) == (",", ":")
