@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
-SERVE_ARGS ?=
+# The demo model with Hydra heads (its fastest drafter at batch 1: docs/benchmarks.md), structured
+# outputs and tool calls on. `make serve SERVE_ARGS=` serves it without a drafter.
+SERVE_ARGS ?= --drafter hydra
 PYTEST_ARGS ?=
 
 export VLLM_TARGET_DEVICE ?= cpu
