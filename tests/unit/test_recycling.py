@@ -39,6 +39,7 @@ def test_memory_budget_for_a_32k_vocabulary() -> None:
     assert (m == recycling.EMPTY).all()
 
 
+@settings(deadline=None)
 @given(matrices(), updates())
 def test_update_overwrites_last_occurrence_and_nothing_else(m: np.ndarray, upd: tuple) -> None:
     prev, topk = upd
@@ -58,7 +59,7 @@ def test_update_rejects_too_few_candidates() -> None:
         recycling.update(recycling.new_matrix(4, k=3), np.array([1]), np.array([[2, 3]]))
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(matrices(), st.integers(0, VOCAB - 1), st.lists(st.integers(0, 3), min_size=0, max_size=4))
 def test_bfs_tree_follows_the_matrix(m: np.ndarray, root: int, widths: list[int]) -> None:
     tree = recycling.draft_tree(m, root, widths)
@@ -80,6 +81,7 @@ def test_bfs_tree_follows_the_matrix(m: np.ndarray, root: int, widths: list[int]
     assert tree.tokens[: len(best_path(tree))] == best_path(tree)
 
 
+@settings(deadline=None)
 @given(matrices(), st.integers(0, VOCAB - 1), st.lists(st.integers(1, 3), min_size=1, max_size=5))
 def test_best_path_of_any_template_is_the_greedy_chain(m: np.ndarray, root: int, widths: list[int]) -> None:
     chain = recycling.draft_chain(m, root, len(widths))
@@ -92,6 +94,7 @@ def test_best_path_of_any_template_is_the_greedy_chain(m: np.ndarray, root: int,
         assert m[tok, 0] == recycling.EMPTY
 
 
+@settings(deadline=None)
 @given(matrices(), st.lists(st.integers(-1, VOCAB), max_size=6), st.integers(0, 5))
 def test_batched_chains_equal_single_chains(m: np.ndarray, roots: list[int], length: int) -> None:
     expected = [list(recycling.draft_chain(m, r, length)) if 0 <= r < VOCAB else [] for r in roots]

@@ -43,6 +43,7 @@ def _ancestors_or_self(tree: DraftTree, i: int) -> set[int]:
     return out
 
 
+@settings(deadline=None)
 @given(topological_parents())
 def test_from_topological_keeps_the_tree_and_sibling_order(parents: list[int]) -> None:
     tokens = [100 + i for i in range(len(parents))]  # token = 100 + old index
@@ -58,6 +59,7 @@ def test_from_topological_keeps_the_tree_and_sibling_order(parents: list[int]) -
         assert [order[c] for c in tree.children(node)] == old_kids
 
 
+@settings(deadline=None)
 @given(trees())
 def test_every_preorder_prefix_is_ancestor_closed(tree: DraftTree) -> None:
     for n in range(len(tree) + 1):
@@ -78,6 +80,7 @@ def test_tree_rejects_length_mismatch() -> None:
         DraftTree(tokens=(1, 2), parents=(-1,))
 
 
+@settings(deadline=None)
 @given(trees())
 def test_mask_is_the_ancestor_relation(tree: DraftTree) -> None:
     mask = ancestor_mask(tree)
@@ -91,6 +94,7 @@ def test_mask_is_the_ancestor_relation(tree: DraftTree) -> None:
     assert not np.triu(mask, 1).any()
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(0, 50), max_size=12))
 def test_a_chain_gives_the_causal_mask_and_consecutive_positions(tokens: list[int]) -> None:
     tree = DraftTree.chain(tokens)
@@ -100,6 +104,7 @@ def test_a_chain_gives_the_causal_mask_and_consecutive_positions(tokens: list[in
     assert best_path(tree) == tuple(tokens) and compaction.kv_moves(tree, tuple(range(n))) == ()
 
 
+@settings(deadline=None)
 @given(trees(), st.integers(0, 1000))
 def test_positions_follow_depth(tree: DraftTree, root: int) -> None:
     pos = depth_positions(tree, root)
@@ -109,6 +114,7 @@ def test_positions_follow_depth(tree: DraftTree, root: int) -> None:
         assert ancestor_mask(tree)[1 + i].sum() == tree.depths()[i] + 1
 
 
+@settings(deadline=None)
 @given(trees())
 def test_leaf_paths_cover_the_tree_and_start_with_the_best_path(tree: DraftTree) -> None:
     paths = leaf_paths(tree)
@@ -126,6 +132,7 @@ def test_leaf_paths_cover_the_tree_and_start_with_the_best_path(tree: DraftTree)
     assert best_path(tree) == tuple(descent)
 
 
+@settings(deadline=None)
 @given(trees())
 def test_first_child_next_sibling_encodes_children(tree: DraftTree) -> None:
     first, nxt = first_child_next_sibling(tree)
@@ -137,7 +144,7 @@ def test_first_child_next_sibling_encodes_children(tree: DraftTree) -> None:
         assert rows == [1 + c for c in tree.children(node)]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(trees(max_nodes=20), st.data())
 def test_compaction_places_the_path_contiguously_and_is_alias_safe(tree: DraftTree, data: st.DataObject) -> None:
     if not len(tree):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specserve_vllm.tree.draft import DraftTree, depth_positions, from_topological
@@ -30,6 +30,7 @@ def steps(draw: st.DrawFn) -> tuple[list, list, list, list[int]]:
     return trees, drafts, computed, lens
 
 
+@settings(deadline=None)
 @given(steps())
 def test_positions_follow_depth_on_tree_rows_and_stay_sequential_elsewhere(step: tuple) -> None:
     trees, drafts, computed, lens = step

@@ -40,7 +40,7 @@ def _matches(tree: DraftTree, argmax: list[int], node: int) -> bool:
     return all(tree.tokens[i] == argmax[tree.parents[i] + 1] for i in tree.node_path(node))
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(trees_and_argmax(), st.floats(0.5, 30.0))
 def test_one_hot_logits_return_the_longest_matching_path(case: tuple[DraftTree, list[int]], scale: float) -> None:
     tree, argmax = case
