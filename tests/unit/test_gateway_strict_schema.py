@@ -13,7 +13,7 @@ from typing import Any
 from support.gateway_fake_engine import MODEL, in_process_gateway, running_fake_engine
 from support.grammar_accepts import accepts
 from specserve.gateway import GatewayConfig
-from specserve.structured.engine_grammar import STRICT_KEYWORD
+from specserve.structured.engine_grammar import OBJECTS_KEYWORD, STRICT_KEYWORD
 
 SCHEMA = {"type": "object", "properties": {"reasoning": {"type": "string"},
                                            "answer": {"type": "integer"}},
@@ -41,8 +41,9 @@ def test_the_engine_reads_the_keyword_as_the_strict_contract() -> None:
     extra = '{"reasoning":"r","answer":1,"note":"x"}'
     assert accepts(marked, in_order)
     assert not accepts(marked, reordered) and not accepts(marked, extra)
-    # Without it: the schema's meaning, where both are valid.
-    assert accepts(SCHEMA, in_order) and accepts(SCHEMA, reordered) and accepts(SCHEMA, extra)
+    # Without it: any order, declared keys only (the default), or any key where asked.
+    assert accepts(SCHEMA, in_order) and accepts(SCHEMA, reordered) and not accepts(SCHEMA, extra)
+    assert accepts({**SCHEMA, OBJECTS_KEYWORD: "open"}, extra)
     assert not accepts(SCHEMA, '{"answer":1}')  # the schema still holds
     assert accepts({**SCHEMA, STRICT_KEYWORD: False}, reordered)
 
