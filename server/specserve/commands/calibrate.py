@@ -6,7 +6,7 @@ scheduled and context tokens, spec path on/off, drafting time), and fits the lin
 :mod:`specserve_vllm.spec_control.step_time` by least squares: one step cost shared by the
 drafters (same target model), a drafting cost and an acceptance prior per drafter. Writes the
 calibration JSON the engine loads (``--additional-config '{"specserve": {"calibration": FILE}}'``,
-or ``SPECSERVE_CALIBRATION``) and prints the fit's error (MAPE) on the measured steps.
+or ``SPECSERVE_ENGINE_CALIBRATION``) and prints the fit's error (MAPE) on the measured steps.
 
 Example:
     specserve calibrate --drafters recycling,hydra --out calibration.json
