@@ -16,7 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.specserve_process import MODEL_NAME, ServeProcess, running_gateway, running_specserve, stop
+from support.specserve_process import ENGINE_KEY, MODEL_NAME, ServeProcess, running_gateway, running_specserve, stop
 
 PROMPT = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
 # A fixed number of tokens whatever the model prefers (vLLM extra parameter).
@@ -105,7 +105,8 @@ def test_max_prompt_tokens_counts_as_the_engine_does(server: ServeProcess, tmp_p
     # A second gateway, with the cap, in front of the same engine: exactly at the cap passes, one
     # word more is refused before the engine, chat template included.
     with httpx.Client(trust_env=False, timeout=60) as http:
-        counted = http.post(f"{server.engine_url}/tokenize", json={"model": MODEL_NAME, "messages": PROMPT})
+        counted = http.post(f"{server.engine_url}/tokenize", json={"model": MODEL_NAME, "messages": PROMPT},
+                            headers={"authorization": f"Bearer {ENGINE_KEY}"})
         counted.raise_for_status()
     cap = counted.json()["count"]
     longer = [{"role": "user", "content": PROMPT[0]["content"] + " Then subtract them."}]
