@@ -58,7 +58,12 @@ def test_one_hot_logits_return_the_longest_matching_path(case: tuple[DraftTree, 
     distinct = all(len({tree.tokens[c] for c in tree.children(n)}) == len(tree.children(n))
                    for n in range(-1, len(tree)))
     sampled = verify_sampled(tree, np.eye(VOCAB)[argmax], np.random.default_rng(0))
-    assert sampled.tokens[: len(sampled.accepted)] == verdict.tokens[: len(sampled.accepted)]
+    # Whatever branch it took, sampling accepted a path the target agrees with, then the target's token.
+    if sampled.accepted:
+        assert tree.node_path(sampled.accepted[-1]) == sampled.accepted
+        assert _matches(tree, argmax, sampled.accepted[-1])
+    sampled_row = sampled.accepted[-1] + 1 if sampled.accepted else 0
+    assert sampled.tokens == (*(tree.tokens[i] for i in sampled.accepted), argmax[sampled_row])
     if distinct:
         assert sampled == verdict
 

@@ -122,7 +122,7 @@ def _env_flag(name: str) -> bool:
 
 
 def read_key_file(path: str) -> list[str]:
-    r"""The keys of a key file: one a line; blank lines and ``#`` comments ignored.
+    """The keys of a key file: one a line; blank lines and ``#`` comments ignored.
 
     Example:
         >>> import tempfile
