@@ -61,6 +61,8 @@ class SoakConfig:
     dtype: str = "float32"
     """Engine dtype of both runs: greedy equality with the reference is an exact check (fp32)."""
     seed: int = 0
+    health_timeout_s: float = 30.0
+    """The gateway's ``--health-timeout``: how long a busy engine may take to answer a probe."""
     sample_every_s: float = 30.0
     max_rss_growth_mb: float = 100.0
     model: str | None = None
@@ -137,7 +139,10 @@ def running_serve(config: SoakConfig, drafter: str, log_dir: Path) -> Iterator[S
     port, engine_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "specserve.cli", "serve", "--served-model-name", MODEL_NAME,
            "--port", str(port), "--engine-port", str(engine_port), "--max-model-len", "512",
-           "--drafter", drafter, "--num-speculative-tokens", str(config.num_speculative_tokens)]
+           "--drafter", drafter, "--num-speculative-tokens", str(config.num_speculative_tokens),
+           # A 2-core machine running engine, gateway and clients can leave a probe unanswered for
+           # longer than the default 5 s; the soak checks answers, not probe latency.
+           "--health-timeout", str(config.health_timeout_s)]
     if config.model:
         cmd += ["--model", config.model]
     cmd += ["--", "--max-num-seqs", str(config.max_num_seqs), "--seed", str(config.seed), "--dtype", config.dtype]
@@ -335,6 +340,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     parser.add_argument("--dtype", default=d.dtype, help="engine dtype (greedy equality is exact in float32)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the request mix and the engine")
+    parser.add_argument("--health-timeout", type=float, default=d.health_timeout_s,
+                        help="seconds the gateway's probes wait for the busy engine")
     parser.add_argument("--sample-every", type=float, default=d.sample_every_s,
                         help="seconds between RSS/fd samples (and progress lines)")
     parser.add_argument("--max-rss-growth-mb", type=float, default=d.max_rss_growth_mb,
@@ -346,7 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SoakConfig:
     return SoakConfig(duration_s=args.duration, concurrency=args.concurrency, drafter=args.drafter,
                       num_speculative_tokens=args.num_speculative_tokens, max_num_seqs=args.max_num_seqs,
-                      dtype=args.dtype, seed=args.seed, sample_every_s=args.sample_every, max_rss_growth_mb=args.max_rss_growth_mb,
+                      dtype=args.dtype, seed=args.seed, health_timeout_s=args.health_timeout, sample_every_s=args.sample_every, max_rss_growth_mb=args.max_rss_growth_mb,
                       model=args.model, log_dir=args.log_dir)
 
 
