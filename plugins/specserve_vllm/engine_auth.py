@@ -8,6 +8,11 @@ guards all of them: without ``Authorization: Bearer <key>`` a request gets 401 b
 ``/health`` (liveness probes) and ``/metrics`` (Prometheus scrapes; load figures, no addresses, no
 request content) stay open.
 
+A keyed request may also say that its constraints were already compiled, as served, by the
+gateway (header ``x-specserve-constraints-checked``); :func:`checked_reading` gives the reading it
+names to the engine's own check, which then skips a second compile. Without an engine key the
+header is ignored: anyone could send it.
+
 The key is ``$SPECSERVE_ENGINE_API_KEY``, or the first line of the file
 ``$SPECSERVE_ENGINE_API_KEY_FILE``; the gateway holds the same key. With neither, the middleware
 logs a warning and lets everything through (a development engine).
@@ -36,6 +41,7 @@ import hmac
 import json
 import logging
 import os
+from contextvars import ContextVar
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -44,6 +50,16 @@ KEY_ENV = "SPECSERVE_ENGINE_API_KEY"
 KEY_FILE_ENV = "SPECSERVE_ENGINE_API_KEY_FILE"
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 """Answered without the key: liveness and load, nothing a client could use."""
+CHECKED_HEADER = b"x-specserve-constraints-checked"
+"""Same name as :data:`specserve.structured.engine_grammar.CHECKED_HEADER` (kept free of imports)."""
+
+_CHECKED: ContextVar[str | None] = ContextVar("specserve_constraints_checked", default=None)
+
+
+def checked_reading() -> str | None:
+    """The reading under which the keyed caller of the current request compiled its constraints
+    (``None``: not said, or said without the engine key)."""
+    return _CHECKED.get()
 
 
 def configured_key() -> str | None:
@@ -95,9 +111,28 @@ class EngineKeyMiddleware:
                 return scheme.lower() == "bearer" and hmac.compare_digest(_digest(token.strip()), self._digest)
         return False
 
+    def _checked(self, scope: dict[str, Any]) -> str | None:
+        if self._digest is None:
+            return None
+        for name, value in scope.get("headers") or []:
+            if name.lower() == CHECKED_HEADER:
+                return value.decode("latin-1")
+        return None
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope.get("type") not in ("http", "websocket") or self._allowed(scope):
+        if scope.get("type") not in ("http", "websocket"):
             await self.app(scope, receive, send)
+            return
+        if self._allowed(scope):
+            reading = self._checked(scope)
+            if reading is None:
+                await self.app(scope, receive, send)
+                return
+            token = _CHECKED.set(reading)  # seen by the handler's task and the tasks it starts
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _CHECKED.reset(token)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})

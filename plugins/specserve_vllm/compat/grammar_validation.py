@@ -15,6 +15,10 @@ its server answers with 400. Answers are cached by content (1,024). Until the wo
 started (a second or two after the first constrained request), the compile runs in the calling
 thread without a time limit.
 
+The check runs in the API server's event loop (vLLM validates synchronously there), so a request
+the gateway already compiled, under the same reading (:mod:`specserve_vllm.engine_auth`'s
+``checked_reading``), is not compiled again: only direct callers of the engine pay for it.
+
 Relied on: ``SamplingParams._validate_structured_outputs`` imports the function from its module
 when called, so replacing the module attribute reaches every caller.
 """
@@ -89,7 +93,7 @@ def check_served(params: Any) -> None:
     from specserve.structured.served import NotServable, compile_served
 
     found = constraint_of(params)
-    if found is None:
+    if found is None or _checked_by_gateway():
         return
     kind, spec = found
     try:
@@ -101,6 +105,15 @@ def check_served(params: Any) -> None:
             compile_served(kind, spec)  # type: ignore[arg-type]
         except NotServable as err:
             raise _validation_error(f"The {kind} constraint cannot be served: {err}") from err
+
+
+def _checked_by_gateway() -> bool:
+    """Whether the keyed caller compiled this request's constraints under this engine's reading."""
+    from specserve.structured.engine_grammar import served_reading
+    from specserve_vllm.engine_auth import checked_reading
+
+    said = checked_reading()
+    return said is not None and said == served_reading()
 
 
 def _validation_error(message: str) -> Exception:

@@ -26,13 +26,15 @@ from specserve.gateway.replicas import Replica, ReplicaPool
 from specserve.gateway.spec_io import spec_stats
 from specserve.gateway.streaming import PassthroughStream
 from specserve.gateway.tools import Call, StreamedCalls, calls_in_response
+from specserve.structured.engine_grammar import CHECKED_HEADER
 
 log = logging.getLogger(__name__)
 
 # Hop-by-hop and length headers are recomputed by each side.
 _DROP_HEADERS = frozenset(
     {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
-     "proxy-authorization", "authorization", "accept-encoding"}
+     "proxy-authorization", "authorization", "accept-encoding",
+     CHECKED_HEADER}  # the gateway's own word to the engine, never a client's
 )
 _DROP_RESPONSE_HEADERS = frozenset(
     {"content-length", "connection", "keep-alive", "transfer-encoding", "date", "server", "content-encoding"}

@@ -27,6 +27,7 @@ from specserve.gateway.prompt_tokens import Route, TokenizeFailed, completion_pr
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.speculation import SPEC_K_HEADER
 from specserve.gateway.tools import Call, ToolRequest, failures, tool_request
+from specserve.structured.engine_grammar import CHECKED_HEADER, served_reading
 
 if TYPE_CHECKING:
     from specserve.gateway.app import Gateway
@@ -126,7 +127,7 @@ async def _generate(
         # Tools are left out of ``body`` above; their schemas are checked like response_format.
         checked = {**body, **parsed.model_dump(include={"tools"}, exclude_unset=True)}
     try:
-        await structured.aprecheck(checked, route, owner=key)
+        compiled = await structured.aprecheck(checked, route, owner=key)
     except APIError as err:
         if (err.param or "").startswith("tool"):
             gw.metrics.rejected.labels(reason="invalid_tools").inc()
@@ -184,6 +185,8 @@ async def _generate(
     outcome = Outcome(collect_tool_calls=tools is not None and tools.kind != "none")
     headers = gw.proxy.forward_headers(request.scope["headers"])
     headers["x-request-id"] = request.state.request_id
+    if compiled and gw.proxy.engine_headers:  # the engine trusts it only from a keyed caller
+        headers[CHECKED_HEADER] = served_reading()
 
     def record() -> None:
         request.state.replica = outcome.replica

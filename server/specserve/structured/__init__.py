@@ -35,6 +35,7 @@ from specserve.structured.compile import (
     CompileRefused,
     CompileThrottled,
     GrammarChecker,
+    load_xgrammar,
     warm_up,
 )
 from specserve.structured.features import find_unsupported
@@ -221,10 +222,18 @@ def _check_one(c: Constraint, limits: SchemaLimits, budget: _Budget) -> None:
             raise _bad(f"{c.param} is nested too deeply", c.param)
 
 
+_COMPILED_KINDS = frozenset({"json", "json_object", "regex", "grammar"})
+"""Constraint kinds whose served grammar :func:`precheck` compiles (``json_object`` needs none)."""
+
+
 def precheck(
     body: dict[str, Any], route: str, *, limits: SchemaLimits | None = None, owner: str = ""
-) -> None:
+) -> bool:
     """Validate a request's structured-output constraints before it reaches an engine.
+
+    Returns whether every constraint's served grammar was compiled here (xgrammar installed, only
+    json / regex / grammar constraints, no tools): the engine need not compile it again to check
+    it (:data:`CHECKED_HEADER`).
 
     Raises :class:`specserve.errors.APIError` (400) naming the offending parameter. ``route`` is
     ``"chat"`` or ``"completions"``. The schema checked is the one the engine gets (with the
@@ -238,7 +247,7 @@ def precheck(
     found = constraints(mark_strict(body))
     tool_found = tool_constraints(body)
     if not found and not tool_found:
-        return
+        return False
     _checker(active).prepare()  # one-time start-up: not part of any request's time
     budget = _Budget(time.monotonic() + active.compile_timeout_s, owner)
     for c in found:
@@ -250,11 +259,13 @@ def precheck(
             if err.status == 400:
                 err.code = TOOL_PARAMETERS_CODE
             raise
+    return (not tool_found and all(c.kind in _COMPILED_KINDS for c in found)
+            and load_xgrammar() is not None)
 
 
 async def aprecheck(
     body: dict[str, Any], route: str, *, limits: SchemaLimits | None = None, owner: str = ""
-) -> None:
+) -> bool:
     """:func:`precheck` for async handlers: the compile wait (up to the compile time limit) and
     xgrammar's one-time import run in a waiting thread, so the event loop keeps serving.
 
@@ -263,6 +274,6 @@ async def aprecheck(
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not constraints(body) and not tool_constraints(body):
-        return
+        return False
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(_WAITERS, lambda: precheck(body, route, limits=limits, owner=owner))
+    return await loop.run_in_executor(_WAITERS, lambda: precheck(body, route, limits=limits, owner=owner))

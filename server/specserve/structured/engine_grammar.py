@@ -23,6 +23,7 @@ All accept only instances the schema accepts; they differ in which valid instanc
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -51,6 +52,33 @@ def objects_open_by_default() -> bool:
     """Whether objects without ``additionalProperties`` are open where a schema does not say
     (engine setting)."""
     return settings.current().json_objects == "open"
+
+
+CHECKED_HEADER = "x-specserve-constraints-checked"
+"""Request header from the gateway to an engine: the request's constraints were compiled, as
+served under the reading the value names (:func:`served_reading`). An engine whose own reading is
+the same skips its own compile check (it trusts the header only from a caller holding its key)."""
+
+
+def served_reading() -> str:
+    """What decides the grammar a constraint is served as, in one string: the engine settings
+    that change it and the grammar compiler's version.
+
+    >>> served_reading().startswith("json_mode=")
+    True
+    """
+    current = settings.current()
+    return f"json_mode={current.json_mode};objects={current.json_objects};xgrammar={_compiler()}"
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("xgrammar")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def default_reading() -> tuple[bool, bool]:

@@ -104,6 +104,8 @@ class CompileWorkers:
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._starting = 0
+        self._first_starts = size
+        """Initial workers not yet started (or failed): :meth:`wait_started` waits for these only."""
         self._closed = False
         self.killed = 0
         """Workers killed for running over their time limit (for tests and logs)."""
@@ -123,21 +125,26 @@ class CompileWorkers:
                 logger.exception("could not start a grammar compile worker")
             with self._cond:
                 self._starting -= 1
+                self._first_starts = max(0, self._first_starts - 1)
                 if worker is not None and not self._closed:
                     self._idle.append(worker)
                     worker = None
-                self._cond.notify()
+                # Every waiter: those taking a worker and those waiting for the first start share
+                # this condition, and a single wake-up can go to one that keeps waiting.
+                self._cond.notify_all()
             if worker is not None:
                 worker.kill()
 
         threading.Thread(target=start, name="grammar-worker-start", daemon=True).start()
 
     def wait_started(self, timeout_s: float) -> None:
-        """Wait (at most ``timeout_s``) until no worker is starting: the first start imports
-        xgrammar in the fork server, which takes seconds."""
+        """Wait (at most ``timeout_s``) until the initial workers have started: the first start
+        imports xgrammar in the fork server, which takes seconds. A replacement starting later
+        (after a kill) is not waited for: requests meanwhile wait for a free worker within their
+        own time limit."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._starting and not self._closed:
+            while self._first_starts and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
@@ -158,7 +165,7 @@ class CompileWorkers:
                 worker.kill()
                 return
             self._idle.append(worker)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def run(self, job: Job, args: Any, timeout_s: float) -> str | None:
         """``job(args)`` in a worker: its answer, or a refusal when it takes more than ``timeout_s``
