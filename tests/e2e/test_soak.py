@@ -27,6 +27,8 @@ def test_short_soak_every_answer_is_correct(demo_model_dir: Path, tmp_path: Path
     assert report["greedy_mismatches"] == 0, failures
     assert report["checks"]["every_request_ok"], (report["outcomes"], failures)
     assert report["checks"]["gauges_back_to_zero"], report["gauges_at_end"]
+    # The gateway compiled every constraint and said so: the engine compiled none again.
+    assert report["engine_compile_workers"] == 0, report["engine_compile_workers"]
     # Every kind of request was really sent: each deck of draws holds every kind.
     traffic = Traffic("m", {}, random.Random(0))
     assert report["requests"] >= traffic.deck_size, report["requests"]

@@ -175,10 +175,39 @@ def serve_default_policy() -> str:
     return str(parser.parse_args([]).spec_policy)
 
 
+def split_processes(serve: Serve) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """``(gateway, engine)`` processes: the engine is vLLM's API server child of ``serve`` and all
+    its descendants; the gateway is the ``serve`` process and its other descendants (its grammar
+    compile workers)."""
+    root = psutil.Process(serve.proc.pid)
+    engine: list[psutil.Process] = []
+    for child in root.children():
+        try:
+            if any("vllm" in part for part in child.cmdline()):
+                engine = [child, *child.children(recursive=True)]
+                break
+        except psutil.Error:
+            continue
+    engine_pids = {p.pid for p in engine}
+    gateway = [root, *(p for p in root.children(recursive=True) if p.pid not in engine_pids)]
+    return gateway, engine
+
+
+def compile_workers(processes: list[psutil.Process]) -> int:
+    """How many of ``processes`` are grammar compile workers (or their fork server)."""
+    count = 0
+    for proc in processes:
+        try:
+            count += any("multiprocessing.forkserver" in part for part in proc.cmdline())
+        except psutil.Error:
+            continue
+    return count
+
+
 def sample_resources(serve: Serve, t_s: float) -> Sample:
-    """RSS and fds of the gateway (the ``serve`` process) and of the engine (all its descendants)."""
-    gateway = psutil.Process(serve.proc.pid)
-    engine = gateway.children(recursive=True)
+    """RSS and fds of the gateway (the ``serve`` process and its compile workers) and of the engine
+    (vLLM's server and all its descendants)."""
+    gateway_procs, engine = split_processes(serve)
     mib = 1024 * 1024
 
     def safe(proc: psutil.Process) -> tuple[int, int]:
@@ -187,10 +216,10 @@ def sample_resources(serve: Serve, t_s: float) -> Sample:
         except psutil.Error:
             return 0, 0
 
-    g_rss, g_fds = safe(gateway)
+    g = [safe(p) for p in gateway_procs]
     e = [safe(p) for p in engine]
-    return Sample(round(t_s, 1), round(g_rss / mib, 1), round(sum(r for r, _ in e) / mib, 1), g_fds,
-                  sum(f for _, f in e))
+    return Sample(round(t_s, 1), round(sum(r for r, _ in g) / mib, 1), round(sum(r for r, _ in e) / mib, 1),
+                  sum(f for _, f in g), sum(f for _, f in e))
 
 
 def _gauges(serve: Serve) -> dict[str, float]:
@@ -287,6 +316,7 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
         elapsed = time.monotonic() - t0
         idle, gauges = wait_idle(serve)
         samples.append(sample_resources(serve, time.monotonic() - t0))
+        engine_compilers = compile_workers(split_processes(serve)[1])
     kinds = {kind: dict(counter) for kind, counter in sorted(tally.by_kind.items())}
     rss = {"gateway_mb": _growth(samples, "gateway_rss_mb"), "engine_mb": _growth(samples, "engine_rss_mb")}
     checks = {
@@ -307,6 +337,8 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
         "invalid_structured_outputs": tally.count("invalid_structured_output"),
         "greedy_mismatches": tally.count("greedy_mismatch"),
         "gauges_at_end": gauges,
+        # Constraints reach the engine compiled by the gateway: it starts no compile workers.
+        "engine_compile_workers": engine_compilers,
         "rss": rss,
         "fds": {"gateway": {"start": samples[0].gateway_fds, "end": samples[-1].gateway_fds},
                 "engine": {"start": samples[0].engine_fds, "end": samples[-1].engine_fds}},
