@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "specserve-demo"
 START_TIMEOUT_S = 900.0
+PORT_TRIES = 3
 IDLE_TIMEOUT_S = 120.0
 
 
@@ -133,7 +134,32 @@ def _wait_ready(serve: Serve, timeout_s: float) -> None:
 
 @contextmanager
 def running_serve(config: SoakConfig, drafter: str, log_dir: Path) -> Iterator[Serve]:
-    """``specserve serve`` with ``drafter`` on free ports (``serve``'s own speculation policy)."""
+    """``specserve serve`` with ``drafter`` on free ports (``serve``'s own speculation policy).
+
+    A picked port can be taken by another process before ``serve`` binds it; ``serve`` then exits
+    before it is ready, and is started again on other ports (at most :data:`PORT_TRIES` times)."""
+    from specserve.engine.process import port_in_use
+
+    for attempt in range(1, PORT_TRIES + 1):
+        serve = _start_serve(config, drafter, log_dir)
+        try:
+            _wait_ready(serve, START_TIMEOUT_S)
+            break
+        except RuntimeError:
+            exited = serve.proc.poll() is not None  # by itself, not stopped for being slow
+            _stop_serve(serve.proc)
+            taken = [p for p in (serve.port, serve.engine_port) if port_in_use(p)]
+            if attempt == PORT_TRIES or not exited or not taken:
+                raise
+            log.warning("a picked port was taken before serve bound it; trying others",
+                        extra={"fields": {"ports": taken, "attempt": attempt}})
+    try:
+        yield serve
+    finally:
+        _stop_serve(serve.proc)
+
+
+def _start_serve(config: SoakConfig, drafter: str, log_dir: Path) -> Serve:
     from specserve.engine.process import free_port
 
     port, engine_port = free_port(), free_port()
@@ -150,20 +176,19 @@ def running_serve(config: SoakConfig, drafter: str, log_dir: Path) -> Iterator[S
     log.info("starting specserve serve", extra={"fields": {"drafter": drafter, "port": port, "log": str(log_path)}})
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    serve = Serve(proc, port, engine_port, log_path)
-    try:
-        _wait_ready(serve, START_TIMEOUT_S)
-        yield serve
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    child.kill()
-                proc.kill()
-                proc.wait(timeout=10)
+    return Serve(proc, port, engine_port, log_path)
+
+
+def _stop_serve(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def serve_default_policy() -> str:

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import secrets
@@ -30,6 +31,10 @@ from specserve.commands.gateway import (
 from specserve.engine.process import DEMO_TOOL_PARSER, TOOL_PARSER_PLUGIN
 from specserve.engine.settings import HEADS_ENV, add_flags, environ_from_flags
 from specserve.speculative_config import DRAFTERS, HEAD_DRAFTERS, speculative_config
+
+ENGINE_PORT_TRIES = 3
+"""Engine starts when its port is picked here: another process can take a picked port before the
+engine binds it, and the engine then exits at once."""
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +148,7 @@ def _already_stopping(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from specserve.engine.process import EngineError, EngineProcess, EngineSpec, detect_device, free_port
-    from specserve.engine.process import served_name_for
+    from specserve.engine.process import port_in_use, served_name_for
 
     try:
         if not check_listener(args):
@@ -210,8 +215,22 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     serving = False
     try:
-        engine.start()
-        engine.wait_ready(timeout_s=args.engine_start_timeout)
+        for attempt in range(1, ENGINE_PORT_TRIES + 1):
+            engine.start()
+            try:
+                engine.wait_ready(timeout_s=args.engine_start_timeout)
+                break
+            except EngineError:
+                # A port picked here can be taken by another process before the engine binds it:
+                # the engine then exits at once; start it again on another port.
+                if (args.engine_port or engine.exit_code() is None or attempt == ENGINE_PORT_TRIES
+                        or not port_in_use(spec.port)):
+                    raise
+                log.warning("engine port taken before the engine bound it; trying another",
+                            extra={"fields": {"port": spec.port, "attempt": attempt}})
+                engine.stop(grace_s=args.engine_stop_grace)  # its process group, leftovers too
+                spec = dataclasses.replace(spec, port=free_port())
+                engine = EngineProcess(spec, log_path=args.engine_log)
         serving = True
 
         def engine_gone() -> str | None:

@@ -99,6 +99,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether someone holds ``port`` now (a port picked by :func:`free_port` can be taken by
+    another process before its user binds it). Closed connections lingering in TIME_WAIT do not
+    count: servers bind with ``SO_REUSEADDR``, as here."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def detect_device() -> Literal["cpu", "gpu"]:
     """``cpu`` when the CPU build of vLLM is installed or the environment asks for it."""
     if os.environ.get("VLLM_TARGET_DEVICE", "").lower() == "cpu":
@@ -259,5 +272,5 @@ def served_name_for(model_dir: str, is_demo: bool) -> str:
 
 __all__: Sequence[str] = [
     "CPU_ENV", "DEMO_TOOL_PARSER", "TOOL_PARSER_PLUGIN", "EngineError", "EngineProcess", "EngineSpec",
-    "detect_device", "engine_command", "engine_env", "free_port", "served_name_for",
+    "detect_device", "engine_command", "engine_env", "free_port", "port_in_use", "served_name_for",
 ]
