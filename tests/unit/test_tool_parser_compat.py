@@ -133,6 +133,18 @@ def test_plain_text_streams_unchanged_even_ending_in_a_tag_prefix(tokenizer: Any
     assert "".join(d.content or "" for d in deltas) == "".join(pieces)
 
 
+def test_a_tag_prefix_cut_by_max_tokens_is_flushed(tokenizer: Any) -> None:
+    request = _request(tools=TOOLS, max_tokens=3)
+    parser = _parser(tokenizer, request)
+    pieces, text, ids, out = ["It is", " sunny", " <tool_ca"], "", [], ""
+    for piece in pieces:  # one token each, no end-of-sequence: the answer stops at max_tokens
+        ids.append(7)
+        delta = parser.extract_tool_calls_streaming(text, text + piece, piece, ids[:-1], list(ids), [7], request)
+        text += piece
+        out += (delta.content or "") if delta is not None else ""
+    assert out == "".join(pieces)
+
+
 def test_the_bench_uses_the_constraints_the_server_compiles(tokenizer: Any) -> None:
     from specserve.bench.jsonschema_tools import output_valid, served_constraints
 

@@ -7,7 +7,9 @@ server where tools are optional:
 
 * requests without tools (or with ``tool_choice: "none"``) stream their text unchanged: the Hermes
   parser holds back a trailing ``<`` that might open a tag, and loses it when the answer ends there;
-* a held-back tail is flushed when the end-of-sequence token arrives;
+* a held-back tail is flushed when the end-of-sequence token arrives or the answer reaches its
+  ``max_tokens`` (a stream cut inside ``<tool_ca`` still gets its last characters; a stop string
+  ending the answer there is not seen by the parser and still loses them);
 * special tokens stay skipped (the markers are plain text here, unlike Hermes models' own tokens);
 * ``tool_choice`` named / ``required`` keep vLLM's grammar-forced JSON path
   (``supports_required_and_named``), which works with any model; for ``required`` the
@@ -97,14 +99,28 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
             previous_text, current_text, delta_text, previous_token_ids, current_token_ids,
             delta_token_ids, request)
         eos = getattr(self.model_tokenizer, "eos_token_id", None)
-        if (eos is not None and eos in delta_token_ids and self.tool_call_start_token not in current_text
-                and self._sent_content_idx < len(current_text)):
+        last = (eos is not None and eos in delta_token_ids) or at_token_limit(request, current_token_ids)
+        if last and self.tool_call_start_token not in current_text and self._sent_content_idx < len(current_text):
             rest = current_text[self._sent_content_idx:]
             self._sent_content_idx = len(current_text)
             if delta is None:
                 return DeltaMessage(content=rest)
             delta.content = (delta.content or "") + rest
         return delta
+
+
+def at_token_limit(request: Any, token_ids: Sequence[int]) -> bool:
+    """Whether an answer of ``token_ids`` has reached the request's ``max_completion_tokens`` /
+    ``max_tokens`` (so this delta is its last).
+
+    >>> from types import SimpleNamespace as NS
+    >>> at_token_limit(NS(max_completion_tokens=None, max_tokens=3), [1, 2, 3])
+    True
+    >>> at_token_limit(NS(max_completion_tokens=None, max_tokens=None), [1, 2, 3])
+    False
+    """
+    limit = getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
+    return bool(limit) and len(token_ids) >= limit
 
 
 def close_call_envelopes(schema: dict[str, Any], *, strict: bool,
