@@ -17,14 +17,13 @@ from typing import Any
 
 import pytest
 import yaml
-from support.helm_render import ENGINE, container, env_of, render, sets
-from support.installed_tools import tool
-
 from specserve.cli import build_parser
 from specserve.commands.serve import tool_options
 from specserve.engine import settings
 from specserve.engine.process import EngineSpec, engine_command
 from specserve_vllm.spec_control.planner import CALIBRATION_ENV, DEFAULT_POLICY, POLICY_ENV
+from support.helm_render import ENGINE, container, env_of, render, sets
+from support.installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 VALUES = yaml.safe_load((ROOT / "helm" / "specserve" / "values.yaml").read_text())
@@ -74,7 +73,7 @@ def expected() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def compose_engine_env() -> dict[str, str]:
     cmd = [*shlex.split(tool("compose")), "-f", str(ROOT / "deploy" / "docker-compose.yml"), "config"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT / "deploy",
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=ROOT / "deploy",
                           env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home())})
     assert proc.returncode == 0, proc.stderr
     env = yaml.safe_load(proc.stdout)["services"]["engine"].get("environment") or {}
@@ -167,7 +166,7 @@ def test_entry_point_gives_the_engine_the_tool_flags_specserve_serve_gives(tmp_p
         (bin_dir / name).chmod(0o755)
     full = {f: "" for f in ("SPECSERVE_TOOL_CALL_PARSER", "SPECSERVE_ENABLE_AUTO_TOOL_CHOICE",
                             "SPECSERVE_TOOL_PARSER_PLUGIN", "SPECSERVE_CHAT_TEMPLATE")} | env  # as compose sets them
-    proc = subprocess.run(["sh", str(ENTRYPOINT), "engine"], capture_output=True, text=True, timeout=30,
+    proc = subprocess.run(["sh", str(ENTRYPOINT), "engine"], check=False, capture_output=True, text=True, timeout=30,
                           env={"PATH": f"{bin_dir}:/usr/bin:/bin", **full})
     assert proc.returncode == 0, proc.stderr
     got = tool_flags(json.loads(proc.stdout))
