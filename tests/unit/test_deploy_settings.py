@@ -157,26 +157,48 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("env", CASES, ids=[json.dumps(c, sort_keys=True) for c in CASES])
-def test_entry_point_gives_the_engine_the_tool_flags_specserve_serve_gives(tmp_path: Path, env: dict[str, str]) -> None:
+def entry_point(tmp_path: Path, mode: str, env: dict[str, str]) -> list[str]:
+    """The command the images' entry point execs in ``mode``, with recording stubs for its programs."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     for name in ("specserve", "python", "vllm"):
         (bin_dir / name).write_text(STUB)
         (bin_dir / name).chmod(0o755)
-    full = {f: "" for f in ("SPECSERVE_TOOL_CALL_PARSER", "SPECSERVE_ENABLE_AUTO_TOOL_CHOICE",
-                            "SPECSERVE_TOOL_PARSER_PLUGIN", "SPECSERVE_CHAT_TEMPLATE")} | env  # as compose sets them
-    proc = subprocess.run(["sh", str(ENTRYPOINT), "engine"], check=False, capture_output=True, text=True, timeout=30,
-                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", **full})
+    proc = subprocess.run(["sh", str(ENTRYPOINT), mode], check=False, capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env})
     assert proc.returncode == 0, proc.stderr
-    got = tool_flags(json.loads(proc.stdout))
+    return list(json.loads(proc.stdout))
+
+
+def with_unset(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the tool variables it does not set present and empty, as compose and Helm set them."""
+    return {f: "" for f in ("SPECSERVE_TOOL_CALL_PARSER", "SPECSERVE_ENABLE_AUTO_TOOL_CHOICE",
+                            "SPECSERVE_TOOL_PARSER_PLUGIN", "SPECSERVE_CHAT_TEMPLATE")} | env
+
+
+@pytest.mark.parametrize("env", CASES, ids=[json.dumps(c, sort_keys=True) for c in CASES])
+def test_entry_point_serve_mode_passes_the_tool_variables_as_serve_flags(tmp_path: Path, env: dict[str, str]) -> None:
+    argv = entry_point(tmp_path, "serve", with_unset(env))
+    assert argv[:2] == ["specserve", "serve"]
+    args = build_parser().parse_args(argv[1:])
+    full = with_unset(env)
+    assert args.tool_call_parser == (full["SPECSERVE_TOOL_CALL_PARSER"] or None)
+    assert args.enable_auto_tool_choice == {"": None, "0": False}.get(full["SPECSERVE_ENABLE_AUTO_TOOL_CHOICE"], True)
+    assert args.tool_parser_plugin == (full["SPECSERVE_TOOL_PARSER_PLUGIN"] or None)
+    assert args.chat_template == (full["SPECSERVE_CHAT_TEMPLATE"] or None)
+
+
+@pytest.mark.parametrize("env", CASES, ids=[json.dumps(c, sort_keys=True) for c in CASES])
+def test_entry_point_gives_the_engine_the_tool_flags_specserve_serve_gives(tmp_path: Path, env: dict[str, str]) -> None:
+    full = with_unset(env)
+    got = tool_flags(entry_point(tmp_path, "engine", full))
     auto = {"": None, "0": False}.get(full["SPECSERVE_ENABLE_AUTO_TOOL_CHOICE"], True)
     opts = tool_options(full["SPECSERVE_TOOL_CALL_PARSER"] or None, auto, full["SPECSERVE_TOOL_PARSER_PLUGIN"] or None,
                         is_demo="SPECSERVE_MODEL" not in env)
     spec = EngineSpec(model="m", port=1, served_model_name="m", tool_call_parser=opts.parser,
                       enable_auto_tool_choice=opts.auto, tool_parser_plugin=opts.plugin,
                       chat_template=full["SPECSERVE_CHAT_TEMPLATE"] or None)
-    assert got == tool_flags(engine_command(spec)), (env, proc.stdout)
+    assert got == tool_flags(engine_command(spec)), env
 
 
 def test_configuration_page_lists_every_deploy_value() -> None:
