@@ -10,6 +10,11 @@
 # $SPECSERVE_SPECULATIVE_CONFIG (JSON) turns on speculative decoding for `serve` and `engine`.
 # With $SPECSERVE_DRAFTER medusa or hydra, the heads are $SPECSERVE_HEADS_DIR, or the demo model's.
 # $SPECSERVE_ENGINE_HEADLESS=1 runs a multi-node engine's worker (`vllm serve --headless`: no HTTP).
+# Tool calling, as `specserve serve` chooses it (docs/tools.md): $SPECSERVE_TOOL_CALL_PARSER (unset:
+# `specserve` on the demo model, none on another; `none`: off), $SPECSERVE_ENABLE_AUTO_TOOL_CHOICE
+# (unset: on with a parser; 0/false/off/no: off), $SPECSERVE_TOOL_PARSER_PLUGIN (unset: specserve's),
+# $SPECSERVE_CHAT_TEMPLATE. The plugin's other settings (SPECSERVE_JSON_MODE, ...) are read by the
+# engine from its environment (docs/configuration.md).
 # Secrets as files (compose secrets, mounted Secrets): $SPECSERVE_API_KEYS_FILE (one key a line) and
 # $SPECSERVE_ENGINE_API_KEY_FILE fill $SPECSERVE_API_KEYS and $SPECSERVE_ENGINE_API_KEY when unset,
 # so that no key appears in a command line or a compose file.
@@ -39,6 +44,14 @@ case "$mode" in
     if [ -n "${SPECSERVE_MODEL:-}" ]; then
       set -- --model "$SPECSERVE_MODEL" "$@"
     fi
+    [ -n "${SPECSERVE_TOOL_CALL_PARSER:-}" ] && set -- --tool-call-parser "$SPECSERVE_TOOL_CALL_PARSER" "$@"
+    case "${SPECSERVE_ENABLE_AUTO_TOOL_CHOICE:-}" in
+      '') ;;
+      0|false|off|no) set -- --no-enable-auto-tool-choice "$@" ;;
+      *) set -- --enable-auto-tool-choice "$@" ;;
+    esac
+    [ -n "${SPECSERVE_TOOL_PARSER_PLUGIN:-}" ] && set -- --tool-parser-plugin "$SPECSERVE_TOOL_PARSER_PLUGIN" "$@"
+    [ -n "${SPECSERVE_CHAT_TEMPLATE:-}" ] && set -- --chat-template "$SPECSERVE_CHAT_TEMPLATE" "$@"
     exec specserve serve --host "$host" --port "${SPECSERVE_PORT:-8000}" "$@"
     ;;
   engine)
@@ -72,6 +85,21 @@ case "$mode" in
     fi
     if [ -n "$name" ]; then
       set -- --served-model-name "$name" "$@"
+    fi
+    # Tool flags as `specserve serve` gives them (specserve.commands.serve.tool_options).
+    parser="${SPECSERVE_TOOL_CALL_PARSER:-}"
+    if [ -z "$parser" ] && [ -z "${SPECSERVE_MODEL:-}" ]; then
+      parser=specserve
+    fi
+    [ -n "${SPECSERVE_CHAT_TEMPLATE:-}" ] && set -- --chat-template "$SPECSERVE_CHAT_TEMPLATE" "$@"
+    if [ -n "$parser" ] && [ "$parser" != none ]; then
+      case "${SPECSERVE_ENABLE_AUTO_TOOL_CHOICE:-1}" in
+        0|false|off|no) set -- --tool-call-parser "$parser" "$@" ;;
+        *) set -- --tool-call-parser "$parser" --enable-auto-tool-choice "$@" ;;
+      esac
+      set -- --tool-parser-plugin "${SPECSERVE_TOOL_PARSER_PLUGIN:-specserve_vllm.compat.tool_parser}" "$@"
+    elif [ -n "${SPECSERVE_TOOL_PARSER_PLUGIN:-}" ]; then
+      set -- --tool-parser-plugin "$SPECSERVE_TOOL_PARSER_PLUGIN" "$@"
     fi
     case "${SPECSERVE_DRAFTER:-}" in
       medusa|hydra)

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"specserve.commands.{module}":
                 raise
             continue  # sub-command not shipped in this build
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # examples as written
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

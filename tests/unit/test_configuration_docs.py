@@ -56,3 +56,17 @@ def test_every_variable_in_the_code_is_listed() -> None:
     assert names
     missing = sorted(n for n in names if f"`{n}`" not in PAGE)
     assert not missing, missing
+
+
+def test_gateway_flag_defaults_are_the_config_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset flags give GatewayConfig's own defaults: the gateway's defaults are written once."""
+    from specserve.commands.gateway import gateway_config
+    from specserve.gateway.config import GatewayConfig
+
+    for name in ("SPECSERVE_API_KEYS", "SPECSERVE_ENGINE_API_KEY", "SPECSERVE_SPEC_POLICY",
+                 "SPECSERVE_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["gateway", "--replica", "http://127.0.0.1:1"])
+    built = gateway_config(args, args.replica).model_dump()
+    plain = GatewayConfig(replicas=args.replica).model_dump()
+    assert {k: built[k] for k in plain if built[k] != plain[k]} == {}

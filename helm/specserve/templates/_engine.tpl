@@ -131,10 +131,30 @@ spec:
         - name: SPECSERVE_DRAFTER
           value: {{ $v.speculation.drafter | quote }}
         {{- end }}
-        {{- if $v.speculation.heads }}
+        # The specserve plugin's settings (docs/configuration.md): every one set, defaults the code's.
+        - name: SPECSERVE_JSON_MODE
+          value: {{ $v.engine.settings.jsonMode | quote }}
+        - name: SPECSERVE_JSON_OBJECTS
+          value: {{ $v.engine.settings.jsonObjects | quote }}
+        - name: SPECSERVE_JUMP_FORWARD
+          value: {{ ternary "1" "0" $v.engine.settings.jumpForward | quote }}
+        - name: SPECSERVE_JUMP_FORWARD_STRINGS
+          value: {{ ternary "1" "0" $v.engine.settings.jumpForwardStrings | quote }}
         - name: SPECSERVE_HEADS_DIR
           value: {{ $v.speculation.heads | quote }}
-        {{- end }}
+        - name: SPECSERVE_ENGINE_SPEC_POLICY
+          value: {{ $v.speculation.enginePolicy | quote }}
+        - name: SPECSERVE_ENGINE_CALIBRATION
+          value: {{ $v.speculation.calibration | quote }}
+        # Tool calling: the entry point turns these into vLLM's tool flags ("" = the code's default).
+        - name: SPECSERVE_TOOL_CALL_PARSER
+          value: {{ $v.engine.tools.callParser | quote }}
+        - name: SPECSERVE_ENABLE_AUTO_TOOL_CHOICE
+          value: {{ include "specserve.switch" $v.engine.tools.enableAutoToolChoice | quote }}
+        - name: SPECSERVE_TOOL_PARSER_PLUGIN
+          value: {{ $v.engine.tools.parserPlugin | quote }}
+        - name: SPECSERVE_CHAT_TEMPLATE
+          value: {{ $v.engine.tools.chatTemplate | quote }}
         {{- with $v.engine.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}

@@ -252,3 +252,8 @@ topologySpreadConstraints:
 {{- fail "model.pvc.create was removed: it made an empty claim nothing filled. Use model.source=download with model.download.cache (filled once by the engines), or model.pvc.claimName of a filled claim" }}
 {{- end }}
 {{- end }}
+
+{{/* A three-way switch as an environment value: true "1", false "0", "" (unset) "". */}}
+{{- define "specserve.switch" -}}
+{{- if kindIs "bool" . }}{{ ternary "1" "0" . }}{{ end }}
+{{- end }}

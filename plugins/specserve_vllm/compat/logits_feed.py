@@ -23,7 +23,7 @@ import functools
 import logging
 from typing import Any
 
-from specserve_vllm.compat.upstream import PREPARE_INPUTS, RUNNER, UpstreamFunction
+from specserve_vllm.compat.upstream import PREPARE_INPUTS, SAMPLE, SAMPLE_TOKENS, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,9 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Wrapped: returns this step's logits_indices first.
     PREPARE_INPUTS,
     # Wrapped: receives the logits of every sampled position.
-    UpstreamFunction(RUNNER, "GPUModelRunner._sample",
-                     "e00bd57221003822e51f31e2e1702e978cd1d79a5ca9f403bc2a0ff9f21d6dfb"),
+    SAMPLE,
     # Relied on: calls _sample before the drafter proposes.
-    UpstreamFunction(RUNNER, "GPUModelRunner.sample_tokens",
-                     "31c5090a90c39dc7904f105a8620a3623383efd82cce8935e91cc60e853c8721"),
+    SAMPLE_TOKENS,
 )
 
 

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from specserve_vllm.compat.upstream import RUNNER, UpstreamFunction
+from specserve_vllm.compat.upstream import PREPARE_INPUTS, RUNNER, SAMPLE, SAMPLE_TOKENS, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,9 @@ NO_SPEC_STEPS_ATTR = "_specserve_no_spec_steps"
 # the branch in _prepare_inputs, the plain/rejection choice in _sample, the sampled-ids parsing in
 # _bookkeeping_sync, and sample_tokens passing spec_decode_metadata on to them and the drafter.
 UPSTREAM: tuple[UpstreamFunction, ...] = (
-    UpstreamFunction(RUNNER, "GPUModelRunner._prepare_inputs",
-                     "555a08b216e197714c49835c0e7d5b4d82bf89c0e3ac05bb55299abcc964a125"),
-    UpstreamFunction(RUNNER, "GPUModelRunner._sample",
-                     "e00bd57221003822e51f31e2e1702e978cd1d79a5ca9f403bc2a0ff9f21d6dfb"),
-    UpstreamFunction(RUNNER, "GPUModelRunner.sample_tokens",
-                     "31c5090a90c39dc7904f105a8620a3623383efd82cce8935e91cc60e853c8721"),
+    PREPARE_INPUTS,
+    SAMPLE,
+    SAMPLE_TOKENS,
     UpstreamFunction(RUNNER, "GPUModelRunner._bookkeeping_sync",
                      "3ed5aaf644257e9643c9440e31042cf82bb2114a47ea56a94ca8bf2b4a6972b3"),
 )

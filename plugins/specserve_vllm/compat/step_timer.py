@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from specserve_vllm.compat.upstream import RUNNER, UpstreamFunction
+from specserve_vllm.compat.upstream import RUNNER, SAMPLE_TOKENS, UpstreamFunction
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,7 @@ _START_ATTR = "_specserve_step_start"
 UPSTREAM: tuple[UpstreamFunction, ...] = (
     UpstreamFunction(RUNNER, "GPUModelRunner.execute_model",
                      "d2d938ab66d17641ea6d80b04602377db31782252f238ec52325359c8b511467"),
-    UpstreamFunction(RUNNER, "GPUModelRunner.sample_tokens",
-                     "31c5090a90c39dc7904f105a8620a3623383efd82cce8935e91cc60e853c8721"),
+    SAMPLE_TOKENS,
 )
 
 

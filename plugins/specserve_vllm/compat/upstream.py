@@ -115,7 +115,19 @@ PROPOSE_DRAFT_TOKEN_IDS = UpstreamFunction(
 PREPARE_INPUTS = UpstreamFunction(
     RUNNER, "GPUModelRunner._prepare_inputs",
     "555a08b216e197714c49835c0e7d5b4d82bf89c0e3ac05bb55299abcc964a125")
-"""Wrapped by ``logits_feed`` (its ``logits_indices``); ``hidden_feed`` relies on its row layout."""
+"""Wrapped by ``logits_feed`` (its ``logits_indices``) and ``no_spec_step``; ``hidden_feed`` relies on
+its row layout."""
+
+SAMPLE = UpstreamFunction(
+    RUNNER, "GPUModelRunner._sample",
+    "e00bd57221003822e51f31e2e1702e978cd1d79a5ca9f403bc2a0ff9f21d6dfb")
+"""The plain/rejection sampling choice: wrapped by ``logits_feed``, relied on by ``no_spec_step``."""
+
+SAMPLE_TOKENS = UpstreamFunction(
+    RUNNER, "GPUModelRunner.sample_tokens",
+    "31c5090a90c39dc7904f105a8620a3623383efd82cce8935e91cc60e853c8721")
+"""A step's sampling then drafting: wrapped by ``step_timer``, relied on by ``logits_feed`` and
+``no_spec_step``."""
 
 
 def parameters_of(fn: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
     for name, (module, help_text) in BENCHES.items():
         mod = importlib.import_module(f"specserve.bench.{module}")
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_bench_run=mod.run)
 

@@ -48,7 +48,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                    default=_env_flag("SPECSERVE_ALLOW_UNAUTHENTICATED"),
                    help="serve without API keys on an address beyond loopback (refused otherwise; "
                         "also $SPECSERVE_ALLOW_UNAUTHENTICATED=1)")
-    g.add_argument("--bad-key-limit", type=int, default=20,
+    g.add_argument("--bad-key-limit", type=int, default=_default("bad_key_limit"),
                    help="wrong or missing keys per client address per minute before 429 (0 = off)")
     g.add_argument("--engine-api-key-file", default=None, metavar="PATH",
                    help="file holding the key sent to the engines (their $SPECSERVE_ENGINE_API_KEY); "
@@ -74,17 +74,18 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds before 504")
     g.add_argument("--drain-timeout", type=float, default=_default("drain_timeout_s"),
                    help="seconds in-flight requests get to finish on shutdown")
-    g.add_argument("--health-timeout", type=float, default=5.0,
+    g.add_argument("--health-timeout", type=float, default=_default("health_timeout_s"),
                    help="seconds a health probe waits for an engine; 3 slow probes in a row mark it down")
     h = parser.add_argument_group("client connections")
-    h.add_argument("--max-connections", type=int, default=2048,
+    h.add_argument("--max-connections", type=int, default=_default("max_connections"),
                    help="open client connections at once; more are answered 503 and closed")
-    h.add_argument("--max-header-bytes", type=int, default=32 * 1024,
+    h.add_argument("--max-header-bytes", type=int, default=_default("max_header_bytes"),
                    help="largest request head (request line + headers); larger gets 431")
-    h.add_argument("--max-header-count", type=int, default=100, help="most headers a request may have (431)")
-    h.add_argument("--header-timeout", type=float, default=10.0,
+    h.add_argument("--max-header-count", type=int, default=_default("max_header_count"),
+                   help="most headers a request may have (431)")
+    h.add_argument("--header-timeout", type=float, default=_default("header_timeout_s"),
                    help="seconds a client has to send a request's head (408, then closed)")
-    h.add_argument("--body-timeout", type=float, default=30.0,
+    h.add_argument("--body-timeout", type=float, default=_default("body_timeout_s"),
                    help="seconds a client has to send a request's body once its head is in (408)")
     s = parser.add_argument_group("speculation length")
     s.add_argument("--spec-policy", choices=("goodput", "fixed"),

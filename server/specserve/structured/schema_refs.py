@@ -26,11 +26,13 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import unquote
 
 from specserve.structured.schema_walk import pointer as _pointer
 from specserve.structured.schema_walk import resolve_local_ref, schema_nodes
+
 
 def named_subschemas(schema: Any) -> dict[str, str] | None:
     """Plain names (``#name``) to the pointer of the one subschema carrying them.
@@ -84,6 +86,27 @@ def canonical_ref(root: Any, ref: str, names: dict[str, str] | None) -> str | No
     return pointer
 
 
+def _refs(schema: Any) -> Iterator[tuple[str, tuple[str, ...], Callable[[], dict[str, str] | None]]]:
+    """Each ``$ref`` string other than ``#`` in ``schema`` with the path of its node, and a function
+    that reads the schema's named subschemas (:func:`named_subschemas`) once, on its first call."""
+    read: list[dict[str, str] | None] = []
+
+    def names() -> dict[str, str] | None:
+        if not read:
+            read.append(named_subschemas(schema))
+        return read[0]
+
+    for node, path in schema_nodes(schema) if isinstance(schema, dict) else ():
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref != "#":
+            yield ref, path, names
+
+
+def _where(path: tuple[str, ...]) -> str:
+    """The JSON pointer of the node at ``path`` (``/`` for the root)."""
+    return _pointer(path)[1:] or "/"
+
+
 def canonical_refs(schema: Any) -> Any:
     """``schema``, or a copy with its local references in the form xgrammar resolves (see the
     module docstring).
@@ -94,16 +117,11 @@ def canonical_refs(schema: Any) -> Any:
     """
     if not isinstance(schema, dict):
         return schema
-    names: dict[str, str] | None = None
-    names_read = False
     changes: list[tuple[tuple[str, ...], str]] = []
-    for node, path in schema_nodes(schema):
-        ref = node.get("$ref")
-        if not isinstance(ref, str) or not ref.startswith("#") or ref.startswith("#/") and "%" not in ref:
+    for ref, path, names in _refs(schema):
+        if not ref.startswith("#") or ref.startswith("#/") and "%" not in ref:
             continue
-        if not ref.startswith("#/") and not names_read:
-            names, names_read = named_subschemas(schema), True
-        pointer = canonical_ref(schema, ref, names)
+        pointer = canonical_ref(schema, ref, None if ref.startswith("#/") else names())
         if pointer is not None:
             changes.append((path, pointer))
     if not changes:
@@ -126,23 +144,14 @@ def dangling_refs(schema: Any) -> list[tuple[str, str]]:
     >>> dangling_refs({"$defs": {"x": {"$anchor": "x"}}, "items": {"$ref": "#x"}})
     []
     """
-    if not isinstance(schema, dict):
-        return []
-    names: dict[str, str] | None = None
-    names_read = False
     out = []
-    for node, path in schema_nodes(schema):
-        ref = node.get("$ref")
-        if not isinstance(ref, str) or not ref.startswith("#") or ref == "#":
-            continue
-        if ref.startswith("#/") and resolve_local_ref(schema, ref) is not None:
-            continue
-        if not ref.startswith("#/") and not names_read:
-            names, names_read = named_subschemas(schema), True
-        if names is None and not ref.startswith("#/"):
-            continue  # names resolved against another base: not judged here
-        if canonical_ref(schema, ref, names) is None:
-            out.append((_pointer(path)[1:] or "/", ref))
+    for ref, path, names in _refs(schema):
+        if ref.startswith("#/"):
+            if resolve_local_ref(schema, ref) is None and canonical_ref(schema, ref, None) is None:
+                out.append((_where(path), ref))
+        # a plain name is judged only where names resolve against this document's base
+        elif ref.startswith("#") and names() is not None and canonical_ref(schema, ref, names()) is None:
+            out.append((_where(path), ref))
     return out
 
 
@@ -159,19 +168,5 @@ def unresolvable_refs(schema: Any) -> list[tuple[str, str]]:
     >>> unresolvable_refs({"items": {"$ref": "#"}, "$defs": {"x": {"$anchor": "x"}}, "not": {"$ref": "#x"}})
     []
     """
-    if not isinstance(schema, dict):
-        return []
-    names: dict[str, str] | None = None
-    names_read = False
-    out = []
-    for node, path in schema_nodes(schema):
-        ref = node.get("$ref")
-        if not isinstance(ref, str) or ref == "#" or ref.startswith("#/"):
-            continue
-        if ref.startswith("#"):
-            if not names_read:
-                names, names_read = named_subschemas(schema), True
-            if names is not None:
-                continue  # judged by dangling_refs
-        out.append((_pointer(path)[1:] or "/", ref))
-    return out
+    return [(_where(path), ref) for ref, path, names in _refs(schema)
+            if not ref.startswith("#") or not ref.startswith("#/") and names() is None]
