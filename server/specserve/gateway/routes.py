@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,10 +26,8 @@ from specserve.gateway.protocol import (
 from specserve.gateway.prompt_tokens import Route, TokenizeFailed, completion_prompts, count_prompts
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.speculation import SPEC_K_HEADER
+from specserve.gateway.state import Gateway
 from specserve.gateway.tools import Call, ToolRequest, failures, tool_request
-
-if TYPE_CHECKING:
-    from specserve.gateway.app import Gateway
 
 log = logging.getLogger(__name__)
 router = APIRouter()
