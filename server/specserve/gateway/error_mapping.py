@@ -96,8 +96,10 @@ def render_error(err: APIError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
 
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
-    """The one exception handler of the gateway."""
+    """The one exception handler of the gateway; leaves the error in ``request.state.error``, where
+    the middleware counts it if it is a rejection."""
     err = to_api_error(exc)
+    request.state.error = err
     if err.status >= 500:
         log.warning("request failed", extra={"fields": {
             "request_id": request.state.request_id if hasattr(request.state, "request_id") else None,

@@ -96,21 +96,18 @@ async def _generate(
     body = parsed.model_dump(exclude_unset=True, exclude=_BULK_FIELDS)
     bad = unsupported_param(body)
     if bad is not None:
-        gw.metrics.rejected.labels(reason="unsupported_param").inc()
         raise APIError(400, f"The parameter '{bad}' is not supported by this server.", param=bad,
-                       code="unsupported_parameter")
+                       code="unsupported_parameter", reason="unsupported_param")
     max_tokens = parsed.requested_tokens()
     if cfg.max_tokens_cap and max_tokens is not None and max_tokens > cfg.max_tokens_cap:
-        gw.metrics.rejected.labels(reason="max_tokens").inc()
         param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         raise APIError(400, f"'{param}' must be at most {cfg.max_tokens_cap}.", param=param,
-                       code="max_tokens_exceeded")
+                       code="max_tokens_exceeded", reason="max_tokens")
     prompt_chars = parsed.prompt_chars()
     if cfg.max_prompt_chars and prompt_chars > cfg.max_prompt_chars:
-        gw.metrics.rejected.labels(reason="prompt_too_long").inc()
         param = "messages" if route == "chat" else "prompt"
         raise APIError(400, f"The prompt is too long: at most {cfg.max_prompt_chars} characters.",
-                       param=param, code="context_length_exceeded")
+                       param=param, code="context_length_exceeded", reason="prompt_too_long")
     models = gw.pool.models()
     if not models:
         raise APIError(503, "No engine replica is ready.", code="engine_unavailable",
@@ -123,12 +120,7 @@ async def _generate(
     if isinstance(parsed, ChatCompletionRequest) and (parsed.tools is not None or parsed.tool_choice is not None):
         # Tools are left out of ``body`` above; their schemas are checked like response_format.
         checked = {**body, **parsed.model_dump(include={"tools"}, exclude_unset=True)}
-    try:
-        await structured.aprecheck(checked, route, owner=key)
-    except APIError as err:
-        if (err.param or "").startswith("tool"):
-            gw.metrics.rejected.labels(reason="invalid_tools").inc()
-        raise
+    await structured.aprecheck(checked, route, owner=key)
     tools = tool_request(checked) if checked is not body else None
     if tools is not None:
         gw.metrics.child(gw.metrics.tool_requests, tools.kind).inc()
@@ -145,11 +137,7 @@ async def _generate(
     prompt_tokens = largest_prompt = None
     if cfg.max_prompt_tokens:
         if gw.limiter.enabled:
-            try:
-                gw.limiter.check(key)  # a key with nothing left is refused before its prompt is counted
-            except APIError:
-                gw.metrics.rejected.labels(reason="rate_limit").inc()
-                raise
+            gw.limiter.check(key)  # a key with nothing left is refused before its prompt is counted
         counted = await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
         if counted is not None:
             prompt_tokens, largest_prompt = counted
@@ -162,22 +150,11 @@ async def _generate(
         allowed = cfg.max_tokens_cap
         body_bytes = json.dumps({**json.loads(body_bytes), "max_tokens": allowed}).encode()
     if gw.limiter.enabled:
-        try:
-            # ``body`` leaves the prompt out (see above): read it from the parsed request.
-            prompts = (len(completion_prompts(parsed.prompt))
-                       if isinstance(parsed, CompletionRequest) else 1)
-            gw.limiter.admit(key, charged_tokens(prompt_chars, allowed, parsed.n, prompt_tokens,
-                                                 prompts))
-        except APIError:
-            gw.metrics.rejected.labels(reason="rate_limit").inc()
-            raise
+        # ``body`` leaves the prompt out (see above): read it from the parsed request.
+        prompts = len(completion_prompts(parsed.prompt)) if isinstance(parsed, CompletionRequest) else 1
+        gw.limiter.admit(key, charged_tokens(prompt_chars, allowed, parsed.n, prompt_tokens, prompts))
     body_bytes, plan = gw.spec.prepare(parsed.model, body, body_bytes)
-    try:
-        await _unless_client_leaves(request, gw.queue.acquire())
-    except APIError as err:
-        if err.status == 503:
-            gw.metrics.rejected.labels(reason="queue_full").inc()
-        raise
+    await _unless_client_leaves(request, gw.queue.acquire())
     started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
     outcome = Outcome(collect_tool_calls=tools is not None and tools.kind != "none")
     headers = gw.proxy.forward_headers(request.scope["headers"])
@@ -287,9 +264,9 @@ async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes,
         return None
     tokens = counted.largest
     if tokens > cap:
-        gw.metrics.rejected.labels(reason="prompt_too_long").inc()
         raise APIError(400, f"The prompt is too long: it has {tokens} tokens, at most {cap} are accepted.",
-                       param="messages" if route == "chat" else "prompt", code="context_length_exceeded")
+                       param="messages" if route == "chat" else "prompt", code="context_length_exceeded",
+                       reason="prompt_too_long")
     return counted.total, tokens
 
 

@@ -247,6 +247,7 @@ def precheck(
         try:
             _check_one(c, active, budget)
         except APIError as err:
+            err.reason = "invalid_tools"
             if err.status == 400:
                 err.code = TOOL_PARAMETERS_CODE
             raise
