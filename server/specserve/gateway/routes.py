@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +24,7 @@ from specserve.gateway.protocol import (
 )
 from specserve.gateway.prompt_tokens import Route, TokenizeFailed, completion_prompts, count_prompts
 from specserve.gateway.proxy import Outcome
+from specserve.gateway.request_body import ForwardBody
 from specserve.gateway.speculation import SPEC_K_HEADER
 from specserve.gateway.state import Gateway
 from specserve.gateway.tools import Call, ToolRequest, failures, tool_request
@@ -90,7 +90,8 @@ async def _generate(
     gw = _gateway(request)
     cfg = gw.config
     key = _authenticate(gw, request)
-    body_bytes = await request.body()
+    # The JSON the framework parsed for ``parsed`` (cached on the request: not parsed again).
+    forward = ForwardBody(await request.body(), await request.json())
     # The checks below read top-level fields only: the prompt and the messages (the bulk of a large
     # request) are not dumped again.
     body = parsed.model_dump(exclude_unset=True, exclude=_BULK_FIELDS)
@@ -126,19 +127,18 @@ async def _generate(
         gw.metrics.child(gw.metrics.tool_requests, tools.kind).inc()
     if structured.normalize_legacy(body) is not body:
         # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
-        full = parsed.model_dump(exclude_unset=True)
-        body_bytes = json.dumps(structured.normalize_legacy(full)).encode()
+        forward.apply(structured.normalize_legacy)
     if structured.asks_strict(body):
         # strict: true reaches the engine as a keyword of the schema (vLLM drops the flag).
-        body_bytes = json.dumps(structured.mark_strict(json.loads(body_bytes))).encode()
+        forward.apply(structured.mark_strict)
     if tools is not None and structured.asks_strict_tool(checked):
         # A forced tool with strict: true gets the strict reading of its parameters, the same way.
-        body_bytes = json.dumps(structured.mark_strict_tools(json.loads(body_bytes))).encode()
+        forward.apply(structured.mark_strict_tools)
     prompt_tokens = largest_prompt = None
     if cfg.max_prompt_tokens:
         if gw.limiter.enabled:
             gw.limiter.check(key)  # a key with nothing left is refused before its prompt is counted
-        counted = await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
+        counted = await _check_prompt_tokens(gw, route, forward.data, request.state.request_id)
         if counted is not None:
             prompt_tokens, largest_prompt = counted
     # What the engine will generate per choice, also when max_tokens is left out (chat: the rest
@@ -148,12 +148,13 @@ async def _generate(
                                 largest_prompt if route == "chat" else None)
     if cfg.max_tokens_cap and max_tokens is None and (allowed is None or allowed > cfg.max_tokens_cap):
         allowed = cfg.max_tokens_cap
-        body_bytes = json.dumps({**json.loads(body_bytes), "max_tokens": allowed}).encode()
+        forward.set("max_tokens", allowed)
     if gw.limiter.enabled:
         # ``body`` leaves the prompt out (see above): read it from the parsed request.
         prompts = len(completion_prompts(parsed.prompt)) if isinstance(parsed, CompletionRequest) else 1
         gw.limiter.admit(key, charged_tokens(prompt_chars, allowed, parsed.n, prompt_tokens, prompts))
-    body_bytes, plan = gw.spec.prepare(parsed.model, body, body_bytes)
+    plan = gw.spec.prepare(parsed.model, body, forward)
+    body_bytes = forward.encode()
     await _unless_client_leaves(request, gw.queue.acquire())
     started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
     outcome = Outcome(collect_tool_calls=tools is not None and tools.kind != "none")
@@ -246,7 +247,7 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes,
+async def _check_prompt_tokens(gw: Gateway, route: Route, body: Mapping[str, Any],
                                request_id: str) -> tuple[int | None, int] | None:
     """400 when the largest prompt has more than ``max_prompt_tokens`` tokens, as an engine counts them.
 
@@ -256,7 +257,7 @@ async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes,
     """
     cap = gw.config.max_prompt_tokens
     try:
-        counted = await count_prompts(route, json.loads(body_bytes), gw.tokenizer, cap=cap)
+        counted = await count_prompts(route, body, gw.tokenizer, cap=cap)
     except TokenizeFailed as exc:
         gw.metrics.prompt_count_failures.inc()
         log.warning("prompt not counted; forwarded without the token cap", extra={"fields": {
