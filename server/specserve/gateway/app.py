@@ -20,7 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from specserve import structured
 from specserve.errors import APIError
 from specserve.gateway.config import GatewayConfig
 from specserve.gateway.error_mapping import handle_error, render_error
@@ -44,7 +43,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        structured.warm_up()  # import xgrammar in the background, off the first request's path
         await gateway.start()
         try:
             yield

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
-from specserve import structured
 from specserve.errors import APIError
 from specserve.gateway.limits import charged_tokens, check_api_key, engine_max_tokens
 from specserve.gateway.protocol import (
@@ -28,6 +27,8 @@ from specserve.gateway.request_body import ForwardBody
 from specserve.gateway.speculation import SPEC_K_HEADER
 from specserve.gateway.state import Gateway
 from specserve.gateway.tools import Call, ToolRequest, failures, tool_request
+from specserve.structured.request import asks_strict, mark_strict, normalize_legacy
+from specserve.structured.tools import asks_strict_tool, mark_strict_tools
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -121,19 +122,19 @@ async def _generate(
     if isinstance(parsed, ChatCompletionRequest) and (parsed.tools is not None or parsed.tool_choice is not None):
         # Tools are left out of ``body`` above; their schemas are checked like response_format.
         checked = {**body, **parsed.model_dump(include={"tools"}, exclude_unset=True)}
-    await structured.aprecheck(checked, route, owner=key)
+    await gw.schema_check.aprecheck(checked, route, owner=key)
     tools = tool_request(checked) if checked is not body else None
     if tools is not None:
         gw.metrics.child(gw.metrics.tool_requests, tools.kind).inc()
-    if structured.normalize_legacy(body) is not body:
+    if normalize_legacy(body) is not body:
         # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
-        forward.apply(structured.normalize_legacy)
-    if structured.asks_strict(body):
+        forward.apply(normalize_legacy)
+    if asks_strict(body):
         # strict: true reaches the engine as a keyword of the schema (vLLM drops the flag).
-        forward.apply(structured.mark_strict)
-    if tools is not None and structured.asks_strict_tool(checked):
+        forward.apply(mark_strict)
+    if tools is not None and asks_strict_tool(checked):
         # A forced tool with strict: true gets the strict reading of its parameters, the same way.
-        forward.apply(structured.mark_strict_tools)
+        forward.apply(mark_strict_tools)
     prompt_tokens = largest_prompt = None
     if cfg.max_prompt_tokens:
         if gw.limiter.enabled:

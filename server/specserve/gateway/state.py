@@ -15,6 +15,7 @@ from specserve.gateway.prompt_tokens import TOKENIZE_TIMEOUT_S, EngineTokenizer
 from specserve.gateway.proxy import Proxy, engine_auth_headers
 from specserve.gateway.replicas import ReplicaPool
 from specserve.gateway.speculation import SpecLength
+from specserve.structured.precheck import SchemaPrecheck
 
 
 class Gateway:
@@ -44,8 +45,11 @@ class Gateway:
         self.spec = SpecLength(config.spec_policy, config.goodput_settings(), self.pool, metrics)
         self.limiter = RateLimiter(config.key_limits)
         self.queue = AdmissionQueue(config.max_in_flight, config.max_queue, config.queue_timeout_s)
+        self.schema_check = SchemaPrecheck()
+        """The structured-output pre-check, with its compile cache and compile workers."""
 
     async def start(self) -> None:
+        self.schema_check.warm_up()  # import xgrammar in the background, off the first request's path
         await self.proxy.start()
         await self.pool.check_all()
         self.pool.start()
@@ -54,3 +58,4 @@ class Gateway:
         await self.pool.stop()
         await self.proxy.close()
         await self.client.aclose()
+        self.schema_check.close()
