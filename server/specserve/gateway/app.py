@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specserve.errors import APIError
 from specserve.gateway.config import GatewayConfig
-from specserve.gateway.error_mapping import handle_error, render_error
+from specserve.gateway.error_mapping import handle_error
 from specserve.gateway.limits import KeyGuard
 from specserve.gateway.metrics import GatewayMetrics
 from specserve.gateway.middleware import GatewayMiddleware
@@ -56,6 +56,5 @@ def create_app(
     for exc_type in (APIError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
-                       render_error=render_error,
                        guard=KeyGuard(config.api_keys, bad_key_limit=config.bad_key_limit))
     return app

@@ -1,7 +1,7 @@
 """The OpenAI-shaped error for any exception leaving a gateway route, and its rendering.
 
-Every error leaves through one handler (:func:`handle_error`); the middleware renders the errors
-it raises itself with :func:`render_error`.
+Every error leaves a route through one handler (:func:`handle_error`); the middleware renders the
+errors it raises itself (before a route runs) with :func:`render_error`.
 """
 
 from __future__ import annotations

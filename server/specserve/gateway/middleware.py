@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from specserve.errors import APIError
+from specserve.gateway.error_mapping import render_error
 from specserve.gateway.limits import KeyGuard
 from specserve.gateway.metrics import GatewayMetrics
 
@@ -64,17 +64,15 @@ class GatewayMiddleware:
         *,
         metrics: GatewayMetrics,
         max_body_bytes: int,
-        render_error: Callable[[APIError], tuple[int, list[tuple[bytes, bytes]], bytes]],
         guard: KeyGuard | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.guard = guard or KeyGuard(())
         self.max_body_bytes = max_body_bytes
-        self.render_error = render_error
 
     async def _reject(self, send: Send, err: APIError, request_id: str) -> None:
-        status, headers, body = self.render_error(err)
+        status, headers, body = render_error(err)
         headers = [*headers, (REQUEST_ID_HEADER.encode(), request_id.encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
