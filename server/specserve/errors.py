@@ -1,7 +1,9 @@
 """OpenAI-shaped errors.
 
 Every user-facing failure is raised as :class:`APIError` and rendered in exactly one place (the
-gateway's exception handler) as ``{"error": {"message", "type", "param", "code"}}``.
+gateway's exception handler) as ``{"error": {"message", "type", "param", "code"}}``. An error that
+refuses a request before it reaches an engine carries its ``reason``, the label under which the
+gateway counts it (the ``rejected_requests`` counter of :mod:`specserve.gateway.metrics`).
 
 Example:
     >>> err = APIError(400, "temperature must be <= 2", param="temperature")
@@ -29,7 +31,10 @@ _DEFAULT_TYPES: dict[int, str] = {
 
 
 class APIError(Exception):
-    """An error with an HTTP status that the client caused or must be told about."""
+    """An error with an HTTP status that the client caused or must be told about.
+
+    ``reason``: the rejection metric's label, or ``None`` for errors not counted as rejections.
+    """
 
     def __init__(
         self,
@@ -40,6 +45,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -48,6 +54,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.reason = reason
 
     def body(self) -> dict[str, Any]:
         return {

@@ -145,7 +145,7 @@ def test_health_timeout_flag_reaches_the_probe() -> None:
     from specserve.commands.gateway import add_arguments, gateway_config
     from prometheus_client import CollectorRegistry
 
-    from specserve.gateway.app import Gateway
+    from specserve.gateway.state import Gateway
     from specserve.gateway.metrics import GatewayMetrics
 
     parser = argparse.ArgumentParser()

@@ -165,10 +165,9 @@ def test_precheck_runs_before_forwarding(fake: tuple[str, FakeState], monkeypatc
         if body.get("response_format"):
             raise APIError(400, "schema not supported", param="response_format")
 
-    monkeypatch.setattr("specserve.structured.precheck", precheck)
-
     async def main() -> None:
-        async with gateway(GatewayConfig(replicas=[url])) as (client, _):
+        async with gateway(GatewayConfig(replicas=[url])) as (client, app):
+            monkeypatch.setattr(app.state.gateway.schema_check, "precheck", precheck)
             fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
             err = assert_openai_error(
                 await client.post("/v1/chat/completions", json={**CHAT, "response_format": fmt}), 400)

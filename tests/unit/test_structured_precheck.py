@@ -9,8 +9,12 @@ from typing import Any
 import pytest
 
 from specserve.errors import APIError
-from specserve.structured import SchemaLimits, normalize_legacy, precheck
+from support.schema_precheck import aprecheck, precheck
+
 from specserve.structured.compile import GrammarChecker
+from specserve.structured.precheck import SchemaPrecheck
+from specserve.structured.request import normalize_legacy
+from specserve.structured.schema_limits import SchemaLimits
 from specserve.structured.schema_limits import regex_cost
 from specserve.structured.workers import compile_job
 
@@ -37,9 +41,9 @@ def _rf(schema: Any) -> dict[str, Any]:
     }
 
 
-def _refused(body: dict[str, Any], route: str = "chat", **kw: Any) -> APIError:
+def _refused(body: dict[str, Any], route: str = "chat", check: SchemaPrecheck | None = None) -> APIError:
     with pytest.raises(APIError) as info:
-        precheck(body, route, **kw)
+        (check.precheck if check is not None else precheck)(body, route)
     assert info.value.status == 400
     assert info.value.body()["error"]["type"] == "invalid_request_error"
     return info.value
@@ -176,10 +180,14 @@ def test_compile_timeout_refuses_and_is_cached() -> None:
     # Limits widened so the slow pattern reaches the compiler; the compile outlives the limit.
     limits = SchemaLimits(compile_timeout_s=0.2, max_regex_cost=10**6, max_pattern_length=10**6)
     schema = {"type": "string", "pattern": "^[a-z]{1,3000}$"}
-    err = _refused(_rf(schema), limits=limits)
-    assert "longer than" in err.message
-    err = _refused(_rf(schema), limits=limits)  # answered from the cache
-    assert "longer than" in err.message
+    check = SchemaPrecheck(limits, workers=1)
+    try:
+        err = _refused(_rf(schema), check=check)
+        assert "longer than" in err.message
+        err = _refused(_rf(schema), check=check)  # answered from the cache
+        assert "longer than" in err.message
+    finally:
+        check.close()
 
 
 def test_busy_workers_give_503_and_are_not_cached() -> None:
@@ -303,8 +311,6 @@ def test_normalize_legacy_moves_fields() -> None:
 
 def test_async_precheck_refuses_and_passes() -> None:
     import asyncio
-
-    from specserve.structured import aprecheck
 
     asyncio.run(aprecheck(_rf(PERSON), "chat"))
     asyncio.run(aprecheck({"prompt": "x"}, "completions"))

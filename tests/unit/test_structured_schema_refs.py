@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from support.grammar_accepts import accepts
+from support.schema_precheck import precheck
 
-from specserve import structured
 from specserve.errors import APIError
 from specserve.structured.schema_refs import canonical_refs, dangling_refs, named_subschemas
 
@@ -101,8 +101,8 @@ def _json_schema_body(schema: dict[str, Any]) -> dict[str, Any]:
 def test_the_gateway_refuses_a_reference_to_nothing() -> None:
     bad = {"type": "object", "properties": {"a": {"$ref": "#/definitions/gone"}}}
     with pytest.raises(APIError) as refused:
-        structured.precheck(_json_schema_body(bad), "chat")
+        precheck(_json_schema_body(bad), "chat")
     err = refused.value
     assert err.status == 400 and err.code == "invalid_structured_output"
     assert "'/properties/a'" in err.message and "#/definitions/gone" in err.message
-    structured.precheck(_json_schema_body(DRAFT4), "chat")  # names that resolve pass
+    precheck(_json_schema_body(DRAFT4), "chat")  # names that resolve pass

@@ -13,9 +13,9 @@ from specserve.demo.spec import CHAT_TEMPLATE
 from specserve.engine.process import EngineSpec, engine_command
 from specserve.errors import APIError
 from specserve.gateway.tools import Call, StreamedCalls, ToolRequest, failures, tool_request
-from specserve.structured import precheck
 from specserve.structured.engine_grammar import STRICT_KEYWORD
 from specserve.structured.tools import mark_strict_tools, tool_choice_kind
+from support.schema_precheck import precheck
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
            "required": ["city"], "additionalProperties": False}

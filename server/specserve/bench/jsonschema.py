@@ -69,30 +69,30 @@ def _group(files: list[Path], key: Any, limit: int | None) -> dict[str, list[Pat
     return groups
 
 
-def _precheck_ok(schema: Any) -> bool:
-    from specserve.errors import APIError
-    from specserve.structured import precheck
+class _GatewayCheck:
+    """The gateway's pre-check of a schema, as ``response_format`` or as a tool's parameters."""
 
-    body = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
-    try:
-        precheck(body, "chat")
-    except APIError:
-        return False
-    return True
+    def __init__(self) -> None:
+        from specserve.structured.precheck import SchemaPrecheck
 
+        self.precheck = SchemaPrecheck()
 
-def _tool_precheck_ok(schema: Any) -> bool:
-    """The gateway's pre-check of ``schema`` as a tool's parameters."""
-    from specserve.errors import APIError
-    from specserve.structured import precheck
+    def _passes(self, body: dict[str, Any]) -> bool:
+        from specserve.errors import APIError
 
-    body = {"tools": [{"type": "function", "function": {"name": "tool", "parameters": schema}}],
-            "tool_choice": "required"}
-    try:
-        precheck(body, "chat")
-    except APIError:
-        return False
-    return True
+        try:
+            self.precheck.precheck(body, "chat")
+        except APIError:
+            return False
+        return True
+
+    def schema_ok(self, schema: Any) -> bool:
+        return self._passes({"response_format": {"type": "json_schema",
+                                                 "json_schema": {"name": "s", "schema": schema}}})
+
+    def tool_ok(self, schema: Any) -> bool:
+        return self._passes({"tools": [{"type": "function", "function": {"name": "tool", "parameters": schema}}],
+                             "tool_choice": "required"})
 
 
 def _model_dir(arg: Path | None) -> Path:
@@ -127,16 +127,17 @@ def run(args: argparse.Namespace) -> int:
         "json_objects": "open" if objects_open_by_default() else "closed",
         "backend": "xgrammar",
     }
+    gateway_check = _GatewayCheck()
     if "maskbench" in parts:
         groups = _group(list((args.data / "maskbench").glob("*.json")), dataset_of, args.limit)
         files = [f for fs in groups.values() for f in fs]
         logger.info("maskbench", extra={"fields": {"files": len(files)}})
-        result["maskbench"] = maskbench(files, compiler, _precheck_ok)
+        result["maskbench"] = maskbench(files, compiler, gateway_check.schema_ok)
     if "compile" in parts:
         schema_files = list((args.data / "schemas").glob("*/*.json"))
         groups = _group(schema_files, lambda f: f.parent.name, args.limit)
         logger.info("compile coverage", extra={"fields": {"files": sum(map(len, groups.values()))}})
-        result["compile"] = compile_coverage(groups, compiler, _precheck_ok)
+        result["compile"] = compile_coverage(groups, compiler, gateway_check.schema_ok)
     if "generate" in parts:
         from specserve.bench.jsonschema_generate import generation_coverage
 
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         result["generate"] = generation_coverage(
-            model, groups, backends, args.max_tokens, _precheck_ok
+            model, groups, backends, args.max_tokens, gateway_check.schema_ok
         )
     if "speculation" in parts:
         from specserve.bench.jsonschema_speculation import speculation_coverage
@@ -152,14 +153,16 @@ def run(args: argparse.Namespace) -> int:
         schema_files = list((args.data / "schemas").glob("*/*.json"))
         groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
         result["speculation"] = speculation_coverage(
-            model, groups, args.spec_drafter, args.spec_k, args.max_tokens, _precheck_ok
+            model, groups, args.spec_drafter, args.spec_k, args.max_tokens, gateway_check.schema_ok
         )
     if "tools" in parts:
         from specserve.bench.jsonschema_tools import tool_call_coverage
 
         schema_files = list((args.data / "schemas").glob("*/*.json"))
         groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
-        result["tools"] = tool_call_coverage(model, groups, args.max_tokens, _precheck_ok, _tool_precheck_ok)
+        result["tools"] = tool_call_coverage(model, groups, args.max_tokens, gateway_check.schema_ok,
+                                             gateway_check.tool_ok)
+    gateway_check.precheck.close()
     result["seconds"] = round(time.perf_counter() - started, 1)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     sys.stderr.write(summary(result) + "\n")

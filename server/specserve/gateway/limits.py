@@ -73,12 +73,13 @@ def check_api_key(authorization: str | None, keys: Iterable[str]) -> str:
         'sk-1'
     """
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key",
+                       reason="auth")
     given = authorization[7:].strip()
     for key in keys:
         if hmac.compare_digest(given.encode(), key.encode()):
             return key
-    raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", reason="auth")
 
 
 class KeyGuard:
@@ -132,7 +133,7 @@ class KeyGuard:
             retry = max(1, math.ceil(window.retry_after(now)))
             raise APIError(429, f"Too many requests with a wrong API key from this address. Retry "
                                 f"after {retry} s.", code="too_many_bad_keys",
-                           headers={"Retry-After": str(retry)})
+                           headers={"Retry-After": str(retry)}, reason="bad_key_throttle")
         try:
             return check_api_key(authorization, self.keys)
         except APIError:
@@ -245,6 +246,7 @@ class RateLimiter:
                     f"Rate limit reached: {limit} {what} per minute. Retry after {retry} s.",
                     code=f"rate_limit_{what}",
                     headers={"Retry-After": str(retry)},
+                    reason="rate_limit",
                 )
 
     def admit(self, key: str, tokens: int, now: float | None = None) -> None:
@@ -275,13 +277,13 @@ class AdmissionQueue:
             return
         if self.waiting >= self.max_queue:
             raise APIError(503, "The server is overloaded: the request queue is full.",
-                           code="queue_full", headers={"Retry-After": "1"})
+                           code="queue_full", headers={"Retry-After": "1"}, reason="queue_full")
         self.waiting += 1
         try:
             await asyncio.wait_for(self._slots.acquire(), self.timeout_s)
         except asyncio.TimeoutError:
             raise APIError(503, "The server is overloaded: timed out waiting in the queue.",
-                           code="queue_timeout", headers={"Retry-After": "1"}) from None
+                           code="queue_timeout", headers={"Retry-After": "1"}, reason="queue_full") from None
         finally:
             self.waiting -= 1
         self.active += 1

@@ -1,5 +1,9 @@
 """ASGI middleware: request id, body size limit, request metrics and the access log line.
 
+It is also the one place that counts rejections: an :class:`~specserve.errors.APIError` with a
+``reason`` that answered the request (raised here, or left in ``state["error"]`` by the exception
+handler) counts once under that reason.
+
 A plain ASGI middleware (not ``BaseHTTPMiddleware``) so streaming responses pass untouched.
 """
 
@@ -8,11 +12,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from specserve.errors import APIError
+from specserve.gateway.error_mapping import render_error
 from specserve.gateway.limits import KeyGuard
 from specserve.gateway.metrics import GatewayMetrics
 
@@ -60,17 +64,15 @@ class GatewayMiddleware:
         *,
         metrics: GatewayMetrics,
         max_body_bytes: int,
-        render_error: Callable[[APIError], tuple[int, list[tuple[bytes, bytes]], bytes]],
         guard: KeyGuard | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.guard = guard or KeyGuard(())
         self.max_body_bytes = max_body_bytes
-        self.render_error = render_error
 
     async def _reject(self, send: Send, err: APIError, request_id: str) -> None:
-        status, headers, body = self.render_error(err)
+        status, headers, body = render_error(err)
         headers = [*headers, (REQUEST_ID_HEADER.encode(), request_id.encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -102,6 +104,7 @@ class GatewayMiddleware:
             receive = await self._limit_body(scope, receive, headers)
         except APIError as err:
             status_box["status"] = err.status
+            state["error"] = err
             await self._reject(send, err, request_id)
         else:
             await self.app(scope, receive, send_with_id)
@@ -110,6 +113,9 @@ class GatewayMiddleware:
             status = str(status_box["status"])
             route = route_label(path)
             model = str(state.get("model", ""))
+            error = state.get("error")
+            if isinstance(error, APIError) and error.reason is not None:
+                self.metrics.rejected.labels(reason=error.reason).inc()
             self.metrics.child(self.metrics.requests, route, status, model).inc()
             self.metrics.child(self.metrics.latency, route, status).observe(elapsed)
             if route not in ("/health", "/ready", "/metrics"):
@@ -126,18 +132,14 @@ class GatewayMiddleware:
         if path in PUBLIC_ROUTES or not self.guard.enabled:
             return address
         authorization = headers.get(b"authorization")
-        try:
-            return self.guard.check(authorization.decode("latin-1") if authorization else None, address)
-        except APIError as err:
-            self.metrics.rejected.labels(reason="auth" if err.status == 401 else "bad_key_throttle").inc()
-            raise
+        return self.guard.check(authorization.decode("latin-1") if authorization else None, address)
 
     async def _limit_body(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]) -> Receive:
         """Refuse bodies over the limit: at once by Content-Length, else while reading them."""
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return receive
         too_large = APIError(413, f"Request body too large: the limit is {self.max_body_bytes} bytes.",
-                             code="request_too_large")
+                             code="request_too_large", reason="body_too_large")
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
@@ -145,7 +147,6 @@ class GatewayMiddleware:
             except ValueError:
                 raise APIError(400, "Invalid Content-Length header.") from None
             if size > self.max_body_bytes:
-                self.metrics.rejected.labels(reason="body_too_large").inc()
                 raise too_large
             return receive
         # Chunked upload: read it all here (bounded), then replay it to the app.
@@ -158,7 +159,6 @@ class GatewayMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                self.metrics.rejected.labels(reason="body_too_large").inc()
                 raise too_large
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
-from specserve import structured
 from specserve.errors import APIError
 from specserve.gateway.limits import charged_tokens, check_api_key, engine_max_tokens
 from specserve.gateway.protocol import (
@@ -25,12 +23,13 @@ from specserve.gateway.protocol import (
 )
 from specserve.gateway.prompt_tokens import Route, TokenizeFailed, completion_prompts, count_prompts
 from specserve.gateway.proxy import Outcome
+from specserve.gateway.request_body import ForwardBody
 from specserve.gateway.speculation import SPEC_K_HEADER
+from specserve.gateway.state import Gateway
 from specserve.gateway.tools import Call, ToolRequest, failures, tool_request
 from specserve.structured.engine_grammar import CHECKED_HEADER, served_reading
-
-if TYPE_CHECKING:
-    from specserve.gateway.app import Gateway
+from specserve.structured.request import asks_strict, mark_strict, normalize_legacy
+from specserve.structured.tools import asks_strict_tool, mark_strict_tools
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -93,27 +92,25 @@ async def _generate(
     gw = _gateway(request)
     cfg = gw.config
     key = _authenticate(gw, request)
-    body_bytes = await request.body()
+    # The JSON the framework parsed for ``parsed`` (cached on the request: not parsed again).
+    forward = ForwardBody(await request.body(), await request.json())
     # The checks below read top-level fields only: the prompt and the messages (the bulk of a large
     # request) are not dumped again.
     body = parsed.model_dump(exclude_unset=True, exclude=_BULK_FIELDS)
     bad = unsupported_param(body)
     if bad is not None:
-        gw.metrics.rejected.labels(reason="unsupported_param").inc()
         raise APIError(400, f"The parameter '{bad}' is not supported by this server.", param=bad,
-                       code="unsupported_parameter")
+                       code="unsupported_parameter", reason="unsupported_param")
     max_tokens = parsed.requested_tokens()
     if cfg.max_tokens_cap and max_tokens is not None and max_tokens > cfg.max_tokens_cap:
-        gw.metrics.rejected.labels(reason="max_tokens").inc()
         param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         raise APIError(400, f"'{param}' must be at most {cfg.max_tokens_cap}.", param=param,
-                       code="max_tokens_exceeded")
+                       code="max_tokens_exceeded", reason="max_tokens")
     prompt_chars = parsed.prompt_chars()
     if cfg.max_prompt_chars and prompt_chars > cfg.max_prompt_chars:
-        gw.metrics.rejected.labels(reason="prompt_too_long").inc()
         param = "messages" if route == "chat" else "prompt"
         raise APIError(400, f"The prompt is too long: at most {cfg.max_prompt_chars} characters.",
-                       param=param, code="context_length_exceeded")
+                       param=param, code="context_length_exceeded", reason="prompt_too_long")
     models = gw.pool.models()
     if not models:
         raise APIError(503, "No engine replica is ready.", code="engine_unavailable",
@@ -126,34 +123,24 @@ async def _generate(
     if isinstance(parsed, ChatCompletionRequest) and (parsed.tools is not None or parsed.tool_choice is not None):
         # Tools are left out of ``body`` above; their schemas are checked like response_format.
         checked = {**body, **parsed.model_dump(include={"tools"}, exclude_unset=True)}
-    try:
-        compiled = await structured.aprecheck(checked, route, owner=key)
-    except APIError as err:
-        if (err.param or "").startswith("tool"):
-            gw.metrics.rejected.labels(reason="invalid_tools").inc()
-        raise
+    compiled = await gw.schema_check.aprecheck(checked, route, owner=key)
     tools = tool_request(checked) if checked is not body else None
     if tools is not None:
         gw.metrics.child(gw.metrics.tool_requests, tools.kind).inc()
-    if structured.normalize_legacy(body) is not body:
+    if normalize_legacy(body) is not body:
         # Legacy guided_* fields: vLLM 0.32 would silently ignore them.
-        full = parsed.model_dump(exclude_unset=True)
-        body_bytes = json.dumps(structured.normalize_legacy(full)).encode()
-    if structured.asks_strict(body):
+        forward.apply(normalize_legacy)
+    if asks_strict(body):
         # strict: true reaches the engine as a keyword of the schema (vLLM drops the flag).
-        body_bytes = json.dumps(structured.mark_strict(json.loads(body_bytes))).encode()
-    if tools is not None and structured.asks_strict_tool(checked):
+        forward.apply(mark_strict)
+    if tools is not None and asks_strict_tool(checked):
         # A forced tool with strict: true gets the strict reading of its parameters, the same way.
-        body_bytes = json.dumps(structured.mark_strict_tools(json.loads(body_bytes))).encode()
+        forward.apply(mark_strict_tools)
     prompt_tokens = largest_prompt = None
     if cfg.max_prompt_tokens:
         if gw.limiter.enabled:
-            try:
-                gw.limiter.check(key)  # a key with nothing left is refused before its prompt is counted
-            except APIError:
-                gw.metrics.rejected.labels(reason="rate_limit").inc()
-                raise
-        counted = await _check_prompt_tokens(gw, route, body_bytes, request.state.request_id)
+            gw.limiter.check(key)  # a key with nothing left is refused before its prompt is counted
+        counted = await _check_prompt_tokens(gw, route, forward.data, request.state.request_id)
         if counted is not None:
             prompt_tokens, largest_prompt = counted
     # What the engine will generate per choice, also when max_tokens is left out (chat: the rest
@@ -163,24 +150,14 @@ async def _generate(
                                 largest_prompt if route == "chat" else None)
     if cfg.max_tokens_cap and max_tokens is None and (allowed is None or allowed > cfg.max_tokens_cap):
         allowed = cfg.max_tokens_cap
-        body_bytes = json.dumps({**json.loads(body_bytes), "max_tokens": allowed}).encode()
+        forward.set("max_tokens", allowed)
     if gw.limiter.enabled:
-        try:
-            # ``body`` leaves the prompt out (see above): read it from the parsed request.
-            prompts = (len(completion_prompts(parsed.prompt))
-                       if isinstance(parsed, CompletionRequest) else 1)
-            gw.limiter.admit(key, charged_tokens(prompt_chars, allowed, parsed.n, prompt_tokens,
-                                                 prompts))
-        except APIError:
-            gw.metrics.rejected.labels(reason="rate_limit").inc()
-            raise
-    body_bytes, plan = gw.spec.prepare(parsed.model, body, body_bytes)
-    try:
-        await _unless_client_leaves(request, gw.queue.acquire())
-    except APIError as err:
-        if err.status == 503:
-            gw.metrics.rejected.labels(reason="queue_full").inc()
-        raise
+        # ``body`` leaves the prompt out (see above): read it from the parsed request.
+        prompts = len(completion_prompts(parsed.prompt)) if isinstance(parsed, CompletionRequest) else 1
+        gw.limiter.admit(key, charged_tokens(prompt_chars, allowed, parsed.n, prompt_tokens, prompts))
+    plan = gw.spec.prepare(parsed.model, body, forward)
+    body_bytes = forward.encode()
+    await _unless_client_leaves(request, gw.queue.acquire())
     started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
     outcome = Outcome(collect_tool_calls=tools is not None and tools.kind != "none")
     headers = gw.proxy.forward_headers(request.scope["headers"])
@@ -274,7 +251,7 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes,
+async def _check_prompt_tokens(gw: Gateway, route: Route, body: Mapping[str, Any],
                                request_id: str) -> tuple[int | None, int] | None:
     """400 when the largest prompt has more than ``max_prompt_tokens`` tokens, as an engine counts them.
 
@@ -284,7 +261,7 @@ async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes,
     """
     cap = gw.config.max_prompt_tokens
     try:
-        counted = await count_prompts(route, json.loads(body_bytes), gw.tokenizer, cap=cap)
+        counted = await count_prompts(route, body, gw.tokenizer, cap=cap)
     except TokenizeFailed as exc:
         gw.metrics.prompt_count_failures.inc()
         log.warning("prompt not counted; forwarded without the token cap", extra={"fields": {
@@ -292,9 +269,9 @@ async def _check_prompt_tokens(gw: Gateway, route: Route, body_bytes: bytes,
         return None
     tokens = counted.largest
     if tokens > cap:
-        gw.metrics.rejected.labels(reason="prompt_too_long").inc()
         raise APIError(400, f"The prompt is too long: it has {tokens} tokens, at most {cap} are accepted.",
-                       param="messages" if route == "chat" else "prompt", code="context_length_exceeded")
+                       param="messages" if route == "chat" else "prompt", code="context_length_exceeded",
+                       reason="prompt_too_long")
     return counted.total, tokens
 
 

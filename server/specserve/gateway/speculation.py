@@ -17,7 +17,8 @@ from specserve.gateway.goodput import GoodputController, GoodputSettings, SpecPo
 from specserve.gateway.metrics import GatewayMetrics
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.replicas import ReplicaPool
-from specserve.gateway.spec_io import client_spec_k, with_spec_k
+from specserve.gateway.request_body import ForwardBody
+from specserve.gateway.spec_io import client_spec_k
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ class SpecLength:
         self.pool = pool
         self.metrics = metrics
 
-    def prepare(self, model: str, body: dict[str, Any], body_bytes: bytes) -> tuple[bytes, SpecPlan]:
-        """The body to forward and the plan; ``body`` holds the request's top-level fields."""
+    def prepare(self, model: str, body: dict[str, Any], forward: ForwardBody) -> SpecPlan:
+        """The plan, with its ``spec_k`` set in ``forward``; ``body`` holds the request's top-level
+        fields."""
         m = self.metrics
         present, value = client_spec_k(body)
         n = body.get("n")
@@ -74,16 +76,15 @@ class SpecLength:
         if present:
             if value is not None:
                 m.child(m.spec_k, model, "client").observe(value)
-            return body_bytes, SpecPlan(value, "client", batch)
+            return SpecPlan(value, "client", batch)
         if self.policy != "goodput":
-            return body_bytes, SpecPlan(None, "engine", batch)
+            return SpecPlan(None, "engine", batch)
         decision = self.controller.choose(model, batch)
-        forwarded = with_spec_k(body_bytes, decision.k, has_xargs=body.get("vllm_xargs") is not None)
-        if forwarded is None:
-            return body_bytes, SpecPlan(None, "engine", batch)
+        if not forward.set_spec_k(decision.k):
+            return SpecPlan(None, "engine", batch)
         m.child(m.spec_k, model, "goodput").observe(decision.k)
         m.child(m.spec_batch, model).set(batch)
-        return forwarded, SpecPlan(decision.k, "goodput", batch)
+        return SpecPlan(decision.k, "goodput", batch)
 
     def record(self, model: str, outcome: Outcome, plan: SpecPlan, *, elapsed_s: float | None,
                unary: bool) -> None:

@@ -2,10 +2,10 @@
 
 The check compiles the grammar the engine serves (:mod:`.served`: for a schema, the rewritten
 schema's grammar), with a small stand-in vocabulary, and refuses grammars that admit no output.
-xgrammar imports torch (seconds), so it is imported lazily, once; :func:`warm_up` starts that
-import and the compile workers in the background at start. Without xgrammar (the slim gateway
-image) the check falls back to JSON Schema meta-validation (when ``jsonschema`` is installed) or
-accepts.
+xgrammar imports torch (seconds), so it is imported lazily, once (the gateway starts that import
+and its compile workers in the background: :meth:`.precheck.SchemaPrecheck.warm_up`). Without
+xgrammar (the slim gateway image) the check falls back to JSON Schema meta-validation (when
+``jsonschema`` is installed) or accepts.
 
 Compiles run in worker processes (:mod:`.workers`), each within the time its request has left;
 one that runs over is killed and its worker replaced, and the refusal is cached, so repeating a
@@ -70,19 +70,6 @@ def load_xgrammar() -> Any:
         return _XGR["mod"]
 
 
-def warm_up() -> threading.Thread:
-    """Import xgrammar and start the compile workers in a background thread, so the first
-    request does not wait for them."""
-
-    def load() -> None:
-        if load_xgrammar() is not None:
-            shared_workers()
-
-    thread = threading.Thread(target=load, name="xgrammar-import", daemon=True)
-    thread.start()
-    return thread
-
-
 def clean_message(err: BaseException) -> str:
     """xgrammar's error text without its source-location prefix.
 
@@ -115,8 +102,8 @@ def _meta_check(kind: Kind, spec: Any) -> None:
 class GrammarChecker:
     """Compile-checks constraints; remembers the answer per content hash (LRU, bounded).
 
-    Compiles run in :class:`~specserve.structured.workers.CompileWorkers` processes (the
-    process-wide pool of :data:`WORKERS` unless ``workers`` is given), each within the time left
+    Compiles run in :class:`~specserve.structured.workers.CompileWorkers` processes (``workers``;
+    without it the process-wide :func:`shared_workers`, the engine's), each within the time left
     to its request; one sender has at most ``per_owner`` compiles running at once, so a client
     sending slow schemas ties up at most that many workers.
     """
@@ -217,7 +204,8 @@ class GrammarChecker:
 
 
 def shared_workers() -> CompileWorkers:
-    """The process-wide compile workers (started on first use; :func:`warm_up` starts them)."""
+    """The process-wide compile workers of an engine front end (started on first use); the gateway
+    holds its own (:class:`~specserve.structured.precheck.SchemaPrecheck`)."""
     with _POOL_LOCK:
         if "workers" not in _POOL:
             _POOL["workers"] = CompileWorkers(size=COMPILE_WORKERS)

@@ -28,7 +28,7 @@ TOOL_CHOICES = ("none", "auto", "required")
 
 
 def _bad(message: str, param: str, code: str = "invalid_tool") -> APIError:
-    return APIError(400, message, param=param, code=code)
+    return APIError(400, message, param=param, code=code, reason="invalid_tools")
 
 
 def tool_choice_kind(body: dict[str, Any]) -> str:
