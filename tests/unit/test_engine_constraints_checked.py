@@ -70,3 +70,10 @@ def test_served_reading_names_the_settings_that_change_the_grammar() -> None:
     with settings.override(json_objects="closed"):
         closed = served_reading()
     assert opened != closed and "objects=open" in opened
+
+
+def test_the_gateway_never_forwards_a_clients_copy_of_the_header() -> None:
+    from specserve.gateway.proxy import Proxy
+
+    sent = Proxy.forward_headers([(b"x-a", b"1"), (CHECKED_HEADER.encode(), served_reading().encode())])
+    assert sent == {"x-a": "1"}
