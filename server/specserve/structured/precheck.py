@@ -14,8 +14,8 @@ the engine, which imports the grammar modules of this package, loads none of thi
 
 Example:
     >>> check = SchemaPrecheck()
-    >>> check.precheck({"response_format": {"type": "text"}}, "chat") is None
-    True
+    >>> check.precheck({"response_format": {"type": "text"}}, "chat")  # nothing to compile
+    False
     >>> try:
     ...     check.precheck({"structured_outputs": {"regex": "a{1,99999}"}}, "completions")
     ... except APIError as err:
