@@ -44,7 +44,7 @@ from specserve.structured.compile import (
     load_xgrammar,
 )
 from specserve.structured.features import find_unsupported
-from specserve.structured.request import Constraint, constraints, mark_strict
+from specserve.structured.request import Constraint, constraints, invalid_structured_output, mark_strict
 from specserve.structured.schema_limits import SchemaLimits, check_regex, iter_patterns, json_depth
 from specserve.structured.schema_refs import dangling_refs, unresolvable_refs
 from specserve.structured.tools import tool_constraints
@@ -66,10 +66,6 @@ class _Budget:
     checker: GrammarChecker
 
 
-def _bad(message: str, param: str) -> APIError:
-    return APIError(400, message, param=param, code="invalid_structured_output")
-
-
 def _encoded_size(value: Any) -> int:
     if isinstance(value, str):
         return len(value.encode("utf-8", "surrogatepass"))
@@ -79,7 +75,7 @@ def _encoded_size(value: Any) -> int:
 def _check_size(value: Any, param: str, limits: SchemaLimits) -> None:
     size = _encoded_size(value)
     if size > limits.max_schema_bytes:
-        raise _bad(f"{param} is too large ({size} > {limits.max_schema_bytes} bytes)", param)
+        raise invalid_structured_output(f"{param} is too large ({size} > {limits.max_schema_bytes} bytes)", param)
 
 
 def _check_json_schema(schema: Any, param: str, limits: SchemaLimits, budget: _Budget) -> None:
@@ -88,29 +84,29 @@ def _check_json_schema(schema: Any, param: str, limits: SchemaLimits, budget: _B
         try:
             schema = json.loads(schema)
         except (json.JSONDecodeError, RecursionError) as err:
-            raise _bad(f"{param} is not valid JSON: {err}", param) from err
+            raise invalid_structured_output(f"{param} is not valid JSON: {err}", param) from err
     if not isinstance(schema, dict):
-        raise _bad(f"{param} must be a JSON object (a JSON schema)", param)
+        raise invalid_structured_output(f"{param} must be a JSON object (a JSON schema)", param)
     _check_size(schema, param, limits)
     depth = json_depth(schema)
     if depth > limits.max_depth:
-        raise _bad(f"{param} is nested too deeply ({depth} > {limits.max_depth} levels)", param)
+        raise invalid_structured_output(f"{param} is nested too deeply ({depth} > {limits.max_depth} levels)", param)
     for pointer, pattern in iter_patterns(schema):
         problem = check_regex(pattern, limits)
         if problem is not None:
-            raise _bad(f"unsupported schema at '{pointer}': {problem}", param)
+            raise invalid_structured_output(f"unsupported schema at '{pointer}': {problem}", param)
     unsupported = find_unsupported(schema)
     if unsupported is not None:
-        raise _bad(f"unsupported schema at '{unsupported[0]}': {unsupported[1]}", param)
+        raise invalid_structured_output(f"unsupported schema at '{unsupported[0]}': {unsupported[1]}", param)
     dangling = dangling_refs(schema)
     if dangling:
         pointer, ref = dangling[0]
-        raise _bad(f"invalid schema at '{pointer}': $ref '{ref}' does not resolve to a subschema "
+        raise invalid_structured_output(f"invalid schema at '{pointer}': $ref '{ref}' does not resolve to a subschema "
                    "of this schema", param)
     elsewhere = unresolvable_refs(schema)
     if elsewhere:
         pointer, ref = elsewhere[0]
-        raise _bad(f"unsupported schema at '{pointer}': $ref '{ref}' refers outside this schema; "
+        raise invalid_structured_output(f"unsupported schema at '{pointer}': $ref '{ref}' refers outside this schema; "
                    "references are not fetched: put the definition under '$defs' and refer to "
                    "it as '#/$defs/NAME'", param)
     try:
@@ -120,7 +116,7 @@ def _check_json_schema(schema: Any, param: str, limits: SchemaLimits, budget: _B
             raise
         place = _failing_pattern(schema, limits, budget)
         if place is not None:
-            raise _bad(f"unsupported schema at '{place}': {err.message}", param) from err
+            raise invalid_structured_output(f"unsupported schema at '{place}': {err.message}", param) from err
         raise
 
 
@@ -146,7 +142,7 @@ def _compile_check(kind: Any, value: Any, param: str, what: str, limits: SchemaL
     try:
         budget.checker.check(kind, value, deadline=budget.deadline, owner=budget.owner)
     except CompileRefused as err:
-        raise _bad(f"{what}: {err}", param) from err
+        raise invalid_structured_output(f"{what}: {err}", param) from err
     except CompileThrottled as err:
         raise APIError(
             429, f"Cannot check {param} now: {err}.", param=param,
@@ -164,25 +160,25 @@ def _check_one(c: Constraint, limits: SchemaLimits, budget: _Budget) -> None:
         _check_json_schema(c.value, c.param, limits, budget)
     elif c.kind == "json_object":
         if not isinstance(c.value, bool):
-            raise _bad(f"{c.param} must be a boolean", c.param)
+            raise invalid_structured_output(f"{c.param} must be a boolean", c.param)
     elif c.kind == "regex":
         if not isinstance(c.value, str):
-            raise _bad(f"{c.param} must be a string", c.param)
+            raise invalid_structured_output(f"{c.param} must be a string", c.param)
         problem = check_regex(c.value, limits)
         if problem is not None:
-            raise _bad(f"{c.param}: {problem}", c.param)
+            raise invalid_structured_output(f"{c.param}: {problem}", c.param)
         _compile_check("regex", c.value, c.param, "invalid regex", limits, budget)
     elif c.kind == "choice":
         if not isinstance(c.value, list) or not c.value:
-            raise _bad(f"{c.param} must be a non-empty list of strings", c.param)
+            raise invalid_structured_output(f"{c.param} must be a non-empty list of strings", c.param)
         if not all(isinstance(x, str) for x in c.value):
-            raise _bad(f"{c.param} must contain only strings", c.param)
+            raise invalid_structured_output(f"{c.param} must contain only strings", c.param)
         if len(c.value) > limits.max_choices:
-            raise _bad(f"{c.param} has too many choices (> {limits.max_choices})", c.param)
+            raise invalid_structured_output(f"{c.param} has too many choices (> {limits.max_choices})", c.param)
         _check_size(c.value, c.param, limits)
     elif c.kind == "grammar":
         if not isinstance(c.value, str) or not c.value.strip():
-            raise _bad(f"{c.param} must be a non-empty grammar string", c.param)
+            raise invalid_structured_output(f"{c.param} must be a non-empty grammar string", c.param)
         _check_size(c.value, c.param, limits)
         _compile_check("grammar", c.value, c.param, "invalid grammar", limits, budget)
     else:  # structural_tag: the engine validates its shape; bound its size here
@@ -192,9 +188,9 @@ def _check_one(c: Constraint, limits: SchemaLimits, budget: _Budget) -> None:
             try:
                 value = json.loads(value)
             except (json.JSONDecodeError, RecursionError) as err:
-                raise _bad(f"{c.param} is not valid JSON: {err}", c.param) from err
+                raise invalid_structured_output(f"{c.param} is not valid JSON: {err}", c.param) from err
         if json_depth(value) > limits.max_depth:
-            raise _bad(f"{c.param} is nested too deeply", c.param)
+            raise invalid_structured_output(f"{c.param} is nested too deeply", c.param)
 
 
 _COMPILED_KINDS = frozenset({"json", "json_object", "regex", "grammar"})

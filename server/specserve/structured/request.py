@@ -54,16 +54,17 @@ class Constraint:
     param: str
 
 
-def _bad(message: str, param: str) -> APIError:
+def invalid_structured_output(message: str, param: str) -> APIError:
+    """A 400 naming ``param``: the request's structured-output constraint is malformed or unservable."""
     return APIError(400, message, param=param, code="invalid_structured_output")
 
 
 def _from_response_format(rf: Any) -> list[Constraint]:
     if not isinstance(rf, dict):
-        raise _bad("response_format must be an object", "response_format")
+        raise invalid_structured_output("response_format must be an object", "response_format")
     rf_type = rf.get("type")
     if rf_type not in RESPONSE_FORMAT_TYPES:
-        raise _bad(
+        raise invalid_structured_output(
             f"response_format.type must be one of {list(RESPONSE_FORMAT_TYPES)}, got {rf_type!r}",
             "response_format.type",
         )
@@ -75,23 +76,23 @@ def _from_response_format(rf: Any) -> list[Constraint]:
         return [Constraint("structural_tag", rf, "response_format")]
     js = rf.get("json_schema")
     if not isinstance(js, dict):
-        raise _bad(
+        raise invalid_structured_output(
             "response_format.json_schema must be an object with 'name' and 'schema'",
             "response_format.json_schema",
         )
     name = js.get("name")
     if not isinstance(name, str) or not name:
-        raise _bad(
+        raise invalid_structured_output(
             "response_format.json_schema.name must be a non-empty string",
             "response_format.json_schema.name",
         )
     if "strict" in js and js["strict"] is not None and not isinstance(js["strict"], bool):
-        raise _bad(
+        raise invalid_structured_output(
             "response_format.json_schema.strict must be a boolean",
             "response_format.json_schema.strict",
         )
     if "schema" not in js:
-        raise _bad(
+        raise invalid_structured_output(
             "response_format.json_schema.schema is required",
             "response_format.json_schema.schema",
         )
@@ -100,13 +101,13 @@ def _from_response_format(rf: Any) -> list[Constraint]:
 
 def _from_structured_outputs(so: Any) -> list[Constraint]:
     if not isinstance(so, dict):
-        raise _bad("structured_outputs must be an object", "structured_outputs")
+        raise invalid_structured_output("structured_outputs must be an object", "structured_outputs")
     for key in so:
         if key not in SO_CONSTRAINTS and key not in SO_OPTIONS:
-            raise _bad(f"unknown structured_outputs field {key!r}", f"structured_outputs.{key}")
+            raise invalid_structured_output(f"unknown structured_outputs field {key!r}", f"structured_outputs.{key}")
     present = [k for k in SO_CONSTRAINTS if so.get(k) is not None]
     if len(present) != 1:
-        raise _bad(
+        raise invalid_structured_output(
             "structured_outputs needs exactly one of "
             f"{list(SO_CONSTRAINTS)}, got {present or 'none'}",
             "structured_outputs",
@@ -124,9 +125,9 @@ def constraints(body: dict[str, Any]) -> list[Constraint]:
         found += _from_structured_outputs(body["structured_outputs"])
     legacy = [k for k in LEGACY if body.get(k) is not None]
     if len(legacy) > 1:
-        raise _bad(f"use only one of {legacy}", legacy[1])
+        raise invalid_structured_output(f"use only one of {legacy}", legacy[1])
     if legacy and body.get("structured_outputs") is not None:
-        raise _bad(f"use structured_outputs or {legacy[0]}, not both", legacy[0])
+        raise invalid_structured_output(f"use structured_outputs or {legacy[0]}, not both", legacy[0])
     found += [Constraint(LEGACY[k], body[k], k) for k in legacy]
     return found
 
