@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     from specserve.bench.drafters import _heads, _prompts
     from specserve.demo import demo_model_dir
-    from specserve.speculative_config import HEAD_DRAFTERS, HEADS_ENV, speculative_config
+    from specserve.engine import settings
+    from specserve.speculative_config import HEAD_DRAFTERS, speculative_config
     from specserve.engine.local import local_llm
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -86,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
     off = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, extra_args={"spec_k": 0})
     params = {arm: plain if arm == "none" else off for arm in arms}
     for arm, drafter in zip(arms, ["none", *drafters]):
-        if drafter in heads:
-            os.environ[HEADS_ENV] = heads[drafter]
-        engines[arm] = local_llm(model_dir, max_num_seqs=max(batch_sizes), kv_cache_memory_bytes=256 << 20,
-                                 speculative_config=speculative_config(drafter, args.k))  # type: ignore[arg-type]
+        heads_dir = heads.get(drafter) or settings.current().heads_dir
+        with settings.override(heads_dir=heads_dir):  # the proposer reads it as the engine builds it
+            engines[arm] = local_llm(model_dir, max_num_seqs=max(batch_sizes), kv_cache_memory_bytes=256 << 20,
+                                     speculative_config=speculative_config(drafter, args.k))  # type: ignore[arg-type]
         _timed(engines[arm], prompts[:1], params[arm])  # warm-up
     rng = random.Random(args.seed)
     wall: dict[int, list[dict[str, float]]] = {bs: [] for bs in batch_sizes}

@@ -51,14 +51,14 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from specserve.speculative_config import HEADS_ENV, speculative_config
+    from specserve.engine import settings
     from specserve.engine.local import local_llm
+    from specserve.speculative_config import speculative_config
 
-    if heads:
-        os.environ[HEADS_ENV] = heads
-    llm = local_llm(model_dir, max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=256 << 20,
-                    speculative_config=speculative_config(drafter, args.k),  # type: ignore[arg-type]
-                    additional_config={"specserve": {"spec_policy": "fixed"}})
+    with settings.override(heads_dir=heads or settings.current().heads_dir):  # read as the engine builds
+        llm = local_llm(model_dir, max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=256 << 20,
+                        speculative_config=speculative_config(drafter, args.k),  # type: ignore[arg-type]
+                        additional_config={"specserve": {"spec_policy": "fixed"}})
     try:
         def runner_state(worker: Any) -> tuple[str, list[dict[str, Any]], list[float]]:
             runner = getattr(worker, "worker", worker).model_runner
