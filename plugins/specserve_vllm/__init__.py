@@ -27,4 +27,7 @@ def register() -> None:
     from specserve_vllm.heads import registry
 
     registry.register()
+    from specserve_vllm.spec_control import export
+
+    export.setup_api_server()  # the engine cores' plan stats on the API server's /metrics
     _STATE["registered"] = True

@@ -9,6 +9,7 @@ each speculative engine must really have proposed and accepted drafts.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,21 @@ def _drafts(server: ServeProcess) -> dict[str, float]:
             "accepted": _spec_counter(server, "vllm:spec_decode_num_accepted_tokens")}
 
 
+def _plan_stats(server: ServeProcess) -> dict[str, float]:
+    """specserve's plan statistics on the engine's ``/metrics``, once they show the drafter ran
+    (the engine core publishes them within about half a second; polled, bounded)."""
+    seen: dict[str, float] = {}
+    for _ in range(120):
+        text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
+        seen = {f"{s.name}{sorted(s.labels.items()) if s.labels else ''}": s.value
+                for f in text_string_to_metric_families(text) if f.name.startswith("specserve_engine_")
+                for s in f.samples if not s.name.endswith("_created")}
+        if seen.get("specserve_engine_spec_drafter_calls_total", 0) > 0:
+            return seen
+        time.sleep(0.25)  # the next scrape
+    raise AssertionError(f"the engine's plan statistics never showed a drafter call: {seen}")
+
+
 @pytest.fixture(scope="module")
 def outputs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     log_dir = tmp_path_factory.mktemp("spec")
@@ -68,6 +84,8 @@ def outputs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         with running_specserve(demo_model_dir, args, log_dir=log_dir) as spec:
             out[name] = _generate(spec)
             out[name]["drafts"] = _drafts(spec)
+            if name == "hydra":
+                out[name]["plan_stats"] = _plan_stats(spec)
     return out
 
 
@@ -83,3 +101,14 @@ def test_speculation_is_lossless_at_temperature_zero(outputs: dict[str, dict], d
 def test_the_speculative_engine_proposed_and_accepted_drafts(outputs: dict[str, dict], drafter: str) -> None:
     drafts = outputs[drafter]["drafts"]
     assert drafts["drafted"] > 0 and drafts["accepted"] > 0
+
+
+def test_the_engine_exports_its_plan_statistics(outputs: dict[str, dict]) -> None:
+    """The per-step planner's counters reach the engine's ``/metrics`` from the engine core."""
+    stats = outputs["hydra"]["plan_stats"]
+    assert stats["specserve_engine_spec_plans_total"] >= stats["specserve_engine_spec_drafter_calls_total"] > 0
+    assert stats["specserve_engine_spec_position_tested_total[('position', '1')]"] > 0
+    assert stats["specserve_engine_spec_policy[('policy', 'fixed')]"] == 1
+    batch_one = stats["specserve_engine_spec_rows_by_batch_total[('batch', '1')]"]
+    assert batch_one > 0  # requests ran one at a time
+    assert stats["specserve_engine_spec_drafts_by_batch_total[('batch', '1')]"] == 4 * batch_one  # k = 4

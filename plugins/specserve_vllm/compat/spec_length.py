@@ -42,6 +42,7 @@ import numpy as np
 from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction
 
 from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
+from specserve_vllm.spec_control.export import publisher_path
 from specserve_vllm.spec_control.plan import VerifiedRows
 from specserve_vllm.spec_control.planner import StepPlanner, build_policy, settings_from
 
@@ -97,9 +98,22 @@ def runner_planner(runner: Any) -> StepPlanner:
         k = int(runner.speculative_config.num_speculative_tokens)
         policy = build_policy(settings, k, type(getattr(runner, "drafter", None)).__name__)
         planner = StepPlanner(policy, k, log_every=settings.log_every)
+        path = publisher_path()
+        if path is not None and _first_rank():
+            planner.publish_to(path)
         setattr(runner, _PLANNER_ATTR, planner)
         logger.info("speculation length policy", extra={"fields": {"policy": policy.name, "k": k}})
     return planner
+
+
+def _first_rank() -> bool:
+    """Whether this worker is the first of its tensor-parallel group (the one that publishes)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank()) == 0
+    except (ImportError, AssertionError, AttributeError):
+        return True
 
 
 def verified_rows(scheduler_output: Any, req_ids: list[str], sampled: list[list[int]]) -> VerifiedRows:
@@ -139,7 +153,6 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
     t0 = time.perf_counter()
     drafts = propose()
     planner.record_drafting(int(lengths.sum()), (time.perf_counter() - t0) * 1e3)
-    planner.stats.drafter_calls += 1
     if bool((lengths == planner.num_speculative_tokens).all()):
         return drafts
     rows_out = drafts.tolist() if hasattr(drafts, "tolist") else drafts

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,10 +111,26 @@ class StepPlanner:
         self.records: deque[Any] = deque(maxlen=keep_records)
         """The last measured steps (``compat.step_timer.StepRecord``), for calibration."""
         self._draft_timing = (0, 0.0)
+        self.lock = threading.Lock()
+        """Held while the stats change, and by :meth:`snapshot` (read from a publishing thread)."""
+        self.publisher: Any = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The stats and the policy's name (call under :attr:`lock`)."""
+        return {**self.stats.snapshot(), "policy": self.policy.name}
+
+    def publish_to(self, path: Any) -> None:
+        """Write :meth:`snapshot` to ``path`` in the background (the API server's ``/metrics``)."""
+        from specserve_vllm.spec_control.export import StatsPublisher
+
+        if self.publisher is None:
+            self.publisher = StatsPublisher(path, self.snapshot, self.lock).start()
 
     def record_drafting(self, drafts: int, ms: float) -> None:
         """The drafter ran this step: ``drafts`` tokens in ``ms``."""
         self._draft_timing = (drafts, ms)
+        with self.lock:
+            self.stats.drafter_calls += 1
 
     def take_draft_timing(self) -> tuple[int, float]:
         """``(drafts, ms)`` of this step's drafting (``(0, 0.0)`` when the drafter did not run)."""
@@ -128,7 +145,8 @@ class StepPlanner:
         if callable(observe):
             predicted = observe(record.rows, record.tokens, record.ctx_tokens, record.spec,
                                 record.prefill_tokens, record.step_ms, record.drafts, record.draft_ms)
-        self.stats.record_time(predicted, record.total_ms)
+        with self.lock:
+            self.stats.record_time(predicted, record.total_ms)
 
     def rows(self, req_ids: Sequence[str], spec_ks: Sequence[int | None], sampled: Sequence[int],
              context: np.ndarray) -> StepRows:
@@ -142,15 +160,17 @@ class StepPlanner:
     def plan(self, rows: StepRows) -> np.ndarray:
         """``[n]`` draft lengths for the next step (clipped to the caps) and count them."""
         lengths = clip_plan(self.policy.plan(rows), rows.caps)
-        self.stats.record_plan(lengths[rows.caps > 0].tolist())
+        with self.lock:
+            self.stats.record_plan(lengths[rows.caps > 0].tolist())
         if self.log_every and self.stats.steps % self.log_every == 0:
             logger.info("spec plan", extra={"fields": {"policy": self.policy.name, **self.stats.snapshot()}})
         return lengths
 
     def observe(self, verified: VerifiedRows) -> None:
         if len(verified.req_ids):
-            for _, drafted, accepted in verified.positions():
-                self.stats.record_verified(drafted, accepted)
+            with self.lock:
+                for _, drafted, accepted in verified.positions():
+                    self.stats.record_verified(drafted, accepted)
             self.policy.observe(verified)
 
     def finished(self, req_ids: frozenset[str]) -> None:

@@ -8,6 +8,8 @@ the goodput policy) predicted against measured step time.
     >>> s.record_plan([0, 0, 0]); s.record_plan([2, 0, 4])
     >>> s.steps, s.no_spec_steps, s.k_rows
     (2, 1, {0: 4, 2: 1, 4: 1})
+    >>> s.by_batch["2-3"]
+    {'plans': 2, 'rows': 6, 'drafts': 6, 'no_spec': 1}
 """
 
 from __future__ import annotations
@@ -15,6 +17,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+BATCH_BUCKETS: tuple[tuple[int, str], ...] = ((1, "1"), (3, "2-3"), (7, "4-7"), (15, "8-15"), (31, "16-31"))
+"""Upper bound and label of each batch-size bucket the per-batch counters use (beyond: ``32+``)."""
+
+
+def batch_bucket(rows: int) -> str:
+    """The label of the bucket of a plan with ``rows`` decode rows.
+
+    >>> [batch_bucket(n) for n in (0, 1, 2, 5, 8, 31, 64)]
+    ['0', '1', '2-3', '4-7', '8-15', '16-31', '32+']
+    """
+    if rows <= 0:
+        return "0"
+    return next((label for bound, label in BATCH_BUCKETS if rows <= bound), "32+")
 
 
 @dataclass
@@ -31,6 +47,9 @@ class PlanStats:
     """Decode rows over all plans (mean batch = decode_rows / steps)."""
     k_rows: dict[int, int] = field(default_factory=dict)
     """Decode rows planned at each draft length."""
+    by_batch: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per batch-size bucket (:func:`batch_bucket`): plans, decode rows, planned drafts, plans of
+    all zeros. Mean k per row in a bucket = drafts / rows."""
     timed_steps: int = 0
     """Steps with both a prediction and a measurement."""
     abs_pct_error_sum: float = 0.0
@@ -70,6 +89,12 @@ class PlanStats:
             self.no_spec_steps += 1
         for k in lengths:
             self.k_rows[k] = self.k_rows.get(k, 0) + 1
+        bucket = self.by_batch.setdefault(batch_bucket(len(lengths)),
+                                          {"plans": 0, "rows": 0, "drafts": 0, "no_spec": 0})
+        bucket["plans"] += 1
+        bucket["rows"] += len(lengths)
+        bucket["drafts"] += sum(lengths)
+        bucket["no_spec"] += int(not any(lengths))
 
     def record_time(self, predicted_ms: float, measured_ms: float) -> None:
         self.last_predicted_ms, self.last_measured_ms = predicted_ms, measured_ms

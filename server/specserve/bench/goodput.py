@@ -114,13 +114,47 @@ def open_loop(engine: Any, prompts: list[list[int]], params: list[Any], times: l
     return summarise(latency, ttft, tpot, sum(n for _, n in done.values()), span)
 
 
+def _plan_stats(llm: Any) -> dict[str, Any]:
+    """The in-process engine's planner statistics (``PlanStats.snapshot``)."""
+    def snapshot(worker: Any) -> dict[str, Any]:
+        runner = getattr(worker, "worker", worker).model_runner
+        planner = getattr(runner, "_specserve_planner", None)
+        return planner.snapshot() if planner is not None else {}
+
+    return llm.collective_rpc(snapshot)[0]
+
+
+def plan_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the controller did between two snapshots: plans, the share with no speculation, mean
+    planned k per decode row, and the step-time model's MAPE over the steps it timed.
+
+    >>> plan_delta({"steps": 10, "no_spec_steps": 2, "decode_rows": 10, "k_rows": {"0": 2, "4": 8},
+    ...             "timed_steps": 10, "abs_pct_error_sum": 1.0},
+    ...            {"steps": 20, "no_spec_steps": 7, "decode_rows": 30, "k_rows": {"0": 12, "4": 13, "2": 5},
+    ...             "timed_steps": 20, "abs_pct_error_sum": 1.5})
+    {'plans': 10, 'no_spec_share': 0.5, 'mean_k': 1.5, 'timed_steps': 10, 'mape': 0.05}
+    """
+    plans = after.get("steps", 0) - before.get("steps", 0)
+    rows = after.get("decode_rows", 0) - before.get("decode_rows", 0)
+    drafts = sum(int(k) * n for k, n in (after.get("k_rows") or {}).items()) - sum(
+        int(k) * n for k, n in (before.get("k_rows") or {}).items())
+    timed = after.get("timed_steps", 0) - before.get("timed_steps", 0)
+    errors = after.get("abs_pct_error_sum", 0.0) - before.get("abs_pct_error_sum", 0.0)
+    return {"plans": plans,
+            "no_spec_share": round((after.get("no_spec_steps", 0) - before.get("no_spec_steps", 0)) / plans, 3)
+            if plans else None,
+            "mean_k": round(drafts / rows, 3) if rows else None,
+            "timed_steps": timed, "mape": round(errors / timed, 4) if timed else None}
+
+
 def run(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
     from specserve.bench.drafters import _prompts
     from specserve.demo import demo_model_dir
-    from specserve.speculative_config import HEADS_ENV, speculative_config
+    from specserve.engine import settings
     from specserve.engine.local import local_llm
+    from specserve.speculative_config import speculative_config
     from specserve.head_training import resolve_heads
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -129,19 +163,18 @@ def run(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     rates = [float(r) for r in args.rates.split(",")]
     heads = resolve_heads(args.drafter, None, is_demo=args.model is None)
-    if heads:
-        os.environ[HEADS_ENV] = heads
     spec = speculative_config(args.drafter, args.k)  # type: ignore[arg-type]
     common = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": 256 << 20}
     engines: dict[str, Any] = {}
-    if "none" in arms:
-        engines["none"] = local_llm(model_dir, **common)
-    if any(a.startswith("k") for a in arms):
-        engines["fixed"] = local_llm(model_dir, speculative_config=spec, **common,
-                                     additional_config={"specserve": {"spec_policy": "fixed"}})
-    if "goodput" in arms:
-        engines["goodput"] = local_llm(model_dir, speculative_config=spec, **common,
-                                       additional_config={"specserve": {"spec_policy": "goodput"}})
+    with settings.override(heads_dir=heads or settings.current().heads_dir):  # read as engines build
+        if "none" in arms:
+            engines["none"] = local_llm(model_dir, **common)
+        if any(a.startswith("k") for a in arms):
+            engines["fixed"] = local_llm(model_dir, speculative_config=spec, **common,
+                                         additional_config={"specserve": {"spec_policy": "fixed"}})
+        if "goodput" in arms:
+            engines["goodput"] = local_llm(model_dir, speculative_config=spec, **common,
+                                           additional_config={"specserve": {"spec_policy": "goodput"}})
     pool = _prompts(model_dir, 64, args.prompt_tokens)
     rng = random.Random(args.seed)
     report: dict[str, Any] = {"model": str(model_dir), "drafter": args.drafter, "k": args.k,
@@ -162,7 +195,10 @@ def run(args: argparse.Namespace) -> int:
                 extra = {"spec_k": int(arm[1:])} if arm.startswith("k") else None
                 params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True,
                                          seed=args.seed + i, extra_args=extra) for i, n in enumerate(lengths)]
+                before = _plan_stats(engines[engine_name]) if arm == "goodput" else None
                 result = open_loop(engines[engine_name].llm_engine, prompts, params, times, f"{arm}-{rate}")
+                if before is not None:
+                    result["plan"] = plan_delta(before, _plan_stats(engines[engine_name]))
                 report["rates"][str(rate)]["arms"][arm] = result
                 logger.info("bench goodput", extra={"fields": {"rate": rate, "arm": arm, **result}})
     finally:
@@ -172,7 +208,10 @@ def run(args: argparse.Namespace) -> int:
     parts = []
     for rate, per in report["rates"].items():
         best = min(per["arms"].items(), key=lambda kv: kv[1]["latency_mean_s"])
+        plan = per["arms"].get("goodput", {}).get("plan")
         parts.append(f"{rate}/s best={best[0]} " + " ".join(
-            f"{a}={v['latency_mean_s']}s" for a, v in sorted(per["arms"].items())))
+            f"{a}={v['latency_mean_s']}s" for a, v in sorted(per["arms"].items()))
+            + (f" goodput mean_k={plan['mean_k']} no_spec={plan['no_spec_share']} mape={plan['mape']}"
+               if plan else ""))
     sys.stderr.write("goodput (mean latency; shared machine, not publishable): " + "; ".join(parts) + "\n")
     return 0

@@ -1,0 +1,98 @@
+"""The engine's plan statistics reach ``/metrics``: publisher → snapshot files → collector."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from specserve_vllm.spec_control import export
+from specserve_vllm.spec_control.plan import FixedPolicy, StepRows, VerifiedRows
+from specserve_vllm.spec_control.planner import StepPlanner
+
+
+def _families(directory: Path) -> dict[str, list]:
+    registry = CollectorRegistry()
+    registry.register(export.PlanStatsCollector(directory))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def _value(samples: list, **labels: str) -> float:
+    """Sum of the family's samples with ``labels`` (counters' ``_created`` timestamps left out)."""
+    return sum(s.value for s in samples
+               if not s.name.endswith("_created") and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def _planner_with_steps() -> StepPlanner:
+    planner = StepPlanner(FixedPolicy(), 4)
+    rows = StepRows(req_ids=("a", "b"), caps=np.array([4, 2]), context=np.array([10, 20]))
+    planner.plan(rows)  # [4, 2]
+    planner.plan(StepRows(req_ids=("a",), caps=np.array([0]), context=np.array([11])))  # prefill: no rows
+    planner.observe(VerifiedRows(req_ids=("a", "b"), drafted=np.array([4, 2]), accepted=np.array([1, 2])))
+    planner.record_drafting(6, 1.5)
+    return planner
+
+
+def test_publisher_writes_the_planner_snapshot_and_the_collector_serves_it(tmp_path: Path) -> None:
+    planner = _planner_with_steps()
+    publisher = export.StatsPublisher(tmp_path / "engine-1.json", planner.snapshot, planner.lock, interval_s=60)
+    assert publisher.publish() is True
+    assert publisher.publish() is False  # unchanged: not rewritten
+    written = json.loads((tmp_path / "engine-1.json").read_text())
+    assert written["steps"] == 2 and written["policy"] == "fixed"
+    families = _families(tmp_path)
+    assert _value(families["specserve_engine_spec_plans"]) == 2
+    assert _value(families["specserve_engine_spec_drafter_calls"]) == 1
+    assert _value(families["specserve_engine_spec_rows_by_k"], k="4") == 1
+    assert _value(families["specserve_engine_spec_drafts_by_batch"], batch="2-3") == 6
+    assert _value(families["specserve_engine_spec_no_spec_plans_by_batch"], batch="0") == 1
+    # Row a: position 1 accepted, position 2 rejected; row b: both accepted.
+    assert _value(families["specserve_engine_spec_position_tested"], position="2") == 2
+    assert _value(families["specserve_engine_spec_position_accepted"], position="2") == 1
+    assert _value(families["specserve_engine_spec_policy"], policy="fixed") == 1
+
+
+def test_two_engine_cores_add_up_and_a_torn_file_is_skipped(tmp_path: Path) -> None:
+    planner = _planner_with_steps()
+    for pid in (1, 2):
+        export.write_atomically(tmp_path / f"engine-{pid}.json", planner.snapshot())
+    (tmp_path / "engine-3.json").write_text("{not json")
+    families = _families(tmp_path)
+    assert _value(families["specserve_engine_spec_plans"]) == 4
+    assert _value(families["specserve_engine_spec_rows_by_batch"], batch="2-3") == 4
+
+
+def test_an_empty_directory_still_serves_zeroes(tmp_path: Path) -> None:
+    assert _value(_families(tmp_path)["specserve_engine_spec_plans"]) == 0
+
+
+def test_the_background_thread_publishes_what_changed(tmp_path: Path) -> None:
+    planner = StepPlanner(FixedPolicy(), 4)
+    path = tmp_path / "sub" / "engine-7.json"
+    planner.publish_to(path)
+    planner.plan(StepRows(req_ids=("a",), caps=np.array([3]), context=np.array([5])))
+    done = threading.Event()
+    for _ in range(200):  # polled on the file itself: written within a few intervals
+        if path.exists() and json.loads(path.read_text())["steps"] == 1:
+            done.set()
+            break
+        done.wait(0.05)
+    planner.publisher.stop()
+    assert done.is_set(), f"no snapshot with steps=1 at {path}"
+
+
+def test_only_the_api_server_chooses_a_directory(tmp_path: Path, monkeypatch) -> None:
+    env: dict[str, str] = {}
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    assert export.prepare_stats_dir(env) is None and not env
+    env = {export.STATS_DIR_ENV: str(tmp_path)}
+    assert export.prepare_stats_dir(env) == str(tmp_path)
+    monkeypatch.setattr("sys.argv", ["/venv/bin/vllm", "serve", "model"])
+    env = {}
+    chosen = export.prepare_stats_dir(env)
+    assert chosen and Path(chosen).is_dir() and env[export.STATS_DIR_ENV] == chosen
