@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.specserve_process import ENGINE_KEY, MODEL_NAME, ServeProcess, running_specserve
+from support.specserve_process import ENGINE_KEY, MODEL_NAME, ServeProcess, running_specserve, wait_ready
 
 KEYED = {"authorization": f"Bearer {ENGINE_KEY}"}
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -68,6 +68,10 @@ def test_the_engine_answers_400_for_schemas_it_cannot_serve(server: ServeProcess
         assert says in r.text and '"choices"' not in r.text, r.text[:300]
         ok = engine.post("/v1/chat/completions", json=_chat({"type": "string", "pattern": "[a-z]{1,100}"}))
         assert ok.status_code == 200, ok.text[:300]
+    # vLLM validates in its event loop: a direct caller's slow compile (before the engine's
+    # compile workers have started it runs there) can hold /health past the gateway's probes,
+    # which then mark the engine down until a probe passes. Observed, not assumed:
+    wait_ready(server)
     with httpx.Client(base_url=server.base_url, trust_env=False, timeout=120) as gateway:
         r = gateway.post("/v1/chat/completions", json=_chat(schema))
         assert r.status_code == 400 and set(r.json()["error"]) == ERROR_KEYS, r.text[:300]

@@ -73,6 +73,11 @@ def _wait_ready(
     raise RuntimeError(f"specserve {proc.args[3]} not ready after {timeout_s} s:\n{_tail(log_path)}")
 
 
+def wait_ready(server: ServeProcess, timeout_s: float = 180.0) -> None:
+    """Until the gateway of ``server`` says it is ready again (``/ready`` 200), bounded."""
+    _wait_ready(server.proc, server.base_url, server.log_path, timeout_s, 0.5)
+
+
 def _tail(log_path: Path, n: int = 40) -> str:
     try:
         return "\n".join(log_path.read_text(errors="replace").splitlines()[-n:])

@@ -77,3 +77,30 @@ def test_the_gateway_never_forwards_a_clients_copy_of_the_header() -> None:
 
     sent = Proxy.forward_headers([(b"x-a", b"1"), (CHECKED_HEADER.encode(), served_reading().encode())])
     assert sent == {"x-a": "1"}
+
+
+def test_the_in_process_fallback_answer_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the compile workers are not available, the engine compiles in the calling thread (its
+    event loop); that answer is cached, so the same constraint is not compiled there twice."""
+    from specserve.structured import served
+    from specserve.structured.compile import CompileBusy, GrammarChecker
+
+    checker = GrammarChecker(cache_size=8, timeout_s=1.0)
+    monkeypatch.setitem(grammar_validation._CHECKER, "checker", checker)
+    monkeypatch.setattr(checker, "_run", lambda *a: (_ for _ in ()).throw(CompileBusy("starting")))
+    compiles: list[Any] = []
+    real = served.compile_served
+
+    def counting(kind: str, spec: Any) -> None:
+        compiles.append(spec)
+        real(kind, spec)
+
+    monkeypatch.setattr(served, "compile_served", counting)
+    unique = {"$defs": {"x": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"}  # admits no output
+    for _ in range(2):
+        with pytest.raises(REFUSED, match="admits no output"):
+            grammar_validation.check_served(_params(unique))
+    fine = {"type": "integer", "minimum": 7}
+    grammar_validation.check_served(_params(fine))
+    grammar_validation.check_served(_params(fine))
+    assert compiles == [unique, fine]

@@ -13,7 +13,7 @@ worker process, within ``$SPECSERVE_ENGINE_COMPILE_TIMEOUT_S`` (default 6 s, twi
 limit); a failure, an empty language or a compile over time raises vLLM's validation error, which
 its server answers with 400. Answers are cached by content (1,024). Until the workers have
 started (a second or two after the first constrained request), the compile runs in the calling
-thread without a time limit.
+thread without a time limit, and its answer is cached too.
 
 The check runs in the API server's event loop (vLLM validates synchronously there), so a request
 the gateway already compiled, under the same reading (:mod:`specserve_vllm.engine_auth`'s
@@ -104,7 +104,9 @@ def check_served(params: Any) -> None:
         try:  # workers still starting (or all busy): compile here, unbounded
             compile_served(kind, spec)  # type: ignore[arg-type]
         except NotServable as err:
+            _checker().remember(kind, spec, str(err))  # the same request again is not compiled again
             raise _validation_error(f"The {kind} constraint cannot be served: {err}") from err
+        _checker().remember(kind, spec, None)
 
 
 def _checked_by_gateway() -> bool:

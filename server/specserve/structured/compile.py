@@ -140,6 +140,10 @@ class GrammarChecker:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
+    def remember(self, kind: Kind, spec: Any, refusal: str | None) -> None:
+        """Keep an answer found elsewhere (the engine's in-process fallback) for later checks."""
+        self._remember(self.key(kind, spec), refusal)
+
     def cached(self, kind: Kind, spec: Any) -> tuple[bool, str | None]:
         """``(hit, refusal)`` for a previously checked constraint."""
         key = self.key(kind, spec)
