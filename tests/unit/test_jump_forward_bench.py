@@ -30,3 +30,34 @@ def test_cli_speculation_options(tmp_path: Path) -> None:
          "--spec-drafter", "recycling", "--spec-k", "3"]
     )
     assert (args.parts, args.spec_drafter, args.spec_k) == ("speculation", "recycling", 3)
+
+
+def test_forced_tool_call_rows_are_judged_by_the_calls_parameters() -> None:
+    from types import SimpleNamespace as NS
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    metrics = NS(to_dict=lambda: {"num_draft_tokens": 6, "num_accepted_draft_tokens": 5, "num_spec_steps": 2})
+
+    def row(text: str, constraint: str) -> dict:
+        return jsonschema_speculation._row(NS(spec_decode_metrics=metrics, finish_reason="stop", text=text,
+                                              token_ids=[1] * 9), schema, constraint)
+
+    call = '[{"name": "tool", "parameters": {"a": 1}}]'
+    assert row(call, "required")["valid"] == 1
+    assert row(call, "response_format")["valid"] == 0  # an array is not the object
+    assert row('[{"name": "tool", "parameters": {"a": "x"}}]', "required")["valid"] == 0
+    assert row(call, "required")["accepted"] == 5
+
+
+def test_summary_line_names_the_forced_tool_call_run() -> None:
+    mode = {"tau": 3.0, "tokens_per_forward": 2.5, "requests": 2}
+    spec = {"drafter": "recycling", "k": 4, "schemas": 1, "identical": 2, "off": mode, "jump_forward": mode,
+            "constraint": "required"}
+    assert "forced tool calls: recycling k=4 on 1 schemas" in summary({"seconds": 1.0, "tool_speculation": spec})
+
+
+def test_an_unknown_constraint_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="constraint must be one of"):
+        jsonschema_speculation.speculation_coverage(Path("."), {}, "ngram", 4, 8, lambda s: True, constraint="x")

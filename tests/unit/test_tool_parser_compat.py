@@ -145,6 +145,38 @@ def test_a_tag_prefix_cut_by_max_tokens_is_flushed(tokenizer: Any) -> None:
     assert out == "".join(pieces)
 
 
+def _served_parser(tokenizer: Any, request: ChatCompletionRequest) -> Any:
+    """vLLM's parser wrapper as its chat server builds it with ``--tool-call-parser specserve``."""
+    from vllm.parser.parser_manager import ParserManager
+
+    cls = ParserManager.get_parser(tool_parser_name=tool_parser.PARSER_NAME, enable_auto_tools=True)
+    return cls(tokenizer, request.tools)
+
+
+@pytest.mark.parametrize("pieces", [["It is", " sunny", " <tool_ca"], ["x <", "tool"], ["a", " <"]])
+def test_a_tag_prefix_at_a_stop_string_is_flushed(tokenizer: Any, pieces: list[str]) -> None:
+    """A stop string (or any end the parser cannot see in its tokens) ends the answer inside a
+    possible tag: the last delta, marked ``finished`` by the server, carries the held-back tail."""
+    request = _request(tools=TOOLS, max_tokens=100)
+    parser = _served_parser(tokenizer, request)
+    out = ""
+    for i, piece in enumerate(pieces):  # no end-of-sequence token, far from max_tokens
+        delta = parser.parse_delta(piece, [7], request, prompt_token_ids=[1], finished=i == len(pieces) - 1)
+        out += (delta.content or "") if delta is not None else ""
+    assert out == "".join(pieces)
+
+
+def test_a_started_call_is_not_flushed_as_content(tokenizer: Any) -> None:
+    request = _request(tools=TOOLS, max_tokens=100)
+    parser = _served_parser(tokenizer, request)
+    pieces = ["<tool_call>", '{"name": "get_weather", ', '"arguments": {"city": "Par']
+    deltas = [parser.parse_delta(p, [7], request, prompt_token_ids=[1], finished=i == len(pieces) - 1)
+              for i, p in enumerate(pieces)]
+    assert not any(d.content for d in deltas if d is not None)
+    assert [c.function.name for d in deltas if d is not None for c in d.tool_calls or [] if c.function.name] == [
+        "get_weather"]
+
+
 def test_the_bench_uses_the_constraints_the_server_compiles(tokenizer: Any) -> None:
     from specserve.bench.jsonschema_tools import output_valid, served_constraints
 

@@ -8,8 +8,10 @@ server where tools are optional:
 * requests without tools (or with ``tool_choice: "none"``) stream their text unchanged: the Hermes
   parser holds back a trailing ``<`` that might open a tag, and loses it when the answer ends there;
 * a held-back tail is flushed when the end-of-sequence token arrives or the answer reaches its
-  ``max_tokens`` (a stream cut inside ``<tool_ca`` still gets its last characters; a stop string
-  ending the answer there is not seen by the parser and still loses them);
+  ``max_tokens``, and when the stream ends for any other reason (a stop string, a length cut by
+  the context): vLLM's parser wrapper calls ``finalize_generation`` on the last delta, and
+  :func:`install_end_flush` appends :meth:`SpecserveToolParser.flush_held_back` there (a stream
+  cut inside ``<tool_ca`` still gets its last characters);
 * special tokens stay skipped (the markers are plain text here, unlike Hermes models' own tokens);
 * ``tool_choice`` named / ``required`` keep vLLM's grammar-forced JSON path
   (``supports_required_and_named``), which works with any model; for ``required`` the
@@ -26,6 +28,7 @@ streaming internals, so their sources are pinned below (drift test in tests/unit
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +45,8 @@ PARSER_NAME = "specserve"
 PLUGIN_MODULE = "specserve_vllm.compat.tool_parser"
 
 _HERMES = "vllm.tool_parsers.hermes_tool_parser"
+_PARSER = "vllm.parser.abstract_parser"
+_MARK = "_specserve_end_flush"
 UPSTREAM = (
     UpstreamFunction(_HERMES, "Hermes2ProToolParser._extract_content",
                      "ca5f636da912d8aaa427216de14a8bb81a65539c213eb9c66d17a123906632d5"),
@@ -51,6 +56,12 @@ UPSTREAM = (
                      "01020f0bb288fbc3f32246214f29ece8481abf38c59d7fa879b51bbf223294a4"),
     UpstreamFunction("vllm.tool_parsers.abstract_tool_parser", "ToolParser.adjust_request",
                      "7f015ae2866b25df4908672f28ff34b67178f6b93276737fc9facce32e0ce95f"),
+    # Wrapped: called on a stream's last delta (``finished``), where the held-back tail is flushed.
+    UpstreamFunction(_PARSER, "DelegatingParser.finalize_generation",
+                     "ad4553af67cc78f1007e1d309919b16add15f87af7781eac833924866a6ce7e9"),
+    # Relied on: it calls ``finalize_generation`` whenever the delta is the stream's last.
+    UpstreamFunction(_PARSER, "DelegatingParser.parse_delta",
+                     "a5a77549e528b74e73e49a8f00171a78867e831171778636115c6dd96000d400"),
 )
 
 
@@ -95,6 +106,7 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
     ) -> DeltaMessage | None:
         if not wants_tools(request):
             return DeltaMessage(content=delta_text) if delta_text else None
+        self._seen_text = current_text
         delta = super().extract_tool_calls_streaming(
             previous_text, current_text, delta_text, previous_token_ids, current_token_ids,
             delta_token_ids, request)
@@ -107,6 +119,55 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
                 return DeltaMessage(content=rest)
             delta.content = (delta.content or "") + rest
         return delta
+
+    def flush_held_back(self) -> str:
+        """The text held back as a possible ``<tool_call>`` start when the stream ended: with no
+        call begun, it was content (empty when nothing is held back or a call started)."""
+        text = getattr(self, "_seen_text", "")
+        start = self._sent_content_idx
+        if not text or self.tool_call_start_token in text or start >= len(text):
+            return ""
+        self._sent_content_idx = len(text)
+        return text[start:]
+
+
+def with_flushed_tail(delta: DeltaMessage | None, rest: str) -> DeltaMessage | None:
+    """``delta`` with ``rest`` appended to its content (a new delta when there is none).
+
+    >>> with_flushed_tail(None, "<tool_ca").content
+    '<tool_ca'
+    >>> with_flushed_tail(DeltaMessage(content="a "), "<").content
+    'a <'
+    >>> with_flushed_tail(None, "") is None
+    True
+    """
+    if not rest:
+        return delta
+    if delta is None:
+        return DeltaMessage(content=rest)
+    delta.content = (delta.content or "") + rest
+    return delta
+
+
+def install_end_flush() -> None:
+    """Wrap ``DelegatingParser.finalize_generation`` (a stream's last delta) to append what the
+    specserve parser still holds back (idempotent)."""
+    from vllm.parser.abstract_parser import DelegatingParser
+
+    finalize = DelegatingParser.finalize_generation
+    if getattr(finalize, _MARK, False):
+        return
+
+    @functools.wraps(finalize)
+    def finalize_generation(self: Any, delta_message: Any, *args: Any, **kwargs: Any) -> Any:
+        delta_message = finalize(self, delta_message, *args, **kwargs)
+        parser = getattr(self, "_tool_parser", None)
+        if isinstance(parser, SpecserveToolParser):
+            delta_message = with_flushed_tail(delta_message, parser.flush_held_back())
+        return delta_message
+
+    setattr(finalize_generation, _MARK, True)
+    DelegatingParser.finalize_generation = finalize_generation  # type: ignore[method-assign]
 
 
 def at_token_limit(request: Any, token_ids: Sequence[int]) -> bool:
@@ -156,6 +217,7 @@ def register() -> None:
     if ToolParserManager.tool_parsers.get(PARSER_NAME) is SpecserveToolParser:
         return
     warn_if_drifted(__name__, UPSTREAM)
+    install_end_flush()
     ToolParserManager.register_module(PARSER_NAME, module=SpecserveToolParser)
     logger.debug("registered the specserve tool parser")
 

@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parts",
         default="maskbench,compile",
-        help="comma-separated: maskbench, compile, generate, speculation, tools (the last three "
-        "start engines)",
+        help="comma-separated: maskbench, compile, generate, speculation, tool-speculation, tools "
+        "(the last four start engines; tool-speculation = speculation under forced tool calls)",
     )
     parser.add_argument("--gen-limit", type=int, default=2, help="schemas per dataset to generate")
     parser.add_argument("--max-tokens", type=int, default=256, help="generation length bound")
@@ -155,6 +155,15 @@ def run(args: argparse.Namespace) -> int:
         result["speculation"] = speculation_coverage(
             model, groups, args.spec_drafter, args.spec_k, args.max_tokens, gateway_check.schema_ok
         )
+    if "tool-speculation" in parts:
+        from specserve.bench.jsonschema_speculation import speculation_coverage
+
+        schema_files = list((args.data / "schemas").glob("*/*.json"))
+        groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
+        result["tool_speculation"] = speculation_coverage(
+            model, groups, args.spec_drafter, args.spec_k, args.max_tokens, gateway_check.tool_ok,
+            constraint="required",
+        )
     if "tools" in parts:
         from specserve.bench.jsonschema_tools import tool_call_coverage
 
@@ -201,6 +210,10 @@ def summary(result: dict[str, Any]) -> str:
         from specserve.bench.jsonschema_speculation import speculation_summary
 
         bits.append(speculation_summary(result["speculation"]))
+    if "tool_speculation" in result:
+        from specserve.bench.jsonschema_speculation import speculation_summary
+
+        bits.append("forced tool calls: " + speculation_summary(result["tool_speculation"]))
     if "tools" in result:
         from specserve.bench.jsonschema_tools import tools_summary
 

@@ -12,6 +12,13 @@ mode, summed over requests:
 * drafted / accepted draft tokens, finished and strict-JSON + schema-valid outputs.
 
 ``identical`` counts requests whose token ids agree between the two modes (greedy: all of them).
+
+``constraint="required"`` measures forced tool calls instead: each schema is a function's
+``parameters`` and the grammar is the one the server compiles for ``tool_choice: "required"``
+(``[{"name": "tool", "parameters": {...}}]``, the ``specserve`` parser's closed envelope), so the
+call's scaffolding (bracket, keys, the function's name) is forced and jump-forward can draft it.
+Valid means every call's parameters validate. The prompts are short (the tool is not listed in
+them): the figure is about the grammar's forced tokens, not the model's choice of call.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from specserve.bench.drafters import tau
 logger = logging.getLogger(__name__)
 
 PROMPTS = ("Return a JSON document.\n", '{"')
+TOOL_PROMPTS = ("Call the tool.\n", "[")
 MODES = ("off", "jump_forward")
+CONSTRAINTS = ("response_format", "required")
 
 
 def tokens_per_forward(tokens: int, accepted: int) -> float:
@@ -68,18 +77,21 @@ def speculation_totals(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _row(completion: Any, schema: Any) -> dict[str, Any]:
+def _row(completion: Any, schema: Any, constraint: str = "response_format") -> dict[str, Any]:
     from specserve.bench.jsonschema_generate import _is_valid
+    from specserve.bench.jsonschema_tools import output_valid
 
     metrics = completion.spec_decode_metrics.to_dict() if completion.spec_decode_metrics else {}
     finished = completion.finish_reason == "stop"
+    valid = (_is_valid(completion.text, schema) if constraint == "response_format"
+             else output_valid(constraint, completion.text, schema))
     return {
         "tokens": len(completion.token_ids),
         "drafted": metrics.get("num_draft_tokens", 0),
         "accepted": metrics.get("num_accepted_draft_tokens", 0),
         "spec_steps": metrics.get("num_spec_steps", 0),
         "finished": int(finished),
-        "valid": int(finished and _is_valid(completion.text, schema)),
+        "valid": int(finished and valid),
     }
 
 
@@ -97,7 +109,7 @@ def _engine(model: Path, drafter: str, k: int) -> Any:
     )
 
 
-def _generate(llm: Any, schema: Any, max_tokens: int) -> list[Any] | None:
+def _generate(llm: Any, schema: Any, max_tokens: int, prompts: tuple[str, ...] = PROMPTS) -> list[Any] | None:
     from vllm import SamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import StructuredOutputsParams
@@ -107,7 +119,7 @@ def _generate(llm: Any, schema: Any, max_tokens: int) -> list[Any] | None:
         structured_outputs=StructuredOutputsParams(json=schema),
     )
     try:
-        outs = llm.generate(list(PROMPTS), [params] * len(PROMPTS), use_tqdm=False)
+        outs = llm.generate(list(prompts), [params] * len(prompts), use_tqdm=False)
     except (ValueError, TypeError, VLLMClientError) as err:
         logger.info("schema refused", extra={"fields": {"error": str(err)[:200]}})
         return None
@@ -134,34 +146,44 @@ def speculation_coverage(
     k: int,
     max_tokens: int,
     gate: Any,
+    constraint: str = "response_format",
 ) -> dict[str, Any]:
-    """τ and acceptance per mode (``off``, ``jump_forward``) over the served schemas."""
+    """τ and acceptance per mode (``off``, ``jump_forward``) over the served schemas, each used
+    as ``constraint`` (one of :data:`CONSTRAINTS`)."""
     from specserve.engine import settings
 
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {constraint!r}")
     schemas = _load(files_by_dataset, gate)
     llm = _engine(model, drafter, k)
+    prompts = PROMPTS if constraint == "response_format" else TOOL_PROMPTS
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     tokens: dict[str, list[list[int]]] = {m: [] for m in MODES}
     try:
         for i, schema in enumerate(schemas):
             logger.info("speculation progress", extra={"fields": {"done": i, "of": len(schemas)}})
             done: dict[str, list[Any]] = {}
+            grammar = schema
+            if constraint != "response_format":
+                from specserve.bench.jsonschema_tools import served_constraints
+
+                grammar = served_constraints(llm.get_tokenizer(), schema)[constraint]
             for mode in MODES:
                 with settings.override(jump_forward=mode == "jump_forward"):
-                    outs = _generate(llm, schema, max_tokens)
+                    outs = _generate(llm, grammar, max_tokens, prompts)
                 if outs is None:
                     break
                 done[mode] = outs
             if len(done) < len(MODES):
                 continue
             for mode, outs in done.items():
-                rows[mode] += [_row(c, schema) for c in outs]
+                rows[mode] += [_row(c, schema, constraint) for c in outs]
                 tokens[mode] += [list(c.token_ids) for c in outs]
     finally:
         del llm
     identical = sum(a == b for a, b in zip(tokens["off"], tokens["jump_forward"]))
     result: dict[str, Any] = {
-        "drafter": drafter, "k": k, "max_tokens": max_tokens, "schemas": len(schemas),
+        "drafter": drafter, "k": k, "max_tokens": max_tokens, "constraint": constraint, "schemas": len(schemas),
         "identical": identical,
     }
     result.update({m: speculation_totals(rows[m]) for m in MODES})
