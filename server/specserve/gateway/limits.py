@@ -280,8 +280,11 @@ class AdmissionQueue:
                            code="queue_full", headers={"Retry-After": "1"}, reason="queue_full")
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.timeout_s)
-        except asyncio.TimeoutError:
+            # Not ``wait_for``: on 3.11 it can swallow a cancel that lands as the slot is granted,
+            # and a request whose client left would go on to the engine.
+            async with asyncio.timeout(self.timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
             raise APIError(503, "The server is overloaded: timed out waiting in the queue.",
                            code="queue_timeout", headers={"Retry-After": "1"}, reason="queue_full") from None
         finally:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from specserve.errors import APIError
-from specserve.gateway.limits import charged_tokens, check_api_key, engine_max_tokens
+from specserve.gateway.limits import AdmissionQueue, charged_tokens, check_api_key, engine_max_tokens
 from specserve.gateway.protocol import (
     ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -157,7 +157,7 @@ async def _generate(
         gw.limiter.admit(key, charged_tokens(prompt_chars, allowed, parsed.n, prompt_tokens, prompts))
     plan = gw.spec.prepare(parsed.model, body, forward)
     body_bytes = forward.encode()
-    await _unless_client_leaves(request, gw.queue.acquire())
+    await take_slot(request, gw.queue)
     started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
     outcome = Outcome(collect_tool_calls=tools is not None and tools.kind != "none")
     headers = gw.proxy.forward_headers(request.scope["headers"])
@@ -230,24 +230,37 @@ async def _client_left(request: Request) -> None:
         pass
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+async def take_slot(request: Request, queue: AdmissionQueue) -> None:
+    """Wait for an engine slot; 499 (and no slot held) when the client leaves first or meanwhile."""
+    await _unless_client_leaves(request, queue.acquire(), undo=lambda _: queue.release())
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T],
+                                undo: Callable[[T], None] | None = None) -> T:
     """``await work``, cancelled when the client disconnects first (then 499, which nobody reads).
 
     A request waiting for a slot leaves the queue, and a forwarded one drops its engine
     connection, which makes the engine abort it: a client that sends and hangs up holds nothing.
+    When the client leaves in the same instant as ``work`` finishes, ``undo`` (if given) gets
+    the result back, and it is a 499 too: a slot granted to a client that left is returned.
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_client_left(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        if not watcher.done():
+            watcher.cancel()
+    left = watcher.done() and not watcher.cancelled() and watcher.exception() is None
     if not task.done():
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         if task.cancelled():
             raise APIError(499, "The client closed the request.", code="client_closed")
+    if left and undo is not None and task.exception() is None:
+        undo(task.result())
+        raise APIError(499, "The client closed the request.", code="client_closed")
     return task.result()
 
 
