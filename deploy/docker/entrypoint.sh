@@ -73,7 +73,10 @@ case "$mode" in
     done
     set -- --middleware specserve_vllm.engine_auth.EngineKeyMiddleware "$@"
     if [ -n "${SPECSERVE_SPECULATIVE_CONFIG:-}" ]; then
-      set -- --speculative-config "$SPECSERVE_SPECULATIVE_CONFIG" "$@"
+      # Per-request acceptance and drafts per step in each response: the gateway's goodput
+      # policy learns from them, and they give the x-specserve-spec-k-mean/-max headers.
+      set -- --speculative-config "$SPECSERVE_SPECULATIVE_CONFIG" \
+        --per-request-spec-decode-metrics detailed "$@"
     fi
     # Unset SPECSERVE_MODEL: the demo model shipped in the package, named as `specserve serve` names it.
     if [ -n "${SPECSERVE_MODEL:-}" ]; then

@@ -1,6 +1,7 @@
 """``specserve serve --drafter recycling --spec-policy goodput`` on the demo model: the gateway's
 ``spec_k`` reaches the engine (the per-request metrics show at most ``k`` drafts a step), a client's
-own ``spec_k`` wins, and the acceptance lands in the gateway's Prometheus metrics."""
+own ``spec_k`` wins, each response tells the k it got, and the acceptance lands in the gateway's
+Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -18,8 +19,18 @@ def _complete(client: httpx.Client, base: str, **extra: object) -> tuple[int, di
     r = client.post(f"{base}/v1/completions", json={
         "model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 32, "temperature": 0, **extra})
     assert r.status_code == 200, r.text
-    spec = r.json()["metrics"]["speculative_decoding"]
-    return int(r.headers["x-specserve-spec-k"]), spec
+    body = r.json()
+    spec = body["metrics"]["speculative_decoding"]
+    k = int(r.headers["x-specserve-spec-k"])
+    # What the request got, as the response tells it: within its budget, and the engine's own
+    # per-step drafts agree (the engine reports at the detailed level).
+    mean, top = float(r.headers["x-specserve-spec-k-mean"]), int(r.headers["x-specserve-spec-k-max"])
+    drafted = spec.get("per_step_drafted") or []  # absent when no step drafted
+    assert len(drafted) == spec["num_spec_steps"]
+    assert top == max(drafted, default=0) and 0 <= mean <= top <= k
+    steps = body["usage"]["completion_tokens"] - 1 - spec["num_accepted_draft_tokens"]
+    assert mean == round(spec["num_draft_tokens"] / max(steps, spec["num_spec_steps"], 1), 3)
+    return k, spec
 
 
 def test_gateway_spec_k_reaches_the_engine(demo_model_dir: Path, tmp_path: Path) -> None:
@@ -55,4 +66,5 @@ def test_gateway_spec_k_reaches_the_engine(demo_model_dir: Path, tmp_path: Path)
     assert values[("specserve_spec_acceptance_length_count", "")] == 3  # spec_k=0 had no steps
     assert values[("specserve_spec_k_count", "goodput")] == 2
     assert values[("specserve_spec_k_count", "client")] == 2
+    assert values[("specserve_spec_k_used_count", "")] == 4  # every response with metrics, stream too
     assert 0.0 < values[("specserve_spec_alpha_ratio", "")] < 1.0

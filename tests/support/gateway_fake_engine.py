@@ -75,7 +75,8 @@ def spec_metrics(state: FakeState, spec_k: object) -> dict:
         "draft_acceptance_rate": accepted / k if steps else 0.0,
         "acceptance_histogram": histogram, "num_spec_steps": steps,
         "num_accepted_draft_tokens": accepted * steps, "num_draft_tokens": k * steps,
-        "num_spec_tokens": state.spec_tokens}}
+        "num_spec_tokens": state.spec_tokens,
+        "per_step_drafted": [k] * steps, "per_step_accepted": [accepted] * steps}}
 
 
 def _sse(data: dict | str) -> bytes:

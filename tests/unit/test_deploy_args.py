@@ -113,7 +113,8 @@ def test_engine_commands_parse_with_the_vllm_server_parser(launches: dict[str, l
         "    a = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)\n"
         "    spec = a.speculative_config\n"
         "    out[label] = {'model': a.model, 'port': a.port, 'max_model_len': a.max_model_len,\n"
-        "                  'served': a.served_model_name, 'spec': spec if spec is None else dict(spec)}\n"
+        "                  'served': a.served_model_name, 'spec': spec if spec is None else dict(spec),\n"
+        "                  'spec_metrics': a.per_request_spec_decode_metrics}\n"
         "print(json.dumps(out))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], input=json.dumps({k: v[3:] for k, v in engines.items()}),
@@ -124,6 +125,8 @@ def test_engine_commands_parse_with_the_vllm_server_parser(launches: dict[str, l
     for label, a in parsed.items():
         assert a["port"] == 8100, label
         assert a["max_model_len"] >= 512, label
+        # a speculative engine reports per-request drafts per step (the gateway learns from them)
+        assert a["spec_metrics"] == ("none" if a["spec"] is None else "detailed"), label
     assert parsed["compose-cpu/engine"]["model"] == "/opt/demo"
     assert parsed["compose-cpu/engine"]["served"] == ["specserve-demo"]
     assert parsed["compose-cpu/engine"]["spec"]["method"] == "ngram"

@@ -184,6 +184,8 @@ def test_goodput_policy_sets_spec_k_and_respects_the_clients(fake: tuple[str, Fa
         async with gateway(GatewayConfig(replicas=[url], spec_policy="goodput")) as (client, _):
             r = await client.post("/v1/chat/completions", json=CHAT)
             assert r.status_code == 200 and r.headers["x-specserve-spec-k"] == "4"
+            # what the request got: 9 tokens, 2 steps of 4 drafts each accepting all 4
+            assert (r.headers["x-specserve-spec-k-mean"], r.headers["x-specserve-spec-k-max"]) == ("4", "4")
             assert state.requests[-1]["vllm_xargs"] == {"spec_k": 4}
             assert state.requests[-1]["messages"] == CHAT["messages"]
             s = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True,
@@ -195,6 +197,9 @@ def test_goodput_policy_sets_spec_k_and_respects_the_clients(fake: tuple[str, Fa
                 r = await client.post("/v1/chat/completions", json={**CHAT, "vllm_xargs": xargs})
                 assert r.status_code == 200 and state.requests[-1]["vllm_xargs"] == xargs
                 assert r.headers["x-specserve-spec-k"] == str(xargs["spec_k"])
+                # spec_k=1: 9 tokens, 2 steps accepting their 1 draft, so 6 decode steps, 2 drafts
+                assert (r.headers["x-specserve-spec-k-mean"], r.headers["x-specserve-spec-k-max"]) == (
+                    ("0.333", "1") if xargs["spec_k"] == 1 else ("0", "0"))
             r = await client.post("/v1/chat/completions", json={**CHAT, "vllm_xargs": {"other": "v"}})
             assert state.requests[-1]["vllm_xargs"] == {"other": "v", "spec_k": 4}
             return (await client.get("/metrics")).text
@@ -208,6 +213,8 @@ def test_goodput_policy_sets_spec_k_and_respects_the_clients(fake: tuple[str, Fa
     assert found[("specserve_spec_k_count", (("model", MODEL), ("source", "goodput")))] == 3
     assert found[("specserve_spec_k_count", (("model", MODEL), ("source", "client")))] == 2
     assert found[("specserve_spec_k_sum", (("model", MODEL), ("source", "client")))] == 1
+    assert found[("specserve_spec_k_used_count", (("model", MODEL),))] == 5
+    assert found[("specserve_spec_k_used_sum", (("model", MODEL),))] == pytest.approx(3 * 4 + 0.333)
     assert found[("specserve_spec_alpha_ratio", (("model", MODEL),))] > 0.8  # prior 0.5, 26 of 26 accepted
     assert found[("specserve_spec_batch_requests", (("model", MODEL),))] in (1, 2)  # 2: scraped mid-stream
     assert found[("specserve_spec_step_base_seconds", (("model", MODEL),))] > 0

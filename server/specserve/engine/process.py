@@ -139,7 +139,7 @@ def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
     if spec.speculative_config:
         # per-request acceptance in each response (`metrics.speculative_decoding`) for the gateway
         cmd += ["--speculative-config", spec.speculative_config,
-                "--per-request-spec-decode-metrics", "summary"]
+                "--per-request-spec-decode-metrics", "detailed"]
         ours = {k: v for k, v in (("spec_policy", spec.spec_policy), ("calibration", spec.calibration)) if v}
         if ours:
             cmd += ["--additional-config", json.dumps({"specserve": {**ours, "log_every": 2000}})]

@@ -105,14 +105,19 @@ class SpecStats:
     """Tokens per verification step, the bonus token included."""
     histogram: tuple[int, ...] = ()
     """Steps that accepted exactly ``j`` drafts, for ``j`` in ``0..spec_tokens``."""
+    per_step_drafted: tuple[int, ...] = ()
+    """Drafts of each verification step, in order (engines at the ``detailed`` metrics level)."""
+    per_step_accepted: tuple[int, ...] = ()
+    """Accepted drafts of each verification step, in order (``detailed`` level)."""
 
     def trials(self) -> tuple[int, int]:
         """``(successes, trials)`` of the per-token acceptance: the geometric model's estimate.
 
         A step accepts drafts until the first rejection, so the trials are the accepted drafts
-        plus the steps that rejected one. When every step drafted the same ``d`` tokens, those are
-        the steps that accepted fewer than ``d`` (``steps - histogram[d]``); otherwise every draft
-        counts as a trial (``accepted / drafted``, an underestimate when some steps reject early).
+        plus the steps that rejected one. With per-step counts those steps are known exactly; when
+        every step drafted the same ``d`` tokens, they are the steps that accepted fewer than ``d``
+        (``steps - histogram[d]``); otherwise every draft counts as a trial (``accepted /
+        drafted``, an underestimate when some steps reject early).
 
         Example:
             >>> SpecStats(accepted=6, drafted=8, steps=4, spec_tokens=2, mean_acceptance_length=2.5,
@@ -120,12 +125,43 @@ class SpecStats:
             (6, 7)
             >>> SpecStats(accepted=3, drafted=7, steps=3, spec_tokens=4, mean_acceptance_length=2.0).trials()
             (3, 7)
+            >>> SpecStats(accepted=3, drafted=7, steps=3, spec_tokens=4, mean_acceptance_length=2.0,
+            ...           per_step_drafted=(4, 2, 1), per_step_accepted=(0, 2, 1)).trials()
+            (3, 4)
         """
+        if self.per_step_drafted and len(self.per_step_drafted) == len(self.per_step_accepted):
+            rejected = sum(a < d for d, a in zip(self.per_step_drafted, self.per_step_accepted))
+            return self.accepted, self.accepted + rejected
         if self.steps > 0 and self.drafted % self.steps == 0:
             d = self.drafted // self.steps
             if 0 < d < len(self.histogram):
                 return self.accepted, self.accepted + self.steps - self.histogram[d]
         return self.accepted, self.drafted
+
+    def k_used(self, completion_tokens: int | None) -> tuple[float, int] | None:
+        """``(mean, max)`` drafts per decode step of this request: the speculation length it got.
+
+        The mean is over every decode step, those with no drafts included: a request of ``n``
+        tokens had ``n - 1 - accepted`` decode steps (each commits its accepted drafts plus one
+        token; the first token comes from the prefill). The max needs per-step counts; without
+        them it is the largest ``j`` seen accepted, a lower bound. ``None`` without a token count.
+
+        Example:
+            >>> s = SpecStats(accepted=3, drafted=7, steps=3, spec_tokens=4, mean_acceptance_length=2.0,
+            ...               per_step_drafted=(4, 2, 1), per_step_accepted=(0, 2, 1))
+            >>> s.k_used(10)  # 10 tokens: 1 from the prefill, 6 decode steps (3 of them drafted)
+            (1.167, 4)
+            >>> s.k_used(None) is None
+            True
+        """
+        if not completion_tokens:
+            return None
+        steps = max(decode_steps(completion_tokens, self), self.steps, 1)
+        if self.per_step_drafted:
+            top = max(self.per_step_drafted)
+        else:
+            top = max((j for j, c in enumerate(self.histogram) if c), default=0)
+        return round(self.drafted / steps, 3), top
 
 
 @dataclass

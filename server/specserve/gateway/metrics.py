@@ -96,6 +96,10 @@ class GatewayMetrics:
             "k", "Speculation length (vllm_xargs.spec_k) of each request, by who set it "
             "(goodput: the gateway's controller; client: the request itself).",
             ["model", "source"], buckets=SPEC_K_BUCKETS)
+        self.spec_k_used = histogram(
+            "k_used", "Drafts per decode step each request got (its mean over all its steps), from the "
+            "engines' per-request metrics: what the engine's per-step controller spent of the budget.",
+            ["model"], buckets=SPEC_K_BUCKETS)
         self.spec_alpha = gauge("alpha_ratio", "The controller's per-token draft acceptance estimate.", ["model"])
         self.spec_batch = gauge("batch_requests", "Batch size the controller assumed for its latest choice.",
                                 ["model"])

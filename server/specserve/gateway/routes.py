@@ -24,7 +24,7 @@ from specserve.gateway.protocol import (
 from specserve.gateway.prompt_tokens import Route, TokenizeFailed, completion_prompts, count_prompts
 from specserve.gateway.proxy import Outcome
 from specserve.gateway.request_body import ForwardBody
-from specserve.gateway.speculation import SPEC_K_HEADER
+from specserve.gateway.speculation import SPEC_K_HEADER, SPEC_K_MAX_HEADER, SPEC_K_MEAN_HEADER
 from specserve.gateway.state import Gateway
 from specserve.gateway.tools import Call, ToolRequest, failures, tool_request
 from specserve.structured.engine_grammar import CHECKED_HEADER, served_reading
@@ -186,6 +186,10 @@ async def _generate(
             gw.spec.record(parsed.model, outcome, plan, elapsed_s=time.perf_counter() - sent, unary=True)
         if plan.k is not None:
             response.headers[SPEC_K_HEADER] = str(plan.k)
+        used = outcome.spec.k_used(outcome.completion_tokens) if outcome.spec is not None else None
+        if used is not None:
+            response.headers[SPEC_K_MEAN_HEADER] = f"{used[0]:g}"
+            response.headers[SPEC_K_MAX_HEADER] = str(used[1])
         return response
 
     async def on_close(disconnected: bool) -> None:

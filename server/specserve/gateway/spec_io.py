@@ -2,7 +2,8 @@
 
 Requests carry their speculation length as ``vllm_xargs.spec_k`` (the engine plugin caps the
 request's drafts at it). Responses of engines started with ``--per-request-spec-decode-metrics``
-carry ``metrics.speculative_decoding``: in the body of a unary response, and in the final usage
+carry ``metrics.speculative_decoding`` (specserve starts them at the ``detailed`` level: with
+per-step draft and acceptance counts): in the body of a unary response, and in the final usage
 chunk of a stream (present only when the stream reports usage, ``stream_options.include_usage``).
 """
 
@@ -24,8 +25,10 @@ def spec_stats(response: Any) -> SpecStats | None:
         >>> spec_stats({"metrics": {"speculative_decoding": {
         ...     "mean_acceptance_length": 2.5, "draft_acceptance_rate": 0.75,
         ...     "acceptance_histogram": [1, 0, 3], "num_spec_steps": 4,
-        ...     "num_accepted_draft_tokens": 6, "num_draft_tokens": 8, "num_spec_tokens": 2}}})
-        SpecStats(accepted=6, drafted=8, steps=4, spec_tokens=2, mean_acceptance_length=2.5, histogram=(1, 0, 3))
+        ...     "num_accepted_draft_tokens": 6, "num_draft_tokens": 8, "num_spec_tokens": 2,
+        ...     "per_step_drafted": [2, 2, 2, 2], "per_step_accepted": [2, 2, 0, 2]}}})
+        SpecStats(accepted=6, drafted=8, steps=4, spec_tokens=2, mean_acceptance_length=2.5, \
+histogram=(1, 0, 3), per_step_drafted=(2, 2, 2, 2), per_step_accepted=(2, 2, 0, 2))
         >>> spec_stats({"usage": {}}) is None, spec_stats({"metrics": {"speculative_decoding": {}}}) is None
         (True, True)
     """
@@ -44,6 +47,8 @@ def spec_stats(response: Any) -> SpecStats | None:
             spec_tokens=int(spec.get("num_spec_tokens") or 0),
             mean_acceptance_length=float(spec.get("mean_acceptance_length") or 1.0),
             histogram=tuple(int(c) for c in histogram),
+            per_step_drafted=tuple(int(c) for c in spec.get("per_step_drafted") or ()),
+            per_step_accepted=tuple(int(c) for c in spec.get("per_step_accepted") or ()),
         )
     except (KeyError, TypeError, ValueError):
         return None

@@ -23,6 +23,10 @@ from specserve.gateway.spec_io import client_spec_k
 log = logging.getLogger(__name__)
 
 SPEC_K_HEADER = "x-specserve-spec-k"
+SPEC_K_MEAN_HEADER = "x-specserve-spec-k-mean"
+"""Drafts per decode step this request got, over all its steps (unary responses)."""
+SPEC_K_MAX_HEADER = "x-specserve-spec-k-max"
+"""Most drafts in one of this request's steps (unary responses)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class SpecLength:
             m.child(m.spec_accepted_tokens, model, replica).inc(stats.accepted)
         if stats.steps:
             m.child(m.spec_acceptance_length, model).observe(stats.mean_acceptance_length)
+        used = stats.k_used(outcome.completion_tokens)
+        if used is not None:
+            m.child(m.spec_k_used, model).observe(used[0])
         steps = decode_steps(outcome.completion_tokens, stats)
         if unary and steps:
             steps += 1
@@ -114,4 +121,4 @@ class SpecLength:
         m.child(m.spec_step_token, model).set(b)
 
 
-__all__ = ["SPEC_K_HEADER", "SpecLength", "SpecPlan", "pool_batch"]
+__all__ = ["SPEC_K_HEADER", "SPEC_K_MAX_HEADER", "SPEC_K_MEAN_HEADER", "SpecLength", "SpecPlan", "pool_batch"]
