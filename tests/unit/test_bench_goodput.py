@@ -1,4 +1,5 @@
-"""The spec-off and goodput benchmarks' arithmetic, the open-loop driver on a fake engine, and the CLI."""
+"""The spec-off and goodput benchmarks' arithmetic, the load drivers on a fake engine, the charts,
+and the CLI."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from specserve.bench import goodput, spec_off
+from specserve.bench import goodput, load, spec_off
 from specserve.cli import build_parser
 
 
 @pytest.mark.parametrize("name", ["specserve.bench.goodput", "specserve.bench.spec_off",
+                                  "specserve.bench.load", "specserve.bench.stats", "specserve.bench.svg",
                                   "specserve.commands.calibrate"])
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name))
@@ -51,10 +53,63 @@ class _FakeEngine:
 
 def test_open_loop_counts_every_request_and_token() -> None:
     times = [0.0, 0.001, 0.002, 0.003]
-    result = goodput.open_loop(_FakeEngine(steps=3), [[1]] * 4, [None] * 4, times, "t")
+    steps: list[float] = []
+    finished, span = load.open_loop(_FakeEngine(steps=3), [([1], None)] * 4, times, "t", on_step=steps.append)
+    result = load.summarise(finished, span)
+    assert [len(f.tokens) for f in finished] == [3, 3, 3, 3]
+    assert all(f.sent <= f.first <= f.done for f in finished)
     assert result["tokens_per_s"] > 0 and result["latency_mean_s"] >= 0
     assert result["latency_p99_s"] >= result["latency_p50_s"]
-    assert result["tpot_mean_ms"] >= 0
+    assert result["tpot_mean_ms"] >= 0 and result["looping_share"] == 0.0
+    assert len(steps) >= 3 and steps == sorted(steps)
+
+
+class _CountingEngine(_FakeEngine):
+    """Also records the most requests it ever held at once."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(steps)
+        self.most = 0
+
+    def add_request(self, rid: str, prompt: Any, params: Any) -> None:
+        super().add_request(rid, prompt, params)
+        self.most = max(self.most, len(self.live))
+
+
+@pytest.mark.parametrize("clients", [1, 3, 10])
+def test_closed_loop_keeps_the_clients_busy_and_no_more(clients: int) -> None:
+    engine = _CountingEngine(steps=2)
+    finished, span = load.closed_loop(engine, [([1], None)] * 7, clients, "c")
+    assert len(finished) == 7 and all(len(f.tokens) == 2 for f in finished)
+    assert engine.most == min(clients, 7) and span > 0
+    # a request is sent when another finishes: never before the first of the earlier ones ends
+    if clients == 1:
+        assert all(b.sent >= a.done for a, b in zip(finished, finished[1:]))
+
+
+def test_the_verdict_and_the_summary_name_the_best_arm() -> None:
+    point = {"none": {"latency_mean_s": 1.0, "latency_mean_s_ci": 0.0},
+             "k4": {"latency_mean_s": 2.0, "latency_mean_s_ci": 0.0},
+             "goodput": {"latency_mean_s": 1.1, "latency_mean_s_ci": 0.0}}
+    v = goodput.verdicts(point, "latency_mean_s", lower_is_better=True)
+    assert v == {"best": "none", "ratio": 1.1, "within": False, "better_than_fixed": False}
+    point["goodput"]["latency_mean_s_ci"] = 0.2  # a noisy measurement: within its CI
+    assert goodput.verdicts(point, "latency_mean_s", lower_is_better=True)["within"] is True
+    assert goodput.verdicts({"none": point["none"]}, "latency_mean_s", lower_is_better=True) is None
+
+
+def test_plots_are_written_for_every_part(tmp_path: Any) -> None:
+    arm = {"latency_mean_s": 1.0, "tokens_per_s": 5.0}
+    report = {"drafter": "hydra",
+              "open": {"t0": {"1": {"arms": {"none": arm, "goodput": arm}},
+                              "2": {"arms": {"none": arm, "goodput": arm}}}},
+              "closed": {"t0": {"1": {"arms": {"none": arm}}, "4": {"arms": {"none": arm}}}},
+              "trace": {"goodput_steps": [[0.1, 1, 4.0], [0.2, 6, 1.0], [0.3, 1, 3.0]]}}
+    written = goodput.write_plots(report, tmp_path)
+    assert sorted(p.name for p in written) == ["goodput-latency-vs-rate-t0.svg", "goodput-step-trace.svg",
+                                               "goodput-throughput-vs-clients-t0.svg"]
+    trace = (tmp_path / "goodput-step-trace.svg").read_text()
+    assert trace.count("<polyline") == 2 and "decode rows" in trace
 
 
 def test_cli_knows_the_new_commands() -> None:
@@ -62,7 +117,9 @@ def test_cli_knows_the_new_commands() -> None:
     args = parser.parse_args(["bench", "spec-off", "--reps", "2"])
     assert args.reps == 2 and args.drafters == "recycling,hydra"
     args = parser.parse_args(["bench", "goodput", "--rates", "1,2"])
-    assert args.rates == "1,2" and "goodput" in args.arms
+    assert args.rates == "1,2" and "goodput" in args.arms and args.parts == "open" and not args.full
+    args = parser.parse_args(["bench", "goodput", "--full", "--plots", "out"])
+    assert args.full and str(args.plots) == "out"
     args = parser.parse_args(["calibrate", "--drafters", "recycling"])
     assert args.spec_ks == "0,1,2,4"
     args = parser.parse_args(["serve", "--drafter", "recycling", "--engine-spec-policy", "goodput"])

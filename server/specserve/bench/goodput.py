@@ -1,22 +1,26 @@
-"""``specserve bench goodput``: the engine's goodput controller against every fixed policy (skeleton).
+"""``specserve bench goodput``: the engine's goodput controller against every fixed policy.
 
 Arms:
 - ``none``: an engine without a drafter;
 - ``k1`` .. ``k4``: one speculative engine with the ``fixed`` policy, every request sending that
   ``spec_k``;
-- ``goodput``: a speculative engine with ``--engine-spec-policy goodput``.
+- ``goodput``: a speculative engine with the engine's per-step ``goodput`` policy.
 
-Each arm has its own in-process engine, all alive at once. Load is open loop: Poisson
-arrivals at each ``--rates`` value (requests/s), precomputed from ``--seed``, so the client is a
-loop that adds due requests and steps the engine (no HTTP, no threads). Every arm gets the same
-prompts (held-out stdlib files), the same lognormal output lengths and the same warm-up. Arms
-run in a new random order at every rate. Reports per arm and rate mean / p50 / p99 latency,
-TTFT, TPOT and output tokens/s, as JSON on stdout and a one-line summary on stderr.
+Each arm has its own in-process engine, all alive at once, with the same warm-up. Every arm gets
+the same prompts (held-out stdlib files), output lengths (lognormal) and seeds, and the arms run
+in a new random order at every point. Parts (``--parts``):
+- ``open``: open-loop Poisson arrivals at each ``--rates`` value (precomputed from the seed);
+- ``closed``: ``--concurrency`` clients, each sending its next request when the last finishes;
+- ``trace``: a load step (low, high, low) on every arm, recording each step's decode batch and
+  drafts per row (the goodput arm's k over time).
 
-Runs on a machine shared with other work cannot give publishable figures: arrival-time
-latencies absorb every pause of the machine. Use them to check the harness, and publish only
-runs on a quiet machine with ``--reps`` > 1. Not yet covered: the gateway level, two replicas, a
-closed loop, a step trace and plots.
+Each point runs ``--reps`` times (new arrival times and prompts each repetition) at each
+``--temperatures`` value; reports give mean, p50, p99 latency, TTFT, TPOT, tokens/s, and the
+share of looping outputs, with 95% confidence intervals over repetitions, and per point the best
+arm and whether ``goodput`` is within 3% (or the CI) of it. JSON on stdout, a summary line on
+stderr, SVG charts in ``--plots DIR``. Arrival-time latencies absorb every pause of the machine:
+publish only runs on a quiet machine. Not covered here: the gateway level and two replicas (the
+gateway's own benchmark, ``bench spec-policy``, drives HTTP).
 """
 
 from __future__ import annotations
@@ -27,91 +31,52 @@ import json
 import logging
 import os
 import random
-import statistics
 import sys
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from specserve.bench.load import (
+    Finished,
+    arrivals,
+    closed_loop,
+    open_loop,
+    output_lengths,
+    phased_arrivals,
+    summarise,
+)
+from specserve.bench.stats import best_and_verdict, mean_ci
+from specserve.bench.svg import line_chart
 
 logger = logging.getLogger(__name__)
+
+FULL = {"rates": "0.5,1,2,4,6,8", "concurrency": "1,2,4,8,16", "reps": 3, "temperatures": "0,0.7",
+        "requests": 32, "parts": "open,closed,trace"}
+"""What ``--full`` sets (the figures to publish)."""
+METRICS = ("latency_mean_s", "latency_p50_s", "latency_p99_s", "ttft_mean_ms", "tpot_mean_ms",
+           "tokens_per_s", "looping_share")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
     parser.add_argument("--drafter", default="recycling", choices=("recycling", "hydra", "medusa"))
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--rates", default="0.5,1,2,4", help="Poisson arrival rates, requests/s")
-    parser.add_argument("--requests", type=int, default=24, help="requests per rate and arm")
+    parser.add_argument("--parts", default="open", help="open,closed,trace")
+    parser.add_argument("--rates", default="0.5,1,2,4", help="open loop: Poisson arrival rates, requests/s")
+    parser.add_argument("--concurrency", default="1,4,16", help="closed loop: clients")
+    parser.add_argument("--trace-phases", default="0.5:20,6:20,0.5:20",
+                        help="step trace: rate:seconds phases, in order")
+    parser.add_argument("--requests", type=int, default=24, help="requests per point and arm")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of every point")
     parser.add_argument("--mean-output", type=int, default=48, help="mean output tokens (lognormal)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=16)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--temperatures", default="0", help="e.g. 0,0.7")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", default="none,k1,k2,k3,k4,goodput")
-
-
-def arrivals(rate: float, n: int, seed: int) -> list[float]:
-    """``n`` Poisson arrival times (s from the start) at ``rate`` per second.
-
-    >>> a = arrivals(2.0, 1000, seed=1); round(len(a) / a[-1], 1)
-    2.0
-    """
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
-    return np.cumsum(gaps).tolist()
-
-
-def output_lengths(mean: int, n: int, seed: int, sigma: float = 0.6) -> list[int]:
-    """Lognormal output lengths with the given mean, clipped to ``[4, 4 * mean]``.
-
-    >>> ls = output_lengths(48, 2000, seed=0); 40 < sum(ls) / len(ls) < 56
-    True
-    """
-    mu = np.log(mean) - sigma ** 2 / 2
-    raw = np.random.default_rng(seed + 1).lognormal(mu, sigma, size=n)
-    return np.clip(np.round(raw), 4, 4 * mean).astype(int).tolist()
-
-
-def summarise(latency: list[float], ttft: list[float], tpot: list[float], tokens: int, span: float) -> dict[str, float]:
-    """Mean / p50 / p99 latency (s), mean TTFT and TPOT (ms), output tokens/s."""
-    q = np.quantile(latency, [0.5, 0.99]).tolist()
-    return {"latency_mean_s": round(statistics.fmean(latency), 3), "latency_p50_s": round(q[0], 3),
-            "latency_p99_s": round(q[1], 3), "ttft_mean_ms": round(1e3 * statistics.fmean(ttft), 1),
-            "tpot_mean_ms": round(1e3 * statistics.fmean(tpot), 2) if tpot else 0.0,
-            "tokens_per_s": round(tokens / span, 1) if span > 0 else 0.0}
-
-
-def open_loop(engine: Any, prompts: list[list[int]], params: list[Any], times: list[float],
-              tag: str) -> dict[str, float]:
-    """Add each request at its arrival time, step the engine until all finish, and summarise."""
-    pending = list(range(len(prompts)))
-    sent: dict[str, float] = {}
-    first: dict[str, float] = {}
-    done: dict[str, tuple[float, int]] = {}
-    t0 = time.perf_counter()
-    while pending or engine.has_unfinished_requests():
-        now = time.perf_counter() - t0
-        while pending and times[pending[0]] <= now:
-            i = pending.pop(0)
-            rid = f"{tag}-{i}"
-            engine.add_request(rid, {"prompt_token_ids": prompts[i]}, params[i])
-            sent[rid] = t0 + times[i]  # latency from the scheduled arrival: queueing counts
-        if not engine.has_unfinished_requests():
-            if pending:  # idle until the next arrival (at most 10 ms per turn)
-                time.sleep(max(0.0, min(0.01, times[pending[0]] - now)))
-            continue
-        for out in engine.step():
-            stamp = time.perf_counter()
-            if out.outputs and out.outputs[0].token_ids and out.request_id not in first:
-                first[out.request_id] = stamp
-            if out.finished:
-                done[out.request_id] = (stamp, len(out.outputs[0].token_ids))
-    latency = [done[r][0] - sent[r] for r in sent]
-    ttft = [first[r] - sent[r] for r in sent]
-    tpot = [(done[r][0] - first[r]) / (done[r][1] - 1) for r in sent if done[r][1] > 1]
-    span = max(s for s, _ in done.values()) - t0
-    return summarise(latency, ttft, tpot, sum(n for _, n in done.values()), span)
+    parser.add_argument("--plots", type=Path, default=None, help="write SVG charts into this folder")
+    parser.add_argument("--full", action="store_true",
+                        help="the published run: " + ", ".join(f"{k}={v}" for k, v in FULL.items()))
 
 
 def _plan_stats(llm: Any) -> dict[str, Any]:
@@ -122,6 +87,14 @@ def _plan_stats(llm: Any) -> dict[str, Any]:
         return planner.snapshot() if planner is not None else {}
 
     return llm.collective_rpc(snapshot)[0]
+
+
+def _planner(llm: Any) -> Any:
+    """The in-process engine's planner object (``None`` without a drafter)."""
+    def get(worker: Any) -> Any:
+        return getattr(getattr(worker, "worker", worker).model_runner, "_specserve_planner", None)
+
+    return llm.collective_rpc(get)[0]
 
 
 def plan_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -147,21 +120,64 @@ def plan_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             "timed_steps": timed, "mape": round(errors / timed, 4) if timed else None}
 
 
-def run(args: argparse.Namespace) -> int:
-    from vllm import SamplingParams
+def combine(runs: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """Repetitions of one point and arm: each metric's mean, and its CI half width (``<m>_ci``).
 
-    from specserve.bench.drafters import _prompts
-    from specserve.demo import demo_model_dir
+    >>> combine([{"latency_mean_s": 1.0, "tokens_per_s": 10.0}, {"latency_mean_s": 3.0, "tokens_per_s": 12.0}])
+    {'reps': 2, 'latency_mean_s': 2.0, 'latency_mean_s_ci': 12.706, 'tokens_per_s': 11.0, 'tokens_per_s_ci': 12.706}
+    """
+    out: dict[str, Any] = {"reps": len(runs)}
+    for key in runs[0]:
+        if isinstance(runs[0][key], (int, float)) and all(isinstance(r.get(key), (int, float)) for r in runs):
+            mean, ci = mean_ci([float(r[key]) for r in runs])
+            out[key], out[f"{key}_ci"] = round(mean, 4), round(ci, 4)
+    return out
+
+
+def verdicts(point: dict[str, dict[str, Any]], key: str, lower_is_better: bool) -> dict[str, Any] | None:
+    """The best arm at a point and how ``goodput`` stands (see :func:`best_and_verdict`)."""
+    if "goodput" not in point or len(point) < 2:
+        return None
+    values = {arm: (float(r[key]), float(r.get(f"{key}_ci", 0.0))) for arm, r in point.items()}
+    return best_and_verdict(values, "goodput", lower_is_better=lower_is_better)
+
+
+def _phases(text: str) -> list[tuple[float, float]]:
+    """``"0.5:20,6:20"`` -> ``[(0.5, 20.0), (6.0, 20.0)]``.
+
+    >>> _phases("0.5:20,6:20")
+    [(0.5, 20.0), (6.0, 20.0)]
+    """
+    return [(float(r), float(d)) for r, d in (p.split(":") for p in text.split(",") if p)]
+
+
+class _Trace:
+    """Per-step samples of one arm's engine: time, decode rows, drafts per decode row.
+
+    Called after every engine step of an in-process engine, whose step timer has just added that
+    step's record to the planner (the count of timed steps tells a new one).
+    """
+
+    def __init__(self, planner: Any) -> None:
+        self.planner = planner
+        self.seen = planner.stats.timed_steps if planner is not None else 0
+        self.samples: list[tuple[float, int, float]] = []
+
+    def __call__(self, now: float) -> None:
+        if self.planner is None or self.planner.stats.timed_steps == self.seen or not self.planner.records:
+            return
+        self.seen = self.planner.stats.timed_steps
+        record = self.planner.records[-1]
+        rows = int(record.rows)
+        self.samples.append((round(now, 3), rows, round(record.drafts_verified / rows, 3) if rows else 0.0))
+
+
+def _engines(args: argparse.Namespace, arms: list[str], model_dir: Path) -> dict[str, Any]:
     from specserve.engine import settings
     from specserve.engine.local import local_llm
-    from specserve.speculative_config import speculative_config
     from specserve.head_training import resolve_heads
+    from specserve.speculative_config import speculative_config
 
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    model_dir = args.model or demo_model_dir()
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    rates = [float(r) for r in args.rates.split(",")]
     heads = resolve_heads(args.drafter, None, is_demo=args.model is None)
     spec = speculative_config(args.drafter, args.k)  # type: ignore[arg-type]
     common = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": 256 << 20}
@@ -175,43 +191,181 @@ def run(args: argparse.Namespace) -> int:
         if "goodput" in arms:
             engines["goodput"] = local_llm(model_dir, speculative_config=spec, **common,
                                            additional_config={"specserve": {"spec_policy": "goodput"}})
+    return engines
+
+
+def _engine_of(arm: str) -> str:
+    return "none" if arm == "none" else "goodput" if arm == "goodput" else "fixed"
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm import SamplingParams
+
+    from specserve.bench.drafters import _prompts
+    from specserve.demo import demo_model_dir
+
+    if args.full:
+        for key, value in FULL.items():
+            setattr(args, key, value)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    model_dir = args.model or demo_model_dir()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    temps = [float(t) for t in str(args.temperatures).split(",")]
+    engines = _engines(args, arms, model_dir)
     pool = _prompts(model_dir, 64, args.prompt_tokens)
     rng = random.Random(args.seed)
     report: dict[str, Any] = {"model": str(model_dir), "drafter": args.drafter, "k": args.k,
-                              "requests": args.requests, "temperature": args.temperature,
-                              "shared_machine": True, "rates": {}}
+                              "requests": args.requests, "reps": args.reps, "temperatures": temps,
+                              "arms": arms, "open": {}, "closed": {}, "trace": {}}
+
+    def requests_for(seed: int, n: int, temperature: float, arm: str) -> list[tuple[Any, Any]]:
+        lengths = output_lengths(args.mean_output, n, seed)
+        extra = {"spec_k": int(arm[1:])} if arm.startswith("k") else None
+        return [({"prompt_token_ids": pool[(seed * 7 + i) % len(pool)]},
+                 SamplingParams(temperature=temperature, max_tokens=m, ignore_eos=True, seed=seed + i,
+                                extra_args=extra)) for i, m in enumerate(lengths)]
+
+    def point(label: str, drive: Callable[[Any, list[tuple[Any, Any]], str, int], tuple[list[Finished], float]],
+              temperature: float, seed_base: int) -> dict[str, Any]:
+        runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+        orders = []
+        for rep in range(args.reps):
+            order = arms[:]
+            rng.shuffle(order)
+            orders.append(order)
+            for arm in order:
+                llm = engines[_engine_of(arm)]
+                before = _plan_stats(llm) if arm == "goodput" else None
+                reqs = requests_for(seed_base + 1000 * rep, args.requests, temperature, arm)
+                finished, span = drive(llm.llm_engine, reqs, f"{label}-{arm}-{rep}", rep)
+                result: dict[str, Any] = summarise(finished, span)
+                if before is not None:
+                    result["plan"] = plan_delta(before, _plan_stats(llm))
+                runs[arm].append(result)
+                logger.info("bench goodput point", extra={"fields": {
+                    "point": label, "temperature": temperature, "rep": rep, "arm": arm, **result}})
+        per_arm = {arm: {**combine(r), **({"plan": [x["plan"] for x in r]} if "plan" in r[0] else {})}
+                   for arm, r in runs.items()}
+        return {"orders": orders, "arms": per_arm,
+                "verdict_latency": verdicts(per_arm, "latency_mean_s", lower_is_better=True),
+                "verdict_throughput": verdicts(per_arm, "tokens_per_s", lower_is_better=False)}
+
     try:
         for llm in engines.values():  # the same warm-up for every engine
             llm.generate([{"prompt_token_ids": pool[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
-        for ri, rate in enumerate(rates):
-            times = arrivals(rate, args.requests, args.seed + ri)
-            lengths = output_lengths(args.mean_output, args.requests, args.seed + ri)
-            prompts = [pool[(ri * args.requests + i) % len(pool)] for i in range(args.requests)]
-            order = arms[:]
-            rng.shuffle(order)
-            report["rates"][str(rate)] = {"order": order, "arms": {}}
-            for arm in order:
-                engine_name = "none" if arm == "none" else "goodput" if arm == "goodput" else "fixed"
-                extra = {"spec_k": int(arm[1:])} if arm.startswith("k") else None
-                params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True,
-                                         seed=args.seed + i, extra_args=extra) for i, n in enumerate(lengths)]
-                before = _plan_stats(engines[engine_name]) if arm == "goodput" else None
-                result = open_loop(engines[engine_name].llm_engine, prompts, params, times, f"{arm}-{rate}")
-                if before is not None:
-                    result["plan"] = plan_delta(before, _plan_stats(engines[engine_name]))
-                report["rates"][str(rate)]["arms"][arm] = result
-                logger.info("bench goodput", extra={"fields": {"rate": rate, "arm": arm, **result}})
+        for ti, temperature in enumerate(temps):
+            key = f"t{temperature:g}"
+            if "open" in parts:
+                report["open"][key] = {}
+                for ri, rate in enumerate(float(r) for r in args.rates.split(",")):
+                    times = {rep: arrivals(rate, args.requests, args.seed + 100 * ri + rep) for rep in range(args.reps)}
+
+                    def drive_open(engine: Any, reqs: list[tuple[Any, Any]], tag: str, rep: int,
+                                   times: dict[int, list[float]] = times) -> tuple[list[Finished], float]:
+                        return open_loop(engine, reqs, times[rep], tag)
+
+                    report["open"][key][f"{rate:g}"] = point(f"open-{rate:g}-{key}", drive_open, temperature,
+                                                             args.seed + 100 * ri + 10 * ti)
+            if "closed" in parts:
+                report["closed"][key] = {}
+                for ci, clients in enumerate(int(c) for c in args.concurrency.split(",")):
+                    def drive_closed(engine: Any, reqs: list[tuple[Any, Any]], tag: str, rep: int,
+                                     clients: int = clients) -> tuple[list[Finished], float]:
+                        return closed_loop(engine, reqs, clients, tag)
+
+                    report["closed"][key][str(clients)] = point(f"closed-{clients}-{key}", drive_closed,
+                                                                temperature, args.seed + 500 + 100 * ci + 10 * ti)
+            if "trace" in parts and ti == 0:
+                report["trace"] = _step_trace(args, arms, engines, requests_for, temperature, rng)
     finally:
         engines.clear()
         gc.collect()
-    sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    parts = []
-    for rate, per in report["rates"].items():
-        best = min(per["arms"].items(), key=lambda kv: kv[1]["latency_mean_s"])
-        plan = per["arms"].get("goodput", {}).get("plan")
-        parts.append(f"{rate}/s best={best[0]} " + " ".join(
-            f"{a}={v['latency_mean_s']}s" for a, v in sorted(per["arms"].items()))
-            + (f" goodput mean_k={plan['mean_k']} no_spec={plan['no_spec_share']} mape={plan['mape']}"
-               if plan else ""))
-    sys.stderr.write("goodput (mean latency; shared machine, not publishable): " + "; ".join(parts) + "\n")
+    if args.plots is not None:
+        write_plots(report, args.plots)
+    sys.stdout.write(json.dumps(report, indent=1) + "\n")
+    sys.stderr.write(summary_line(report) + "\n")
     return 0
+
+
+def _step_trace(args: argparse.Namespace, arms: list[str], engines: dict[str, Any],
+                requests_for: Callable[[int, int, float, str], list[tuple[Any, Any]]], temperature: float,
+                rng: random.Random) -> dict[str, Any]:
+    """Every arm through the same low -> high -> low load; the goodput arm's per-step k and batch."""
+    phases = _phases(args.trace_phases)
+    times = phased_arrivals(phases, args.seed + 7)
+    out: dict[str, Any] = {"phases": phases, "requests": len(times), "arms": {}}
+    order = arms[:]
+    rng.shuffle(order)
+    out["order"] = order
+    for arm in order:
+        llm = engines[_engine_of(arm)]
+        trace = _Trace(_planner(llm)) if arm == "goodput" else None
+        reqs = requests_for(args.seed + 7, len(times), temperature, arm)
+        finished, span = open_loop(llm.llm_engine, reqs, times, f"trace-{arm}", on_step=trace)
+        by_phase = []
+        start = 0.0
+        for _, duration in phases:  # latency of the requests that arrived in each phase
+            inside = [f for f, t in zip(finished, times) if start <= t < start + duration]
+            by_phase.append(summarise(inside, duration)["latency_mean_s"] if inside else None)
+            start += duration
+        out["arms"][arm] = {**summarise(finished, span), "latency_mean_s_by_phase": by_phase}
+        if trace is not None:
+            out["goodput_steps"] = trace.samples
+    return out
+
+
+def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
+    """SVG charts: mean latency vs rate, tokens/s vs clients (per temperature), the step trace."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for temp, rates in report.get("open", {}).items():
+        series: dict[str, list[tuple[float, float]]] = {}
+        for rate, pt in rates.items():
+            for arm, r in pt["arms"].items():
+                series.setdefault(arm, []).append((float(rate), r["latency_mean_s"]))
+        path = folder / f"goodput-latency-vs-rate-{temp}.svg"
+        path.write_text(line_chart(series, title=f"{report['drafter']}: mean latency vs arrival rate ({temp})",
+                                   x_label="requests/s (Poisson)", y_label="mean latency (s)"))
+        written.append(path)
+    for temp, levels in report.get("closed", {}).items():
+        series = {}
+        for clients, pt in levels.items():
+            for arm, r in pt["arms"].items():
+                series.setdefault(arm, []).append((float(clients), r["tokens_per_s"]))
+        path = folder / f"goodput-throughput-vs-clients-{temp}.svg"
+        path.write_text(line_chart(series, title=f"{report['drafter']}: throughput vs clients ({temp})",
+                                   x_label="concurrent clients", y_label="output tokens/s"))
+        written.append(path)
+    steps = report.get("trace", {}).get("goodput_steps")
+    if steps:
+        k = [(t, kk) for t, _, kk in steps]
+        rows = [(t, float(b)) for t, b, _ in steps]
+        path = folder / "goodput-step-trace.svg"
+        path.write_text(line_chart({"drafts per decode row (k)": k, "decode rows": rows}, markers=False,
+                                   title=f"{report['drafter']}: goodput controller through a load step",
+                                   x_label="time (s)", y_label="k / decode rows"))
+        written.append(path)
+    return written
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: per point, the best arm, goodput's ratio to it, and whether it is within 3%.
+
+    >>> summary_line({"drafter": "hydra", "open": {"t0": {"1": {"verdict_latency": {
+    ...     "best": "k4", "ratio": 1.01, "within": True, "better_than_fixed": False}}}}, "closed": {}})
+    'goodput hydra: open t0 1/s best=k4 goodput/best=1.01 ok; 1 of 1 points within 3% or the CI'
+    """
+    parts, ok, total = [], 0, 0
+    for kind, unit, key in (("open", "/s", "verdict_latency"), ("closed", " clients", "verdict_throughput")):
+        for temp, points in report.get(kind, {}).items():
+            for x, pt in points.items():
+                v = pt.get(key)
+                if not v:
+                    continue
+                total += 1
+                ok += bool(v["within"])
+                parts.append(f"{kind} {temp} {x}{unit} best={v['best']} goodput/best={v['ratio']} "
+                             + ("ok" if v["within"] else "MISS"))
+    return f"goodput {report['drafter']}: " + ", ".join(parts) + f"; {ok} of {total} points within 3% or the CI"

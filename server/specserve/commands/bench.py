@@ -18,7 +18,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "soak": ("soak", "mixed traffic through specserve serve for a bounded time, every answer checked"),
     "spec-off": ("spec_off", "every request at k=0 vs an engine without a drafter (interleaved)"),
     "tree-parts": ("tree_parts", "tree verification's parts by node count: attention rows, KV read-back, verifier"),
-    "goodput": ("goodput", "engine goodput controller vs no drafter and fixed k, open-loop Poisson (skeleton)"),
+    "goodput": ("goodput", "engine goodput controller vs no drafter and every fixed k: open, closed loop, load step"),
 }
 
 

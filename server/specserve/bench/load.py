@@ -1,0 +1,165 @@
+"""Load for in-process engine benchmarks: open-loop arrivals, closed-loop clients, phased traces.
+
+Each driver steps a vLLM ``LLMEngine`` itself (``add_request`` / ``step``; no HTTP, no threads),
+so the client is as light as it can be on a machine it shares with the engine. Latency counts
+from the scheduled arrival (open loop: queueing counts) or from the moment a client sends
+(closed loop). ``on_step(now_s)`` runs after every engine step, for step traces.
+Arrival times and output lengths are precomputed from a seed, so every arm gets the same load.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from specserve.bench.stats import is_looping
+
+
+@dataclass
+class Finished:
+    """One request's timeline (``time.perf_counter`` seconds) and its output tokens."""
+
+    sent: float
+    first: float
+    done: float
+    tokens: list[int] = field(default_factory=list)
+
+
+def arrivals(rate: float, n: int, seed: int) -> list[float]:
+    """``n`` Poisson arrival times (s from the start) at ``rate`` per second.
+
+    >>> a = arrivals(2.0, 1000, seed=1); round(len(a) / a[-1], 1)
+    2.0
+    """
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
+    return np.cumsum(gaps).tolist()
+
+
+def phased_arrivals(phases: Sequence[tuple[float, float]], seed: int) -> list[float]:
+    """Poisson arrivals through ``(rate, duration_s)`` phases in turn (a load step trace).
+
+    >>> a = phased_arrivals([(1.0, 100.0), (8.0, 100.0)], seed=0)
+    >>> sum(t < 100 for t in a) < 150 < sum(t >= 100 for t in a)
+    True
+    """
+    rng = np.random.default_rng(seed)
+    out: list[float] = []
+    start = 0.0
+    for rate, duration in phases:
+        t = start + float(rng.exponential(1.0 / rate))
+        while t < start + duration:
+            out.append(t)
+            t += float(rng.exponential(1.0 / rate))
+        start += duration
+    return out
+
+
+def output_lengths(mean: int, n: int, seed: int, sigma: float = 0.6) -> list[int]:
+    """Lognormal output lengths with the given mean, clipped to ``[4, 4 * mean]``.
+
+    >>> ls = output_lengths(48, 2000, seed=0); 40 < sum(ls) / len(ls) < 56
+    True
+    """
+    mu = np.log(mean) - sigma ** 2 / 2
+    raw = np.random.default_rng(seed + 1).lognormal(mu, sigma, size=n)
+    return np.clip(np.round(raw), 4, 4 * mean).astype(int).tolist()
+
+
+def _collect(engine: Any, results: dict[str, Finished], first: dict[str, float]) -> list[str]:
+    """One engine step; the ids of the requests it finished."""
+    ended = []
+    for out in engine.step():
+        stamp = time.perf_counter()
+        tokens = out.outputs[0].token_ids if out.outputs else []
+        if tokens and out.request_id not in first:
+            first[out.request_id] = stamp
+        if out.finished:
+            done = results[out.request_id]
+            done.first, done.done, done.tokens = first.get(out.request_id, stamp), stamp, list(tokens)
+            ended.append(out.request_id)
+    return ended
+
+
+def open_loop(engine: Any, requests: Sequence[tuple[Any, Any]], times: Sequence[float], tag: str,
+              on_step: Callable[[float], None] | None = None) -> tuple[list[Finished], float]:
+    """Add ``requests[i]`` (``(prompt, params)``) at ``times[i]`` s; step until all finish.
+
+    Returns the finished requests in order and the span (start to the last finish, s).
+    """
+    pending = list(range(len(requests)))
+    results: dict[str, Finished] = {}
+    first: dict[str, float] = {}
+    t0 = time.perf_counter()
+    while pending or engine.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while pending and times[pending[0]] <= now:
+            i = pending.pop(0)
+            rid = f"{tag}-{i}"
+            engine.add_request(rid, *requests[i])
+            results[rid] = Finished(sent=t0 + times[i], first=0.0, done=0.0)
+        if not engine.has_unfinished_requests():
+            if pending:  # idle until the next arrival (at most 10 ms per turn)
+                time.sleep(max(0.0, min(0.01, times[pending[0]] - now)))
+            continue
+        _collect(engine, results, first)
+        if on_step is not None:
+            on_step(time.perf_counter() - t0)
+    ordered = [results[f"{tag}-{i}"] for i in range(len(requests))]
+    return ordered, max((r.done for r in ordered), default=t0) - t0
+
+
+def closed_loop(engine: Any, requests: Sequence[tuple[Any, Any]], clients: int, tag: str,
+                on_step: Callable[[float], None] | None = None) -> tuple[list[Finished], float]:
+    """``clients`` clients, each sending its next request when its last one finishes."""
+    results: dict[str, Finished] = {}
+    first: dict[str, float] = {}
+    nxt = 0
+    t0 = time.perf_counter()
+
+    def send() -> None:
+        nonlocal nxt
+        rid = f"{tag}-{nxt}"
+        engine.add_request(rid, *requests[nxt])
+        results[rid] = Finished(sent=time.perf_counter(), first=0.0, done=0.0)
+        nxt += 1
+
+    while nxt < min(clients, len(requests)):
+        send()
+    while engine.has_unfinished_requests():
+        for _ in _collect(engine, results, first):
+            if nxt < len(requests):
+                send()
+        if on_step is not None:
+            on_step(time.perf_counter() - t0)
+    ordered = [results[f"{tag}-{i}"] for i in range(len(requests))]
+    return ordered, max((r.done for r in ordered), default=t0) - t0
+
+
+def summarise(finished: Sequence[Finished], span: float) -> dict[str, float]:
+    """Mean / p50 / p99 latency (s), mean TTFT and TPOT (ms), output tokens/s, looping share.
+
+    Example:
+        >>> runs = [Finished(0.0, 0.1, 1.1, [1, 2] * 10), Finished(0.5, 0.7, 1.7, list(range(11)))]
+        >>> s = summarise(runs, span=1.7)
+        >>> s["latency_mean_s"], s["tpot_mean_ms"], s["tokens_per_s"], s["looping_share"]
+        (1.15, 76.32, 18.2, 0.5)
+    """
+    latency = [r.done - r.sent for r in finished]
+    q = np.quantile(latency, [0.5, 0.99]).tolist()
+    tpot = [(r.done - r.first) / (len(r.tokens) - 1) for r in finished if len(r.tokens) > 1]
+    tokens = sum(len(r.tokens) for r in finished)
+    return {"latency_mean_s": round(statistics.fmean(latency), 3), "latency_p50_s": round(q[0], 3),
+            "latency_p99_s": round(q[1], 3),
+            "ttft_mean_ms": round(1e3 * statistics.fmean(r.first - r.sent for r in finished), 1),
+            "tpot_mean_ms": round(1e3 * statistics.fmean(tpot), 2) if tpot else 0.0,
+            "tokens_per_s": round(tokens / span, 1) if span > 0 else 0.0,
+            "looping_share": round(sum(is_looping(r.tokens) for r in finished) / len(finished), 3)}
+
+
+__all__ = ["Finished", "arrivals", "closed_loop", "open_loop", "output_lengths", "phased_arrivals",
+           "summarise"]
