@@ -5,6 +5,7 @@ Prometheus metrics."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -68,3 +69,35 @@ def test_gateway_spec_k_reaches_the_engine(demo_model_dir: Path, tmp_path: Path)
     assert values[("specserve_spec_k_count", "client")] == 2
     assert values[("specserve_spec_k_used_count", "")] == 4  # every response with metrics, stream too
     assert 0.0 < values[("specserve_spec_alpha_ratio", "")] < 1.0
+
+
+def test_the_gateway_prices_requests_with_the_engines_own_model(demo_model_dir: Path, tmp_path: Path) -> None:
+    """With the engine's per-step goodput policy on, the engine exports its live cost model and
+    the gateway's goodput policy chooses ``spec_k`` with it (one model at both levels)."""
+    from specserve.gateway.engine_model import engine_budget, parse_page
+
+    args = ["--drafter", "recycling", "--num-speculative-tokens", "4",
+            "--spec-policy", "goodput", "--engine-spec-policy", "goodput"]
+    with running_specserve(demo_model_dir, args, log_dir=tmp_path) as server, \
+            httpx.Client(trust_env=False, timeout=120) as client:
+        base = server.base_url
+
+        def decisions() -> dict[str, float]:
+            return {s.labels["cost_model"]: s.value
+                    for f in text_string_to_metric_families(client.get(f"{base}/metrics").text)
+                    for s in f.samples if s.name == "specserve_spec_decisions_total"}
+
+        # The engine publishes its model after its first planned steps; the gateway reads it at
+        # its next probe. Requests go on until a choice was made with it (bounded).
+        deadline = time.monotonic() + 180
+        while decisions().get("engine", 0) < 1:
+            assert time.monotonic() < deadline, f"no choice with the engine's model: {decisions()}"
+            k, _ = _complete(client, base)
+            assert 0 <= k <= 4
+        model = parse_page(client.get(f"{server.engine_url}/metrics").text)
+        assert model is not None and model.cost["base"] > 0 and len(model.acceptance) == 4
+        assert all(0.0 < a < 1.0 for a in model.acceptance)
+        assert engine_budget(model, batch=1, k_max=4) in range(5)
+        k, spec = _complete(client, base)  # idle: priced by the engine's model, within the engine's k
+        assert 0 <= k <= 4 and spec["num_spec_tokens"] == 4
+        assert decisions()["engine"] >= 2

@@ -45,6 +45,7 @@ class FakeState:
     tokenize_status: int = 200  # anything else: /tokenize fails with it
     tokenize_delay_s: float = 0.0
     max_model_len: int = 2048
+    extra_metrics: str = ""  # appended to /metrics (e.g. the engine's exported cost model)
     unary_running: int = 0  # non-streaming requests being answered now
     unary_aborted: int = 0  # non-streaming requests whose client left before the answer
     api_key: str | None = None  # when set: the engine's key middleware guards every route
@@ -108,7 +109,7 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
             f'vllm:num_requests_running{{engine="0",model_name="{MODEL}"}} {float(state.running)}\n'
             "# TYPE vllm:num_requests_waiting gauge\n"
             f'vllm:num_requests_waiting{{engine="0",model_name="{MODEL}"}} 0.0\n'
-        )
+        ) + state.extra_metrics
         return Response(text, media_type="text/plain")
 
     @app.post("/tokenize")

@@ -232,6 +232,48 @@ def test_goodput_policy_sends_zero_under_load(fake: tuple[str, FakeState]) -> No
     asyncio.run(main())
 
 
+ENGINE_MODEL = "\n".join([
+    "# TYPE specserve_engine_step_cost_ms gauge",
+    *(f'specserve_engine_step_cost_ms{{term="{t}"}} {v}' for t, v in (
+        ("base", 8.0), ("per_token", 0.5), ("per_row", 0.0), ("context", 0.0), ("spec", 1.0),
+        ("spec_row", 0.0), ("draft", 0.5), ("draft_token", 0.05))),
+    "# TYPE specserve_engine_acceptance_estimate_ratio gauge",
+    *(f'specserve_engine_acceptance_estimate_ratio{{position="{j}"}} {a}'
+      for j, a in enumerate((0.8, 0.7, 0.6, 0.5), start=1)),
+]) + "\n"
+
+
+@pytest.mark.parametrize(("running", "k"), [(0, "4"), (3, "3"), (15, "1"), (63, "0")])
+def test_goodput_policy_prices_requests_with_the_engines_exported_model(
+        fake: tuple[str, FakeState], running: int, k: str) -> None:
+    """The budget is the engine's own plan for a batch of its running requests plus this one
+    (``engine_model.engine_budget``: 4, 3, 1, 0 at 1, 4, 16, 64 rows for this model)."""
+    url, state = fake
+    state.running, state.extra_metrics = running, ENGINE_MODEL
+
+    async def main() -> str:
+        async with gateway(GatewayConfig(replicas=[url], spec_policy="goodput")) as (client, _):
+            r = await client.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200 and r.headers["x-specserve-spec-k"] == k
+            assert state.spec_ks[-1] == int(k)
+            return (await client.get("/metrics")).text
+
+    found = samples(asyncio.run(main()))
+    assert found[("specserve_spec_decisions_total", (("cost_model", "engine"), ("model", MODEL)))] == 1
+
+
+def test_goodput_policy_falls_back_to_its_own_fit_without_an_exported_model(fake: tuple[str, FakeState]) -> None:
+    url, _ = fake
+
+    async def main() -> str:
+        async with gateway(GatewayConfig(replicas=[url], spec_policy="goodput")) as (client, _):
+            await client.post("/v1/chat/completions", json=CHAT)
+            return (await client.get("/metrics")).text
+
+    found = samples(asyncio.run(main()))
+    assert found[("specserve_spec_decisions_total", (("cost_model", "gateway"), ("model", MODEL)))] == 1
+
+
 def test_fixed_policy_leaves_requests_alone_and_still_counts(fake: tuple[str, FakeState]) -> None:
     url, state = fake
 

@@ -96,3 +96,41 @@ def test_only_the_api_server_chooses_a_directory(tmp_path: Path, monkeypatch) ->
     env = {}
     chosen = export.prepare_stats_dir(env)
     assert chosen and Path(chosen).is_dir() and env[export.STATS_DIR_ENV] == chosen
+
+
+def test_the_goodput_policy_exports_its_cost_model_and_the_gateway_reads_it_back(tmp_path: Path) -> None:
+    from specserve.gateway.engine_model import engine_budget, parse_page
+    from specserve_vllm.spec_control.acceptance import AcceptanceModel
+    from specserve_vllm.spec_control.goodput import GoodputPolicy
+    from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
+
+    cost = StepCost(base=8, per_token=0.5, per_row=0, context=0, spec=1, spec_row=0, draft=0.5, draft_token=0.05)
+    policy = GoodputPolicy(StepTimeModel(cost), AcceptanceModel([0.8, 0.7, 0.6, 0.5]))
+    policy.observe_step(4, 4, 0, False, 0, step_ms=20.0, drafts=0, draft_ms=0.0)  # a slower machine
+    planner = StepPlanner(policy, 4)
+    export.StatsPublisher(tmp_path / "engine-1.json", planner.snapshot, planner.lock, interval_s=60).publish()
+    registry = CollectorRegistry()
+    registry.register(export.PlanStatsCollector(tmp_path))  # type: ignore[arg-type]
+    model = parse_page(generate_latest(registry).decode())
+    assert model is not None
+    assert model.cost["base"] == 8 and model.cost["draft_token"] == 0.05
+    assert model.acceptance == (0.8, 0.7, 0.6, 0.5)
+    state = policy.model.state()
+    assert [list(r) for r in model.correction] == state["correction"]
+    assert model.correction[0][2] > 1.0  # the 4-row bucket's correction reached the page
+    # The gateway's budget is the engine's own choice for identical rows.
+    for batch in (1, 4, 16, 64):
+        rows = StepRows(tuple(str(i) for i in range(batch)), np.full(batch, 4), np.zeros(batch))
+        planned = GoodputPolicy(StepTimeModel.from_state(state), AcceptanceModel([0.8, 0.7, 0.6, 0.5]))
+        assert engine_budget(model, batch, k_max=4) == int(planned.plan(rows).max()), batch
+
+
+def test_a_fixed_policy_exports_no_cost_model(tmp_path: Path) -> None:
+    from specserve.gateway.engine_model import parse_page
+
+    planner = _planner_with_steps()
+    export.StatsPublisher(tmp_path / "engine-1.json", planner.snapshot, planner.lock, interval_s=60).publish()
+    assert "specserve_engine_step_cost_ms" not in _families(tmp_path)
+    registry = CollectorRegistry()
+    registry.register(export.PlanStatsCollector(tmp_path))  # type: ignore[arg-type]
+    assert parse_page(generate_latest(registry).decode()) is None

@@ -12,7 +12,9 @@ which inherit it. In-process engines (``vllm.LLM``) export nothing.
 Families (all prefixed ``specserve_engine_``): plans, plans with no speculation, drafter calls,
 decode rows and planned drafts, each also by batch-size bucket; decode rows by planned k;
 per-position tested/accepted drafts; predicted and measured step time of the last step, and the
-sum of absolute percentage errors over timed steps (MAPE = that sum / timed steps).
+sum of absolute percentage errors over timed steps (MAPE = that sum / timed steps); under the
+goodput policy, its live cost model (step-cost coefficients, online corrections, acceptance per
+position), which the gateway prices requests with.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from specserve_vllm.spec_control.step_time import BUCKETS
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +160,7 @@ def combine(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             acc.extend([0.0] * (len(values) - len(acc)))
             for j, v in enumerate(values):
                 acc[j] += float(v)
-        for key in ("last_predicted_ms", "last_measured_ms", "policy"):
+        for key in ("last_predicted_ms", "last_measured_ms", "policy", "model"):
             if key not in total and snap.get(key) is not None:
                 total[key] = snap[key]
     return total
@@ -212,6 +216,37 @@ def metric_families(total: Mapping[str, Any]) -> Iterator[Any]:
         info = GaugeMetricFamily(PREFIX + "spec_policy", "The per-step speculation-length policy", labels=["policy"])
         info.add_metric([str(total["policy"])], 1.0)
         yield info
+    yield from model_families(total.get("model"))
+
+
+def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
+    """The goodput policy's live cost model (first engine core's): step-cost coefficients, the
+    online corrections, and the engine-wide acceptance per position. The gateway reads them to
+    price a request with the engine's own model (``specserve.gateway.engine_model``)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    if not model:
+        return
+    cost = GaugeMetricFamily(PREFIX + "step_cost_ms", "Calibrated step-time coefficient (ms)", labels=["term"])
+    for term, value in (model.get("cost") or {}).items():
+        cost.add_metric([str(term)], float(value))
+    yield cost
+    correction = GaugeMetricFamily(PREFIX + "step_correction_ratio",
+                                   "Online correction of the calibrated step time (measured / calibrated)",
+                                   labels=["spec", "bucket"])
+    for spec, row in enumerate(model.get("correction") or []):
+        for bucket, value in zip(BUCKETS, row):
+            correction.add_metric([str(spec), str(bucket)], float(value))
+    yield correction
+    draft = GaugeMetricFamily(PREFIX + "draft_correction_ratio", "Online correction of the drafting time")
+    draft.add_metric([], float(model.get("draft_correction", 1.0)))
+    yield draft
+    rates = GaugeMetricFamily(PREFIX + "acceptance_estimate_ratio",
+                              "Engine-wide conditional acceptance per draft position (the controller's estimate)",
+                              labels=["position"])
+    for j, value in enumerate(model.get("acceptance") or []):
+        rates.add_metric([str(j + 1)], float(value))
+    yield rates
 
 
 class PlanStatsCollector:
@@ -253,5 +288,5 @@ def publisher_path(pid: int | None = None) -> Path | None:
 
 
 __all__ = ["PlanStatsCollector", "STATS_DIR_ENV", "StatsPublisher", "combine", "is_api_server",
-           "metric_families", "prepare_stats_dir", "publisher_path", "read_snapshots", "register_collector",
+           "metric_families", "model_families", "prepare_stats_dir", "publisher_path", "read_snapshots", "register_collector",
            "setup_api_server"]

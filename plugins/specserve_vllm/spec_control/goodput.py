@@ -121,6 +121,11 @@ class GoodputPolicy:
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)
         return out
 
+    def model_state(self) -> dict[str, Any]:
+        """The step-time model and the engine-wide acceptance per position, as plain data: what
+        the engine exports for the gateway, which prices requests with the same model."""
+        return {**self.model.state(), "acceptance": self.acceptance.engine_rates().round(4).tolist()}
+
     def observe(self, verified: VerifiedRows) -> None:
         for req_id, drafted, accepted in verified.positions():
             self.acceptance.observe(req_id, drafted, accepted)

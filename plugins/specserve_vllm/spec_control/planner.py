@@ -117,7 +117,9 @@ class StepPlanner:
 
     def snapshot(self) -> dict[str, Any]:
         """The stats and the policy's name (call under :attr:`lock`)."""
-        return {**self.stats.snapshot(), "policy": self.policy.name}
+        model_state = getattr(self.policy, "model_state", None)
+        model = {"model": model_state()} if callable(model_state) else {}
+        return {**self.stats.snapshot(), "policy": self.policy.name, **model}
 
     def publish_to(self, path: Any) -> None:
         """Write :meth:`snapshot` to ``path`` in the background (the API server's ``/metrics``)."""

@@ -152,6 +152,25 @@ class StepTimeModel:
         # that slows down slows both, and the path not taken must not keep a stale price.
         self.correction[1 - i, b] *= float(np.sqrt(self.correction[i, b] / before))
 
+    def state(self) -> dict[str, Any]:
+        """The model as plain data (exported to ``/metrics``; :meth:`from_state` rebuilds it).
+
+        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1)); m.correction[1, 0] = 1.5
+        >>> StepTimeModel.from_state(m.state()).step_ms(1, 3, 0, True)
+        15.0
+        """
+        return {"cost": asdict(self.cost), "correction": self.correction.round(4).tolist(),
+                "draft_correction": round(self.draft_correction, 4)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> StepTimeModel:
+        model = cls(StepCost.from_dict(state["cost"]))
+        correction = np.asarray(state.get("correction", model.correction), dtype=np.float64)
+        if correction.shape == model.correction.shape:
+            model.correction = correction
+        model.draft_correction = float(state.get("draft_correction", 1.0))
+        return model
+
     def observe_draft(self, drafts: int, measured_ms: float) -> None:
         raw = self.cost.draft_ms(drafts)
         if raw > 0 and measured_ms > 0:

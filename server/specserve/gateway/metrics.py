@@ -100,6 +100,9 @@ class GatewayMetrics:
             "k_used", "Drafts per decode step each request got (its mean over all its steps), from the "
             "engines' per-request metrics: what the engine's per-step controller spent of the budget.",
             ["model"], buckets=SPEC_K_BUCKETS)
+        self.spec_decisions = counter(
+            "decisions", "spec_k choices of the goodput policy, by the cost model used (engine: the "
+            "model the replica's engine exports; gateway: the gateway's own fit).", ["model", "cost_model"])
         self.spec_alpha = gauge("alpha_ratio", "The controller's per-token draft acceptance estimate.", ["model"])
         self.spec_batch = gauge("batch_requests", "Batch size the controller assumed for its latest choice.",
                                 ["model"])

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from specserve.gateway.engine_model import EngineModel, parse_engine_model
 from specserve.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class Replica:
     """Each model's ``max_model_len``, as the engine's ``/v1/models`` reports it."""
     failures: int = 0
     probe_failures: int = 0
+    engine_model: EngineModel | None = None
+    """The cost model the engine exports (per-step ``goodput`` policy), from the last scrape."""
 
     @property
     def load(self) -> float:
@@ -96,8 +100,19 @@ def parse_engine_load(text: str) -> tuple[float, float]:
         >>> parse_engine_load(page)
         (2.0, 1.0)
     """
+    return _engine_load(text_string_to_metric_families(text))
+
+
+def parse_engine_page(text: str) -> tuple[float, float, EngineModel | None]:
+    """Running and waiting requests (:func:`parse_engine_load`) and the exported cost model."""
+    families = list(text_string_to_metric_families(text))
+    running, waiting = _engine_load(families)
+    return running, waiting, parse_engine_model(families)
+
+
+def _engine_load(families: Iterable[Any]) -> tuple[float, float]:
     running = waiting = 0.0
-    for family in text_string_to_metric_families(text):
+    for family in families:
         if family.name not in (_RUNNING, _WAITING):
             continue
         total = sum(s.value for s in family.samples if s.name == family.name)
@@ -262,7 +277,7 @@ class ReplicaPool:
                                    if isinstance(m.get("max_model_len"), int)}
             page = await self.client.get(f"{replica.url}/metrics", timeout=self.timeout)
             if page.status_code == 200:
-                replica.engine_running, replica.engine_waiting = parse_engine_load(page.text)
+                replica.engine_running, replica.engine_waiting, replica.engine_model = parse_engine_page(page.text)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self.mark_down(replica, f"{type(exc).__name__}: {exc}")
             return

@@ -1,9 +1,11 @@
 """The gateway side of speculation: set each request's ``spec_k``, record each response's acceptance.
 
 :class:`SpecLength` sits between the routes and the proxy. Before forwarding, under policy
-``goodput`` it asks the :class:`~specserve.gateway.goodput.GoodputController` for ``k`` given the
-batch the request joins, and writes it into the body as ``vllm_xargs.spec_k`` (a client's own
-``spec_k`` is forwarded as sent). After the response, it counts the per-request acceptance in
+``goodput`` it chooses ``k`` for the batch the request joins (the least-loaded replica's) and writes
+it into the body as ``vllm_xargs.spec_k`` (a client's own ``spec_k`` is forwarded as sent). When
+that replica's engine exports its cost model (per-step ``goodput`` policy), ``k`` is what the
+engine's controller would plan (:mod:`~specserve.gateway.engine_model`); otherwise the
+:class:`~specserve.gateway.goodput.GoodputController`'s own fit decides. After the response, it counts the per-request acceptance in
 Prometheus (``specserve_spec_*``) and feeds it back to the controller, under both policies.
 """
 
@@ -13,10 +15,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from specserve.gateway.engine_model import engine_budget
 from specserve.gateway.goodput import GoodputController, GoodputSettings, SpecPolicy, decode_steps
 from specserve.gateway.metrics import GatewayMetrics
 from specserve.gateway.proxy import Outcome
-from specserve.gateway.replicas import ReplicaPool
+from specserve.gateway.replicas import Replica, ReplicaPool
 from specserve.gateway.request_body import ForwardBody
 from specserve.gateway.spec_io import client_spec_k
 
@@ -51,13 +54,18 @@ def pool_batch(pool: ReplicaPool, model: str) -> float:
         >>> pool_batch(pool, "m")
         3.0
     """
-    best: float | None = None
+    replica = least_loaded(pool, model)
+    return replica.load if replica is not None else 0.0
+
+
+def least_loaded(pool: ReplicaPool, model: str) -> Replica | None:
+    """The healthy replica serving ``model`` with the least load (the first of equals)."""
+    best: Replica | None = None
     for replica in pool.replicas.values():
         if replica.healthy and (not replica.models or model in replica.models):
-            load = replica.load
-            if best is None or load < best:
-                best = load
-    return best or 0.0
+            if best is None or replica.load < best.load:
+                best = replica
+    return best
 
 
 class SpecLength:
@@ -76,19 +84,25 @@ class SpecLength:
         m = self.metrics
         present, value = client_spec_k(body)
         n = body.get("n")
-        batch = pool_batch(self.pool, model) + (n if isinstance(n, int) and n > 0 else 1)
+        replica = least_loaded(self.pool, model)
+        batch = (replica.load if replica is not None else 0.0) + (n if isinstance(n, int) and n > 0 else 1)
         if present:
             if value is not None:
                 m.child(m.spec_k, model, "client").observe(value)
             return SpecPlan(value, "client", batch)
         if self.policy != "goodput":
             return SpecPlan(None, "engine", batch)
-        decision = self.controller.choose(model, batch)
-        if not forward.set_spec_k(decision.k):
+        engine_model = replica.engine_model if replica is not None else None
+        if engine_model is not None:  # the engine's own cost model: one model at both levels
+            k = engine_budget(engine_model, batch, self.controller.k_max(model))
+        else:
+            k = self.controller.choose(model, batch).k
+        m.child(m.spec_decisions, model, "engine" if engine_model is not None else "gateway").inc()
+        if not forward.set_spec_k(k):
             return SpecPlan(None, "engine", batch)
-        m.child(m.spec_k, model, "goodput").observe(decision.k)
+        m.child(m.spec_k, model, "goodput").observe(k)
         m.child(m.spec_batch, model).set(batch)
-        return SpecPlan(decision.k, "goodput", batch)
+        return SpecPlan(k, "goodput", batch)
 
     def record(self, model: str, outcome: Outcome, plan: SpecPlan, *, elapsed_s: float | None,
                unary: bool) -> None:
@@ -121,4 +135,5 @@ class SpecLength:
         m.child(m.spec_step_token, model).set(b)
 
 
-__all__ = ["SPEC_K_HEADER", "SPEC_K_MAX_HEADER", "SPEC_K_MEAN_HEADER", "SpecLength", "SpecPlan", "pool_batch"]
+__all__ = ["SPEC_K_HEADER", "SPEC_K_MAX_HEADER", "SPEC_K_MEAN_HEADER", "SpecLength", "SpecPlan", "least_loaded",
+           "pool_batch"]

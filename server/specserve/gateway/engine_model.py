@@ -1,0 +1,120 @@
+"""The engine's own cost model, read from its ``/metrics``: the gateway prices a request with it.
+
+An engine under the per-step ``goodput`` policy exports its live model
+(``specserve_vllm.spec_control.export.model_families``): the calibrated step-cost coefficients,
+the online corrections per (spec on/off, batch bucket), the drafting correction, and its
+engine-wide acceptance per draft position. With it, the gateway's budget for a new request is
+what the engine's controller would plan for a batch of the replica's running requests plus this
+one: one cost model at both levels. Engines that export none (another policy, a plain vLLM) are
+priced by the gateway's own fit (:mod:`specserve.gateway.goodput`).
+
+Example:
+    >>> page = '''specserve_engine_step_cost_ms{term="base"} 8.0
+    ... specserve_engine_step_cost_ms{term="per_token"} 0.1
+    ... specserve_engine_step_cost_ms{term="spec"} 1.0
+    ... specserve_engine_acceptance_estimate_ratio{position="1"} 0.8
+    ... specserve_engine_acceptance_estimate_ratio{position="2"} 0.7
+    ... '''
+    >>> model = parse_engine_model(text_string_to_metric_families(page))
+    >>> model.acceptance, engine_budget(model, batch=1, k_max=4)
+    ((0.8, 0.7), 2)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+_PREFIX = "specserve_engine_"
+_COST_TERMS = ("base", "per_token", "per_row", "context", "spec", "spec_row", "draft", "draft_token")
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """One replica's exported cost model (see the module docstring)."""
+
+    cost: dict[str, float]
+    correction: tuple[tuple[float, ...], ...]
+    """``[spec 0/1][bucket]``; empty: no correction exported (1 everywhere)."""
+    draft_correction: float
+    acceptance: tuple[float, ...]
+    """Conditional acceptance of draft positions 1..k."""
+
+
+def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
+    """The model in parsed ``/metrics`` families, ``None`` when the page has none."""
+    cost: dict[str, float] = {}
+    correction: dict[tuple[int, int], float] = {}
+    rates: dict[int, float] = {}
+    draft = 1.0
+    for family in families:
+        if not family.name.startswith(_PREFIX):
+            continue
+        name = family.name[len(_PREFIX):]
+        for s in family.samples:
+            try:
+                if name == "step_cost_ms":
+                    cost[s.labels["term"]] = float(s.value)
+                elif name == "step_correction_ratio":
+                    correction[(int(s.labels["spec"]), int(s.labels["bucket"]))] = float(s.value)
+                elif name == "draft_correction_ratio":
+                    draft = float(s.value)
+                elif name == "acceptance_estimate_ratio":
+                    rates[int(s.labels["position"])] = float(s.value)
+            except (KeyError, ValueError):
+                continue
+    if "base" not in cost or not rates:
+        return None
+    buckets = sorted({b for _, b in correction})
+    grid = tuple(tuple(correction.get((spec, b), 1.0) for b in buckets) for spec in (0, 1)) if buckets else ()
+    return EngineModel(cost={t: cost.get(t, 0.0) for t in _COST_TERMS}, correction=grid,
+                       draft_correction=draft, acceptance=tuple(rates[j] for j in sorted(rates)))
+
+
+def engine_budget(model: EngineModel, batch: float, k_max: int) -> int:
+    """The ``spec_k`` the engine's goodput policy would give a request joining ``batch`` rows.
+
+    The batch is taken as ``round(batch)`` identical decode rows at the engine-wide acceptance,
+    priced by the engine's own step-time model and choice of slots (no hysteresis: the gateway
+    decides once); the request gets its share of the chosen draft slots, rounded up, within
+    ``k_max``. Context lengths are not known here and count as 0 (the context term is the same
+    with and without drafts).
+
+    Example (a step of 8 ms, 0.5 ms a token, 1 ms more with drafts, 0.5 + 0.05 ms a draft):
+        >>> m = EngineModel(cost={"base": 8.0, "per_token": 0.5, "spec": 1.0, "draft": 0.5,
+        ...                       "draft_token": 0.05}, correction=(), draft_correction=1.0,
+        ...                 acceptance=(0.8, 0.7, 0.6, 0.5))
+        >>> [engine_budget(m, b, k_max=4) for b in (1, 4, 16, 64)]
+        [4, 3, 1, 0]
+        >>> engine_budget(m, 64, k_max=0)
+        0
+    """
+    from specserve_vllm.spec_control.acceptance import AcceptanceModel
+    from specserve_vllm.spec_control.goodput import GoodputPolicy
+    from specserve_vllm.spec_control.plan import StepRows
+    from specserve_vllm.spec_control.step_time import StepTimeModel
+
+    k = min(int(k_max), len(model.acceptance))
+    rows = max(1, int(round(batch)))
+    if k <= 0:
+        return 0
+    state = {"cost": {t: model.cost.get(t, 0.0) for t in _COST_TERMS}, "draft_correction": model.draft_correction}
+    if model.correction:
+        state["correction"] = [list(r) for r in model.correction]
+    policy = GoodputPolicy(StepTimeModel.from_state(state), AcceptanceModel(list(model.acceptance[:k])))
+    g, _, _ = policy.goodput(StepRows(tuple(str(i) for i in range(rows)), np.full(rows, k), np.zeros(rows)))
+    n = int(np.argmax(g))
+    return min(k, math.ceil(n / rows))
+
+
+def parse_page(text: str) -> EngineModel | None:
+    """:func:`parse_engine_model` of a ``/metrics`` page."""
+    return parse_engine_model(text_string_to_metric_families(text))
+
+
+__all__ = ["EngineModel", "engine_budget", "parse_engine_model", "parse_page"]
