@@ -4,7 +4,7 @@ Token Recycling (model-free) and Medusa / Hydra heads (on the target's hidden st
 against one no-speculation baseline: greedy outputs equal token for token at batch 1 and 8,
 drafts really get accepted, ``spec_k = 0`` turns drafting off per request, and at temperature > 0
 the sampled distribution equals plain sampling (a chi-square homogeneity test per position) for
-Token Recycling and Hydra.
+Token Recycling and Hydra, and for Token Recycling with k changing per row and step.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ DRAFTERS = ("recycling", "medusa", "hydra")
 SAMPLED = ("recycling", "hydra")  # one model-free and one head drafter
 
 
-def _engine(model_dir: Path, spec: dict[str, Any] | None) -> Any:
+def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None) -> Any:
+    extra = {"additional_config": {"specserve": {"spec_policy": policy, "seed": 11}}} if policy else {}
     return local_llm(
         model_dir,
         max_num_seqs=8, speculative_config=spec,
-        per_request_spec_decode_metrics="detailed" if spec else "none",
+        per_request_spec_decode_metrics="detailed" if spec else "none", **extra,
     )
 
 
@@ -114,6 +115,12 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
             out[drafter]["sampled"] = _sampled(llm)
         del llm
         gc.collect()
+    # k changing per row and per step (the ``jitter`` policy: a random length in [0, k] and whole
+    # steps without drafts), sampled like the others
+    llm = _engine(demo_model_dir, speculative_config("recycling", K), policy="jitter")
+    out["jitter"] = {"sampled": _sampled(llm)}
+    del llm
+    gc.collect()
     yield out
 
 
@@ -148,7 +155,7 @@ def test_homogeneity_z_tells_equal_from_different() -> None:
     assert homogeneity_z(same, [0] * 100 + [1] * 100) > 5
 
 
-@pytest.mark.parametrize("drafter", SAMPLED)
+@pytest.mark.parametrize("drafter", [*SAMPLED, "jitter"])
 def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, Any]], drafter: str) -> None:
     # Each position's token distribution (over seeded samples) must match plain sampling;
     # accepting drafts the target would not have sampled shows up as a large z.
@@ -163,3 +170,5 @@ def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, 
     drafted = sum(m["num_draft_tokens"] for m in metrics)
     accepted = sum(m["num_accepted_draft_tokens"] for m in metrics)
     assert 0 < accepted < drafted, "both the accept and the reject path must have been exercised"
+    if drafter == "jitter":  # the draft length really changed from step to step
+        assert len({d for m in metrics for d in m.get("per_step_drafted") or []}) >= 3
