@@ -288,5 +288,5 @@ def publisher_path(pid: int | None = None) -> Path | None:
 
 
 __all__ = ["PlanStatsCollector", "STATS_DIR_ENV", "StatsPublisher", "combine", "is_api_server",
-           "metric_families", "model_families", "prepare_stats_dir", "publisher_path", "read_snapshots", "register_collector",
-           "setup_api_server"]
+           "metric_families", "model_families", "prepare_stats_dir", "publisher_path", "read_snapshots",
+           "register_collector", "setup_api_server"]

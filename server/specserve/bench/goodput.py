@@ -81,12 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _plan_stats(llm: Any) -> dict[str, Any]:
     """The in-process engine's planner statistics (``PlanStats.snapshot``)."""
-    def snapshot(worker: Any) -> dict[str, Any]:
-        runner = getattr(worker, "worker", worker).model_runner
-        planner = getattr(runner, "_specserve_planner", None)
-        return planner.snapshot() if planner is not None else {}
-
-    return llm.collective_rpc(snapshot)[0]
+    planner = _planner(llm)
+    return planner.snapshot() if planner is not None else {}
 
 
 def _planner(llm: Any) -> Any:
@@ -320,24 +316,17 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
     """SVG charts: mean latency vs rate, tokens/s vs clients (per temperature), the step trace."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for temp, rates in report.get("open", {}).items():
-        series: dict[str, list[tuple[float, float]]] = {}
-        for rate, pt in rates.items():
-            for arm, r in pt["arms"].items():
-                series.setdefault(arm, []).append((float(rate), r["latency_mean_s"]))
-        path = folder / f"goodput-latency-vs-rate-{temp}.svg"
-        path.write_text(line_chart(series, title=f"{report['drafter']}: mean latency vs arrival rate ({temp})",
-                                   x_label="requests/s (Poisson)", y_label="mean latency (s)"))
-        written.append(path)
-    for temp, levels in report.get("closed", {}).items():
-        series = {}
-        for clients, pt in levels.items():
-            for arm, r in pt["arms"].items():
-                series.setdefault(arm, []).append((float(clients), r["tokens_per_s"]))
-        path = folder / f"goodput-throughput-vs-clients-{temp}.svg"
-        path.write_text(line_chart(series, title=f"{report['drafter']}: throughput vs clients ({temp})",
-                                   x_label="concurrent clients", y_label="output tokens/s"))
-        written.append(path)
+    for part, key, name, title, x_label, y_label in (
+        ("open", "latency_mean_s", "latency-vs-rate", "mean latency vs arrival rate", "requests/s (Poisson)",
+         "mean latency (s)"),
+        ("closed", "tokens_per_s", "throughput-vs-clients", "throughput vs clients", "concurrent clients",
+         "output tokens/s"),
+    ):
+        for temp, points in report.get(part, {}).items():
+            path = folder / f"goodput-{name}-{temp}.svg"
+            path.write_text(line_chart(_per_arm(points, key), title=f"{report['drafter']}: {title} ({temp})",
+                                       x_label=x_label, y_label=y_label))
+            written.append(path)
     steps = report.get("trace", {}).get("goodput_steps")
     if steps:
         k = [(t, kk) for t, _, kk in steps]
@@ -348,6 +337,19 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
                                    x_label="time (s)", y_label="k / decode rows"))
         written.append(path)
     return written
+
+
+def _per_arm(points: dict[str, Any], key: str) -> dict[str, list[tuple[float, float]]]:
+    """``{arm: [(x, value of key), ...]}`` over a part's points (x: the rate or client count).
+
+    >>> _per_arm({"1": {"arms": {"none": {"v": 2.0}}}, "4": {"arms": {"none": {"v": 3.0}}}}, "v")
+    {'none': [(1.0, 2.0), (4.0, 3.0)]}
+    """
+    series: dict[str, list[tuple[float, float]]] = {}
+    for x, pt in points.items():
+        for arm, r in pt["arms"].items():
+            series.setdefault(arm, []).append((float(x), r[key]))
+    return series
 
 
 def summary_line(report: dict[str, Any]) -> str:

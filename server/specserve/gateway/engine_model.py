@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+from specserve_vllm.spec_control.acceptance import AcceptanceModel
+from specserve_vllm.spec_control.goodput import GoodputPolicy
+from specserve_vllm.spec_control.plan import StepRows
+from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
 
 _PREFIX = "specserve_engine_"
-_COST_TERMS = ("base", "per_token", "per_row", "context", "spec", "spec_row", "draft", "draft_token")
+_COST_TERMS = tuple(f.name for f in fields(StepCost))
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,15 @@ class EngineModel:
     draft_correction: float
     acceptance: tuple[float, ...]
     """Conditional acceptance of draft positions 1..k."""
+    _budgets: dict[tuple[int, int], int] = field(default_factory=dict, compare=False, repr=False)
+    """Budgets already priced, by ``(rows, k)``: the model changes only at the next scrape."""
+
+    def step_model(self) -> StepTimeModel:
+        state: dict[str, Any] = {"cost": {t: self.cost.get(t, 0.0) for t in _COST_TERMS},
+                                 "draft_correction": self.draft_correction}
+        if self.correction:
+            state["correction"] = [list(r) for r in self.correction]
+        return StepTimeModel.from_state(state)
 
 
 def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
@@ -94,22 +107,17 @@ def engine_budget(model: EngineModel, batch: float, k_max: int) -> int:
         >>> engine_budget(m, 64, k_max=0)
         0
     """
-    from specserve_vllm.spec_control.acceptance import AcceptanceModel
-    from specserve_vllm.spec_control.goodput import GoodputPolicy
-    from specserve_vllm.spec_control.plan import StepRows
-    from specserve_vllm.spec_control.step_time import StepTimeModel
-
     k = min(int(k_max), len(model.acceptance))
     rows = max(1, int(round(batch)))
     if k <= 0:
         return 0
-    state = {"cost": {t: model.cost.get(t, 0.0) for t in _COST_TERMS}, "draft_correction": model.draft_correction}
-    if model.correction:
-        state["correction"] = [list(r) for r in model.correction]
-    policy = GoodputPolicy(StepTimeModel.from_state(state), AcceptanceModel(list(model.acceptance[:k])))
+    known = model._budgets.get((rows, k))
+    if known is not None:
+        return known
+    policy = GoodputPolicy(model.step_model(), AcceptanceModel(list(model.acceptance[:k])))
     g, _, _ = policy.goodput(StepRows(tuple(str(i) for i in range(rows)), np.full(rows, k), np.zeros(rows)))
-    n = int(np.argmax(g))
-    return min(k, math.ceil(n / rows))
+    budget = model._budgets[(rows, k)] = min(k, math.ceil(int(np.argmax(g)) / rows))
+    return budget
 
 
 def parse_page(text: str) -> EngineModel | None:

@@ -182,11 +182,9 @@ async def _generate(
         finally:
             gw.queue.release()
         record()
-        if outcome.spec is not None:
-            gw.spec.record(parsed.model, outcome, plan, elapsed_s=time.perf_counter() - sent, unary=True)
+        used = gw.spec.record(parsed.model, outcome, plan, elapsed_s=time.perf_counter() - sent, unary=True)
         if plan.k is not None:
             response.headers[SPEC_K_HEADER] = str(plan.k)
-        used = outcome.spec.k_used(outcome.completion_tokens) if outcome.spec is not None else None
         if used is not None:
             response.headers[SPEC_K_MEAN_HEADER] = f"{used[0]:g}"
             response.headers[SPEC_K_MAX_HEADER] = str(used[1])

@@ -5,7 +5,8 @@
 it into the body as ``vllm_xargs.spec_k`` (a client's own ``spec_k`` is forwarded as sent). When
 that replica's engine exports its cost model (per-step ``goodput`` policy), ``k`` is what the
 engine's controller would plan (:mod:`~specserve.gateway.engine_model`); otherwise the
-:class:`~specserve.gateway.goodput.GoodputController`'s own fit decides. After the response, it counts the per-request acceptance in
+:class:`~specserve.gateway.goodput.GoodputController`'s own fit decides. After the response, it
+counts the per-request acceptance in
 Prometheus (``specserve_spec_*``) and feeds it back to the controller, under both policies.
 """
 
@@ -43,23 +44,18 @@ class SpecPlan:
     batch: float
 
 
-def pool_batch(pool: ReplicaPool, model: str) -> float:
-    """Requests at the least-loaded replica serving ``model``: the batch a new request joins.
+def least_loaded(pool: ReplicaPool, model: str) -> Replica | None:
+    """The healthy replica serving ``model`` with the least load (the first of equals): its load
+    is the batch a new request joins.
 
     Example:
         >>> from unittest.mock import MagicMock
         >>> from specserve.gateway.replicas import Replica
         >>> pool = MagicMock(replicas={"a": Replica("a", healthy=True, in_flight=3, models=("m",)),
         ...                            "b": Replica("b", healthy=True, engine_running=9.0)})
-        >>> pool_batch(pool, "m")
+        >>> least_loaded(pool, "m").load
         3.0
     """
-    replica = least_loaded(pool, model)
-    return replica.load if replica is not None else 0.0
-
-
-def least_loaded(pool: ReplicaPool, model: str) -> Replica | None:
-    """The healthy replica serving ``model`` with the least load (the first of equals)."""
     best: Replica | None = None
     for replica in pool.replicas.values():
         if replica.healthy and (not replica.models or model in replica.models):
@@ -105,15 +101,16 @@ class SpecLength:
         return SpecPlan(k, "goodput", batch)
 
     def record(self, model: str, outcome: Outcome, plan: SpecPlan, *, elapsed_s: float | None,
-               unary: bool) -> None:
-        """Count a finished response's acceptance and learn from it.
+               unary: bool) -> tuple[float, int] | None:
+        """Count a finished response's acceptance and learn from it; returns the ``(mean, max)``
+        drafts per step the request got (:meth:`SpecStats.k_used`), when known.
 
         ``elapsed_s`` is the decode time of a stream (first to last chunk) or the whole time of a
         unary response (its prefill then counts as one more step).
         """
         stats = outcome.spec
         if stats is None:
-            return
+            return None
         m = self.metrics
         replica = outcome.replica_label
         if stats.drafted:
@@ -133,7 +130,7 @@ class SpecLength:
         m.child(m.spec_alpha, model).set(self.controller.alpha(model))
         m.child(m.spec_step_base, model).set(a)
         m.child(m.spec_step_token, model).set(b)
+        return used
 
 
-__all__ = ["SPEC_K_HEADER", "SPEC_K_MAX_HEADER", "SPEC_K_MEAN_HEADER", "SpecLength", "SpecPlan", "least_loaded",
-           "pool_batch"]
+__all__ = ["SPEC_K_HEADER", "SPEC_K_MAX_HEADER", "SPEC_K_MEAN_HEADER", "SpecLength", "SpecPlan", "least_loaded"]
