@@ -35,6 +35,7 @@ HELM_VALUE = {
     "jump_forward": "engine.settings.jumpForward",
     "jump_forward_strings": "engine.settings.jumpForwardStrings",
     "heads_dir": "speculation.heads",
+    "tree": "speculation.tree",
 }
 """The Helm value of each field of ``EngineSettings``."""
 

@@ -142,6 +142,8 @@ spec:
           value: {{ ternary "1" "0" $v.engine.settings.jumpForwardStrings | quote }}
         - name: SPECSERVE_HEADS_DIR
           value: {{ $v.speculation.heads | quote }}
+        - name: SPECSERVE_TREE
+          value: {{ $v.speculation.tree | quote }}
         - name: SPECSERVE_ENGINE_SPEC_POLICY
           value: {{ $v.speculation.enginePolicy | quote }}
         - name: SPECSERVE_ENGINE_CALIBRATION

@@ -10,7 +10,7 @@ neither torch nor vLLM.
     >>> load({"SPECSERVE_JUMP_FORWARD": "off", "SPECSERVE_JSON_MODE": "strict"})
     ... # doctest: +NORMALIZE_WHITESPACE
     EngineSettings(json_mode='strict', json_objects='closed', jump_forward=False,
-                   jump_forward_strings=True, heads_dir=None)
+                   jump_forward_strings=True, heads_dir=None, tree='chain')
     >>> to_environ(EngineSettings(jump_forward=False, heads_dir="/h"))["SPECSERVE_JUMP_FORWARD"]
     '0'
 """
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 JsonMode = Literal["schema", "strict"]
 JsonObjects = Literal["closed", "open"]
+TreeMode = Literal["chain", "static", "dynamic"]
 _FALSE = ("0", "false", "off", "no")
 
 
@@ -50,6 +51,9 @@ class EngineSettings:
     """With jump-forward on, also draft forced strings (tokenized), not just single forced tokens."""
     heads_dir: str | None = None
     """Head checkpoint of the ``medusa``/``hydra`` drafters."""
+    tree: TreeMode = "chain"
+    """Draft shape of Token Recycling: ``chain`` (one path), or a tree verified in one step,
+    ``static`` (a breadth-first template) or ``dynamic`` (DySpec), with ``k`` nodes at most."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,13 @@ def _json_objects(text: str) -> JsonObjects:
     return "open" if value == "open" else "closed"
 
 
+def _tree(text: str) -> TreeMode:
+    value = text.strip().lower()
+    if value not in get_args(TreeMode):
+        raise ValueError(f"{value!r} is not one of chain, static, dynamic")
+    return "static" if value == "static" else "dynamic" if value == "dynamic" else "chain"
+
+
 def _switch(text: str) -> bool:
     return text.strip().lower() not in _FALSE
 
@@ -101,6 +112,9 @@ SETTINGS: tuple[Setting, ...] = (
             "with jump-forward, also draft forced strings, not just single forced tokens"),
     Setting("heads_dir", HEADS_ENV, "--heads", _path,
             "head checkpoint directory of the medusa/hydra drafters"),
+    Setting("tree", "SPECSERVE_TREE", "--tree", _tree,
+            "draft shape of the recycling drafter: chain, or a tree of at most k nodes verified "
+            "in one step, static (breadth-first template) or dynamic (DySpec)"),
 )
 """Every engine-side setting, in the order ``docs/configuration.md`` lists them."""
 
@@ -130,6 +144,9 @@ def to_environ(settings: EngineSettings) -> dict[str, str]:
     return out
 
 
+_CHOICES: dict[str, Any] = {"json_mode": JsonMode, "json_objects": JsonObjects, "tree": TreeMode}
+
+
 def add_flags(group: Any, skip: tuple[str, ...] = ()) -> None:
     """One ``specserve serve`` flag per setting (except the fields in ``skip``); unset flags leave
     the engine's environment as it is."""
@@ -141,8 +158,8 @@ def add_flags(group: Any, skip: tuple[str, ...] = ()) -> None:
         if isinstance(default, bool):
             group.add_argument(setting.flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=None, help=f"{setting.help} (default: on; {setting.env})")
-        elif setting.field in ("json_mode", "json_objects"):
-            choices = get_args(JsonMode if setting.field == "json_mode" else JsonObjects)
+        elif setting.field in _CHOICES:
+            choices = get_args(_CHOICES[setting.field])
             group.add_argument(setting.flag, dest=dest, choices=choices, default=None,
                                help=f"{setting.help} (default: {default}; {setting.env})")
         else:
