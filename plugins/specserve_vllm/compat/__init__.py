@@ -28,6 +28,8 @@ PATCHES: tuple[str, ...] = (
     "empty_top_k",
     "xgrammar_strict_json",
     "grammar_validation",
+    "tree_attention",
+    "tree_steps",  # last: its _prepare_inputs and _sample wraps are the outermost
 )
 
 

@@ -14,9 +14,13 @@ change to vLLM's drafter selection)::
 ``observe_topk`` method the target's top-``topk_width`` candidates at every position whose
 logits the runner computed (all verified draft positions plus the bonus position, of every
 request, every step). Feeding happens before proposing within a step, so drafts use the
-freshest predictions. Drafts are chains (the best path of the BFS tree) until tree
-verification lands. The per-step plan (``set_draft_lengths``) bounds each row's chain; rows
-planned at 0 are not walked, and the matrix keeps learning whatever the plan.
+freshest predictions. Drafts are chains (the best path of the BFS tree) unless the engine
+setting ``tree`` asks for trees (``static`` or ``dynamic``, see
+:mod:`specserve_vllm.drafters.recycling_trees`): then each row's draft is a tree's nodes in
+preorder, its node count bounded like a chain's length, and the tree is kept in
+``last_trees`` for :mod:`specserve_vllm.compat.tree_steps`, which verifies it. The per-step plan
+(``set_draft_lengths``) bounds each row's draft; rows planned at 0 are not walked, and the
+matrix keeps learning whatever the plan.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.drafters import recycling
+from specserve_vllm.drafters.recycling_trees import TreeShape, recycling_tree
 from specserve_vllm.spec_k import PlannedLengths, bounded_room
+from specserve_vllm.tree.draft import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +44,8 @@ CLASS_PATH = f"{__name__}.RecyclingProposer"
 class RecyclingProposer:
     """Chain drafts from the engine-wide recycling matrix (vLLM ``custom_class`` proposer)."""
 
-    def __init__(self, vllm_config: Any, topk_width: int = recycling.DEFAULT_K) -> None:
+    def __init__(self, vllm_config: Any, topk_width: int = recycling.DEFAULT_K,
+                 tree_shape: TreeShape | None = None) -> None:
         spec = vllm_config.speculative_config
         self.num_speculative_tokens: int = int(spec.num_speculative_tokens)
         self.max_model_len: int = int(vllm_config.model_config.max_model_len)
@@ -46,6 +53,13 @@ class RecyclingProposer:
         self._planned = PlannedLengths()
         vocab = int(vllm_config.model_config.get_vocab_size())
         self.matrix: np.ndarray = recycling.new_matrix(vocab, topk_width)  # [vocab, k]
+        if tree_shape is None:
+            from specserve.engine import settings
+
+            tree_shape = settings.current().tree
+        self.tree_shape: TreeShape = tree_shape
+        self.last_trees: list[DraftTree | None] = []
+        """Per row of the last ``propose``: the drafted tree (tree shapes only), else None."""
         logger.info(
             "token recycling matrix: vocab=%d k=%d dtype=%s bytes=%d",
             vocab, topk_width, self.matrix.dtype, self.matrix.nbytes,
@@ -73,11 +87,19 @@ class RecyclingProposer:
         # Requests not decoding this step (no sampled token), planned at 0 or at the length
         # limit draft nothing.
         active = np.array([bool(s) for s in sampled_token_ids], dtype=bool) & (room > 0) & (n > 0)
+        self.last_trees = [None] * num_reqs
         if not active.any():
             return [[] for _ in range(num_reqs)]
         roots = np.full(num_reqs, recycling.EMPTY, dtype=np.int64)
         rows = np.nonzero(active)[0]
         roots[rows] = token_ids_cpu[rows, n[rows] - 1]
+        if self.tree_shape != "chain":
+            out: list[list[int]] = [[] for _ in range(num_reqs)]
+            for r in rows.tolist():
+                tree = recycling_tree(self.matrix, int(roots[r]), self.tree_shape, int(room[r]))
+                self.last_trees[r] = tree
+                out[r] = list(tree.tokens)
+            return out
         chains = recycling.draft_chains(self.matrix, roots, int(room[rows].max()))
         return [c[: max(int(r), 0)] for c, r in zip(chains, room.tolist())]
 

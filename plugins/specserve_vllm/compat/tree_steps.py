@@ -1,0 +1,251 @@
+"""Tree verification steps in vLLM 0.32's V1 runner (the CPU runner inherits them).
+
+A drafter that drafts trees (``last_trees`` per row, e.g. Token Recycling with the engine setting
+``tree``) hands the scheduler each tree's nodes in preorder as ordinary draft tokens, so
+scheduling, truncation (a preorder prefix is a tree) and KV allocation are vLLM's own. Four
+wraps on ``GPUModelRunner`` turn a step's eligible requests into tree verifications:
+
+* ``propose_draft_token_ids``: after drafting, remember each row's tree by request id;
+* ``_prepare_inputs`` (outermost): plan the step (:func:`~specserve_vllm.tree.plan.plan_step`:
+  greedy requests whose scheduled drafts are a branching prefix of their tree), and shift the
+  tree rows' positions to depth *after* upstream computed the slot mapping from the sequential
+  ones, so each row keeps its own slot and RoPE follows depth;
+* ``_build_attention_metadata``: attach the step's :class:`~specserve_vllm.tree.step.TreeStep`
+  to the attention metadata, where :mod:`specserve_vllm.compat.tree_attention` finds it;
+* ``_sample`` (outermost): verify each tree request over its ``1 + N`` logits rows with
+  :func:`~specserve_vllm.tree.verify.verify_greedy` (taken before vLLM's samplers see the
+  logits), let vLLM sample every row as usual, then overwrite the tree requests' rows of
+  ``sampled_token_ids`` with the accepted path plus the bonus token, and move the accepted
+  path's K/V to contiguous slots (:func:`~specserve_vllm.tree.compaction.kv_moves`, written with
+  vLLM's ``cpu_attn_reshape_and_cache``) when it is not the preorder prefix.
+
+The scheduler then counts ``len(tokens) - 1`` accepted drafts and rolls ``num_computed_tokens``
+back to ``root + accepted path``, exact once the path's K/V sits in those rows; rows past it are
+overwritten by the next step. Requests that are not eligible (sampling beyond greedy argmax,
+penalties, logprobs, grammars) keep their preorder drafts verified as a chain by vLLM's
+rejection sampler: lossless, only shorter. Engines without tree drafts pay one attribute lookup
+per wrap.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import numpy as np
+
+from specserve_vllm.compat.upstream import (
+    PREPARE_INPUTS,
+    PROPOSE_DRAFT_TOKEN_IDS,
+    RUNNER,
+    SAMPLE,
+    SAMPLE_TOKENS,
+    UpstreamFunction,
+)
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_specserve_tree_steps"
+TREES_ATTR = "_specserve_trees"
+"""Runner attribute: ``{req_id: DraftTree}`` of the last drafting step (absent: no tree drafter)."""
+STEP_ATTR = "_specserve_tree_step"
+"""Runner attribute: the current step's ``TreeStep``, or None."""
+COUNTERS_ATTR = "_specserve_tree_counters"
+"""Runner attribute: :class:`~specserve_vllm.tree.step.TreeCounters`."""
+CAPABLE_ATTR = "_specserve_tree_capable"
+
+UPSTREAM: tuple[UpstreamFunction, ...] = (
+    # Wrapped: trees are recorded by request id after drafting.
+    PROPOSE_DRAFT_TOKEN_IDS,
+    # Wrapped: positions and slot mapping are computed inside; positions shifted after it.
+    PREPARE_INPUTS,
+    # Wrapped: returns the per-layer metadata the plan is attached to.
+    UpstreamFunction(RUNNER, "GPUModelRunner._build_attention_metadata",
+                     "505a8ae345b0e379694455c79489cc5a4d6071e8e94199bc55368e18b9129f30"),
+    # Wrapped: logits rows are [root, node 0, ...] per request in batch order.
+    SAMPLE,
+    # Relied on: _sample runs before bookkeeping and before the next step's forward.
+    SAMPLE_TOKENS,
+    # Relied on: accepted = generated - 1; num_computed_tokens rolled back by the rejected count.
+    UpstreamFunction("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output",
+                     "920d0ea4ca1444e0d51a1019d18c1d3248eaf0a6fa23ccfb1a0f77bdb533cb2f"),
+    # Relied on: -1 padding ends a row's generated tokens.
+    UpstreamFunction("vllm.v1.sample.rejection_sampler", "RejectionSampler.parse_output",
+                     "0abf650c3fe95e13d139fea96856516584d89f97e630282513f8f18dfbf7fae9"),
+)
+
+
+def counters(runner: Any) -> Any:
+    """The runner's tree counters (created on first use)."""
+    from specserve_vllm.tree.step import TreeCounters
+
+    found = getattr(runner, COUNTERS_ATTR, None)
+    if found is None:
+        found = TreeCounters()
+        setattr(runner, COUNTERS_ATTR, found)
+    return found
+
+
+def tree_capable(runner: Any) -> bool:
+    """Whether every attention layer can run tree rows: vLLM's CPU backend without sliding
+    windows, ALiBi, sinks, soft-capping or a quantised cache, and no M-RoPE (checked once)."""
+    found = getattr(runner, CAPABLE_ATTR, None)
+    if found is not None:
+        return bool(found)
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    layers = get_layers_from_vllm_config(runner.vllm_config, Attention)
+    ok = bool(layers) and not runner.uses_mrope and all(
+        isinstance(layer.impl, CPUAttentionBackendImpl)
+        and layer.impl.sliding_window == -1 and layer.impl.alibi_slopes is None
+        and layer.impl.sinks is None and not layer.impl.logits_soft_cap
+        and not layer.impl.is_fp8_kv_cache
+        for layer in layers.values()
+    )
+    if not ok:
+        logger.warning("tree drafts run as chains: the attention layers do not support tree rows",
+                       extra={"fields": {"layers": len(layers)}})
+    setattr(runner, CAPABLE_ATTR, ok)
+    return ok
+
+
+def plan(runner: Any, scheduler_output: Any) -> Any:
+    """This step's ``TreeStep`` (None without tree requests); shifts the tree rows' positions."""
+    import torch
+
+    from specserve_vllm.tree.plan import plan_step, position_deltas
+    from specserve_vllm.tree.step import TreeStep, tree_eligible
+
+    trees = getattr(runner, TREES_ATTR, None)
+    if not trees or not scheduler_output.scheduled_spec_decode_tokens or not tree_capable(runner):
+        return None
+    num_reqs = runner.input_batch.num_reqs
+    req_ids = runner.input_batch.req_ids[:num_reqs]
+    eligible = [trees.get(r) if tree_eligible(runner.requests[r].sampling_params) else None for r in req_ids]
+    drafts = [scheduler_output.scheduled_spec_decode_tokens.get(r, ()) for r in req_ids]
+    step_plan = plan_step(eligible, drafts, runner.query_start_loc.np[: num_reqs + 1].tolist())
+    if not step_plan.requests:
+        return None
+    total = scheduler_output.total_num_scheduled_tokens
+    runner.positions[:total] += torch.from_numpy(position_deltas(step_plan, total))
+    return TreeStep(plan=step_plan)
+
+
+def verify(runner: Any, step: Any, logits: Any, spec_decode_metadata: Any) -> dict[int, Any]:
+    """``{req_index: TreeVerdict}`` of every tree request, over its ``1 + N`` logits rows."""
+    from specserve_vllm.tree.verify import verify_greedy
+
+    starts = np.concatenate([[0], np.cumsum(np.asarray(spec_decode_metadata.num_draft_tokens) + 1)])
+    verdicts = {}
+    for req in step.plan.requests:
+        start = int(starts[req.req_index])
+        rows = logits[start : start + len(req.tree) + 1].float().cpu().numpy()  # [1+N, vocab]
+        verdicts[req.req_index] = verify_greedy(req.tree, rows)
+    return verdicts
+
+
+def compact(step: Any, verdicts: dict[int, Any]) -> int:
+    """Rewrite each accepted side branch's K/V at the rows after the root, in every layer.
+
+    Returns how many requests needed moves. Sources are the stashed rows, so the order of
+    the writes does not matter."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from specserve_vllm.tree.compaction import kv_moves
+
+    moves = {}
+    for req in step.plan.requests:
+        found = kv_moves(req.tree, verdicts[req.req_index].accepted)
+        if found:
+            moves[req.req_index] = (torch.tensor([m.src for m in found]), torch.tensor([m.dst for m in found]))
+    for rows in step.stash:
+        if rows.req_index not in moves:
+            continue
+        src, dst = moves[rows.req_index]
+        ops.cpu_attn_reshape_and_cache(
+            rows.key[src].contiguous(), rows.value[src].contiguous(), rows.key_cache, rows.value_cache,
+            rows.slots[dst].contiguous(), rows.isa, k_scale=rows.k_scale, v_scale=rows.v_scale,
+            kv_cache_dtype=rows.kv_cache_dtype,
+        )
+    return len(moves)
+
+
+def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any) -> None:
+    """Write the verdicts into ``sampled`` (``[num_reqs, width]``), compact, count."""
+    import torch
+
+    width = sampled.shape[1]
+    for req_index, verdict in verdicts.items():
+        row = torch.full((width,), -1, dtype=sampled.dtype)
+        row[: len(verdict.tokens)] = torch.tensor(verdict.tokens, dtype=sampled.dtype)
+        sampled[req_index] = row
+    moved = compact(step, verdicts)
+    count = counters(runner)
+    count.steps += 1
+    count.verified += len(verdicts)
+    count.accepted_nodes += sum(len(v.accepted) for v in verdicts.values())
+    count.compacted += moved
+
+
+def apply() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from specserve_vllm.compat.tree_attention import TREE_STEP_ATTR
+
+    if getattr(GPUModelRunner._sample, _MARK, False):
+        return
+    propose = GPUModelRunner.propose_draft_token_ids
+    prepare = GPUModelRunner._prepare_inputs
+    build = GPUModelRunner._build_attention_metadata
+    sample = GPUModelRunner._sample
+
+    @functools.wraps(propose)
+    def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
+        drafter = getattr(self, "drafter", None)
+        if getattr(drafter, "tree_shape", "chain") == "chain":
+            return propose(self, *args, **kwargs)
+        drafter.last_trees = []  # a step whose plan skips the drafter leaves no trees
+        out = propose(self, *args, **kwargs)
+        setattr(self, TREES_ATTR, {r: t for r, t in zip(self.input_batch.req_ids, drafter.last_trees)
+                                   if t is not None})
+        return out
+
+    @functools.wraps(prepare)
+    def _prepare_inputs(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        out = prepare(self, scheduler_output, *args, **kwargs)
+        setattr(self, STEP_ATTR, plan(self, scheduler_output) if getattr(self, TREES_ATTR, None) else None)
+        return out
+
+    @functools.wraps(build)
+    def _build_attention_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = build(self, *args, **kwargs)
+        step = getattr(self, STEP_ATTR, None)
+        if step is not None and not kwargs.get("for_cudagraph_capture", False):
+            per_layer = out[0] if isinstance(out[0], list) else [out[0]]
+            for layers in per_layer:
+                for metadata in layers.values():
+                    setattr(metadata, TREE_STEP_ATTR, step)
+        return out
+
+    @functools.wraps(sample)
+    def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:
+        step = getattr(self, STEP_ATTR, None)
+        setattr(self, STEP_ATTR, None)
+        if step is None or logits is None or spec_decode_metadata is None:
+            return sample(self, logits, spec_decode_metadata, *args, **kwargs)
+        verdicts = verify(self, step, logits, spec_decode_metadata)
+        out = sample(self, logits, spec_decode_metadata, *args, **kwargs)
+        finish(self, step, verdicts, out.sampled_token_ids)
+        return out
+
+    for fn in (propose_draft_token_ids, _prepare_inputs, _build_attention_metadata, _sample):
+        setattr(fn, _MARK, True)
+    GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids  # type: ignore[method-assign]
+    GPUModelRunner._prepare_inputs = _prepare_inputs  # type: ignore[method-assign]
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata  # type: ignore[method-assign]
+    GPUModelRunner._sample = _sample  # type: ignore[method-assign]
+    logger.debug("installed the tree verification patch")

@@ -1,0 +1,58 @@
+"""Token Recycling tree drafts at a node budget: a static template or a DySpec dynamic tree.
+
+The engine setting ``tree`` picks the shape (``chain`` drafts the best path only, as before):
+
+* ``static``: the breadth-first template :data:`STATIC_WIDTHS` (``widths[d]`` children per node
+  at depth ``d``) cut at the budget, so shallow levels are kept (Token Recycling's static tree,
+  scaled down to the budgets a small CPU engine verifies);
+* ``dynamic``: DySpec's greedy growth over the matrix rows, scored with a per-rank prior
+  (:data:`RANK_ACCEPTANCE`) since the matrix carries no probabilities.
+
+Both return DFS preorder with the best child first, so the scheduler may cut a tree to any
+prefix and the chain draft is its first-child path.
+
+    >>> import numpy as np
+    >>> m = np.array([[1, 2], [2, 0], [0, 1]], dtype=np.int16)
+    >>> recycling_tree(m, root=0, shape="static", budget=4)
+    DraftTree(tokens=(1, 2, 0, 2), parents=(-1, 0, 0, -1))
+    >>> recycling_tree(m, root=0, shape="chain", budget=3)
+    DraftTree(tokens=(1, 2, 0), parents=(-1, 0, 1))
+    >>> len(recycling_tree(m, root=0, shape="dynamic", budget=5))
+    5
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import numpy as np
+
+from specserve_vllm.drafters import recycling
+from specserve_vllm.tree.build import dynamic_tree, rank_prior, recycling_expander
+from specserve_vllm.tree.draft import DraftTree
+
+TreeShape = Literal["chain", "static", "dynamic"]
+TREE_SHAPES: tuple[str, ...] = get_args(TreeShape)
+
+STATIC_WIDTHS: tuple[int, ...] = (2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1)
+"""Children per node by depth: two alternatives at the two shallowest levels (where the matrix's
+second candidate is most often the target's token), single continuations below. A budget of 8
+gives depth 3, a budget of 16 depth 5."""
+
+RANK_ACCEPTANCE: tuple[float, ...] = (0.6, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
+"""Assumed chance that the matrix's rank-``r`` candidate is the target's next token (the DySpec
+score of a candidate); a guess, not fitted."""
+
+
+def recycling_tree(matrix: np.ndarray, root: int, shape: TreeShape, budget: int) -> DraftTree:
+    """One request's draft of at most ``budget`` nodes from ``root`` (its last token)."""
+    if budget <= 0:
+        return DraftTree.empty()
+    if shape == "chain":
+        return DraftTree.chain(recycling.draft_chain(matrix, root, budget))
+    if shape == "static":
+        return recycling.draft_tree(matrix, root, STATIC_WIDTHS, max_nodes=budget)
+    if shape == "dynamic":
+        expand = recycling_expander(matrix, root, rank_prior(RANK_ACCEPTANCE))
+        return dynamic_tree(expand, budget, max_depth=budget, width=matrix.shape[1])
+    raise ValueError(f"unknown tree shape {shape!r}; choose one of {', '.join(TREE_SHAPES)}")

@@ -1,0 +1,89 @@
+"""One engine step's tree state: which requests verify trees, their K/V rows, and the counters.
+
+The runner wraps (:mod:`specserve_vllm.compat.tree_steps`) create a :class:`TreeStep` when a
+step has tree requests, the attention wrap (:mod:`specserve_vllm.compat.tree_attention`)
+stashes each layer's K/V rows of those requests in it, and verification uses the stash to
+compact an accepted side branch. Requests whose sampling needs more than the target's
+distribution (penalties, logits processors, logprobs, grammars) keep chains: their drafts are
+still a tree's preorder nodes, which vLLM's rejection sampler verifies as a chain, losslessly.
+
+    >>> from types import SimpleNamespace as NS
+    >>> plain = NS(temperature=0.0, logprobs=None, prompt_logprobs=None, presence_penalty=0.0,
+    ...            frequency_penalty=0.0, repetition_penalty=1.0, bad_words=None, logit_bias=None,
+    ...            allowed_token_ids=None, min_tokens=0, structured_outputs=None)
+    >>> tree_eligible(plain), tree_eligible(NS(**{**vars(plain), "repetition_penalty": 1.1}))
+    (True, False)
+    >>> tree_eligible(NS(**{**vars(plain), "temperature": 0.8}))
+    False
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from specserve_vllm.tree.plan import TreePlan
+
+GREEDY_EPS = 1e-5
+"""Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``)."""
+
+
+def tree_eligible(params: Any) -> bool:
+    """Whether a request's sampling parameters allow tree verification: greedy, and nothing
+    that changes the target's logits or needs per-token output beyond the tokens."""
+    if params is None:
+        return False
+    return (
+        params.temperature < GREEDY_EPS
+        and params.logprobs is None
+        and params.prompt_logprobs is None
+        and not params.presence_penalty
+        and not params.frequency_penalty
+        and params.repetition_penalty == 1.0
+        and not params.bad_words
+        and not params.logit_bias
+        and not params.allowed_token_ids
+        and not params.min_tokens
+        and params.structured_outputs is None
+    )
+
+
+@dataclass(frozen=True)
+class StashedRows:
+    """One attention layer's K/V rows of one tree request, and where they were written."""
+
+    req_index: int
+    key_cache: Any
+    """The layer's ``[num_blocks, kv_heads, block_size, head]`` key half (written in place)."""
+    value_cache: Any
+    isa: str
+    key: Any
+    """``[1 + N, kv_heads, head]`` the rows' keys (RoPE at depth positions)."""
+    value: Any
+    slots: Any
+    """``[1 + N]`` the cache slot of each row this step."""
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+    kv_cache_dtype: str = "auto"
+
+
+@dataclass
+class TreeStep:
+    """A step with tree requests: the plan and the K/V rows the attention layers stashed."""
+
+    plan: TreePlan
+    stash: list[StashedRows] = field(default_factory=list)
+
+
+@dataclass
+class TreeCounters:
+    """Totals since the engine started (read by tests and benchmarks)."""
+
+    steps: int = 0
+    """Steps that verified at least one tree."""
+    verified: int = 0
+    """Tree verifications (one per request and step)."""
+    accepted_nodes: int = 0
+    """Draft nodes accepted by tree verification."""
+    compacted: int = 0
+    """Verifications whose accepted path was not the preorder prefix (its K/V moved)."""
