@@ -12,14 +12,13 @@ from __future__ import annotations
 import gc
 import math
 import os
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support.spec_runs import PROMPTS, REPETITIVE, greedy, heads_env, run_batches
+from support.spec_runs import PROMPTS, REPETITIVE, greedy, heads_env, homogeneity_z, run_batches
 
 from specserve.speculative_config import speculative_config
 from specserve.engine.local import local_llm
@@ -58,36 +57,6 @@ def _sampled(llm: Any) -> list[Any]:
         for i in range(NUM_SAMPLES)
     ]
     return [r.outputs[0] for r in llm.generate([PROMPTS[REPETITIVE]] * NUM_SAMPLES, params, use_tqdm=False)]
-
-
-def homogeneity_z(a: list[int], b: list[int], min_count: int = 10) -> float:
-    """Chi-square two-sample homogeneity test as a z-score (Wilson-Hilferty).
-
-    Categories seen fewer than ``min_count`` times in both samples together are pooled.
-    Under the null (same distribution) z is about standard normal; identical samples give
-    a strongly negative z, very different ones a large positive z.
-    """
-    ca, cb = Counter(a), Counter(b)
-    buckets: list[tuple[int, int]] = []
-    rare = [0, 0]
-    for cat in set(ca) | set(cb):
-        if ca[cat] + cb[cat] >= min_count:
-            buckets.append((ca[cat], cb[cat]))
-        else:
-            rare[0] += ca[cat]
-            rare[1] += cb[cat]
-    if sum(rare):
-        buckets.append((rare[0], rare[1]))
-    df = len(buckets) - 1
-    if df < 1:
-        return -math.inf
-    na, nb = len(a), len(b)
-    stat = 0.0
-    for x, y in buckets:
-        ea, eb = (x + y) * na / (na + nb), (x + y) * nb / (na + nb)
-        stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
-    v = 2.0 / (9.0 * df)
-    return ((stat / df) ** (1.0 / 3.0) - (1.0 - v)) / math.sqrt(v)
 
 
 def _run(llm: Any) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,3 +50,33 @@ def heads_env(directory: str | None) -> Iterator[None]:
         return
     with settings.override(heads_dir=directory):
         yield
+
+
+def homogeneity_z(a: list[int], b: list[int], min_count: int = 10) -> float:
+    """Chi-square two-sample homogeneity test as a z-score (Wilson-Hilferty).
+
+    Categories seen fewer than ``min_count`` times in both samples together are pooled.
+    Under the null (same distribution) z is about standard normal; identical samples give
+    a strongly negative z, very different ones a large positive z.
+    """
+    ca, cb = Counter(a), Counter(b)
+    buckets: list[tuple[int, int]] = []
+    rare = [0, 0]
+    for cat in set(ca) | set(cb):
+        if ca[cat] + cb[cat] >= min_count:
+            buckets.append((ca[cat], cb[cat]))
+        else:
+            rare[0] += ca[cat]
+            rare[1] += cb[cat]
+    if sum(rare):
+        buckets.append((rare[0], rare[1]))
+    df = len(buckets) - 1
+    if df < 1:
+        return -math.inf
+    na, nb = len(a), len(b)
+    stat = 0.0
+    for x, y in buckets:
+        ea, eb = (x + y) * na / (na + nb), (x + y) * nb / (na + nb)
+        stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
+    v = 2.0 / (9.0 * df)
+    return ((stat / df) ** (1.0 / 3.0) - (1.0 - v)) / math.sqrt(v)

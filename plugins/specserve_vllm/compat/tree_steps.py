@@ -7,22 +7,25 @@ wraps on ``GPUModelRunner`` turn a step's eligible requests into tree verificati
 
 * ``propose_draft_token_ids``: after drafting, remember each row's tree by request id;
 * ``_prepare_inputs`` (outermost): plan the step (:func:`~specserve_vllm.tree.plan.plan_step`:
-  greedy requests whose scheduled drafts are a branching prefix of their tree), and shift the
+  eligible requests, :func:`~specserve_vllm.tree.step.tree_eligible`, whose scheduled drafts
+  are a branching prefix of their tree), and shift the
   tree rows' positions to depth *after* upstream computed the slot mapping from the sequential
   ones, so each row keeps its own slot and RoPE follows depth;
 * ``_build_attention_metadata``: attach the step's :class:`~specserve_vllm.tree.step.TreeStep`
   to the attention metadata, where :mod:`specserve_vllm.compat.tree_attention` finds it;
 * ``_sample`` (outermost): verify each tree request over its ``1 + N`` logits rows with
-  :func:`~specserve_vllm.tree.verify.verify_greedy` (taken before vLLM's samplers see the
-  logits), let vLLM sample every row as usual, then overwrite the tree requests' rows of
+  :func:`~specserve_vllm.tree.verify.verify_greedy` at temperature 0 and
+  :func:`~specserve_vllm.tree.verify.verify_sampled` otherwise (over the law vLLM samples from:
+  temperature, top-k, top-p; one draw per emitted token from the request's generator), taken
+  before vLLM's samplers see (and edit) the logits, let vLLM sample every row as usual, then overwrite the tree requests' rows of
   ``sampled_token_ids`` with the accepted path plus the bonus token, and move the accepted
   path's K/V to contiguous slots (:func:`~specserve_vllm.tree.compaction.kv_moves`, written with
   vLLM's ``cpu_attn_reshape_and_cache``) when it is not the preorder prefix.
 
 The scheduler then counts ``len(tokens) - 1`` accepted drafts and rolls ``num_computed_tokens``
 back to ``root + accepted path``, exact once the path's K/V sits in those rows; rows past it are
-overwritten by the next step. Requests that are not eligible (sampling beyond greedy argmax,
-penalties, logprobs, grammars) keep their preorder drafts verified as a chain by vLLM's
+overwritten by the next step. Requests that are not eligible (penalties, min-p, logprobs,
+grammars) keep their preorder drafts verified as a chain by vLLM's
 rejection sampler: lossless, only shorter. Engines without tree drafts pay one attribute lookup
 per wrap.
 """
@@ -134,16 +137,50 @@ def plan(runner: Any, scheduler_output: Any) -> Any:
     return TreeStep(plan=step_plan)
 
 
+def sampling_probs(rows: Any, temperature: float, top_k: Any, top_p: Any) -> np.ndarray:
+    """``[1+N, vocab]`` float64: the target's sampling law per row, as vLLM's samplers form it
+    (temperature, then top-k/top-p masks, then softmax). ``top_k``/``top_p``: the request's
+    scalar tensors or None."""
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    n = rows.shape[0]
+    scaled = rows.float() / temperature
+    k = None if top_k is None else top_k.reshape(1).expand(n).contiguous()
+    p = None if top_p is None else top_p.reshape(1).expand(n).contiguous()
+    masked = apply_top_k_top_p_pytorch(scaled, k, p, allow_cpu_sync=True)
+    return torch.softmax(masked.double(), dim=-1).cpu().numpy()
+
+
+def request_rng(generators: dict[int, Any], req_index: int) -> np.random.Generator:
+    """A numpy generator drawn from the request's seeded torch generator (or torch's global
+    one), so seeded requests stay reproducible and unseeded ones follow the engine seed."""
+    import torch
+
+    seed = torch.randint(0, 2**62, (1,), generator=generators.get(req_index)).item()
+    return np.random.default_rng(int(seed))
+
+
 def verify(runner: Any, step: Any, logits: Any, spec_decode_metadata: Any) -> dict[int, Any]:
-    """``{req_index: TreeVerdict}`` of every tree request, over its ``1 + N`` logits rows."""
-    from specserve_vllm.tree.verify import verify_greedy
+    """``{req_index: TreeVerdict}`` of every tree request, over its ``1 + N`` logits rows
+    (greedy: the argmax walk; sampled: the lossless walk of ``verify_sampled``)."""
+    from specserve_vllm.tree.step import GREEDY_EPS
+    from specserve_vllm.tree.verify import verify_greedy, verify_sampled
 
     starts = np.concatenate([[0], np.cumsum(np.asarray(spec_decode_metadata.num_draft_tokens) + 1)])
+    metadata = runner.input_batch.sampling_metadata
     verdicts = {}
     for req in step.plan.requests:
         start = int(starts[req.req_index])
-        rows = logits[start : start + len(req.tree) + 1].float().cpu().numpy()  # [1+N, vocab]
-        verdicts[req.req_index] = verify_greedy(req.tree, rows)
+        rows = logits[start : start + len(req.tree) + 1]  # [1+N, vocab]
+        params = runner.requests[runner.input_batch.req_ids[req.req_index]].sampling_params
+        if params.temperature < GREEDY_EPS:
+            verdicts[req.req_index] = verify_greedy(req.tree, rows.float().cpu().numpy())
+            continue
+        top_k = None if metadata.top_k is None else metadata.top_k[req.req_index]
+        top_p = None if metadata.top_p is None else metadata.top_p[req.req_index]
+        probs = sampling_probs(rows, params.temperature, top_k, top_p)
+        verdicts[req.req_index] = verify_sampled(req.tree, probs, request_rng(metadata.generators, req.req_index))
     return verdicts
 
 

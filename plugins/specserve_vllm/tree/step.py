@@ -4,7 +4,8 @@ The runner wraps (:mod:`specserve_vllm.compat.tree_steps`) create a :class:`Tree
 step has tree requests, the attention wrap (:mod:`specserve_vllm.compat.tree_attention`)
 stashes each layer's K/V rows of those requests in it, and verification uses the stash to
 compact an accepted side branch. Requests whose sampling needs more than the target's
-distribution (penalties, logits processors, logprobs, grammars) keep chains: their drafts are
+distribution after temperature, top-k and top-p (penalties, min-p, logits processors, logprobs,
+grammars) keep chains: their drafts are
 still a tree's preorder nodes, which vLLM's rejection sampler verifies as a chain, losslessly.
 
     >>> from types import SimpleNamespace as NS
@@ -13,8 +14,8 @@ still a tree's preorder nodes, which vLLM's rejection sampler verifies as a chai
     ...            allowed_token_ids=None, min_tokens=0, structured_outputs=None)
     >>> tree_eligible(plain), tree_eligible(NS(**{**vars(plain), "repetition_penalty": 1.1}))
     (True, False)
-    >>> tree_eligible(NS(**{**vars(plain), "temperature": 0.8}))
-    False
+    >>> tree_eligible(NS(**{**vars(plain), "temperature": 0.8, "min_p": 0.0}))
+    True
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ GREEDY_EPS = 1e-5
 
 
 def tree_eligible(params: Any) -> bool:
-    """Whether a request's sampling parameters allow tree verification: greedy, and nothing
-    that changes the target's logits or needs per-token output beyond the tokens."""
+    """Whether a request's sampling parameters allow tree verification: greedy, or sampling
+    with temperature, top-k and top-p only, and nothing else that changes the target's logits
+    or needs per-token output beyond the tokens."""
     if params is None:
         return False
     return (
-        params.temperature < GREEDY_EPS
+        (params.temperature < GREEDY_EPS or not params.min_p)
         and params.logprobs is None
         and params.prompt_logprobs is None
         and not params.presence_penalty
