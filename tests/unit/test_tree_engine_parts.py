@@ -1,0 +1,110 @@
+"""The engine-side pieces of tree speculation that run without an engine: Token Recycling's tree
+shapes and proposer in tree mode, which requests may verify trees, the sampling law tree
+verification draws from, and trees staying off by default."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings as hsettings, strategies as st
+
+from specserve.engine import settings
+from specserve_vllm.compat.tree_steps import sampling_probs
+from specserve_vllm.drafters import recycling
+from specserve_vllm.drafters.recycling_proposer import RecyclingProposer
+from specserve_vllm.drafters.recycling_trees import STATIC_WIDTHS, recycling_tree
+from specserve_vllm.tree.draft import DraftTree, best_path
+from specserve_vllm.tree.step import tree_eligible
+
+
+def _matrix(seed: int, vocab: int = 12, k: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    m = recycling.new_matrix(vocab, k)
+    for tok in range(vocab):
+        if rng.random() < 0.85:
+            m[tok] = rng.choice(vocab, size=k, replace=False)
+    return m
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), root=st.integers(0, 11), budget=st.integers(0, 16),
+       shape=st.sampled_from(["chain", "static", "dynamic"]))
+def test_tree_shapes_fit_the_budget_and_start_with_the_chain(seed: int, root: int, budget: int, shape: str) -> None:
+    m = _matrix(seed)
+    tree = recycling_tree(m, root, shape, budget)  # type: ignore[arg-type]
+    assert isinstance(tree, DraftTree) and len(tree) <= budget
+    chain = recycling.draft_chain(m, root, budget)
+    if shape == "chain":
+        assert tree.tokens == chain
+    if shape == "static":
+        assert tree == recycling.draft_tree(m, root, STATIC_WIDTHS, max_nodes=budget)
+    # the first candidate of each row leads every tree: the best path is a prefix of the chain
+    path = best_path(tree)
+    assert chain[: len(path)] == path
+
+
+def _config(vocab: int, k: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=k),
+        model_config=SimpleNamespace(max_model_len=64, get_vocab_size=lambda: vocab),
+    )
+
+
+def test_proposer_drafts_preorder_trees_and_keeps_them() -> None:
+    proposer = RecyclingProposer(_config(vocab=6, k=4), topk_width=2, tree_shape="static")
+    proposer.observe_topk(np.array([1, 3, 4]), np.array([[3, 4], [5, 1], [2, 0]]))
+    tokens = np.array([[0, 1, 0], [0, 2, 0]])
+    drafts = proposer.propose([[1], [2]], np.array([2, 2]), tokens)
+    assert proposer.last_trees[0] == recycling.draft_tree(proposer.matrix, 1, STATIC_WIDTHS, max_nodes=4)
+    assert drafts[0] == list(proposer.last_trees[0].tokens) == [3, 5, 1, 4]  # 1 -> {3 -> {5, 1}, 4}
+    assert drafts[1] == [] and proposer.last_trees[1] == DraftTree.empty()  # row 2 of the matrix is empty
+
+
+def test_trees_are_off_by_default() -> None:
+    assert settings.EngineSettings().tree == "chain"
+    with settings.override(tree="chain"):
+        proposer = RecyclingProposer(_config(vocab=6, k=4), topk_width=2)
+    assert proposer.tree_shape == "chain"
+    proposer.observe_topk(np.array([1, 3]), np.array([[3, 4], [5, 1]]))
+    assert proposer.propose([[1]], np.array([2]), np.array([[0, 1, 0]])) == [[3, 5]]  # 1 -> 3 -> 5, row 5 empty
+    assert proposer.last_trees == [None]
+
+
+def _params(**changes: object) -> SimpleNamespace:
+    base = dict(temperature=0.0, logprobs=None, prompt_logprobs=None, presence_penalty=0.0,
+                frequency_penalty=0.0, repetition_penalty=1.0, bad_words=None, logit_bias=None,
+                allowed_token_ids=None, min_tokens=0, structured_outputs=None, min_p=0.0)
+    return SimpleNamespace(**{**base, **changes})
+
+
+@pytest.mark.parametrize(("changes", "eligible"), [
+    ({}, True),
+    ({"temperature": 0.7}, True),
+    ({"temperature": 0.7, "min_p": 0.1}, False),
+    ({"logprobs": 2}, False),
+    ({"presence_penalty": 0.5}, False),
+    ({"repetition_penalty": 1.2}, False),
+    ({"bad_words": ["x"]}, False),
+    ({"logit_bias": {1: 2.0}}, False),
+    ({"min_tokens": 3}, False),
+    ({"structured_outputs": object()}, False),
+])
+def test_which_requests_verify_trees(changes: dict[str, object], eligible: bool) -> None:
+    assert tree_eligible(_params(**changes)) is eligible
+    assert not tree_eligible(None)
+
+
+def test_sampling_probs_apply_temperature_then_top_k_and_top_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    plain = sampling_probs(logits, 1.0, None, None)
+    assert np.allclose(plain, [[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
+    top2 = sampling_probs(logits, 1.0, torch.tensor(2), None)
+    assert np.allclose(top2, [[0.625, 0.375, 0, 0], [0, 0, 3 / 7, 4 / 7]])
+    hot = sampling_probs(logits, 0.5, None, None)  # p^2, renormalised
+    assert np.allclose(hot[0], np.array([0.25, 0.09, 0.0225, 0.0025]) / 0.365)
+    nucleus = sampling_probs(logits, 1.0, None, torch.tensor(0.7))  # smallest set with mass >= 0.7
+    assert np.allclose(nucleus[0], [0.5 / 0.8, 0.3 / 0.8, 0, 0])
+    assert logits.exp().allclose(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))  # not edited
