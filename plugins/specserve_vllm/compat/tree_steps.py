@@ -92,7 +92,8 @@ def counters(runner: Any) -> Any:
 
 def tree_capable(runner: Any) -> bool:
     """Whether every attention layer can run tree rows: vLLM's CPU backend without sliding
-    windows, ALiBi, sinks, soft-capping or a quantised cache, and no M-RoPE (checked once)."""
+    windows, ALiBi, sinks, soft-capping or a quantised cache, no M-RoPE, and synchronous
+    scheduling (vLLM's default with ``custom_class`` drafters; checked once)."""
     found = getattr(runner, CAPABLE_ATTR, None)
     if found is not None:
         return bool(found)
@@ -101,7 +102,7 @@ def tree_capable(runner: Any) -> bool:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
     layers = get_layers_from_vllm_config(runner.vllm_config, Attention)
-    ok = bool(layers) and not runner.uses_mrope and all(
+    ok = bool(layers) and not runner.uses_mrope and not runner.use_async_scheduling and all(
         isinstance(layer.impl, CPUAttentionBackendImpl)
         and layer.impl.sliding_window == -1 and layer.impl.alibi_slopes is None
         and layer.impl.sinks is None and not layer.impl.logits_soft_cap
