@@ -5,9 +5,9 @@ no-speculation baseline:
 
 * greedy outputs equal token for token at batch 1 and 8, also with the ``jitter`` policy cutting
   each row's tree to a random preorder prefix per step (whole steps without drafts too);
-* trees were really verified: the runner's tree counters show tree verifications, accepted
-  nodes and accepted side branches whose K/V was compacted, so a silently skipped tree path
-  fails the test;
+* trees were really verified: the runner's tree counters show tree verifications and accepted
+  nodes, and (static trees) accepted side branches whose K/V was compacted, so a silently
+  skipped tree path fails the test;
 * at temperature > 0 the sampled distribution equals plain sampling (chi-square homogeneity per
   position), with sampled tree verifications counted during that run;
 * vLLM's per-request spec metrics stay consistent (no scheduler assertion, accepted <= drafted).
@@ -91,13 +91,19 @@ def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, An
 
 
 @pytest.mark.parametrize("tree", TREES)
-def test_trees_were_verified_and_side_branches_accepted(runs: dict[str, dict[str, Any]], tree: str) -> None:
+def test_trees_were_verified(runs: dict[str, dict[str, Any]], tree: str) -> None:
     count = runs[tree]["greedy_counters"]
     assert count is not None, "no tree step ran"
     assert count.steps > 0 and count.verified >= count.steps
     assert count.accepted_nodes > 0
-    # an accepted path off the preorder prefix, i.e. real branching and a K/V compaction
-    assert count.compacted > 0
+
+
+@pytest.mark.parametrize("tree", ["static", "static-jitter"])
+def test_side_branches_were_accepted_and_compacted(runs: dict[str, dict[str, Any]], tree: str) -> None:
+    # The static template always branches at depths 1 and 2, so a path off the preorder prefix
+    # is accepted whenever the matrix's second candidate is the target's token. (A dynamic tree
+    # may be a chain when the first candidate is accepted far more often than the rest.)
+    assert runs[tree]["greedy_counters"].compacted > 0
 
 
 @pytest.mark.parametrize("tree", TREES)

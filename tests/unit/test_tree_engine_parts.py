@@ -108,3 +108,11 @@ def test_sampling_probs_apply_temperature_then_top_k_and_top_p() -> None:
     nucleus = sampling_probs(logits, 1.0, None, torch.tensor(0.7))  # smallest set with mass >= 0.7
     assert np.allclose(nucleus[0], [0.5 / 0.8, 0.3 / 0.8, 0, 0])
     assert logits.exp().allclose(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))  # not edited
+
+
+def test_dynamic_proposer_measures_rank_acceptance_before_learning() -> None:
+    proposer = RecyclingProposer(_config(vocab=6, k=4), topk_width=2, tree_shape="dynamic")
+    proposer.observe_topk(np.array([1]), np.array([[3, 4]]))  # row 1 empty: a miss
+    proposer.observe_topk(np.array([1, 1]), np.array([[4, 3], [3, 4]]))  # 4 is rank 1, 3 rank 0
+    assert proposer.rank_hits.tolist() == [1, 1, 1]
+    assert proposer.matrix[1].tolist() == [3, 4]  # learnt after measuring (last occurrence wins)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.drafters import recycling
-from specserve_vllm.drafters.recycling_trees import TreeShape, recycling_tree
+from specserve_vllm.drafters.recycling_trees import TreeShape, rank_acceptance, rank_hits, recycling_tree
 from specserve_vllm.spec_k import PlannedLengths, bounded_room
 from specserve_vllm.tree.draft import DraftTree
 
@@ -60,6 +60,9 @@ class RecyclingProposer:
         self.tree_shape: TreeShape = tree_shape
         self.last_trees: list[DraftTree | None] = []
         """Per row of the last ``propose``: the drafted tree (tree shapes only), else None."""
+        self.rank_hits = np.zeros(topk_width + 1, dtype=np.int64)
+        """How often the target's next token was the matrix's rank-r candidate (last: none);
+        measured for ``dynamic`` trees only."""
         logger.info(
             "token recycling matrix: vocab=%d k=%d dtype=%s bytes=%d",
             vocab, topk_width, self.matrix.dtype, self.matrix.nbytes,
@@ -67,6 +70,8 @@ class RecyclingProposer:
 
     def observe_topk(self, input_tokens: np.ndarray, topk_ids: np.ndarray) -> None:
         """Record the target's top candidates (``[n, topk_width]``) after ``input_tokens`` (``[n]``)."""
+        if self.tree_shape == "dynamic":
+            self.rank_hits += rank_hits(self.matrix, input_tokens, np.asarray(topk_ids)[:, 0])
         recycling.update_inplace(self.matrix, input_tokens, topk_ids)
 
     def set_draft_lengths(self, lengths: Any) -> None:
@@ -95,8 +100,9 @@ class RecyclingProposer:
         roots[rows] = token_ids_cpu[rows, n[rows] - 1]
         if self.tree_shape != "chain":
             out: list[list[int]] = [[] for _ in range(num_reqs)]
+            acceptance = rank_acceptance(self.rank_hits)
             for r in rows.tolist():
-                tree = recycling_tree(self.matrix, int(roots[r]), self.tree_shape, int(room[r]))
+                tree = recycling_tree(self.matrix, int(roots[r]), self.tree_shape, int(room[r]), acceptance)
                 self.last_trees[r] = tree
                 out[r] = list(tree.tokens)
             return out

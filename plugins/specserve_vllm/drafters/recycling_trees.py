@@ -5,8 +5,10 @@ The engine setting ``tree`` picks the shape (``chain`` drafts the best path only
 * ``static``: the breadth-first template :data:`STATIC_WIDTHS` (``widths[d]`` children per node
   at depth ``d``) cut at the budget, so shallow levels are kept (Token Recycling's static tree,
   scaled down to the budgets a small CPU engine verifies);
-* ``dynamic``: DySpec's greedy growth over the matrix rows, scored with a per-rank prior
-  (:data:`RANK_ACCEPTANCE`) since the matrix carries no probabilities.
+* ``dynamic``: DySpec's greedy growth over the matrix rows, scored with a per-rank acceptance
+  since the matrix carries no probabilities: how often the matrix's rank-``r`` candidate was the
+  target's next token, measured online (:func:`rank_hits`) and shrunk towards
+  :data:`RANK_ACCEPTANCE` while few positions are seen (:func:`rank_acceptance`).
 
 Both return DFS preorder with the best child first, so the scheduler may cut a tree to any
 prefix and the chain draft is its first-child path.
@@ -40,12 +42,49 @@ second candidate is most often the target's token), single continuations below. 
 gives depth 3, a budget of 16 depth 5."""
 
 RANK_ACCEPTANCE: tuple[float, ...] = (0.6, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
-"""Assumed chance that the matrix's rank-``r`` candidate is the target's next token (the DySpec
-score of a candidate); a guess, not fitted."""
+"""Assumed chance that the matrix's rank-``r`` candidate is the target's next token, before any
+is measured (a guess, not fitted)."""
+
+PRIOR_WEIGHT = 32.0
+"""Pseudo-positions the assumed rates count for against the measured ones."""
 
 
-def recycling_tree(matrix: np.ndarray, root: int, shape: TreeShape, budget: int) -> DraftTree:
-    """One request's draft of at most ``budget`` nodes from ``root`` (its last token)."""
+def rank_hits(matrix: np.ndarray, input_tokens: np.ndarray, next_tokens: np.ndarray) -> np.ndarray:
+    """``[k + 1]`` counts: at how many positions the target's next token was the matrix's rank-``r``
+    candidate for the input token (column ``k``: not among them). Call before the matrix learns
+    these positions.
+
+    >>> m = np.array([[1, 2], [2, 0], [-1, -1]], dtype=np.int16)
+    >>> rank_hits(m, np.array([0, 0, 1, 2]), np.array([1, 2, 1, 0])).tolist()
+    [1, 1, 2]
+    """
+    vocab, k = matrix.shape
+    tokens = np.asarray(input_tokens, dtype=np.int64).reshape(-1)
+    nxt = np.asarray(next_tokens, dtype=np.int64).reshape(-1)
+    valid = (tokens >= 0) & (tokens < vocab)
+    hit = matrix[tokens[valid]] == nxt[valid, None]  # [n, k]
+    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), k)
+    return np.bincount(ranks, minlength=k + 1)
+
+
+def rank_acceptance(hits: np.ndarray) -> tuple[float, ...]:
+    """Per-rank acceptance from :func:`rank_hits` totals, shrunk towards :data:`RANK_ACCEPTANCE`.
+
+    >>> [round(a, 3) for a in rank_acceptance(np.array([0, 0, 0]))]
+    [0.6, 0.15]
+    >>> [round(a, 3) for a in rank_acceptance(np.array([900, 50, 50]))]
+    [0.891, 0.053]
+    """
+    counts = np.asarray(hits, dtype=np.float64)
+    k = counts.size - 1
+    prior = np.array([RANK_ACCEPTANCE[r] if r < len(RANK_ACCEPTANCE) else 0.0 for r in range(k)])
+    return tuple(((counts[:k] + PRIOR_WEIGHT * prior) / (counts.sum() + PRIOR_WEIGHT)).tolist())
+
+
+def recycling_tree(matrix: np.ndarray, root: int, shape: TreeShape, budget: int,
+                   acceptance: tuple[float, ...] = RANK_ACCEPTANCE) -> DraftTree:
+    """One request's draft of at most ``budget`` nodes from ``root`` (its last token);
+    ``acceptance`` per rank scores ``dynamic`` trees."""
     if budget <= 0:
         return DraftTree.empty()
     if shape == "chain":
@@ -53,6 +92,6 @@ def recycling_tree(matrix: np.ndarray, root: int, shape: TreeShape, budget: int)
     if shape == "static":
         return recycling.draft_tree(matrix, root, STATIC_WIDTHS, max_nodes=budget)
     if shape == "dynamic":
-        expand = recycling_expander(matrix, root, rank_prior(RANK_ACCEPTANCE))
+        expand = recycling_expander(matrix, root, rank_prior(acceptance))
         return dynamic_tree(expand, budget, max_depth=budget, width=matrix.shape[1])
     raise ValueError(f"unknown tree shape {shape!r}; choose one of {', '.join(TREE_SHAPES)}")
