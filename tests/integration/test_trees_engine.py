@@ -1,7 +1,7 @@
 """Tree speculation in the real vLLM engine (CPU, in-process, demo model, fp32): lossless.
 
-Token Recycling drafting static and DySpec trees (engine setting ``tree``), against one
-no-speculation baseline:
+Token Recycling (8 nodes) and Medusa / Hydra heads (4 nodes, the demo heads' depth) drafting
+static and DySpec trees (engine setting ``tree``), against one no-speculation baseline:
 
 * greedy outputs equal token for token at batch 1 and 8, also with the ``jitter`` policy cutting
   each row's tree to a random preorder prefix per step (whole steps without drafts too);
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from support.spec_runs import PROMPTS, REPETITIVE, homogeneity_z, run_batches
+from support.spec_runs import PROMPTS, REPETITIVE, heads_env, homogeneity_z, run_batches
 
 from specserve.engine import settings
 from specserve.engine.local import local_llm
@@ -34,11 +34,14 @@ from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-K = 8  # the node budget of a tree, the length of a chain
+BUDGET = {"recycling": 8, "medusa": 4, "hydra": 4}  # nodes of a tree (heads: one per depth)
 MAX_TOKENS = 48
 NUM_SAMPLES = 320
 SAMPLE_TOKENS = 3
-TREES = ("static", "dynamic", "static-jitter")
+TREES = ("recycling-static", "recycling-dynamic", "recycling-static-jitter",
+         "medusa-static", "medusa-dynamic", "hydra-static", "hydra-dynamic")
+STATIC = tuple(t for t in TREES if "static" in t)
+SAMPLED = ("recycling-static", "hydra-dynamic")
 
 
 def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None) -> Any:
@@ -63,6 +66,8 @@ def _sampled(llm: Any) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
+    from specserve.head_training import demo_heads_dir
+
     out: dict[str, dict[str, Any]] = {}
     llm = _engine(demo_model_dir, None)
     out["none"] = run_batches(llm, MAX_TOKENS)
@@ -70,12 +75,14 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
     del llm
     gc.collect()
     for name in TREES:
-        shape, _, policy = name.partition("-")
-        with settings.override(tree=shape):
-            llm = _engine(demo_model_dir, speculative_config("recycling", K), policy or None)
+        drafter, shape, *policy = name.split("-")
+        heads = str(demo_heads_dir(drafter)) if drafter != "recycling" else None
+        with heads_env(heads), settings.override(tree=shape):
+            spec = speculative_config(drafter, BUDGET[drafter])  # type: ignore[arg-type]
+            llm = _engine(demo_model_dir, spec, policy[0] if policy else None)
         out[name] = run_batches(llm, MAX_TOKENS)
         out[name]["greedy_counters"] = _counters(llm)
-        if name == "static":
+        if name in SAMPLED:
             out[name]["sampled"] = _sampled(llm)
             out[name]["sampled_counters"] = _counters(llm)
         del llm
@@ -98,11 +105,11 @@ def test_trees_were_verified(runs: dict[str, dict[str, Any]], tree: str) -> None
     assert count.accepted_nodes > 0
 
 
-@pytest.mark.parametrize("tree", ["static", "static-jitter"])
+@pytest.mark.parametrize("tree", STATIC)
 def test_side_branches_were_accepted_and_compacted(runs: dict[str, dict[str, Any]], tree: str) -> None:
     # The static template always branches at depths 1 and 2, so a path off the preorder prefix
-    # is accepted whenever the matrix's second candidate is the target's token. (A dynamic tree
-    # may be a chain when the first candidate is accepted far more often than the rest.)
+    # is accepted whenever a second candidate is the target's token. (A dynamic tree may be a
+    # chain when the first candidate is accepted far more often than the rest.)
     assert runs[tree]["greedy_counters"].compacted > 0
 
 
@@ -112,17 +119,18 @@ def test_spec_metrics_stay_consistent(runs: dict[str, dict[str, Any]], tree: str
     drafted = sum(m["num_draft_tokens"] for m in metrics)
     accepted = sum(m["num_accepted_draft_tokens"] for m in metrics)
     assert 0 < accepted <= drafted
-    assert all(max(m["per_step_drafted"] or [0]) <= K for m in metrics)
+    assert all(max(m["per_step_drafted"] or [0]) <= BUDGET[tree.split("-")[0]] for m in metrics)
 
 
-def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, Any]]) -> None:
-    base, spec = runs["none"]["sampled"], runs["static"]["sampled"]
+@pytest.mark.parametrize("tree", SAMPLED)
+def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, Any]], tree: str) -> None:
+    base, spec = runs["none"]["sampled"], runs[tree]["sampled"]
     zs: list[float] = []
     for pos in range(SAMPLE_TOKENS):
         z = homogeneity_z([o.token_ids[pos] for o in base], [o.token_ids[pos] for o in spec])
         assert z < 3.7, f"token {pos}: z={z:.2f} (p < 1e-4 under equal distributions)"
         zs.append(z)
     assert max(zs) > -math.inf, "every sampled token was rare: the comparison tested nothing"
-    before, after = runs["static"]["greedy_counters"], runs["static"]["sampled_counters"]
+    before, after = runs[tree]["greedy_counters"], runs[tree]["sampled_counters"]
     assert after.verified > before.verified, "no sampled request was verified as a tree"
     assert after.accepted_nodes > before.accepted_nodes

@@ -116,3 +116,27 @@ def test_dynamic_proposer_measures_rank_acceptance_before_learning() -> None:
     proposer.observe_topk(np.array([1, 1]), np.array([[4, 3], [3, 4]]))  # 4 is rank 1, 3 rank 0
     assert proposer.rank_hits.tolist() == [1, 1, 1]
     assert proposer.matrix[1].tolist() == [3, 4]  # learnt after measuring (last occurrence wins)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+@pytest.mark.parametrize("shape", ["static", "dynamic"])
+def test_heads_trees_fit_the_budget_and_the_heads(kind: str, shape: str) -> None:
+    from specserve_vllm.heads.config import HeadsConfig
+    from specserve_vllm.heads.model import build_heads
+    from specserve_vllm.heads.trees import heads_tree
+
+    torch.manual_seed(0)
+    heads = build_heads(HeadsConfig(kind=kind, num_heads=3, hidden_size=16, vocab_size=32))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 0.5)
+    hidden, lm_head, embed = torch.randn(16), torch.randn(32, 16), torch.randn(32, 16)
+    chain = heads.draft(hidden[None], torch.tensor([7]), lm_head, embed, 3)[0].tolist()
+    for budget in (0, 1, 3, 6, 10):
+        tree = heads_tree(heads, hidden, 7, lm_head, embed, shape, budget)
+        assert len(tree) <= budget and (not tree or max(tree.depths()) <= 3)  # one head per depth
+        path = best_path(tree)
+        assert tuple(chain[: len(path)]) == path  # the first-child path is the heads' greedy chain
+    assert len(heads_tree(heads, hidden, 7, lm_head, embed, shape, 6)) == 6
+    with pytest.raises(ValueError):
+        heads_tree(heads, hidden, 7, lm_head, embed, "chain", 3)

@@ -31,6 +31,9 @@ from specserve_vllm.compat.upstream import PREPARE_INPUTS, PROPOSE_DRAFT_TOKEN_I
 
 logger = logging.getLogger(__name__)
 
+TREE_LAST_ROWS_ATTR = "_specserve_tree_last_rows"
+"""Set by :mod:`specserve_vllm.compat.tree_steps` on steps that verified trees."""
+
 _MARK = "_specserve_hidden_feed"
 
 UPSTREAM: tuple[UpstreamFunction, ...] = (
@@ -66,23 +69,29 @@ class CommittedPositions:
 
 
 
-def last_hidden_rows(num_draft_tokens: list[int], num_sampled: list[int]) -> list[int]:
+def last_hidden_rows(num_draft_tokens: list[int], num_sampled: list[int],
+                     tree_rows: dict[int, int] | None = None) -> list[int]:
     """Row of ``sample_hidden_states`` behind each request's last sampled token.
 
     Request ``r`` owns ``num_draft_tokens[r] + 1`` consecutive rows (its drafts plus the bonus
     position); with ``num_sampled[r]`` tokens accepted and sampled, the last one came from row
     ``num_sampled[r] - 1`` of its block. A request that sampled nothing gets its block's first
-    row (its drafter output is discarded anyway).
+    row (its drafter output is discarded anyway). A request that verified a tree
+    (``tree_rows[r]``, from :mod:`specserve_vllm.compat.tree_steps`) gets the row of its last
+    accepted node within its block instead.
 
     >>> last_hidden_rows([2, 0, 3], [3, 1, 1])
     [2, 3, 4]
     >>> last_hidden_rows([1, 1], [0, 2])
     [0, 3]
+    >>> last_hidden_rows([3, 2], [2, 2], tree_rows={0: 3})   # request 0 accepted node 2 of 3
+    [3, 5]
     """
     rows: list[int] = []
     offset = 0
-    for drafted, sampled in zip(num_draft_tokens, num_sampled):
-        rows.append(offset + max(sampled, 1) - 1)
+    for r, (drafted, sampled) in enumerate(zip(num_draft_tokens, num_sampled)):
+        in_block = tree_rows[r] if tree_rows and r in tree_rows else max(sampled, 1) - 1
+        rows.append(offset + in_block)
         offset += drafted + 1
     return rows
 
@@ -124,7 +133,8 @@ def committed_positions(runner: Any, scheduler_output: Any, sampled_token_ids: A
                               finished=frozenset(scheduler_output.finished_req_ids))
 
 
-def _hidden_per_request(sampled_token_ids: Any, sample_hidden_states: Any, spec_decode_metadata: Any) -> Any:
+def _hidden_per_request(sampled_token_ids: Any, sample_hidden_states: Any, spec_decode_metadata: Any,
+                        tree_rows: dict[int, int] | None = None) -> Any:
     import torch
 
     if not isinstance(sampled_token_ids, list):
@@ -133,7 +143,8 @@ def _hidden_per_request(sampled_token_ids: Any, sample_hidden_states: Any, spec_
         return sample_hidden_states
     if spec_decode_metadata is None:
         return None
-    rows = last_hidden_rows(list(spec_decode_metadata.num_draft_tokens), [len(t) for t in sampled_token_ids])
+    rows = last_hidden_rows(list(spec_decode_metadata.num_draft_tokens), [len(t) for t in sampled_token_ids],
+                            tree_rows)
     index = torch.tensor(rows, dtype=torch.long, device=sample_hidden_states.device)
     return sample_hidden_states.index_select(0, index)
 
@@ -158,7 +169,8 @@ def apply() -> None:
         observe = getattr(drafter, "observe_hidden", None)
         if callable(observe):
             bound = signature.bind(self, *args, **kwargs).arguments
-            observe(_hidden_per_request(*(bound[name] for name in ARGUMENTS)))
+            observe(_hidden_per_request(*(bound[name] for name in ARGUMENTS),
+                                        getattr(self, TREE_LAST_ROWS_ATTR, None)))
         return current(self, *args, **kwargs)
 
     setattr(propose_draft_token_ids, _MARK, True)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR
 from specserve_vllm.compat.upstream import (
     PREPARE_INPUTS,
     PROPOSE_DRAFT_TOKEN_IDS,
@@ -57,6 +58,10 @@ STEP_ATTR = "_specserve_tree_step"
 COUNTERS_ATTR = "_specserve_tree_counters"
 """Runner attribute: :class:`~specserve_vllm.tree.step.TreeCounters`."""
 CAPABLE_ATTR = "_specserve_tree_capable"
+LAST_ROWS_ATTR = TREE_LAST_ROWS_ATTR
+"""Runner attribute: ``{req_index: row}`` for this step's tree requests, the row within the
+request's ``1 + N`` logits rows behind its last emitted token (the last accepted node's, or the
+root's); ``compat.hidden_feed`` hands the heads that row's hidden state. None without trees."""
 
 UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Wrapped: trees are recorded by request id after drafting.
@@ -221,6 +226,7 @@ def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any) -> No
         row = torch.full((width,), -1, dtype=sampled.dtype)
         row[: len(verdict.tokens)] = torch.tensor(verdict.tokens, dtype=sampled.dtype)
         sampled[req_index] = row
+    setattr(runner, LAST_ROWS_ATTR, {r: 1 + v.accepted[-1] if v.accepted else 0 for r, v in verdicts.items()})
     moved = compact(step, verdicts)
     count = counters(runner)
     count.steps += 1
@@ -273,6 +279,7 @@ def apply() -> None:
     def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:
         step = getattr(self, STEP_ATTR, None)
         setattr(self, STEP_ATTR, None)
+        setattr(self, LAST_ROWS_ATTR, None)
         if step is None or logits is None or spec_decode_metadata is None:
             return sample(self, logits, spec_decode_metadata, *args, **kwargs)
         verdicts = verify(self, step, logits, spec_decode_metadata)

@@ -30,16 +30,14 @@ from typing import Literal, get_args
 import numpy as np
 
 from specserve_vllm.drafters import recycling
-from specserve_vllm.tree.build import dynamic_tree, rank_prior, recycling_expander
+from specserve_vllm.tree.build import SMALL_BUDGET_WIDTHS, dynamic_tree, rank_prior, recycling_expander
 from specserve_vllm.tree.draft import DraftTree
 
 TreeShape = Literal["chain", "static", "dynamic"]
 TREE_SHAPES: tuple[str, ...] = get_args(TreeShape)
 
-STATIC_WIDTHS: tuple[int, ...] = (2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1)
-"""Children per node by depth: two alternatives at the two shallowest levels (where the matrix's
-second candidate is most often the target's token), single continuations below. A budget of 8
-gives depth 3, a budget of 16 depth 5."""
+STATIC_WIDTHS: tuple[int, ...] = SMALL_BUDGET_WIDTHS
+"""Children per node by depth (the shared small-budget template of :mod:`specserve_vllm.tree.build`)."""
 
 RANK_ACCEPTANCE: tuple[float, ...] = (0.6, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
 """Assumed chance that the matrix's rank-``r`` candidate is the target's next token, before any

@@ -12,7 +12,11 @@ The checkpoint directory is the engine setting ``heads_dir``
 only. :mod:`specserve_vllm.compat.hidden_feed` hands the proposer each request's last hidden
 state before ``propose``; the heads score with the target's own LM head and input embeddings,
 taken from the loaded target model. Drafts are greedy chains of length
-``num_speculative_tokens`` (at most the number of heads), cut at the model length.
+``num_speculative_tokens`` (at most the number of heads), cut at the model length, unless the
+engine setting ``tree`` asks for trees (``static`` or ``dynamic``, :mod:`specserve_vllm.heads.trees`):
+then each row drafts a tree of at most that many nodes, kept in ``last_trees`` for
+:mod:`specserve_vllm.compat.tree_steps`. Heads with prefix attention keep chains (their
+committed-position feed assumes a chain).
 
 Hydra heads with ``prefix_attention`` read ``z`` of their prefix block instead of the last
 hidden state: the proposer sets ``needs_positions``, so the feed also calls
@@ -36,6 +40,8 @@ from specserve_vllm.heads.checkpoint import load_heads
 from specserve_vllm.heads.config import CheckpointError, HeadsConfig, read_config
 from specserve_vllm.heads.prefix_cache import PrefixCache
 from specserve_vllm.heads.registry import resolve_head_class
+from specserve_vllm.heads.trees import heads_tree
+from specserve_vllm.tree.draft import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +94,14 @@ class HeadsProposer:
         self.prefix_cache: PrefixCache | None = None
         self._req_ids: list[str] = []
         self._planned = PlannedLengths()
+        shape = settings.current().tree
+        if shape != "chain" and self.config.prefix_attention:
+            logger.warning("heads with prefix attention draft chains, not trees",
+                           extra={"fields": {"tree": shape, "heads": directory}})
+            shape = "chain"
+        self.tree_shape: str = shape
+        self.last_trees: list[DraftTree | None] = []
+        """Per row of the last ``propose``: the drafted tree (tree shapes only), else None."""
 
     @property
     def needs_positions(self) -> bool:
@@ -153,6 +167,14 @@ class HeadsProposer:
         index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
         first = torch.tensor([sampled_token_ids[r][-1] for r in rows], dtype=torch.long, device=hidden.device)
         states = hidden.index_select(0, index).to(self.lm_head.dtype)
+        if self.tree_shape != "chain":
+            self.last_trees = [None] * num_reqs
+            for i, r in enumerate(rows):
+                tree = heads_tree(self.heads, states[i], int(first[i]), self.lm_head, self.embed,
+                                  self.tree_shape, int(room[r]))
+                self.last_trees[r] = tree
+                drafts[r] = list(tree.tokens)
+            return drafts
         depth = int(max(room[r] for r in rows))
         tokens = self.heads.draft(states, first, self.lm_head, self.embed, depth)
         for r, chain in zip(rows, tokens.tolist()):

@@ -34,6 +34,11 @@ import numpy as np
 
 from specserve_vllm.tree.draft import DraftTree, from_topological
 
+SMALL_BUDGET_WIDTHS: tuple[int, ...] = (2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1)
+"""A static template for the small node budgets a CPU engine verifies: two alternatives at the
+two shallowest levels (where second candidates are most often right), single continuations
+below. A budget of 8 gives depth 3, a budget of 16 depth 5."""
+
 Path = tuple[int, ...]
 Candidates = list[tuple[int, float]]
 Expander = Callable[[Sequence[Path]], list[Candidates]]
