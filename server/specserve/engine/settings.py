@@ -52,8 +52,9 @@ class EngineSettings:
     heads_dir: str | None = None
     """Head checkpoint of the ``medusa``/``hydra`` drafters."""
     tree: TreeMode = "chain"
-    """Draft shape of Token Recycling: ``chain`` (one path), or a tree verified in one step,
-    ``static`` (a breadth-first template) or ``dynamic`` (DySpec), with ``k`` nodes at most."""
+    """Draft shape of specserve's drafters (recycling, medusa, hydra): ``chain`` (one path), or a
+    tree verified in one step, ``static`` (a breadth-first template) or ``dynamic`` (DySpec), with
+    ``k`` nodes at most."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heads_dir", HEADS_ENV, "--heads", _path,
             "head checkpoint directory of the medusa/hydra drafters"),
     Setting("tree", "SPECSERVE_TREE", "--tree", _tree,
-            "draft shape of the recycling drafter: chain, or a tree of at most k nodes verified "
+            "draft shape of the recycling/medusa/hydra drafters: chain, or a tree of at most k nodes verified "
             "in one step, static (breadth-first template) or dynamic (DySpec)"),
 )
 """Every engine-side setting, in the order ``docs/configuration.md`` lists them."""
