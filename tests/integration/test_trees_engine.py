@@ -47,7 +47,17 @@ SAMPLED = ("recycling-static", "hydra-dynamic")
 def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None) -> Any:
     extra = {"additional_config": {"specserve": {"spec_policy": policy, "seed": 5}}} if policy else {}
     return local_llm(model_dir, max_num_seqs=8, speculative_config=spec, dtype="float32",
-                     per_request_spec_decode_metrics="detailed" if spec else "none", **extra)
+                     per_request_spec_decode_metrics="detailed" if spec else "none",
+                     disable_log_stats=not spec, **extra)
+
+
+def _engine_metrics(llm: Any) -> dict[str, Any]:
+    """vLLM's speculative counters (the scheduler's ``SpecDecodingStats``, which assert)."""
+    found: dict[str, Any] = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode_num"):
+            found[metric.name] = list(metric.values) if hasattr(metric, "values") else metric.value
+    return found
 
 
 def _counters(llm: Any) -> Any:
@@ -82,6 +92,7 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
             llm = _engine(demo_model_dir, spec, policy[0] if policy else None)
         out[name] = run_batches(llm, MAX_TOKENS)
         out[name]["greedy_counters"] = _counters(llm)
+        out[name]["engine_metrics"] = _engine_metrics(llm)
         if name in SAMPLED:
             out[name]["sampled"] = _sampled(llm)
             out[name]["sampled_counters"] = _counters(llm)
@@ -120,6 +131,12 @@ def test_spec_metrics_stay_consistent(runs: dict[str, dict[str, Any]], tree: str
     accepted = sum(m["num_accepted_draft_tokens"] for m in metrics)
     assert 0 < accepted <= drafted
     assert all(max(m["per_step_drafted"] or [0]) <= BUDGET[tree.split("-")[0]] for m in metrics)
+    # the engine-wide stats (accepted per position = per depth for trees) add up
+    engine = runs[tree]["engine_metrics"]
+    per_depth = engine["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert engine["vllm:spec_decode_num_drafts"] > 0
+    assert sum(per_depth) == engine["vllm:spec_decode_num_accepted_tokens"] > 0
+    assert list(per_depth) == sorted(per_depth, reverse=True)  # a depth is reached only via the one above
 
 
 @pytest.mark.parametrize("tree", SAMPLED)
