@@ -1,7 +1,9 @@
-"""``specserve bench trees``: τ and speed of Token Recycling's chains vs trees at equal node budgets.
+"""``specserve bench trees``: τ and speed of a drafter's chains vs trees at equal node budgets.
 
-For each node budget ``k`` (``--budgets``) and draft shape (``--shapes``: ``chain``, ``static``,
-``dynamic``; the engine setting ``tree``) an in-process engine (demo model by default, fp32)
+For the ``--drafter`` (``recycling``, ``medusa`` or ``hydra``; heads: ``--heads``, default the
+demo model's, whose depth caps the budget), each node budget ``k`` (``--budgets``) and draft
+shape (``--shapes``: ``chain``, ``static``, ``dynamic``; the engine setting ``tree``) an
+in-process engine (demo model by default, fp32)
 runs the same held-out prompts as ``bench drafters``, greedy, ``--max-tokens`` new tokens, at
 each batch size. A chain drafts up to ``k`` tokens, a tree up to ``k`` nodes, so every shape
 verifies at most ``1 + k`` rows per request and step. Reports per shape, budget and batch: τ
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
+    parser.add_argument("--drafter", default="recycling", choices=("recycling", "medusa", "hydra"))
+    parser.add_argument("--heads", default=None, help="head checkpoint for medusa/hydra (default: the demo model's)")
     parser.add_argument("--shapes", default="chain,static,dynamic", help="draft shapes (comma-separated)")
     parser.add_argument("--budgets", default="4,8,16", help="nodes per request and step (comma-separated)")
     parser.add_argument("--prompts", type=int, default=8, help="number of held-out prompts")
@@ -46,8 +50,8 @@ def _tree_counters(llm: Any) -> dict[str, int]:
     return {} if found is None else dataclasses.asdict(found)
 
 
-def _run_one(model_dir: Path, shape: str, budget: int, prompts: list[list[int]], max_tokens: int,
-             batch_sizes: list[int], dtype: str) -> dict[str, Any]:
+def _run_one(model_dir: Path, drafter: str, heads: str | None, shape: str, budget: int,
+             prompts: list[list[int]], max_tokens: int, batch_sizes: list[int], dtype: str) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -55,8 +59,8 @@ def _run_one(model_dir: Path, shape: str, budget: int, prompts: list[list[int]],
     from specserve.engine.local import local_llm
     from specserve.speculative_config import speculative_config
 
-    spec = None if shape == "none" else speculative_config("recycling", budget)
-    with settings.override(tree="chain" if shape == "none" else shape):
+    spec = None if shape == "none" else speculative_config(drafter, budget)  # type: ignore[arg-type]
+    with settings.override(tree="chain" if shape == "none" else shape, heads_dir=heads):
         llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20, dtype=dtype,
                         speculative_config=spec, disable_log_stats=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -102,17 +106,23 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     shapes = [s.strip() for s in str(args.shapes).split(",") if s.strip()]
     budgets = [int(b) for b in str(args.budgets).split(",") if b.strip()]
-    base = _run_one(model_dir, "none", 0, prompts, args.max_tokens, batch_sizes, args.dtype)
+    heads = args.heads
+    if args.drafter != "recycling" and heads is None:
+        from specserve.head_training import demo_heads_dir
+
+        heads = str(demo_heads_dir(args.drafter))
+    base = _run_one(model_dir, args.drafter, heads, "none", 0, prompts, args.max_tokens, batch_sizes, args.dtype)
     rows = []
     for budget in budgets:
         for shape in shapes:
-            got = _run_one(model_dir, shape, budget, prompts, args.max_tokens, batch_sizes, args.dtype)
+            got = _run_one(model_dir, args.drafter, heads, shape, budget, prompts, args.max_tokens, batch_sizes,
+                           args.dtype)
             for bs in batch_sizes:
                 r = got[str(bs)]
                 rows.append({"shape": shape, "budget": budget, "batch": bs, "tau": r["tau"],
                              "accepted_per_depth": r["accepted_per_depth"], "tokens_per_s": r["tokens_per_s"],
                              "trees": r["trees"], "equal_to_none": r["outputs"] == base[str(bs)]["outputs"]})
-    report = {"model": str(model_dir), "dtype": args.dtype, "prompts": len(prompts),
+    report = {"model": str(model_dir), "drafter": args.drafter, "dtype": args.dtype, "prompts": len(prompts),
               "max_tokens": args.max_tokens,
               "none_tokens_per_s": {bs: base[bs]["tokens_per_s"] for bs in base}, "rows": rows}
     sys.stdout.write(json.dumps(report, indent=2) + "\n")

@@ -17,7 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "spec-policy": ("spec_policy", "goodput speculation length vs a fixed one, same engine"),
     "soak": ("soak", "mixed traffic through specserve serve for a bounded time, every answer checked"),
     "spec-off": ("spec_off", "every request at k=0 vs an engine without a drafter (interleaved)"),
-    "trees": ("trees", "Token Recycling's chains vs static and dynamic trees at equal node budgets: tau, tokens/s"),
+    "trees": ("trees", "a drafter's chains vs static and dynamic trees at equal node budgets: tau, tokens/s"),
     "tree-parts": ("tree_parts", "tree verification's parts by node count: attention rows, KV read-back, verifier"),
     "goodput": ("goodput", "engine goodput controller vs no drafter and every fixed k: open, closed loop, load step"),
 }
