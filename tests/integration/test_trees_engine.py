@@ -4,7 +4,8 @@ Token Recycling (8 nodes) and Medusa / Hydra heads (4 nodes, the demo heads' dep
 static and DySpec trees (engine setting ``tree``), against one no-speculation baseline:
 
 * greedy outputs equal token for token at batch 1 and 8, also with the ``jitter`` policy cutting
-  each row's tree to a random preorder prefix per step (whole steps without drafts too);
+  each row's tree to a random preorder prefix per step (whole steps without drafts too), and in
+  a batch where every other request has a repetition penalty (those keep chains);
 * trees were really verified: the runner's tree counters show tree verifications and accepted
   nodes, and (static trees) accepted side branches whose K/V was compacted, so a silently
   skipped tree path fails the test;
@@ -74,6 +75,15 @@ def _sampled(llm: Any) -> list[Any]:
     return [r.outputs[0] for r in llm.generate([PROMPTS[REPETITIVE]] * NUM_SAMPLES, params, use_tqdm=False)]
 
 
+def _mixed(llm: Any) -> list[list[int]]:
+    """Greedy requests of which every other one has a repetition penalty (a chain request)."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                             repetition_penalty=1.3 if i % 2 else 1.0) for i in range(len(PROMPTS))]
+    return [list(r.outputs[0].token_ids) for r in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
 @pytest.fixture(scope="module")
 def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
     from specserve.head_training import demo_heads_dir
@@ -82,6 +92,7 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
     llm = _engine(demo_model_dir, None)
     out["none"] = run_batches(llm, MAX_TOKENS)
     out["none"]["sampled"] = _sampled(llm)
+    out["none"]["mixed"] = _mixed(llm)
     del llm
     gc.collect()
     for name in TREES:
@@ -93,6 +104,10 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
         out[name] = run_batches(llm, MAX_TOKENS)
         out[name]["greedy_counters"] = _counters(llm)
         out[name]["engine_metrics"] = _engine_metrics(llm)
+        if name == "recycling-static":
+            before = _counters(llm)
+            out[name]["mixed"] = _mixed(llm)
+            out[name]["mixed_counters"] = (before, _counters(llm))
         if name in SAMPLED:
             out[name]["sampled"] = _sampled(llm)
             out[name]["sampled_counters"] = _counters(llm)
@@ -106,6 +121,13 @@ def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, An
     assert all(len(t) == MAX_TOKENS for t in runs["none"]["batch8"])
     assert runs[tree]["batch1"] == runs["none"]["batch1"]
     assert runs[tree]["batch8"] == runs["none"]["batch8"]
+
+
+def test_requests_that_keep_chains_share_the_batch_losslessly(runs: dict[str, dict[str, Any]]) -> None:
+    # penalised requests are verified as chains of their preorder drafts, the others as trees
+    assert runs["recycling-static"]["mixed"] == runs["none"]["mixed"]
+    before, after = runs["recycling-static"]["mixed_counters"]
+    assert after.verified > before.verified
 
 
 @pytest.mark.parametrize("tree", TREES)
