@@ -140,3 +140,24 @@ def test_heads_trees_fit_the_budget_and_the_heads(kind: str, shape: str) -> None
     assert len(heads_tree(heads, hidden, 7, lm_head, embed, shape, 6)) == 6
     with pytest.raises(ValueError):
         heads_tree(heads, hidden, 7, lm_head, embed, "chain", 3)
+
+
+def test_gather_through_views_equals_the_generic_permutation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm import _custom_ops as ops
+
+    from specserve_vllm.tree import cpu_kv
+
+    block, heads, dim, length = 32, 2, 32, 70
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(length, heads, dim, generator=gen), torch.randn(length, heads, dim, generator=gen)
+    cache = torch.zeros(4, heads, 2 * block, dim)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    table = torch.tensor([2, 0, 3, 1], dtype=torch.int32)
+    slots = (table.long()[torch.arange(length) // block] * block + torch.arange(length) % block)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, "vec")
+    assert cpu_kv._kinds("vec", torch.float32, block, dim) == ("transposed", "identity")
+    fast = cpu_kv.gather_kv(key_cache, value_cache, table, length, "vec")
+    monkeypatch.setattr(cpu_kv, "_kinds", lambda *args: ("permuted", "permuted"))
+    generic = cpu_kv.gather_kv(key_cache, value_cache, table, length, "vec")
+    for got, want, ref in zip(fast, generic, (k, v)):
+        assert torch.equal(got, want) and torch.equal(got, ref)

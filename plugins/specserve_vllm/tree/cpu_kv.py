@@ -9,6 +9,10 @@ reads back where each ``(token, dim)`` landed: a permutation per block, found on
 indices, at most 256), exact in fp32, fp16 and bf16. A layout that is not a permutation (e.g.
 a quantised cache) raises, and the caller keeps chains.
 
+Two layouts are common enough to skip the gather: a block stored as is (``[token, dim]``,
+``vec``'s V) or transposed (``[dim, token]``, ``vec``'s K); :func:`layout_kind` names them from
+the probed permutation and :func:`gather_kv` reads those through views.
+
 KV compaction needs no read-back: it rewrites rows through the same op at new slots.
 """
 
@@ -50,6 +54,31 @@ def block_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -
     return out[0], out[1]
 
 
+def layout_kind(index: torch.Tensor, block_size: int, head_dim: int) -> str:
+    """``identity``, ``transposed`` or ``permuted``: how a probed ``index`` (see
+    :func:`block_layout`) lays out one block's ``[token, dim]`` values.
+
+    >>> layout_kind(torch.arange(6), 2, 3)
+    'identity'
+    >>> layout_kind(torch.arange(6).view(3, 2).T.reshape(-1), 2, 3)   # stored [dim, token]
+    'transposed'
+    >>> layout_kind(torch.tensor([1, 0, 2, 3, 4, 5]), 2, 3)
+    'permuted'
+    """
+    natural = torch.arange(block_size * head_dim)
+    if torch.equal(index, natural):
+        return "identity"
+    if torch.equal(index, natural.view(head_dim, block_size).T.reshape(-1)):
+        return "transposed"
+    return "permuted"
+
+
+@functools.lru_cache(maxsize=16)
+def _kinds(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> tuple[str, str]:
+    k_index, v_index = block_layout(isa, dtype, block_size, head_dim)
+    return layout_kind(k_index, block_size, head_dim), layout_kind(v_index, block_size, head_dim)
+
+
 def gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor, length: int,
               isa: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's first ``length`` positions as ``[length, num_kv_heads, head_dim]`` K and V.
@@ -59,11 +88,17 @@ def gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: t
     """
     _, heads, block_size, head_dim = key_cache.shape
     k_index, v_index = block_layout(isa, key_cache.dtype, block_size, head_dim)
+    k_kind, v_kind = _kinds(isa, key_cache.dtype, block_size, head_dim)
     blocks = block_table[: (length + block_size - 1) // block_size].long()
 
-    def natural(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def natural(cache: torch.Tensor, index: torch.Tensor, kind: str) -> torch.Tensor:
         raw = cache[blocks].reshape(len(blocks), heads, block_size * head_dim)  # [b, H, B*D]
-        nat = raw[:, :, index].view(len(blocks), heads, block_size, head_dim)
+        if kind == "identity":
+            nat = raw.view(len(blocks), heads, block_size, head_dim)
+        elif kind == "transposed":
+            nat = raw.view(len(blocks), heads, head_dim, block_size).transpose(2, 3)
+        else:
+            nat = raw[:, :, index].view(len(blocks), heads, block_size, head_dim)
         return nat.permute(0, 2, 1, 3).reshape(-1, heads, head_dim)[:length]
 
-    return natural(key_cache, k_index), natural(value_cache, v_index)
+    return natural(key_cache, k_index, k_kind), natural(value_cache, v_index, v_kind)
