@@ -11,7 +11,8 @@ static and DySpec trees (engine setting ``tree``), against one no-speculation ba
   skipped tree path fails the test;
 * at temperature > 0 the sampled distribution equals plain sampling (chi-square homogeneity per
   position), with sampled tree verifications counted during that run;
-* vLLM's per-request spec metrics stay consistent (no scheduler assertion, accepted <= drafted).
+* vLLM's per-request spec metrics stay consistent (no scheduler assertion, accepted <= drafted);
+* with default settings the same drafter drafts chains and no tree step runs.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
     out["none"]["mixed"] = _mixed(llm)
     del llm
     gc.collect()
+    llm = _engine(demo_model_dir, speculative_config("recycling", BUDGET["recycling"]))  # default settings
+    out["default"] = run_batches(llm, MAX_TOKENS)
+    out["default"]["greedy_counters"] = _counters(llm)
+    del llm
+    gc.collect()
     for name in TREES:
         drafter, shape, *policy = name.split("-")
         heads = str(demo_heads_dir(drafter)) if drafter != "recycling" else None
@@ -121,6 +127,12 @@ def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, An
     assert all(len(t) == MAX_TOKENS for t in runs["none"]["batch8"])
     assert runs[tree]["batch1"] == runs["none"]["batch1"]
     assert runs[tree]["batch8"] == runs["none"]["batch8"]
+
+
+def test_default_settings_draft_chains(runs: dict[str, dict[str, Any]]) -> None:
+    assert settings.current().tree == "chain"
+    assert runs["default"]["greedy_counters"] is None, "a tree step ran with trees off"
+    assert runs["default"]["batch8"] == runs["none"]["batch8"]
 
 
 def test_requests_that_keep_chains_share_the_batch_losslessly(runs: dict[str, dict[str, Any]]) -> None:
