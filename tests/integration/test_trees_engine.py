@@ -17,6 +17,7 @@ static and DySpec trees (engine setting ``tree``), against one no-speculation ba
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import math
@@ -32,6 +33,7 @@ from support.spec_runs import PROMPTS, REPETITIVE, heads_env, homogeneity_z, run
 from specserve.engine import settings
 from specserve.engine.local import local_llm
 from specserve.speculative_config import speculative_config
+from specserve_vllm.compat.spec_length import PLANNER_ATTR
 from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -62,10 +64,20 @@ def _engine_metrics(llm: Any) -> dict[str, Any]:
     return found
 
 
+def _runner(llm: Any) -> Any:
+    return llm.collective_rpc(lambda worker: getattr(worker, "worker", worker).model_runner)[0]
+
+
 def _counters(llm: Any) -> Any:
-    runner = llm.collective_rpc(lambda worker: getattr(worker, "worker", worker).model_runner)[0]
-    found = getattr(runner, COUNTERS_ATTR, None)
-    return None if found is None else dataclasses.replace(found)
+    found = getattr(_runner(llm), COUNTERS_ATTR, None)
+    return None if found is None else copy.deepcopy(found)
+
+
+def _exported_trees(llm: Any) -> Any:
+    """The tree counters in the planner's snapshot (what a served engine publishes on /metrics)."""
+    planner = getattr(_runner(llm), PLANNER_ATTR)
+    with planner.lock:
+        return planner.snapshot().get("trees")
 
 
 def _sampled(llm: Any) -> list[Any]:
@@ -109,6 +121,7 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
             llm = _engine(demo_model_dir, spec, policy[0] if policy else None)
         out[name] = run_batches(llm, MAX_TOKENS)
         out[name]["greedy_counters"] = _counters(llm)
+        out[name]["exported_trees"] = _exported_trees(llm)
         out[name]["engine_metrics"] = _engine_metrics(llm)
         if name == "recycling-static":
             before = _counters(llm)
@@ -148,6 +161,12 @@ def test_trees_were_verified(runs: dict[str, dict[str, Any]], tree: str) -> None
     assert count is not None, "no tree step ran"
     assert count.steps > 0 and count.verified >= count.steps
     assert count.accepted_nodes > 0
+    # per depth: every verification tests depth 1; acceptance never exceeds what was tested
+    assert count.depth_tested[0] == count.verified
+    assert sum(count.depth_accepted) == count.accepted_nodes
+    assert all(a <= t for a, t in zip(count.depth_accepted, count.depth_tested))
+    assert all(b <= a for a, b in zip(count.depth_tested, count.depth_tested[1:]))
+    assert runs[tree]["exported_trees"] == dataclasses.asdict(count)  # what /metrics publishes
 
 
 @pytest.mark.parametrize("tree", STATIC)

@@ -134,3 +134,25 @@ def test_a_fixed_policy_exports_no_cost_model(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     registry.register(export.PlanStatsCollector(tmp_path))  # type: ignore[arg-type]
     assert parse_page(generate_latest(registry).decode()) is None
+
+
+def test_tree_counters_reach_metrics_summed_over_engine_cores(tmp_path: Path) -> None:
+    from specserve_vllm.tree.step import TreeCounters
+
+    planner = _planner_with_steps()
+    export.write_atomically(tmp_path / "engine-0.json", planner.snapshot())
+    assert "specserve_engine_tree_steps" not in _families(tmp_path)  # no tree verified: no families
+    trees = TreeCounters(steps=3, verified=5, accepted_nodes=6, compacted=2)
+    for depth, accepted in ((3, 0), (3, 2), (2, 2), (1, 1), (3, 1)):
+        trees.record_depths(depth, accepted)
+    planner.trees = trees
+    for pid in (1, 2):
+        export.write_atomically(tmp_path / f"engine-{pid}.json", planner.snapshot())
+    families = _families(tmp_path)
+    assert _value(families["specserve_engine_tree_steps"]) == 6
+    assert _value(families["specserve_engine_tree_verifications"]) == 10
+    assert _value(families["specserve_engine_tree_accepted_nodes"]) == 12
+    assert _value(families["specserve_engine_tree_compactions"]) == 4
+    # per core: depth 1 tested by all 5, accepted by 4; depth 2 tested 3, accepted 2; depth 3 tested 1
+    assert [_value(families["specserve_engine_tree_depth_tested"], depth=str(d)) for d in (1, 2, 3)] == [10, 6, 2]
+    assert [_value(families["specserve_engine_tree_depth_accepted"], depth=str(d)) for d in (1, 2, 3)] == [8, 4, 0]

@@ -49,7 +49,7 @@ from specserve_vllm.spec_control.planner import StepPlanner, build_policy, setti
 logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_spec_length"
-_PLANNER_ATTR = "_specserve_planner"
+PLANNER_ATTR = "_specserve_planner"
 ARGUMENTS: tuple[str, ...] = ("scheduler_output", "sampled_token_ids")
 """Arguments of ``propose_draft_token_ids`` the wrap reads (checked by the drift test)."""
 
@@ -92,7 +92,7 @@ def _cap_runner_drafts(runner: Any, drafts: Any) -> Any:
 
 def runner_planner(runner: Any) -> StepPlanner:
     """The runner's planner, built on first use from its ``vllm_config``."""
-    planner = getattr(runner, _PLANNER_ATTR, None)
+    planner = getattr(runner, PLANNER_ATTR, None)
     if planner is None:
         settings = settings_from(getattr(runner.vllm_config, "additional_config", None))
         k = int(runner.speculative_config.num_speculative_tokens)
@@ -101,7 +101,7 @@ def runner_planner(runner: Any) -> StepPlanner:
         path = publisher_path()
         if path is not None and _first_rank():
             planner.publish_to(path)
-        setattr(runner, _PLANNER_ATTR, planner)
+        setattr(runner, PLANNER_ATTR, planner)
         logger.info("speculation length policy", extra={"fields": {"policy": policy.name, "k": k}})
     return planner
 

@@ -32,6 +32,7 @@ per wrap.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR
+from specserve_vllm.compat.spec_length import PLANNER_ATTR
 from specserve_vllm.compat.upstream import (
     PREPARE_INPUTS,
     PROPOSE_DRAFT_TOKEN_IDS,
@@ -229,10 +231,16 @@ def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any) -> No
     setattr(runner, LAST_ROWS_ATTR, {r: 1 + v.accepted[-1] if v.accepted else 0 for r, v in verdicts.items()})
     moved = compact(step, verdicts)
     count = counters(runner)
-    count.steps += 1
-    count.verified += len(verdicts)
-    count.accepted_nodes += sum(len(v.accepted) for v in verdicts.values())
-    count.compacted += moved
+    planner = getattr(runner, PLANNER_ATTR, None)
+    with planner.lock if planner is not None else contextlib.nullcontext():
+        count.steps += 1
+        count.verified += len(verdicts)
+        count.accepted_nodes += sum(len(v.accepted) for v in verdicts.values())
+        count.compacted += moved
+        for req in step.plan.requests:
+            count.record_depths(max(req.tree.depths(), default=0), len(verdicts[req.req_index].accepted))
+        if planner is not None:  # exported on /metrics with the plan statistics
+            planner.trees = count
 
 
 def apply() -> None:

@@ -160,6 +160,16 @@ def combine(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             acc.extend([0.0] * (len(values) - len(acc)))
             for j, v in enumerate(values):
                 acc[j] += float(v)
+        trees = snap.get("trees") or {}
+        into_trees = total.setdefault("trees", {}) if trees else None
+        for name, value in trees.items():
+            if isinstance(value, list):
+                acc = into_trees.setdefault(name, [])
+                acc.extend([0.0] * (len(value) - len(acc)))
+                for j, v in enumerate(value):
+                    acc[j] += float(v)
+            else:
+                _add(into_trees, name, value)
         for key in ("last_predicted_ms", "last_measured_ms", "policy", "model"):
             if key not in total and snap.get(key) is not None:
                 total[key] = snap[key]
@@ -217,6 +227,40 @@ def metric_families(total: Mapping[str, Any]) -> Iterator[Any]:
         info.add_metric([str(total["policy"])], 1.0)
         yield info
     yield from model_families(total.get("model"))
+    yield from tree_families(total.get("trees"))
+
+
+TREE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("tree_steps", "steps", "Steps that verified at least one draft tree"),
+    ("tree_verifications", "verified", "Tree verifications (one per request and step)"),
+    ("tree_accepted_nodes", "accepted_nodes", "Draft-tree nodes accepted"),
+    ("tree_compactions", "compacted", "Accepted side branches whose K/V was moved to contiguous slots"),
+)
+
+
+def tree_families(trees: Mapping[str, Any] | None) -> Iterator[Any]:
+    """Tree verification counters, and tested / accepted verifications per tree depth (1-based),
+    summed over engine cores; nothing until an engine verified a tree.
+
+    >>> fams = list(tree_families({"steps": 2, "verified": 3, "accepted_nodes": 4, "compacted": 1,
+    ...                             "depth_tested": [3, 2], "depth_accepted": [2, 2]}))
+    >>> [(f.name, [s.value for s in f.samples]) for f in fams][-1]
+    ('specserve_engine_tree_depth_accepted', [2.0, 2.0])
+    """
+    from prometheus_client.core import CounterMetricFamily
+
+    if not trees:
+        return
+    for name, key, doc in TREE_COUNTERS:
+        family = CounterMetricFamily(PREFIX + name, doc)
+        family.add_metric([], float(trees.get(key, 0.0)))
+        yield family
+    for name, key, doc in (("tree_depth_tested", "depth_tested", "Tree verifications that reached each depth"),
+                           ("tree_depth_accepted", "depth_accepted", "Tree verifications that accepted a node at each depth")):
+        family = CounterMetricFamily(PREFIX + name, doc, labels=["depth"])
+        for d, value in enumerate(trees.get(key) or []):
+            family.add_metric([str(d + 1)], float(value))
+        yield family
 
 
 def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
@@ -288,5 +332,5 @@ def publisher_path(pid: int | None = None) -> Path | None:
 
 
 __all__ = ["PlanStatsCollector", "STATS_DIR_ENV", "StatsPublisher", "combine", "is_api_server",
-           "metric_families", "model_families", "prepare_stats_dir", "publisher_path", "read_snapshots",
+           "metric_families", "model_families", "tree_families", "prepare_stats_dir", "publisher_path", "read_snapshots",
            "register_collector", "setup_api_server"]

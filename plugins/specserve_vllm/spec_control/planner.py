@@ -20,6 +20,8 @@ behaviour before policies existed. Pure apart from reading that config: no vLLM 
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import threading
@@ -114,12 +116,15 @@ class StepPlanner:
         self.lock = threading.Lock()
         """Held while the stats change, and by :meth:`snapshot` (read from a publishing thread)."""
         self.publisher: Any = None
+        self.trees: Any = None
+        """The engine's tree counters (``tree.step.TreeCounters``) once it verified a tree."""
 
     def snapshot(self) -> dict[str, Any]:
-        """The stats and the policy's name (call under :attr:`lock`)."""
+        """The stats, the policy's name, its cost model and the tree counters (call under :attr:`lock`)."""
         model_state = getattr(self.policy, "model_state", None)
         model = {"model": model_state()} if callable(model_state) else {}
-        return {**self.stats.snapshot(), "policy": self.policy.name, **model}
+        trees = {"trees": dataclasses.asdict(self.trees)} if self.trees is not None else {}
+        return {**self.stats.snapshot(), "policy": self.policy.name, **model, **trees}
 
     def publish_to(self, path: Any) -> None:
         """Write :meth:`snapshot` to ``path`` in the background (the API server's ``/metrics``)."""

@@ -89,3 +89,25 @@ class TreeCounters:
     """Draft nodes accepted by tree verification."""
     compacted: int = 0
     """Verifications whose accepted path was not the preorder prefix (its K/V moved)."""
+    depth_tested: list[int] = field(default_factory=list)
+    """Per depth d (index d - 1): verifications that reached depth d (the tree has a node there
+    and every shallower node on the path was accepted)."""
+    depth_accepted: list[int] = field(default_factory=list)
+    """Per depth d: verifications that accepted a node at depth d."""
+
+    def record_depths(self, tree_depth: int, accepted: int) -> None:
+        """One verification of a ``tree_depth``-deep tree that accepted ``accepted`` nodes.
+
+        >>> c = TreeCounters()
+        >>> c.record_depths(3, 1); c.record_depths(2, 2)
+        >>> c.depth_tested, c.depth_accepted
+        ([2, 2, 0], [2, 1, 0])
+        """
+        grow = tree_depth - len(self.depth_tested)
+        if grow > 0:
+            self.depth_tested.extend([0] * grow)
+            self.depth_accepted.extend([0] * grow)
+        for d in range(min(accepted + 1, tree_depth)):
+            self.depth_tested[d] += 1
+        for d in range(accepted):
+            self.depth_accepted[d] += 1
