@@ -4,12 +4,15 @@ For the ``--drafter`` (``recycling``, ``medusa`` or ``hydra``; heads: ``--heads`
 demo model's, whose depth caps the budget), each node budget ``k`` (``--budgets``) and draft
 shape (``--shapes``: ``chain``, ``static``, ``dynamic``; the engine setting ``tree``) an
 in-process engine (demo model by default, fp32)
-runs the same held-out prompts as ``bench drafters``, greedy, ``--max-tokens`` new tokens, at
-each batch size. A chain drafts up to ``k`` tokens, a tree up to ``k`` nodes, so every shape
-verifies at most ``1 + k`` rows per request and step. Reports per shape, budget and batch: τ
-(mean tokens per verification step), acceptance per depth, tokens/s, the tree counters (tree
-verifications, accepted side branches) and whether the outputs equal the no-speculation run's
-token for token. JSON on stdout, one summary line on stderr.
+runs the same held-out prompts as ``bench drafters``, ``--max-tokens`` new tokens, at each batch
+size and each of ``--temperatures`` (greedy by default; seeded sampling otherwise). A chain
+drafts up to ``k`` tokens, a tree up to ``k`` nodes, so every shape verifies at most ``1 + k``
+rows per request and step. The arms (no speculation, then every shape and budget) run in an
+order shuffled with ``--seed``, each with the same warm-up. Reports per shape, budget, batch and
+temperature: τ (mean tokens per verification step), acceptance per depth, tokens/s and its ratio
+to no speculation, the share of looping outputs, the tree counters (tree verifications, accepted
+side branches) and, greedy, whether the outputs equal the no-speculation run's token for token.
+JSON on stdout, one summary line on stderr.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import dataclasses
 import gc
 import json
 import logging
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from specserve.bench.drafters import _counters, _prompts, per_position_rates, tau
+from specserve.bench.stats import is_looping
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="8")
     parser.add_argument("--dtype", default="float32", help="model dtype (trees are tested in float32)")
+    parser.add_argument("--temperatures", default="0", help="sampling temperatures (comma-separated, e.g. 0,0.7)")
+    parser.add_argument("--seed", type=int, default=0, help="arm order and sampling seeds")
 
 
 def _tree_counters(llm: Any) -> dict[str, int]:
@@ -50,8 +57,53 @@ def _tree_counters(llm: Any) -> dict[str, int]:
     return {} if found is None else dataclasses.asdict(found)
 
 
+def _key(batch: int, temperature: float) -> str:
+    return f"{batch}@{temperature:g}"
+
+
+def _measure(llm: Any, prompts: list[list[int]], params: list[Any], bs: int, speculative: bool) -> dict[str, Any]:
+    """One batch size and temperature: the prompts in batches of ``bs``, counters before and after."""
+    from vllm.inputs import TokensPrompt
+
+    before, trees_before = _counters(llm), _tree_counters(llm)
+    outputs: list[list[int]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), bs):
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + bs]], params[i : i + bs],
+                            use_tqdm=False)
+        outputs.extend(list(o.outputs[0].token_ids) for o in outs)
+    elapsed = time.perf_counter() - t0
+    after, trees_after = _counters(llm), _tree_counters(llm)
+    steps = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
+    acc = after.get("vllm:spec_decode_num_accepted_tokens", 0) - before.get("vllm:spec_decode_num_accepted_tokens", 0)
+    name = "vllm:spec_decode_num_accepted_tokens_per_pos"
+    now, was = after.get(name, []), before.get(name, [])
+    per_depth = [a - (was[i] if i < len(was) else 0.0) for i, a in enumerate(now)]
+    return {
+        "tau": tau(int(steps), int(acc)) if speculative else 1.0,
+        "accepted_per_depth": per_position_rates(steps, per_depth),
+        "tokens_per_s": round(sum(len(o) for o in outputs) / elapsed, 1),
+        "looping_share": round(sum(is_looping(o) for o in outputs) / max(1, len(outputs)), 3),
+        "trees": {key: _delta(trees_after[key], trees_before.get(key)) for key in trees_after},
+        "outputs": outputs,
+    }
+
+
+def _delta(after: Any, before: Any) -> Any:
+    """Counter difference (lists per depth element-wise).
+
+    >>> _delta([3, 2], [1]), _delta(5, None)
+    ([2, 2], 5)
+    """
+    if isinstance(after, list):
+        was = list(before or [])
+        return [a - (was[i] if i < len(was) else 0) for i, a in enumerate(after)]
+    return after - (before or 0)
+
+
 def _run_one(model_dir: Path, drafter: str, heads: str | None, shape: str, budget: int,
-             prompts: list[list[int]], max_tokens: int, batch_sizes: list[int], dtype: str) -> dict[str, Any]:
+             prompts: list[list[int]], max_tokens: int, batch_sizes: list[int], dtype: str,
+             temperatures: list[float], seed: int) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -63,35 +115,18 @@ def _run_one(model_dir: Path, drafter: str, heads: str | None, shape: str, budge
     with settings.override(tree="chain" if shape == "none" else shape, heads_dir=heads):
         llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20, dtype=dtype,
                         speculative_config=spec, disable_log_stats=False)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     result: dict[str, Any] = {}
     try:
-        llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
-        for bs in batch_sizes:
-            before, trees_before = _counters(llm), _tree_counters(llm)
-            outputs: list[list[int]] = []
-            t0 = time.perf_counter()
-            for i in range(0, len(prompts), bs):
-                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + bs]], params,
-                                    use_tqdm=False)
-                outputs.extend(list(o.outputs[0].token_ids) for o in outs)
-            elapsed = time.perf_counter() - t0
-            after, trees_after = _counters(llm), _tree_counters(llm)
-            steps = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
-            acc = after.get("vllm:spec_decode_num_accepted_tokens", 0) - before.get(
-                "vllm:spec_decode_num_accepted_tokens", 0)
-            name = "vllm:spec_decode_num_accepted_tokens_per_pos"
-            now, was = after.get(name, []), before.get(name, [])
-            per_depth = [a - (was[i] if i < len(was) else 0.0) for i, a in enumerate(now)]
-            result[str(bs)] = {
-                "tau": tau(int(steps), int(acc)) if spec else 1.0,
-                "accepted_per_depth": per_position_rates(steps, per_depth),
-                "tokens_per_s": round(sum(len(o) for o in outputs) / elapsed, 1),
-                "trees": {key: trees_after[key] - trees_before.get(key, 0) for key in trees_after},
-                "outputs": outputs,
-            }
-            logger.info("bench trees", extra={"fields": {"shape": shape, "budget": budget, "batch": bs,
-                                                         "tau": result[str(bs)]["tau"]}})
+        warm = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], warm, use_tqdm=False)  # warm-up
+        for temp in temperatures:
+            params = [SamplingParams(temperature=temp, max_tokens=max_tokens, ignore_eos=True,
+                                     seed=None if temp == 0 else seed * 1000 + i) for i in range(len(prompts))]
+            for bs in batch_sizes:
+                result[_key(bs, temp)] = _measure(llm, prompts, params, bs, spec is not None)
+                logger.info("bench trees", extra={"fields": {"shape": shape, "budget": budget, "batch": bs,
+                                                             "temperature": temp,
+                                                             "tau": result[_key(bs, temp)]["tau"]}})
     finally:
         del llm
         gc.collect()
@@ -99,6 +134,9 @@ def _run_one(model_dir: Path, drafter: str, heads: str | None, shape: str, budge
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     from specserve.demo import demo_model_dir
 
     model_dir = args.model or demo_model_dir()
@@ -111,22 +149,30 @@ def run(args: argparse.Namespace) -> int:
         from specserve.head_training import demo_heads_dir
 
         heads = str(demo_heads_dir(args.drafter))
-    base = _run_one(model_dir, args.drafter, heads, "none", 0, prompts, args.max_tokens, batch_sizes, args.dtype)
+    temperatures = [float(t) for t in str(args.temperatures).split(",") if t.strip()]
+    arms = [("none", 0)] + [(shape, budget) for budget in budgets for shape in shapes]
+    random.Random(args.seed).shuffle(arms)
+    got = {arm: _run_one(model_dir, args.drafter, heads, arm[0], arm[1], prompts, args.max_tokens, batch_sizes,
+                         args.dtype, temperatures, args.seed) for arm in arms}
+    base = got[("none", 0)]
     rows = []
     for budget in budgets:
         for shape in shapes:
-            got = _run_one(model_dir, args.drafter, heads, shape, budget, prompts, args.max_tokens, batch_sizes,
-                           args.dtype)
-            for bs in batch_sizes:
-                r = got[str(bs)]
-                rows.append({"shape": shape, "budget": budget, "batch": bs, "tau": r["tau"],
-                             "accepted_per_depth": r["accepted_per_depth"], "tokens_per_s": r["tokens_per_s"],
-                             "trees": r["trees"], "equal_to_none": r["outputs"] == base[str(bs)]["outputs"]})
+            for temp in temperatures:
+                for bs in batch_sizes:
+                    r, b = got[(shape, budget)][_key(bs, temp)], base[_key(bs, temp)]
+                    rows.append({"shape": shape, "budget": budget, "batch": bs, "temperature": temp,
+                                 "tau": r["tau"], "accepted_per_depth": r["accepted_per_depth"],
+                                 "tokens_per_s": r["tokens_per_s"],
+                                 "vs_none": round(r["tokens_per_s"] / b["tokens_per_s"], 3),
+                                 "looping_share": r["looping_share"], "trees": r["trees"],
+                                 "equal_to_none": r["outputs"] == b["outputs"] if temp == 0 else None})
     report = {"model": str(model_dir), "drafter": args.drafter, "dtype": args.dtype, "prompts": len(prompts),
-              "max_tokens": args.max_tokens,
-              "none_tokens_per_s": {bs: base[bs]["tokens_per_s"] for bs in base}, "rows": rows}
+              "max_tokens": args.max_tokens, "arm_order": [f"{shape}@{budget}" for shape, budget in arms],
+              "none_tokens_per_s": {key: base[key]["tokens_per_s"] for key in base},
+              "none_looping_share": {key: base[key]["looping_share"] for key in base}, "rows": rows}
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    parts = [f"{r['shape']}@{r['budget']}/bs{r['batch']}: tau={r['tau']}{'' if r['equal_to_none'] else ' DIFFERS'}"
-             for r in rows]
+    parts = [f"{r['shape']}@{r['budget']}/bs{r['batch']}/t{r['temperature']:g}: tau={r['tau']} x{r['vs_none']}"
+             f"{' DIFFERS' if r['equal_to_none'] is False else ''}" for r in rows]
     sys.stderr.write("; ".join(parts) + "\n")
     return 0
