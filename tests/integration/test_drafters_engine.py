@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from support.spec_runs import PROMPTS, REPETITIVE, greedy, heads_env, homogeneity_z, run_batches
+from support.spec_runs import (PROMPTS, REPETITIVE, assert_greedy_equal, greedy, heads_env, homogeneity_z,
+                              run_batches)
 
 from specserve.speculative_config import speculative_config
 from specserve.engine.local import local_llm
@@ -95,9 +96,7 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
 
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, Any]], drafter: str) -> None:
-    assert all(len(t) == MAX_TOKENS for t in runs["none"]["batch8"])
-    assert runs[drafter]["batch1"] == runs["none"]["batch1"]
-    assert runs[drafter]["batch8"] == runs["none"]["batch8"]
+    assert_greedy_equal(runs[drafter], runs["none"], MAX_TOKENS)
 
 
 @pytest.mark.parametrize("drafter", DRAFTERS)

@@ -27,7 +27,7 @@ import pytest
 from support.spec_runs import PROMPTS, greedy, heads_env
 
 from specserve.speculative_config import speculative_config
-from specserve.engine.local import local_llm
+from specserve.engine.local import local_llm, model_runner
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -65,7 +65,7 @@ def _runs(llm: Any) -> dict[str, Any]:
 
 def _runner(llm: Any) -> Any:
     """The in-process model runner (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one worker)."""
-    return llm.collective_rpc(lambda worker: getattr(worker, "worker", worker).model_runner)[0]
+    return model_runner(llm)
 
 
 class _Spy:

@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
-from support.spec_runs import PROMPTS, REPETITIVE, heads_env, homogeneity_z, run_batches
+from support.spec_runs import PROMPTS, REPETITIVE, assert_greedy_equal, heads_env, homogeneity_z, run_batches
 
 from specserve.engine import settings
-from specserve.engine.local import local_llm
+from specserve.engine.local import local_llm, model_runner
 from specserve.speculative_config import speculative_config
 from specserve_vllm.compat.spec_length import PLANNER_ATTR
 from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
@@ -65,7 +65,7 @@ def _engine_metrics(llm: Any) -> dict[str, Any]:
 
 
 def _runner(llm: Any) -> Any:
-    return llm.collective_rpc(lambda worker: getattr(worker, "worker", worker).model_runner)[0]
+    return model_runner(llm)
 
 
 def _counters(llm: Any) -> Any:
@@ -137,9 +137,7 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
 
 @pytest.mark.parametrize("tree", TREES)
 def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, Any]], tree: str) -> None:
-    assert all(len(t) == MAX_TOKENS for t in runs["none"]["batch8"])
-    assert runs[tree]["batch1"] == runs["none"]["batch1"]
-    assert runs[tree]["batch8"] == runs["none"]["batch8"]
+    assert_greedy_equal(runs[tree], runs["none"], MAX_TOKENS)
 
 
 def test_default_settings_draft_chains(runs: dict[str, dict[str, Any]]) -> None:

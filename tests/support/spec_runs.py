@@ -40,6 +40,14 @@ def run_batches(llm: Any, max_tokens: int) -> dict[str, Any]:
     }
 
 
+def assert_greedy_equal(spec: dict[str, Any], base: dict[str, Any], max_tokens: int) -> None:
+    """A speculative run's greedy batches (:func:`run_batches`) equal the no-speculation run's,
+    token for token; the baseline must not stop early, or the comparison would be short."""
+    assert all(len(t) == max_tokens for t in base["batch8"]), "the baseline stopped before max_tokens"
+    assert spec["batch1"] == base["batch1"]
+    assert spec["batch8"] == base["batch8"]
+
+
 @contextmanager
 def heads_env(directory: str | None) -> Iterator[None]:
     """The engine setting ``heads_dir`` set to ``directory`` (left alone when None) in the block."""

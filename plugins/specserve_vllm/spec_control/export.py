@@ -134,6 +134,17 @@ def _add(into: dict[str, float], key: str, value: Any) -> None:
     into[key] = into.get(key, 0.0) + float(value or 0)
 
 
+def _add_list(acc: list[float], values: Sequence[Any]) -> None:
+    """Add ``values`` into ``acc`` element-wise, growing ``acc`` as needed.
+
+    >>> acc = [1.0]; _add_list(acc, [1, 2]); acc
+    [2.0, 2.0]
+    """
+    acc.extend([0.0] * (len(values) - len(acc)))
+    for j, v in enumerate(values):
+        acc[j] += float(v)
+
+
 def combine(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The snapshots of several engine cores as one: counters summed, "last" gauges from the
     first core that has them.
@@ -155,19 +166,12 @@ def combine(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             for name, value in counts.items():
                 _add(into, name, value)
         for key in ("position_trials", "position_accepted"):
-            values = snap.get(key) or []
-            acc = total[key]
-            acc.extend([0.0] * (len(values) - len(acc)))
-            for j, v in enumerate(values):
-                acc[j] += float(v)
+            _add_list(total[key], snap.get(key) or [])
         trees = snap.get("trees") or {}
-        into_trees = total.setdefault("trees", {}) if trees else None
+        into_trees = total.setdefault("trees", {}) if trees else {}
         for name, value in trees.items():
             if isinstance(value, list):
-                acc = into_trees.setdefault(name, [])
-                acc.extend([0.0] * (len(value) - len(acc)))
-                for j, v in enumerate(value):
-                    acc[j] += float(v)
+                _add_list(into_trees.setdefault(name, []), value)
             else:
                 _add(into_trees, name, value)
         for key in ("last_predicted_ms", "last_measured_ms", "policy", "model"):

@@ -47,6 +47,7 @@ from specserve.bench.load import (
 )
 from specserve.bench.stats import best_and_verdict, mean_ci
 from specserve.bench.svg import line_chart
+from specserve.engine.local import worker_runner
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _plan_stats(llm: Any) -> dict[str, Any]:
 def _planner(llm: Any) -> Any:
     """The in-process engine's planner object (``None`` without a drafter)."""
     def get(worker: Any) -> Any:
-        return getattr(getattr(worker, "worker", worker).model_runner, "_specserve_planner", None)
+        return getattr(worker_runner(worker), "_specserve_planner", None)
 
     return llm.collective_rpc(get)[0]
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from specserve.bench.drafters import _counters, _prompts, per_position_rates, tau
 from specserve.bench.stats import is_looping
+from specserve.engine.local import model_runner
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _tree_counters(llm: Any) -> dict[str, int]:
     from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
 
-    runner = llm.collective_rpc(lambda worker: getattr(worker, "worker", worker).model_runner)[0]
+    runner = model_runner(llm)
     found = getattr(runner, COUNTERS_ATTR, None)
     return {} if found is None else dataclasses.asdict(found)
 

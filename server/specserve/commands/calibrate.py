@@ -52,7 +52,7 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
     from vllm.inputs import TokensPrompt
 
     from specserve.engine import settings
-    from specserve.engine.local import local_llm
+    from specserve.engine.local import local_llm, worker_runner
     from specserve.speculative_config import speculative_config
 
     with settings.override(heads_dir=heads or settings.current().heads_dir):  # read as the engine builds
@@ -61,14 +61,14 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
                         additional_config={"specserve": {"spec_policy": "fixed"}})
     try:
         def runner_state(worker: Any) -> tuple[str, list[dict[str, Any]], list[float]]:
-            runner = getattr(worker, "worker", worker).model_runner
+            runner = worker_runner(worker)
             planner = runner._specserve_planner
             records = [{**asdict(r), "step_ms": r.step_ms} for r in planner.records]
             return type(runner.drafter).__name__, records, planner.stats.conditional_acceptance()
 
         llm.generate([TokensPrompt(prompt_token_ids=prompts[0])],
                      SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
-        llm.collective_rpc(lambda w: getattr(w, "worker", w).model_runner._specserve_planner.records.clear())
+        llm.collective_rpc(lambda w: worker_runner(w)._specserve_planner.records.clear())
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             for k in [int(x) for x in args.spec_ks.split(",")]:
                 params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,

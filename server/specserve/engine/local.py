@@ -32,3 +32,13 @@ def local_llm(model: str | Path, **overrides: Any) -> Any:
     from vllm import LLM
 
     return LLM(model=str(model), **engine_kwargs(**overrides))
+
+
+def worker_runner(worker: Any) -> Any:
+    """The model runner of a vLLM worker, wrapped or not (what ``collective_rpc`` callables read)."""
+    return getattr(worker, "worker", worker).model_runner
+
+
+def model_runner(llm: Any) -> Any:
+    """The model runner of an in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one worker)."""
+    return llm.collective_rpc(worker_runner)[0]
