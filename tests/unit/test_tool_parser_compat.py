@@ -187,3 +187,40 @@ def test_the_bench_uses_the_constraints_the_server_compiles(tokenizer: Any) -> N
     assert required["maxItems"] == 1 and required["items"]["anyOf"][0]["additionalProperties"] is False
     assert output_valid("required", '[{"name": "tool", "parameters": {"city": "Oslo"}}]', schema)
     assert not output_valid("named", '{"city": 1}', schema)
+
+
+def _strict(tool: dict[str, Any], strict: bool | None) -> dict[str, Any]:
+    function = {k: v for k, v in tool["function"].items() if k != "strict"}
+    return {**tool, "function": {**function, **({} if strict is None else {"strict": strict})}}
+
+
+def _accepts(tag: str, text: str) -> bool:
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    return bool(_is_grammar_accept_string(xgr.Grammar.from_structural_tag(tag), text))
+
+
+def test_auto_with_a_strict_tool_constrains_calls_once_one_starts(tokenizer: Any) -> None:
+    closed = {**TOOLS[0]["function"]["parameters"], "additionalProperties": False}
+    tools = [_strict({**TOOLS[0], "function": {**TOOLS[0]["function"], "parameters": closed}}, True)]
+    request = _request(tools=tools, tool_choice="auto")
+    tag = _parser(tokenizer, request).adjust_request(request).structured_outputs.structural_tag
+    assert tag is not None
+    assert _accepts(tag, "Plain text, no call.")
+    assert _accepts(tag, '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+    assert not _accepts(tag, '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')  # not offered
+    assert not _accepts(tag, '<tool_call>{"name": "get_weather", "arguments": {"town": "Paris"}}</tool_call>')
+
+
+@pytest.mark.parametrize("strict", [None, False])
+def test_auto_without_a_strict_tool_stays_free(tokenizer: Any, strict: bool | None) -> None:
+    request = _request(tools=[_strict(TOOLS[0], strict)], tool_choice="auto")
+    assert _parser(tokenizer, request).adjust_request(request).structured_outputs is None
+
+
+def test_auto_keeps_the_requests_own_structured_output(tokenizer: Any) -> None:
+    request = _request(tools=[_strict(TOOLS[0], True)], tool_choice="auto",
+                       response_format={"type": "json_object"})
+    adjusted = _parser(tokenizer, request).adjust_request(request)
+    assert adjusted.structured_outputs is None or adjusted.structured_outputs.structural_tag is None

@@ -19,7 +19,12 @@ server where tools are optional:
   JSON-Schema reading a model may then add names to it without end), each tool's ``definitions``
   move to the root with the ``$defs`` vLLM already moves (``#/definitions/...`` references
   resolve from the root, where a tool's schema no longer is), and when every tool says
-  ``strict: true`` the whole array gets the strict reading.
+  ``strict: true`` the whole array gets the strict reading;
+* ``tool_choice: "auto"`` with a tool that says ``strict: true`` (OpenAI's structured function
+  calling) gets vLLM's Hermes structural tag: the text is free until the model writes
+  ``<tool_call>``; from there the call must name an offered tool, a strict tool's arguments follow
+  its ``parameters`` and the others' are JSON (:func:`auto_call_tag`). Without a strict tool, or
+  when the request carries its own structured output, ``auto`` stays unconstrained, as in vLLM.
 
 vLLM loads it with ``--tool-parser-plugin specserve_vllm.compat.tool_parser`` (``specserve serve``
 passes both flags); importing the module registers the name. It relies on the Hermes parser's
@@ -46,6 +51,7 @@ PLUGIN_MODULE = "specserve_vllm.compat.tool_parser"
 
 _HERMES = "vllm.tool_parsers.hermes_tool_parser"
 _PARSER = "vllm.parser.abstract_parser"
+_TAGS = "vllm.tool_parsers.structural_tag_registry"
 _MARK = "_specserve_end_flush"
 UPSTREAM = (
     UpstreamFunction(_HERMES, "Hermes2ProToolParser._extract_content",
@@ -62,6 +68,15 @@ UPSTREAM = (
     # Relied on: it calls ``finalize_generation`` whenever the delta is the stream's last.
     UpstreamFunction(_PARSER, "DelegatingParser.parse_delta",
                      "a5a77549e528b74e73e49a8f00171a78867e831171778636115c6dd96000d400"),
+    # Called for tool_choice "auto" with a strict tool: the Hermes call tags, triggered.
+    UpstreamFunction(_TAGS, "get_model_structural_tag",
+                     "6f2af3ec73ec2227674efbd79371b8a1fbf840bd5f2e21bf4cfb71b9ab7fa33a"),
+    UpstreamFunction(_TAGS, "resolve_tool_strictness",
+                     "a62e74e6cbf69feb6bbcf664d309fe6f6b0b6301c6a45bcd0382c880effb510f"),
+    UpstreamFunction(_TAGS, "_hermes_tool_tags",
+                     "2a0dadf6c5391d3c7f5d4895c575df60fff16ce037ff3b18e025e3c6733cad4f"),
+    UpstreamFunction(_TAGS, "_hermes_style_structural_tag",
+                     "20b7ec29559e85102b3f67a0798e8034a03fa52097c6863ec87a90cca77b60c2"),
 )
 
 
@@ -83,6 +98,12 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
         # The Hermes parser turns skip_special_tokens off for its special tag tokens; the demo
         # model's tags are text, and its role markers must stay out of the answer.
         request = ToolParser.adjust_request(self, request)
+        if getattr(request, "tool_choice", None) == "auto" and request.tools:
+            tag = auto_call_tag(request)
+            if tag is not None:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                request.structured_outputs = StructuredOutputsParams(structural_tag=tag)
         if getattr(request, "tool_choice", None) == "required":
             so = getattr(request, "structured_outputs", None)
             if so is not None and isinstance(so.json, dict):
@@ -129,6 +150,25 @@ class SpecserveToolParser(Hermes2ProToolParser):  # type: ignore[misc]
             return ""
         self._sent_content_idx = len(text)
         return text[start:]
+
+
+def auto_call_tag(request: Any) -> str | None:
+    """The structural tag (JSON) that constrains ``auto`` calls, or ``None`` to leave them free.
+
+    Only when some offered tool says ``strict: true`` and the request has no structured output of
+    its own (``response_format`` or ``structured_outputs``): vLLM's reading of ``auto`` at its
+    default strict level, for the Hermes format the demo model writes.
+    """
+    import json
+
+    from vllm.tool_parsers.structural_tag_registry import get_model_structural_tag
+    from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
+
+    if request.extract_structured_outputs() is not None:
+        return None
+    tag = get_model_structural_tag(model="hermes", tools=request.tools, tool_choice="auto",
+                                   reasoning=False, strict_level=ToolStrictLevel.AUTO)
+    return None if tag is None else json.dumps(tag.model_dump())
 
 
 def with_flushed_tail(delta: DeltaMessage | None, rest: str) -> DeltaMessage | None:
