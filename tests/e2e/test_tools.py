@@ -5,9 +5,10 @@ One server for the module: the ``openai`` SDK with ``tool_choice`` named, ``requ
 OpenAI-shaped 400; LangChain's ``with_structured_output(method="function_calling")`` and
 instructor's ``Mode.TOOLS`` each returning a validated object; the gateway's tool metrics.
 
-The demo model never calls a tool on its own (it was not trained on tool-call chats), so the
-``auto`` tests that need a call force the model's own ``<tool_call>`` format with a regex: the
-parser still has to find the call in the text, which is what ``auto`` exercises.
+Under ``auto`` the demo model (tuned on tool-call chats) calls a tool when the ask plainly wants
+one and answers in text otherwise; with a ``strict`` tool the call is held to the tool's schema
+once it starts. Two tests also force the model's own ``<tool_call>`` format with a regex, to check
+the parser on parallel calls, which the model does not reliably make on its own.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# What the demo model calls a tool for under ``auto`` (it was tuned on asks like these).
+CALL_ASK = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
+PLAIN_ASK = [{"role": "user", "content": "Hello!"}]
+STRICT_TOOLS = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 MAX_TOKENS = 120
 # The model's own call format, forced for tool_choice auto (see the module doc).
@@ -140,12 +145,41 @@ def test_required_tool_choice_returns_calls_that_validate(client: openai.OpenAI)
 
 
 def test_auto_passes_a_plain_answer_through(client: openai.OpenAI) -> None:
-    r = _create(client, tool_choice="auto", max_tokens=24)
+    r = _create(client, messages=PLAIN_ASK, tool_choice="auto", max_tokens=24)
     choice = r.choices[0]
     assert choice.message.tool_calls in (None, []) and choice.message.content
     assert choice.finish_reason in ("stop", "length")
-    streamed = _stream(client, tool_choice="auto", max_tokens=24)
+    streamed = _stream(client, messages=PLAIN_ASK, tool_choice="auto", max_tokens=24)
     assert streamed["calls"] == [] and streamed["content"] == choice.message.content
+
+
+@pytest.mark.parametrize("tools", [TOOLS, STRICT_TOOLS], ids=["free", "strict"])
+def test_auto_calls_the_tool_the_ask_wants(client: openai.OpenAI, tools: list[dict[str, Any]]) -> None:
+    """The model decides: asked for the weather, it calls get_weather in its own format; the parser
+    finds the call (the strict tools' grammar only holds a started call to the schema)."""
+    r = _create(client, messages=CALL_ASK, tools=tools, tool_choice="auto")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+    _assert_valid(choice.message.tool_calls)
+    assert not choice.message.content
+    streamed = _stream(client, messages=CALL_ASK, tools=tools, tool_choice="auto")
+    assert streamed["finish"] == "tool_calls" and not streamed["content"]
+    [call] = streamed["calls"]
+    assert call["name"] == "get_weather" and call["id"]
+    assert json.loads(call["arguments"]) == json.loads(choice.message.tool_calls[0].function.arguments)
+
+
+def test_auto_round_trip_without_forcing(client: openai.OpenAI) -> None:
+    """Ask, the model's own call, the tool's result, the model's answer in text."""
+    first = _create(client, messages=CALL_ASK, tools=STRICT_TOOLS, tool_choice="auto").choices[0]
+    [call] = first.message.tool_calls
+    messages = [*CALL_ASK, first.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id,
+                 "content": json.dumps({"city": "Paris", "temperature": 24, "conditions": "sunny"})}]
+    final = _create(client, messages=messages, tools=STRICT_TOOLS, tool_choice="auto", max_tokens=32).choices[0]
+    assert final.message.content and not final.message.tool_calls
+    assert final.finish_reason == "stop"
 
 
 def test_auto_finds_a_call_in_the_models_format(client: openai.OpenAI) -> None:

@@ -2,7 +2,8 @@
 
 One ``specserve serve`` after the other (module scope): no speculation, then each drafter with 4
 draft tokens. The same tool-call requests at temperature 0 (``tool_choice`` named and
-``required``, streaming and not, and ``auto`` with the model's own call format forced) must give
+``required``, streaming and not, ``auto`` with the model's own call format forced, and ``auto``
+where the model calls a strict tool on its own under the call's structural tag) must give
 the same tokens and the same calls, and each speculative engine must really have drafted.
 """
 
@@ -39,6 +40,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
       for i, ask in enumerate(ASKS)],
     ("auto", {"messages": [{"role": "user", "content": ASKS[0]}], "tool_choice": "auto",
               "extra_body": {"structured_outputs": {"regex": CALL_REGEX}}}),
+    ("auto-own", {"messages": [{"role": "user", "content": "What is the weather in Paris for 3 days?"}],
+                  "tool_choice": "auto",
+                  "tools": [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]}),
 ]
 
 
@@ -48,12 +52,13 @@ def _calls(server: ServeProcess) -> dict[str, Any]:
     for label, case in CASES:
         extra = {"return_token_ids": True, **case.get("extra_body", {})}
         args = {k: v for k, v in case.items() if k != "extra_body"}
-        r = client.chat.completions.create(model=MODEL_NAME, tools=TOOLS, temperature=0, max_tokens=96,
+        args.setdefault("tools", TOOLS)
+        r = client.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=96,
                                            extra_body=extra, **args)
         choice = r.choices[0]
         out[label] = {"tokens": choice.model_extra.get("token_ids"), "finish": choice.finish_reason,
                       "calls": [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]}
-        stream = client.chat.completions.create(model=MODEL_NAME, tools=TOOLS, temperature=0, max_tokens=96,
+        stream = client.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=96,
                                                 stream=True, extra_body=case.get("extra_body"), **args)
         joined: dict[int, list[str]] = {}
         for chunk in stream:

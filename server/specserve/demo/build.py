@@ -118,7 +118,6 @@ def build(out_dir: Path, spec: DemoSpec, progress: bool = True) -> dict[str, Any
 
     record.update(
         {
-            "fingerprint": spec.fingerprint(),
             "spec": {k: v for k, v in spec.__dict__.items()},
             "python": sys.version.split()[0],
             "machine": platform.machine(),
@@ -127,8 +126,92 @@ def build(out_dir: Path, spec: DemoSpec, progress: bool = True) -> dict[str, Any
             "build_seconds": round(time.monotonic() - t0, 1),
         }
     )
+    record["fingerprint"] = spec.base_fingerprint()
     (tmp / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+    if spec.tool_steps > 0:
+        record = tool_stage(tmp, spec, model=model, progress=progress)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     logger.info("demo model built", extra={"fields": {"dir": str(out_dir), "heldout": record["heldout"]}})
+    return record
+
+
+def _base_corpus(tok: Any, spec: DemoSpec) -> tuple["Any", list[str], list[str]]:
+    """Training windows of the first stage's corpus (replayed during tool tuning), and short JSON
+    documents and Python snippets (the answers of chats that ask for them rather than a call)."""
+    import numpy as np
+
+    sources = [s for s in python_sources() if not is_heldout(s.relpath, spec.heldout_modulus)]
+    jdocs = json_documents(spec.json_documents, spec.seed)
+    json_train = jdocs[max(50, len(jdocs) // 20):]
+    eos_id = tok.token_to_id("<|endoftext|>")
+    code = _encode_docs(tok, [s.text for s in sources], eos_id)
+    js = _encode_docs(tok, json_train, eos_id)
+    rng = np.random.default_rng(spec.tool_seed)
+    # The first stage's mix: json_fraction of the windows from JSON (by token share here).
+    n_json = int(len(code) * spec.json_fraction / (1 - spec.json_fraction))
+    start = int(rng.integers(0, max(1, len(js) - n_json)))
+    tokens = np.concatenate([code, js[start : start + n_json]])
+    snippets = [s.text[: s.text.find("\n\n", 120) + 1 or 300] for s in sources[::25] if len(s.text) > 400]
+    return tokens, [d for d in json_train if len(d) < 300][:400], [c for c in snippets if 80 < len(c) < 500]
+
+
+def heldout_losses(model: Any, tok: Any, spec: DemoSpec) -> dict[str, Any]:
+    """The first stage's held-out evaluation (code files, generated JSON) for ``model``."""
+    import numpy as np
+
+    from specserve.demo.tokenizer import byte_lengths
+    from specserve.demo.train import evaluate
+
+    heldout = [s for s in python_sources() if is_heldout(s.relpath, spec.heldout_modulus)]
+    jdocs = json_documents(spec.json_documents, spec.seed)
+    eos_id = tok.token_to_id("<|endoftext|>")
+    byte_len = np.asarray(byte_lengths(tok), dtype=np.int64)
+    code = _encode_docs(tok, [s.text for s in heldout], eos_id)
+    js = _encode_docs(tok, jdocs[: max(50, len(jdocs) // 20)], eos_id)
+    return {"code": evaluate(model, code, byte_len, spec, spec.eval_batches),
+            "json": evaluate(model, js, byte_len, spec, max(2, spec.eval_batches // 4))}
+
+
+def tool_stage(directory: Path, spec: DemoSpec, model: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Tune the first-stage model saved in ``directory`` on tool chats, in place; returns the record."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from specserve.demo.tool_tuning import tune
+
+    t0 = time.monotonic()
+    record = json.loads((directory / "record.json").read_text())
+    if record.get("fingerprint") != spec.base_fingerprint():
+        raise ValueError(f"{directory} is not the first stage of this recipe "
+                         f"({record.get('fingerprint')} != {spec.base_fingerprint()})")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    if model is None:
+        model = LlamaForCausalLM.from_pretrained(directory, dtype="float32")
+    base_tokens, json_answers, code_answers = _base_corpus(tokenizer.backend_tokenizer, spec)
+    tools = tune(model, tokenizer, spec, base_tokens, json_answers, code_answers, progress=progress)
+    tools["heldout_before"] = record.get("heldout")
+    tools["heldout_after"] = heldout_losses(model, tokenizer.backend_tokenizer, spec)
+    model.save_pretrained(directory, safe_serialization=True)
+    record.update({
+        "heldout": tools["heldout_after"],
+        "fingerprint": spec.fingerprint(),
+        "base_fingerprint": spec.base_fingerprint(),
+        "spec": {k: v for k, v in spec.__dict__.items()},
+        "tool_tuning": tools,
+        "samples": _greedy_samples(model, tokenizer.backend_tokenizer),
+        "tool_stage_seconds": round(time.monotonic() - t0, 1),
+    })
+    (directory / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def build_from_base(base_dir: Path, out_dir: Path, spec: DemoSpec, progress: bool = True) -> dict[str, Any]:
+    """The second stage alone: copy the first-stage model in ``base_dir`` and tune it into ``out_dir``."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base_dir, tmp)
+    record = tool_stage(tmp, spec, progress=progress)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    logger.info("demo model tuned", extra={"fields": {"dir": str(out_dir), "tools": record["tool_tuning"]["after"]}})
     return record

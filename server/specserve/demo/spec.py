@@ -9,6 +9,8 @@ Example:
     True
     >>> DemoSpec(steps=10).fingerprint() == spec.fingerprint()
     False
+    >>> DemoSpec(tool_steps=0).fingerprint() == spec.base_fingerprint() != spec.fingerprint()
+    True
 """
 
 from __future__ import annotations
@@ -94,7 +96,33 @@ class DemoSpec:
     threads: int = 2
     compile: bool = False  # inductor's first compile costs minutes on 2 loaded cores
     extra: dict[str, str] = field(default_factory=dict)
+    # Second stage (demo/tool_tuning.py): tool-call chats, assistant turns only, with base-corpus
+    # windows replayed each step. tool_steps = 0 is the base model alone.
+    tool_steps: int = 1500
+    tool_lr: float = 2e-3
+    tool_batch: int = 8
+    tool_base_rows: int = 2
+    tool_base_weight: float = 0.5
+    tool_chats: int = 8000
+    tool_eval_chats: int = 60
+    tool_call_share: float = 0.75
+    tool_max_tokens: int = 320
+    tool_seed: int = 77
+
+    def _payload(self, tools: bool) -> dict[str, object]:
+        fields = asdict(self)
+        if not tools:
+            fields = {k: v for k, v in fields.items() if not k.startswith("tool_")}
+        return {"builder": BUILDER_VERSION, **fields}
+
+    def base_fingerprint(self) -> str:
+        """The fingerprint of the first stage alone (the model before tool tuning)."""
+        return _digest(self._payload(tools=False))
 
     def fingerprint(self) -> str:
-        payload = json.dumps({"builder": BUILDER_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """The whole recipe's fingerprint; equal to :meth:`base_fingerprint` without a tool stage."""
+        return _digest(self._payload(tools=self.tool_steps > 0))
+
+
+def _digest(payload: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
