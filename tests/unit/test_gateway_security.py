@@ -114,8 +114,12 @@ def test_a_client_that_leaves_frees_its_slot_and_its_queued_request_is_never_sen
         wait_for(lambda: state.unary_running == 1, "the first request at the engine")
         queued = send("queued")
         wait_for(lambda: gw.queue.waiting == 1, "the second request waiting for a slot")
-        first.close()
+        # The queued client leaves first, and the gateway must see it before the slot frees: were
+        # both to leave at once, the slot could be granted (and the request forwarded) before the
+        # queued connection's close reached the gateway, which no server can rule out.
         queued.close()
+        wait_for(lambda: (gw.queue.waiting, gw.queue.active) == (0, 1), "the queued client dropped")
+        first.close()
         wait_for(lambda: state.unary_aborted >= 1, "the engine saw the first client leave")
         wait_for(lambda: (gw.queue.waiting, gw.queue.active) == (0, 0), "queue and slots empty")
         state.gate.set()
