@@ -202,3 +202,33 @@ def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, 
     before, after = runs[tree]["greedy_counters"], runs[tree]["sampled_counters"]
     assert after.verified > before.verified, "no sampled request was verified as a tree"
     assert after.accepted_nodes > before.accepted_nodes
+
+
+def test_trees_stay_lossless_when_requests_are_preempted(demo_model_dir: Path) -> None:
+    """A KV cache of four 128-token blocks for eight requests of 160 tokens: requests are preempted
+    (their KV freed and recomputed later) when they outgrow their first block while drafting and
+    verifying trees; outputs still equal no speculation's (with a cache that holds them all)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=160, ignore_eos=True)
+    llm = _engine(demo_model_dir, None)
+    try:
+        base = [list(r.outputs[0].token_ids) for r in llm.generate(PROMPTS, params, use_tqdm=False)]
+    finally:
+        del llm
+        gc.collect()
+    with settings.override(tree="static"):
+        spec = speculative_config("recycling", BUDGET["recycling"])
+        llm = local_llm(demo_model_dir, max_num_seqs=8, speculative_config=spec, dtype="float32",
+                        max_model_len=256, kv_cache_memory_bytes=4 << 20, disable_log_stats=False)
+    try:
+        tree = [list(r.outputs[0].token_ids) for r in llm.generate(PROMPTS, params, use_tqdm=False)]
+        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        counters = _counters(llm)
+    finally:
+        del llm
+        gc.collect()
+    assert preemptions > 0, "the cache held the whole batch: nothing was preempted"
+    assert counters is not None and counters.verified > 0 and counters.accepted_nodes > 0
+    assert all(len(t) == 160 for t in base)
+    assert tree == base
