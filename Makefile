@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# The demo model with Hydra heads (its fastest drafter at batch 1: docs/benchmarks.md), structured
+# The demo model with Hydra heads (its drafter with the highest acceptance: docs/benchmarks.md), structured
 # outputs and tool calls on. `make serve SERVE_ARGS=` serves it without a drafter.
 SERVE_ARGS ?= --drafter hydra
 PYTEST_ARGS ?=
