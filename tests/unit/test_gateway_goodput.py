@@ -316,3 +316,45 @@ def test_step_cost_start_values_follow_the_device() -> None:
     assert (cpu.spec_step_base_ms, cpu.spec_step_token_ms) == STEP_COST_MS["cpu"]
     given = parser.parse_args(["--replica", "http://e:8000", "--spec-step-token-ms", "0.1"])
     assert step_costs(given, "cpu") == (STEP_COST_MS["cpu"][0], 0.1)
+
+
+SLOW_ENGINE_MODEL = ENGINE_MODEL.replace('term="base"} 8.0', 'term="base"} 40.0').replace(
+    'position="1"} 0.8', 'position="1"} 0.1')
+
+
+@pytest.mark.parametrize("routing", ["least-loaded", "goodput"])
+def test_goodput_routing_sends_a_request_where_it_adds_most(routing: str) -> None:
+    """Replica "fast" runs 2 requests at 8 ms a step with good acceptance; replica "slow" runs 1 at
+    40 ms with poor acceptance. Least-loaded picks "slow"; goodput routing picks "fast", where one
+    more request adds more predicted tokens per ms (both engines export their cost models)."""
+    from specserve.gateway.engine_model import marginal_goodput, parse_page
+
+    fast_model, slow_model = parse_page(ENGINE_MODEL), parse_page(SLOW_ENGINE_MODEL)
+    assert fast_model is not None and slow_model is not None
+    assert marginal_goodput(fast_model, 2, 4) > marginal_goodput(slow_model, 1, 4)  # what the test relies on
+    fast_state = FakeState(spec_tokens=4, accepted_per_step=4, chunks=9, running=2, extra_metrics=ENGINE_MODEL)
+    slow_state = FakeState(spec_tokens=4, accepted_per_step=4, chunks=9, running=1,
+                           extra_metrics=SLOW_ENGINE_MODEL)
+    with running_fake_engine(fast_state) as (fast, _), running_fake_engine(slow_state) as (slow, _):
+        async def main() -> None:
+            config = GatewayConfig(replicas=[fast, slow], spec_policy="goodput", routing=routing)
+            async with gateway(config) as (client, _):
+                for stream in (False, True):
+                    r = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+                    assert r.status_code == 200
+
+        asyncio.run(main())
+    chosen, other = (fast_state, slow_state) if routing == "goodput" else (slow_state, fast_state)
+    assert len(chosen.requests) == 2 and not other.requests
+
+
+def test_goodput_routing_falls_back_to_least_loaded_without_exported_models() -> None:
+    exporting = FakeState(spec_tokens=4, accepted_per_step=4, chunks=9, running=2, extra_metrics=ENGINE_MODEL)
+    plain = FakeState(spec_tokens=4, accepted_per_step=4, chunks=9, running=1)  # exports nothing
+    with running_fake_engine(exporting) as (a, _), running_fake_engine(plain) as (b, _):
+        async def main() -> None:
+            async with gateway(GatewayConfig(replicas=[a, b], spec_policy="goodput", routing="goodput")) as (client, _):
+                assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+        asyncio.run(main())
+    assert len(plain.requests) == 1 and not exporting.requests  # the least loaded

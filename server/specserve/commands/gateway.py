@@ -92,6 +92,9 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                    default=os.environ.get("SPECSERVE_SPEC_POLICY") or _default("spec_policy"),
                    help="each request's speculation length: goodput = chosen per request from load "
                         "and acceptance, fixed = the engine's (default: $SPECSERVE_SPEC_POLICY or fixed)")
+    s.add_argument("--routing", choices=("least-loaded", "goodput"), default=_default("routing"),
+                   help="which replica gets a request: the least loaded, or the one where it adds the most "
+                        "predicted goodput (needs engines under --engine-spec-policy goodput)")
     s.add_argument("--spec-k-max", type=int, default=_default("spec_k_max"),
                    help="largest spec_k the goodput policy sends (0 = the engine's num_speculative_tokens)")
     s.add_argument("--spec-step-base-ms", type=float, default=None,
@@ -218,7 +221,7 @@ def gateway_config(args: argparse.Namespace, replicas: Sequence[str], dns: str |
         max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
         max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
         max_in_flight=args.max_in_flight, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
-        drain_timeout_s=args.drain_timeout, health_timeout_s=args.health_timeout, spec_policy=args.spec_policy, spec_k_max=args.spec_k_max,
+        drain_timeout_s=args.drain_timeout, health_timeout_s=args.health_timeout, spec_policy=args.spec_policy, routing=args.routing, spec_k_max=args.spec_k_max,
         spec_step_base_ms=step_base_ms, spec_step_token_ms=step_token_ms,
     )
 

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -98,6 +98,10 @@ class GatewayConfig(BaseModel):
     spec_policy: SpecPolicy = "fixed"
     """Each request's speculation length: ``goodput`` (chosen per request from load and acceptance)
     or ``fixed`` (requests untouched: the engine's ``num_speculative_tokens``)."""
+    routing: Literal["least-loaded", "goodput"] = "least-loaded"
+    """Which replica gets a request: the least loaded, or (``goodput``) the one where it adds the
+    most predicted goodput, from the cost models the engines export (their per-step ``goodput``
+    policy); falls back to the least loaded while some replica exports none."""
     spec_k_max: int = Field(default=GoodputSettings.k_max, ge=0)
     """Largest ``spec_k`` the goodput policy sends (0 = the engine's ``num_speculative_tokens``)."""
     spec_step_base_ms: float = Field(default=GoodputSettings.step_base_s * 1000.0, gt=0)

@@ -50,6 +50,8 @@ class EngineModel:
     """Conditional acceptance of draft positions 1..k."""
     _budgets: dict[tuple[int, int], int] = field(default_factory=dict, compare=False, repr=False)
     """Budgets already priced, by ``(rows, k)``: the model changes only at the next scrape."""
+    _best: dict[tuple[int, int], float] = field(default_factory=dict, compare=False, repr=False)
+    """Best batch goodput already priced, by ``(rows, k)``."""
 
     def step_model(self) -> StepTimeModel:
         state: dict[str, Any] = {"cost": {t: self.cost.get(t, 0.0) for t in _COST_TERMS},
@@ -120,9 +122,47 @@ def engine_budget(model: EngineModel, batch: float, k_max: int) -> int:
     return budget
 
 
+def batch_goodput(model: EngineModel, rows: int, k_max: int) -> float:
+    """Tokens per ms a replica's step commits for ``rows`` identical decode rows, with the draft
+    slots its goodput policy would choose (none when ``k_max`` is 0; 0.0 for an empty batch)."""
+    if rows <= 0:
+        return 0.0
+    k = max(0, min(int(k_max), len(model.acceptance)))
+    known = model._best.get((rows, k))
+    if known is not None:
+        return known
+    if k == 0:  # a step without drafts: each row commits one token
+        best = rows / float(model.step_model().cycle_ms(rows, rows, 0, np.zeros(1))[0])
+    else:
+        policy = GoodputPolicy(model.step_model(), AcceptanceModel(list(model.acceptance[:k])))
+        g, _, _ = policy.goodput(StepRows(tuple(str(i) for i in range(rows)), np.full(rows, k), np.zeros(rows)))
+        best = float(np.max(g))
+    model._best[(rows, k)] = best
+    return best
+
+
+def marginal_goodput(model: EngineModel, batch: float, k_max: int) -> float:
+    """What one more decode row adds to a replica's goodput (tokens per ms) when it runs ``batch``
+    rows: the request's own tokens, less what the longer step costs the rows already there.
+    Goodput-aware routing sends a request where this is largest.
+
+    Example (the model of :func:`engine_budget`'s example): an idle replica gains most, and a
+    replica that can draft gains more than a plain one at the same load.
+        >>> m = EngineModel(cost={"base": 8.0, "per_token": 0.5, "spec": 1.0, "draft": 0.5,
+        ...                       "draft_token": 0.05}, correction=(), draft_correction=1.0,
+        ...                 acceptance=(0.8, 0.7, 0.6, 0.5))
+        >>> [round(marginal_goodput(m, b, 4), 3) for b in (0, 1, 8)]
+        [0.235, 0.156, 0.042]
+        >>> marginal_goodput(m, 1, 4) > marginal_goodput(m, 1, 0)
+        True
+    """
+    rows = max(0, int(round(batch)))
+    return batch_goodput(model, rows + 1, k_max) - batch_goodput(model, rows, k_max)
+
+
 def parse_page(text: str) -> EngineModel | None:
     """:func:`parse_engine_model` of a ``/metrics`` page."""
     return parse_engine_model(text_string_to_metric_families(text))
 
 
-__all__ = ["EngineModel", "engine_budget", "parse_engine_model", "parse_page"]
+__all__ = ["EngineModel", "batch_goodput", "engine_budget", "marginal_goodput", "parse_engine_model", "parse_page"]

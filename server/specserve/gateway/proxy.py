@@ -59,6 +59,8 @@ class Outcome:
     """Set before forwarding: read the tool calls of the answer (only tool requests pay for it)."""
     tool_calls: list[list[Call]] | None = None
     """The calls of each choice (when collected and the answer arrived)."""
+    prefer: str | None = None
+    """Set before forwarding: the replica routing chose (tried first while it is eligible)."""
 
 
 def sse_error_event(err: APIError) -> bytes:
@@ -211,7 +213,8 @@ class Proxy:
             self.session = None
 
     async def _open(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str], model: str | None
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str], model: str | None,
+        prefer: str | None = None,
     ) -> tuple[Replica, aiohttp.ClientResponse]:
         """Send to the best replica; on connection failure mark it down and try the next one."""
         if self.session is None:
@@ -219,7 +222,7 @@ class Proxy:
         tried: set[str] = set()
         last_error = "no engine replica is ready"
         for attempt in range(self.max_attempts):
-            replica = self.pool.pick(exclude=tried, model=model)
+            replica = self.pool.pick(exclude=tried, model=model, prefer=prefer)
             if replica is None:
                 break
             if attempt:
@@ -282,7 +285,7 @@ class Proxy:
     ) -> Response:
         """Forward a non-streaming request; a failure while reading the body is retried too."""
         for _ in range(self.max_attempts):
-            replica, response = await self._open(method, path, body, headers, model)
+            replica, response = await self._open(method, path, body, headers, model, outcome.prefer)
             outcome.replica, outcome.replica_label = replica.url, replica.label
             try:
                 content = await response.read()
@@ -322,7 +325,7 @@ class Proxy:
         model: str | None = None, on_close: Callable[[bool], Awaitable[None]] | None = None,
     ) -> Response:
         """Forward a streaming request; SSE bytes flow through as they arrive."""
-        replica, response = await self._open("POST", path, body, headers, model)
+        replica, response = await self._open("POST", path, body, headers, model, outcome.prefer)
         outcome.replica, outcome.replica_label = replica.url, replica.label
         outcome.status = response.status
         if response.status != 200:

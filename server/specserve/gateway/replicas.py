@@ -217,9 +217,11 @@ class ReplicaPool:
         return max(found) if found else None
 
     def pick(
-        self, exclude: set[str] | frozenset[str] = frozenset(), model: str | None = None, *, rotate: bool = True
+        self, exclude: set[str] | frozenset[str] = frozenset(), model: str | None = None, *, rotate: bool = True,
+        prefer: str | None = None,
     ) -> Replica | None:
-        """The healthy, least-loaded replica not in ``exclude`` (and serving ``model`` if known).
+        """The healthy, least-loaded replica not in ``exclude`` (and serving ``model`` if known);
+        ``prefer`` (a replica's URL, chosen by goodput routing) when it is one of those.
 
         Each pick moves the round-robin start for ties on; ``rotate=False`` (a side call such as
         counting tokens) leaves it for the pick that routes the request.
@@ -233,6 +235,9 @@ class ReplicaPool:
         ]
         if rotate:
             self._rr = (self._rr + 1) % max(1, len(replicas))
+        for i, r in enumerate(replicas):
+            if r.url == prefer and loads[i] is not None:
+                return r
         index = pick_least_loaded(loads, self._rr)
         return None if index is None else replicas[index]
 

@@ -159,7 +159,7 @@ async def _generate(
     body_bytes = forward.encode()
     await take_slot(request, gw.queue)
     started = request.state.started if hasattr(request.state, "started") else time.perf_counter()
-    outcome = Outcome(collect_tool_calls=tools is not None and tools.kind != "none")
+    outcome = Outcome(collect_tool_calls=tools is not None and tools.kind != "none", prefer=plan.replica)
     headers = gw.proxy.forward_headers(request.scope["headers"])
     headers["x-request-id"] = request.state.request_id
     if compiled and gw.proxy.engine_headers:  # the engine trusts it only from a keyed caller

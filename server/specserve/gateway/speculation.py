@@ -8,15 +8,19 @@ engine's controller would plan (:mod:`~specserve.gateway.engine_model`); otherwi
 :class:`~specserve.gateway.goodput.GoodputController`'s own fit decides. After the response, it
 counts the per-request acceptance in
 Prometheus (``specserve_spec_*``) and feeds it back to the controller, under both policies.
+
+Routing ``goodput`` (:func:`goodput_route`) also chooses the replica: the one whose exported cost
+model says one more row adds the most goodput (an idle replica, or one that will draft for it),
+instead of the least loaded; it needs every candidate to export its model, else it falls back.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from specserve.gateway.engine_model import engine_budget
+from specserve.gateway.engine_model import engine_budget, marginal_goodput
 from specserve.gateway.goodput import GoodputController, GoodputSettings, SpecPolicy, decode_steps
 from specserve.gateway.metrics import GatewayMetrics
 from specserve.gateway.proxy import Outcome
@@ -32,6 +36,9 @@ SPEC_K_MEAN_HEADER = "x-specserve-spec-k-mean"
 SPEC_K_MAX_HEADER = "x-specserve-spec-k-max"
 """Most drafts in one of this request's steps (unary responses)."""
 
+Routing = Literal["least-loaded", "goodput"]
+ROUTINGS: tuple[Routing, ...] = ("least-loaded", "goodput")
+
 
 @dataclass(frozen=True)
 class SpecPlan:
@@ -42,6 +49,8 @@ class SpecPlan:
     source: str
     """``goodput`` (set by the gateway), ``client`` (sent by the client) or ``engine`` (neither)."""
     batch: float
+    replica: str | None = None
+    """The replica goodput routing chose (``None``: the proxy picks the least loaded)."""
 
 
 def least_loaded(pool: ReplicaPool, model: str) -> Replica | None:
@@ -64,12 +73,39 @@ def least_loaded(pool: ReplicaPool, model: str) -> Replica | None:
     return best
 
 
+def goodput_route(pool: ReplicaPool, model: str, k_max: int) -> Replica | None:
+    """The healthy replica serving ``model`` where one more request adds the most goodput
+    (:func:`~specserve.gateway.engine_model.marginal_goodput` at its load; the less loaded of
+    equals), or ``None`` when some candidate exports no cost model (goodputs would not compare).
+
+    Example: two replicas with the same model, the idle one wins; without a model, no choice.
+        >>> from unittest.mock import MagicMock
+        >>> from specserve.gateway.engine_model import EngineModel
+        >>> from specserve.gateway.replicas import Replica
+        >>> m = EngineModel(cost={"base": 8.0, "per_token": 0.5, "spec": 1.0, "draft": 0.5,
+        ...                       "draft_token": 0.05}, correction=(), draft_correction=1.0,
+        ...                 acceptance=(0.8, 0.7, 0.6, 0.5))
+        >>> busy = Replica("a", healthy=True, in_flight=3, engine_model=m)
+        >>> idle = Replica("b", healthy=True, engine_model=m)
+        >>> goodput_route(MagicMock(replicas={"a": busy, "b": idle}), "m", 4).url
+        'b'
+        >>> goodput_route(MagicMock(replicas={"a": busy, "c": Replica("c", healthy=True)}), "m", 4) is None
+        True
+    """
+    candidates = [r for r in pool.replicas.values()
+                  if r.healthy and (not r.models or model in r.models)]
+    if not candidates or any(r.engine_model is None for r in candidates):
+        return None
+    return max(candidates, key=lambda r: (marginal_goodput(r.engine_model, r.load, k_max), -r.load))
+
+
 class SpecLength:
     """Per-request speculation length and acceptance accounting for one gateway."""
 
     def __init__(self, policy: SpecPolicy, settings: GoodputSettings, pool: ReplicaPool,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, routing: Routing = "least-loaded") -> None:
         self.policy = policy
+        self.routing = routing
         self.controller = GoodputController(settings)
         self.pool = pool
         self.metrics = metrics
@@ -80,14 +116,19 @@ class SpecLength:
         m = self.metrics
         present, value = client_spec_k(body)
         n = body.get("n")
-        replica = least_loaded(self.pool, model)
+        routed = None
+        if self.routing == "goodput":
+            k_route = value if present and value is not None else self.controller.k_max(model)
+            routed = goodput_route(self.pool, model, k_route)
+        replica = routed or least_loaded(self.pool, model)
+        to = routed.url if routed is not None else None
         batch = (replica.load if replica is not None else 0.0) + (n if isinstance(n, int) and n > 0 else 1)
         if present:
             if value is not None:
                 m.child(m.spec_k, model, "client").observe(value)
-            return SpecPlan(value, "client", batch)
+            return SpecPlan(value, "client", batch, to)
         if self.policy != "goodput":
-            return SpecPlan(None, "engine", batch)
+            return SpecPlan(None, "engine", batch, to)
         engine_model = replica.engine_model if replica is not None else None
         if engine_model is not None:  # the engine's own cost model: one model at both levels
             k = engine_budget(engine_model, batch, self.controller.k_max(model))
@@ -95,10 +136,10 @@ class SpecLength:
             k = self.controller.choose(model, batch).k
         m.child(m.spec_decisions, model, "engine" if engine_model is not None else "gateway").inc()
         if not forward.set_spec_k(k):
-            return SpecPlan(None, "engine", batch)
+            return SpecPlan(None, "engine", batch, to)
         m.child(m.spec_k, model, "goodput").observe(k)
         m.child(m.spec_batch, model).set(batch)
-        return SpecPlan(k, "goodput", batch)
+        return SpecPlan(k, "goodput", batch, to)
 
     def record(self, model: str, outcome: Outcome, plan: SpecPlan, *, elapsed_s: float | None,
                unary: bool) -> tuple[float, int] | None:
@@ -133,4 +174,5 @@ class SpecLength:
         return used
 
 
-__all__ = ["SPEC_K_HEADER", "SPEC_K_MAX_HEADER", "SPEC_K_MEAN_HEADER", "SpecLength", "SpecPlan", "least_loaded"]
+__all__ = ["ROUTINGS", "SPEC_K_HEADER", "SPEC_K_MAX_HEADER", "SPEC_K_MEAN_HEADER", "Routing", "SpecLength",
+           "SpecPlan", "goodput_route", "least_loaded"]

@@ -42,7 +42,8 @@ class Gateway:
         )
         self.tokenizer = EngineTokenizer(self.pool, lambda: self.proxy.session,
                                          timeout_s=min(config.request_timeout_s, TOKENIZE_TIMEOUT_S))
-        self.spec = SpecLength(config.spec_policy, config.goodput_settings(), self.pool, metrics)
+        self.spec = SpecLength(config.spec_policy, config.goodput_settings(), self.pool, metrics,
+                               routing=config.routing)
         self.limiter = RateLimiter(config.key_limits)
         self.queue = AdmissionQueue(config.max_in_flight, config.max_queue, config.queue_timeout_s)
         self.schema_check = SchemaPrecheck()
