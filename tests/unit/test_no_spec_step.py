@@ -95,6 +95,9 @@ def test_all_zero_plan_skips_the_drafter() -> None:
     assert out == [[], [], []] and calls == []
     stats = runner._specserve_planner.stats
     assert (stats.steps, stats.no_spec_steps, stats.drafter_calls) == (1, 1, 0)
+    # Counted as a plan with no decode rows, as a policy's all-zero plan is.
+    assert stats.by_batch == {"0": {"plans": 1, "rows": 0, "drafts": 0, "no_spec": 1}}
+    assert stats.k_rows == {} and stats.decode_rows == 0
 
 
 def test_plan_is_passed_into_the_drafter_and_enforced_after() -> None:

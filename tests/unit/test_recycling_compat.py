@@ -44,9 +44,9 @@ def test_feed_then_propose() -> None:
         input_ids=SimpleNamespace(gpu=torch.tensor([5, 6, 7, 8])),
         _specserve_logits_indices=torch.tensor([1, 3]),
     )
-    tokens, topk = logits_feed._observed_topk(runner, logits)
-    assert tokens.tolist() == [6, 8] and topk.tolist() == [[8, 2], [6, 1]]
-    proposer.observe_topk(tokens, topk)
+    tokens, topk, width = logits_feed._observed_topk(runner, logits)
+    assert tokens.tolist() == [6, 8] and topk.tolist() == [[8, 2], [6, 1]] and width == 10
+    proposer.observe_topk(tokens, topk, width)
     token_ids = np.zeros((2, 64), dtype=np.int32)
     token_ids[0, :3] = [1, 2, 6]
     token_ids[1, :2] = [1, 9]
@@ -67,3 +67,30 @@ def test_propose_respects_max_model_len() -> None:
     token_ids = np.zeros((1, 5), dtype=np.int32)
     assert proposer.propose([[0]], np.array([3]), token_ids) == [[1, 2]]
     assert proposer.propose([[0]], np.array([5]), token_ids) == [[]]
+
+
+def test_tensor_feed_writes_what_the_numpy_update_writes() -> None:
+    """The one-write path for tensors (repeated tokens included) and its fallback (candidates
+    beyond the matrix) leave the matrix ``recycling.update`` would."""
+    from specserve_vllm.drafters import recycling
+
+    rng = np.random.default_rng(3)
+    proposer = RecyclingProposer(_config(vocab=50, k=3), topk_width=4)
+    expected = proposer.matrix.copy()
+    cases = [
+        (rng.choice(50, size=6, replace=False), rng.integers(0, 50, size=(6, 4)), 50),  # fast path
+        (np.array([7, 9, 7]), rng.integers(0, 50, size=(3, 4)), 50),  # 7 twice: the last one wins
+        (np.array([3, 3, 3, 8]), rng.integers(0, 50, size=(4, 4)), 50),
+        (np.array([11]), np.array([[3, 60, 2, 1]]), 64),  # a candidate beyond the matrix: EMPTY
+        (np.array([12]), np.array([[4, 5, 6, 7]]), None),  # width unknown, candidates in range
+    ]
+    for tokens, topk, width in cases:
+        expected = recycling.update(expected, tokens, topk)
+        proposer.observe_topk(torch.from_numpy(tokens), torch.from_numpy(topk), width)
+        assert np.array_equal(proposer.matrix, expected)
+    assert proposer.matrix[7].tolist() == topk_row(cases[1][1][2]) and proposer.matrix[11, 1] == recycling.EMPTY
+    assert proposer._matrix_view is not None, "the fast path ran"
+
+
+def topk_row(row: np.ndarray) -> list[int]:
+    return [int(x) for x in row]

@@ -22,6 +22,7 @@ PATCHES: tuple[str, ...] = (
     "spec_length",
     "no_spec_step",
     "step_timer",
+    "draft_handoff",
     "jump_forward",
     "logits_feed",
     "hidden_feed",

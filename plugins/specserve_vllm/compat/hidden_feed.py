@@ -22,12 +22,17 @@ see :func:`committed_counts`).
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from specserve_vllm.compat.upstream import PREPARE_INPUTS, PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction
+from specserve_vllm.compat.upstream import (
+    PREPARE_INPUTS,
+    PROPOSE_DRAFT_TOKEN_IDS,
+    RUNNER,
+    UpstreamFunction,
+    argument_reader,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,22 +160,20 @@ def apply() -> None:
     current = GPUModelRunner.propose_draft_token_ids
     if getattr(current, _MARK, False):
         return
-    signature = inspect.signature(current)
+    read_positions = argument_reader(current, POSITION_ARGUMENTS)
+    read = argument_reader(current, ARGUMENTS)
 
     @functools.wraps(current)
     def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
         drafter = getattr(self, "drafter", None)
         observe_positions = getattr(drafter, "observe_positions", None)
         if callable(observe_positions) and getattr(drafter, "needs_positions", False):
-            bound = signature.bind(self, *args, **kwargs).arguments
-            feed = committed_positions(self, *(bound[name] for name in POSITION_ARGUMENTS))
+            feed = committed_positions(self, *read_positions(args, kwargs))
             if feed is not None:
                 observe_positions(feed)
         observe = getattr(drafter, "observe_hidden", None)
         if callable(observe):
-            bound = signature.bind(self, *args, **kwargs).arguments
-            observe(_hidden_per_request(*(bound[name] for name in ARGUMENTS),
-                                        getattr(self, TREE_LAST_ROWS_ATTR, None)))
+            observe(_hidden_per_request(*read(args, kwargs), getattr(self, TREE_LAST_ROWS_ATTR, None)))
         return current(self, *args, **kwargs)
 
     setattr(propose_draft_token_ids, _MARK, True)

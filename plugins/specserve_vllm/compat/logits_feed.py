@@ -8,9 +8,9 @@ interface passes token ids only. Two wraps on ``GPUModelRunner`` (the CPU runner
 * ``_prepare_inputs`` remembers this step's ``logits_indices`` (row ``j`` of the logits is the
   model output at flattened input position ``logits_indices[j]``);
 * ``_sample``: when the runner's ``drafter`` has ``observe_topk(input_tokens, topk_ids)`` and a
-  ``topk_width``, it is called with ``input_ids[logits_indices]`` (``[n]``) and the top
-  ``topk_width`` ids of each logits row (``[n, topk_width]``), taken before sampling so sampler
-  in-place edits cannot affect them. Drafters without ``observe_topk`` cost nothing.
+  ``topk_width``, it is called with ``input_ids[logits_indices]`` (``[n]``), the top
+  ``topk_width`` ids of each logits row (``[n, topk_width]``), both CPU tensors, taken before
+  sampling so sampler in-place edits cannot affect them, and the logits' width. Drafters without ``observe_topk`` cost nothing.
 
 The logits are the ones the sampler sees: for structured-output requests the grammar bitmask
 is already applied, so recorded candidates are grammar-valid ones (still the target's
@@ -40,8 +40,9 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
 )
 
 
-def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any] | None:
-    """``(input_tokens [n], topk_ids [n, w])`` as numpy for the runner's drafter, or None."""
+def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any, int] | None:
+    """``(input_tokens [n], topk_ids [n, w], logits width)``, CPU tensors, for the runner's
+    drafter, or None."""
     import torch
 
     drafter = getattr(runner, "drafter", None)
@@ -55,7 +56,7 @@ def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any] | None:
     with torch.no_grad():
         topk = torch.topk(logits, width, dim=-1).indices  # [n, width]
         tokens = runner.input_ids.gpu[indices]  # [n]
-    return tokens.cpu().numpy(), topk.cpu().numpy()
+    return tokens.cpu(), topk.cpu(), int(logits.shape[-1])
 
 
 def apply() -> None:

@@ -31,7 +31,6 @@ Seams:
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -39,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction
+from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction, argument_reader
 
 from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 from specserve_vllm.spec_control.export import publisher_path
-from specserve_vllm.spec_control.plan import VerifiedRows
+from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
 from specserve_vllm.spec_control.planner import StepPlanner, build_policy, settings_from
 
 logger = logging.getLogger(__name__)
@@ -133,16 +132,28 @@ def verified_rows(scheduler_output: Any, req_ids: list[str], sampled: list[list[
 
 def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
                 propose: Callable[[], Any]) -> Any:
-    """Plan this step's draft lengths, then draft (or not) accordingly; see the module docstring."""
+    """Plan this step's draft lengths, then draft (or not) accordingly; see the module docstring.
+
+    A step where no row may draft (every decode row at ``spec_k = 0``, or only prefills) takes
+    a short path: no policy call and no arrays, only the counters. This runs after every step
+    with caches cold from the forward pass, where each extra call costs several times its
+    warm price, so the path a speculation-off engine takes is kept this short on purpose.
+    """
     planner = runner_planner(runner)
-    req_ids = list(runner.input_batch.req_ids)
+    req_ids = runner.input_batch.req_ids
     if not isinstance(sampled, list):  # a tensor of sampled ids: a GPU drafter, cap afterwards only
         return _cap_runner_drafts(runner, propose())
-    planner.finished(frozenset(scheduler_output.finished_req_ids))
-    planner.observe(verified_rows(scheduler_output, req_ids, sampled))
+    if scheduler_output.finished_req_ids:
+        planner.finished(frozenset(scheduler_output.finished_req_ids))
+    if scheduler_output.scheduled_spec_decode_tokens:
+        planner.observe(verified_rows(scheduler_output, req_ids, sampled))
     n = len(req_ids)
-    rows = planner.rows(req_ids, request_caps(runner), [len(t) for t in sampled[:n]],
-                        runner.input_batch.num_tokens_no_spec[:n])
+    caps = planner.caps(request_caps(runner), [len(t) for t in sampled[:n]])
+    if not any(caps):
+        planner.plan_nothing()
+        return [[] for _ in range(n)]
+    rows = StepRows(req_ids=tuple(req_ids), caps=np.array(caps, dtype=np.int64),
+                    context=np.asarray(runner.input_batch.num_tokens_no_spec[:n], dtype=np.int64))
     lengths = planner.plan(rows)
     if not lengths.any():
         return [[] for _ in range(n)]
@@ -172,13 +183,11 @@ def apply() -> None:
         return
 
     propose = GPUModelRunner.propose_draft_token_ids
-    signature = inspect.signature(propose)
+    read = argument_reader(propose, ARGUMENTS)
 
     @functools.wraps(propose)
     def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(self, *args, **kwargs).arguments
-        return plan_drafts(self, *(bound[name] for name in ARGUMENTS),
-                           lambda: propose(self, *args, **kwargs))
+        return plan_drafts(self, *read(args, kwargs), lambda: propose(self, *args, **kwargs))
 
     setattr(propose_draft_token_ids, _MARK, True)
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids  # type: ignore[method-assign]

@@ -139,6 +139,25 @@ def parameters_of(fn: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:
     )
 
 
+def argument_reader(fn: Callable[..., Any], names: tuple[str, ...]) -> Callable[[tuple[Any, ...], dict[str, Any]], tuple[Any, ...]]:
+    """A reader of ``names`` from the ``(args, kwargs)`` a wrap of method ``fn`` receives
+    (``args`` without ``self``). Positions are resolved once, so a call costs a few lookups, not
+    ``inspect.Signature.bind`` (which wraps run on every engine step).
+
+    >>> def f(self, a, b, c=0): ...
+    >>> read = argument_reader(f, ("c", "a"))
+    >>> read((1, 2, 3), {}), read((1,), {"b": 2, "c": 5})
+    ((3, 1), (5, 1))
+    """
+    params = list(inspect.signature(fn).parameters)
+    where = tuple((name, params.index(name) - 1) for name in names)
+
+    def read(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(args[i] if i < len(args) else kwargs[name] for name, i in where)
+
+    return read
+
+
 def warn_if_drifted(patch: str, functions: tuple[UpstreamFunction, ...]) -> bool:
     """Log a warning for each function whose installed source differs from the recorded one."""
     drifted = False

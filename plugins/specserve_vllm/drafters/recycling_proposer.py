@@ -53,6 +53,8 @@ class RecyclingProposer:
         self._planned = PlannedLengths()
         vocab = int(vllm_config.model_config.get_vocab_size())
         self.matrix: np.ndarray = recycling.new_matrix(vocab, topk_width)  # [vocab, k]
+        self._matrix_view: Any = None
+        """A tensor sharing :attr:`matrix`'s memory (built on the first fast write)."""
         if tree_shape is None:
             from specserve.engine import settings
 
@@ -68,11 +70,40 @@ class RecyclingProposer:
             vocab, topk_width, self.matrix.dtype, self.matrix.nbytes,
         )
 
-    def observe_topk(self, input_tokens: np.ndarray, topk_ids: np.ndarray) -> None:
-        """Record the target's top candidates (``[n, topk_width]``) after ``input_tokens`` (``[n]``)."""
+    def observe_topk(self, input_tokens: Any, topk_ids: Any, logits_width: int | None = None) -> None:
+        """Record the target's top candidates (``[n, topk_width]``) after ``input_tokens`` (``[n]``);
+        numpy arrays or CPU tensors. ``logits_width``: the vocabulary the candidates were taken
+        from, when known (no candidate is out of the matrix's range if it is within)."""
         if self.tree_shape == "dynamic":
-            self.rank_hits += rank_hits(self.matrix, input_tokens, np.asarray(topk_ids)[:, 0])
-        recycling.update_inplace(self.matrix, input_tokens, topk_ids)
+            self.rank_hits += rank_hits(self.matrix, np.asarray(input_tokens), np.asarray(topk_ids)[:, 0])
+        if not self._write_rows(input_tokens, topk_ids, logits_width):
+            recycling.update_inplace(self.matrix, np.asarray(input_tokens), np.asarray(topk_ids))
+
+    def _write_rows(self, input_tokens: Any, topk_ids: Any, logits_width: int | None) -> bool:
+        """:func:`recycling.update_inplace` for tensors, as one indexed write into the matrix
+        (through a tensor view of it): a token seen more than once keeps its last row, as
+        there. Returns False, writing nothing, when a token or candidate is out of the matrix's
+        range (``update_inplace`` then handles it). This runs every step, right after the
+        forward pass, so fewer operations matter even with speculation off."""
+        import torch
+
+        if not (isinstance(input_tokens, torch.Tensor) and isinstance(topk_ids, torch.Tensor)):
+            return False
+        vocab, k = self.matrix.shape
+        tokens = input_tokens.tolist()
+        if (topk_ids.dim() != 2 or topk_ids.shape[1] != k or not tokens
+                or min(tokens) < 0 or max(tokens) >= vocab):
+            return False
+        if (logits_width is None or logits_width > vocab) and int(topk_ids.max()) >= vocab:
+            return False
+        last = {t: i for i, t in enumerate(tokens)}  # the last occurrence of each token
+        if len(last) < len(tokens):
+            keep = torch.tensor(sorted(last.values()), dtype=torch.long)
+            input_tokens, topk_ids = input_tokens[keep], topk_ids[keep]
+        if self._matrix_view is None:
+            self._matrix_view = torch.from_numpy(self.matrix)  # shares the matrix's memory
+        self._matrix_view[input_tokens] = topk_ids.to(self._matrix_view.dtype)
+        return True
 
     def set_draft_lengths(self, lengths: Any) -> None:
         """This step's planned draft length per row (``[num_reqs]``), used by the next ``propose``."""

@@ -155,23 +155,40 @@ class StepPlanner:
         with self.lock:
             self.stats.record_time(predicted, record.total_ms)
 
+    def caps(self, spec_ks: Sequence[int | None], sampled: Sequence[int]) -> list[int]:
+        """Each row's cap: its ``spec_k`` (or the engine's k), bounded by the engine's k, and 0
+        unless it sampled a token this step (a decode row next step).
+
+        >>> StepPlanner(FixedPolicy(), 4).caps([None, 2, 9, 3], [1, 1, 1, 0])
+        [4, 2, 4, 0]
+        """
+        k = self.num_speculative_tokens
+        return [0 if not n else (k if c is None else min(c, k)) for c, n in zip(spec_ks, sampled)]
+
     def rows(self, req_ids: Sequence[str], spec_ks: Sequence[int | None], sampled: Sequence[int],
              context: np.ndarray) -> StepRows:
-        """:class:`StepRows`: a row's cap is its ``spec_k`` (or the engine's k), bounded by the
-        engine's k, and 0 unless it sampled a token this step (a decode row next step)."""
-        k = self.num_speculative_tokens
-        caps = np.array([0 if not n else (k if c is None else min(c, k)) for c, n in zip(spec_ks, sampled)],
-                        dtype=np.int64)
-        return StepRows(req_ids=tuple(req_ids), caps=caps, context=np.asarray(context, dtype=np.int64))
+        """:class:`StepRows` with :meth:`caps`."""
+        return StepRows(req_ids=tuple(req_ids), caps=np.array(self.caps(spec_ks, sampled), dtype=np.int64),
+                        context=np.asarray(context, dtype=np.int64))
 
     def plan(self, rows: StepRows) -> np.ndarray:
         """``[n]`` draft lengths for the next step (clipped to the caps) and count them."""
         lengths = clip_plan(self.policy.plan(rows), rows.caps)
         with self.lock:
             self.stats.record_plan(lengths[rows.caps > 0].tolist())
+        self._maybe_log()
+        return lengths
+
+    def plan_nothing(self) -> None:
+        """Count a step in which no row may draft (what :meth:`plan` counts for all-zero caps,
+        without asking the policy: every policy plans zeros there)."""
+        with self.lock:
+            self.stats.record_plan(())
+        self._maybe_log()
+
+    def _maybe_log(self) -> None:
         if self.log_every and self.stats.steps % self.log_every == 0:
             logger.info("spec plan", extra={"fields": {"policy": self.policy.name, **self.stats.snapshot()}})
-        return lengths
 
     def observe(self, verified: VerifiedRows) -> None:
         if len(verified.req_ids):

@@ -20,6 +20,7 @@ from typing import Any
 
 BATCH_BUCKETS: tuple[tuple[int, str], ...] = ((1, "1"), (3, "2-3"), (7, "4-7"), (15, "8-15"), (31, "16-31"))
 """Upper bound and label of each batch-size bucket the per-batch counters use (beyond: ``32+``)."""
+_BUCKET_KEYS = ("plans", "rows", "drafts", "no_spec")
 
 
 def batch_bucket(rows: int) -> str:
@@ -84,13 +85,18 @@ class PlanStats:
         """Count one plan, given the lengths of its decode rows (rows that could draft)."""
         lengths = [int(k) for k in decode_plan]
         self.steps += 1
+        if not lengths:  # no decode rows: the common speculation-off step, kept short
+            self.no_spec_steps += 1
+            bucket = self.by_batch.get("0") or self.by_batch.setdefault("0", dict.fromkeys(_BUCKET_KEYS, 0))
+            bucket["plans"] += 1
+            bucket["no_spec"] += 1
+            return
         self.decode_rows += len(lengths)
         if not any(lengths):
             self.no_spec_steps += 1
         for k in lengths:
             self.k_rows[k] = self.k_rows.get(k, 0) + 1
-        bucket = self.by_batch.setdefault(batch_bucket(len(lengths)),
-                                          {"plans": 0, "rows": 0, "drafts": 0, "no_spec": 0})
+        bucket = self.by_batch.setdefault(batch_bucket(len(lengths)), dict.fromkeys(_BUCKET_KEYS, 0))
         bucket["plans"] += 1
         bucket["rows"] += len(lengths)
         bucket["drafts"] += sum(lengths)

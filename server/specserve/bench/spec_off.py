@@ -9,7 +9,9 @@ is run by every arm back to back, in a new random order, so the arms share the m
 of that moment. On a machine shared with other work, absolute tokens/s drift; the paired ratio
 arm / ``none`` within one repetition is the figure to read (median and range over repetitions).
 Tokens per second of this process's CPU time are reported too: less sensitive to other work,
-though not immune (caches, memory bandwidth).
+though not immune (caches, memory bandwidth). Engines run in this process unless
+``VLLM_ENABLE_V1_MULTIPROCESSING=1`` is set (then each arm has its own engine-core and worker
+processes, as a served engine does).
 
 JSON on stdout; one summary line on stderr.
 """
@@ -75,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from specserve.engine.local import local_llm
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    # In-process engines: with one engine-core and one worker process per arm, every arm's worker
+    # is bound to the same core and the idle arms' processes share it with the running one.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     model_dir = args.model or demo_model_dir()
     prompts = _prompts(model_dir, args.prompts, args.prompt_tokens)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
