@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from specserve.demo.tool_chats import ToolChat, tool_chats
 from specserve.demo.train import lr_at
+from specserve.train_step import optimizer_step, smoothed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,7 +142,7 @@ def tune(
     import numpy as np
     import torch
 
-    from specserve.demo.train import _batch, _loss
+    from specserve.demo.train import lm_batch, lm_loss
 
     torch.manual_seed(spec.tool_seed)
     torch.set_num_threads(spec.threads)
@@ -173,14 +174,9 @@ def tune(
         ids, labels = _chat_batch(picker.sample(rows, spec.tool_batch), pad_id)
         loss = _masked_loss(model, ids, labels)
         if spec.tool_base_rows:
-            base = _batch((base_tokens, base_tokens), 0.0, spec.tool_base_rows, spec.train_context, gen)
-            loss = loss + spec.tool_base_weight * _loss(model, base)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.9 * ema + 0.1 * value
+            base = lm_batch((base_tokens, base_tokens), 0.0, spec.tool_base_rows, spec.train_context, gen)
+            loss = loss + spec.tool_base_weight * lm_loss(model, base)
+        ema = smoothed(ema, optimizer_step(opt, loss, model.parameters()), 0.9)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}")

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from specserve.train_step import optimizer_step, smoothed
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -73,7 +75,7 @@ def make_model(spec: "DemoSpec", eos_id: int, bos_id: int) -> "torch.nn.Module":
     return LlamaForCausalLM(config)
 
 
-def _batch(
+def lm_batch(
     arrays: tuple["np.ndarray", "np.ndarray"],
     json_fraction: float,
     rows: int,
@@ -92,7 +94,7 @@ def _batch(
     return torch.from_numpy(out)
 
 
-def _loss(model: "torch.nn.Module", batch: "torch.Tensor") -> "torch.Tensor":
+def lm_loss(model: "torch.nn.Module", batch: "torch.Tensor") -> "torch.Tensor":
     import torch.nn.functional as F
 
     logits = model(input_ids=batch[:, :-1]).logits
@@ -172,7 +174,7 @@ def train(
         betas=(0.9, 0.95),
         eps=1e-8,
     )
-    step_fn = torch.compile(_loss) if spec.compile else _loss
+    step_fn = torch.compile(lm_loss) if spec.compile else lm_loss
     arrays = (corpus.code_train, corpus.json_train)
 
     bar = None
@@ -186,14 +188,9 @@ def train(
         lr = lr_at(step, steps=spec.steps, warmup=spec.warmup_steps, peak=spec.lr, min_ratio=spec.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = _batch(arrays, spec.json_fraction, spec.batch_size, spec.train_context, gen)
+        batch = lm_batch(arrays, spec.json_fraction, spec.batch_size, spec.train_context, gen)
         loss = step_fn(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        ema = smoothed(ema, optimizer_step(opt, loss, model.parameters()), 0.95)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.2e}")

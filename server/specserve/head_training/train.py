@@ -28,6 +28,7 @@ from torch import nn
 
 from specserve.head_training.data import Distilled
 from specserve.head_training.recipe import HeadsRecipe
+from specserve.train_step import optimizer_step, smoothed
 from specserve_vllm.heads.config import HeadsConfig
 from specserve_vllm.heads.model import build_heads
 
@@ -159,13 +160,8 @@ def train_heads(recipe: HeadsRecipe, train: Distilled, heldout: Distilled, lm_he
         with torch.no_grad():
             teacher = teacher_hidden @ lm_head.T
         loss = distill_loss(head_states(heads, hidden, nxt, embed) @ lm_head.T, teacher, recipe.loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
-        opt.step()
+        ema = smoothed(ema, optimizer_step(opt, loss, heads.parameters()), 0.95)
         sched.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}")
