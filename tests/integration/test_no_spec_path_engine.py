@@ -109,12 +109,15 @@ def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _break_even_calibration(directory: Path) -> Path:
-    """The shipped calibration with a costlier speculative path, so that on this small batch the
-    controller's break-even falls between batch 1 (speculate) and batch 8 (do not)."""
-    from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION
-
-    data = json.loads(DEFAULT_CALIBRATION.read_text())
-    data["cost"].update({"spec": 4.0, "spec_row": 1.5})
+    """A calibration whose break-even falls between batch 1 (speculate) and batch 8 (do not) on
+    this small batch. Written out in full, so that a new shipped calibration leaves it alone."""
+    data = {
+        "cost": {"base": 6.9, "per_token": 1.0, "per_row": 1.2, "context": 0.0, "spec": 4.0,
+                 "spec_row": 1.5, "draft": 0.3, "draft_token": 0.06},
+        "drafter_cost": {"RecyclingProposer": [0.3, 0.06]},
+        "acceptance": {"RecyclingProposer": [0.82, 0.8, 0.83, 0.84]},
+        "source": "test: break-even between batch 1 and batch 8",
+    }
     path = directory / "calibration.json"
     path.write_text(json.dumps(data))
     return path
