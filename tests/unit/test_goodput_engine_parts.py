@@ -172,3 +172,24 @@ def test_vllm_server_parser_reads_the_engine_policy() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert parsed["specserve"]["spec_policy"] == "off"
+
+
+def test_a_decision_not_to_speculate_holds_while_the_batch_is_unchanged() -> None:
+    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4)
+    computed: list[int] = []
+    goodput = policy.goodput
+    policy.goodput = lambda rows: (computed.append(len(rows.caps)), goodput(rows))[1]  # type: ignore[method-assign]
+    rows = _rows(16)
+    for _ in range(9):
+        assert policy.plan(rows).sum() == 0
+    assert computed == [16, 16, 16], "decided at steps 1, 5 and 9; held in between"
+    policy.plan(_rows(15))  # another batch: decided again
+    policy.observe(VerifiedRows(("r0",), np.array([1]), np.array([1])))
+    policy.plan(_rows(15))  # a verified draft ends the hold
+    assert computed == [16, 16, 16, 15, 15]
+    idle = _policy(0.9)  # speculates: nothing holds, every step decides
+    decided: list[int] = []
+    idle_goodput = idle.goodput
+    idle.goodput = lambda rows: (decided.append(1), idle_goodput(rows))[1]  # type: ignore[method-assign]
+    assert idle.plan(_rows(1)).sum() > 0 and idle.plan(_rows(1)).sum() > 0 and len(decided) == 2

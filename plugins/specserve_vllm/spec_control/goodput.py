@@ -11,7 +11,9 @@ step commits ``B + sum of their g`` tokens on average and costs
 non-speculative step: no spec path, no drafting. The plan is the ``n`` maximising goodput
 ``(B + sum g) / T(n)``; each row drafts as many of the chosen slots as are its own (a prefix,
 since ``g`` falls with ``j``). Hysteresis: the step switches speculation on or off only when the
-other side is better by ``margin``. Cost: a sort of at most ``B * k`` slots (~0.1 ms at 64).
+other side is better by ``margin``. A decision not to speculate is reused while the batch is
+unchanged, for up to ``recheck_every`` steps (nothing is verified meanwhile, so little moves).
+Cost: a sort of at most ``B * k`` slots (~0.1 ms at 64).
 
     >>> from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
     >>> cost = StepCost(base=8, per_token=1, per_row=0, context=0, spec=3, spec_row=0.2, draft=0.5,
@@ -64,10 +66,17 @@ class GoodputPolicy:
 
     name = "goodput"
 
-    def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03) -> None:
+    def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
+                 recheck_every: int = 8) -> None:
         self.model = model
         self.acceptance = acceptance
         self.margin = margin
+        self.recheck_every = recheck_every
+        """A decision not to speculate holds for up to this many steps while the batch is
+        unchanged: with nothing verified, only the step-time corrections and context lengths
+        move, slowly. A new batch, or any verified draft, ends the hold."""
+        self._hold: tuple[Any, int] | None = None
+        """``(batch key, further steps it holds)`` of the last decision not to speculate."""
         self.speculating = True
         self.prefill_tokens = 0
         """Prefill tokens of the last step, the estimate for the next one."""
@@ -105,6 +114,10 @@ class GoodputPolicy:
         out = np.zeros(len(rows.caps), dtype=np.int64)
         if not rows.caps.any():
             return out
+        key = (rows.req_ids, rows.caps.tobytes())
+        if self._hold is not None and self._hold[1] > 0 and self._hold[0] == key:
+            self._hold = (key, self._hold[1] - 1)
+            return out
         g, slot_rows, times = self.goodput(rows)
         best_on = 1 + int(np.argmax(g[1:])) if len(g) > 1 else 0
         if best_on:
@@ -116,6 +129,7 @@ class GoodputPolicy:
             on = False
         n = best_on if on else 0
         self.speculating = on
+        self._hold = None if on else (key, self.recheck_every - 1)
         np.add.at(out, slot_rows[:n], 1)
         self.last_predicted_ms = float(times[n])
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)
@@ -127,6 +141,8 @@ class GoodputPolicy:
         return {**self.model.state(), "acceptance": self.acceptance.engine_rates().round(4).tolist()}
 
     def observe(self, verified: VerifiedRows) -> None:
+        if len(verified.req_ids):
+            self._hold = None
         for req_id, drafted, accepted in verified.positions():
             self.acceptance.observe(req_id, drafted, accepted)
 
