@@ -85,12 +85,6 @@ class PlanStats:
         """Count one plan, given the lengths of its decode rows (rows that could draft)."""
         lengths = [int(k) for k in decode_plan]
         self.steps += 1
-        if not lengths:  # no decode rows: the common speculation-off step, kept short
-            self.no_spec_steps += 1
-            bucket = self.by_batch.get("0") or self.by_batch.setdefault("0", dict.fromkeys(_BUCKET_KEYS, 0))
-            bucket["plans"] += 1
-            bucket["no_spec"] += 1
-            return
         self.decode_rows += len(lengths)
         if not any(lengths):
             self.no_spec_steps += 1

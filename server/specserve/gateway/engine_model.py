@@ -48,10 +48,9 @@ class EngineModel:
     draft_correction: float
     acceptance: tuple[float, ...]
     """Conditional acceptance of draft positions 1..k."""
-    _budgets: dict[tuple[int, int], int] = field(default_factory=dict, compare=False, repr=False)
-    """Budgets already priced, by ``(rows, k)``: the model changes only at the next scrape."""
-    _best: dict[tuple[int, int], float] = field(default_factory=dict, compare=False, repr=False)
-    """Best batch goodput already priced, by ``(rows, k)``."""
+    _curves: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    """Goodput curves already priced (:func:`_goodput_curve`), by ``(rows, k)``: the model changes
+    only at the next scrape."""
 
     def step_model(self) -> StepTimeModel:
         state: dict[str, Any] = {"cost": {t: self.cost.get(t, 0.0) for t in _COST_TERMS},
@@ -113,13 +112,19 @@ def engine_budget(model: EngineModel, batch: float, k_max: int) -> int:
     rows = max(1, int(round(batch)))
     if k <= 0:
         return 0
-    known = model._budgets.get((rows, k))
-    if known is not None:
-        return known
-    policy = GoodputPolicy(model.step_model(), AcceptanceModel(list(model.acceptance[:k])))
-    g, _, _ = policy.goodput(StepRows(tuple(str(i) for i in range(rows)), np.full(rows, k), np.zeros(rows)))
-    budget = model._budgets[(rows, k)] = min(k, math.ceil(int(np.argmax(g)) / rows))
-    return budget
+    return min(k, math.ceil(int(np.argmax(_goodput_curve(model, rows, k))) / rows))
+
+
+def _goodput_curve(model: EngineModel, rows: int, k: int) -> np.ndarray:
+    """The engine policy's goodput (tokens per ms) for ``rows`` identical decode rows taking the
+    best 0, 1, ... draft slots (``k >= 1``), cached on ``model``."""
+    curve = model._curves.get((rows, k))
+    if curve is None:
+        policy = GoodputPolicy(model.step_model(), AcceptanceModel(list(model.acceptance[:k])))
+        curve, _, _ = policy.goodput(StepRows(tuple(str(i) for i in range(rows)), np.full(rows, k),
+                                              np.zeros(rows)))
+        model._curves[(rows, k)] = curve
+    return curve
 
 
 def batch_goodput(model: EngineModel, rows: int, k_max: int) -> float:
@@ -128,17 +133,9 @@ def batch_goodput(model: EngineModel, rows: int, k_max: int) -> float:
     if rows <= 0:
         return 0.0
     k = max(0, min(int(k_max), len(model.acceptance)))
-    known = model._best.get((rows, k))
-    if known is not None:
-        return known
     if k == 0:  # a step without drafts: each row commits one token
-        best = rows / float(model.step_model().cycle_ms(rows, rows, 0, np.zeros(1))[0])
-    else:
-        policy = GoodputPolicy(model.step_model(), AcceptanceModel(list(model.acceptance[:k])))
-        g, _, _ = policy.goodput(StepRows(tuple(str(i) for i in range(rows)), np.full(rows, k), np.zeros(rows)))
-        best = float(np.max(g))
-    model._best[(rows, k)] = best
-    return best
+        return rows / float(model.step_model().cycle_ms(rows, rows, 0, np.zeros(1))[0])
+    return float(np.max(_goodput_curve(model, rows, k)))
 
 
 def marginal_goodput(model: EngineModel, batch: float, k_max: int) -> float:

@@ -66,11 +66,15 @@ def least_loaded(pool: ReplicaPool, model: str) -> Replica | None:
         3.0
     """
     best: Replica | None = None
-    for replica in pool.replicas.values():
-        if replica.healthy and (not replica.models or model in replica.models):
-            if best is None or replica.load < best.load:
-                best = replica
+    for replica in serving(pool, model):
+        if best is None or replica.load < best.load:
+            best = replica
     return best
+
+
+def serving(pool: ReplicaPool, model: str) -> list[Replica]:
+    """The healthy replicas that serve ``model`` (or have not said which models they serve)."""
+    return [r for r in pool.replicas.values() if r.healthy and (not r.models or model in r.models)]
 
 
 def goodput_route(pool: ReplicaPool, model: str, k_max: int) -> Replica | None:
@@ -92,8 +96,7 @@ def goodput_route(pool: ReplicaPool, model: str, k_max: int) -> Replica | None:
         >>> goodput_route(MagicMock(replicas={"a": busy, "c": Replica("c", healthy=True)}), "m", 4) is None
         True
     """
-    candidates = [r for r in pool.replicas.values()
-                  if r.healthy and (not r.models or model in r.models)]
+    candidates = serving(pool, model)
     if not candidates or any(r.engine_model is None for r in candidates):
         return None
     return max(candidates, key=lambda r: (marginal_goodput(r.engine_model, r.load, k_max), -r.load))
