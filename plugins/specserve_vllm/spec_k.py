@@ -74,16 +74,27 @@ class PlannedLengths:
     ([2, 0, 4], None)
     >>> p.set([1]); p.take(2) is None
     True
+    >>> p.set([3], chains=True); p.shape("dynamic"), p.take(1).tolist(), p.shape("dynamic")
+    ('chain', [3], 'dynamic')
     """
 
     def __init__(self) -> None:
         self._lengths: np.ndarray | None = None
+        self._chains = False
 
-    def set(self, lengths: Sequence[int] | np.ndarray) -> None:
+    def set(self, lengths: Sequence[int] | np.ndarray, chains: bool = False) -> None:
+        """``chains``: draft chains this step although the drafter drafts trees (the controller
+        found chains pay more)."""
         self._lengths = np.asarray(lengths, dtype=np.int64)
+        self._chains = chains
+
+    def shape(self, drafter_shape: str) -> str:
+        """The draft shape of the next ``propose``: the drafter's, or ``chain`` if the plan says so
+        (read before :meth:`take`)."""
+        return "chain" if self._chains else drafter_shape
 
     def take(self, num_reqs: int) -> np.ndarray | None:
-        lengths, self._lengths = self._lengths, None
+        lengths, self._lengths, self._chains = self._lengths, None, False
         return lengths if lengths is not None and lengths.shape[0] == num_reqs else None
 
 

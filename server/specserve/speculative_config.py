@@ -13,6 +13,8 @@ Imports neither torch nor vLLM: the gateway uses it to build the engine's
     'specserve_vllm.heads.proposer.HydraProposer'
     >>> speculative_config("vllm-medusa", 4, heads="/h/vllm")["model"]
     '/h/vllm'
+    >>> draft_budget(4, "dynamic", 16)
+    16
 """
 
 from __future__ import annotations
@@ -61,3 +63,28 @@ def speculative_config(drafter: DrafterName, k: int, heads: str | None = None) -
         return {"method": "medusa", "model": heads, "num_speculative_tokens": k}
     path = HEAD_CLASS_PATHS.get(drafter, RECYCLING_CLASS_PATH)
     return {"method": "custom_class", "model": path, "num_speculative_tokens": k}
+
+
+def draft_budget(k: int, tree: str, tree_budget: int | None) -> int:
+    """The engine's ``num_speculative_tokens`` for ``--num-speculative-tokens k``, ``--tree tree``
+    and ``--tree-budget tree_budget``.
+
+    A chain drafts up to ``k`` tokens per request and step; a tree (``static`` or ``dynamic``)
+    holds up to ``tree_budget`` nodes (default ``k``), and vLLM sizes its draft slots, block
+    reservation and per-position statistics from this one number. Raises ``ValueError`` for a
+    budget with chains or a budget below 1.
+
+        >>> draft_budget(4, "chain", None), draft_budget(4, "static", None), draft_budget(4, "static", 8)
+        (4, 4, 8)
+        >>> draft_budget(4, "chain", 8)
+        Traceback (most recent call last):
+        ...
+        ValueError: --tree-budget needs --tree static or dynamic (chains draft --num-speculative-tokens tokens)
+    """
+    if tree_budget is None:
+        return k
+    if tree == "chain":
+        raise ValueError("--tree-budget needs --tree static or dynamic (chains draft --num-speculative-tokens tokens)")
+    if isinstance(tree_budget, bool) or not isinstance(tree_budget, int) or tree_budget < 1:
+        raise ValueError(f"--tree-budget must be an integer >= 1, got {tree_budget!r}")
+    return tree_budget

@@ -27,6 +27,8 @@ from support.helm_render import (
     matches,
     pod_spec,
     render,
+    render_error,
+    sets,
 )
 
 STABLE_SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
@@ -277,6 +279,16 @@ def test_drafter_choice_builds_the_engine_speculative_config(drafter: str, expec
     assert by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"]["spec"]["template"]["metadata"][
         "labels"]["specserve.io/drafter"] == drafter
     assert env_of(engine["containers"][0])["SPECSERVE_DRAFTER"]["value"] == drafter
+
+
+def test_a_tree_budget_sets_the_engines_draft_slots_and_needs_a_tree() -> None:
+    docs = render(*sets(speculation__drafter="hydra", speculation__tree="dynamic", speculation__treeBudget=16))
+    engine = pod_spec(by_kind(docs, "Deployment")[f"{RELEASE}-specserve-engine"])
+    config = json.loads(env_of(engine["containers"][0])["SPECSERVE_SPECULATIVE_CONFIG"]["value"])
+    assert config["num_speculative_tokens"] == 16
+    assert env_of(engine["containers"][0])["SPECSERVE_TREE"]["value"] == "dynamic"
+    err = render_error(*sets(speculation__drafter="hydra", speculation__treeBudget=16))
+    assert "speculation.treeBudget needs speculation.tree static or dynamic" in err
 
 
 def test_head_checkpoint_reaches_the_engine() -> None:

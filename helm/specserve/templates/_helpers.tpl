@@ -100,7 +100,15 @@ own Medusa proposer (set config.model to a converted checkpoint). */}}
 {{- define "specserve.speculativeConfig" -}}
 {{- $drafter := .Values.speculation.drafter | default "none" }}
 {{- if ne $drafter "none" }}
-{{- $cfg := dict "method" $drafter "num_speculative_tokens" (int .Values.speculation.numSpeculativeTokens) }}
+{{- $k := int .Values.speculation.numSpeculativeTokens }}
+{{- $budget := int (.Values.speculation.treeBudget | default 0) }}
+{{- if gt $budget 0 }}
+{{- if eq (.Values.speculation.tree | default "chain") "chain" }}
+{{- fail "speculation.treeBudget needs speculation.tree static or dynamic (chains draft numSpeculativeTokens tokens)" }}
+{{- end }}
+{{- $k = $budget }}
+{{- end }}
+{{- $cfg := dict "method" $drafter "num_speculative_tokens" $k }}
 {{- if eq $drafter "recycling" }}
 {{- $_ := set $cfg "method" "custom_class" }}
 {{- $_ := set $cfg "model" "specserve_vllm.drafters.recycling_proposer.RecyclingProposer" }}

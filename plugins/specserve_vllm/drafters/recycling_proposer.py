@@ -105,9 +105,10 @@ class RecyclingProposer:
         self._matrix_view[input_tokens] = topk_ids.to(self._matrix_view.dtype)
         return True
 
-    def set_draft_lengths(self, lengths: Any) -> None:
-        """This step's planned draft length per row (``[num_reqs]``), used by the next ``propose``."""
-        self._planned.set(lengths)
+    def set_draft_lengths(self, lengths: Any, chains: bool = False) -> None:
+        """This step's planned draft length per row (``[num_reqs]``), used by the next ``propose``;
+        ``chains``: draft chains this once even in tree mode."""
+        self._planned.set(lengths, chains)
 
     def propose(
         self,
@@ -119,6 +120,7 @@ class RecyclingProposer:
         num_reqs = len(sampled_token_ids)
         n = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)  # [num_reqs]
         room = np.minimum(self.num_speculative_tokens, self.max_model_len - n)
+        shape = self._planned.shape(self.tree_shape)
         room = bounded_room(room, self._planned.take(num_reqs))  # [num_reqs]
         # Requests not decoding this step (no sampled token), planned at 0 or at the length
         # limit draft nothing.
@@ -129,11 +131,11 @@ class RecyclingProposer:
         roots = np.full(num_reqs, recycling.EMPTY, dtype=np.int64)
         rows = np.nonzero(active)[0]
         roots[rows] = token_ids_cpu[rows, n[rows] - 1]
-        if self.tree_shape != "chain":
+        if shape != "chain":
             out: list[list[int]] = [[] for _ in range(num_reqs)]
             acceptance = rank_acceptance(self.rank_hits)
             for r in rows.tolist():
-                tree = recycling_tree(self.matrix, int(roots[r]), self.tree_shape, int(room[r]), acceptance)
+                tree = recycling_tree(self.matrix, int(roots[r]), shape, int(room[r]), acceptance)
                 self.last_trees[r] = tree
                 out[r] = list(tree.tokens)
             return out

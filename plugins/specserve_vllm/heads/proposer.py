@@ -14,7 +14,8 @@ state before ``propose``; the heads score with the target's own LM head and inpu
 taken from the loaded target model. Drafts are greedy chains of length
 ``num_speculative_tokens`` (at most the number of heads), cut at the model length, unless the
 engine setting ``tree`` asks for trees (``static`` or ``dynamic``, :mod:`specserve_vllm.heads.trees`):
-then each row drafts a tree of at most that many nodes, kept in ``last_trees`` for
+then each row drafts a tree of at most that many nodes (which may exceed the number of heads:
+the heads bound its depth, not its width), kept in ``last_trees`` for
 :mod:`specserve_vllm.compat.tree_steps`. Heads with prefix attention keep chains (their
 committed-position feed assumes a chain).
 
@@ -72,10 +73,16 @@ class HeadsProposer:
             raise CheckpointError(f"{directory} holds {self.config.kind} heads, not {self.kind}")
         spec = vllm_config.speculative_config
         self.num_speculative_tokens = int(spec.num_speculative_tokens)
-        if self.num_speculative_tokens > self.config.num_heads:
+        shape = settings.current().tree
+        if shape != "chain" and self.config.prefix_attention:
+            logger.warning("heads with prefix attention draft chains, not trees",
+                           extra={"fields": {"tree": shape, "heads": directory}})
+            shape = "chain"
+        if shape == "chain" and self.num_speculative_tokens > self.config.num_heads:
             raise CheckpointError(
                 f"num_speculative_tokens={self.num_speculative_tokens} exceeds the "
-                f"{self.config.num_heads} heads in {directory}"
+                f"{self.config.num_heads} heads in {directory} (a chain drafts one token per head; "
+                "trees may hold more nodes than there are heads)"
             )
         model_config = vllm_config.model_config
         self.model_config = model_config
@@ -94,11 +101,6 @@ class HeadsProposer:
         self.prefix_cache: PrefixCache | None = None
         self._req_ids: list[str] = []
         self._planned = PlannedLengths()
-        shape = settings.current().tree
-        if shape != "chain" and self.config.prefix_attention:
-            logger.warning("heads with prefix attention draft chains, not trees",
-                           extra={"fields": {"tree": shape, "heads": directory}})
-            shape = "chain"
         self.tree_shape: str = shape
         self.last_trees: list[DraftTree | None] = []
         """Per row of the last ``propose``: the drafted tree (tree shapes only), else None."""
@@ -144,12 +146,18 @@ class HeadsProposer:
         return torch.stack([z.to(device=hidden.device, dtype=hidden.dtype) if z is not None else hidden[i]
                             for i, z in enumerate(rows)])
 
-    def set_draft_lengths(self, lengths: Any) -> None:
-        """This step's planned draft length per row (``[num_reqs]``), used by the next ``propose``.
+    @property
+    def chain_depth(self) -> int:
+        """The longest chain the heads draft (one token per head)."""
+        return int(self.config.num_heads)
+
+    def set_draft_lengths(self, lengths: Any, chains: bool = False) -> None:
+        """This step's planned draft length per row (``[num_reqs]``), used by the next ``propose``;
+        ``chains``: draft chains this once even in tree mode.
 
         Rows planned at 0 are not drafted; the heads run only as deep as the longest plan.
         The prefix cache is fed by ``observe_positions`` whatever the plan."""
-        self._planned.set(lengths)
+        self._planned.set(lengths, chains)
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
@@ -159,6 +167,7 @@ class HeadsProposer:
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         n = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)
         room = np.minimum(self.num_speculative_tokens, self.max_model_len - n)
+        shape = self._planned.shape(self.tree_shape)
         room = bounded_room(room, self._planned.take(num_reqs))  # [num_reqs]
         rows = [r for r in range(num_reqs) if sampled_token_ids[r] and room[r] > 0]
         if not rows or hidden is None or hidden.shape[0] != num_reqs or self.heads is None:
@@ -167,15 +176,15 @@ class HeadsProposer:
         index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
         first = torch.tensor([sampled_token_ids[r][-1] for r in rows], dtype=torch.long, device=hidden.device)
         states = hidden.index_select(0, index).to(self.lm_head.dtype)
-        if self.tree_shape != "chain":
+        if shape != "chain":
             self.last_trees = [None] * num_reqs
             for i, r in enumerate(rows):
                 tree = heads_tree(self.heads, states[i], int(first[i]), self.lm_head, self.embed,
-                                  self.tree_shape, int(room[r]))
+                                  shape, int(room[r]))
                 self.last_trees[r] = tree
                 drafts[r] = list(tree.tokens)
             return drafts
-        depth = int(max(room[r] for r in rows))
+        depth = min(int(max(room[r] for r in rows)), self.chain_depth)
         tokens = self.heads.draft(states, first, self.lm_head, self.embed, depth)
         for r, chain in zip(rows, tokens.tolist()):
             drafts[r] = chain[: int(room[r])]

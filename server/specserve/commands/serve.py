@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import signal
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from specserve.commands.gateway import (
 )
 from specserve.engine.process import DEMO_TOOL_PARSER, TOOL_PARSER_PLUGIN
 from specserve.engine.settings import HEADS_ENV, add_flags, environ_from_flags
-from specserve.speculative_config import DRAFTERS, HEAD_DRAFTERS, speculative_config
+from specserve.engine.settings import load as settings_from_environ
+from specserve.speculative_config import DRAFTERS, HEAD_DRAFTERS, draft_budget, speculative_config
 
 ENGINE_PORT_TRIES = 3
 """Engine starts when its port is picked here: another process can take a picked port before the
@@ -56,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default on the demo model: heads trained for it, cached)")
     e.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="with --drafter: tokens drafted per step (requests may lower it with spec_k)")
+    e.add_argument("--tree-budget", type=int, default=None, metavar="N",
+                   help="with --tree static|dynamic: draft-tree nodes per request and step (the engine's "
+                        "num_speculative_tokens; default: --num-speculative-tokens). Medusa/Hydra trees "
+                        "may hold more nodes than there are heads; requests lower it with spec_k")
     e.add_argument("--engine-spec-policy", choices=("goodput", "fixed", "off"), default=None,
                    help="with a drafter: the engine's per-step draft lengths: goodput = chosen each step "
                         "for the batch from measured step time and acceptance (SmartSpec), fixed = each "
@@ -160,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
         log.error("bad gateway options", extra={"fields": {"error": str(exc)}})
         return 2
     env: dict[str, str] = environ_from_flags(args)
+    if args.tree_budget is not None and args.drafter is None:
+        log.error("--tree-budget needs --drafter (with --speculative-config, set num_speculative_tokens)")
+        return 2
     if args.drafter is not None:
         if args.speculative_config:
             log.error("give either --drafter or --speculative-config, not both")
@@ -168,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
             from specserve.head_training import resolve_heads
 
             heads = resolve_heads(args.drafter, args.heads, is_demo=_is_demo(args.model))
-            config = speculative_config(args.drafter, args.num_speculative_tokens, heads=heads)
+            tree = args.engine_tree or settings_from_environ(os.environ).tree
+            k = draft_budget(args.num_speculative_tokens, tree, args.tree_budget)
+            config = speculative_config(args.drafter, k, heads=heads)
             if heads and args.drafter in HEAD_DRAFTERS:
                 env[HEADS_ENV] = heads
         except ValueError as exc:

@@ -1,0 +1,61 @@
+"""``specserve serve --drafter hydra --tree dynamic --tree-budget 8`` on the demo model (4 heads),
+through the ``openai`` client: the engine verifies trees of more nodes than there are heads, and
+the response's speculative metrics count each step's drafted nodes and accepted path.
+
+Greedy equality of trees with no speculation is tested on the real engine in fp32
+(``tests/integration/test_trees_engine.py``); a served engine runs in vLLM's CPU default, bf16.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+from support.specserve_process import MODEL_NAME, ServeProcess, running_specserve
+
+BUDGET, HEADS = 8, 4
+ARGS = ["--drafter", "hydra", "--tree", "dynamic", "--tree-budget", str(BUDGET)]
+PROMPT = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n"
+
+
+def _tree_counters(server: ServeProcess) -> dict[str, float]:
+    """The engine's tree counters once they show a verified tree (published by the engine core
+    within about half a second; polled, bounded)."""
+    seen: dict[str, float] = {}
+    for _ in range(120):
+        text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
+        seen = {f"{s.name}{dict(s.labels) if s.labels else ''}": s.value
+                for f in text_string_to_metric_families(text) if f.name.startswith("specserve_engine_tree")
+                for s in f.samples if not s.name.endswith("_created")}
+        if seen.get("specserve_engine_tree_verifications_total", 0) > 0:
+            return seen
+        time.sleep(0.25)  # the next scrape
+    raise AssertionError(f"the engine's tree counters never showed a verified tree: {seen}")
+
+
+def test_served_trees_exceed_the_heads_and_report_each_steps_path(demo_model_dir: Path, tmp_path: Path) -> None:
+    with running_specserve(demo_model_dir, ARGS, log_dir=tmp_path) as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        raw = client.completions.with_raw_response.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=48,
+                                                          temperature=0)
+        completion = raw.parse()
+        body: dict[str, Any] = raw.http_response.json()
+        counters = _tree_counters(server)
+    spec = body["metrics"]["speculative_decoding"]
+    drafted, accepted = spec["per_step_drafted"], spec["per_step_accepted"]
+    assert completion.choices[0].text and len(drafted) == len(accepted) == spec["num_spec_steps"] > 0
+    assert spec["num_spec_tokens"] == BUDGET  # --tree-budget became the engine's draft slots
+    assert HEADS < max(drafted) <= BUDGET  # trees wider than the heads' chain
+    assert max(accepted) <= HEADS  # an accepted path is at most as deep as the heads
+    assert sum(drafted) == spec["num_draft_tokens"] and sum(accepted) == spec["num_accepted_draft_tokens"]
+    steps = spec["num_spec_steps"]
+    assert abs(spec["mean_acceptance_length"] - (sum(accepted) + steps) / steps) < 1e-3
+    assert float(raw.headers["x-specserve-spec-k-max"]) == max(drafted)
+    assert counters["specserve_engine_tree_verifications_total"] >= 1
+    # Steps whose tree came out a chain verify as chains and are not counted as tree steps.
+    assert counters["specserve_engine_tree_accepted_nodes_total"] <= sum(accepted)
