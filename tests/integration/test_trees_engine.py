@@ -4,8 +4,9 @@ Token Recycling (8 nodes) and Medusa / Hydra heads (4 nodes, the demo heads' dep
 static and DySpec trees (engine setting ``tree``), against one no-speculation baseline:
 
 * greedy outputs equal token for token at batch 1 and 8, also with the ``jitter`` policy cutting
-  each row's tree to a random preorder prefix per step (whole steps without drafts too), and in
-  a batch where every other request has a repetition penalty (those keep chains);
+  each row's tree to a random preorder prefix per step (whole steps without drafts too), with the
+  ``goodput`` controller switching between no speculation, chains and trees (Hydra, 8 nodes on 4
+  heads), and in a batch where every other request has a repetition penalty (those keep chains);
 * trees were really verified: the runner's tree counters show tree verifications and accepted
   nodes, and (static trees) accepted side branches whose K/V was compacted, so a silently
   skipped tree path fails the test;
@@ -39,13 +40,20 @@ from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 BUDGET = {"recycling": 8, "medusa": 4, "hydra": 4}  # nodes of a tree (heads: one per depth)
+BUDGET_OF = {"hydra-dynamic-goodput": 8}
+"""Runs with another node budget: Hydra trees of 8 nodes on 4 heads, the goodput controller
+choosing each step between no speculation, chains (at most 4 deep) and trees."""
 MAX_TOKENS = 48
 NUM_SAMPLES = 320
 SAMPLE_TOKENS = 3
 TREES = ("recycling-static", "recycling-dynamic", "recycling-static-jitter",
-         "medusa-static", "medusa-dynamic", "hydra-static", "hydra-dynamic")
+         "medusa-static", "medusa-dynamic", "hydra-static", "hydra-dynamic", "hydra-dynamic-goodput")
 STATIC = tuple(t for t in TREES if "static" in t)
 SAMPLED = ("recycling-static", "hydra-dynamic")
+
+
+def _budget(name: str) -> int:
+    return BUDGET_OF.get(name, BUDGET[name.split("-")[0]])
 
 
 def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None) -> Any:
@@ -117,7 +125,7 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
         drafter, shape, *policy = name.split("-")
         heads = str(demo_heads_dir(drafter)) if drafter != "recycling" else None
         with heads_env(heads), settings.override(tree=shape):
-            spec = speculative_config(drafter, BUDGET[drafter])  # type: ignore[arg-type]
+            spec = speculative_config(drafter, _budget(name))  # type: ignore[arg-type]
             llm = _engine(demo_model_dir, spec, policy[0] if policy else None)
         out[name] = run_batches(llm, MAX_TOKENS)
         out[name]["greedy_counters"] = _counters(llm)
@@ -181,7 +189,7 @@ def test_spec_metrics_stay_consistent(runs: dict[str, dict[str, Any]], tree: str
     drafted = sum(m["num_draft_tokens"] for m in metrics)
     accepted = sum(m["num_accepted_draft_tokens"] for m in metrics)
     assert 0 < accepted <= drafted
-    assert all(max(m["per_step_drafted"] or [0]) <= BUDGET[tree.split("-")[0]] for m in metrics)
+    assert all(max(m["per_step_drafted"] or [0]) <= _budget(tree) for m in metrics)
     # the engine-wide stats (accepted per position = per depth for trees) add up
     engine = runs[tree]["engine_metrics"]
     per_depth = engine["vllm:spec_decode_num_accepted_tokens_per_pos"]

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR as TREE_ROWS_ATTR
 from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction, argument_reader
 
 from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
@@ -95,7 +96,9 @@ def runner_planner(runner: Any) -> StepPlanner:
     if planner is None:
         settings = settings_from(getattr(runner.vllm_config, "additional_config", None))
         k = int(runner.speculative_config.num_speculative_tokens)
-        policy = build_policy(settings, k, type(getattr(runner, "drafter", None)).__name__)
+        drafter = getattr(runner, "drafter", None)
+        policy = build_policy(settings, k, type(drafter).__name__, tree=getattr(drafter, "tree_shape", "chain"),
+                              chain_depth=getattr(drafter, "chain_depth", None))
         planner = StepPlanner(policy, k, log_every=settings.log_every)
         path = publisher_path()
         if path is not None and _first_rank():
@@ -115,19 +118,23 @@ def _first_rank() -> bool:
         return True
 
 
-def verified_rows(scheduler_output: Any, req_ids: list[str], sampled: list[list[int]]) -> VerifiedRows:
+def verified_rows(scheduler_output: Any, req_ids: list[str], sampled: list[list[int]],
+                  tree_rows: Any = None) -> VerifiedRows:
     """Per row that verified drafts this step: drafts scheduled and how many were accepted
-    (tokens sampled minus the bonus/correction token)."""
+    (tokens sampled minus the bonus/correction token); ``tree_rows``: the batch indices of the
+    rows that verified trees this step (``None``: none)."""
     spec = scheduler_output.scheduled_spec_decode_tokens
-    ids, drafted, accepted = [], [], []
-    for req_id, tokens in zip(req_ids, sampled):
+    ids, drafted, accepted, trees = [], [], [], []
+    for i, (req_id, tokens) in enumerate(zip(req_ids, sampled)):
         d = len(spec.get(req_id, ()))
         if d and tokens:
             ids.append(req_id)
             drafted.append(d)
             accepted.append(min(len(tokens) - 1, d))
+            trees.append(bool(tree_rows) and i in tree_rows)
     return VerifiedRows(req_ids=tuple(ids), drafted=np.array(drafted, dtype=np.int64),
-                        accepted=np.array(accepted, dtype=np.int64))
+                        accepted=np.array(accepted, dtype=np.int64),
+                        trees=np.array(trees, dtype=bool) if tree_rows else None)
 
 
 def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
@@ -146,7 +153,8 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
     if scheduler_output.finished_req_ids:
         planner.finished(frozenset(scheduler_output.finished_req_ids))
     if scheduler_output.scheduled_spec_decode_tokens:
-        planner.observe(verified_rows(scheduler_output, req_ids, sampled))
+        tree_rows = getattr(runner, TREE_ROWS_ATTR, None)  # set by tree verification this step
+        planner.observe(verified_rows(scheduler_output, req_ids, sampled, tree_rows))
     n = len(req_ids)
     caps = planner.caps(request_caps(runner), [len(t) for t in sampled[:n]])
     if not any(caps):
@@ -160,7 +168,10 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
     drafter = getattr(runner, "drafter", None)
     set_lengths = getattr(drafter, "set_draft_lengths", None)
     if callable(set_lengths):
-        set_lengths(lengths)
+        if getattr(planner.policy, "chains_only", False):  # trees on, but chains pay this step
+            set_lengths(lengths, chains=True)
+        else:
+            set_lengths(lengths)
     t0 = time.perf_counter()
     drafts = propose()
     planner.record_drafting(int(lengths.sum()), (time.perf_counter() - t0) * 1e3)

@@ -22,6 +22,9 @@ from typing import Any
 
 from specserve_vllm.compat.upstream import RUNNER, SAMPLE_TOKENS, UpstreamFunction
 
+RUNNER_TREE_STEP_ATTR = "_specserve_tree_step"
+"""Runner attribute :mod:`~specserve_vllm.compat.tree_steps` sets to the step's tree plan."""
+
 logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_step_timer"
@@ -51,6 +54,8 @@ class StepRecord:
     drafts: int
     """Tokens drafted for the next step."""
     draft_ms: float
+    trees: int = 0
+    """Requests that verified a tree this step (engine setting ``tree``)."""
 
     @property
     def step_ms(self) -> float:
@@ -99,6 +104,8 @@ def apply() -> None:
             req_ids = list(self.input_batch.req_ids)
             ctx = int(self.input_batch.num_tokens_no_spec[: len(req_ids)].sum())
             step = describe(pending[1], req_ids, ctx)
+            tree_step = getattr(self, RUNNER_TREE_STEP_ATTR, None)  # cleared while sampling
+            step["trees"] = len(tree_step.plan.requests) if tree_step is not None else 0
         out = sample(self, *args, **kwargs)
         if pending is not None:
             from specserve_vllm.compat.spec_length import runner_planner

@@ -41,6 +41,7 @@ import numpy as np
 
 from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR
 from specserve_vllm.compat.spec_length import PLANNER_ATTR
+from specserve_vllm.compat.step_timer import RUNNER_TREE_STEP_ATTR
 from specserve_vllm.compat.upstream import (
     PREPARE_INPUTS,
     PROPOSE_DRAFT_TOKEN_IDS,
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 _MARK = "_specserve_tree_steps"
 TREES_ATTR = "_specserve_trees"
 """Runner attribute: ``{req_id: DraftTree}`` of the last drafting step (absent: no tree drafter)."""
-STEP_ATTR = "_specserve_tree_step"
+STEP_ATTR = RUNNER_TREE_STEP_ATTR
 """Runner attribute: the current step's ``TreeStep``, or None."""
 COUNTERS_ATTR = "_specserve_tree_counters"
 """Runner attribute: :class:`~specserve_vllm.tree.step.TreeCounters`."""

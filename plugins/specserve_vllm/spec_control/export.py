@@ -295,6 +295,19 @@ def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
     for j, value in enumerate(model.get("acceptance") or []):
         rates.add_metric([str(j + 1)], float(value))
     yield rates
+    if "tree_gain" in model:  # trees on: their learned price against chains
+        gain = GaugeMetricFamily(PREFIX + "tree_gain_ratio",
+                                 "Accepted drafts of a tree over a chain's, by the tree's node count (learned)",
+                                 labels=["nodes"])
+        for j, value in enumerate(model.get("tree_gain") or []):
+            gain.add_metric([str(j + 1)], float(value))
+        yield gain
+        cost = GaugeMetricFamily(PREFIX + "tree_cost_ratio",
+                                 "Step time with trees over the chain price of the same drafts (learned)",
+                                 labels=["bucket"])
+        for bucket, value in zip(BUCKETS, model.get("tree_cost") or []):
+            cost.add_metric([str(bucket)], float(value))
+        yield cost
 
 
 class PlanStatsCollector:

@@ -40,6 +40,7 @@ import numpy as np
 from specserve_vllm.spec_control.acceptance import AcceptanceModel
 from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
 from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION, Calibration, StepTimeModel
+from specserve_vllm.spec_control.tree_pricing import TreePricing
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,18 @@ class GoodputPolicy:
     name = "goodput"
 
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
-                 recheck_every: int = 8) -> None:
+                 recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None) -> None:
         self.model = model
         self.acceptance = acceptance
+        self.trees = trees
+        """Tree pricing when the drafter drafts trees (engine setting ``tree``): each step then
+        chooses between no speculation, chains and trees (:mod:`.tree_pricing`)."""
+        self.chain_depth = acceptance.k if chain_depth is None else min(chain_depth, acceptance.k)
+        """The longest chain the drafter drafts (Medusa/Hydra: its number of heads)."""
+        self.chains_only = False
+        """The last plan asks for chains although the drafter drafts trees."""
+        self._tree_rows: dict[str, tuple[int, float]] = {}
+        """Per row of the last tree plan: (nodes, the chain's expected accepted drafts)."""
         self.margin = margin
         self.recheck_every = recheck_every
         """A decision not to speculate holds for up to this many steps while the batch is
@@ -85,7 +95,8 @@ class GoodputPolicy:
         """EWMA of the time one decision takes (µs)."""
 
     @classmethod
-    def from_settings(cls, settings: Any, num_speculative_tokens: int, drafter: str) -> GoodputPolicy:
+    def from_settings(cls, settings: Any, num_speculative_tokens: int, drafter: str,
+                      tree: str = "chain", chain_depth: int | None = None) -> GoodputPolicy:
         path = settings.calibration or DEFAULT_CALIBRATION
         calibration = Calibration.load(path)
         cost, prior = calibration.for_drafter(drafter)
@@ -93,13 +104,14 @@ class GoodputPolicy:
         prior += [prior[-1] if prior else FALLBACK_PRIOR] * (num_speculative_tokens - len(prior))
         logger.info("goodput policy", extra={"fields": {"calibration": str(path), "drafter": drafter,
                                                         "prior": prior}})
-        return cls(StepTimeModel(cost), AcceptanceModel(prior))
+        trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
+        return cls(StepTimeModel(cost), AcceptanceModel(prior), trees=trees, chain_depth=chain_depth)
 
     def goodput(self, rows: StepRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(goodput [s+1], slot rows [s], time_ms [s+1])`` for taking the best 0..s slots."""
         dec = np.flatnonzero(rows.caps > 0)
         b = len(dec)
-        caps = np.minimum(rows.caps[dec], self.acceptance.k)
+        caps = np.minimum(rows.caps[dec], self.chain_depth)
         survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
         values, slot_rows = best_slots(survival, caps)
         n = np.arange(len(values) + 1)
@@ -109,9 +121,29 @@ class GoodputPolicy:
         times = self.model.cycle_ms(n_rows, b + self.prefill_tokens, ctx, n)
         return committed / times, dec[slot_rows], times
 
+    def tree_goodput(self, rows: StepRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(goodput [N], nodes per row [N, n_rows], time_ms [N])`` for trees of ``1 .. N`` nodes
+        in every decode row (fewer where a row's cap is lower), priced by :attr:`trees`."""
+        assert self.trees is not None
+        dec = np.flatnonzero(rows.caps > 0)
+        b = len(dec)
+        survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
+        value = self.trees.value(survival, self.chain_depth)  # [B, N]
+        n = np.arange(1, self.trees.max_nodes + 1)
+        nodes = np.minimum(n[:, None], rows.caps[dec][None, :])  # [N, B]
+        committed = b + value[np.arange(b)[None, :], nodes - 1].sum(axis=1)  # [N]
+        ctx = int(rows.context.sum())
+        n_rows = len(rows.caps)
+        times = self.model.cycle_ms(n_rows, b + self.prefill_tokens, ctx, nodes.sum(axis=1))
+        times = times * self.trees.cost_factor(n_rows)
+        per_row = np.zeros((len(n), n_rows), dtype=np.int64)
+        per_row[:, dec] = nodes
+        return committed / times, per_row, times
+
     def plan(self, rows: StepRows) -> np.ndarray:
         t0 = time.perf_counter()
         out = np.zeros(len(rows.caps), dtype=np.int64)
+        self.chains_only = self.trees is not None
         if not rows.caps.any():
             return out
         key = (rows.req_ids, rows.caps.tobytes())
@@ -120,37 +152,72 @@ class GoodputPolicy:
             return out
         g, slot_rows, times = self.goodput(rows)
         best_on = 1 + int(np.argmax(g[1:])) if len(g) > 1 else 0
-        if best_on:
+        best_g = g[best_on] if best_on else 0.0
+        tree_plan = None
+        if self.trees is not None:
+            tg, tree_rows, tree_times = self.tree_goodput(rows)
+            best_tree = int(np.argmax(tg))
+            if self.trees.explore(bool(tg[best_tree] > best_g)) or tg[best_tree] > best_g:
+                tree_plan, best_g = (tree_rows[best_tree], float(tree_times[best_tree])), float(tg[best_tree])
+        if best_on or tree_plan is not None:
             if self.speculating:
-                on = g[best_on] * (1 + self.margin) >= g[0]
+                on = best_g * (1 + self.margin) >= g[0]
             else:
-                on = g[best_on] >= g[0] * (1 + self.margin)
+                on = best_g >= g[0] * (1 + self.margin)
         else:
             on = False
-        n = best_on if on else 0
         self.speculating = on
         self._hold = None if on else (key, self.recheck_every - 1)
-        np.add.at(out, slot_rows[:n], 1)
-        self.last_predicted_ms = float(times[n])
+        if on and tree_plan is not None:
+            out, self.last_predicted_ms = tree_plan[0].copy(), tree_plan[1]
+            self.chains_only = False
+            self.remember_tree_rows(rows, out)
+        else:
+            n = best_on if on else 0
+            np.add.at(out, slot_rows[:n], 1)
+            self.last_predicted_ms = float(times[n])
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)
         return out
+
+    def remember_tree_rows(self, rows: StepRows, nodes: np.ndarray) -> None:
+        """Each tree row's node count and its chain's expected accepted drafts at that count."""
+        dec = np.flatnonzero(nodes > 0)
+        ids = [rows.req_ids[i] for i in dec]
+        depth = min(self.chain_depth, self.acceptance.k)
+        chain = np.cumsum(self.acceptance.survival(ids)[:, :depth], axis=1)  # [B, depth]
+        cols = np.minimum(nodes[dec], depth) - 1
+        expected = chain[np.arange(len(dec)), cols]
+        self._tree_rows = {r: (int(n), float(e)) for r, n, e in zip(ids, nodes[dec], expected)}
 
     def model_state(self) -> dict[str, Any]:
         """The step-time model and the engine-wide acceptance per position, as plain data: what
         the engine exports for the gateway, which prices requests with the same model."""
-        return {**self.model.state(), "acceptance": self.acceptance.engine_rates().round(4).tolist()}
+        trees = self.trees.state() if self.trees is not None else {}
+        return {**self.model.state(), "acceptance": self.acceptance.engine_rates().round(4).tolist(), **trees}
 
     def observe(self, verified: VerifiedRows) -> None:
         if len(verified.req_ids):
             self._hold = None
-        for req_id, drafted, accepted in verified.positions():
-            self.acceptance.observe(req_id, drafted, accepted)
+        trees = verified.trees if verified.trees is not None else np.zeros(len(verified.req_ids), dtype=bool)
+        for (req_id, drafted, accepted), tree in zip(verified.positions(), trees):
+            planned = self._tree_rows.get(req_id) if tree and self.trees is not None else None
+            if planned is not None:
+                assert self.trees is not None
+                self.trees.observe_value(drafted, accepted, planned[1])
+            elif not tree:
+                self.acceptance.observe(req_id, drafted, accepted)
 
     def observe_step(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, prefill_tokens: int,
-                     step_ms: float, drafts: int, draft_ms: float) -> float:
-        """A measured step: correct the model; returns the prediction made before correcting."""
+                     step_ms: float, drafts: int, draft_ms: float, trees: int = 0) -> float:
+        """A measured step: correct the model; returns the prediction made before correcting.
+        A step that verified trees (``trees`` requests) corrects the tree cost, not the chain's."""
         predicted = self.model.step_ms(rows, tokens, ctx_tokens, spec) + self.model.draft_ms(drafts)
-        self.model.observe(rows, tokens, ctx_tokens, spec, step_ms)
+        if trees and self.trees is not None:
+            chain = self.model.step_ms(rows, tokens, ctx_tokens, spec)
+            predicted = chain * self.trees.cost_factor(rows) + self.model.draft_ms(drafts)
+            self.trees.observe_time(rows, step_ms / chain if chain > 0 else 0.0)
+        else:
+            self.model.observe(rows, tokens, ctx_tokens, spec, step_ms)
         if drafts:
             self.model.observe_draft(drafts, draft_ms)
         self.prefill_tokens = prefill_tokens

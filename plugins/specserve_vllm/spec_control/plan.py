@@ -59,6 +59,9 @@ class VerifiedRows:
     """``[m]`` drafts verified this step (> 0)."""
     accepted: np.ndarray
     """``[m]`` of them accepted (a prefix: ``0 <= accepted <= drafted``)."""
+    trees: np.ndarray | None = None
+    """``[m]`` bool: the row verified a tree (its drafts were nodes, the accepted ones a path);
+    ``None``: every row verified a chain."""
 
     def positions(self) -> list[tuple[str, int, int]]:
         """``(req_id, drafted, accepted)`` per row."""

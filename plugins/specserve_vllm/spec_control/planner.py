@@ -88,8 +88,10 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
     )
 
 
-def build_policy(settings: PlannerSettings, num_speculative_tokens: int, drafter: str) -> SpecLengthPolicy:
-    """The policy object ``settings`` names (``drafter``: the proposer's class name, for priors)."""
+def build_policy(settings: PlannerSettings, num_speculative_tokens: int, drafter: str, tree: str = "chain",
+                 chain_depth: int | None = None) -> SpecLengthPolicy:
+    """The policy object ``settings`` names (``drafter``: the proposer's class name, for priors;
+    ``tree``: the drafter's draft shape; ``chain_depth``: its longest chain, if below the k)."""
     if settings.policy == "off":
         return OffPolicy()
     if settings.policy == "jitter":
@@ -97,7 +99,8 @@ def build_policy(settings: PlannerSettings, num_speculative_tokens: int, drafter
     if settings.policy == "goodput":
         from specserve_vllm.spec_control.goodput import GoodputPolicy
 
-        return GoodputPolicy.from_settings(settings, num_speculative_tokens, drafter)
+        return GoodputPolicy.from_settings(settings, num_speculative_tokens, drafter, tree=tree,
+                                           chain_depth=chain_depth)
     return FixedPolicy()
 
 
@@ -151,7 +154,8 @@ class StepPlanner:
         predicted = 0.0
         if callable(observe):
             predicted = observe(record.rows, record.tokens, record.ctx_tokens, record.spec,
-                                record.prefill_tokens, record.step_ms, record.drafts, record.draft_ms)
+                                record.prefill_tokens, record.step_ms, record.drafts, record.draft_ms,
+                                getattr(record, "trees", 0))
         with self.lock:
             self.stats.record_time(predicted, record.total_ms)
 
