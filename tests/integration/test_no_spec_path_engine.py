@@ -135,6 +135,7 @@ def _spied_runs(llm: Any, runner: Any) -> dict[str, Any]:
         off = _generate(llm, PROMPTS, [0] * len(PROMPTS))
         counts_off = {name: spy.calls for name, spy in spies.items()}
         counts_off["no_spec_steps"] = getattr(runner, "_specserve_no_spec_steps", 0) - no_spec_before
+        runner.drafter.flush_backlog()  # k=0 steps' rows are learnt in batches, before any draft
         matrix_changed = not np.array_equal(runner.drafter.matrix, matrix_before)
         on = _generate(llm, PROMPTS[:2], [None, None])
         counts_on = {name: spy.calls - counts_off[name] for name, spy in spies.items()}

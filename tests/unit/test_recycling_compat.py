@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from specserve_vllm.compat import logits_feed
@@ -94,3 +95,36 @@ def test_tensor_feed_writes_what_the_numpy_update_writes() -> None:
 
 def topk_row(row: np.ndarray) -> list[int]:
     return [int(x) for x in row]
+
+
+def test_logits_of_steps_without_drafts_are_learnt_in_one_batch_before_the_next_draft() -> None:
+    gen = torch.Generator().manual_seed(0)
+    steps = [(torch.randint(0, 12, (n,), generator=gen), torch.randn(n, 12, generator=gen)) for n in (1, 3, 2, 3)]
+    steps.append((torch.tensor([4, 4]), torch.randn(2, 12, generator=gen)))  # a token twice: the last row wins
+    deferred = RecyclingProposer(_config(vocab=12, k=2), topk_width=3, tree_shape="chain")
+    at_once = RecyclingProposer(_config(vocab=12, k=2), topk_width=3, tree_shape="chain")
+    empty = deferred.matrix.copy()
+    for tokens, logits in steps:
+        runner = SimpleNamespace(drafter=deferred, input_ids=SimpleNamespace(gpu=tokens),
+                                 _specserve_logits_indices=torch.arange(len(tokens)))
+        assert logits_feed._observe_logits(runner, logits)
+        at_once.observe_topk(tokens, torch.topk(logits, 3).indices, 12)
+    assert np.array_equal(deferred.matrix, empty)  # nothing drafted yet: nothing learnt yet
+    token_ids = np.zeros((1, 64), dtype=np.int32)
+    token_ids[0, :2] = [1, 4]
+    assert deferred.propose([[4]], np.array([2]), token_ids) == at_once.propose([[4]], np.array([2]), token_ids)
+    assert np.array_equal(deferred.matrix, at_once.matrix)  # the same matrix as step-by-step learning
+
+
+def test_a_long_run_without_drafts_learns_when_the_backlog_fills(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specserve_vllm.drafters import recycling, recycling_proposer
+
+    monkeypatch.setattr(recycling_proposer, "BACKLOG_ELEMENTS", 30)
+    proposer = RecyclingProposer(_config(vocab=10, k=2), topk_width=2, tree_shape="chain")
+    logits = torch.zeros(1, 10)
+    logits[0, 7] = 5.0
+    proposer.observe_logits(torch.tensor([3]), logits.clone())
+    proposer.observe_logits(torch.tensor([5]), logits.clone())
+    assert proposer.matrix[3, 0] == recycling.EMPTY  # 20 values kept, under the bound
+    proposer.observe_logits(torch.tensor([6]), logits.clone())
+    assert proposer.matrix[3, 0] == proposer.matrix[5, 0] == proposer.matrix[6, 0] == 7  # 30: learnt

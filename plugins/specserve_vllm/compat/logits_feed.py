@@ -7,10 +7,14 @@ interface passes token ids only. Two wraps on ``GPUModelRunner`` (the CPU runner
 
 * ``_prepare_inputs`` remembers this step's ``logits_indices`` (row ``j`` of the logits is the
   model output at flattened input position ``logits_indices[j]``);
-* ``_sample``: when the runner's ``drafter`` has ``observe_topk(input_tokens, topk_ids)`` and a
-  ``topk_width``, it is called with ``input_ids[logits_indices]`` (``[n]``), the top
-  ``topk_width`` ids of each logits row (``[n, topk_width]``), both CPU tensors, taken before
-  sampling so sampler in-place edits cannot affect them, and the logits' width. Drafters without ``observe_topk`` cost nothing.
+* ``_sample``: when the runner's ``drafter`` has ``observe_logits(input_tokens, logits)``, it is
+  called with ``input_ids[logits_indices]`` (``[n]``) and a copy of the logits rows
+  (``[n, vocab]``), taken before sampling so sampler in-place edits cannot affect them; the
+  drafter takes the top-k when it needs it (Token Recycling batches the steps that do not
+  draft). Otherwise, when it has ``observe_topk(input_tokens, topk_ids)`` and a ``topk_width``,
+  that is called with the input tokens, the top ``topk_width`` ids of each logits row
+  (``[n, topk_width]``), both CPU tensors, and the logits' width. Drafters with neither cost
+  nothing.
 
 The logits are the ones the sampler sees: for structured-output requests the grammar bitmask
 is already applied, so recorded candidates are grammar-valid ones (still the target's
@@ -38,6 +42,24 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Relied on: calls _sample before the drafter proposes.
     SAMPLE_TOKENS,
 )
+
+
+def _observe_logits(runner: Any, logits: Any) -> bool:
+    """Hand a drafter with ``observe_logits`` a copy of the logits rows and their input tokens
+    (it takes the top-k itself, batched); False when the drafter has no such method."""
+    import torch
+
+    drafter = getattr(runner, "drafter", None)
+    observe = getattr(drafter, "observe_logits", None)
+    if logits is None or not callable(observe):
+        return False
+    indices = getattr(runner, _INDICES_ATTR, None)
+    setattr(runner, _INDICES_ATTR, None)
+    if indices is None or indices.shape[0] != logits.shape[0]:
+        return True
+    with torch.no_grad():
+        observe(runner.input_ids.gpu[indices], logits.detach().clone())
+    return True
 
 
 def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any, int] | None:
@@ -77,7 +99,7 @@ def apply() -> None:
 
     @functools.wraps(sample)
     def _sample(self: Any, logits: Any, *args: Any, **kwargs: Any) -> Any:
-        observed = _observed_topk(self, logits)
+        observed = None if _observe_logits(self, logits) else _observed_topk(self, logits)
         out = sample(self, logits, *args, **kwargs)
         if observed is not None:
             self.drafter.observe_topk(*observed)

@@ -37,6 +37,9 @@ from specserve_vllm.tree.draft import DraftTree
 
 logger = logging.getLogger(__name__)
 
+BACKLOG_ELEMENTS = 1 << 20
+"""Logits values kept before a batched top-k (4 MiB in fp32: 256 rows of the demo's vocabulary)."""
+
 CLASS_PATH = f"{__name__}.RecyclingProposer"
 """The ``speculative_config["model"]`` value that selects this proposer."""
 
@@ -62,6 +65,9 @@ class RecyclingProposer:
         self.tree_shape: TreeShape = tree_shape
         self.last_trees: list[DraftTree | None] = []
         """Per row of the last ``propose``: the drafted tree (tree shapes only), else None."""
+        self._backlog: list[tuple[Any, Any]] = []
+        """``(input_tokens, logits)`` of steps not learnt yet (:meth:`observe_logits`)."""
+        self._backlog_elements = 0
         self.rank_hits = np.zeros(topk_width + 1, dtype=np.int64)
         """How often the target's next token was the matrix's rank-r candidate (last: none);
         measured for ``dynamic`` trees only."""
@@ -69,6 +75,44 @@ class RecyclingProposer:
             "token recycling matrix: vocab=%d k=%d dtype=%s bytes=%d",
             vocab, topk_width, self.matrix.dtype, self.matrix.nbytes,
         )
+
+    def observe_logits(self, input_tokens: Any, logits: Any) -> None:
+        """This step's target logits (``[n, vocab]``, a copy the runner will not touch) after
+        ``input_tokens`` (``[n]``): kept, and turned into matrix rows by one batched top-k when
+        the drafter next proposes or the backlog reaches :data:`BACKLOG_ELEMENTS`.
+
+        Steps without speculation never propose, so their rows wait and are learnt together:
+        one top-k over many rows costs a fraction of one per step, and the matrix is complete
+        again before the next draft (the rows are written in order, last occurrence winning,
+        exactly as step-by-step updates would). ``dynamic`` trees measure rank acceptance
+        position by position, so they learn at once."""
+        if self.tree_shape == "dynamic":
+            self._learn(input_tokens, logits)
+            return
+        self._backlog.append((input_tokens, logits))
+        self._backlog_elements += int(logits.numel())
+        if self._backlog_elements >= BACKLOG_ELEMENTS:
+            self.flush_backlog()
+
+    def flush_backlog(self) -> None:
+        """Learn every kept logits row (in the order they came)."""
+        if not self._backlog:
+            return
+        import torch
+
+        backlog, self._backlog, self._backlog_elements = self._backlog, [], 0
+        if len(backlog) == 1:
+            self._learn(*backlog[0])
+            return
+        self._learn(torch.cat([t for t, _ in backlog]), torch.cat([x for _, x in backlog]))
+
+    def _learn(self, input_tokens: Any, logits: Any) -> None:
+        import torch
+
+        width = min(self.topk_width, int(logits.shape[-1]))
+        with torch.no_grad():
+            topk = torch.topk(logits, width, dim=-1).indices
+        self.observe_topk(input_tokens.cpu(), topk.cpu(), int(logits.shape[-1]))
 
     def observe_topk(self, input_tokens: Any, topk_ids: Any, logits_width: int | None = None) -> None:
         """Record the target's top candidates (``[n, topk_width]``) after ``input_tokens`` (``[n]``);
@@ -101,7 +145,8 @@ class RecyclingProposer:
             keep = torch.tensor(sorted(last.values()), dtype=torch.long)
             input_tokens, topk_ids = input_tokens[keep], topk_ids[keep]
         if self._matrix_view is None:
-            self._matrix_view = torch.from_numpy(self.matrix)  # shares the matrix's memory
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                self._matrix_view = torch.from_numpy(self.matrix)  # shares the matrix's memory
         self._matrix_view[input_tokens] = topk_ids.to(self._matrix_view.dtype)
         return True
 
@@ -117,6 +162,7 @@ class RecyclingProposer:
         token_ids_cpu: np.ndarray,
         slot_mappings: Any = None,
     ) -> list[list[int]]:
+        self.flush_backlog()  # drafts see every position the target has predicted
         num_reqs = len(sampled_token_ids)
         n = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)  # [num_reqs]
         room = np.minimum(self.num_speculative_tokens, self.max_model_len - n)
