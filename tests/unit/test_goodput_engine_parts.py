@@ -179,7 +179,7 @@ def test_a_decision_not_to_speculate_holds_while_the_batch_is_unchanged() -> Non
     policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4)
     computed: list[int] = []
     goodput = policy.goodput
-    policy.goodput = lambda rows: (computed.append(len(rows.caps)), goodput(rows))[1]  # type: ignore[method-assign]
+    policy.goodput = lambda rows, *more: (computed.append(len(rows.caps)), goodput(rows, *more))[1]  # type: ignore[method-assign]
     rows = _rows(16)
     for _ in range(9):
         assert policy.plan(rows).sum() == 0
@@ -191,5 +191,5 @@ def test_a_decision_not_to_speculate_holds_while_the_batch_is_unchanged() -> Non
     idle = _policy(0.9)  # speculates: nothing holds, every step decides
     decided: list[int] = []
     idle_goodput = idle.goodput
-    idle.goodput = lambda rows: (decided.append(1), idle_goodput(rows))[1]  # type: ignore[method-assign]
+    idle.goodput = lambda rows, *more: (decided.append(1), idle_goodput(rows, *more))[1]  # type: ignore[method-assign]
     assert idle.plan(_rows(1)).sum() > 0 and idle.plan(_rows(1)).sum() > 0 and len(decided) == 2

@@ -107,12 +107,14 @@ class GoodputPolicy:
         trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
         return cls(StepTimeModel(cost), AcceptanceModel(prior), trees=trees, chain_depth=chain_depth)
 
-    def goodput(self, rows: StepRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(goodput [s+1], slot rows [s], time_ms [s+1])`` for taking the best 0..s slots."""
+    def goodput(self, rows: StepRows, survival: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(goodput [s+1], slot rows [s], time_ms [s+1])`` for taking the best 0..s slots
+        (``survival``: the decode rows' survival, when the caller has it)."""
         dec = np.flatnonzero(rows.caps > 0)
         b = len(dec)
         caps = np.minimum(rows.caps[dec], self.chain_depth)
-        survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
+        if survival is None:
+            survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
         values, slot_rows = best_slots(survival, caps)
         n = np.arange(len(values) + 1)
         committed = b + np.concatenate(([0.0], np.cumsum(values)))
@@ -121,13 +123,15 @@ class GoodputPolicy:
         times = self.model.cycle_ms(n_rows, b + self.prefill_tokens, ctx, n)
         return committed / times, dec[slot_rows], times
 
-    def tree_goodput(self, rows: StepRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def tree_goodput(self, rows: StepRows, survival: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(goodput [N], nodes per row [N, n_rows], time_ms [N])`` for trees of ``1 .. N`` nodes
-        in every decode row (fewer where a row's cap is lower), priced by :attr:`trees`."""
+        in every decode row (fewer where a row's cap is lower), priced by :attr:`trees`
+        (``survival`` as in :meth:`goodput`)."""
         assert self.trees is not None
         dec = np.flatnonzero(rows.caps > 0)
         b = len(dec)
-        survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
+        if survival is None:
+            survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
         value = self.trees.value(survival, self.chain_depth)  # [B, N]
         n = np.arange(1, self.trees.max_nodes + 1)
         nodes = np.minimum(n[:, None], rows.caps[dec][None, :])  # [N, B]
@@ -150,12 +154,13 @@ class GoodputPolicy:
         if self._hold is not None and self._hold[1] > 0 and self._hold[0] == key:
             self._hold = (key, self._hold[1] - 1)
             return out
-        g, slot_rows, times = self.goodput(rows)
+        survival = self.acceptance.survival([rows.req_ids[i] for i in np.flatnonzero(rows.caps > 0)])  # [B, k]
+        g, slot_rows, times = self.goodput(rows, survival)
         best_on = 1 + int(np.argmax(g[1:])) if len(g) > 1 else 0
         best_g = g[best_on] if best_on else 0.0
         tree_plan = None
         if self.trees is not None:
-            tg, tree_rows, tree_times = self.tree_goodput(rows)
+            tg, tree_rows, tree_times = self.tree_goodput(rows, survival)
             best_tree = int(np.argmax(tg))
             if self.trees.explore(bool(tg[best_tree] > best_g)) or tg[best_tree] > best_g:
                 tree_plan, best_g = (tree_rows[best_tree], float(tree_times[best_tree])), float(tg[best_tree])

@@ -8,12 +8,14 @@ where the per-step controller spends the budget), an in-process engine (demo mod
 fp32) runs the same held-out prompts as ``bench drafters``, ``--max-tokens`` new tokens, at each
 batch size and each of ``--temperatures`` (greedy by default; seeded sampling otherwise). A chain
 drafts up to ``k`` tokens, a tree up to ``k`` nodes, so every shape verifies at most ``1 + k``
-rows per request and step. The arms (no speculation, then every shape, budget and policy) run in
-an order shuffled with ``--seed``, each with the same warm-up. Reports per arm, batch and
-temperature: τ (mean tokens per verification step), acceptance per depth, tokens/s and its ratio
-to no speculation and to the fastest chain arm, the share of looping outputs, the tree counters
-(tree verifications, accepted side branches) and, greedy, whether the outputs equal the
-no-speculation run's token for token.
+rows per request and step. Every arm's engine is built first (in an order shuffled with
+``--seed``, each warmed up the same way) and kept; then each of ``--reps`` repetitions runs every
+arm once, in an order shuffled per repetition. Reports per arm, batch and temperature: τ (mean
+tokens per verification step, from the requests' own speculative metrics) and acceptance per
+depth over all repetitions, tokens/s per repetition and its median, ratios to no speculation and
+to the chain arm with the highest median paired by repetition (median, min, max), the share of looping outputs,
+the tree counters (tree verifications, accepted side branches) and, greedy, whether every
+repetition's outputs equal the no-speculation run's token for token.
 JSON on stdout, one summary line on stderr.
 """
 
@@ -21,16 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import logging
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from specserve.bench.drafters import _counters, _prompts, per_position_rates, tau
+from specserve.bench.drafters import _prompts, per_position_rates, tau
 from specserve.bench.stats import is_looping
 from specserve.engine.local import model_runner
 
@@ -50,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="model dtype (trees are tested in float32)")
     parser.add_argument("--temperatures", default="0", help="sampling temperatures (comma-separated, e.g. 0,0.7)")
     parser.add_argument("--seed", type=int, default=0, help="arm order and sampling seeds")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="repetitions; every arm runs once per repetition, in an order shuffled per repetition")
     parser.add_argument("--policies", default="fixed",
                         help="engine speculation policies per shape (comma-separated: fixed, goodput); "
                              "goodput = the per-step controller spends the budget")
@@ -67,32 +71,66 @@ def _key(batch: int, temperature: float) -> str:
     return f"{batch}@{temperature:g}"
 
 
+def spec_totals(metrics: list[dict[str, Any]]) -> tuple[int, int, list[int]]:
+    """``(verification steps, accepted drafts, steps accepting a draft at depth d)`` summed over
+    requests' per-request speculative metrics (``detailed`` level).
+
+    >>> spec_totals([{"per_step_accepted": [2, 0, 1]}, {"per_step_accepted": [3]}, {}])
+    (4, 6, [3, 2, 1])
+    """
+    steps, accepted, depth = 0, 0, []
+    for m in metrics:
+        for a in m.get("per_step_accepted") or []:
+            steps, accepted = steps + 1, accepted + int(a)
+            depth += [0] * (int(a) - len(depth))
+            for d in range(int(a)):
+                depth[d] += 1
+    return steps, accepted, depth
+
+
 def _measure(llm: Any, prompts: list[list[int]], params: list[Any], bs: int, speculative: bool) -> dict[str, Any]:
-    """One batch size and temperature: the prompts in batches of ``bs``, counters before and after."""
+    """One batch size and temperature: the prompts in batches of ``bs``; τ from the requests' own
+    speculative metrics, tree counters before and after."""
     from vllm.inputs import TokensPrompt
 
-    before, trees_before = _counters(llm), _tree_counters(llm)
+    trees_before = _tree_counters(llm)
     outputs: list[list[int]] = []
+    metrics: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), bs):
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + bs]], params[i : i + bs],
                             use_tqdm=False)
         outputs.extend(list(o.outputs[0].token_ids) for o in outs)
+        metrics.extend(o.outputs[0].spec_decode_metrics.to_dict() for o in outs
+                       if getattr(o.outputs[0], "spec_decode_metrics", None) is not None)
     elapsed = time.perf_counter() - t0
-    after, trees_after = _counters(llm), _tree_counters(llm)
-    steps = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
-    acc = after.get("vllm:spec_decode_num_accepted_tokens", 0) - before.get("vllm:spec_decode_num_accepted_tokens", 0)
-    name = "vllm:spec_decode_num_accepted_tokens_per_pos"
-    now, was = after.get(name, []), before.get(name, [])
-    per_depth = [a - (was[i] if i < len(was) else 0.0) for i, a in enumerate(now)]
+    trees_after = _tree_counters(llm)
+    steps, acc, per_depth = spec_totals(metrics)
     return {
-        "tau": tau(int(steps), int(acc)) if speculative else 1.0,
-        "accepted_per_depth": per_position_rates(steps, per_depth),
+        "steps": steps, "accepted": acc, "accepted_at_depth": per_depth,
+        "tau": tau(steps, acc) if speculative else 1.0,
         "tokens_per_s": round(sum(len(o) for o in outputs) / elapsed, 1),
         "looping_share": round(sum(is_looping(o) for o in outputs) / max(1, len(outputs)), 3),
         "trees": {key: _delta(trees_after[key], trees_before.get(key)) for key in trees_after},
         "outputs": outputs,
     }
+
+
+def summed(counters: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counters added key by key (lists per depth element-wise).
+
+    >>> summed([{"steps": 2, "depth": [3, 1]}, {"steps": 1, "depth": [1, 1, 1]}])
+    {'steps': 3, 'depth': [4, 2, 1]}
+    """
+    out: dict[str, Any] = {}
+    for counter in counters:
+        for key, value in counter.items():
+            if isinstance(value, list):
+                was = list(out.get(key) or [])
+                out[key] = [v + (was[i] if i < len(was) else 0) for i, v in enumerate(value)] + was[len(value):]
+            else:
+                out[key] = out.get(key, 0) + value
+    return out
 
 
 def _delta(after: Any, before: Any) -> Any:
@@ -111,19 +149,17 @@ Arm = tuple[str, int, str]
 """(shape, node budget, engine speculation policy); ``("none", 0, "fixed")`` is no speculation."""
 
 
-def vs_best_chain(row: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:
-    """``row``'s tokens/s over the fastest chain arm's (any budget and policy) at its batch size and
-    temperature; ``None`` without chain arms.
+def paired(values: list[float], bases: list[float]) -> dict[str, float] | None:
+    """Median, min and max over repetitions of ``values[r] / bases[r]``; None without bases.
 
-    >>> rows = [{"shape": "chain", "batch": 1, "temperature": 0, "tokens_per_s": 400.0},
-    ...         {"shape": "chain", "batch": 1, "temperature": 0, "tokens_per_s": 500.0},
-    ...         {"shape": "dynamic", "batch": 1, "temperature": 0, "tokens_per_s": 450.0}]
-    >>> vs_best_chain(rows[2], rows)
-    0.9
+    >>> paired([95.0, 80.0, 90.0], [100.0, 80.0, 100.0])
+    {'median': 0.95, 'min': 0.9, 'max': 1.0}
     """
-    chains = [r["tokens_per_s"] for r in rows if r["shape"] == "chain" and r["batch"] == row["batch"]
-              and r["temperature"] == row["temperature"]]
-    return round(row["tokens_per_s"] / max(chains), 3) if chains else None
+    ratios = [v / b for v, b in zip(values, bases) if b]
+    if not ratios:
+        return None
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3)}
 
 
 def chain_length(budget: int, heads: str | None) -> int:
@@ -137,9 +173,9 @@ def chain_length(budget: int, heads: str | None) -> int:
     return min(budget, int(read_config(heads).num_heads))
 
 
-def _run_one(model_dir: Path, drafter: str, heads: str | None, arm: Arm,
-             prompts: list[list[int]], max_tokens: int, batch_sizes: list[int], dtype: str,
-             temperatures: list[float], seed: int) -> dict[str, Any]:
+def _engine(model_dir: Path, drafter: str, heads: str | None, arm: Arm, prompt: list[int], max_tokens: int,
+            dtype: str) -> Any:
+    """An in-process engine for ``arm``, warmed up on one prompt."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -152,25 +188,34 @@ def _run_one(model_dir: Path, drafter: str, heads: str | None, arm: Arm,
     spec = None if shape == "none" else speculative_config(drafter, k)  # type: ignore[arg-type]
     with settings.override(tree="chain" if shape == "none" else shape, heads_dir=heads):
         llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20, dtype=dtype,
-                        speculative_config=spec, disable_log_stats=False,
+                        speculative_config=spec, per_request_spec_decode_metrics="detailed" if spec else "none",
                         additional_config={"specserve": {"spec_policy": policy}})
-    result: dict[str, Any] = {}
-    try:
-        warm = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], warm, use_tqdm=False)  # warm-up
-        for temp in temperatures:
-            params = [SamplingParams(temperature=temp, max_tokens=max_tokens, ignore_eos=True,
-                                     seed=None if temp == 0 else seed * 1000 + i) for i in range(len(prompts))]
-            for bs in batch_sizes:
-                result[_key(bs, temp)] = _measure(llm, prompts, params, bs, spec is not None)
-                logger.info("bench trees", extra={"fields": {"shape": shape, "budget": budget, "policy": policy,
-                                                             "batch": bs,
-                                                             "temperature": temp,
-                                                             "tau": result[_key(bs, temp)]["tau"]}})
-    finally:
-        del llm
-        gc.collect()
-    return result
+    warm = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], warm, use_tqdm=False)
+    return llm
+
+
+def _summary(arm: Arm, runs: list[dict[str, Any]], none: list[dict[str, Any]],
+             chains: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """One arm at one batch size and temperature over repetitions: τ and per-depth acceptance
+    from all its steps, tokens/s per repetition, and ratios paired by repetition to no
+    speculation and to the chain arm with the highest median tokens/s."""
+    steps, accepted = sum(r["steps"] for r in runs), sum(r["accepted"] for r in runs)
+    depth = [sum(r["accepted_at_depth"][d] if d < len(r["accepted_at_depth"]) else 0 for r in runs)
+             for d in range(max((len(r["accepted_at_depth"]) for r in runs), default=0))]
+    speeds = [r["tokens_per_s"] for r in runs]
+    # The fastest chain arm by median (one arm, so the ratio is not biased up by taking each
+    # repetition's maximum of noisy arms).
+    best = max(chains, key=lambda c: statistics.median(r["tokens_per_s"] for r in c)) if chains else []
+    best_chain = [r["tokens_per_s"] for r in best]
+    trees = summed([r["trees"] for r in runs])
+    return {"shape": arm[0], "budget": arm[1], "policy": arm[2],
+            "tau": tau(steps, accepted) if arm[0] != "none" else 1.0,
+            "accepted_per_depth": per_position_rates(steps, depth),
+            "tokens_per_s": statistics.median(speeds), "tokens_per_s_runs": speeds,
+            "vs_none": paired(speeds, [r["tokens_per_s"] for r in none]),
+            "vs_best_chain": paired(speeds, best_chain),
+            "looping_share": runs[0]["looping_share"], "trees": trees}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,31 +239,45 @@ def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in str(args.policies).split(",") if p.strip()]
     none: Arm = ("none", 0, "fixed")
     arms = [none] + [(shape, budget, policy) for budget in budgets for shape in shapes for policy in policies]
-    random.Random(args.seed).shuffle(arms)
-    got = {arm: _run_one(model_dir, args.drafter, heads, arm, prompts, args.max_tokens, batch_sizes,
-                         args.dtype, temperatures, args.seed) for arm in arms}
-    base = got[none]
-    ordered = [(shape, budget, policy) for budget in budgets for shape in shapes for policy in policies]
+    build = arms[:]
+    random.Random(args.seed).shuffle(build)
+    engines = {arm: _engine(model_dir, args.drafter, heads, arm, prompts[0], args.max_tokens, args.dtype)
+               for arm in build}
+    from vllm import SamplingParams
+
+    got: dict[Arm, dict[str, list[dict[str, Any]]]] = {arm: {} for arm in arms}
+    for rep in range(args.reps):
+        order = arms[:]
+        random.Random(args.seed * 1000 + rep).shuffle(order)
+        for arm in order:
+            for temp in temperatures:
+                params = [SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True,
+                                         seed=None if temp == 0 else args.seed * 1000 + i) for i in range(len(prompts))]
+                for bs in batch_sizes:
+                    m = _measure(engines[arm], prompts, params, bs, arm != none)
+                    got[arm].setdefault(_key(bs, temp), []).append(m)
+                    logger.info("bench trees", extra={"fields": {"arm": "/".join(map(str, arm)), "rep": rep,
+                                                                 "batch": bs, "temperature": temp, "tau": m["tau"],
+                                                                 "tokens_per_s": m["tokens_per_s"]}})
     rows = []
-    for shape, budget, policy in ordered:
+    chain_arms = [a for a in arms if a[0] == "chain"]
+    for arm in arms[1:]:
         for temp in temperatures:
             for bs in batch_sizes:
-                r, b = got[(shape, budget, policy)][_key(bs, temp)], base[_key(bs, temp)]
-                rows.append({"shape": shape, "budget": budget, "policy": policy, "batch": bs, "temperature": temp,
-                             "tau": r["tau"], "accepted_per_depth": r["accepted_per_depth"],
-                             "tokens_per_s": r["tokens_per_s"],
-                             "vs_none": round(r["tokens_per_s"] / b["tokens_per_s"], 3),
-                             "looping_share": r["looping_share"], "trees": r["trees"],
-                             "equal_to_none": r["outputs"] == b["outputs"] if temp == 0 else None})
-    for row in rows:
-        row["vs_best_chain"] = vs_best_chain(row, rows)
+                key = _key(bs, temp)
+                row = {**_summary(arm, got[arm][key], got[none][key], [got[c][key] for c in chain_arms]),
+                       "batch": bs, "temperature": temp}
+                row["equal_to_none"] = (all(r["outputs"] == got[none][key][0]["outputs"] for r in got[arm][key])
+                                        if temp == 0 else None)
+                rows.append(row)
     report = {"model": str(model_dir), "drafter": args.drafter, "dtype": args.dtype, "prompts": len(prompts),
-              "max_tokens": args.max_tokens, "arm_order": [f"{shape}@{budget}/{policy}" for shape, budget, policy in arms],
-              "none_tokens_per_s": {key: base[key]["tokens_per_s"] for key in base},
-              "none_looping_share": {key: base[key]["looping_share"] for key in base}, "rows": rows}
+              "max_tokens": args.max_tokens, "reps": args.reps,
+              "build_order": ["/".join(map(str, a)) for a in build],
+              "none_tokens_per_s": {key: [r["tokens_per_s"] for r in runs] for key, runs in got[none].items()},
+              "none_looping_share": {key: runs[0]["looping_share"] for key, runs in got[none].items()}, "rows": rows}
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     parts = [f"{r['shape']}@{r['budget']}/{r['policy']}/bs{r['batch']}/t{r['temperature']:g}: tau={r['tau']} "
-             f"x{r['vs_none']} none, x{r['vs_best_chain']} best chain"
+             f"x{(r['vs_none'] or {}).get('median')} none, x{(r['vs_best_chain'] or {}).get('median')} best chain"
              f"{' DIFFERS' if r['equal_to_none'] is False else ''}" for r in rows]
     sys.stderr.write("; ".join(parts) + "\n")
     return 0
