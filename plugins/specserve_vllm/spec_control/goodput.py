@@ -13,6 +13,9 @@ non-speculative step: no spec path, no drafting. The plan is the ``n`` maximisin
 since ``g`` falls with ``j``). Hysteresis: the step switches speculation on or off only when the
 other side is better by ``margin``. A decision not to speculate is reused while the batch is
 unchanged, for up to ``recheck_every`` steps (nothing is verified meanwhile, so little moves).
+With trees on (engine setting ``tree``), the step also prices trees of ``1 .. N`` nodes per row
+(:mod:`~specserve_vllm.spec_control.tree_pricing`) and takes trees when they beat the best
+chain plan; otherwise the drafter is told to draft chains for the step (:attr:`chains_only`).
 Cost: a sort of at most ``B * k`` slots (~0.1 ms at 64).
 
     >>> from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel

@@ -1,0 +1,163 @@
+"""``specserve bench routing``: goodput-aware routing against least-loaded, over two replicas.
+
+Starts one ``specserve serve`` per ``--replicas`` drafter (default ``hydra,medusa``: one replica
+that drafts well and one that drafts less well), each with the engine's per-step goodput policy
+(so it exports its cost model) and its engine worker bound to its own core, then two
+``specserve gateway`` processes in front of both engines: ``--routing least-loaded`` and
+``--routing goodput`` (both ``--spec-policy goodput``). After a warm-up through each gateway,
+every repetition sends closed-loop greedy completions through each gateway in turn (the order
+alternating) for ``--duration`` seconds at each ``--concurrency``. Reports per concurrency:
+output tokens/s and p50 latency per arm, the goodput/least-loaded ratio paired by repetition,
+and the share of requests each arm sent to the first replica (from the engines' own request
+counters). JSON on stdout, one summary line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from specserve.bench.spec_policy import _stop, _wait_ready, closed_loop
+
+logger = logging.getLogger(__name__)
+
+ARMS = ("least-loaded", "goodput")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
+    parser.add_argument("--replicas", default="hydra,medusa", help="one replica per drafter (comma-separated)")
+    parser.add_argument("--k", type=int, default=4, help="each engine's num_speculative_tokens")
+    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated client counts")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per arm, concurrency and repetition")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions (arm order alternates)")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+
+
+def paired_ratio(goodput: list[float], least: list[float]) -> dict[str, float] | None:
+    """Median, min and max of ``goodput[r] / least[r]`` over repetitions.
+
+    >>> paired_ratio([110.0, 90.0, 100.0], [100.0, 100.0, 100.0])
+    {'median': 1.0, 'min': 0.9, 'max': 1.1}
+    """
+    ratios = [g / b for g, b in zip(goodput, least) if b]
+    if not ratios:
+        return None
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3)}
+
+
+def share(counts: list[float]) -> float | None:
+    """The first replica's share of ``counts`` (requests per replica).
+
+    >>> share([3.0, 1.0]), share([0.0, 0.0])
+    (0.75, None)
+    """
+    total = sum(counts)
+    return round(counts[0] / total, 3) if total else None
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per concurrency: each arm's tokens/s and p50 latency per repetition (and medians), the
+    first replica's share of its requests, and goodput/least-loaded paired by repetition.
+
+    >>> runs = [{"arm": a, "concurrency": 2, "rep": r, "tokens_per_s": t, "p50_latency_s": 0.5,
+    ...          "first_share": 0.5} for r, (a, t) in enumerate([("least-loaded", 100.0), ("goodput", 104.0)])]
+    >>> runs += [{**runs[0], "rep": 1, "tokens_per_s": 90.0}, {**runs[1], "rep": 1, "tokens_per_s": 99.0}]
+    >>> summarize(runs)["2"]["goodput_vs_least_loaded"]
+    {'median': 1.07, 'min': 1.04, 'max': 1.1}
+    """
+    out: dict[str, Any] = {}
+    for conc in sorted({r["concurrency"] for r in runs}):
+        at = [r for r in runs if r["concurrency"] == conc]
+        per_arm: dict[str, Any] = {}
+        for arm in ARMS:
+            mine = sorted((r for r in at if r["arm"] == arm), key=lambda r: r["rep"])
+            speeds = [r["tokens_per_s"] for r in mine]
+            per_arm[arm] = {"tokens_per_s": speeds, "median_tokens_per_s": statistics.median(speeds) if speeds else None,
+                            "p50_latency_s": statistics.median(r["p50_latency_s"] for r in mine) if mine else None,
+                            "first_replica_share": [r["first_share"] for r in mine]}
+        out[str(conc)] = {**per_arm, "goodput_vs_least_loaded": paired_ratio(
+            per_arm["goodput"]["tokens_per_s"], per_arm["least-loaded"]["tokens_per_s"])}
+    return out
+
+
+def _finished_requests(engine: str) -> float:
+    """The engine's finished requests (vLLM's ``request_success`` counters, all reasons)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{engine}/metrics", timeout=10, trust_env=False).text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "vllm:request_success"
+               for s in f.samples if s.name.endswith("_total"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from specserve.demo import demo_model_dir
+    from specserve.engine.process import ENGINE_KEY_ENV, free_port
+
+    model_dir = args.model or demo_model_dir()
+    name = "bench-model"
+    drafters = [d.strip() for d in str(args.replicas).split(",") if d.strip()]
+    concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    cli = [sys.executable, "-m", "specserve.cli"]
+    key = secrets.token_urlsafe(16)
+    cores = os.cpu_count() or 1
+    replicas: list[subprocess.Popen[bytes]] = []
+    gateways: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    engines: list[str] = []
+    runs: list[dict[str, Any]] = []
+    try:
+        for i, drafter in enumerate(drafters):
+            port, engine_port = free_port(), free_port()
+            env = {**os.environ, ENGINE_KEY_ENV: key, "VLLM_CPU_OMP_THREADS_BIND": str(i % cores)}
+            replicas.append(subprocess.Popen(
+                [*cli, "serve", "--model", str(model_dir), "--served-model-name", name, "--port", str(port),
+                 "--engine-port", str(engine_port), "--drafter", drafter, "--num-speculative-tokens", str(args.k),
+                 "--engine-spec-policy", "goodput", "--", "--max-num-seqs", str(args.max_num_seqs), "--seed", "0"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+            _wait_ready(f"http://127.0.0.1:{port}")
+            engines.append(f"http://127.0.0.1:{engine_port}")
+        for arm in ARMS:
+            port = free_port()
+            flags = [f"--replica={e}" for e in engines]
+            proc = subprocess.Popen([*cli, "gateway", *flags, "--port", str(port), "--spec-policy", "goodput",
+                                     "--routing", arm], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, ENGINE_KEY_ENV: key})
+            gateways[arm] = (proc, f"http://127.0.0.1:{port}")
+            _wait_ready(gateways[arm][1])
+        for arm in ARMS:  # the same warm-up through each gateway
+            asyncio.run(closed_loop(gateways[arm][1], name, 2, 5.0, args.max_tokens))
+        for rep in range(args.reps):
+            for c_index, conc in enumerate(concurrency):
+                order = ARMS if (rep + c_index) % 2 == 0 else ARMS[::-1]
+                for arm in order:
+                    before = [_finished_requests(e) for e in engines]
+                    result = asyncio.run(closed_loop(gateways[arm][1], name, conc, args.duration, args.max_tokens))
+                    counts = [_finished_requests(e) - b for e, b in zip(engines, before)]
+                    row = {"arm": arm, "concurrency": conc, "rep": rep, **result, "first_share": share(counts)}
+                    runs.append(row)
+                    logger.info("bench routing", extra={"fields": row})
+    finally:
+        for proc, _ in gateways.values():
+            _stop(proc)
+        for proc in replicas:
+            _stop(proc)
+    report = {"replicas": drafters, "k": args.k, "duration_s": args.duration, "reps": args.reps,
+              "max_tokens": args.max_tokens, "runs": runs, "summary": summarize(runs)}
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    parts = [f"c{c}: goodput/least-loaded x{(s['goodput_vs_least_loaded'] or {}).get('median')} "
+             f"(first replica {s['least-loaded']['first_replica_share']} vs {s['goodput']['first_replica_share']})"
+             for c, s in report["summary"].items()]
+    sys.stderr.write("routing: " + "; ".join(parts) + "\n")
+    return 0
