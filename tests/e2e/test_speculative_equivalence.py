@@ -9,7 +9,6 @@ each speculative engine must really have proposed and accepted drafts.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.specserve_process import MODEL_NAME, ServeProcess, running_specserve
+from support.specserve_process import MODEL_NAME, ServeProcess, engine_metrics_when, running_specserve
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
 MAX_TOKENS = 48
@@ -59,18 +58,10 @@ def _drafts(server: ServeProcess) -> dict[str, float]:
 
 
 def _plan_stats(server: ServeProcess) -> dict[str, float]:
-    """specserve's plan statistics on the engine's ``/metrics``, once they show the drafter ran
-    (the engine core publishes them within about half a second; polled, bounded)."""
-    seen: dict[str, float] = {}
-    for _ in range(120):
-        text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
-        seen = {f"{s.name}{sorted(s.labels.items()) if s.labels else ''}": s.value
-                for f in text_string_to_metric_families(text) if f.name.startswith("specserve_engine_")
-                for s in f.samples if not s.name.endswith("_created")}
-        if seen.get("specserve_engine_spec_drafter_calls_total", 0) > 0:
-            return seen
-        time.sleep(0.25)  # the next scrape
-    raise AssertionError(f"the engine's plan statistics never showed a drafter call: {seen}")
+    """specserve's plan statistics on the engine's ``/metrics``, once they show the drafter ran."""
+    return engine_metrics_when(server, "specserve_engine_",
+                               lambda seen: seen.get("specserve_engine_spec_drafter_calls_total", 0) > 0,
+                               "a drafter call")
 
 
 @pytest.fixture(scope="module")

@@ -8,34 +8,16 @@ Greedy equality of trees with no speculation is tested on the real engine in fp3
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
-from prometheus_client.parser import text_string_to_metric_families
 
-from support.specserve_process import MODEL_NAME, ServeProcess, running_specserve
+from support.specserve_process import MODEL_NAME, engine_metrics_when, running_specserve
 
 BUDGET, HEADS = 8, 4
 ARGS = ["--drafter", "hydra", "--tree", "dynamic", "--tree-budget", str(BUDGET)]
 PROMPT = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n"
-
-
-def _tree_counters(server: ServeProcess) -> dict[str, float]:
-    """The engine's tree counters once they show a verified tree (published by the engine core
-    within about half a second; polled, bounded)."""
-    seen: dict[str, float] = {}
-    for _ in range(120):
-        text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
-        seen = {f"{s.name}{dict(s.labels) if s.labels else ''}": s.value
-                for f in text_string_to_metric_families(text) if f.name.startswith("specserve_engine_tree")
-                for s in f.samples if not s.name.endswith("_created")}
-        if seen.get("specserve_engine_tree_verifications_total", 0) > 0:
-            return seen
-        time.sleep(0.25)  # the next scrape
-    raise AssertionError(f"the engine's tree counters never showed a verified tree: {seen}")
 
 
 def test_served_trees_exceed_the_heads_and_report_each_steps_path(demo_model_dir: Path, tmp_path: Path) -> None:
@@ -45,7 +27,9 @@ def test_served_trees_exceed_the_heads_and_report_each_steps_path(demo_model_dir
                                                           temperature=0)
         completion = raw.parse()
         body: dict[str, Any] = raw.http_response.json()
-        counters = _tree_counters(server)
+        counters = engine_metrics_when(
+            server, "specserve_engine_tree",
+            lambda seen: seen.get("specserve_engine_tree_verifications_total", 0) > 0, "a verified tree")
     spec = body["metrics"]["speculative_decoding"]
     drafted, accepted = spec["per_step_drafted"], spec["per_step_accepted"]
     assert completion.choices[0].text and len(drafted) == len(accepted) == spec["num_spec_steps"] > 0

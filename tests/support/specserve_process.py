@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +97,25 @@ def stop(server: ServeProcess, timeout_s: float = 60.0) -> int:
             server.proc.kill()
             server.proc.wait(timeout=10)
     return int(server.proc.returncode)
+
+
+def engine_metrics_when(server: ServeProcess, prefix: str, ready: Callable[[dict[str, float]], bool],
+                        what: str) -> dict[str, float]:
+    """The engine's ``/metrics`` samples whose family starts with ``prefix`` (keyed
+    ``name[sorted labels]``), once ``ready`` holds for them. The engine core publishes specserve's
+    counters within about half a second, so this polls (bounded) instead of sleeping."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    seen: dict[str, float] = {}
+    for _ in range(120):
+        text = httpx.get(f"{server.engine_url}/metrics", timeout=10).text
+        seen = {f"{s.name}{sorted(s.labels.items()) if s.labels else ''}": s.value
+                for f in text_string_to_metric_families(text) if f.name.startswith(prefix)
+                for s in f.samples if not s.name.endswith("_created")}
+        if ready(seen):
+            return seen
+        time.sleep(0.25)  # the next scrape
+    raise AssertionError(f"the engine's metrics never showed {what}: {seen}")
 
 
 @contextmanager

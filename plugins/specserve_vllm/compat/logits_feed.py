@@ -44,6 +44,13 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
 )
 
 
+def _take_indices(runner: Any, logits: Any) -> Any:
+    """This step's ``logits_indices`` (used once), or None when they do not match ``logits``."""
+    indices = getattr(runner, _INDICES_ATTR, None)
+    setattr(runner, _INDICES_ATTR, None)
+    return indices if indices is not None and indices.shape[0] == logits.shape[0] else None
+
+
 def _observe_logits(runner: Any, logits: Any) -> bool:
     """Hand a drafter with ``observe_logits`` a copy of the logits rows and their input tokens
     (it takes the top-k itself, batched); False when the drafter has no such method."""
@@ -53,9 +60,8 @@ def _observe_logits(runner: Any, logits: Any) -> bool:
     observe = getattr(drafter, "observe_logits", None)
     if logits is None or not callable(observe):
         return False
-    indices = getattr(runner, _INDICES_ATTR, None)
-    setattr(runner, _INDICES_ATTR, None)
-    if indices is None or indices.shape[0] != logits.shape[0]:
+    indices = _take_indices(runner, logits)
+    if indices is None:
         return True
     with torch.no_grad():
         observe(runner.input_ids.gpu[indices], logits.detach().clone())
@@ -70,9 +76,8 @@ def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any, int] | None:
     drafter = getattr(runner, "drafter", None)
     if logits is None or not callable(getattr(drafter, "observe_topk", None)):
         return None
-    indices = getattr(runner, _INDICES_ATTR, None)
-    setattr(runner, _INDICES_ATTR, None)
-    if indices is None or indices.shape[0] != logits.shape[0]:
+    indices = _take_indices(runner, logits)
+    if indices is None:
         return None
     width = min(int(drafter.topk_width), logits.shape[-1])
     with torch.no_grad():

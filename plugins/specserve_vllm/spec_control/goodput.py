@@ -179,7 +179,7 @@ class GoodputPolicy:
         if on and tree_plan is not None:
             out, self.last_predicted_ms = tree_plan[0].copy(), tree_plan[1]
             self.chains_only = False
-            self.remember_tree_rows(rows, out)
+            self.remember_tree_rows(rows, out, survival)  # tree rows are the decode rows
         else:
             n = best_on if on else 0
             np.add.at(out, slot_rows[:n], 1)
@@ -187,12 +187,15 @@ class GoodputPolicy:
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)
         return out
 
-    def remember_tree_rows(self, rows: StepRows, nodes: np.ndarray) -> None:
-        """Each tree row's node count and its chain's expected accepted drafts at that count."""
+    def remember_tree_rows(self, rows: StepRows, nodes: np.ndarray, survival: np.ndarray | None = None) -> None:
+        """Each tree row's node count and its chain's expected accepted drafts at that count
+        (``survival``: the tree rows' survival, when the caller has it)."""
         dec = np.flatnonzero(nodes > 0)
         ids = [rows.req_ids[i] for i in dec]
         depth = min(self.chain_depth, self.acceptance.k)
-        chain = np.cumsum(self.acceptance.survival(ids)[:, :depth], axis=1)  # [B, depth]
+        if survival is None:
+            survival = self.acceptance.survival(ids)
+        chain = np.cumsum(survival[:, :depth], axis=1)  # [B, depth]
         cols = np.minimum(nodes[dec], depth) - 1
         expected = chain[np.arange(len(dec)), cols]
         self._tree_rows = {r: (int(n), float(e)) for r, n, e in zip(ids, nodes[dec], expected)}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from specserve.bench.spec_policy import _stop, _wait_ready, closed_loop
+from specserve.bench.stats import paired
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=2, help="repetitions (arm order alternates)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-num-seqs", type=int, default=8)
-
-
-def paired_ratio(goodput: list[float], least: list[float]) -> dict[str, float] | None:
-    """Median, min and max of ``goodput[r] / least[r]`` over repetitions.
-
-    >>> paired_ratio([110.0, 90.0, 100.0], [100.0, 100.0, 100.0])
-    {'median': 1.0, 'min': 0.9, 'max': 1.1}
-    """
-    ratios = [g / b for g, b in zip(goodput, least) if b]
-    if not ratios:
-        return None
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
-            "max": round(max(ratios), 3)}
 
 
 def share(counts: list[float]) -> float | None:
@@ -87,7 +75,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             per_arm[arm] = {"tokens_per_s": speeds, "median_tokens_per_s": statistics.median(speeds) if speeds else None,
                             "p50_latency_s": statistics.median(r["p50_latency_s"] for r in mine) if mine else None,
                             "first_replica_share": [r["first_share"] for r in mine]}
-        out[str(conc)] = {**per_arm, "goodput_vs_least_loaded": paired_ratio(
+        out[str(conc)] = {**per_arm, "goodput_vs_least_loaded": paired(
             per_arm["goodput"]["tokens_per_s"], per_arm["least-loaded"]["tokens_per_s"])}
     return out
 

@@ -24,11 +24,12 @@ import json
 import logging
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from specserve.bench.stats import paired
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,9 @@ def paired_ratios(runs: list[dict[str, float]], arm: str, base: str = "none") ->
     >>> paired_ratios([{"none": 100.0, "a": 95.0}, {"none": 80.0, "a": 80.0}], "a")
     {'median': 0.975, 'min': 0.95, 'max': 1.0}
     """
-    ratios = [r[arm] / r[base] for r in runs if r.get(base)]
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
-            "max": round(max(ratios), 3)}
+    ratios = paired([r[arm] for r in runs], [r.get(base, 0.0) for r in runs])
+    assert ratios is not None, f"no repetition has a {base} run"
+    return ratios
 
 
 def _timed(llm: Any, batch: list[list[int]], params: Any) -> tuple[float, float, list[list[int]]]:

@@ -1,5 +1,5 @@
-"""Small statistics for benchmark reports: confidence intervals, the 'within tolerance of the best'
-verdict, and the looping-output test (the demo model repeats itself on many prompts, which
+"""Small statistics for benchmark reports: confidence intervals, ratios paired by repetition, the
+'within tolerance of the best' verdict, and the looping-output test (the demo model repeats itself on many prompts, which
 flatters greedy drafting; reports give the share of such outputs beside the speedups)."""
 
 from __future__ import annotations
@@ -31,6 +31,20 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     df = len(values) - 1
     t = _T975[df - 1] if df <= len(_T975) else 1.96
     return mean, round(t * statistics.stdev(values) / math.sqrt(len(values)), 6)
+
+
+def paired(values: Sequence[float], bases: Sequence[float]) -> dict[str, float] | None:
+    """Median, min and max over repetitions of ``values[r] / bases[r]`` (repetitions without a
+    base left out); None when none is left.
+
+    >>> paired([95.0, 80.0, 90.0], [100.0, 80.0, 100.0])
+    {'median': 0.95, 'min': 0.9, 'max': 1.0}
+    """
+    ratios = [v / b for v, b in zip(values, bases) if b]
+    if not ratios:
+        return None
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3)}
 
 
 def best_and_verdict(points: Mapping[str, tuple[float, float]], arm: str, *, tolerance: float = 0.03,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from specserve.bench.drafters import _prompts, per_position_rates, tau
-from specserve.bench.stats import is_looping
+from specserve.bench.stats import is_looping, paired
 from specserve.engine.local import model_runner
 
 logger = logging.getLogger(__name__)
@@ -147,19 +147,6 @@ def _delta(after: Any, before: Any) -> Any:
 
 Arm = tuple[str, int, str]
 """(shape, node budget, engine speculation policy); ``("none", 0, "fixed")`` is no speculation."""
-
-
-def paired(values: list[float], bases: list[float]) -> dict[str, float] | None:
-    """Median, min and max over repetitions of ``values[r] / bases[r]``; None without bases.
-
-    >>> paired([95.0, 80.0, 90.0], [100.0, 80.0, 100.0])
-    {'median': 0.95, 'min': 0.9, 'max': 1.0}
-    """
-    ratios = [v / b for v, b in zip(values, bases) if b]
-    if not ratios:
-        return None
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
-            "max": round(max(ratios), 3)}
 
 
 def chain_length(budget: int, heads: str | None) -> int:
