@@ -111,8 +111,27 @@ DEFAULT_CALIBRATION = Path(__file__).with_name("calibration_demo.json")
 """Calibration of the demo model on a 2-core CPU (``specserve calibrate``), shipped."""
 
 
+MAX_STEP_RATIO = 2.0
+"""One measured step moves a correction as if it were at most this factor off the current one.
+A one-off slow step (a drafter's first call compiling its kernels, a page fault storm) would
+otherwise price a path out for good: the controller stops taking it and no measurement comes
+back to correct it. A real change of speed still converges, over a few dozen steps."""
+
+
+def bounded_ratio(measured_ms: float, raw_ms: float, current: float, limit: float = MAX_STEP_RATIO) -> float:
+    """``measured / raw`` clipped to ``[current / limit, current * limit]``.
+
+    >>> bounded_ratio(300.0, 6.0, 1.0)   # a 50x outlier counts as 2x
+    2.0
+    >>> bounded_ratio(9.0, 6.0, 1.0)
+    1.5
+    """
+    return float(min(max(measured_ms / raw_ms, current / limit), current * limit))
+
+
 class StepTimeModel:
-    """:class:`StepCost` times an online EWMA correction per (spec on/off, batch bucket)."""
+    """:class:`StepCost` times an online EWMA correction per (spec on/off, batch bucket); each
+    measurement's pull is bounded (:data:`MAX_STEP_RATIO`)."""
 
     def __init__(self, cost: StepCost, alpha: float = 0.1) -> None:
         self.cost = cost
@@ -147,7 +166,7 @@ class StepTimeModel:
             return
         i, b = int(spec), bucket(rows)
         before = self.correction[i, b]
-        self.correction[i, b] += self.alpha * (measured_ms / raw - before)
+        self.correction[i, b] += self.alpha * (bounded_ratio(measured_ms, raw, before) - before)
         # Half of a change (in log terms) carries to the other path of the bucket: a machine
         # that slows down slows both, and the path not taken must not keep a stale price.
         self.correction[1 - i, b] *= float(np.sqrt(self.correction[i, b] / before))
@@ -174,7 +193,8 @@ class StepTimeModel:
     def observe_draft(self, drafts: int, measured_ms: float) -> None:
         raw = self.cost.draft_ms(drafts)
         if raw > 0 and measured_ms > 0:
-            self.draft_correction += self.alpha * (measured_ms / raw - self.draft_correction)
+            ratio = bounded_ratio(measured_ms, raw, self.draft_correction)
+            self.draft_correction += self.alpha * (ratio - self.draft_correction)
 
 
 def fit_cost(records: list[dict[str, float]]) -> StepCost:

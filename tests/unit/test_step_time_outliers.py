@@ -1,0 +1,45 @@
+"""One slow step must not price the speculative path out for good.
+
+A drafter's first call can take a second (kernels compiled on first use) against a 6 ms step; an
+unbounded EWMA then priced the spec path at ~100 ms, the controller never took it again, and no
+measurement came back to correct it (n-gram drafting stayed off under the goodput policy)."""
+
+from __future__ import annotations
+
+import numpy as np
+from specserve_vllm.spec_control.acceptance import AcceptanceModel
+from specserve_vllm.spec_control.goodput import GoodputPolicy
+from specserve_vllm.spec_control.plan import StepRows
+from specserve_vllm.spec_control.step_time import MAX_STEP_RATIO, StepCost, StepTimeModel
+
+COST = StepCost(base=4, per_token=0.05, per_row=0.1, context=0, spec=1.5, spec_row=0.02, draft=0.5, draft_token=0.05)
+
+
+def test_one_outlier_moves_a_correction_by_at_most_alpha_times_the_limit() -> None:
+    model = StepTimeModel(COST)
+    raw = COST.step_ms(1, 5, 0, True)
+    model.observe(1, 5, 0, True, measured_ms=raw * 200)
+    assert model.correction[1, 0] == 1 + model.alpha * (MAX_STEP_RATIO - 1)
+    model.observe_draft(4, measured_ms=COST.draft_ms(4) * 500)
+    assert model.draft_correction == 1 + model.alpha * (MAX_STEP_RATIO - 1)
+
+
+def test_a_real_slowdown_still_converges() -> None:
+    model = StepTimeModel(COST)
+    raw = COST.step_ms(1, 1, 0, False)
+    for _ in range(80):
+        model.observe(1, 1, 0, False, measured_ms=raw * 3)
+    assert abs(model.correction[0, 0] - 3) < 0.05
+
+
+def test_the_controller_speculates_again_after_a_slow_first_spec_step() -> None:
+    policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.6] * 4))
+    rows = StepRows(("a",), np.array([4]), np.array([50]))
+    assert policy.plan(rows).tolist() == [4]
+    policy.observe_step(1, 5, 50, True, 0, step_ms=1500.0, drafts=4, draft_ms=900.0)  # first call: compiling
+    plans = []
+    for _ in range(3):
+        plans.append(policy.plan(rows).tolist())
+        policy.observe_step(1, 5, 50, True, 0, step_ms=COST.step_ms(1, 5, 50, True), drafts=4,
+                            draft_ms=COST.draft_ms(4))
+    assert plans == [[4]] * 3
