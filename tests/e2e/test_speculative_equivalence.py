@@ -3,7 +3,8 @@
 Three servers run one after the other (module scope): without speculation, with
 ``--speculative-config`` n-gram, and with ``--drafter hydra`` (the demo model's heads, found by the
 CLI and handed to the engine); the same prompts at temperature 0 must give the same tokens, and
-each speculative engine must really have proposed and accepted drafts.
+each speculative engine (under `specserve serve`'s default goodput policy) must really have proposed
+and accepted drafts.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def test_the_engine_exports_its_plan_statistics(outputs: dict[str, dict]) -> Non
     stats = outputs["hydra"]["plan_stats"]
     assert stats["specserve_engine_spec_plans_total"] >= stats["specserve_engine_spec_drafter_calls_total"] > 0
     assert stats["specserve_engine_spec_position_tested_total[('position', '1')]"] > 0
-    assert stats["specserve_engine_spec_policy[('policy', 'fixed')]"] == 1
+    assert stats["specserve_engine_spec_policy[('policy', 'goodput')]"] == 1  # `specserve serve`'s default
     batch_one = stats["specserve_engine_spec_rows_by_batch_total[('batch', '1')]"]
     assert batch_one > 0  # requests ran one at a time
-    assert stats["specserve_engine_spec_drafts_by_batch_total[('batch', '1')]"] == 4 * batch_one  # k = 4
+    assert 0 < stats["specserve_engine_spec_drafts_by_batch_total[('batch', '1')]"] <= 4 * batch_one  # k <= 4

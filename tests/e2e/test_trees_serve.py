@@ -1,5 +1,5 @@
-"""``specserve serve --drafter hydra --tree dynamic --tree-budget 8`` on the demo model (4 heads),
-through the ``openai`` client: the engine verifies trees of more nodes than there are heads, and
+"""``specserve serve --drafter hydra --tree dynamic --tree-budget 8 --engine-spec-policy fixed`` on the
+demo model (4 heads), through the ``openai`` client: the engine verifies trees of more nodes than there are heads, and
 the response's speculative metrics count each step's drafted nodes and accepted path.
 
 Greedy equality of trees with no speculation is tested on the real engine in fp32
@@ -16,7 +16,9 @@ import openai
 from support.specserve_process import MODEL_NAME, engine_metrics_when, running_specserve
 
 BUDGET, HEADS = 8, 4
-ARGS = ["--drafter", "hydra", "--tree", "dynamic", "--tree-budget", str(BUDGET)]
+# Fixed lengths: the served default, goodput, takes chains where trees do not pay on this CPU
+# (goodput with trees: tests/integration/test_trees_engine.py).
+ARGS = ["--drafter", "hydra", "--tree", "dynamic", "--tree-budget", str(BUDGET), "--engine-spec-policy", "fixed"]
 PROMPT = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n"
 
 

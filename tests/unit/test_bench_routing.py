@@ -33,3 +33,15 @@ def test_summary_pairs_arms_within_a_repetition_and_keeps_replica_shares() -> No
     assert summary["goodput_vs_least_loaded"] == {"median": 1.0, "min": 0.9, "max": 1.1}
     assert summary["goodput"]["first_replica_share"] == [0.7, 0.8]
     assert summary["least-loaded"]["median_tokens_per_s"] == 75.0 and summary["goodput"]["p50_latency_s"] == 2.0
+
+
+def test_plain_arm_is_on_by_default_and_each_arm_is_paired_against_it() -> None:
+    parser = argparse.ArgumentParser()
+    routing.add_arguments(parser)
+    assert parser.parse_args([]).plain is True and parser.parse_args(["--no-plain"]).plain is False
+    runs = [{"arm": arm, "concurrency": 1, "rep": 0, "tokens_per_s": speed, "p50_latency_s": 1.0, "first_share": 0.5}
+            for arm, speed in (("least-loaded", 120.0), ("goodput", 150.0), ("plain", 100.0))]
+    summary = routing.summarize(runs)["1"]
+    assert summary["goodput_vs_plain"] == {"median": 1.5, "min": 1.5, "max": 1.5}
+    assert summary["least_loaded_vs_plain"] == {"median": 1.2, "min": 1.2, "max": 1.2}
+    assert routing.summarize(runs[:2])["1"]["goodput_vs_plain"] is None

@@ -21,7 +21,7 @@ from specserve.cli import build_parser
 from specserve.commands.serve import tool_options
 from specserve.engine import settings
 from specserve.engine.process import EngineSpec, engine_command
-from specserve_vllm.spec_control.planner import CALIBRATION_ENV, DEFAULT_POLICY, POLICY_ENV
+from specserve_vllm.spec_control.planner import CALIBRATION_ENV, POLICY_ENV, SERVED_POLICY
 from support.helm_render import ENGINE, container, env_of, render, sets
 from support.installed_tools import tool
 
@@ -40,7 +40,7 @@ HELM_VALUE = {
 """The Helm value of each field of ``EngineSettings``."""
 
 FLAG_DEPLOY = {
-    "--engine-spec-policy": ("speculation.enginePolicy", POLICY_ENV, DEFAULT_POLICY),
+    "--engine-spec-policy": ("speculation.enginePolicy", POLICY_ENV, SERVED_POLICY),
     "--calibration": ("speculation.calibration", CALIBRATION_ENV, ""),
     "--tool-call-parser": ("engine.tools.callParser", "SPECSERVE_TOOL_CALL_PARSER", ""),
     "--enable-auto-tool-choice": ("engine.tools.enableAutoToolChoice", "SPECSERVE_ENABLE_AUTO_TOOL_CHOICE", ""),
@@ -119,11 +119,11 @@ def test_compose_and_helm_give_the_engine_every_setting_with_the_codes_default(
 
 def test_helm_values_reach_the_engine_environment() -> None:
     env = env_of(container(render(*sets(engine__settings__jsonObjects="open", engine__settings__jumpForward=False,
-                                        speculation__enginePolicy="goodput", engine__tools__callParser="hermes",
+                                        speculation__enginePolicy="off", engine__tools__callParser="hermes",
                                         engine__tools__enableAutoToolChoice=False)), ENGINE))
     got = {k: env[k]["value"] for k in ("SPECSERVE_JSON_OBJECTS", "SPECSERVE_JUMP_FORWARD", POLICY_ENV,
                                          "SPECSERVE_TOOL_CALL_PARSER", "SPECSERVE_ENABLE_AUTO_TOOL_CHOICE")}
-    assert got == {"SPECSERVE_JSON_OBJECTS": "open", "SPECSERVE_JUMP_FORWARD": "0", POLICY_ENV: "goodput",
+    assert got == {"SPECSERVE_JSON_OBJECTS": "open", "SPECSERVE_JUMP_FORWARD": "0", POLICY_ENV: "off",
                    "SPECSERVE_TOOL_CALL_PARSER": "hermes", "SPECSERVE_ENABLE_AUTO_TOOL_CHOICE": "0"}
     assert settings.load({k: v["value"] for k, v in env.items() if "value" in v}) == settings.EngineSettings(
         json_objects="open", jump_forward=False)

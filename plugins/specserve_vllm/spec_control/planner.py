@@ -7,8 +7,10 @@ The policy comes from vLLM's ``additional_config`` (``--additional-config``), ke
 
 or, when that is absent, from the environment (``SPECSERVE_ENGINE_SPEC_POLICY``,
 ``SPECSERVE_ENGINE_CALIBRATION``; not the gateway's ``SPECSERVE_SPEC_POLICY``, which the engine
-process inherits under ``specserve serve``). Default: ``fixed`` (every decode row drafts its cap), the engine's
-behaviour before policies existed. Pure apart from reading that config: no vLLM import.
+process inherits under ``specserve serve``). Default here: ``fixed`` (every decode row drafts its cap), so
+vLLM used directly with a speculative config drafts its k as vLLM does; specserve's own entry points
+(``specserve serve``, Helm, compose) default to :data:`SERVED_POLICY`. Pure apart from reading that
+config: no vLLM import.
 
     >>> settings_from({"specserve": {"spec_policy": "off"}}, env={}).policy
     'off'
@@ -51,6 +53,11 @@ CONFIG_KEY = "specserve"
 POLICY_ENV = "SPECSERVE_ENGINE_SPEC_POLICY"
 CALIBRATION_ENV = "SPECSERVE_ENGINE_CALIBRATION"
 DEFAULT_POLICY = "fixed"
+"""The policy of an engine whose config and environment name none (vLLM with the plugin)."""
+SERVED_POLICY = "goodput"
+"""The policy ``specserve serve``, the Helm chart and compose give a speculative engine unless told
+otherwise: lengths chosen each step for speed, so speculation never costs much under load or
+with a drafter that misses (docs/speculation-control.md#the-default)."""
 
 
 class InvalidSpecPolicy(ValueError):

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
 
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--engine-spec-policy", choices=("goodput", "fixed", "off"), default=None,
                    help="with a drafter: the engine's per-step draft lengths: goodput = chosen each step "
                         "for the batch from measured step time and acceptance (SmartSpec), fixed = each "
-                        "request's spec_k or the engine's k, off = never speculate (default: fixed). "
+                        "request's spec_k or the engine's k, off = never speculate (default: "
+                        "$SPECSERVE_ENGINE_SPEC_POLICY or goodput). "
                         "The gateway's --spec-policy is the per-request level")
     e.add_argument("--calibration", default=None, metavar="FILE",
                    help="step-time calibration for --engine-spec-policy goodput (`specserve calibrate`; "
@@ -137,6 +139,23 @@ def tool_options(parser: str | None, auto: bool | None, plugin: str | None, is_d
     if parser in (None, "", "none"):
         return ToolOptions(None, False, plugin)
     return ToolOptions(parser, True if auto is None else auto, plugin or TOOL_PARSER_PLUGIN)
+
+
+def engine_spec_policy(flag: str | None, env: Mapping[str, str]) -> str:
+    """The engine's per-step policy under ``specserve serve``: the flag, else the environment's,
+    else :data:`~specserve_vllm.spec_control.planner.SERVED_POLICY`.
+
+    Example:
+        >>> engine_spec_policy(None, {})
+        'goodput'
+        >>> engine_spec_policy(None, {"SPECSERVE_ENGINE_SPEC_POLICY": "fixed"})
+        'fixed'
+        >>> engine_spec_policy("off", {"SPECSERVE_ENGINE_SPEC_POLICY": "fixed"})
+        'off'
+    """
+    from specserve_vllm.spec_control.planner import POLICY_ENV, SERVED_POLICY
+
+    return flag or env.get(POLICY_ENV) or SERVED_POLICY
 
 
 class _Stop(Exception):
@@ -211,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or served_name_for(model, is_demo=args.model is None),
         device=detect_device() if args.device == "auto" else args.device,
         speculative_config=args.speculative_config,
-        spec_policy=args.engine_spec_policy,
+        spec_policy=engine_spec_policy(args.engine_spec_policy, os.environ),
         calibration=args.calibration,
         max_model_len=args.max_model_len,
         extra_args=tuple(extra),

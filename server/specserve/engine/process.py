@@ -70,7 +70,7 @@ class EngineSpec:
     """vLLM's ``--structured-outputs-config``; compact JSON is what the strict-JSON patch expects."""
     spec_policy: str | None = None
     """The engine's per-step draft-length policy (``goodput``, ``fixed``, ``off``; None: the
-    engine's default, ``fixed``); passed in vLLM's ``--additional-config``."""
+    plugin's, from the engine's environment); passed in vLLM's ``--additional-config``."""
     calibration: str | None = None
     """Step-time calibration JSON for the ``goodput`` policy (None: the shipped demo one)."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
