@@ -193,3 +193,15 @@ def test_a_decision_not_to_speculate_holds_while_the_batch_is_unchanged() -> Non
     idle_goodput = idle.goodput
     idle.goodput = lambda rows, *more: (decided.append(1), idle_goodput(rows, *more))[1]  # type: ignore[method-assign]
     assert idle.plan(_rows(1)).sum() > 0 and idle.plan(_rows(1)).sum() > 0 and len(decided) == 2
+
+
+def test_a_long_run_without_speculation_is_probed_once_every_probe_every_steps() -> None:
+    """Nothing drafted, nothing measured: every ``probe_every`` steps off, one step speculates so
+    the acceptance and the spec path's price are measured again."""
+    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=16)
+    rows = _rows(16)
+    speculated = [i for i in range(48) if policy.plan(rows).sum() > 0]
+    assert speculated == [15, 31, 47] and policy.probes == 3
+    never = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=0)
+    assert all(never.plan(rows).sum() == 0 for _ in range(300))

@@ -13,6 +13,10 @@ non-speculative step: no spec path, no drafting. The plan is the ``n`` maximisin
 since ``g`` falls with ``j``). Hysteresis: the step switches speculation on or off only when the
 other side is better by ``margin``. A decision not to speculate is reused while the batch is
 unchanged, for up to ``recheck_every`` steps (nothing is verified meanwhile, so little moves).
+After ``probe_every`` steps in a row without speculation, one step takes the best speculating
+plan anyway: while nothing is drafted no acceptance is measured, so an estimate that turned
+speculation off (a request's unlucky start, a drafter that improves as it learns) would
+otherwise never be revisited; a probe costs at most one spec-path step in ``probe_every``.
 With trees on (engine setting ``tree``), the step also prices trees of ``1 .. N`` nodes per row
 (:mod:`~specserve_vllm.spec_control.tree_pricing`) and takes trees when they beat the best
 chain plan; otherwise the drafter is told to draft chains for the step (:attr:`chains_only`).
@@ -71,7 +75,8 @@ class GoodputPolicy:
     name = "goodput"
 
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
-                 recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None) -> None:
+                 recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
+                 probe_every: int = 128) -> None:
         self.model = model
         self.acceptance = acceptance
         self.trees = trees
@@ -88,6 +93,11 @@ class GoodputPolicy:
         """A decision not to speculate holds for up to this many steps while the batch is
         unchanged: with nothing verified, only the step-time corrections and context lengths
         move, slowly. A new batch, or any verified draft, ends the hold."""
+        self.probe_every = probe_every
+        """After this many steps in a row without speculation, one step speculates (0: never)."""
+        self._off_streak = 0
+        self.probes = 0
+        """Steps that speculated only because of :attr:`probe_every`."""
         self._hold: tuple[Any, int] | None = None
         """``(batch key, further steps it holds)`` of the last decision not to speculate."""
         self.speculating = True
@@ -154,8 +164,10 @@ class GoodputPolicy:
         if not rows.caps.any():
             return out
         key = (rows.req_ids, rows.caps.tobytes())
-        if self._hold is not None and self._hold[1] > 0 and self._hold[0] == key:
+        probe = 0 < self.probe_every <= self._off_streak + 1
+        if not probe and self._hold is not None and self._hold[1] > 0 and self._hold[0] == key:
             self._hold = (key, self._hold[1] - 1)
+            self._off_streak += 1
             return out
         survival = self.acceptance.survival([rows.req_ids[i] for i in np.flatnonzero(rows.caps > 0)])  # [B, k]
         g, slot_rows, times = self.goodput(rows, survival)
@@ -174,6 +186,10 @@ class GoodputPolicy:
                 on = best_g >= g[0] * (1 + self.margin)
         else:
             on = False
+        if probe and not on and best_on:
+            on, tree_plan = True, None
+            self.probes += 1
+        self._off_streak = 0 if on else self._off_streak + 1
         self.speculating = on
         self._hold = None if on else (key, self.recheck_every - 1)
         if on and tree_plan is not None:
