@@ -45,3 +45,12 @@ def test_plain_arm_is_on_by_default_and_each_arm_is_paired_against_it() -> None:
     assert summary["goodput_vs_plain"] == {"median": 1.5, "min": 1.5, "max": 1.5}
     assert summary["least_loaded_vs_plain"] == {"median": 1.2, "min": 1.2, "max": 1.2}
     assert routing.summarize(runs[:2])["1"]["goodput_vs_plain"] is None
+
+
+def test_every_arm_names_a_routing_the_gateway_accepts() -> None:
+    from specserve.cli import build_parser
+
+    parser = build_parser()
+    for arm in routing.ARMS:
+        args = parser.parse_args(["gateway", "--replica=http://127.0.0.1:1", "--routing", routing.routing_of(arm)])
+        assert args.routing == routing.routing_of(arm)

@@ -54,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the arm order")
 
 
+def routing_of(arm: str) -> str:
+    """The gateway's ``--routing`` for an arm (the plain replicas sit behind least-loaded).
+
+    >>> [routing_of(a) for a in ARMS]
+    ['least-loaded', 'goodput', 'least-loaded']
+    """
+    return "least-loaded" if arm == "plain" else arm
+
+
 def share(counts: list[float]) -> float | None:
     """The first replica's share of ``counts`` (requests per replica).
 
@@ -106,7 +115,7 @@ def _start_replica(cli: list[str], model_dir: Path, name: str, drafter: str, cor
         [*cli, "serve", "--model", str(model_dir), "--served-model-name", name, "--port", str(port),
          "--engine-port", str(engine_port), *spec, "--", "--max-num-seqs", str(args.max_num_seqs), "--seed", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _wait_ready(f"http://127.0.0.1:{port}")
+    _wait_ready(f"http://127.0.0.1:{port}", proc=proc)
     return proc, f"http://127.0.0.1:{engine_port}"
 
 
@@ -148,10 +157,10 @@ def run(args: argparse.Namespace) -> int:
             port = free_port()
             flags = [f"--replica={e}" for e in pools["plain" if arm == "plain" else "drafting"]]
             proc = subprocess.Popen([*cli, "gateway", *flags, "--port", str(port), "--spec-policy", "goodput",
-                                     "--routing", arm], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     "--routing", routing_of(arm)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env={**os.environ, ENGINE_KEY_ENV: key})
             gateways[arm] = (proc, f"http://127.0.0.1:{port}")
-            _wait_ready(gateways[arm][1])
+            _wait_ready(gateways[arm][1], proc=proc)
         for arm in arms:  # the same warm-up through each gateway
             asyncio.run(closed_loop(gateways[arm][1], name, 2, 5.0, args.max_tokens))
         for rep in range(args.reps):

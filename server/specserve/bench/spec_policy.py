@@ -74,11 +74,15 @@ async def closed_loop(base: str, model: str, concurrency: int, duration: float, 
             "p50_latency_s": round(p50(latencies), 3), "spec_k": chosen}
 
 
-def _wait_ready(base: str, timeout_s: float = 900.0) -> None:
+def _wait_ready(base: str, timeout_s: float = 900.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until ``base/ready`` answers 200; raises after ``timeout_s`` or as soon as ``proc`` (the
+    server's process, when given) has exited."""
     import httpx
 
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{base}: the server exited with status {proc.returncode} before it was ready")
         try:
             if httpx.get(f"{base}/ready", timeout=2, trust_env=False).status_code == 200:
                 return
