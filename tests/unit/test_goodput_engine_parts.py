@@ -205,3 +205,24 @@ def test_a_long_run_without_speculation_is_probed_once_every_probe_every_steps()
     assert speculated == [15, 31, 47] and policy.probes == 3
     never = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=0)
     assert all(never.plan(rows).sum() == 0 for _ in range(300))
+
+
+def test_a_request_that_stopped_after_an_unlucky_start_is_tried_again() -> None:
+    """Two rejections turn request ``r0`` off while the engine-wide rate stays high; its own
+    evidence fades while it decodes without drafting, and it drafts again."""
+    policy = _policy(0.8)
+    policy.acceptance = AcceptanceModel([0.8] * 4, weight=1.0)
+    rows = _rows(1)
+    assert policy.plan(rows).tolist() == [4]
+    for _ in range(2):
+        policy.observe(VerifiedRows(("r0",), np.array([4]), np.array([0])))
+    plans = [int(policy.plan(rows).sum()) for _ in range(60)]
+    assert plans[0] == 0, "off after two rejections"
+    back = plans.index(next(p for p in plans if p > 0))
+    assert 1 < back < 60 and policy.probes == 0, plans
+    never = _policy(0.8)
+    never.acceptance, never.idle_decay = AcceptanceModel([0.8] * 4, weight=1.0), 1.0
+    never.plan(rows)
+    for _ in range(2):
+        never.observe(VerifiedRows(("r0",), np.array([4]), np.array([0])))
+    assert all(never.plan(rows).sum() == 0 for _ in range(60))

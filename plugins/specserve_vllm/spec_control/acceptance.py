@@ -59,6 +59,22 @@ class AcceptanceModel:
         self._g_trials[:tested] += 1.0
         self._g_succ[:accepted] += 1.0
 
+    def age(self, req_ids: Iterable[str], factor: float) -> None:
+        """Fade these requests' own evidence by ``factor`` (steps they decoded without drafting):
+        their estimates drift back to the engine-wide rate, so a request that stopped
+        speculating after an unlucky stretch is tried again while others still do well.
+
+        >>> m = AcceptanceModel(prior=[0.8], weight=1.0)
+        >>> m.observe("a", drafted=1, accepted=0); round(float(m.conditional(["a"])[0, 0]), 2)
+        0.39
+        >>> m.age(["a"], 0.1); round(float(m.conditional(["a"])[0, 0]), 2)
+        0.71
+        """
+        for r in req_ids:
+            if r in self._succ:
+                self._succ[r] *= factor
+                self._trials[r] *= factor
+
     def engine_rates(self) -> np.ndarray:
         """``[k]`` engine-wide conditional acceptance per position."""
         return self._g_succ / np.maximum(self._g_trials, 1e-9)

@@ -17,6 +17,9 @@ After ``probe_every`` steps in a row without speculation, one step takes the bes
 plan anyway: while nothing is drafted no acceptance is measured, so an estimate that turned
 speculation off (a request's unlucky start, a drafter that improves as it learns) would
 otherwise never be revisited; a probe costs at most one spec-path step in ``probe_every``.
+A decode row that does not draft has its own acceptance evidence faded by ``idle_decay`` per
+step (:meth:`AcceptanceModel.age`), so a request that stopped after an unlucky stretch drifts
+back to the engine-wide rate and is tried again when that rate says drafting pays.
 With trees on (engine setting ``tree``), the step also prices trees of ``1 .. N`` nodes per row
 (:mod:`~specserve_vllm.spec_control.tree_pricing`) and takes trees when they beat the best
 chain plan; otherwise the drafter is told to draft chains for the step (:attr:`chains_only`).
@@ -76,7 +79,7 @@ class GoodputPolicy:
 
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
-                 probe_every: int = 128) -> None:
+                 probe_every: int = 128, idle_decay: float = 0.95) -> None:
         self.model = model
         self.acceptance = acceptance
         self.trees = trees
@@ -96,6 +99,12 @@ class GoodputPolicy:
         self.probe_every = probe_every
         """After this many steps in a row without speculation, one step speculates (0: never)."""
         self._off_streak = 0
+        self.idle_decay = idle_decay
+        """Per step a decode row does not draft, its own acceptance evidence fades by this."""
+        self._steps = 1
+        """Steps since the last decision (held steps reuse one)."""
+        self._idle_rows: list[str] = []
+        """Decode rows the last decision gave no draft."""
         self.probes = 0
         """Steps that speculated only because of :attr:`probe_every`."""
         self._hold: tuple[Any, int] | None = None
@@ -168,7 +177,10 @@ class GoodputPolicy:
         if not probe and self._hold is not None and self._hold[1] > 0 and self._hold[0] == key:
             self._hold = (key, self._hold[1] - 1)
             self._off_streak += 1
+            self._steps += 1
             return out
+        if self._idle_rows:
+            self.acceptance.age(self._idle_rows, self.idle_decay ** self._steps)
         survival = self.acceptance.survival([rows.req_ids[i] for i in np.flatnonzero(rows.caps > 0)])  # [B, k]
         g, slot_rows, times = self.goodput(rows, survival)
         best_on = 1 + int(np.argmax(g[1:])) if len(g) > 1 else 0
@@ -200,6 +212,8 @@ class GoodputPolicy:
             n = best_on if on else 0
             np.add.at(out, slot_rows[:n], 1)
             self.last_predicted_ms = float(times[n])
+        self._idle_rows = [rows.req_ids[i] for i in np.flatnonzero((rows.caps > 0) & (out == 0))]
+        self._steps = 1
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)
         return out
 
