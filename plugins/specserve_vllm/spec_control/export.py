@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,47 +267,37 @@ def tree_families(trees: Mapping[str, Any] | None) -> Iterator[Any]:
         yield family
 
 
+def _gauge(name: str, doc: str, labels: Sequence[str], rows: Iterable[tuple[Sequence[str], Any]]) -> Any:
+    """One gauge family: a sample per ``(label values, value)`` row."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    family = GaugeMetricFamily(PREFIX + name, doc, labels=list(labels))
+    for values, value in rows:
+        family.add_metric([str(v) for v in values], float(value))
+    return family
+
+
 def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
     """The goodput policy's live cost model (first engine core's): step-cost coefficients, the
     online corrections, and the engine-wide acceptance per position. The gateway reads them to
     price a request with the engine's own model (``specserve.gateway.engine_model``)."""
-    from prometheus_client.core import GaugeMetricFamily
-
     if not model:
         return
-    cost = GaugeMetricFamily(PREFIX + "step_cost_ms", "Calibrated step-time coefficient (ms)", labels=["term"])
-    for term, value in (model.get("cost") or {}).items():
-        cost.add_metric([str(term)], float(value))
-    yield cost
-    correction = GaugeMetricFamily(PREFIX + "step_correction_ratio",
-                                   "Online correction of the calibrated step time (measured / calibrated)",
-                                   labels=["spec", "bucket"])
-    for spec, row in enumerate(model.get("correction") or []):
-        for bucket, value in zip(BUCKETS, row):
-            correction.add_metric([str(spec), str(bucket)], float(value))
-    yield correction
-    draft = GaugeMetricFamily(PREFIX + "draft_correction_ratio", "Online correction of the drafting time")
-    draft.add_metric([], float(model.get("draft_correction", 1.0)))
-    yield draft
-    rates = GaugeMetricFamily(PREFIX + "acceptance_estimate_ratio",
-                              "Engine-wide conditional acceptance per draft position (the controller's estimate)",
-                              labels=["position"])
-    for j, value in enumerate(model.get("acceptance") or []):
-        rates.add_metric([str(j + 1)], float(value))
-    yield rates
+    yield _gauge("step_cost_ms", "Calibrated step-time coefficient (ms)", ["term"],
+                 (((term,), value) for term, value in (model.get("cost") or {}).items()))
+    yield _gauge("step_correction_ratio", "Online correction of the calibrated step time (measured / calibrated)",
+                 ["spec", "bucket"], (((spec, bucket), value) for spec, row in enumerate(model.get("correction") or [])
+                                      for bucket, value in zip(BUCKETS, row)))
+    yield _gauge("draft_correction_ratio", "Online correction of the drafting time", [],
+                 [((), model.get("draft_correction", 1.0))])
+    yield _gauge("acceptance_estimate_ratio",
+                 "Engine-wide conditional acceptance per draft position (the controller's estimate)", ["position"],
+                 (((j + 1,), value) for j, value in enumerate(model.get("acceptance") or [])))
     if "tree_gain" in model:  # trees on: their learned price against chains
-        gain = GaugeMetricFamily(PREFIX + "tree_gain_ratio",
-                                 "Accepted drafts of a tree over a chain's, by the tree's node count (learned)",
-                                 labels=["nodes"])
-        for j, value in enumerate(model.get("tree_gain") or []):
-            gain.add_metric([str(j + 1)], float(value))
-        yield gain
-        cost = GaugeMetricFamily(PREFIX + "tree_cost_ratio",
-                                 "Step time with trees over the chain price of the same drafts (learned)",
-                                 labels=["bucket"])
-        for bucket, value in zip(BUCKETS, model.get("tree_cost") or []):
-            cost.add_metric([str(bucket)], float(value))
-        yield cost
+        yield _gauge("tree_gain_ratio", "Accepted drafts of a tree over a chain's, by the tree's node count (learned)",
+                     ["nodes"], (((j + 1,), value) for j, value in enumerate(model.get("tree_gain") or [])))
+        yield _gauge("tree_cost_ratio", "Step time with trees over the chain price of the same drafts (learned)",
+                     ["bucket"], (((bucket,), value) for bucket, value in zip(BUCKETS, model.get("tree_cost") or [])))
 
 
 class PlanStatsCollector:
