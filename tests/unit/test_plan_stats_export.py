@@ -118,6 +118,7 @@ def test_the_goodput_policy_exports_its_cost_model_and_the_gateway_reads_it_back
     state = policy.model.state()
     assert [list(r) for r in model.correction] == state["correction"]
     assert model.correction[0][2] > 1.0  # the 4-row bucket's correction reached the page
+    assert _value(_families(tmp_path)["specserve_engine_spec_probes"]) == 0  # it never ran off long enough
     # The gateway's budget is the engine's own choice for identical rows.
     for batch in (1, 4, 16, 64):
         rows = StepRows(tuple(str(i) for i in range(batch)), np.full(batch, 4), np.zeros(batch))
@@ -156,3 +157,18 @@ def test_tree_counters_reach_metrics_summed_over_engine_cores(tmp_path: Path) ->
     # per core: depth 1 tested by all 5, accepted by 4; depth 2 tested 3, accepted 2; depth 3 tested 1
     assert [_value(families["specserve_engine_tree_depth_tested"], depth=str(d)) for d in (1, 2, 3)] == [10, 6, 2]
     assert [_value(families["specserve_engine_tree_depth_accepted"], depth=str(d)) for d in (1, 2, 3)] == [8, 4, 0]
+
+
+def test_the_controllers_probes_reach_the_metrics(tmp_path: Path) -> None:
+    from specserve_vllm.spec_control.acceptance import AcceptanceModel
+    from specserve_vllm.spec_control.goodput import GoodputPolicy
+    from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
+
+    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=4)
+    rows = StepRows(tuple(str(i) for i in range(16)), np.full(16, 4), np.zeros(16))
+    for _ in range(12):
+        policy.plan(rows)
+    planner = StepPlanner(policy, 4)
+    export.StatsPublisher(tmp_path / "engine-1.json", planner.snapshot, planner.lock, interval_s=60).publish()
+    assert _value(_families(tmp_path)["specserve_engine_spec_probes"]) == 3

@@ -293,6 +293,14 @@ def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
     yield _gauge("acceptance_estimate_ratio",
                  "Engine-wide conditional acceptance per draft position (the controller's estimate)", ["position"],
                  (((j + 1,), value) for j, value in enumerate(model.get("acceptance") or [])))
+    if "probes" in model:
+        from prometheus_client.core import CounterMetricFamily
+
+        probes = CounterMetricFamily(PREFIX + "spec_probes",
+                                     "Steps the controller speculated only to measure again, after "
+                                     "probe_every steps without speculation")
+        probes.add_metric([], float(model["probes"]))
+        yield probes
     if "tree_gain" in model:  # trees on: their learned price against chains
         yield _gauge("tree_gain_ratio", "Accepted drafts of a tree over a chain's, by the tree's node count (learned)",
                      ["nodes"], (((j + 1,), value) for j, value in enumerate(model.get("tree_gain") or [])))

@@ -234,7 +234,8 @@ class GoodputPolicy:
         """The step-time model and the engine-wide acceptance per position, as plain data: what
         the engine exports for the gateway, which prices requests with the same model."""
         trees = self.trees.state() if self.trees is not None else {}
-        return {**self.model.state(), "acceptance": self.acceptance.engine_rates().round(4).tolist(), **trees}
+        return {**self.model.state(), "acceptance": self.acceptance.engine_rates().round(4).tolist(),
+                "probes": self.probes, **trees}
 
     def observe(self, verified: VerifiedRows) -> None:
         if len(verified.req_ids):
