@@ -30,6 +30,7 @@ PATCHES: tuple[str, ...] = (
     "xgrammar_strict_json",
     "grammar_validation",
     "tree_attention",
+    "tree_grammar",  # after jump_forward: its validate_tokens wrap is the outer one
     "tree_steps",  # last: its _prepare_inputs and _sample wraps are the outermost
 )
 

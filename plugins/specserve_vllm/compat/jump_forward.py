@@ -194,7 +194,7 @@ def forced_tokens(
 _ENCODED_MAX = 4096
 
 
-def _encoder(manager: Any) -> Callable[[str], list[int]] | None:
+def encoder(manager: Any) -> Callable[[str], list[int]] | None:
     """``text -> token ids`` with the engine's tokenizer (no special tokens), memoized per manager.
 
     Forced strings repeat (a schema's keys, ``": "``), so a bounded dict saves most encodes.
@@ -218,7 +218,8 @@ def _encoder(manager: Any) -> Callable[[str], list[int]] | None:
     return encode
 
 
-def _scratch_bitmask(manager: Any) -> Any:
+def scratch_bitmask(manager: Any) -> Any:
+    """A one-row bitmask kept on the manager for probing the grammar's next tokens."""
     scratch = getattr(manager, _SCRATCH, None)
     if scratch is None:
         scratch = manager.backend.allocate_token_bitmask(1)
@@ -226,7 +227,7 @@ def _scratch_bitmask(manager: Any) -> Any:
     return scratch
 
 
-def _ready_grammar(manager: Any, request: Any) -> Any | None:
+def ready_grammar(manager: Any, request: Any) -> Any | None:
     """The request's compiled, live grammar if its drafts are constrained from the first token."""
     from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
 
@@ -250,13 +251,13 @@ def extend_drafts(manager: Any, request: Any, valid: list[int]) -> list[int]:
     )
     if len(valid) >= cap:
         return valid[:cap]
-    grammar = _ready_grammar(manager, request)
+    grammar = ready_grammar(manager, request)
     if grammar is None:
         return valid
     vocab_size = int(manager.backend.vocab_size)
     forced = forced_tokens(
-        grammar, request.request_id, valid, cap, _scratch_bitmask(manager), vocab_size,
-        _encoder(manager) if strings_enabled() else None,
+        grammar, request.request_id, valid, cap, scratch_bitmask(manager), vocab_size,
+        encoder(manager) if strings_enabled() else None,
     )
     return valid + forced if forced else valid
 

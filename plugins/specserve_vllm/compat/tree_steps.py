@@ -24,10 +24,11 @@ wraps on ``GPUModelRunner`` turn a step's eligible requests into tree verificati
 
 The scheduler then counts ``len(tokens) - 1`` accepted drafts and rolls ``num_computed_tokens``
 back to ``root + accepted path``, exact once the path's K/V sits in those rows; rows past it are
-overwritten by the next step. Requests that are not eligible (penalties, min-p, logprobs,
-grammars) keep their preorder drafts verified as a chain by vLLM's
-rejection sampler: lossless, only shorter. Engines without tree drafts pay one attribute lookup
-per wrap.
+overwritten by the next step. Requests that are not eligible (penalties, min-p, logprobs) keep
+their preorder drafts verified as a chain by vLLM's rejection sampler: lossless, only shorter.
+Structured-output requests verify the tree the engine core pruned with their grammar
+(:mod:`~specserve_vllm.compat.tree_grammar`, sent on the ``SchedulerOutput``), over logits its
+mask rows have masked. Engines without tree drafts pay one attribute lookup per wrap.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR
 from specserve_vllm.compat.spec_length import PLANNER_ATTR
 from specserve_vllm.compat.step_timer import RUNNER_TREE_STEP_ATTR
+from specserve_vllm.compat.tree_grammar import SCHEDULED_ATTR as GRAMMAR_TREES_ATTR
 from specserve_vllm.compat.upstream import (
     PREPARE_INPUTS,
     PROPOSE_DRAFT_TOKEN_IDS,
@@ -124,19 +126,30 @@ def tree_capable(runner: Any) -> bool:
     return ok
 
 
+def tree_of(params: Any, drafted: Any, pruned: Any) -> Any:
+    """The tree a request may verify: the drafter's, or for a structured-output request the
+    one the engine core pruned with its grammar (None: the request verifies a chain)."""
+    from specserve_vllm.tree.step import tree_eligible
+
+    if not tree_eligible(params):
+        return None
+    return pruned if params.structured_outputs is not None else drafted
+
+
 def plan(runner: Any, scheduler_output: Any) -> Any:
     """This step's ``TreeStep`` (None without tree requests); shifts the tree rows' positions."""
     import torch
 
     from specserve_vllm.tree.plan import plan_step, position_deltas
-    from specserve_vllm.tree.step import TreeStep, tree_eligible
+    from specserve_vllm.tree.step import TreeStep
 
     trees = getattr(runner, TREES_ATTR, None)
     if not trees or not scheduler_output.scheduled_spec_decode_tokens or not tree_capable(runner):
         return None
     num_reqs = runner.input_batch.num_reqs
     req_ids = runner.input_batch.req_ids[:num_reqs]
-    eligible = [trees.get(r) if tree_eligible(runner.requests[r].sampling_params) else None for r in req_ids]
+    pruned = getattr(scheduler_output, GRAMMAR_TREES_ATTR, None) or {}
+    eligible = [tree_of(runner.requests[r].sampling_params, trees.get(r), pruned.get(r)) for r in req_ids]
     drafts = [scheduler_output.scheduled_spec_decode_tokens.get(r, ()) for r in req_ids]
     step_plan = plan_step(eligible, drafts, runner.query_start_loc.np[: num_reqs + 1].tolist())
     if not step_plan.requests:
@@ -238,6 +251,8 @@ def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any) -> No
         count.verified += len(verdicts)
         count.accepted_nodes += sum(len(v.accepted) for v in verdicts.values())
         count.compacted += moved
+        count.grammar += sum(runner.requests[runner.input_batch.req_ids[r]].sampling_params.structured_outputs
+                             is not None for r in verdicts)
         for req in step.plan.requests:
             count.record_depths(max(req.tree.depths(), default=0), len(verdicts[req.req_index].accepted))
         if planner is not None:  # exported on /metrics with the plan statistics

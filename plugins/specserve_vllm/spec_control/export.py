@@ -239,6 +239,7 @@ TREE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("tree_verifications", "verified", "Tree verifications (one per request and step)"),
     ("tree_accepted_nodes", "accepted_nodes", "Draft-tree nodes accepted"),
     ("tree_compactions", "compacted", "Accepted side branches whose K/V was moved to contiguous slots"),
+    ("tree_grammar_verifications", "grammar", "Tree verifications of structured-output requests (grammar-pruned trees)"),
 )
 
 

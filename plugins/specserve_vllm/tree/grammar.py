@@ -23,7 +23,7 @@ structured-output requests verify chains.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,44 @@ def select(tree: DraftTree, keep: Sequence[bool]) -> DraftTree:
         index[i] = len(tokens)
         tokens.append(tok)
         parents.append(index[parent] if parent >= 0 else -1)
+    return DraftTree(tuple(tokens), tuple(parents))
+
+
+def leaves(tree: DraftTree) -> tuple[int, ...]:
+    """Nodes without children, in preorder (the best path's end first).
+
+    >>> leaves(DraftTree((5, 9, 7), (-1, 0, -1)))
+    (1, 2)
+    """
+    return tuple(i for i in range(len(tree)) if _is_leaf(tree, i))
+
+
+def _is_leaf(tree: DraftTree, node: int) -> bool:
+    # in preorder a node's first child, if any, comes right after it
+    return node + 1 == len(tree) or tree.parents[node + 1] != node
+
+
+def graft(tree: DraftTree, chains: Mapping[int, Sequence[int]]) -> DraftTree:
+    """``tree`` with ``chains[leaf]`` hung below each given leaf as its only child chain, placed
+    right after the leaf so the result is still DFS preorder (grammar-forced tokens extend the
+    branches that survived pruning).
+
+    >>> graft(DraftTree((5, 9, 7), (-1, 0, -1)), {1: (3, 4), 2: (8,)})
+    DraftTree(tokens=(5, 9, 3, 4, 7, 8), parents=(-1, 0, 1, 2, -1, 4))
+    """
+    index: dict[int, int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    for i, (tok, parent) in enumerate(zip(tree.tokens, tree.parents)):
+        index[i] = len(tokens)
+        tokens.append(tok)
+        parents.append(index[parent] if parent >= 0 else -1)
+        chain = chains.get(i, ())
+        if chain and not _is_leaf(tree, i):
+            raise ValueError(f"node {i} has children; only leaves are grafted onto")
+        for tok_forced in chain:
+            tokens.append(int(tok_forced))
+            parents.append(len(tokens) - 2)
     return DraftTree(tuple(tokens), tuple(parents))
 
 

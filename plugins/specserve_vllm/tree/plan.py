@@ -46,6 +46,21 @@ class TreePlan:
         return next((r.tree for r in self.requests if r.req_index == req_index), None)
 
 
+def scheduled_tree(tree: DraftTree | None, drafts: Sequence[int]) -> DraftTree | None:
+    """The prefix of ``tree`` that ``drafts`` schedule, when they are exactly a prefix of its
+    tokens and that prefix branches; None when the drafts run as a chain (or not at all).
+
+    >>> t = DraftTree(tokens=(5, 9, 7), parents=(-1, 0, -1))
+    >>> scheduled_tree(t, (5, 9, 7)).parents, scheduled_tree(t, (5, 9)), scheduled_tree(t, (5, 8))
+    ((-1, 0, -1), None, None)
+    """
+    n = len(drafts)
+    if tree is None or n == 0 or n > len(tree) or tuple(int(t) for t in drafts) != tree.tokens[:n]:
+        return None
+    scheduled = tree.prefix(n)
+    return None if best_path_length(scheduled) == n else scheduled
+
+
 def plan_step(trees: Sequence[DraftTree | None], scheduled_drafts: Sequence[Sequence[int]],
               query_start: Sequence[int]) -> TreePlan:
     """Tree requests of a step (``query_start``: ``[R+1]`` flat offsets of each request's tokens).
@@ -56,12 +71,10 @@ def plan_step(trees: Sequence[DraftTree | None], scheduled_drafts: Sequence[Sequ
     """
     out = []
     for r, (tree, drafts) in enumerate(zip(trees, scheduled_drafts)):
+        scheduled = scheduled_tree(tree, drafts)
+        if scheduled is None:
+            continue  # no tree, or a chain: the native path verifies it
         n = len(drafts)
-        if tree is None or n == 0 or n > len(tree) or tuple(int(t) for t in drafts) != tree.tokens[:n]:
-            continue
-        scheduled = tree.prefix(n)
-        if best_path_length(scheduled) == n:
-            continue  # a chain: the native path verifies it
         start, end = int(query_start[r]), int(query_start[r + 1])
         if end - start < n + 1:
             continue

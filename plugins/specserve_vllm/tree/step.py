@@ -4,14 +4,16 @@ The runner wraps (:mod:`specserve_vllm.compat.tree_steps`) create a :class:`Tree
 step has tree requests, the attention wrap (:mod:`specserve_vllm.compat.tree_attention`)
 stashes each layer's K/V rows of those requests in it, and verification uses the stash to
 compact an accepted side branch. Requests whose sampling needs more than the target's
-distribution after temperature, top-k and top-p (penalties, min-p, logits processors, logprobs,
-grammars) keep chains: their drafts are
-still a tree's preorder nodes, which vLLM's rejection sampler verifies as a chain, losslessly.
+distribution after temperature, top-k and top-p (penalties, min-p, logits processors, logprobs)
+keep chains: their drafts are still a tree's preorder nodes, which vLLM's rejection sampler
+verifies as a chain, losslessly. A grammar is not such a change: its mask rows are applied to
+the logits before verification. Structured-output requests verify the tree the engine core
+pruned with their grammar (:mod:`specserve_vllm.compat.tree_grammar`), never the drafter's.
 
     >>> from types import SimpleNamespace as NS
     >>> plain = NS(temperature=0.0, logprobs=None, prompt_logprobs=None, presence_penalty=0.0,
     ...            frequency_penalty=0.0, repetition_penalty=1.0, bad_words=None, logit_bias=None,
-    ...            allowed_token_ids=None, min_tokens=0, structured_outputs=None)
+    ...            allowed_token_ids=None, min_tokens=0)
     >>> tree_eligible(plain), tree_eligible(NS(**{**vars(plain), "repetition_penalty": 1.1}))
     (True, False)
     >>> tree_eligible(NS(**{**vars(plain), "temperature": 0.8, "min_p": 0.0}))
@@ -46,7 +48,6 @@ def tree_eligible(params: Any) -> bool:
         and not params.logit_bias
         and not params.allowed_token_ids
         and not params.min_tokens
-        and params.structured_outputs is None
     )
 
 
@@ -89,6 +90,8 @@ class TreeCounters:
     """Draft nodes accepted by tree verification."""
     compacted: int = 0
     """Verifications whose accepted path was not the preorder prefix (its K/V moved)."""
+    grammar: int = 0
+    """Tree verifications of structured-output requests (trees pruned by their grammar)."""
     depth_tested: list[int] = field(default_factory=list)
     """Per depth d (index d - 1): verifications that reached depth d (the tree has a node there
     and every shallower node on the path was accepted)."""
