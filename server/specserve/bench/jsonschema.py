@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256, help="generation length bound")
     parser.add_argument("--backends", default="xgrammar,guidance", help="engines to compare")
     parser.add_argument("--spec-drafter", default="ngram", help="speculation part: drafter name")
-    parser.add_argument("--spec-k", type=int, default=4, help="speculation part: draft length")
+    parser.add_argument("--spec-k", type=int, default=4, help="speculation part: draft length (tree nodes)")
+    parser.add_argument("--spec-tree", choices=("chain", "static", "dynamic"), default="chain",
+                        help="speculation parts: draft chains, or grammar-pruned static or DySpec trees")
     parser.add_argument("--compile-timeout", type=float, default=20.0, help="seconds per schema")
     parser.add_argument(
         "--semantic",
@@ -153,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         schema_files = list((args.data / "schemas").glob("*/*.json"))
         groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
         result["speculation"] = speculation_coverage(
-            model, groups, args.spec_drafter, args.spec_k, args.max_tokens, gateway_check.schema_ok
+            model, groups, args.spec_drafter, args.spec_k, args.max_tokens, gateway_check.schema_ok,
+            tree=args.spec_tree,
         )
     if "tool-speculation" in parts:
         from specserve.bench.jsonschema_speculation import speculation_coverage
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         groups = _group(schema_files, lambda f: f.parent.name, args.gen_limit)
         result["tool_speculation"] = speculation_coverage(
             model, groups, args.spec_drafter, args.spec_k, args.max_tokens, gateway_check.tool_ok,
-            constraint="required",
+            constraint="required", tree=args.spec_tree,
         )
     if "tools" in parts:
         from specserve.bench.jsonschema_tools import tool_call_coverage

@@ -95,18 +95,29 @@ def _row(completion: Any, schema: Any, constraint: str = "response_format") -> d
     }
 
 
-def _engine(model: Path, drafter: str, k: int) -> Any:
+def _engine(model: Path, drafter: str, k: int, tree: str = "chain") -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
-    from specserve.speculative_config import speculative_config
+    from specserve.engine import settings
     from specserve.engine.local import local_llm
+    from specserve.speculative_config import speculative_config
 
-    return local_llm(
-        model,
-        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-        speculative_config=speculative_config(drafter, k),  # type: ignore[arg-type]
-        per_request_spec_decode_metrics="detailed",
-    )
+    with settings.override(tree=tree):
+        return local_llm(
+            model,
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+            speculative_config=speculative_config(drafter, k),  # type: ignore[arg-type]
+            per_request_spec_decode_metrics="detailed",
+        )
+
+
+def _grammar_trees(llm: Any) -> int:
+    """Tree verifications of structured-output requests so far (0 with chains)."""
+    from specserve.engine.local import model_runner
+    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
+
+    found = getattr(model_runner(llm), COUNTERS_ATTR, None)
+    return 0 if found is None else int(found.grammar)
 
 
 def _generate(llm: Any, schema: Any, max_tokens: int, prompts: tuple[str, ...] = PROMPTS) -> list[Any] | None:
@@ -147,15 +158,18 @@ def speculation_coverage(
     max_tokens: int,
     gate: Any,
     constraint: str = "response_format",
+    tree: str = "chain",
 ) -> dict[str, Any]:
     """τ and acceptance per mode (``off``, ``jump_forward``) over the served schemas, each used
-    as ``constraint`` (one of :data:`CONSTRAINTS`)."""
+    as ``constraint`` (one of :data:`CONSTRAINTS`); ``tree``: the drafter's shape (``static`` and
+    ``dynamic`` verify grammar-pruned trees, counted per mode as ``grammar_trees``)."""
     from specserve.engine import settings
 
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {constraint!r}")
     schemas = _load(files_by_dataset, gate)
-    llm = _engine(model, drafter, k)
+    llm = _engine(model, drafter, k, tree)
+    trees = dict.fromkeys(MODES, 0)
     prompts = PROMPTS if constraint == "response_format" else TOOL_PROMPTS
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     tokens: dict[str, list[list[int]]] = {m: [] for m in MODES}
@@ -169,8 +183,10 @@ def speculation_coverage(
 
                 grammar = served_constraints(llm.get_tokenizer(), schema)[constraint]
             for mode in MODES:
+                before = _grammar_trees(llm)
                 with settings.override(jump_forward=mode == "jump_forward"):
                     outs = _generate(llm, grammar, max_tokens, prompts)
+                trees[mode] += _grammar_trees(llm) - before
                 if outs is None:
                     break
                 done[mode] = outs
@@ -183,10 +199,10 @@ def speculation_coverage(
         del llm
     identical = sum(a == b for a, b in zip(tokens["off"], tokens["jump_forward"]))
     result: dict[str, Any] = {
-        "drafter": drafter, "k": k, "max_tokens": max_tokens, "constraint": constraint, "schemas": len(schemas),
-        "identical": identical,
+        "drafter": drafter, "k": k, "tree": tree, "max_tokens": max_tokens, "constraint": constraint,
+        "schemas": len(schemas), "identical": identical,
     }
-    result.update({m: speculation_totals(rows[m]) for m in MODES})
+    result.update({m: {**speculation_totals(rows[m]), "grammar_trees": trees[m]} for m in MODES})
     return result
 
 
@@ -199,8 +215,9 @@ def speculation_summary(spec: Mapping[str, Any]) -> str:
     'ngram k=4 on 2 schemas: tau 2.0 -> 1.8, tokens/forward 1.1 -> 1.4 with jump-forward (4/4 identical)'
     """
     off, on = spec["off"], spec["jump_forward"]
+    shape = f" {spec['tree']} trees" if spec.get("tree", "chain") != "chain" else ""
     return (
-        f"{spec['drafter']} k={spec['k']} on {spec['schemas']} schemas: "
+        f"{spec['drafter']}{shape} k={spec['k']} on {spec['schemas']} schemas: "
         f"tau {off['tau']} -> {on['tau']}, tokens/forward {off['tokens_per_forward']} -> "
         f"{on['tokens_per_forward']} with jump-forward ({spec['identical']}/{on['requests']} identical)"
     )
