@@ -115,7 +115,23 @@ def test_dynamic_proposer_measures_rank_acceptance_before_learning() -> None:
     proposer.observe_topk(np.array([1]), np.array([[3, 4]]))  # row 1 empty: a miss
     proposer.observe_topk(np.array([1, 1]), np.array([[4, 3], [3, 4]]))  # 4 is rank 1, 3 rank 0
     assert proposer.rank_hits.tolist() == [1, 1, 1]
+    assert proposer.row_hits is not None and proposer.row_hits[1].tolist() == [1, 1, 1]  # all on row 1
+    assert proposer.row_hits.sum() == 3
     assert proposer.matrix[1].tolist() == [3, 4]  # learnt after measuring (last occurrence wins)
+
+
+def test_dynamic_trees_widen_rows_whose_first_candidate_keeps_missing() -> None:
+    from specserve_vllm.drafters.recycling_trees import recycling_tree
+
+    # row 0 -> (1, 2), row 1 -> (3, 4), row 3 -> (5, 0); engine-wide, rank 0 is the one that hits
+    matrix = np.array([[1, 2], [3, 4], [-1, -1], [5, 0], [-1, -1], [-1, -1]], dtype=np.int16)
+    engine_wide = (0.8, 0.1)
+    rows = np.zeros((6, 3), dtype=np.int32)
+    chain_like = recycling_tree(matrix, 0, "dynamic", 3, engine_wide, rows)
+    assert chain_like.tokens == (1, 3, 5)  # a chain: 0.8^3 beats any second candidate
+    rows[1] = [0, 40, 0]  # after token 1, the target took the second candidate every time
+    widened = recycling_tree(matrix, 0, "dynamic", 3, engine_wide, rows)
+    assert widened.tokens[:2] == (1, 4) and set(widened.tokens) == {1, 4, 3}
 
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])

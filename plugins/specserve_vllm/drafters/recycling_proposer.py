@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.drafters import recycling
-from specserve_vllm.drafters.recycling_trees import TreeShape, rank_acceptance, rank_hits, recycling_tree
+from specserve_vllm.drafters.recycling_trees import TreeShape, hit_ranks, rank_acceptance, recycling_tree, row_hits
 from specserve_vllm.spec_k import PlannedLengths, bounded_room
 from specserve_vllm.tree.draft import DraftTree
 
@@ -71,6 +71,9 @@ class RecyclingProposer:
         self.rank_hits = np.zeros(topk_width + 1, dtype=np.int64)
         """How often the target's next token was the matrix's rank-r candidate (last: none);
         measured for ``dynamic`` trees only."""
+        self.row_hits: np.ndarray | None = (
+            np.zeros((vocab, topk_width + 1), dtype=np.int32) if tree_shape == "dynamic" else None)
+        """The same per input token (``[vocab, k + 1]``): each matrix row's own record."""
         logger.info(
             "token recycling matrix: vocab=%d k=%d dtype=%s bytes=%d",
             vocab, topk_width, self.matrix.dtype, self.matrix.nbytes,
@@ -119,7 +122,10 @@ class RecyclingProposer:
         numpy arrays or CPU tensors. ``logits_width``: the vocabulary the candidates were taken
         from, when known (no candidate is out of the matrix's range if it is within)."""
         if self.tree_shape == "dynamic":
-            self.rank_hits += rank_hits(self.matrix, np.asarray(input_tokens), np.asarray(topk_ids)[:, 0])
+            tokens, ranks = hit_ranks(self.matrix, np.asarray(input_tokens), np.asarray(topk_ids)[:, 0])
+            self.rank_hits += np.bincount(ranks, minlength=self.rank_hits.size)
+            if self.row_hits is not None:
+                row_hits(self.row_hits, tokens, ranks)
         if not self._write_rows(input_tokens, topk_ids, logits_width):
             recycling.update_inplace(self.matrix, np.asarray(input_tokens), np.asarray(topk_ids))
 
@@ -181,7 +187,7 @@ class RecyclingProposer:
             out: list[list[int]] = [[] for _ in range(num_reqs)]
             acceptance = rank_acceptance(self.rank_hits)
             for r in rows.tolist():
-                tree = recycling_tree(self.matrix, int(roots[r]), shape, int(room[r]), acceptance)
+                tree = recycling_tree(self.matrix, int(roots[r]), shape, int(room[r]), acceptance, self.row_hits)
                 self.last_trees[r] = tree
                 out[r] = list(tree.tokens)
             return out

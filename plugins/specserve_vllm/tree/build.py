@@ -142,20 +142,25 @@ def rank_prior(acceptance_by_rank: Sequence[float]) -> tuple[float, ...]:
     return tuple(math.log(a) if a > 0 else -math.inf for a in acceptance_by_rank)
 
 
-def recycling_expander(matrix: np.ndarray, root: int, log_prior: Sequence[float]) -> Expander:
+def recycling_expander(matrix: np.ndarray, root: int,
+                       log_prior: Sequence[float] | Callable[[int], Sequence[float]]) -> Expander:
     """Token Recycling: a path continues with the matrix row of its last token (or the root's).
 
-    ``log_prior[r]`` scores the rank-``r`` candidate (see :func:`rank_prior`); empty entries
-    (``-1``) end a row.
+    ``log_prior[r]`` scores the rank-``r`` candidate (see :func:`rank_prior`), or
+    ``log_prior(token)[r]`` in the row of ``token``; empty entries (``-1``) end a row.
     """
     vocab, k = matrix.shape
-    prior = list(log_prior)[:k]
+    fixed = None if callable(log_prior) else list(log_prior)[:k]
 
     def expand(paths: Sequence[Path]) -> list[Candidates]:
         out: list[Candidates] = []
         for p in paths:
             tok = p[-1] if p else root
             row = matrix[tok].tolist() if 0 <= tok < vocab else []
+            if fixed is not None:
+                prior = fixed
+            else:
+                prior = list(log_prior(tok))[:k] if row else []  # type: ignore[operator]
             cands: Candidates = []
             for tok_next, logp in zip(row, prior):
                 if tok_next < 0:
