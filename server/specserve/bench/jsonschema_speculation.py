@@ -11,7 +11,10 @@ mode, summed over requests:
   ``tokens / (tokens - accepted)``; steps without drafts count, so it compares modes fairly;
 * drafted / accepted draft tokens, finished and strict-JSON + schema-valid outputs.
 
-``identical`` counts requests whose token ids agree between the two modes (greedy: all of them).
+``identical`` counts requests whose token ids agree between the two modes (greedy: all of them);
+each mode's ``digest`` hashes its outputs, so runs with other drafters or tree shapes compare too.
+With ``tree`` = ``static`` or ``dynamic`` the drafter drafts trees, which structured-output
+requests verify pruned by their grammar; ``grammar_trees`` counts those verifications per mode.
 
 ``constraint="required"`` measures forced tool calls instead: each schema is a function's
 ``parameters`` and the grammar is the one the server compiles for ``tool_choice: "required"``
@@ -23,6 +26,7 @@ them): the figure is about the grammar's forced tokens, not the model's choice o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -202,8 +206,19 @@ def speculation_coverage(
         "drafter": drafter, "k": k, "tree": tree, "max_tokens": max_tokens, "constraint": constraint,
         "schemas": len(schemas), "identical": identical,
     }
-    result.update({m: {**speculation_totals(rows[m]), "grammar_trees": trees[m]} for m in MODES})
+    result.update({m: {**speculation_totals(rows[m]), "grammar_trees": trees[m], "digest": tokens_digest(tokens[m])}
+                   for m in MODES})
     return result
+
+
+def tokens_digest(outputs: list[list[int]]) -> str:
+    """A short digest of every output's token ids, in order: equal digests across runs (chains
+    and trees, drafters) mean token-identical outputs.
+
+    >>> tokens_digest([[1, 2], [3]]) == tokens_digest([[1, 2], [3]]) != tokens_digest([[1], [2, 3]])
+    True
+    """
+    return hashlib.sha256(json.dumps(outputs).encode()).hexdigest()[:16]
 
 
 def speculation_summary(spec: Mapping[str, Any]) -> str:
