@@ -26,7 +26,14 @@ def test_apply_is_idempotent() -> None:
     jump_forward.apply()
     assert (StructuredOutputManager.validate_tokens, Scheduler.update_draft_token_ids) == first
     for fn in first:
-        assert not hasattr(fn.__wrapped__, "__wrapped__"), "wrapped exactly once"
+        # other patches (grammar-pruned trees) may wrap the same method; jump-forward's wrapper
+        # appears exactly once in the chain
+        layers = []
+        while fn is not None:
+            layers.append(fn)
+            fn = getattr(fn, "__wrapped__", None)
+        ours = [f for f in layers if f.__code__.co_filename == jump_forward.__file__]
+        assert len(ours) == 1, "wrapped exactly once"
 
 
 def _grammar(max_rollback: int = 4) -> Any:

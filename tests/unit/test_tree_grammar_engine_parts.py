@@ -169,3 +169,14 @@ def test_grammar_requests_verify_only_the_pruned_tree() -> None:
     assert tree_of(grammar, drafted, pruned) is pruned
     assert tree_of(grammar, drafted, None) is None  # not pruned by the engine core: a chain
     assert tree_of(NS(**{**vars(grammar), "repetition_penalty": 1.2}), drafted, pruned) is None
+
+
+def test_apply_is_idempotent() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    tree_grammar.apply()
+    first = (StructuredOutputManager.validate_tokens, StructuredOutputManager.grammar_bitmask, Scheduler.schedule)
+    tree_grammar.apply()
+    assert (StructuredOutputManager.validate_tokens, StructuredOutputManager.grammar_bitmask,
+            Scheduler.schedule) == first
