@@ -224,8 +224,14 @@ def apply() -> None:
     from vllm.v1.structured_output import StructuredOutputManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from specserve_vllm.compat import draft_handoff, jump_forward
+
     if getattr(StructuredOutputManager.grammar_bitmask, _MARK, False):
         return
+    # These wraps go outside the hand-off's (sample_tokens sets the drafts this one reads) and
+    # jump-forward's (a branching tree must not be extended as a chain): install those first.
+    draft_handoff.apply()
+    jump_forward.apply()
     sample = GPUModelRunner.sample_tokens
     update = Scheduler.update_from_output
     schedule = Scheduler.schedule
