@@ -125,6 +125,20 @@ def test_drafts_that_are_not_the_trees_prefix_stay_chains(request_: Any) -> None
     assert manager.calls[-1] == [A, B]
 
 
+def test_a_failing_walk_leaves_the_drafts_to_the_chain_path(request_: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from specserve_vllm.tree import grammar
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("walk failed")
+
+    monkeypatch.setattr(grammar, "grammar_prune", broken)
+    manager = _Manager()
+    tree = DraftTree(tokens=(A, B, C), parents=(-1, 0, 0))
+    _drafted(manager, tree)
+    assert tree_grammar.validate(manager, _upstream, request_, [A, B, C]) == [A, B, C]
+    assert manager.calls == [[A, B, C]] and getattr(manager, tree_grammar._PENDING) == {}
+
+
 def test_a_step_schedules_the_branching_prefixes_and_drops_what_ran() -> None:
     manager = _Manager()
     tree = DraftTree(tokens=(A, B, D, C, D), parents=(-1, 0, 1, 0, 3))

@@ -56,6 +56,7 @@ SCHEDULED_ATTR = "_specserve_grammar_trees"
 _DRAFTED = "_specserve_grammar_drafted"  # manager: the trees of the last output, until validated
 _PENDING = "_specserve_grammar_pending"  # manager: {req_id: (pruned tree, rows)} until scheduled
 _STEP = "_specserve_grammar_step"  # manager: (id of the step's draft dict, {req_id: (tree, rows)})
+_WARNED: set[str] = set()
 
 UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Wrapped: drafting happens inside it; the drafts ride on its output (draft_handoff).
@@ -160,10 +161,18 @@ def extend(manager: Any, request: Any, pruned: Any, rows: Any) -> tuple[Any, Any
         if grown != grafted:  # forced tokens are allowed by construction; keep the safe tree if not
             raise ValueError("the grammar rejected a forced token")
     except Exception as exc:  # never let drafting take the engine down
-        logger.warning("jump-forward on a pruned tree skipped",
-                       extra={"fields": {"request_id": request.request_id, "error": repr(exc)}})
+        _skipped("jump-forward on a pruned tree skipped", request, exc)
         return pruned, rows
     return grown, grown_rows
+
+
+def _skipped(what: str, request: Any, exc: Exception) -> None:
+    """Log a skipped step: at warning level once per kind of error, then at debug (a systematic
+    failure would repeat on every step)."""
+    kind = f"{what}: {type(exc).__name__}"
+    level = logging.DEBUG if kind in _WARNED else logging.WARNING
+    _WARNED.add(kind)
+    logger.log(level, what, extra={"fields": {"request_id": getattr(request, "request_id", None), "error": repr(exc)}})
 
 
 def validate(manager: Any, original: Any, request: Any, spec_tokens: list[int]) -> list[int]:
@@ -175,7 +184,11 @@ def validate(manager: Any, original: Any, request: Any, spec_tokens: list[int]) 
     pending = manager.__dict__.setdefault(_PENDING, {})
     pending.pop(req_id, None)
     tree = (manager.__dict__.get(_DRAFTED) or {}).pop(req_id, None)
-    found = prune(manager, request, tree, spec_tokens) if tree is not None else None
+    try:
+        found = prune(manager, request, tree, spec_tokens) if tree is not None else None
+    except Exception as exc:  # the drafts then go the chain way, which is lossless
+        _skipped("grammar pruning skipped", request, exc)
+        found = None
     if found is None:
         return original(manager, request, spec_tokens)
     pruned, rows = found
