@@ -88,3 +88,15 @@ def homogeneity_z(a: list[int], b: list[int], min_count: int = 10) -> float:
         stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
     v = 2.0 / (9.0 * df)
     return ((stat / df) ** (1.0 / 3.0) - (1.0 - v)) / math.sqrt(v)
+
+
+def assert_same_law(base: list[Any], spec: list[Any], positions: int, z_max: float = 3.7) -> None:
+    """Each of the first ``positions`` sampled tokens has the same distribution in ``spec``'s
+    outputs as in ``base``'s (chi-square homogeneity per position; ``z_max`` 3.7 is p < 1e-4),
+    and at least one position had categories common enough to test."""
+    zs: list[float] = []
+    for pos in range(positions):
+        z = homogeneity_z([o.token_ids[pos] for o in base], [o.token_ids[pos] for o in spec])
+        assert z < z_max, f"token {pos}: z={z:.2f} (p < 1e-4 under equal distributions)"
+        zs.append(z)
+    assert max(zs) > -math.inf, "every sampled token was rare: the comparison tested nothing"
