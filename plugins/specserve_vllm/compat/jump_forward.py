@@ -242,13 +242,16 @@ def ready_grammar(manager: Any, request: Any) -> Any | None:
     return grammar
 
 
+def request_cap(manager: Any, request: Any) -> int:
+    """:func:`draft_cap` for ``request``: the engine's draft slots, lowered by its ``spec_k``."""
+    params = getattr(request, "sampling_params", None)
+    return draft_cap(int(manager.vllm_config.num_speculative_tokens),
+                     safe_spec_k(getattr(params, "extra_args", None)))
+
+
 def extend_drafts(manager: Any, request: Any, valid: list[int]) -> list[int]:
     """``valid`` (the grammar-valid drafts) followed by the tokens the grammar forces next."""
-    params = getattr(request, "sampling_params", None)
-    cap = draft_cap(
-        int(manager.vllm_config.num_speculative_tokens),
-        safe_spec_k(getattr(params, "extra_args", None)),
-    )
+    cap = request_cap(manager, request)
     if len(valid) >= cap:
         return valid[:cap]
     grammar = ready_grammar(manager, request)

@@ -43,7 +43,6 @@ from typing import Any
 from specserve_vllm.compat.draft_handoff import OUTPUT_ATTR
 from specserve_vllm.compat.jump_forward import ready_grammar
 from specserve_vllm.compat.upstream import SAMPLE_TOKENS, UpstreamFunction
-from specserve_vllm.spec_k import safe_spec_k
 
 logger = logging.getLogger(__name__)
 
@@ -103,31 +102,14 @@ def drafted_trees(runner: Any) -> dict[str, Any]:
     return found
 
 
-def prune(manager: Any, request: Any, tree: Any, spec_tokens: list[int]) -> tuple[Any, Any] | None:
-    """``(pruned tree, mask rows)`` of the tree ``spec_tokens`` draft for ``request``, or None
-    when they are not a branching prefix of ``tree`` or the grammar is not live from the start."""
-    from specserve_vllm.tree.grammar import grammar_prune
-    from specserve_vllm.tree.plan import scheduled_tree
-
-    drafted = scheduled_tree(tree, spec_tokens)
-    grammar = ready_grammar(manager, request) if drafted is not None else None
-    if grammar is None:
-        return None
-    return grammar_prune(drafted, grammar.matcher, int(manager.backend.vocab_size))
-
-
-def forced_chains(manager: Any, request: Any, tree: Any) -> dict[int, list[int]]:
-    """``{leaf: tokens}``: what the grammar forces after each leaf's path, leaves in preorder
+def forced_chains(manager: Any, request: Any, grammar: Any, tree: Any) -> dict[int, list[int]]:
+    """``{leaf: tokens}``: what ``grammar`` forces after each leaf's path, leaves in preorder
     (the best path's first) while the request's draft cap leaves room (jump-forward)."""
     from specserve_vllm.compat import jump_forward
     from specserve_vllm.tree.grammar import leaves
 
-    params = getattr(request, "sampling_params", None)
-    cap = jump_forward.draft_cap(int(manager.vllm_config.num_speculative_tokens),
-                                 safe_spec_k(getattr(params, "extra_args", None)))
-    grammar = ready_grammar(manager, request)
-    room = cap - len(tree)
-    if grammar is None or room <= 0:
+    room = jump_forward.request_cap(manager, request) - len(tree)
+    if room <= 0:
         return {}
     encode = jump_forward.encoder(manager) if jump_forward.strings_enabled() else None
     scratch, vocab = jump_forward.scratch_bitmask(manager), int(manager.backend.vocab_size)
@@ -143,7 +125,7 @@ def forced_chains(manager: Any, request: Any, tree: Any) -> dict[int, list[int]]
     return chains
 
 
-def extend(manager: Any, request: Any, pruned: Any, rows: Any) -> tuple[Any, Any]:
+def extend(manager: Any, request: Any, grammar: Any, pruned: Any, rows: Any) -> tuple[Any, Any]:
     """``(pruned, rows)`` with grammar-forced tokens grafted below its leaves (when jump-forward
     is on), and the mask rows of the grown tree; unchanged if nothing is forced or on error."""
     from specserve_vllm.compat import jump_forward
@@ -152,12 +134,11 @@ def extend(manager: Any, request: Any, pruned: Any, rows: Any) -> tuple[Any, Any
     if not jump_forward.enabled():
         return pruned, rows
     try:
-        chains = forced_chains(manager, request, pruned)
+        chains = forced_chains(manager, request, grammar, pruned)
         if not chains:
             return pruned, rows
         grafted = graft(pruned, chains)
-        grown, grown_rows = grammar_prune(grafted, ready_grammar(manager, request).matcher,
-                                          int(manager.backend.vocab_size))
+        grown, grown_rows = grammar_prune(grafted, grammar.matcher, int(manager.backend.vocab_size))
         if grown != grafted:  # forced tokens are allowed by construction; keep the safe tree if not
             raise ValueError("the grammar rejected a forced token")
     except Exception as exc:  # never let drafting take the engine down
@@ -179,22 +160,25 @@ def validate(manager: Any, original: Any, request: Any, spec_tokens: list[int]) 
     """The drafts a request keeps: its pruned tree (grown by grammar-forced tokens) when that
     branches, else upstream's chain."""
     from specserve_vllm.tree.draft import best_path_length
+    from specserve_vllm.tree.grammar import grammar_prune
+    from specserve_vllm.tree.plan import scheduled_tree
 
     req_id = request.request_id
     pending = manager.__dict__.setdefault(_PENDING, {})
     pending.pop(req_id, None)
-    tree = (manager.__dict__.get(_DRAFTED) or {}).pop(req_id, None)
+    # the drafts must be a branching prefix of the drafted tree, constrained from the start
+    drafted = scheduled_tree((manager.__dict__.get(_DRAFTED) or {}).pop(req_id, None), spec_tokens)
+    grammar = ready_grammar(manager, request) if drafted is not None else None
+    if grammar is None:
+        return original(manager, request, spec_tokens)
     try:
-        found = prune(manager, request, tree, spec_tokens) if tree is not None else None
+        pruned, rows = grammar_prune(drafted, grammar.matcher, int(manager.backend.vocab_size))
     except Exception as exc:  # the drafts then go the chain way, which is lossless
         _skipped("grammar pruning skipped", request, exc)
-        found = None
-    if found is None:
         return original(manager, request, spec_tokens)
-    pruned, rows = found
     if best_path_length(pruned) == len(pruned):  # a chain: valid as it is; jump-forward may extend it
         return original(manager, request, list(pruned.tokens))
-    pruned, rows = extend(manager, request, pruned, rows)
+    pruned, rows = extend(manager, request, grammar, pruned, rows)
     pending[req_id] = (pruned, rows)
     return list(pruned.tokens)
 
