@@ -19,6 +19,8 @@ def test_tree_parts_reports_every_part(capsys: pytest.CaptureFixture[str]) -> No
     assert [r["nodes"] for r in report["rows"]] == [3, 5]
     for row in report["rows"]:
         assert 1 <= row["depth"] <= row["nodes"]
-        for key in ("native_kernel_ms", "gather_kv_ms", "tree_attention_ms", "verify_greedy_ms", "dynamic_tree_ms"):
+        assert 1 <= row["side_rows"] <= row["nodes"]
+        for key in ("native_kernel_ms", "gather_kv_ms", "tree_attention_ms", "verify_greedy_ms", "dynamic_tree_ms",
+                    "side_rows_ms"):
             assert row[key] > 0, key
     assert "N=5: native" in out.err

@@ -181,3 +181,28 @@ def test_tree_rows_from_the_cache_and_compaction_through_vllms_op() -> None:
     gk, gv = gather_kv(key_cache, value_cache, table, kept, isa)
     order = list(range(prefix_len + 1)) + [prefix_len + 1 + i for i in accepted]
     assert torch.equal(gk, k[order]) and torch.equal(gv, v[order])
+
+
+@pytest.mark.parametrize("dtype,block,prefix_len", [(torch.float32, 32, 45), (torch.float32, 128, 3),
+                                                    (torch.float32, 32, 58), (torch.bfloat16, 128, 140)])
+def test_side_rows_over_block_views_equal_the_reference(dtype: torch.dtype, block: int, prefix_len: int) -> None:
+    """The engine's path (per-block views of the paged cache, side rows only, grouped-query
+    heads) computes what the dense reference computes for those rows."""
+    from specserve_vllm.tree.attention import side_rows_attention, side_rows_bias
+    from specserve_vllm.tree.cpu_kv import block_views
+    from specserve_vllm.tree.draft import best_path_length
+
+    gen = torch.Generator().manual_seed(prefix_len)
+    tree = from_topological(list(range(9)), [-1, 0, 1, 0, -1, 4, 4, 6, -1])[0]
+    length = prefix_len + 1 + len(tree)
+    q = torch.randn(1 + len(tree), HEADS, DIM, generator=gen)
+    k = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
+    v = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
+    key_cache, value_cache, table, _, isa = _paged(k, v, dtype, block)
+    views = block_views(key_cache, value_cache, table.tolist(), length, isa)
+    assert views is not None and sum(b.shape[2] for b in views[0]) == length
+    keep = 1 + best_path_length(tree)
+    got = side_rows_attention(q[keep:], views[0], views[1], side_rows_bias(tree, prefix_len, HEADS // KV_HEADS), SCALE)
+    want = tree_attention(q, k.float(), v.float(), tree, SCALE)[keep:]
+    assert got.shape == want.shape == (len(tree) + 1 - keep, HEADS, DIM)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

@@ -3,11 +3,9 @@
 vLLM 0.32's CPU kernel (``ops.cpu_attention_with_kv_cache``) knows causal masks only. The wrap
 of ``CPUAttentionBackendImpl.forward`` lets the kernel compute every row as usual, then, when
 the step's metadata carries a :class:`~specserve_vllm.tree.step.TreeStep` (attached by
-:mod:`specserve_vllm.compat.tree_steps`), recomputes each tree request's ``1 + N`` rows: its K/V
-for positions ``[0, seq_len)`` is read back from the paged cache
-(:func:`~specserve_vllm.tree.cpu_kv.gather_kv`, layout probed through vLLM's own write op) and
-:func:`~specserve_vllm.tree.attention.tree_attention` attends each node to the prefix, its
-ancestors and itself. Queries and keys already carry RoPE at depth positions (the runner shifted
+:mod:`specserve_vllm.compat.tree_steps`), recomputes each tree request's side-branch rows: they
+attend to the prefix, their ancestors and themselves over the request's K/V in the paged cache
+(per-block views, layout probed through vLLM's own write op). Queries and keys already carry RoPE at depth positions (the runner shifted
 them). The rows' K/V and slots are stashed for KV compaction after verification. Chain requests
 and steps without trees never reach the new code (one attribute lookup).
 
@@ -47,11 +45,18 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
 
 def recompute_tree_rows(impl: Any, layer: Any, query: Any, key: Any, value: Any, kv_cache: Any,
                         attn_metadata: Any, output: Any, step: Any) -> None:
-    """Overwrite ``output``'s rows of every tree request in ``step`` with tree attention, and
-    stash the rows' K/V (``query``/``output``: ``[T, heads, head]``, ``key``/``value``:
-    ``[T, kv_heads, head]``, ``kv_cache``: ``[blocks, kv_heads, block, 2 * head]``)."""
-    from specserve_vllm.tree.attention import tree_attention
-    from specserve_vllm.tree.cpu_kv import gather_kv
+    """Overwrite ``output``'s side-branch rows of every tree request in ``step`` with tree
+    attention, and stash the rows' K/V (``query``/``output``: ``[T, heads, head]``,
+    ``key``/``value``: ``[T, kv_heads, head]``, ``kv_cache``: ``[blocks, kv_heads, block, 2 * head]``).
+
+    The root and the best path (the preorder prefix) see exactly a causal prefix, so the
+    kernel's rows stay there. The side rows attend over per-block views of the paged cache
+    (:func:`~specserve_vllm.tree.cpu_kv.block_views`); their mask and the request's block ids
+    are built by the step's first layer and shared by the others. Layouts that are not plain
+    or transposed blocks take the gather path (:func:`~specserve_vllm.tree.cpu_kv.gather_kv`).
+    """
+    from specserve_vllm.tree.attention import side_rows_attention, side_rows_bias, tree_attention
+    from specserve_vllm.tree.cpu_kv import block_views, gather_kv
     from specserve_vllm.tree.draft import best_path_length
     from specserve_vllm.tree.step import StashedRows
 
@@ -60,14 +65,22 @@ def recompute_tree_rows(impl: Any, layer: Any, query: Any, key: Any, value: Any,
     for req in step.plan.requests:
         rows = len(req.tree) + 1
         start = req.row_start
-        seq_len = int(attn_metadata.seq_lens[req.req_index])
-        k, v = gather_kv(key_cache, value_cache, attn_metadata.block_table[req.req_index], seq_len, layer.isa)
-        q = query[start : start + rows].float()  # fp32 like the kernel's accumulation
-        out = tree_attention(q, k.float(), v.float(), req.tree, impl.scale)
-        # The root and the best path (the preorder prefix) see exactly a causal prefix: the
-        # kernel's rows are already right there, so only the side branches are replaced.
-        keep = 1 + best_path_length(req.tree)
-        output[start + keep : start + rows] = out[keep:].to(output.dtype)
+        shared = step.side_rows.get(req.req_index)
+        if shared is None:
+            seq_len = int(attn_metadata.seq_lens[req.req_index])
+            used = (seq_len + block_size - 1) // block_size
+            ids = attn_metadata.block_table[req.req_index, :used].tolist()
+            bias = side_rows_bias(req.tree, seq_len - rows, query.shape[1] // num_kv_heads)
+            shared = step.side_rows[req.req_index] = (1 + best_path_length(req.tree), seq_len, ids, bias)
+        keep, seq_len, ids, bias = shared
+        views = block_views(key_cache, value_cache, ids, seq_len, layer.isa)
+        if views is not None:
+            out = side_rows_attention(query[start + keep : start + rows], views[0], views[1], bias, impl.scale)
+        else:
+            k, v = gather_kv(key_cache, value_cache, attn_metadata.block_table[req.req_index], seq_len, layer.isa)
+            q = query[start : start + rows].float()  # fp32 like the kernel's accumulation
+            out = tree_attention(q, k.float(), v.float(), req.tree, impl.scale)[keep:]
+        output[start + keep : start + rows] = out.to(output.dtype)
         if impl.kv_sharing_target_layer_name is None:
             step.stash.append(StashedRows(
                 req_index=req.req_index, key_cache=key_cache, value_cache=value_cache, isa=layer.isa,

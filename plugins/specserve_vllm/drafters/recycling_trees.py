@@ -104,9 +104,10 @@ def row_acceptance(counts: np.ndarray, engine_wide: tuple[float, ...],
     >>> [round(a, 2) for a in row_acceptance(np.array([0, 4, 0]), (0.8, 0.1), weight=4)]  # its first keeps missing
     [0.4, 0.55]
     """
-    c = np.asarray(counts, dtype=np.float64)
-    prior = np.asarray(engine_wide[: c.size - 1], dtype=np.float64)
-    return tuple(((c[: prior.size] + weight * prior) / (c.sum() + weight)).tolist())
+    # Plain Python: called once per expanded node of every dynamic tree, on ``k + 1`` numbers.
+    c = counts.tolist() if isinstance(counts, np.ndarray) else list(counts)
+    total = sum(c) + weight
+    return tuple((c[r] + weight * a) / total for r, a in enumerate(engine_wide[: len(c) - 1]))
 
 
 def rank_acceptance(hits: np.ndarray) -> tuple[float, ...]:

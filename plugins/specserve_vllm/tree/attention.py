@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from specserve_vllm.tree.draft import DraftTree, ancestor_mask
+from specserve_vllm.tree.draft import DraftTree, ancestor_mask, best_path_length
 
 
 def tree_attention_mask(tree: DraftTree, prefix_len: int) -> torch.Tensor:
@@ -49,6 +49,49 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     mask = tree_attention_mask(tree, prefix_len)  # [1+N, L]
     out = torch.nn.functional.scaled_dot_product_attention(query.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
     return out.transpose(0, 1)
+
+
+def side_rows_bias(tree: DraftTree, prefix_len: int, group: int = 1) -> torch.Tensor:
+    """``[group * S, prefix_len + 1 + N]`` float32 additive mask of a tree's side rows (the
+    ``S`` rows after the root and the best path, which the causal kernel gets wrong): 0 where a
+    row sees a key (the prefix, its ancestors, itself), ``-inf`` elsewhere; repeated ``group``
+    times for grouped-query attention.
+
+    >>> side_rows_bias(DraftTree((5, 9, 7), (-1, 0, -1)), prefix_len=1).tolist()   # node 7
+    [[0.0, 0.0, -inf, -inf, 0.0]]
+    """
+    keep = 1 + best_path_length(tree)
+    seen = tree_attention_mask(tree, prefix_len)[keep:]
+    bias = torch.zeros(seen.shape, dtype=torch.float32).masked_fill_(~seen, float("-inf"))
+    return bias.repeat(group, 1)
+
+
+def side_rows_attention(query: torch.Tensor, keys_t: list[torch.Tensor], values: list[torch.Tensor],
+                        bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of a tree's side rows over K/V held in blocks: what :func:`tree_attention`
+    computes for those rows, without gathering the cache.
+
+    ``query``: ``[S, heads, D]``; ``keys_t``/``values``: per block ``[kv_heads, D, n_j]`` /
+    ``[kv_heads, n_j, D]`` (see :func:`~specserve_vllm.tree.cpu_kv.block_views`), together the
+    ``prefix_len + 1 + N`` positions; ``bias``: :func:`side_rows_bias` for the same group.
+    Returns ``[S, heads, D]`` in float32.
+    """
+    rows, heads, dim = query.shape
+    kv_heads = keys_t[0].shape[0]
+    group = heads // kv_heads
+    # Rows of one KV head's query group side by side: [kv_heads, group * S, D].
+    q = query.float().view(rows, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
+    scores = torch.cat([torch.bmm(q, k.float()) for k in keys_t], dim=2)
+    scores = torch.softmax(scores.mul_(scale).add_(bias), dim=-1)
+    out = None
+    at = 0
+    for v in values:
+        n = v.shape[1]
+        part = torch.bmm(scores[:, :, at : at + n], v.float())
+        out = part if out is None else out.add_(part)
+        at += n
+    assert out is not None
+    return out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3).reshape(rows, heads, dim)
 
 
 def rope_neox(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:

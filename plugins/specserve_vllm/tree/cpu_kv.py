@@ -11,7 +11,10 @@ a quantised cache) raises, and the caller keeps chains.
 
 Two layouts are common enough to skip the gather: a block stored as is (``[token, dim]``,
 ``vec``'s V) or transposed (``[dim, token]``, ``vec``'s K); :func:`layout_kind` names them from
-the probed permutation and :func:`gather_kv` reads those through views.
+the probed permutation and :func:`gather_kv` reads those through views. :func:`block_views`
+goes one step further for the engine's tree rows: per-block views of K transposed and V, no
+copy at all, which :func:`~specserve_vllm.tree.attention.side_rows_attention` multiplies
+block by block.
 
 KV compaction needs no read-back: it rewrites rows through the same op at new slots.
 """
@@ -102,3 +105,24 @@ def gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: t
         return nat.permute(0, 2, 1, 3).reshape(-1, heads, head_dim)[:length]
 
     return natural(key_cache, k_index, k_kind), natural(value_cache, v_index, v_kind)
+
+
+def block_views(key_cache: torch.Tensor, value_cache: torch.Tensor, block_ids: list[int], length: int,
+                isa: str) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Per-block views (no copy) of one request's first ``length`` positions: K transposed,
+    ``[kv_heads, head_dim, n]`` each, and V, ``[kv_heads, n, head_dim]`` each (``n`` = the
+    block's used positions); None when the ISA's layout is neither as is nor transposed (the
+    caller gathers instead). ``block_ids``: the request's block table as ints."""
+    _, heads, block_size, head_dim = key_cache.shape
+    k_kind, v_kind = _kinds(isa, key_cache.dtype, block_size, head_dim)
+    if k_kind == "permuted" or v_kind == "permuted":
+        return None
+    keys, values = [], []
+    for j in range((length + block_size - 1) // block_size):
+        used = min(block_size, length - j * block_size)
+        raw_k, raw_v = key_cache[block_ids[j]], value_cache[block_ids[j]]  # [H, B, D] each, per-head contiguous
+        kt = (raw_k.view(heads, head_dim, block_size) if k_kind == "transposed" else raw_k.transpose(1, 2))
+        v = (raw_v.view(heads, head_dim, block_size).transpose(1, 2) if v_kind == "transposed" else raw_v)
+        keys.append(kt[:, :, :used])
+        values.append(v[:, :used])
+    return keys, values

@@ -76,6 +76,9 @@ class TreeStep:
 
     plan: TreePlan
     stash: list[StashedRows] = field(default_factory=list)
+    side_rows: dict[int, Any] = field(default_factory=dict)
+    """Per request index, what every attention layer shares: the side rows' bias and the
+    request's block ids (filled by the first layer)."""
 
 
 @dataclass

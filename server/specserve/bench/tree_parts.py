@@ -3,7 +3,9 @@
 Per attention layer at the demo model's shapes (8 query and 8 KV heads of 32, fp32, the CPU
 backend's block size 128) for one request with a ``--prefix``-token context: vLLM's native
 causal kernel on the ``1 + N`` rows (what a chain costs), reading the request's K/V back from
-the paged cache (``tree.cpu_kv.gather_kv``), and the dense tree attention over it; plus the
+the paged cache (``tree.cpu_kv.gather_kv``), and the dense tree attention over it; the engine's
+path: the side rows only, over per-block views of the cache (``tree.cpu_kv.block_views`` +
+``tree.attention.side_rows_attention``, what a tree step adds to a chain's kernel); plus the
 per-step pure parts: greedy tree verification over ``[1 + N, vocab]`` logits and growing a
 DySpec tree. Minimum over ``--reps`` runs (the least disturbed by other work on the machine).
 
@@ -45,9 +47,10 @@ def measure(nodes: int, prefix: int, reps: int) -> dict[str, Any]:
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from specserve_vllm.tree.attention import tree_attention
+    from specserve_vllm.tree.attention import side_rows_attention, side_rows_bias, tree_attention
     from specserve_vllm.tree.build import dynamic_tree, medusa_expander
-    from specserve_vllm.tree.cpu_kv import gather_kv
+    from specserve_vllm.tree.cpu_kv import block_views, gather_kv
+    from specserve_vllm.tree.draft import best_path_length
     from specserve_vllm.tree.verify import verify_greedy
 
     isa = _get_attn_isa(torch.float32, BLOCK, HEAD_DIM, "auto")
@@ -81,12 +84,22 @@ def measure(nodes: int, prefix: int, reps: int) -> dict[str, Any]:
     tree = dynamic_tree(expand, nodes)
     gk, gv = gather_kv(key_cache, value_cache, table, length, isa)
     logits = rng.standard_normal((rows, VOCAB)).astype(np.float32)
+    keep = 1 + best_path_length(tree)
+    bias = side_rows_bias(tree, prefix, HEADS // KV_HEADS)
+    ids = table.tolist()
+
+    def side_rows() -> None:
+        keys_t, values = block_views(key_cache, value_cache, ids, length, isa)  # type: ignore[misc]
+        side_rows_attention(q[keep:], keys_t, values, bias, HEAD_DIM**-0.5)
+
     return {
         "nodes": nodes,
         "depth": max(tree.depths()),
         "native_kernel_ms": _ms(native, reps),
         "gather_kv_ms": _ms(lambda: gather_kv(key_cache, value_cache, table, length, isa), reps),
         "tree_attention_ms": _ms(lambda: tree_attention(q, gk, gv, tree, HEAD_DIM**-0.5), reps),
+        "side_rows": rows - keep,
+        "side_rows_ms": _ms(side_rows, reps),
         "verify_greedy_ms": _ms(lambda: verify_greedy(tree, logits), reps),
         "dynamic_tree_ms": _ms(lambda: dynamic_tree(expand, nodes), reps),
     }
@@ -103,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                          "vocab": VOCAB, "dtype": "float32"}, "rows": rows}
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     parts = [f"N={r['nodes']}: native {r['native_kernel_ms']} ms, gather+tree "
-             f"{round(r['gather_kv_ms'] + r['tree_attention_ms'], 3)} ms" for r in rows]
+             f"{round(r['gather_kv_ms'] + r['tree_attention_ms'], 3)} ms, side rows {r['side_rows_ms']} ms"
+             for r in rows]
     sys.stderr.write("per layer, prefix %d: " % args.prefix + "; ".join(parts) + "\n")
     return 0
