@@ -108,6 +108,37 @@ def test_recycling_static_tree_is_the_papers_bfs_tree(case: tuple, widths: list[
     assert static_tree(expand, widths, max_nodes=budget) == recycling.draft_tree(m, root, widths, max_nodes=budget)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(medusa_tops(), recycling_cases().map(lambda c: c[2])), st.integers(1, 12), st.integers(1, 8),
+       st.one_of(st.none(), st.integers(1, 4)))
+def test_lookahead_expansion_grows_the_same_tree_in_fewer_calls(expand: Expander, budget: int, lookahead: int,
+                                                                max_depth: int | None) -> None:
+    calls: list[int] = []
+
+    def counted(paths: list) -> list:
+        calls.append(len(paths))
+        return expand(paths)
+
+    plain = dynamic_tree(counted, budget, max_depth=max_depth)
+    plain_calls = len(calls)
+    calls.clear()
+    assert dynamic_tree(counted, budget, max_depth=max_depth, lookahead=lookahead) == plain
+    assert len(calls) <= plain_calls
+
+
+def test_lookahead_batches_the_waiting_candidates() -> None:
+    expand = medusa_expander(np.array([[1, 2, 3]] * 4), np.log(np.array([[0.5, 0.3, 0.2]] * 4)))
+    calls: list[int] = []
+
+    def counted(paths: list) -> list:
+        calls.append(len(paths))
+        return expand(paths)
+
+    tree = dynamic_tree(counted, 8, lookahead=4)
+    assert tree == dynamic_tree(expand, 8)
+    assert len(calls) < 8 and max(calls) > 1  # without lookahead: one call per taken node
+
+
 def test_dynamic_tree_caps_depth_and_width() -> None:
     expand = medusa_expander(np.array([[1, 2, 3]] * 4), np.log(np.array([[0.9, 0.05, 0.04]] * 4)))
     assert dynamic_tree(expand, 10, max_depth=2).depths() == (1, 2, 2, 2, 1, 2, 2, 2, 1, 2)

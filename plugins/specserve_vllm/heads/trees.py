@@ -19,6 +19,10 @@ from specserve_vllm.tree.heads_expand import heads_expander
 CANDIDATES = 4
 """Top candidates per head a tree may branch into."""
 
+LOOKAHEAD = 8
+"""Waiting candidates a DySpec expansion also runs through the heads (one batched call per
+depth instead of one call per node; the tree does not change)."""
+
 
 def heads_tree(heads: Any, state: torch.Tensor, first_token: int, lm_head: torch.Tensor, embed: torch.Tensor,
                shape: str, budget: int) -> DraftTree:
@@ -31,5 +35,5 @@ def heads_tree(heads: Any, state: torch.Tensor, first_token: int, lm_head: torch
     if shape == "static":
         return static_tree(expand, SMALL_BUDGET_WIDTHS[:depth], max_nodes=budget)
     if shape == "dynamic":
-        return dynamic_tree(expand, budget, max_depth=depth, width=CANDIDATES)
+        return dynamic_tree(expand, budget, max_depth=depth, width=CANDIDATES, lookahead=LOOKAHEAD)
     raise ValueError(f"no tree shape {shape!r} for heads; choose static or dynamic")

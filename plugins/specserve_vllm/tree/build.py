@@ -69,34 +69,54 @@ def static_tree(expand: Expander, widths: Sequence[int], max_nodes: int | None =
     return from_topological(tokens, parents)[0]
 
 
-def dynamic_tree(expand: Expander, budget: int, max_depth: int | None = None, width: int | None = None) -> DraftTree:
+def dynamic_tree(expand: Expander, budget: int, max_depth: int | None = None, width: int | None = None,
+                 lookahead: int = 0) -> DraftTree:
     """DySpec: add the best-scored candidate until ``budget`` nodes (or no candidates are left).
 
     A candidate's score is its path's summed draft log-probability. ``width`` caps the
     candidates taken per expansion, ``max_depth`` the depth. Ties go to the earlier candidate.
+
+    ``lookahead``: when a node must be expanded, also expand up to that many of the best
+    waiting candidates in the same ``expand`` call (kept until they are taken). The tree is the
+    same for any ``lookahead``; drafters whose expansion is a batched model call (Hydra's heads)
+    make fewer, larger calls.
     """
     tokens: list[int] = []
     parents: list[int] = []
     heap: list[tuple[float, int, int, Path]] = []  # (-score, order, parent node, path incl. token)
+    expanded: dict[Path, Candidates] = {}
     order = 0
 
-    def push(node: int, path: Path, score: float, cands: Candidates) -> None:
+    def expandable(path: Path) -> bool:
+        return max_depth is None or len(path) < max_depth
+
+    def candidates(path: Path) -> Candidates:
+        if path not in expanded:
+            batch = [path]
+            room = budget - len(tokens) - 1  # nodes that may still be taken after this one
+            if lookahead > 0 and room > 0:
+                batch += [e[3] for e in heapq.nsmallest(min(lookahead, room), heap)
+                          if expandable(e[3]) and e[3] not in expanded]
+            expanded.update(zip(batch, expand(batch)))
+        return expanded.pop(path)
+
+    def push(node: int, path: Path, score: float) -> None:
         nonlocal order
-        if max_depth is not None and len(path) >= max_depth:
+        if not expandable(path):
             return
-        for tok, logp in cands[:width]:
+        for tok, logp in candidates(path)[:width]:
             if logp == -math.inf:
                 continue
             heapq.heappush(heap, (-(score + float(logp)), order, node, (*path, int(tok))))
             order += 1
 
-    push(-1, (), 0.0, expand([()])[0])
+    push(-1, (), 0.0)
     while heap and len(tokens) < budget:
         neg, _, parent, path = heapq.heappop(heap)
         tokens.append(path[-1])
         parents.append(parent)
         if len(tokens) < budget:
-            push(len(tokens) - 1, path, -neg, expand([path])[0])
+            push(len(tokens) - 1, path, -neg)
     return from_topological(tokens, parents)[0]
 
 
