@@ -14,7 +14,8 @@ arm once, in an order shuffled per repetition. Reports per arm, batch and temper
 tokens per verification step, from the requests' own speculative metrics) and acceptance per
 depth over all repetitions, tokens/s per repetition and its median, ratios to no speculation and
 to the chain arm with the highest median paired by repetition (median, min, max), the share of looping outputs,
-the tree counters (tree verifications, accepted side branches) and, greedy, whether every
+the tree counters (tree verifications, accepted side branches), the share of steps each
+repetition ran without speculation (which τ leaves out) and, greedy, whether every
 repetition's outputs equal the no-speculation run's token for token.
 JSON on stdout, one summary line on stderr.
 """
@@ -67,6 +68,27 @@ def _tree_counters(llm: Any) -> dict[str, int]:
     return {} if found is None else dataclasses.asdict(found)
 
 
+def _plan_steps(llm: Any) -> tuple[int, int]:
+    """``(steps, steps without speculation)`` the engine's step planner has counted so far."""
+    from specserve_vllm.compat.spec_length import PLANNER_ATTR
+
+    planner = getattr(model_runner(llm), PLANNER_ATTR, None)
+    snap = planner.snapshot() if planner is not None else {}
+    return int(snap.get("steps", 0)), int(snap.get("no_spec_steps", 0))
+
+
+def no_spec_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of planned steps that ran without speculation between two planner counts
+    (``(steps, no_spec_steps)``); None when no step was planned. τ counts verification steps
+    only, so this is what it leaves out.
+
+    >>> no_spec_share((10, 2), (30, 7)), no_spec_share((5, 0), (5, 0))
+    (0.25, None)
+    """
+    steps = after[0] - before[0]
+    return round((after[1] - before[1]) / steps, 4) if steps > 0 else None
+
+
 def _key(batch: int, temperature: float) -> str:
     return f"{batch}@{temperature:g}"
 
@@ -93,7 +115,7 @@ def _measure(llm: Any, prompts: list[list[int]], params: list[Any], bs: int, spe
     speculative metrics, tree counters before and after."""
     from vllm.inputs import TokensPrompt
 
-    trees_before = _tree_counters(llm)
+    trees_before, plan_before = _tree_counters(llm), _plan_steps(llm)
     outputs: list[list[int]] = []
     metrics: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -104,7 +126,7 @@ def _measure(llm: Any, prompts: list[list[int]], params: list[Any], bs: int, spe
         metrics.extend(o.outputs[0].spec_decode_metrics.to_dict() for o in outs
                        if getattr(o.outputs[0], "spec_decode_metrics", None) is not None)
     elapsed = time.perf_counter() - t0
-    trees_after = _tree_counters(llm)
+    trees_after, plan_after = _tree_counters(llm), _plan_steps(llm)
     steps, acc, per_depth = spec_totals(metrics)
     return {
         "steps": steps, "accepted": acc, "accepted_at_depth": per_depth,
@@ -112,6 +134,7 @@ def _measure(llm: Any, prompts: list[list[int]], params: list[Any], bs: int, spe
         "tokens_per_s": round(sum(len(o) for o in outputs) / elapsed, 1),
         "looping_share": round(sum(is_looping(o) for o in outputs) / max(1, len(outputs)), 3),
         "trees": {key: _delta(trees_after[key], trees_before.get(key)) for key in trees_after},
+        "no_spec_share": no_spec_share(plan_before, plan_after),
         "outputs": outputs,
     }
 
@@ -202,7 +225,8 @@ def _summary(arm: Arm, runs: list[dict[str, Any]], none: list[dict[str, Any]],
             "tokens_per_s": statistics.median(speeds), "tokens_per_s_runs": speeds,
             "vs_none": paired(speeds, [r["tokens_per_s"] for r in none]),
             "vs_best_chain": paired(speeds, best_chain),
-            "looping_share": runs[0]["looping_share"], "trees": trees}
+            "looping_share": runs[0]["looping_share"], "trees": trees,
+            "no_spec_share_runs": [r.get("no_spec_share") for r in runs]}
 
 
 def run(args: argparse.Namespace) -> int:
