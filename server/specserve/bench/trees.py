@@ -230,6 +230,7 @@ def _summary(arm: Arm, runs: list[dict[str, Any]], none: list[dict[str, Any]],
 
 
 def run(args: argparse.Namespace) -> int:
+    import gc
     import os
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
@@ -254,6 +255,11 @@ def run(args: argparse.Namespace) -> int:
     random.Random(args.seed).shuffle(build)
     engines = {arm: _engine(model_dir, args.drafter, heads, arm, prompts[0], args.max_tokens, args.dtype)
                for arm in build}
+    # Every arm's engine lives in this process. Freezing what building them left keeps the cyclic
+    # collector from walking the idle engines' objects during each measured arm, so an arm's speed
+    # does not depend on how many other engines were built (or how many objects its steps make).
+    gc.collect()
+    gc.freeze()
     from vllm import SamplingParams
 
     got: dict[Arm, dict[str, list[dict[str, Any]]]] = {arm: {} for arm in arms}
