@@ -5,7 +5,8 @@ of ``CPUAttentionBackendImpl.forward`` lets the kernel compute every row as usua
 the step's metadata carries a :class:`~specserve_vllm.tree.step.TreeStep` (attached by
 :mod:`specserve_vllm.compat.tree_steps`), recomputes each tree request's side-branch rows: they
 attend to the prefix, their ancestors and themselves over the request's K/V in the paged cache
-(per-block views, layout probed through vLLM's own write op). Queries and keys already carry RoPE at depth positions (the runner shifted
+(per-block views, layout probed through vLLM's own write op). Queries and keys already carry
+RoPE at depth positions (the runner shifted
 them). The rows' K/V and slots are stashed for KV compaction after verification. Chain requests
 and steps without trees never reach the new code (one attribute lookup).
 
@@ -58,24 +59,25 @@ def recompute_tree_rows(impl: Any, layer: Any, query: Any, key: Any, value: Any,
     from specserve_vllm.tree.attention import side_rows_attention, side_rows_bias, tree_attention
     from specserve_vllm.tree.cpu_kv import block_views, gather_kv
     from specserve_vllm.tree.draft import best_path_length
-    from specserve_vllm.tree.step import StashedRows
+    from specserve_vllm.tree.step import SideRows, StashedRows
 
     num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
     key_cache, value_cache = kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1)).chunk(2, dim=2)
     for req in step.plan.requests:
         rows = len(req.tree) + 1
         start = req.row_start
-        shared = step.side_rows.get(req.req_index)
-        if shared is None:
+        side = step.side_rows.get(req.req_index)
+        if side is None:
             seq_len = int(attn_metadata.seq_lens[req.req_index])
             used = (seq_len + block_size - 1) // block_size
-            ids = attn_metadata.block_table[req.req_index, :used].tolist()
-            bias = side_rows_bias(req.tree, seq_len - rows, query.shape[1] // num_kv_heads)
-            shared = step.side_rows[req.req_index] = (1 + best_path_length(req.tree), seq_len, ids, bias)
-        keep, seq_len, ids, bias = shared
-        views = block_views(key_cache, value_cache, ids, seq_len, layer.isa)
+            side = step.side_rows[req.req_index] = SideRows(
+                keep=1 + best_path_length(req.tree), seq_len=seq_len,
+                block_ids=attn_metadata.block_table[req.req_index, :used].tolist(),
+                bias=side_rows_bias(req.tree, seq_len - rows, query.shape[1] // num_kv_heads))
+        keep, seq_len = side.keep, side.seq_len
+        views = block_views(key_cache, value_cache, side.block_ids, seq_len, layer.isa)
         if views is not None:
-            out = side_rows_attention(query[start + keep : start + rows], views[0], views[1], bias, impl.scale)
+            out = side_rows_attention(query[start + keep : start + rows], views[0], views[1], side.bias, impl.scale)
         else:
             k, v = gather_kv(key_cache, value_cache, attn_metadata.block_table[req.req_index], seq_len, layer.isa)
             q = query[start : start + rows].float()  # fp32 like the kernel's accumulation

@@ -82,15 +82,10 @@ def side_rows_attention(query: torch.Tensor, keys_t: list[torch.Tensor], values:
     # Rows of one KV head's query group side by side: [kv_heads, group * S, D].
     q = query.float().view(rows, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
     scores = torch.cat([torch.bmm(q, k.float()) for k in keys_t], dim=2)
-    scores = torch.softmax(scores.mul_(scale).add_(bias), dim=-1)
-    out = None
-    at = 0
-    for v in values:
-        n = v.shape[1]
-        part = torch.bmm(scores[:, :, at : at + n], v.float())
-        out = part if out is None else out.add_(part)
-        at += n
-    assert out is not None
+    weights = torch.softmax(scores.mul_(scale).add_(bias), dim=-1).split([v.shape[1] for v in values], dim=2)
+    out = torch.bmm(weights[0], values[0].float())
+    for w, v in zip(weights[1:], values[1:]):
+        out.baddbmm_(w, v.float())
     return out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3).reshape(rows, heads, dim)
 
 

@@ -23,7 +23,7 @@ pruned with their grammar (:mod:`specserve_vllm.compat.tree_grammar`), never the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from specserve_vllm.tree.plan import TreePlan
 
@@ -70,15 +70,25 @@ class StashedRows:
     kv_cache_dtype: str = "auto"
 
 
+class SideRows(NamedTuple):
+    """What every attention layer of a step shares for one tree request's side rows."""
+
+    keep: int
+    """Rows the kernel gets right: the root and the best path."""
+    seq_len: int
+    block_ids: list[int]
+    bias: Any
+    """:func:`~specserve_vllm.tree.attention.side_rows_bias` for the layers' query groups."""
+
+
 @dataclass
 class TreeStep:
     """A step with tree requests: the plan and the K/V rows the attention layers stashed."""
 
     plan: TreePlan
     stash: list[StashedRows] = field(default_factory=list)
-    side_rows: dict[int, Any] = field(default_factory=dict)
-    """Per request index, what every attention layer shares: the side rows' bias and the
-    request's block ids (filled by the first layer)."""
+    side_rows: dict[int, SideRows] = field(default_factory=dict)
+    """Per request index, filled by the step's first attention layer."""
 
 
 @dataclass

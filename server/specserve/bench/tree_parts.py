@@ -89,8 +89,9 @@ def measure(nodes: int, prefix: int, reps: int) -> dict[str, Any]:
     ids = table.tolist()
 
     def side_rows() -> None:
-        keys_t, values = block_views(key_cache, value_cache, ids, length, isa)  # type: ignore[misc]
-        side_rows_attention(q[keep:], keys_t, values, bias, HEAD_DIM**-0.5)
+        views = block_views(key_cache, value_cache, ids, length, isa)
+        assert views is not None, f"isa {isa!r} stores blocks permuted"
+        side_rows_attention(q[keep:], views[0], views[1], bias, HEAD_DIM**-0.5)
 
     return {
         "nodes": nodes,
