@@ -54,6 +54,33 @@ def test_update_overwrites_last_occurrence_and_nothing_else(m: np.ndarray, upd: 
     assert (out == expected).all()
 
 
+@settings(deadline=None)
+@given(matrices(), updates())
+def test_successor_rows_follow_the_sequential_rule_and_keep_rank_0(m: np.ndarray, upd: tuple) -> None:
+    """Each position, in order: the new top-1, then the row as it was, then the rest of the new
+    top-k, valid and distinct, cut to k. Rank 0 is what the plain update writes wherever the
+    new top-1 is in the vocabulary, so chains draft the same tokens."""
+    prev, topk = upd
+    out = m.copy()
+    recycling.update_successors_inplace(out, prev, topk)
+    expected = m.copy()
+    for t, row in zip(prev.tolist(), topk.tolist()):
+        if not 0 <= t < VOCAB:
+            continue
+        merged = [row[0], *expected[t].tolist(), *row[1:K]]
+        kept: list[int] = []
+        for c in merged:
+            if 0 <= c < VOCAB and c not in kept:
+                kept.append(c)
+        expected[t] = (kept + [recycling.EMPTY] * K)[:K]
+    assert (out == expected).all()
+    plain = recycling.update(m, prev, topk)
+    last_top1 = {t: row[0] for t, row in zip(prev.tolist(), topk.tolist()) if 0 <= t < VOCAB}
+    for t, top1 in last_top1.items():
+        if top1 < VOCAB:
+            assert out[t, 0] == plain[t, 0] == top1
+
+
 def test_update_rejects_too_few_candidates() -> None:
     with pytest.raises(ValueError, match="columns"):
         recycling.update(recycling.new_matrix(4, k=3), np.array([1]), np.array([[2, 3]]))

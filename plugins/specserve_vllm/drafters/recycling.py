@@ -92,6 +92,46 @@ def update_inplace(matrix: np.ndarray, prev_tokens: np.ndarray, topk_ids: np.nda
     matrix[prev[keep]] = cand[keep].astype(matrix.dtype, copy=False)
 
 
+def update_successors_inplace(matrix: np.ndarray, prev_tokens: np.ndarray, topk_ids: np.ndarray) -> None:
+    """Like :func:`update_inplace`, but row ``t`` keeps a history: the new top-1 first, then the
+    row as it was (without that token), then the rest of the new top-k, duplicates dropped,
+    cut to ``k``. Rank 0 is exactly :func:`update_inplace`'s (a chain drafts the same tokens);
+    the other ranks become the recent, distinct top-1 successors of ``t`` across contexts, which
+    a draft tree can branch into. Positions are applied in order (a repeated token updates its
+    row once per occurrence).
+
+        >>> m = new_matrix(6, k=3)
+        >>> update_successors_inplace(m, np.array([1]), np.array([[3, 4, 5]])); m[1].tolist()
+        [3, 4, 5]
+        >>> update_successors_inplace(m, np.array([1, 1]), np.array([[2, 3, 0], [4, 0, 5]])); m[1].tolist()
+        [4, 2, 3]
+    """
+    vocab, k = matrix.shape
+    prev = np.asarray(prev_tokens, dtype=np.int64).reshape(-1)
+    cand = np.asarray(topk_ids)
+    if cand.ndim != 2 or cand.shape[0] != prev.shape[0] or cand.shape[1] < k:
+        raise ValueError(f"topk_ids must be [{prev.shape[0]}, >={k}], got {list(cand.shape)}")
+    valid = (prev >= 0) & (prev < vocab)
+    prev, cand = prev[valid], cand[valid, :k].astype(np.int64)
+    if prev.size == 0:
+        return
+    cand = np.where((cand >= 0) & (cand < vocab), cand, EMPTY)
+    seen: dict[int, int] = {}
+    occurrence = np.empty(prev.size, dtype=np.int64)  # how many times the token came before
+    for i, t in enumerate(prev.tolist()):
+        occurrence[i] = seen[t] = seen.get(t, -1) + 1
+    width = 2 * k
+    earlier = np.tril(np.ones((width, width), dtype=bool), -1)  # [j, i]: i comes before j
+    for r in range(int(occurrence.max()) + 1):
+        rows, new = prev[occurrence == r], cand[occurrence == r]
+        merged = np.concatenate([new[:, :1], matrix[rows].astype(np.int64), new[:, 1:]], axis=1)  # [m, 2k]
+        repeated = ((merged[:, :, None] == merged[:, None, :]) & earlier).any(axis=2)
+        keep = (merged >= 0) & ~repeated
+        out = np.take_along_axis(merged, np.argsort(~keep, axis=1, kind="stable"), axis=1)[:, :k]
+        out[np.arange(k)[None, :] >= keep.sum(axis=1)[:, None]] = EMPTY
+        matrix[rows] = out.astype(matrix.dtype, copy=False)
+
+
 def update(matrix: np.ndarray, prev_tokens: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
     """Pure form of :func:`update_inplace`: returns an updated copy, ``matrix`` is unchanged."""
     out = matrix.copy()

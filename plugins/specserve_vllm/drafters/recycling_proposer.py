@@ -126,6 +126,11 @@ class RecyclingProposer:
             self.rank_hits += np.bincount(ranks, minlength=self.rank_hits.size)
             if self.row_hits is not None:
                 row_hits(self.row_hits, tokens, ranks)
+            # Rows keep the recent distinct successors (rank 0 as before): DySpec branches into
+            # what followed the token in other contexts, which one context's top-k misses when
+            # many requests share the matrix.
+            recycling.update_successors_inplace(self.matrix, np.asarray(input_tokens), np.asarray(topk_ids))
+            return
         if not self._write_rows(input_tokens, topk_ids, logits_width):
             recycling.update_inplace(self.matrix, np.asarray(input_tokens), np.asarray(topk_ids))
 
