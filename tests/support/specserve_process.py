@@ -23,8 +23,16 @@ ENGINE_KEY = "e2e-engine-key"
 tests can also call the engine directly."""
 
 
+COMPILE_TIMEOUT_S = "300"
+"""The engine's limit on one grammar compile in served tests. The product's 6 s guards against
+pathological schemas; on a loaded 2-core test machine a fresh compile worker's first JSON schema
+can pass it, which turned tool-call tests into 400s. No served test is about that limit (unit
+tests cover it), so they wait for the compile instead."""
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "SPECSERVE_ENGINE_API_KEY": ENGINE_KEY}
+    return {**os.environ, "SPECSERVE_ENGINE_API_KEY": ENGINE_KEY,
+            "SPECSERVE_ENGINE_COMPILE_TIMEOUT_S": os.environ.get("SPECSERVE_ENGINE_COMPILE_TIMEOUT_S", COMPILE_TIMEOUT_S)}
 
 
 def free_port() -> int:
