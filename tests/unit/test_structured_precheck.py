@@ -229,6 +229,29 @@ def test_a_compile_over_its_time_is_killed_and_others_go_on() -> None:
         workers.close()
 
 
+def test_waiting_for_a_worker_is_not_taken_for_a_slow_compile() -> None:
+    """A job that waited for the only worker still gets its whole limit once it has one: a
+    fresh engine whose workers are still starting must not refuse a constraint as too slow.
+    (With the wait counted, the 2.5 s job would get about 2 s and be refused.)"""
+    import threading
+    import time
+
+    from specserve.structured.workers import CompileWorkers
+
+    workers = CompileWorkers(size=1)
+    workers.wait_started(120)
+    try:
+        holder = threading.Thread(target=workers.run, args=(time.sleep, 1.0, 20.0), daemon=True)
+        holder.start()
+        while not holder.is_alive():  # the holder has the worker once its thread runs
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert workers.run(time.sleep, 2.5, timeout_s=3.0) is None
+        assert workers.killed == 0
+    finally:
+        workers.close()
+
+
 def test_one_owner_runs_one_compile_at_a_time() -> None:
     import threading
     import time

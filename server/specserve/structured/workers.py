@@ -169,13 +169,14 @@ class CompileWorkers:
 
     def run(self, job: Job, args: Any, timeout_s: float) -> str | None:
         """``job(args)`` in a worker: its answer, or a refusal when it takes more than ``timeout_s``
-        (the worker is then killed and replaced). Waiting for a free worker counts against
-        ``timeout_s``; :class:`WorkersBusy` when none frees up in time."""
-        deadline = time.monotonic() + timeout_s
-        worker = self._take(deadline)
+        (the worker is then killed and replaced). Waiting for a free worker is bounded by
+        ``timeout_s`` too (:class:`WorkersBusy` when none frees up in time), but the job's own
+        ``timeout_s`` starts when a worker has it: time spent waiting (for a busy pool, or for
+        the first workers to start) is never taken for a slow constraint."""
+        worker = self._take(time.monotonic() + timeout_s)
         try:
             worker.conn.send((job, args))
-            if worker.conn.poll(max(0.0, deadline - time.monotonic())):
+            if worker.conn.poll(timeout_s):
                 status, value = worker.conn.recv()
                 self._give_back(worker)
                 if status == "error":
