@@ -225,6 +225,7 @@ class SchemaPrecheck:
         self._lock = threading.Lock()
         self._pool: CompileWorkers | None = None
         self._checker: GrammarChecker | None = None
+        self._closed = False
         self._waiters = _waiters()
 
     def checker(self) -> GrammarChecker:
@@ -232,7 +233,7 @@ class SchemaPrecheck:
         installed; importing it takes seconds, once)."""
         with self._lock:
             if self._checker is None:
-                if load_xgrammar() is not None:
+                if load_xgrammar() is not None and not self._closed:
                     self._pool = CompileWorkers(size=self.workers)
                 self._checker = GrammarChecker(self.limits.cache_size, self.limits.compile_timeout_s,
                                                workers=self._pool)
@@ -251,7 +252,8 @@ class SchemaPrecheck:
 
     def close(self) -> None:
         """Stop the compile workers and the waiting threads."""
-        with self._lock:
+        with self._lock:  # after a warm-up still creating the pool: it is then closed here
+            self._closed = True
             pool, self._pool, self._checker = self._pool, None, None
         if pool is not None:
             pool.close()

@@ -191,10 +191,17 @@ class CompileWorkers:
         self._replace()
         return f"compiling it took longer than {timeout_s:g} s"
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 10.0) -> None:
+        """Kill the idle workers, and wait (at most ``wait_s``) for workers still starting, which
+        kill themselves on seeing the pool closed: a process exiting in the middle of a start
+        leaves the fork server printing a traceback."""
+        deadline = time.monotonic() + wait_s
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
             self._cond.notify_all()
         for worker in idle:
             worker.kill()
+        with self._cond:
+            while self._starting and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(remaining)
