@@ -64,15 +64,9 @@ def new_matrix(vocab_size: int, k: int = DEFAULT_K) -> np.ndarray:
     return np.full((vocab_size, k), EMPTY, dtype=matrix_dtype(vocab_size))
 
 
-def update_inplace(matrix: np.ndarray, prev_tokens: np.ndarray, topk_ids: np.ndarray) -> None:
-    """Overwrite row ``prev_tokens[i]`` with ``topk_ids[i, :k]`` for every i, in place.
-
-    ``prev_tokens``: ``[n]`` input token at each verified position; ``topk_ids``: ``[n, >=k]``
-    the target's top candidates for the next token there, best first. When a token occurs
-    more than once the last occurrence wins (it saw the most context). Out-of-range input
-    tokens (e.g. padding ``-1``) are skipped; out-of-range candidates (padded vocabulary
-    columns) are stored as ``EMPTY``.
-    """
+def _rows_to_write(matrix: np.ndarray, prev_tokens: np.ndarray, topk_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens [m], candidates [m, k])`` int64 of the positions whose input token has a row;
+    out-of-range candidates become ``EMPTY``. Raises on a ``topk_ids`` of the wrong shape."""
     vocab, k = matrix.shape
     prev = np.asarray(prev_tokens, dtype=np.int64).reshape(-1)
     cand = np.asarray(topk_ids)
@@ -82,9 +76,21 @@ def update_inplace(matrix: np.ndarray, prev_tokens: np.ndarray, topk_ids: np.nda
         raise ValueError(f"topk_ids has {cand.shape[1]} columns, the matrix needs {k}")
     valid = (prev >= 0) & (prev < vocab)
     prev, cand = prev[valid], cand[valid, :k].astype(np.int64)
+    return prev, np.where((cand >= 0) & (cand < vocab), cand, EMPTY)
+
+
+def update_inplace(matrix: np.ndarray, prev_tokens: np.ndarray, topk_ids: np.ndarray) -> None:
+    """Overwrite row ``prev_tokens[i]`` with ``topk_ids[i, :k]`` for every i, in place.
+
+    ``prev_tokens``: ``[n]`` input token at each verified position; ``topk_ids``: ``[n, >=k]``
+    the target's top candidates for the next token there, best first. When a token occurs
+    more than once the last occurrence wins (it saw the most context). Out-of-range input
+    tokens (e.g. padding ``-1``) are skipped; out-of-range candidates (padded vocabulary
+    columns) are stored as ``EMPTY``.
+    """
+    prev, cand = _rows_to_write(matrix, prev_tokens, topk_ids)
     if prev.size == 0:
         return
-    cand = np.where((cand >= 0) & (cand < vocab), cand, EMPTY)
     # Keep only the last occurrence of each token so the result does not depend on how
     # numpy orders duplicate writes.
     _, first_in_reversed = np.unique(prev[::-1], return_index=True)
@@ -106,16 +112,10 @@ def update_successors_inplace(matrix: np.ndarray, prev_tokens: np.ndarray, topk_
         >>> update_successors_inplace(m, np.array([1, 1]), np.array([[2, 3, 0], [4, 0, 5]])); m[1].tolist()
         [4, 2, 3]
     """
-    vocab, k = matrix.shape
-    prev = np.asarray(prev_tokens, dtype=np.int64).reshape(-1)
-    cand = np.asarray(topk_ids)
-    if cand.ndim != 2 or cand.shape[0] != prev.shape[0] or cand.shape[1] < k:
-        raise ValueError(f"topk_ids must be [{prev.shape[0]}, >={k}], got {list(cand.shape)}")
-    valid = (prev >= 0) & (prev < vocab)
-    prev, cand = prev[valid], cand[valid, :k].astype(np.int64)
+    k = matrix.shape[1]
+    prev, cand = _rows_to_write(matrix, prev_tokens, topk_ids)
     if prev.size == 0:
         return
-    cand = np.where((cand >= 0) & (cand < vocab), cand, EMPTY)
     seen: dict[int, int] = {}
     occurrence = np.empty(prev.size, dtype=np.int64)  # how many times the token came before
     for i, t in enumerate(prev.tolist()):
