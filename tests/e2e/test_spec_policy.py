@@ -97,6 +97,10 @@ def test_the_gateway_prices_requests_with_the_engines_own_model(demo_model_dir: 
         model = parse_page(client.get(f"{server.engine_url}/metrics").text)
         assert model is not None and model.cost["base"] > 0 and len(model.acceptance) == 4
         assert all(0.0 < a < 1.0 for a in model.acceptance)
+        # Only greedy requests so far: the engine has measured that sampling class alone, and a
+        # greedy request is priced at its rates.
+        assert list(model.acceptance_by_class) == ["greedy"] and len(model.acceptance_by_class["greedy"]) == 4
+        assert model.rates(0.0) == ("greedy", model.acceptance_by_class["greedy"])
         assert engine_budget(model, batch=1, k_max=4) in range(5)
         k, spec = _complete(client, base)  # idle: priced by the engine's model, within the engine's k
         assert 0 <= k <= 4 and spec["num_spec_tokens"] == 4

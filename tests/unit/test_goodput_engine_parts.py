@@ -226,3 +226,67 @@ def test_a_request_that_stopped_after_an_unlucky_start_is_tried_again() -> None:
     for _ in range(2):
         never.observe(VerifiedRows(("r0",), np.array([4]), np.array([0])))
     assert all(never.plan(rows).sum() == 0 for _ in range(60))
+
+
+def _classed(ids: tuple[str, ...], classes: list[int]) -> StepRows:
+    n = len(ids)
+    return StepRows(ids, np.full(n, 4), np.full(n, 200), classes=np.array(classes))
+
+
+def test_sampled_requests_learn_their_own_engine_rate_and_greedy_ones_keep_theirs() -> None:
+    """A mixed workload: greedy drafts hold, sampled ones miss. A new request is priced at its
+    own class's rate, so a new greedy request speculates and a new sampled one does not."""
+    policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.6] * 4))
+    for step in range(400):
+        ids = (f"g{step}", f"s{step}")
+        policy.plan(_classed(ids, [0, 2]))
+        policy.observe(VerifiedRows(ids, np.array([4, 4]), np.array([4, 0])))
+    rates = policy.acceptance.class_rates()
+    assert rates[0, 0] > 0.9 and rates[2, 0] < 0.15
+    assert policy.plan(_classed(("new-g",), [0])).tolist() == [4]
+    assert policy.plan(_classed(("new-s",), [2])).tolist() == [0]
+    state = policy.model_state()
+    assert set(state["acceptance_by_class"]) == {"greedy", "le_1"}
+    # Without classes (one pooled rate) the new sampled request would have been priced like the rest.
+    pooled = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.6] * 4))
+    for step in range(400):
+        ids = (f"g{step}", f"s{step}")
+        pooled.plan(_rows(2))
+        pooled.observe(VerifiedRows(ids, np.array([4, 4]), np.array([4, 0])))
+    assert pooled.plan(StepRows(("new-s",), np.full(1, 4), np.full(1, 200))).tolist() != [0]
+
+
+def test_a_forgotten_request_leaves_its_class_behind() -> None:
+    model = AcceptanceModel([0.5] * 2)
+    model.assign(["a"], [3])
+    model.forget(["a"])
+    model.assign(["a"], [0])
+    model.observe("a", 2, 2)
+    assert model.seen_classes() == [0]
+
+
+def test_calibration_priors_by_sampling_class_reach_the_policy(tmp_path: Path) -> None:
+    base = json.loads(DEFAULT_CALIBRATION.read_text())
+    base["acceptance_by_class"] = {"HydraProposer": {"le_1": [0.2, 0.3], "gt_1": [0.1], "unknown": [0.9]}}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(base))
+    loaded = Calibration.load(path)
+    (tmp_path / "again.json").write_text(loaded.to_json())
+    assert Calibration.load(tmp_path / "again.json") == loaded
+    assert loaded.class_priors("HydraProposer") == {2: [0.2, 0.3], 3: [0.1]}
+    policy = GoodputPolicy.from_settings(PlannerSettings(policy="goodput", calibration=str(path)), 4,
+                                         "HydraProposer")
+    rates = policy.acceptance.class_rates()
+    assert rates[2].round(2).tolist() == [0.2, 0.3, 0.3, 0.3]  # the last measured rate carries on
+    assert rates[3].round(2).tolist() == [0.1] * 4
+    assert rates[0].tolist() == rates[1].tolist()  # greedy and low temperatures: the drafter's prior
+
+
+def test_the_runner_batch_gives_each_request_its_sampling_class() -> None:
+    from specserve_vllm.compat.spec_length import request_classes
+
+    params = {"a": SimpleNamespace(temperature=0.0), "b": SimpleNamespace(temperature=0.7),
+              "c": SimpleNamespace(temperature=1.3), "d": None}
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b", "c", "d"]),
+                             requests={r: SimpleNamespace(sampling_params=p) for r, p in params.items()})
+    assert request_classes(runner).tolist() == [0, 2, 3, 0]

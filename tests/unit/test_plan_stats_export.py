@@ -173,3 +173,28 @@ def test_the_controllers_probes_reach_the_metrics(tmp_path: Path) -> None:
     planner = StepPlanner(policy, 4)
     export.StatsPublisher(tmp_path / "engine-1.json", planner.snapshot, planner.lock, interval_s=60).publish()
     assert _value(_families(tmp_path)["specserve_engine_spec_probes"]) == 3
+
+
+def test_acceptance_by_sampling_class_reaches_the_gateway_which_prices_each_request_at_its_own(tmp_path: Path) -> None:
+    from specserve.gateway.engine_model import engine_budget, parse_page
+    from specserve_vllm.spec_control.acceptance import AcceptanceModel
+    from specserve_vllm.spec_control.goodput import GoodputPolicy
+    from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
+
+    cost = StepCost(base=8, per_token=0.5, per_row=0, context=0, spec=1, spec_row=0, draft=0.5, draft_token=0.05)
+    policy = GoodputPolicy(StepTimeModel(cost), AcceptanceModel([0.8] * 4))
+    for step in range(400):
+        ids = (f"g{step}", f"s{step}")
+        policy.plan(StepRows(ids, np.full(2, 4), np.zeros(2), classes=np.array([0, 2])))
+        policy.observe(VerifiedRows(ids, np.array([4, 4]), np.array([4, 0])))
+    planner = StepPlanner(policy, 4)
+    export.StatsPublisher(tmp_path / "engine-1.json", planner.snapshot, planner.lock, interval_s=60).publish()
+    assert "specserve_engine_acceptance_by_sampling_ratio" in _families(tmp_path)
+    registry = CollectorRegistry()
+    registry.register(export.PlanStatsCollector(tmp_path))  # type: ignore[arg-type]
+    model = parse_page(generate_latest(registry).decode())
+    assert model is not None and set(model.acceptance_by_class) == {"greedy", "le_1"}
+    assert model.acceptance_by_class["greedy"][0] > 0.9 > 0.2 > model.acceptance_by_class["le_1"][0]
+    assert engine_budget(model, 1, k_max=4, temperature=0.0) == 4
+    assert engine_budget(model, 1, k_max=4, temperature=0.7) == 0
+    assert engine_budget(model, 1, k_max=4, temperature=1.5) == engine_budget(model, 1, k_max=4)  # unseen class

@@ -42,6 +42,7 @@ from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR as TREE_ROWS_A
 from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction, argument_reader
 
 from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
+from specserve_vllm.spec_control.acceptance import sampling_class
 from specserve_vllm.spec_control.export import publisher_path
 from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
 from specserve_vllm.spec_control.planner import StepPlanner, build_policy, settings_from
@@ -75,6 +76,16 @@ def request_caps(runner: Any) -> list[int | None]:
         params = getattr(state, "sampling_params", None)
         caps.append(safe_spec_k(getattr(params, "extra_args", None)))
     return caps
+
+
+def request_classes(runner: Any) -> np.ndarray:
+    """Each request's sampling class (``acceptance.sampling_class`` of its temperature), in the
+    runner's batch order; requests without sampling parameters count as greedy."""
+    classes = []
+    for req_id in runner.input_batch.req_ids:
+        params = getattr(runner.requests.get(req_id), "sampling_params", None)
+        classes.append(sampling_class(getattr(params, "temperature", 0.0) or 0.0))
+    return np.array(classes, dtype=np.int64)
 
 
 def _cap_runner_drafts(runner: Any, drafts: Any) -> Any:
@@ -161,7 +172,8 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
         planner.plan_nothing()
         return [[] for _ in range(n)]
     rows = StepRows(req_ids=tuple(req_ids), caps=np.array(caps, dtype=np.int64),
-                    context=np.asarray(runner.input_batch.num_tokens_no_spec[:n], dtype=np.int64))
+                    context=np.asarray(runner.input_batch.num_tokens_no_spec[:n], dtype=np.int64),
+                    classes=request_classes(runner)[:n])
     lengths = planner.plan(rows)
     if not lengths.any():
         return [[] for _ in range(n)]

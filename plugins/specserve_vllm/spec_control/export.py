@@ -294,6 +294,13 @@ def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
     yield _gauge("acceptance_estimate_ratio",
                  "Engine-wide conditional acceptance per draft position (the controller's estimate)", ["position"],
                  (((j + 1,), value) for j, value in enumerate(model.get("acceptance") or [])))
+    if model.get("acceptance_by_class"):
+        yield _gauge("acceptance_by_sampling_ratio",
+                     "Engine-wide conditional acceptance per draft position, by the requests' sampling class "
+                     "(greedy, le_0.5, le_1, gt_1 by temperature), for the classes seen",
+                     ["sampling", "position"],
+                     (((cls, j + 1), value) for cls, rates in model["acceptance_by_class"].items()
+                      for j, value in enumerate(rates)))
     if "probes" in model:
         from prometheus_client.core import CounterMetricFamily
 

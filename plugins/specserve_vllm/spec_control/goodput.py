@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from specserve_vllm.spec_control.acceptance import AcceptanceModel
+from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, AcceptanceModel
 from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
 from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION, Calibration, StepTimeModel
 from specserve_vllm.spec_control.tree_pricing import TreePricing
@@ -115,6 +115,9 @@ class GoodputPolicy:
         self.last_predicted_ms = 0.0
         self.decide_us = 0.0
         """EWMA of the time one decision takes (µs)."""
+        self.sampling_classes = True
+        """Price each request at its sampling class's engine-wide rate (``StepRows.classes``);
+        ``False``: every request in the greedy class, one rate for all."""
 
     @classmethod
     def from_settings(cls, settings: Any, num_speculative_tokens: int, drafter: str,
@@ -124,10 +127,14 @@ class GoodputPolicy:
         cost, prior = calibration.for_drafter(drafter)
         prior = (prior or [])[:num_speculative_tokens]
         prior += [prior[-1] if prior else FALLBACK_PRIOR] * (num_speculative_tokens - len(prior))
+        by_class = calibration.class_priors(drafter)
         logger.info("goodput policy", extra={"fields": {"calibration": str(path), "drafter": drafter,
-                                                        "prior": prior}})
+                                                        "prior": prior, "class_priors": by_class}})
         trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
-        return cls(StepTimeModel(cost), AcceptanceModel(prior), trees=trees, chain_depth=chain_depth)
+        policy = cls(StepTimeModel(cost), AcceptanceModel(prior, class_priors=by_class), trees=trees,
+                     chain_depth=chain_depth)
+        policy.sampling_classes = bool(getattr(settings, "sampling_classes", True))
+        return policy
 
     def goodput(self, rows: StepRows, survival: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(goodput [s+1], slot rows [s], time_ms [s+1])`` for taking the best 0..s slots
@@ -181,6 +188,8 @@ class GoodputPolicy:
             return out
         if self._idle_rows:
             self.acceptance.age(self._idle_rows, self.idle_decay ** self._steps)
+        if rows.classes is not None and self.sampling_classes:
+            self.acceptance.assign(rows.req_ids, rows.classes.tolist())
         survival = self.acceptance.survival([rows.req_ids[i] for i in np.flatnonzero(rows.caps > 0)])  # [B, k]
         g, slot_rows, times = self.goodput(rows, survival)
         best_on = 1 + int(np.argmax(g[1:])) if len(g) > 1 else 0
@@ -234,8 +243,10 @@ class GoodputPolicy:
         """The step-time model and the engine-wide acceptance per position, as plain data: what
         the engine exports for the gateway, which prices requests with the same model."""
         trees = self.trees.state() if self.trees is not None else {}
+        rates = self.acceptance.class_rates().round(4)
+        by_class = {SAMPLING_CLASSES[c]: rates[c].tolist() for c in self.acceptance.seen_classes()}
         return {**self.model.state(), "acceptance": self.acceptance.engine_rates().round(4).tolist(),
-                "probes": self.probes, **trees}
+                "acceptance_by_class": by_class, "probes": self.probes, **trees}
 
     def observe(self, verified: VerifiedRows) -> None:
         if len(verified.req_ids):

@@ -43,6 +43,9 @@ class StepRows:
     """``[n]`` int: the most this row may draft (0: not a decode row, or ``spec_k = 0``)."""
     context: np.ndarray
     """``[n]`` int: tokens in the row's sequence so far (prompt + output)."""
+    classes: np.ndarray | None = None
+    """``[n]`` int: each row's sampling class (:func:`~specserve_vllm.spec_control.acceptance.sampling_class`
+    of its temperature); ``None``: all greedy."""
 
     @property
     def decode_rows(self) -> int:

@@ -76,6 +76,10 @@ class PlannerSettings:
     """Seed of the ``jitter`` policy."""
     log_every: int = 0
     """Log plan statistics every this many steps (0: never)."""
+    sampling_classes: bool = True
+    """``goodput``: keep the engine-wide acceptance per sampling class (greedy, and temperature
+    buckets), so greedy and sampled requests are priced at their own rates; ``False``: one rate
+    for all requests (the earlier behaviour, kept for comparison)."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -92,6 +96,7 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         calibration=ours.get("calibration") or env.get(CALIBRATION_ENV) or None,
         seed=int(ours.get("seed", 0)),
         log_every=int(ours.get("log_every", 0)),
+        sampling_classes=bool(ours.get("sampling_classes", True)),
     )
 
 

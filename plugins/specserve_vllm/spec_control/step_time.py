@@ -28,11 +28,13 @@ path of the same bucket, so the path not being taken follows the machine too.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Upper bounds of the batch-size buckets of the online correction."""
@@ -86,6 +88,19 @@ class Calibration:
     acceptance: dict[str, list[float]]
     """Drafter class name -> conditional acceptance per draft position (engine-wide prior)."""
     source: str = ""
+    acceptance_by_class: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """Drafter class name -> sampling class (``SAMPLING_CLASSES``) -> its prior, where measured;
+    the other classes start from :attr:`acceptance`."""
+
+    def class_priors(self, drafter: str) -> dict[int, list[float]]:
+        """The measured priors of ``drafter`` by sampling class index (unknown names skipped).
+
+        >>> Calibration(StepCost(*[0.0] * 8), {}, {}, acceptance_by_class={"H": {"le_1": [0.3], "x": [1]}}
+        ...             ).class_priors("H")
+        {2: [0.3]}
+        """
+        return {SAMPLING_CLASSES.index(name): list(rates)
+                for name, rates in self.acceptance_by_class.get(drafter, {}).items() if name in SAMPLING_CLASSES}
 
     def for_drafter(self, drafter: str) -> tuple[StepCost, list[float] | None]:
         cost = self.cost
@@ -96,7 +111,8 @@ class Calibration:
 
     def to_json(self) -> str:
         return json.dumps({"cost": asdict(self.cost), "drafter_cost": self.drafter_cost,
-                           "acceptance": self.acceptance, "source": self.source}, indent=2)
+                           "acceptance": self.acceptance, "acceptance_by_class": self.acceptance_by_class,
+                           "source": self.source}, indent=2)
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -104,7 +120,9 @@ class Calibration:
         return cls(cost=StepCost.from_dict(data["cost"]),
                    drafter_cost={k: (float(v[0]), float(v[1])) for k, v in data.get("drafter_cost", {}).items()},
                    acceptance={k: [float(x) for x in v] for k, v in data.get("acceptance", {}).items()},
-                   source=str(data.get("source", "")))
+                   source=str(data.get("source", "")),
+                   acceptance_by_class={d: {c: [float(x) for x in v] for c, v in by.items()}
+                                        for d, by in data.get("acceptance_by_class", {}).items()})
 
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration_demo.json")

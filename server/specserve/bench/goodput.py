@@ -4,7 +4,9 @@ Arms:
 - ``none``: an engine without a drafter;
 - ``k1`` .. ``k4``: one speculative engine with the ``fixed`` policy, every request sending that
   ``spec_k``;
-- ``goodput``: a speculative engine with the engine's per-step ``goodput`` policy.
+- ``goodput``: a speculative engine with the engine's per-step ``goodput`` policy;
+- ``goodput-pooled``: the same with one engine-wide acceptance for every request instead of one
+  per sampling class (the ``sampling_classes`` setting off).
 
 Each arm has its own in-process engine, all alive at once, with the same warm-up. Every arm gets
 the same prompts (held-out stdlib files), output lengths (lognormal) and seeds, and the arms run
@@ -15,7 +17,8 @@ in a new random order at every point. Parts (``--parts``):
   drafts per row (the goodput arm's k over time).
 
 Each point runs ``--reps`` times (new arrival times and prompts each repetition) at each
-``--temperatures`` value; reports give mean, p50, p99 latency, TTFT, TPOT, tokens/s, and the
+``--temperatures`` value (``0+0.7``: a mixed workload, requests alternating between the two);
+reports give mean, p50, p99 latency, TTFT, TPOT, tokens/s, and the
 share of looping outputs, with 95% confidence intervals over repetitions, and per point the best
 arm and whether ``goodput`` is within 3% (or the CI) of it. JSON on stdout, a summary line on
 stderr, SVG charts in ``--plots DIR``. Arrival-time latencies absorb every pause of the machine:
@@ -72,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mean-output", type=int, default=48, help="mean output tokens (lognormal)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=16)
-    parser.add_argument("--temperatures", default="0", help="e.g. 0,0.7")
+    parser.add_argument("--temperatures", default="0",
+                        help="e.g. 0,0.7; 0+0.7 is one point whose requests alternate between 0 and 0.7")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", default="none,k1,k2,k3,k4,goodput")
     parser.add_argument("--plots", type=Path, default=None, help="write SVG charts into this folder")
@@ -188,11 +192,24 @@ def _engines(args: argparse.Namespace, arms: list[str], model_dir: Path) -> dict
         if "goodput" in arms:
             engines["goodput"] = local_llm(model_dir, speculative_config=spec, **common,
                                            additional_config={"specserve": {"spec_policy": "goodput"}})
+        if "goodput-pooled" in arms:
+            engines["goodput-pooled"] = local_llm(
+                model_dir, speculative_config=spec, **common,
+                additional_config={"specserve": {"spec_policy": "goodput", "sampling_classes": False}})
     return engines
 
 
 def _engine_of(arm: str) -> str:
-    return "none" if arm == "none" else "goodput" if arm == "goodput" else "fixed"
+    return arm if arm in ("none", "goodput", "goodput-pooled") else "fixed"
+
+
+def temperature_mix(label: str) -> tuple[float, ...]:
+    """The temperatures of a ``--temperatures`` item, which request ``i`` takes in turn.
+
+    >>> temperature_mix("0.7"), temperature_mix("0+0.7")
+    ((0.7,), (0.0, 0.7))
+    """
+    return tuple(float(t) for t in label.split("+"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -209,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model or demo_model_dir()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    temps = [float(t) for t in str(args.temperatures).split(",")]
+    temps = [t.strip() for t in str(args.temperatures).split(",") if t.strip()]
     engines = _engines(args, arms, model_dir)
     pool = _prompts(model_dir, 64, args.prompt_tokens)
     rng = random.Random(args.seed)
@@ -217,15 +234,16 @@ def run(args: argparse.Namespace) -> int:
                               "requests": args.requests, "reps": args.reps, "temperatures": temps,
                               "arms": arms, "open": {}, "closed": {}, "trace": {}}
 
-    def requests_for(seed: int, n: int, temperature: float, arm: str) -> list[tuple[Any, Any]]:
+    def requests_for(seed: int, n: int, temperature: str, arm: str) -> list[tuple[Any, Any]]:
         lengths = output_lengths(args.mean_output, n, seed)
         extra = {"spec_k": int(arm[1:])} if arm.startswith("k") else None
+        mix = temperature_mix(temperature)
         return [({"prompt_token_ids": pool[(seed * 7 + i) % len(pool)]},
-                 SamplingParams(temperature=temperature, max_tokens=m, ignore_eos=True, seed=seed + i,
+                 SamplingParams(temperature=mix[i % len(mix)], max_tokens=m, ignore_eos=True, seed=seed + i,
                                 extra_args=extra)) for i, m in enumerate(lengths)]
 
     def point(label: str, drive: Callable[[Any, list[tuple[Any, Any]], str, int], tuple[list[Finished], float]],
-              temperature: float, seed_base: int) -> dict[str, Any]:
+              temperature: str, seed_base: int) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
         orders = []
         for rep in range(args.reps):
@@ -234,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
             orders.append(order)
             for arm in order:
                 llm = engines[_engine_of(arm)]
-                before = _plan_stats(llm) if arm == "goodput" else None
+                before = _plan_stats(llm) if arm.startswith("goodput") else None
                 reqs = requests_for(seed_base + 1000 * rep, args.requests, temperature, arm)
                 finished, span = drive(llm.llm_engine, reqs, f"{label}-{arm}-{rep}", rep)
                 result: dict[str, Any] = summarise(finished, span)
@@ -253,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         for llm in engines.values():  # the same warm-up for every engine
             llm.generate([{"prompt_token_ids": pool[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
         for ti, temperature in enumerate(temps):
-            key = f"t{temperature:g}"
+            key = f"t{temperature}"
             if "open" in parts:
                 report["open"][key] = {}
                 for ri, rate in enumerate(float(r) for r in args.rates.split(",")):
@@ -287,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _step_trace(args: argparse.Namespace, arms: list[str], engines: dict[str, Any],
-                requests_for: Callable[[int, int, float, str], list[tuple[Any, Any]]], temperature: float,
+                requests_for: Callable[[int, int, str, str], list[tuple[Any, Any]]], temperature: str,
                 rng: random.Random) -> dict[str, Any]:
     """Every arm through the same low -> high -> low load; the goodput arm's per-step k and batch."""
     phases = _phases(args.trace_phases)

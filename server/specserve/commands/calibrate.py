@@ -4,7 +4,8 @@ Runs an in-process engine per drafter over a grid of batch sizes and per-request
 (``spec_k``; 0 gives non-speculative steps), collects every step the engine measured (rows,
 scheduled and context tokens, spec path on/off, drafting time), and fits the linear model of
 :mod:`specserve_vllm.spec_control.step_time` by least squares: one step cost shared by the
-drafters (same target model), a drafting cost and an acceptance prior per drafter. Writes the
+drafters (same target model), a drafting cost and an acceptance prior per drafter (greedy over
+the grid; then one pass per ``--temperatures`` value gives that sampling class its own prior). Writes the
 calibration JSON the engine loads (``--additional-config '{"specserve": {"calibration": FILE}}'``,
 or ``SPECSERVE_ENGINE_CALIBRATION``) and prints the fit's error (MAPE) on the measured steps.
 
@@ -24,6 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, sampling_class
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--temperatures", default="0.7",
+                        help="sampled temperatures whose acceptance is measured as its class's prior "
+                             "(comma-separated; empty: greedy only)")
     parser.add_argument("--out", type=Path, default=Path("calibration.json"))
 
 
@@ -46,8 +52,17 @@ def mape(records: list[dict[str, Any]], cost: Any) -> float:
     return round(sum(errors) / len(errors), 4) if errors else 0.0
 
 
+def conditional_rates(trials: list[int], accepted: list[int]) -> list[float]:
+    """Per position: accepted / tested (0.0 where untested).
+
+    >>> conditional_rates([10, 5, 0], [5, 4, 0])
+    [0.5, 0.8, 0.0]
+    """
+    return [round(a / t, 4) if t else 0.0 for t, a in zip(trials, accepted)]
+
+
 def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: list[list[int]],
-             heads: str | None) -> tuple[str, list[dict[str, Any]], list[float]]:
+             heads: str | None) -> tuple[str, list[dict[str, Any]], list[float], dict[str, list[float]]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -66,6 +81,10 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
             records = [{**asdict(r), "step_ms": r.step_ms} for r in planner.records]
             return type(runner.drafter).__name__, records, planner.stats.conditional_acceptance()
 
+        def position_counts(worker: Any) -> tuple[list[int], list[int]]:
+            stats = worker_runner(worker)._specserve_planner.stats
+            return list(stats.position_trials), list(stats.position_accepted)
+
         llm.generate([TokensPrompt(prompt_token_ids=prompts[0])],
                      SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
         llm.collective_rpc(lambda w: worker_runner(w)._specserve_planner.records.clear())
@@ -76,7 +95,20 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
                 batch = [TokensPrompt(prompt_token_ids=p) for p in (prompts * bs)[:bs]]
                 llm.generate(batch, params, use_tqdm=False)
                 log.info("calibrate", extra={"fields": {"drafter": drafter, "batch": bs, "spec_k": k}})
-        return llm.collective_rpc(runner_state)[0]
+        name, records, rates = llm.collective_rpc(runner_state)[0]
+        by_class: dict[str, list[float]] = {SAMPLING_CLASSES[0]: rates}
+        for t in [float(x) for x in str(args.temperatures).split(",") if x.strip()]:
+            trials0, accepted0 = llm.collective_rpc(position_counts)[0]
+            for bs in [int(b) for b in args.batch_sizes.split(",")]:
+                params = SamplingParams(temperature=t, max_tokens=args.max_tokens, ignore_eos=True, seed=bs)
+                llm.generate([TokensPrompt(prompt_token_ids=p) for p in (prompts * bs)[:bs]], params, use_tqdm=False)
+                log.info("calibrate", extra={"fields": {"drafter": drafter, "batch": bs, "temperature": t}})
+            trials1, accepted1 = llm.collective_rpc(position_counts)[0]
+            pad = len(trials1)
+            trials0, accepted0 = trials0 + [0] * (pad - len(trials0)), accepted0 + [0] * (pad - len(accepted0))
+            by_class[SAMPLING_CLASSES[sampling_class(t)]] = conditional_rates(
+                [b - a for a, b in zip(trials0, trials1)], [b - a for a, b in zip(accepted0, accepted1)])
+        return name, records, rates, by_class
     finally:
         del llm
         gc.collect()
@@ -96,22 +128,26 @@ def run(args: argparse.Namespace) -> int:
     all_records: list[dict[str, Any]] = []
     drafter_cost: dict[str, tuple[float, float]] = {}
     acceptance: dict[str, list[float]] = {}
+    by_class: dict[str, dict[str, list[float]]] = {}
     per_drafter: dict[str, list[dict[str, Any]]] = {}
     for drafter in drafters:
         heads = resolve_heads(drafter, None, is_demo=args.model is None)
-        name, records, rates = _measure(model_dir, drafter, args, prompts, heads)
+        name, records, rates, classes = _measure(model_dir, drafter, args, prompts, heads)
         all_records += records
         per_drafter[name] = records
         acceptance[name] = rates
+        by_class[name] = classes
     cost = fit_cost(all_records)
     for name, records in per_drafter.items():
         own = fit_cost(records)
         drafter_cost[name] = (own.draft, own.draft_token)
     calibration = Calibration(cost=cost, drafter_cost=drafter_cost, acceptance=acceptance,
-                              source=f"specserve calibrate on {model_dir.name}: {len(all_records)} steps")
+                              source=f"specserve calibrate on {model_dir.name}: {len(all_records)} steps",
+                              acceptance_by_class=by_class)
     args.out.write_text(calibration.to_json() + "\n", encoding="utf-8")
     summary = {"out": str(args.out), "steps": len(all_records), "mape": mape(all_records, cost),
-               "cost": asdict(cost), "drafter_cost": drafter_cost, "acceptance": acceptance}
+               "cost": asdict(cost), "drafter_cost": drafter_cost, "acceptance": acceptance,
+               "acceptance_by_class": by_class}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     sys.stderr.write(f"calibrate: {len(all_records)} steps, step-time MAPE {summary['mape']:.1%} -> {args.out}\n")
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from specserve_vllm.spec_control.acceptance import AcceptanceModel
+from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, AcceptanceModel, sampling_class
 from specserve_vllm.spec_control.goodput import GoodputPolicy
 from specserve_vllm.spec_control.plan import StepRows
 from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
@@ -48,9 +48,25 @@ class EngineModel:
     draft_correction: float
     acceptance: tuple[float, ...]
     """Conditional acceptance of draft positions 1..k."""
-    _curves: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, compare=False, repr=False)
-    """Goodput curves already priced (:func:`_goodput_curve`), by ``(rows, k)``: the model changes
-    only at the next scrape."""
+    acceptance_by_class: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """The same per sampling class the engine has seen (``SAMPLING_CLASSES`` names)."""
+    _curves: dict[tuple[int, int, str], np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    """Goodput curves already priced (:func:`_goodput_curve`), by ``(rows, k, class)``: the model
+    changes only at the next scrape."""
+
+    def rates(self, temperature: float | None = None) -> tuple[str, tuple[float, ...]]:
+        """``(class, acceptance)`` for a request at ``temperature``: its sampling class's rates
+        where the engine has measured them, else the engine-wide ones (class ``""``).
+
+        >>> m = EngineModel({}, (), 1.0, (0.6,), {"greedy": (0.8,), "le_1": (0.3,)})
+        >>> m.rates(0.0), m.rates(0.7), m.rates(1.5), m.rates(None)
+        (('greedy', (0.8,)), ('le_1', (0.3,)), ('', (0.6,)), ('', (0.6,)))
+        """
+        if temperature is None:
+            return "", self.acceptance
+        name = SAMPLING_CLASSES[sampling_class(temperature)]
+        rates = self.acceptance_by_class.get(name)
+        return (name, rates) if rates else ("", self.acceptance)
 
     def step_model(self) -> StepTimeModel:
         state: dict[str, Any] = {"cost": {t: self.cost.get(t, 0.0) for t in _COST_TERMS},
@@ -65,6 +81,7 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
     cost: dict[str, float] = {}
     correction: dict[tuple[int, int], float] = {}
     rates: dict[int, float] = {}
+    by_class: dict[str, dict[int, float]] = {}
     draft = 1.0
     for family in families:
         if not family.name.startswith(_PREFIX):
@@ -80,6 +97,8 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
                     draft = float(s.value)
                 elif name == "acceptance_estimate_ratio":
                     rates[int(s.labels["position"])] = float(s.value)
+                elif name == "acceptance_by_sampling_ratio":
+                    by_class.setdefault(s.labels["sampling"], {})[int(s.labels["position"])] = float(s.value)
             except (KeyError, ValueError):
                 continue
     if "base" not in cost or not rates:
@@ -87,13 +106,15 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
     buckets = sorted({b for _, b in correction})
     grid = tuple(tuple(correction.get((spec, b), 1.0) for b in buckets) for spec in (0, 1)) if buckets else ()
     return EngineModel(cost={t: cost.get(t, 0.0) for t in _COST_TERMS}, correction=grid,
-                       draft_correction=draft, acceptance=tuple(rates[j] for j in sorted(rates)))
+                       draft_correction=draft, acceptance=tuple(rates[j] for j in sorted(rates)),
+                       acceptance_by_class={c: tuple(r[j] for j in sorted(r)) for c, r in by_class.items()})
 
 
-def engine_budget(model: EngineModel, batch: float, k_max: int) -> int:
+def engine_budget(model: EngineModel, batch: float, k_max: int, temperature: float | None = None) -> int:
     """The ``spec_k`` the engine's goodput policy would give a request joining ``batch`` rows.
 
-    The batch is taken as ``round(batch)`` identical decode rows at the engine-wide acceptance,
+    The batch is taken as ``round(batch)`` identical decode rows at the engine's acceptance for
+    the request's sampling class (``temperature``; engine-wide where unknown),
     priced by the engine's own step-time model and choice of slots (no hysteresis: the gateway
     decides once); the request gets its share of the chosen draft slots, rounded up, within
     ``k_max``. Context lengths are not known here and count as 0 (the context term is the same
@@ -112,18 +133,19 @@ def engine_budget(model: EngineModel, batch: float, k_max: int) -> int:
     rows = max(1, int(round(batch)))
     if k <= 0:
         return 0
-    return min(k, math.ceil(int(np.argmax(_goodput_curve(model, rows, k))) / rows))
+    return min(k, math.ceil(int(np.argmax(_goodput_curve(model, rows, k, temperature))) / rows))
 
 
-def _goodput_curve(model: EngineModel, rows: int, k: int) -> np.ndarray:
+def _goodput_curve(model: EngineModel, rows: int, k: int, temperature: float | None = None) -> np.ndarray:
     """The engine policy's goodput (tokens per ms) for ``rows`` identical decode rows taking the
-    best 0, 1, ... draft slots (``k >= 1``), cached on ``model``."""
-    curve = model._curves.get((rows, k))
+    best 0, 1, ... draft slots (``k >= 1``) at ``temperature``'s acceptance, cached on ``model``."""
+    name, rates = model.rates(temperature)
+    curve = model._curves.get((rows, k, name))
     if curve is None:
-        policy = GoodputPolicy(model.step_model(), AcceptanceModel(list(model.acceptance[:k])))
+        policy = GoodputPolicy(model.step_model(), AcceptanceModel(list(rates[:k])))
         curve, _, _ = policy.goodput(StepRows(tuple(str(i) for i in range(rows)), np.full(rows, k),
                                               np.zeros(rows)))
-        model._curves[(rows, k)] = curve
+        model._curves[(rows, k, name)] = curve
     return curve
 
 

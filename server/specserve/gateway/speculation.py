@@ -102,6 +102,22 @@ def goodput_route(pool: ReplicaPool, model: str, k_max: int) -> Replica | None:
     return max(candidates, key=lambda r: (marginal_goodput(r.engine_model, r.load, k_max), -r.load))
 
 
+DEFAULT_TEMPERATURE = 1.0
+"""The temperature of a request that sends none (OpenAI's and vLLM's default)."""
+
+
+def request_temperature(body: dict[str, Any]) -> float:
+    """The request's sampling temperature, for pricing its drafts at its class's acceptance.
+
+    >>> request_temperature({"temperature": 0}), request_temperature({}), request_temperature({"temperature": "x"})
+    (0.0, 1.0, 1.0)
+    """
+    t = body.get("temperature")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0:
+        return float(t)
+    return DEFAULT_TEMPERATURE
+
+
 class SpecLength:
     """Per-request speculation length and acceptance accounting for one gateway."""
 
@@ -134,7 +150,7 @@ class SpecLength:
             return SpecPlan(None, "engine", batch, to)
         engine_model = replica.engine_model if replica is not None else None
         if engine_model is not None:  # the engine's own cost model: one model at both levels
-            k = engine_budget(engine_model, batch, self.controller.k_max(model))
+            k = engine_budget(engine_model, batch, self.controller.k_max(model), request_temperature(body))
         else:
             k = self.controller.choose(model, batch).k
         m.child(m.spec_decisions, model, "engine" if engine_model is not None else "gateway").inc()
