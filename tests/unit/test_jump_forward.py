@@ -160,12 +160,24 @@ def test_a_repeated_error_is_warned_once(caplog: pytest.LogCaptureFixture, monke
     monkeypatch.setattr(jump_forward, "_WARNED", set())
     validate = jump_forward._wrap_validate(lambda self, request, tokens: list(tokens))
     broken = SimpleNamespace(vllm_config=None)  # extension raises AttributeError
-    update = jump_forward._wrap_update(lambda self, d: d.append(validate(broken, _request(None), [3])))
+    update = jump_forward._wrap_update(lambda self, d: d.append(validate(broken, _request(object()), [3])))
     with caplog.at_level("DEBUG", logger=jump_forward.__name__):
         for _ in range(3):
             update(None, [])
     levels = [r.levelname for r in caplog.records if r.getMessage() == "jump-forward drafting skipped"]
     assert levels == ["WARNING", "DEBUG", "DEBUG"]
+
+
+def test_a_request_without_structured_output_is_not_extended(caplog: pytest.LogCaptureFixture) -> None:
+    """The per-step path of ordinary requests: upstream's drafts as they are, without touching
+    the manager (which here would raise)."""
+    validate = jump_forward._wrap_validate(lambda self, request, tokens: list(tokens))
+    broken = SimpleNamespace(vllm_config=None)
+    out: list[list[int]] = []
+    update = jump_forward._wrap_update(lambda self, d: d.append(validate(broken, _request(None), [3, 4])))
+    with caplog.at_level("DEBUG", logger=jump_forward.__name__):
+        update(None, out)
+    assert out == [[3, 4]] and not caplog.records
 
 
 # The same grammar over a vocabulary that also has "c:": after "abx" the grammar allows "c" and

@@ -269,7 +269,7 @@ def _wrap_validate(original: Callable[..., list[int]]) -> Callable[..., list[int
     @functools.wraps(original)
     def validate_tokens(self: Any, request: Any, spec_tokens: list[int]) -> list[int]:
         valid = original(self, request, spec_tokens)
-        if not _SYNC_PATH.get() or not enabled():
+        if not request.use_structured_output or not _SYNC_PATH.get() or not enabled():
             return valid
         try:
             return extend_drafts(self, request, list(valid))

@@ -253,6 +253,8 @@ def apply() -> None:
 
     @functools.wraps(validate_tokens_up)
     def validate_tokens(self: Any, request: Any, spec_tokens: list[int]) -> list[int]:
+        if not request.use_structured_output:  # no grammar, no tree of it: upstream's (identity)
+            return validate_tokens_up(self, request, spec_tokens)
         return validate(self, validate_tokens_up, request, spec_tokens)
 
     @functools.wraps(schedule)
