@@ -290,3 +290,15 @@ def test_the_runner_batch_gives_each_request_its_sampling_class() -> None:
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b", "c", "d"]),
                              requests={r: SimpleNamespace(sampling_params=p) for r, p in params.items()})
     assert request_classes(runner).tolist() == [0, 2, 3, 0]
+
+
+def test_sampling_classes_can_be_turned_off_for_one_pooled_rate() -> None:
+    from specserve_vllm.spec_control.planner import settings_from
+
+    settings = settings_from({"specserve": {"spec_policy": "goodput", "sampling_classes": False}}, env={})
+    assert settings.sampling_classes is False and settings_from({}, env={}).sampling_classes is True
+    policy = build_policy(settings, 4, "HydraProposer")
+    assert isinstance(policy, GoodputPolicy) and policy.sampling_classes is False
+    policy.plan(_classed(("s",), [2]))
+    policy.observe(VerifiedRows(("s",), np.array([4]), np.array([0])))
+    assert policy.acceptance.seen_classes() == [0]  # the sampled request counted as greedy: one rate

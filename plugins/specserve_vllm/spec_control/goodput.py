@@ -79,7 +79,7 @@ class GoodputPolicy:
 
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
-                 probe_every: int = 128, idle_decay: float = 0.95) -> None:
+                 probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True) -> None:
         self.model = model
         self.acceptance = acceptance
         self.trees = trees
@@ -115,7 +115,7 @@ class GoodputPolicy:
         self.last_predicted_ms = 0.0
         self.decide_us = 0.0
         """EWMA of the time one decision takes (µs)."""
-        self.sampling_classes = True
+        self.sampling_classes = sampling_classes
         """Price each request at its sampling class's engine-wide rate (``StepRows.classes``);
         ``False``: every request in the greedy class, one rate for all."""
 
@@ -131,10 +131,8 @@ class GoodputPolicy:
         logger.info("goodput policy", extra={"fields": {"calibration": str(path), "drafter": drafter,
                                                         "prior": prior, "class_priors": by_class}})
         trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
-        policy = cls(StepTimeModel(cost), AcceptanceModel(prior, class_priors=by_class), trees=trees,
-                     chain_depth=chain_depth)
-        policy.sampling_classes = bool(getattr(settings, "sampling_classes", True))
-        return policy
+        return cls(StepTimeModel(cost), AcceptanceModel(prior, class_priors=by_class), trees=trees,
+                   chain_depth=chain_depth, sampling_classes=settings.sampling_classes)
 
     def goodput(self, rows: StepRows, survival: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(goodput [s+1], slot rows [s], time_ms [s+1])`` for taking the best 0..s slots
