@@ -102,8 +102,15 @@ def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     llm = _engine(demo_model_dir, speculative_config("recycling", K), policy="goodput",
                   calibration=str(_break_even_calibration(tmp_path_factory.mktemp("calibration"))))
     out["goodput"] = _runs(llm)
+    from vllm import SamplingParams
+
+    policy = _runner(llm)._specserve_planner.policy
+    out["goodput"]["classes_greedy"] = policy.acceptance.seen_classes()
+    for seed, prompt in enumerate(PROMPTS[:2]):  # one at a time: batch 1 speculates under this calibration
+        llm.generate([prompt], SamplingParams(temperature=0.8, seed=seed, max_tokens=MAX_TOKENS), use_tqdm=False)
+    out["goodput"]["classes_after_sampled"] = policy.acceptance.seen_classes()
     out["goodput"]["stats"] = _runner(llm)._specserve_planner.stats.snapshot()
-    del llm
+    del llm, policy
     gc.collect()
     yield out
 
@@ -186,3 +193,10 @@ def test_goodput_controller_changes_k_and_outputs_stay_identical(runs: dict[str,
     assert stats["no_spec_steps"] > 0 and stats["drafter_calls"] > 0, stats
     assert len([k for k, n in stats["k_rows"].items() if n]) >= 2, stats["k_rows"]
     assert stats["timed_steps"] > 0 and stats["mape"] is not None, stats
+
+
+def test_goodput_learns_greedy_and_sampled_requests_in_their_own_classes(runs: dict[str, Any]) -> None:
+    """The engine hands each request's temperature to the controller: greedy runs count in the
+    greedy class only, sampled ones (0.8) in theirs."""
+    assert runs["goodput"]["classes_greedy"] == [0]
+    assert runs["goodput"]["classes_after_sampled"] == [0, 2]
