@@ -48,7 +48,7 @@ from specserve.bench.load import (
     phased_arrivals,
     summarise,
 )
-from specserve.bench.stats import best_and_verdict, mean_ci
+from specserve.bench.stats import best_and_verdict, mean_ci, paired_verdict
 from specserve.bench.svg import line_chart
 from specserve.engine.local import worker_runner
 
@@ -265,7 +265,11 @@ def run(args: argparse.Namespace) -> int:
                    for arm, r in runs.items()}
         return {"orders": orders, "arms": per_arm,
                 "verdict_latency": verdicts(per_arm, "latency_mean_s", lower_is_better=True),
-                "verdict_throughput": verdicts(per_arm, "tokens_per_s", lower_is_better=False)}
+                "verdict_throughput": verdicts(per_arm, "tokens_per_s", lower_is_better=False),
+                "paired_latency": paired_verdict({a: [x["latency_mean_s"] for x in r] for a, r in runs.items()},
+                                                 "goodput", lower_is_better=True),
+                "paired_throughput": paired_verdict({a: [x["tokens_per_s"] for x in r] for a, r in runs.items()},
+                                                    "goodput", lower_is_better=False)}
 
     try:
         for llm in engines.values():  # the same warm-up for every engine
@@ -372,21 +376,32 @@ def _per_arm(points: dict[str, Any], key: str) -> dict[str, list[tuple[float, fl
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    """One line: per point, the best arm, goodput's ratio to it, and whether it is within 3%.
+    """One line: per point, the best arm, goodput's ratio to it, and whether it is within 3% (or
+    the CI); then, from ratios paired by repetition, how many points show goodput within 3% of
+    the best arm, how many show it more than 3% behind, and how many leave it undecided.
 
     >>> summary_line({"drafter": "hydra", "open": {"t0": {"1": {"verdict_latency": {
-    ...     "best": "k4", "ratio": 1.01, "within": True, "better_than_fixed": False}}}}, "closed": {}})
-    'goodput hydra: open t0 1/s best=k4 goodput/best=1.01 ok; 1 of 1 points within 3% or the CI'
+    ...     "best": "k4", "ratio": 1.01, "within": True, "better_than_fixed": False},
+    ...     "paired_latency": {"best": "k4", "slowdown": 1.01, "low": 0.99, "high": 1.02, "verdict": "within"}}}},
+    ...     "closed": {}})
+    'goodput hydra: open t0 1/s best=k4 goodput/best=1.01 ok (paired 1.01 [0.99, 1.02]); 1 of 1 points within 3% or the CI; paired: 1 within 3%, 0 beyond, 0 undecided'
     """
     parts, ok, total = [], 0, 0
-    for kind, unit, key in (("open", "/s", "verdict_latency"), ("closed", " clients", "verdict_throughput")):
+    tally = {"within": 0, "beyond": 0, "undecided": 0}
+    for kind, unit, key in (("open", "/s", "latency"), ("closed", " clients", "throughput")):
         for temp, points in report.get(kind, {}).items():
             for x, pt in points.items():
-                v = pt.get(key)
+                v = pt.get(f"verdict_{key}")
                 if not v:
                     continue
                 total += 1
                 ok += bool(v["within"])
-                parts.append(f"{kind} {temp} {x}{unit} best={v['best']} goodput/best={v['ratio']} "
-                             + ("ok" if v["within"] else "MISS"))
-    return f"goodput {report['drafter']}: " + ", ".join(parts) + f"; {ok} of {total} points within 3% or the CI"
+                text = (f"{kind} {temp} {x}{unit} best={v['best']} goodput/best={v['ratio']} "
+                        + ("ok" if v["within"] else "MISS"))
+                pv = pt.get(f"paired_{key}")
+                if pv:
+                    tally[str(pv["verdict"])] += 1
+                    text += f" (paired {pv['slowdown']} [{pv['low']}, {pv['high']}])"
+                parts.append(text)
+    return (f"goodput {report['drafter']}: " + ", ".join(parts) + f"; {ok} of {total} points within 3% or the CI"
+            + f"; paired: {tally['within']} within 3%, {tally['beyond']} beyond, {tally['undecided']} undecided")

@@ -75,6 +75,46 @@ def best_and_verdict(points: Mapping[str, tuple[float, float]], arm: str, *, tol
             "within": gap <= allowed, "better_than_fixed": better}
 
 
+def paired_verdict(runs: Mapping[str, Sequence[float]], arm: str, *, tolerance: float = 0.03,
+                   lower_is_better: bool = True) -> dict[str, object] | None:
+    """How much ``arm`` trails the best other arm, from ratios paired by repetition.
+
+    ``runs[a][r]`` is arm ``a``'s value in repetition ``r`` (the arms of one repetition ran back
+    to back, so a slow spell of the machine hits them alike and cancels in the ratio). The best
+    arm is the one with the best mean; ``slowdown`` is the geometric mean over repetitions of
+    ``arm / best`` (latency) or ``best / arm`` (throughput), so above 1 is worse, with its 95%
+    interval from the log ratios. ``verdict``: ``within`` when the whole interval is at or under
+    ``1 + tolerance`` (shown to be within it), ``beyond`` when the whole interval is above it
+    (shown to trail by more), ``undecided`` otherwise (or with one repetition). None when
+    ``arm`` is the only arm or missing.
+
+    Example:
+        >>> paired_verdict({"none": [10, 20, 30], "goodput": [10.1, 20.1, 30.3]}, "goodput")
+        {'best': 'none', 'slowdown': 1.0083, 'low': 1.0012, 'high': 1.0155, 'verdict': 'within'}
+        >>> paired_verdict({"k4": [10, 20], "goodput": [12, 24]}, "goodput")["verdict"]
+        'beyond'
+        >>> paired_verdict({"k4": [100, 90], "goodput": [101, 91]}, "goodput", lower_is_better=False)["best"]
+        'goodput'
+    """
+    if arm not in runs or len(runs) < 2:
+        return None
+    n = min(len(v) for v in runs.values())
+    if n == 0:
+        return None
+    means = {a: statistics.fmean(v[:n]) for a, v in runs.items()}
+    best = (min if lower_is_better else max)(means, key=lambda a: means[a])
+    if best == arm:  # the best arm trails nobody
+        return {"best": arm, "slowdown": 1.0, "low": 1.0, "high": 1.0, "verdict": "within"}
+    pairs = zip(runs[arm][:n], runs[best][:n])
+    logs = [math.log(max((x / b) if lower_is_better else (b / x), 1e-12)) for x, b in pairs]
+    mean, ci = mean_ci(logs)
+    low, high = math.exp(mean - ci), math.exp(mean + ci)
+    limit = 1.0 + tolerance
+    verdict = "undecided" if n < 2 else "within" if high <= limit else "beyond" if low > limit else "undecided"
+    return {"best": best, "slowdown": round(math.exp(mean), 4), "low": round(low, 4), "high": round(high, 4),
+            "verdict": verdict}
+
+
 def is_looping(tokens: Sequence[int], *, max_period: int = 16, min_tokens: int = 16) -> bool:
     """Whether an output ends in a loop: its second half repeats with a period of at most
     ``max_period`` tokens ("the the the ...", or a repeated line). Outputs shorter than
@@ -98,4 +138,4 @@ def is_looping(tokens: Sequence[int], *, max_period: int = 16, min_tokens: int =
     return False
 
 
-__all__ = ["best_and_verdict", "is_looping", "mean_ci"]
+__all__ = ["best_and_verdict", "is_looping", "mean_ci", "paired_verdict"]
