@@ -302,3 +302,26 @@ def test_sampling_classes_can_be_turned_off_for_one_pooled_rate() -> None:
     policy.plan(_classed(("s",), [2]))
     policy.observe(VerifiedRows(("s",), np.array([4]), np.array([0])))
     assert policy.acceptance.seen_classes() == [0]  # the sampled request counted as greedy: one rate
+
+
+def test_a_speculating_plan_is_reused_while_the_batch_is_unchanged_then_decided_again() -> None:
+    policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.9] * 4), recheck_on=3)
+    rows = _rows(1)
+    first = policy.plan(rows).tolist()
+    assert first == [4]
+    policy.acceptance = AcceptanceModel([0.01] * 4)  # would turn speculation off at once
+    assert policy.plan(rows).tolist() == first and policy.plan(rows).tolist() == first  # held: 3 steps in all
+    assert policy.plan(rows).tolist() == [0]  # decided again
+    policy.acceptance = AcceptanceModel([0.9] * 4)
+    assert policy.plan(rows).tolist() == [0]  # an "off" decision holds under its own rule (recheck_every)
+    other = _rows(2)  # a new batch ends any hold
+    assert policy.plan(other).tolist() != [0, 0]
+
+
+def test_the_engine_setting_holds_plans_and_one_decides_every_step() -> None:
+    from specserve_vllm.spec_control.planner import settings_from
+
+    assert build_policy(settings_from({"specserve": {"spec_policy": "goodput"}}, env={}), 4,
+                        "HydraProposer").recheck_on == 4
+    assert build_policy(settings_from({"specserve": {"spec_policy": "goodput", "recheck_on": 1}}, env={}), 4,
+                        "HydraProposer").recheck_on == 1

@@ -17,7 +17,9 @@ After ``probe_every`` steps in a row without speculation, one step takes the bes
 plan anyway: while nothing is drafted no acceptance is measured, so an estimate that turned
 speculation off (a request's unlucky start, a drafter that improves as it learns) would
 otherwise never be revisited; a probe costs at most one spec-path step in ``probe_every``.
-A decode row that does not draft has its own acceptance evidence faded by ``idle_decay`` per
+A plan that speculates (chains) is reused in the same way for up to ``recheck_on`` steps, so
+the cost of a decision is spread over them. A decode row that does not draft has its own
+acceptance evidence faded by ``idle_decay`` per
 step (:meth:`AcceptanceModel.age`), so a request that stopped after an unlucky stretch drifts
 back to the engine-wide rate and is tried again when that rate says drafting pays.
 With trees on (engine setting ``tree``), the step also prices trees of ``1 .. N`` nodes per row
@@ -79,7 +81,8 @@ class GoodputPolicy:
 
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
-                 probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True) -> None:
+                 probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True,
+                 recheck_on: int = 1) -> None:
         self.model = model
         self.acceptance = acceptance
         self.trees = trees
@@ -96,6 +99,14 @@ class GoodputPolicy:
         """A decision not to speculate holds for up to this many steps while the batch is
         unchanged: with nothing verified, only the step-time corrections and context lengths
         move, slowly. A new batch, or any verified draft, ends the hold."""
+        self.recheck_on = recheck_on
+        """A chain plan that speculates is reused while the batch is unchanged, for up to this
+        many steps in all (1: decide every step). A decision costs 50-180 µs, several percent of
+        a CPU step; acceptance estimates move slowly (decay 0.9 per verification), so a plan a
+        few steps old is nearly the one a new decision would make."""
+        self._on_hold: tuple[Any, int, np.ndarray, float] | None = None
+        """``(batch key, further steps it holds, plan, predicted ms)`` of the last speculating
+        chain plan."""
         self.probe_every = probe_every
         """After this many steps in a row without speculation, one step speculates (0: never)."""
         self._off_streak = 0
@@ -132,7 +143,8 @@ class GoodputPolicy:
                                                         "prior": prior, "class_priors": by_class}})
         trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
         return cls(StepTimeModel(cost), AcceptanceModel(prior, class_priors=by_class), trees=trees,
-                   chain_depth=chain_depth, sampling_classes=settings.sampling_classes)
+                   chain_depth=chain_depth, sampling_classes=settings.sampling_classes,
+                   recheck_on=settings.recheck_on)
 
     def goodput(self, rows: StepRows, survival: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(goodput [s+1], slot rows [s], time_ms [s+1])`` for taking the best 0..s slots
@@ -178,6 +190,13 @@ class GoodputPolicy:
         if not rows.caps.any():
             return out
         key = (rows.req_ids, rows.caps.tobytes())
+        held = self._on_hold
+        if held is not None and held[1] > 0 and held[0] == key:
+            self._on_hold = (key, held[1] - 1, held[2], held[3])
+            self._steps += 1
+            self.last_predicted_ms = held[3]
+            return held[2].copy()
+        self._on_hold = None
         probe = 0 < self.probe_every <= self._off_streak + 1
         if not probe and self._hold is not None and self._hold[1] > 0 and self._hold[0] == key:
             self._hold = (key, self._hold[1] - 1)
@@ -205,7 +224,8 @@ class GoodputPolicy:
                 on = best_g >= g[0] * (1 + self.margin)
         else:
             on = False
-        if probe and not on and best_on:
+        probing = bool(probe and not on and best_on)
+        if probing:
             on, tree_plan = True, None
             self.probes += 1
         self._off_streak = 0 if on else self._off_streak + 1
@@ -219,6 +239,8 @@ class GoodputPolicy:
             n = best_on if on else 0
             np.add.at(out, slot_rows[:n], 1)
             self.last_predicted_ms = float(times[n])
+            if on and not probing and self.recheck_on > 1:
+                self._on_hold = (key, self.recheck_on - 1, out.copy(), self.last_predicted_ms)
         self._idle_rows = [rows.req_ids[i] for i in np.flatnonzero((rows.caps > 0) & (out == 0))]
         self._steps = 1
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)

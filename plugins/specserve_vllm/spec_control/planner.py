@@ -76,6 +76,9 @@ class PlannerSettings:
     """Seed of the ``jitter`` policy."""
     log_every: int = 0
     """Log plan statistics every this many steps (0: never)."""
+    recheck_on: int = 4
+    """``goodput``: a speculating chain plan is reused for up to this many steps while the batch
+    is unchanged (1: a decision every step), spreading a decision's cost over them."""
     sampling_classes: bool = True
     """``goodput``: keep the engine-wide acceptance per sampling class (greedy, and temperature
     buckets), so greedy and sampled requests are priced at their own rates; ``False``: one rate
@@ -97,6 +100,7 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         seed=int(ours.get("seed", 0)),
         log_every=int(ours.get("log_every", 0)),
         sampling_classes=bool(ours.get("sampling_classes", True)),
+        recheck_on=max(1, int(ours.get("recheck_on", 4))),
     )
 
 
