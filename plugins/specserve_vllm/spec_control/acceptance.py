@@ -38,13 +38,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from specserve_vllm.tree.step import GREEDY_EPS
+
 
 SAMPLING_CLASSES: tuple[str, ...] = ("greedy", "le_0.5", "le_1", "gt_1")
 """Sampling classes by temperature: greedy, ``0 < t <= 0.5``, ``0.5 < t <= 1``, ``t > 1``."""
-
-GREEDY_EPS = 1e-5
-"""Temperatures below this sample greedily (vLLM's own threshold)."""
-
 
 def sampling_class(temperature: float) -> int:
     """The index in :data:`SAMPLING_CLASSES` of a request sampled at ``temperature``.
@@ -142,7 +140,7 @@ class AcceptanceModel:
         >>> m.engine_rates().round(2).tolist()
         [0.75]
         """
-        seen = self._g_seen if self._g_seen.any() else np.eye(len(SAMPLING_CLASSES), dtype=bool)[0]
+        seen = self._g_seen if self._g_seen.any() else [0]
         return self._g_succ[seen].sum(axis=0) / np.maximum(self._g_trials[seen].sum(axis=0), 1e-9)
 
     def conditional(self, req_ids: Sequence[str]) -> np.ndarray:

@@ -84,15 +84,6 @@ class PlanStats:
     def record_plan(self, decode_plan: Iterable[int]) -> None:
         """Count one plan, given the lengths of its decode rows (rows that could draft)."""
         lengths = [int(k) for k in decode_plan]
-        if not lengths:  # no row could draft (the short path of a speculation-off step)
-            self.steps += 1
-            self.no_spec_steps += 1
-            bucket = self.by_batch.get("0")
-            if bucket is None:
-                bucket = self.by_batch["0"] = dict.fromkeys(_BUCKET_KEYS, 0)
-            bucket["plans"] += 1
-            bucket["no_spec"] += 1
-            return
         self.steps += 1
         self.decode_rows += len(lengths)
         if not any(lengths):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, sampling_class
+from specserve_vllm.spec_control.stats import PlanStats
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,6 @@ def mape(records: list[dict[str, Any]], cost: Any) -> float:
     errors = [abs(cost.step_ms(r["rows"], r["tokens"], r["ctx_tokens"], r["spec"]) - r["step_ms"]) / r["step_ms"]
               for r in records if r["step_ms"] > 0]
     return round(sum(errors) / len(errors), 4) if errors else 0.0
-
-
-def conditional_rates(trials: list[int], accepted: list[int]) -> list[float]:
-    """Per position: accepted / tested (0.0 where untested).
-
-    >>> conditional_rates([10, 5, 0], [5, 4, 0])
-    [0.5, 0.8, 0.0]
-    """
-    return [round(a / t, 4) if t else 0.0 for t, a in zip(trials, accepted)]
 
 
 def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: list[list[int]],
@@ -106,8 +98,9 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
             trials1, accepted1 = llm.collective_rpc(position_counts)[0]
             pad = len(trials1)
             trials0, accepted0 = trials0 + [0] * (pad - len(trials0)), accepted0 + [0] * (pad - len(accepted0))
-            by_class[SAMPLING_CLASSES[sampling_class(t)]] = conditional_rates(
-                [b - a for a, b in zip(trials0, trials1)], [b - a for a, b in zip(accepted0, accepted1)])
+            by_class[SAMPLING_CLASSES[sampling_class(t)]] = PlanStats(
+                position_trials=[b - a for a, b in zip(trials0, trials1)],
+                position_accepted=[b - a for a, b in zip(accepted0, accepted1)]).conditional_acceptance()
         return name, records, rates, by_class
     finally:
         del llm
