@@ -187,9 +187,11 @@ def test_tree_rows_from_the_cache_and_compaction_through_vllms_op() -> None:
                                                     (torch.float32, 32, 58), (torch.bfloat16, 128, 140)])
 def test_side_rows_over_block_views_equal_the_reference(dtype: torch.dtype, block: int, prefix_len: int) -> None:
     """The engine's path (per-block views of the paged cache, side rows only, grouped-query
-    heads) computes what the dense reference computes for those rows."""
+    heads) computes what the dense reference computes for those rows. Where the machine's
+    attention ISA packs blocks in a permuted layout (AMX's bf16 blocks), there are no views
+    and the engine gathers instead: that path is checked there."""
     from specserve_vllm.tree.attention import side_rows_attention, side_rows_bias
-    from specserve_vllm.tree.cpu_kv import block_views
+    from specserve_vllm.tree.cpu_kv import _kinds, block_views, gather_kv
     from specserve_vllm.tree.draft import best_path_length
 
     gen = torch.Generator().manual_seed(prefix_len)
@@ -200,9 +202,15 @@ def test_side_rows_over_block_views_equal_the_reference(dtype: torch.dtype, bloc
     v = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
     key_cache, value_cache, table, _, isa = _paged(k, v, dtype, block)
     views = block_views(key_cache, value_cache, table.tolist(), length, isa)
-    assert views is not None and sum(b.shape[2] for b in views[0]) == length
     keep = 1 + best_path_length(tree)
-    got = side_rows_attention(q[keep:], views[0], views[1], side_rows_bias(tree, prefix_len, HEADS // KV_HEADS), SCALE)
+    if "permuted" in _kinds(isa, dtype, block, DIM):
+        assert views is None
+        gk, gv = gather_kv(key_cache, value_cache, table, length, isa)
+        got = tree_attention(q, gk.float(), gv.float(), tree, SCALE)[keep:]
+    else:
+        assert views is not None and sum(b.shape[2] for b in views[0]) == length
+        got = side_rows_attention(q[keep:], views[0], views[1], side_rows_bias(tree, prefix_len, HEADS // KV_HEADS),
+                                  SCALE)
     want = tree_attention(q, k.float(), v.float(), tree, SCALE)[keep:]
     assert got.shape == want.shape == (len(tree) + 1 - keep, HEADS, DIM)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
