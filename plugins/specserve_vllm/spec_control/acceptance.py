@@ -57,7 +57,13 @@ def sampling_class(temperature: float) -> int:
 
 
 class AcceptanceModel:
-    """Decayed per-position success counts, per request and engine-wide per sampling class."""
+    """Decayed per-position success counts, per request and engine-wide per sampling class.
+
+    Requests' counts live in dense ``[slots, k]`` arrays (a slot per request, reused when it
+    leaves), so a step's verifications and a decision's survival are a few array operations
+    whatever the batch size. Slot 0 is never given out: it holds no evidence, in the greedy
+    class, and stands for requests the model has not seen.
+    """
 
     def __init__(self, prior: Sequence[float], weight: float = 4.0, request_decay: float = 0.9,
                  global_decay: float = 0.995, global_weight: float = 50.0,
@@ -72,40 +78,79 @@ class AcceptanceModel:
         self.weight = weight
         self.request_decay = request_decay
         self.global_decay = global_decay
-        self._g_succ = priors * global_weight  # [C, k]
-        self._g_trials = np.full_like(priors, global_weight)  # [C, k]
+        self._g = np.stack([priors * global_weight, np.full_like(priors, global_weight)], axis=1)
+        """``[C, 2, k]`` engine-wide decayed (successes, trials) per class and position."""
         self._g_seen = np.zeros(len(SAMPLING_CLASSES), dtype=bool)
-        self._class: dict[str, int] = {}
-        self._succ: dict[str, np.ndarray] = {}
-        self._trials: dict[str, np.ndarray] = {}
+        self._rates = priors.copy()  # [C, k]: _g's successes / trials, kept current by observe
+        self._slot: dict[str, int] = {}
+        self._free: list[int] = []
+        self._counts = np.zeros((16, 2, self.k))
+        """``[slots, 2, k]`` each request's decayed (successes, trials) per position."""
+        self._cls = np.zeros(16, dtype=np.int64)  # [slots]
+        self._used = 1  # slots 1 .. _used - 1 were given out at some point
+        self._first = np.tri(self.k + 1, self.k, -1)  # [k + 1, k]: row t is 1 at positions < t
+
+    def _slots(self, req_ids: Sequence[str], classes: Sequence[int] | None = None) -> np.ndarray:
+        """Each request's slot, allocating one (in its class, default greedy) when new."""
+        out = np.empty(len(req_ids), dtype=np.int64)
+        slot = self._slot
+        for i, r in enumerate(req_ids):
+            s = slot.get(r)
+            if s is None:
+                s = slot[r] = self._new_slot(0 if classes is None else int(classes[i]))
+            out[i] = s
+        return out
+
+    def _new_slot(self, cls: int) -> int:
+        if self._free:
+            s = self._free.pop()
+        else:
+            if self._used == len(self._cls):
+                grow = len(self._cls)
+                self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+                self._cls = np.concatenate([self._cls, np.zeros(grow, dtype=np.int64)])
+            s, self._used = self._used, self._used + 1
+        self._counts[s] = 0.0
+        self._cls[s] = cls
+        return s
 
     def assign(self, req_ids: Sequence[str], classes: Sequence[int]) -> None:
         """Put requests not seen before in their sampling class (default: greedy)."""
-        known = self._class
-        for r, c in zip(req_ids, classes):
-            if r not in known:
-                known[r] = int(c)
+        self._slots(req_ids, classes)
 
     def observe(self, req_id: str, drafted: int, accepted: int) -> None:
         """One verification of ``drafted`` drafts of which the first ``accepted`` held."""
-        drafted = min(int(drafted), self.k)
-        accepted = min(int(accepted), drafted)
-        tested = min(accepted + 1, drafted)
-        if tested <= 0:
+        self.observe_rows([req_id], np.array([drafted]), np.array([accepted]))
+
+    def observe_rows(self, req_ids: Sequence[str], drafted: np.ndarray, accepted: np.ndarray) -> None:
+        """One step's verifications (distinct requests): row ``i`` verified ``drafted[i]``
+        drafts of which the first ``accepted[i]`` held. The engine-wide counts of a class
+        decay once per row, in row order, as if the rows were observed one by one."""
+        drafted = np.minimum(np.asarray(drafted, dtype=np.int64), self.k)
+        accepted = np.minimum(np.asarray(accepted, dtype=np.int64), drafted)
+        tested = np.minimum(accepted + 1, drafted)
+        if len(tested) and tested.min() <= 0:  # rows that tested nothing teach nothing
+            keep = tested > 0
+            req_ids = [r for r, t in zip(req_ids, keep.tolist()) if t]
+            tested, accepted = tested[keep], accepted[keep]
+        if not len(req_ids):
             return
-        succ = self._succ.setdefault(req_id, np.zeros(self.k))
-        trials = self._trials.setdefault(req_id, np.zeros(self.k))
-        succ *= self.request_decay
-        trials *= self.request_decay
-        trials[:tested] += 1.0
-        succ[:accepted] += 1.0
-        c = self._class.get(req_id, 0)
-        g_succ, g_trials = self._g_succ[c], self._g_trials[c]
-        g_succ *= self.global_decay
-        g_trials *= self.global_decay
-        g_trials[:tested] += 1.0
-        g_succ[:accepted] += 1.0
-        self._g_seen[c] = True
+        slots = self._slots(req_ids)
+        # [m, 2, k]: 1 at the positions each row accepted, and at those it tested
+        add = self._first[np.stack([accepted, tested], axis=1)]
+        self._counts[slots] = self._counts[slots] * self.request_decay + add
+        classes = self._cls[slots].tolist()
+        for c in set(classes):
+            if len(classes) == 1:
+                m, g_add = 1, add[0]
+            else:  # row i decays once for each row of its class after it
+                rows = [i for i, x in enumerate(classes) if x == c]
+                m = len(rows)
+                w = self.global_decay ** np.arange(m - 1, -1, -1, dtype=np.float64)
+                g_add = np.tensordot(w, add[rows], axes=1)
+            g = self._g[c] = self._g[c] * self.global_decay ** m + g_add
+            self._g_seen[c] = True
+            self._rates[c] = g[0] / np.maximum(g[1], 1e-9)
 
     def age(self, req_ids: Iterable[str], factor: float) -> None:
         """Fade these requests' own evidence by ``factor`` (steps they decoded without drafting):
@@ -118,14 +163,13 @@ class AcceptanceModel:
         >>> m.age(["a"], 0.1); round(float(m.conditional(["a"])[0, 0]), 2)
         0.71
         """
-        for r in req_ids:
-            if r in self._succ:
-                self._succ[r] *= factor
-                self._trials[r] *= factor
+        slots = [s for s in map(self._slot.get, req_ids) if s is not None]
+        if slots:
+            self._counts[slots] *= factor
 
     def class_rates(self) -> np.ndarray:
         """``[C, k]`` engine-wide conditional acceptance per sampling class and position."""
-        return self._g_succ / np.maximum(self._g_trials, 1e-9)
+        return self._rates.copy()
 
     def seen_classes(self) -> list[int]:
         """The sampling classes some verification has been observed in."""
@@ -141,18 +185,14 @@ class AcceptanceModel:
         [0.75]
         """
         seen = self._g_seen if self._g_seen.any() else [0]
-        return self._g_succ[seen].sum(axis=0) / np.maximum(self._g_trials[seen].sum(axis=0), 1e-9)
+        succ, trials = self._g[seen].sum(axis=0)
+        return succ / np.maximum(trials, 1e-9)
 
     def conditional(self, req_ids: Sequence[str]) -> np.ndarray:
         """``[n, k]`` conditional acceptance per request and position."""
-        if not req_ids:
-            return np.zeros((0, self.k))
-        rates = self.class_rates()
-        q = rates[[self._class.get(r, 0) for r in req_ids]]  # [n, k]
-        zeros = np.zeros(self.k)
-        succ = np.stack([self._succ.get(r, zeros) for r in req_ids])
-        trials = np.stack([self._trials.get(r, zeros) for r in req_ids])
-        return (succ + self.weight * q) / (trials + self.weight)
+        slots = [self._slot.get(r, 0) for r in req_ids]  # slot 0: no evidence, greedy
+        counts = self._counts[slots]  # [n, 2, k]
+        return (counts[:, 0] + self.weight * self._rates[self._cls[slots]]) / (counts[:, 1] + self.weight)
 
     def survival(self, req_ids: Sequence[str]) -> np.ndarray:
         """``[n, k]`` probability that each draft position is committed."""
@@ -160,6 +200,6 @@ class AcceptanceModel:
 
     def forget(self, req_ids: Iterable[str]) -> None:
         for r in req_ids:
-            self._succ.pop(r, None)
-            self._trials.pop(r, None)
-            self._class.pop(r, None)
+            s = self._slot.pop(r, None)
+            if s is not None:
+                self._free.append(s)

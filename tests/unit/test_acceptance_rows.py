@@ -1,0 +1,56 @@
+"""A step's verifications observed at once equal the same rows observed one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specserve_vllm.spec_control.acceptance import AcceptanceModel
+from specserve_vllm.spec_control.stats import PlanStats
+
+K = 4
+row = st.tuples(st.integers(0, 7), st.integers(0, 5), st.integers(0, 5))  # (request, drafted, accepted)
+steps = st.lists(st.lists(row, max_size=6, unique_by=lambda r: r[0]), max_size=8)
+
+
+@settings(max_examples=120, deadline=None)
+@given(steps, st.lists(st.integers(0, 3), min_size=8, max_size=8))
+def test_observe_rows_equals_one_row_at_a_time(batches: list, classes: list[int]) -> None:
+    one, many = (AcceptanceModel([0.6, 0.5, 0.4, 0.7], class_priors={2: [0.3]}, global_weight=5.0) for _ in "ab")
+    ids = [f"q{i}" for i in range(8)]
+    for m in (one, many):
+        m.assign(ids, classes)
+    for step in batches:
+        step = [(f"q{r}", d, min(a, d)) for r, d, a in step]
+        for r, d, a in step:
+            one.observe(r, d, a)
+        many.observe_rows([r for r, _, _ in step], np.array([d for _, d, _ in step], dtype=np.int64),
+                          np.array([a for _, _, a in step], dtype=np.int64))
+    assert np.allclose(one.survival(ids + ["new"]), many.survival(ids + ["new"]))
+    assert np.allclose(one.class_rates(), many.class_rates())
+    assert one.seen_classes() == many.seen_classes()
+
+
+@settings(max_examples=120, deadline=None)
+@given(steps)
+def test_plan_stats_count_a_step_as_its_rows(batches: list) -> None:
+    one, many = PlanStats(), PlanStats()
+    for step in batches:
+        rows = [(d, min(a, d)) for _, d, a in step]
+        for d, a in rows:
+            one.record_verified(d, a)
+        many.record_verified_rows([d for d, _ in rows], [a for _, a in rows])
+    assert (one.position_trials, one.position_accepted) == (many.position_trials, many.position_accepted)
+
+
+def test_a_freed_slot_starts_clean_for_the_next_request() -> None:
+    m = AcceptanceModel([0.5] * K, weight=1.0)
+    m.observe("a", 4, 0)
+    low = m.conditional(["a"])[0, 0]
+    m.forget(["a"])
+    m.assign(["b"], [0])
+    assert m.conditional(["b"])[0, 0] > low  # b got a's slot, not its evidence
+    for i in range(40):  # slots grow past their first allocation
+        m.assign([f"x{i}"], [0])
+    assert m.conditional([f"x{i}" for i in range(40)]).shape == (40, K)
