@@ -325,3 +325,39 @@ def test_the_engine_setting_holds_plans_and_one_decides_every_step() -> None:
                         "HydraProposer").recheck_on == 4
     assert build_policy(settings_from({"specserve": {"spec_policy": "goodput", "recheck_on": 1}}, env={}), 4,
                         "HydraProposer").recheck_on == 1
+
+
+def test_the_planner_reuses_held_plans_and_counts_them() -> None:
+    """``StepPlanner.reuse`` returns the policy's held plan for an unchanged batch (and counts
+    it), and nothing for a changed batch, an exhausted hold, or a probe that is due."""
+    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=3, probe_every=6)
+    planner = StepPlanner(policy, 4)
+    ids, caps = [f"r{i}" for i in range(16)], [4] * 16
+    assert planner.reuse(ids, caps) is None  # nothing decided yet
+    assert planner.plan(_rows(16)).sum() == 0
+    for _ in range(2):
+        held = planner.reuse(ids, caps)
+        assert held is not None and held.sum() == 0
+    assert planner.reuse(ids, caps) is None  # held for recheck_every steps in all
+    assert planner.stats.steps == 3 and planner.stats.no_spec_steps == 3
+    planner.plan(_rows(16))
+    assert planner.reuse(ids[:15], caps[:15]) is None and planner.reuse(ids, [4] * 15 + [2]) is None
+    assert planner.reuse(ids, caps) is not None  # the fifth step in a row without speculation
+    assert planner.reuse(ids, caps) is None, "a probe is due: the policy must decide"
+    assert planner.plan(_rows(16)).sum() > 0 and policy.probes == 1
+
+
+def test_a_speculating_hold_survives_its_own_verifications_and_an_off_hold_does_not() -> None:
+    policy = _policy(0.9)
+    policy.recheck_on = 3
+    rows = _rows(1)
+    plan = policy.plan(rows)
+    assert plan.sum() > 0
+    policy.observe(VerifiedRows(("r0",), plan.copy(), plan.copy()))
+    assert policy.reuse((("r0",), (4,))) is not None
+    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
+    off = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4)
+    assert off.plan(_rows(16)).sum() == 0
+    off.observe(VerifiedRows(("r0",), np.array([1]), np.array([1])))
+    assert off.reuse(((tuple(f"r{i}" for i in range(16))), (4,) * 16)) is None

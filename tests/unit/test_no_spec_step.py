@@ -140,3 +140,27 @@ def test_planner_settings_and_caps() -> None:
         plan = planner.plan(rows)
         assert 0 <= plan[0] <= 4 and 0 <= plan[1] <= 4 and plan[2] == 0
     assert planner.stats.no_spec_steps > 0 and planner.stats.steps == 30
+
+
+def test_a_held_plan_skips_the_batch_description_and_the_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under goodput, a step whose batch is unchanged reuses the held decision: the runner's
+    batch is not described (no sampling classes read) and the policy does not decide; the
+    step still counts as a plan."""
+    runner = _plan_runner([None], policy="goodput")
+    described: list[int] = []
+    classes = spec_length.request_classes
+    monkeypatch.setattr(spec_length, "request_classes", lambda r: (described.append(1), classes(r))[1])
+    drafts = [[7, 7, 7]]
+    spec_length.plan_drafts(runner, _output(), [[1]], lambda: drafts)  # idle, fresh: a decision
+    planner = runner._specserve_planner
+    policy = planner.policy
+    first, held = planner.stats.steps, policy.recheck_on - 1
+    decide = policy.plan
+    monkeypatch.setattr(policy, "plan", lambda rows: pytest.fail("decided while a plan was held"))
+    for _ in range(held):
+        out = spec_length.plan_drafts(runner, _output(), [[1]], lambda: drafts)
+        assert out == drafts[:1] or out == [drafts[0][: len(out[0])]]
+    assert described == [1] and planner.stats.steps == first + held
+    monkeypatch.setattr(policy, "plan", decide)
+    spec_length.plan_drafts(runner, _output(), [[1]], lambda: drafts)  # the hold ran out
+    assert described == [1, 1]

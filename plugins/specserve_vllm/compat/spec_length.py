@@ -171,10 +171,12 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
     if not any(caps):
         planner.plan_nothing()
         return [[] for _ in range(n)]
-    rows = StepRows(req_ids=tuple(req_ids), caps=np.array(caps, dtype=np.int64),
-                    context=np.asarray(runner.input_batch.num_tokens_no_spec[:n], dtype=np.int64),
-                    classes=request_classes(runner)[:n])
-    lengths = planner.plan(rows)
+    lengths = planner.reuse(req_ids, caps)  # a held plan: no StepRows, no decision
+    if lengths is None:
+        rows = StepRows(req_ids=tuple(req_ids), caps=np.array(caps, dtype=np.int64),
+                        context=np.asarray(runner.input_batch.num_tokens_no_spec[:n], dtype=np.int64),
+                        classes=request_classes(runner)[:n])
+        lengths = planner.plan(rows)
     if not lengths.any():
         return [[] for _ in range(n)]
     drafter = getattr(runner, "drafter", None)

@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, AcceptanceModel
-from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
+from specserve_vllm.spec_control.plan import PlanKey, StepRows, VerifiedRows, plan_key
 from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION, Calibration, StepTimeModel
 from specserve_vllm.spec_control.tree_pricing import TreePricing
 
@@ -58,6 +59,18 @@ logger = logging.getLogger(__name__)
 
 FALLBACK_PRIOR = 0.6
 """Conditional acceptance assumed per position when the calibration has none for the drafter."""
+
+
+@dataclass(slots=True)
+class HeldPlan:
+    """A decision kept for the batch it was made for (:meth:`GoodputPolicy.reuse`)."""
+
+    key: PlanKey
+    remaining: int
+    """Further steps it may be reused for."""
+    plan: np.ndarray
+    predicted_ms: float
+    speculating: bool
 
 
 def best_slots(survival: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,9 +117,8 @@ class GoodputPolicy:
         many steps in all (1: decide every step). A decision costs 50-180 µs, several percent of
         a CPU step; acceptance estimates move slowly (decay 0.9 per verification), so a plan a
         few steps old is nearly the one a new decision would make."""
-        self._on_hold: tuple[Any, int, np.ndarray, float] | None = None
-        """``(batch key, further steps it holds, plan, predicted ms)`` of the last speculating
-        chain plan."""
+        self._held: HeldPlan | None = None
+        """The last decision, while it may still be reused (:meth:`reuse`)."""
         self.probe_every = probe_every
         """After this many steps in a row without speculation, one step speculates (0: never)."""
         self._off_streak = 0
@@ -118,8 +130,6 @@ class GoodputPolicy:
         """Decode rows the last decision gave no draft."""
         self.probes = 0
         """Steps that speculated only because of :attr:`probe_every`."""
-        self._hold: tuple[Any, int] | None = None
-        """``(batch key, further steps it holds)`` of the last decision not to speculate."""
         self.speculating = True
         self.prefill_tokens = 0
         """Prefill tokens of the last step, the estimate for the next one."""
@@ -146,10 +156,11 @@ class GoodputPolicy:
                    chain_depth=chain_depth, sampling_classes=settings.sampling_classes,
                    recheck_on=settings.recheck_on)
 
-    def goodput(self, rows: StepRows, survival: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def goodput(self, rows: StepRows, survival: np.ndarray | None = None,
+                dec: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(goodput [s+1], slot rows [s], time_ms [s+1])`` for taking the best 0..s slots
-        (``survival``: the decode rows' survival, when the caller has it)."""
-        dec = np.flatnonzero(rows.caps > 0)
+        (``survival``: the decode rows' survival, ``dec``: their indices, when the caller has them)."""
+        dec = np.flatnonzero(rows.caps) if dec is None else dec
         b = len(dec)
         caps = np.minimum(rows.caps[dec], self.chain_depth)
         if survival is None:
@@ -162,12 +173,13 @@ class GoodputPolicy:
         times = self.model.cycle_ms(n_rows, b + self.prefill_tokens, ctx, n)
         return committed / times, dec[slot_rows], times
 
-    def tree_goodput(self, rows: StepRows, survival: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def tree_goodput(self, rows: StepRows, survival: np.ndarray | None = None,
+                     dec: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(goodput [N], nodes per row [N, n_rows], time_ms [N])`` for trees of ``1 .. N`` nodes
         in every decode row (fewer where a row's cap is lower), priced by :attr:`trees`
-        (``survival`` as in :meth:`goodput`)."""
+        (``survival``, ``dec`` as in :meth:`goodput`)."""
         assert self.trees is not None
-        dec = np.flatnonzero(rows.caps > 0)
+        dec = np.flatnonzero(rows.caps) if dec is None else dec
         b = len(dec)
         if survival is None:
             survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
@@ -183,37 +195,55 @@ class GoodputPolicy:
         per_row[:, dec] = nodes
         return committed / times, per_row, times
 
+    def reuse(self, key: PlanKey) -> np.ndarray | None:
+        """The plan held for the batch ``key`` (:func:`plan_key`), or ``None`` when a decision
+        is due: the batch changed, the hold ran out, or a probe is due. A held step costs a
+        tuple comparison, so the engine asks this before it builds :class:`StepRows`.
+
+        >>> from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
+        >>> cost = StepCost(8, 1, 0, 0, 3, 0.2, 0.5, 0.02)
+        >>> p = GoodputPolicy(StepTimeModel(cost), AcceptanceModel([0.8] * 4), recheck_on=2)
+        >>> p.plan(StepRows(("a",), np.array([4]), np.array([100]))).tolist()
+        [4]
+        >>> p.reuse(plan_key(["a"], [4])).tolist(), p.reuse(plan_key(["a"], [4]))
+        ([4], None)
+        """
+        held = self._held
+        if held is None or held.remaining <= 0 or held.key != key:
+            return None
+        if not held.speculating and 0 < self.probe_every <= self._off_streak + 1:
+            return None
+        held.remaining -= 1
+        self._steps += 1
+        self.last_predicted_ms = held.predicted_ms
+        if not held.speculating:
+            self._off_streak += 1
+        return held.plan
+
     def plan(self, rows: StepRows) -> np.ndarray:
         t0 = time.perf_counter()
         out = np.zeros(len(rows.caps), dtype=np.int64)
         self.chains_only = self.trees is not None
         if not rows.caps.any():
             return out
-        key = (rows.req_ids, rows.caps.tobytes())
-        held = self._on_hold
-        if held is not None and held[1] > 0 and held[0] == key:
-            self._on_hold = (key, held[1] - 1, held[2], held[3])
-            self._steps += 1
-            self.last_predicted_ms = held[3]
-            return held[2].copy()
-        self._on_hold = None
+        key = plan_key(rows.req_ids, rows.caps.tolist())
+        reused = self.reuse(key)
+        if reused is not None:
+            return reused.copy()
+        self._held = None
         probe = 0 < self.probe_every <= self._off_streak + 1
-        if not probe and self._hold is not None and self._hold[1] > 0 and self._hold[0] == key:
-            self._hold = (key, self._hold[1] - 1)
-            self._off_streak += 1
-            self._steps += 1
-            return out
         if self._idle_rows:
             self.acceptance.age(self._idle_rows, self.idle_decay ** self._steps)
         if rows.classes is not None and self.sampling_classes:
             self.acceptance.assign(rows.req_ids, rows.classes.tolist())
-        survival = self.acceptance.survival([rows.req_ids[i] for i in np.flatnonzero(rows.caps > 0)])  # [B, k]
-        g, slot_rows, times = self.goodput(rows, survival)
+        dec = np.flatnonzero(rows.caps)  # the decode rows
+        survival = self.acceptance.survival([rows.req_ids[i] for i in dec.tolist()])  # [B, k]
+        g, slot_rows, times = self.goodput(rows, survival, dec)
         best_on = 1 + int(np.argmax(g[1:])) if len(g) > 1 else 0
         best_g = g[best_on] if best_on else 0.0
         tree_plan = None
         if self.trees is not None:
-            tg, tree_rows, tree_times = self.tree_goodput(rows, survival)
+            tg, tree_rows, tree_times = self.tree_goodput(rows, survival, dec)
             best_tree = int(np.argmax(tg))
             if self.trees.explore(bool(tg[best_tree] > best_g)) or tg[best_tree] > best_g:
                 tree_plan, best_g = (tree_rows[best_tree], float(tree_times[best_tree])), float(tg[best_tree])
@@ -230,18 +260,19 @@ class GoodputPolicy:
             self.probes += 1
         self._off_streak = 0 if on else self._off_streak + 1
         self.speculating = on
-        self._hold = None if on else (key, self.recheck_every - 1)
         if on and tree_plan is not None:
             out, self.last_predicted_ms = tree_plan[0].copy(), tree_plan[1]
             self.chains_only = False
             self.remember_tree_rows(rows, out, survival)  # tree rows are the decode rows
         else:
             n = best_on if on else 0
-            np.add.at(out, slot_rows[:n], 1)
+            out = np.bincount(slot_rows[:n], minlength=len(out)).astype(np.int64)
             self.last_predicted_ms = float(times[n])
-            if on and not probing and self.recheck_on > 1:
-                self._on_hold = (key, self.recheck_on - 1, out.copy(), self.last_predicted_ms)
-        self._idle_rows = [rows.req_ids[i] for i in np.flatnonzero((rows.caps > 0) & (out == 0))]
+            if not on:
+                self._held = HeldPlan(key, self.recheck_every - 1, out.copy(), self.last_predicted_ms, False)
+            elif not probing and self.recheck_on > 1:
+                self._held = HeldPlan(key, self.recheck_on - 1, out.copy(), self.last_predicted_ms, True)
+        self._idle_rows = [rows.req_ids[i] for i in dec[out[dec] == 0].tolist()]
         self._steps = 1
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)
         return out
@@ -269,16 +300,20 @@ class GoodputPolicy:
                 "acceptance_by_class": by_class, "probes": self.probes, **trees}
 
     def observe(self, verified: VerifiedRows) -> None:
-        if len(verified.req_ids):
-            self._hold = None
-        trees = verified.trees if verified.trees is not None else np.zeros(len(verified.req_ids), dtype=bool)
-        for (req_id, drafted, accepted), tree in zip(verified.positions(), trees):
-            planned = self._tree_rows.get(req_id) if tree and self.trees is not None else None
-            if planned is not None:
-                assert self.trees is not None
-                self.trees.observe_value(drafted, accepted, planned[1])
-            elif not tree:
-                self.acceptance.observe(req_id, drafted, accepted)
+        if len(verified.req_ids) and self._held is not None and not self._held.speculating:
+            self._held = None  # something was verified: a decision not to speculate is stale
+        trees = verified.trees
+        if trees is None or not trees.any():
+            self.acceptance.observe_rows(verified.req_ids, verified.drafted, verified.accepted)
+            return
+        for i in np.flatnonzero(trees).tolist():  # a tree's path tells the tree pricing, not the chain rates
+            planned = self._tree_rows.get(verified.req_ids[i])
+            if planned is not None and self.trees is not None:
+                self.trees.observe_value(int(verified.drafted[i]), int(verified.accepted[i]), planned[1])
+        chain = np.flatnonzero(~trees)
+        if len(chain):
+            self.acceptance.observe_rows([verified.req_ids[i] for i in chain.tolist()], verified.drafted[chain],
+                                         verified.accepted[chain])
 
     def observe_step(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, prefill_tokens: int,
                      step_ms: float, drafts: int, draft_ms: float, trees: int = 0) -> float:

@@ -20,7 +20,7 @@ Policies here are pure (numpy only, no vLLM):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
@@ -51,6 +51,19 @@ class StepRows:
     def decode_rows(self) -> int:
         """Rows that may speculate (cap > 0)."""
         return int(np.count_nonzero(self.caps))
+
+
+PlanKey = tuple[tuple[str, ...], tuple[int, ...]]
+"""A batch as plans are reused for it: request ids and their caps, in batch order."""
+
+
+def plan_key(req_ids: Any, caps: Any) -> PlanKey:
+    """The :data:`PlanKey` of a batch (``caps``: any iterable of ints).
+
+    >>> plan_key(["a", "b"], [4, 0])
+    (('a', 'b'), (4, 0))
+    """
+    return tuple(req_ids), tuple(caps)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from specserve_vllm.spec_control.plan import (
     StepRows,
     VerifiedRows,
     clip_plan,
+    plan_key,
 )
 from specserve_vllm.spec_control.stats import PlanStats
 
@@ -137,6 +138,8 @@ class StepPlanner:
         self.publisher: Any = None
         self.trees: Any = None
         """The engine's tree counters (``tree.step.TreeCounters``) once it verified a tree."""
+        self._reuse = getattr(policy, "reuse", None)
+        """The policy's held-plan lookup (``GoodputPolicy.reuse``), if it holds plans."""
 
     def snapshot(self) -> dict[str, Any]:
         """The stats, the policy's name, its cost model and the tree counters (call under :attr:`lock`)."""
@@ -191,6 +194,25 @@ class StepPlanner:
         return StepRows(req_ids=tuple(req_ids), caps=np.array(self.caps(spec_ks, sampled), dtype=np.int64),
                         context=np.asarray(context, dtype=np.int64))
 
+    def reuse(self, req_ids: Sequence[str], caps: Sequence[int]) -> np.ndarray | None:
+        """The plan the policy holds for this batch (counted as a plan), or ``None`` when it
+        must decide (:meth:`plan`). Asked before the batch is described as :class:`StepRows`,
+        so a held step costs a tuple comparison and the counters.
+
+        >>> StepPlanner(FixedPolicy(), 4).reuse(["a"], [4]) is None   # fixed holds nothing
+        True
+        """
+        if self._reuse is None:
+            return None
+        plan = self._reuse(plan_key(req_ids, caps))
+        if plan is None:
+            return None
+        decode = [int(n) for n, c in zip(plan.tolist(), caps) if c]
+        with self.lock:
+            self.stats.record_plan(decode)
+        self._maybe_log()
+        return plan.copy()
+
     def plan(self, rows: StepRows) -> np.ndarray:
         """``[n]`` draft lengths for the next step (clipped to the caps) and count them."""
         lengths = clip_plan(self.policy.plan(rows), rows.caps)
@@ -213,8 +235,7 @@ class StepPlanner:
     def observe(self, verified: VerifiedRows) -> None:
         if len(verified.req_ids):
             with self.lock:
-                for _, drafted, accepted in verified.positions():
-                    self.stats.record_verified(drafted, accepted)
+                self.stats.record_verified_rows(verified.drafted, verified.accepted)
             self.policy.observe(verified)
 
     def finished(self, req_ids: frozenset[str]) -> None:
