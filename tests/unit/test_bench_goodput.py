@@ -124,3 +124,11 @@ def test_cli_knows_the_new_commands() -> None:
     assert args.spec_ks == "0,1,2,4"
     args = parser.parse_args(["serve", "--drafter", "recycling", "--engine-spec-policy", "goodput"])
     assert args.engine_spec_policy == "goodput" and args.spec_policy in ("fixed", "goodput")
+
+
+def test_goodput_variants_have_their_own_engines_and_are_not_baselines() -> None:
+    assert [goodput._engine_of(a) for a in ("none", "k3", "goodput", "goodput-every-step", "goodput-pooled")] == [
+        "none", "fixed", "goodput", "goodput-every-step", "goodput-pooled"]
+    assert goodput.GOODPUT_ARMS["goodput-every-step"] == {"recheck_on": 1}
+    point = {"none": 1.0, "k2": 0.9, "goodput": 1.1, "goodput-every-step": 0.5, "goodput-pooled": 0.6}
+    assert set(goodput.judged_arms(point)) == {"none", "k2", "goodput"}

@@ -6,7 +6,9 @@ Arms:
   ``spec_k``;
 - ``goodput``: a speculative engine with the engine's per-step ``goodput`` policy;
 - ``goodput-pooled``: the same with one engine-wide acceptance for every request instead of one
-  per sampling class (the ``sampling_classes`` setting off).
+  per sampling class (the ``sampling_classes`` setting off);
+- ``goodput-every-step``: the same deciding at every step (``recheck_on`` 1: no speculating plan
+  reused), which shows what reusing plans buys.
 
 Each arm has its own in-process engine, all alive at once, with the same warm-up. Every arm gets
 the same prompts (held-out stdlib files), output lengths (lognormal) and seeds, and the arms run
@@ -189,18 +191,33 @@ def _engines(args: argparse.Namespace, arms: list[str], model_dir: Path) -> dict
         if any(a.startswith("k") for a in arms):
             engines["fixed"] = local_llm(model_dir, speculative_config=spec, **common,
                                          additional_config={"specserve": {"spec_policy": "fixed"}})
-        if "goodput" in arms:
-            engines["goodput"] = local_llm(model_dir, speculative_config=spec, **common,
-                                           additional_config={"specserve": {"spec_policy": "goodput"}})
-        if "goodput-pooled" in arms:
-            engines["goodput-pooled"] = local_llm(
-                model_dir, speculative_config=spec, **common,
-                additional_config={"specserve": {"spec_policy": "goodput", "sampling_classes": False}})
+        for arm, extra in GOODPUT_ARMS.items():
+            if arm in arms:
+                engines[arm] = local_llm(model_dir, speculative_config=spec, **common,
+                                         additional_config={"specserve": {"spec_policy": "goodput", **extra}})
     return engines
 
 
+GOODPUT_ARMS: dict[str, dict[str, Any]] = {
+    "goodput": {},
+    "goodput-pooled": {"sampling_classes": False},
+    "goodput-every-step": {"recheck_on": 1},
+}
+"""The goodput arms and the engine settings each adds to the default controller."""
+
+
+def judged_arms(point: dict[str, Any]) -> dict[str, Any]:
+    """The arms ``goodput`` is judged against at a point, and ``goodput``: the baselines, not
+    its own variants (which a user would not run instead of it).
+
+    >>> list(judged_arms({"none": 1, "k2": 2, "goodput": 3, "goodput-every-step": 4}))
+    ['none', 'k2', 'goodput']
+    """
+    return {a: v for a, v in point.items() if a == "goodput" or a not in GOODPUT_ARMS}
+
+
 def _engine_of(arm: str) -> str:
-    return arm if arm in ("none", "goodput", "goodput-pooled") else "fixed"
+    return arm if arm == "none" or arm in GOODPUT_ARMS else "fixed"
 
 
 def temperature_mix(label: str) -> tuple[float, ...]:
@@ -263,13 +280,14 @@ def run(args: argparse.Namespace) -> int:
                     "point": label, "temperature": temperature, "rep": rep, "arm": arm, **result}})
         per_arm = {arm: {**combine(r), **({"plan": [x["plan"] for x in r]} if "plan" in r[0] else {})}
                    for arm, r in runs.items()}
+        judged, judged_runs = judged_arms(per_arm), judged_arms(runs)
         return {"orders": orders, "arms": per_arm,
-                "verdict_latency": verdicts(per_arm, "latency_mean_s", lower_is_better=True),
-                "verdict_throughput": verdicts(per_arm, "tokens_per_s", lower_is_better=False),
-                "paired_latency": paired_verdict({a: [x["latency_mean_s"] for x in r] for a, r in runs.items()},
+                "verdict_latency": verdicts(judged, "latency_mean_s", lower_is_better=True),
+                "verdict_throughput": verdicts(judged, "tokens_per_s", lower_is_better=False),
+                "paired_latency": paired_verdict({a: [x["latency_mean_s"] for x in r] for a, r in judged_runs.items()},
                                                  "goodput", lower_is_better=True),
-                "paired_throughput": paired_verdict({a: [x["tokens_per_s"] for x in r] for a, r in runs.items()},
-                                                    "goodput", lower_is_better=False)}
+                "paired_throughput": paired_verdict({a: [x["tokens_per_s"] for x in r]
+                                                     for a, r in judged_runs.items()}, "goodput", lower_is_better=False)}
 
     try:
         for llm in engines.values():  # the same warm-up for every engine
