@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -176,7 +177,7 @@ def test_the_controllers_probes_reach_the_metrics(tmp_path: Path) -> None:
 
 
 def test_acceptance_by_sampling_class_reaches_the_gateway_which_prices_each_request_at_its_own(tmp_path: Path) -> None:
-    from specserve.gateway.engine_model import engine_budget, parse_page
+    from specserve.gateway.engine_model import engine_budget, marginal_goodput, parse_page
     from specserve_vllm.spec_control.acceptance import AcceptanceModel
     from specserve_vllm.spec_control.goodput import GoodputPolicy
     from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
@@ -198,3 +199,7 @@ def test_acceptance_by_sampling_class_reaches_the_gateway_which_prices_each_requ
     assert engine_budget(model, 1, k_max=4, temperature=0.0) == 4
     assert engine_budget(model, 1, k_max=4, temperature=0.7) == 0
     assert engine_budget(model, 1, k_max=4, temperature=1.5) == engine_budget(model, 1, k_max=4)  # unseen class
+    # goodput routing prices the request at its own class too: a drafting replica is worth more
+    # to a greedy request than to a sampled one, whose drafts this engine rejects
+    assert marginal_goodput(model, 1, 4, temperature=0.0) > marginal_goodput(model, 1, 4, temperature=0.7)
+    assert marginal_goodput(model, 1, 4, temperature=0.7) == pytest.approx(marginal_goodput(model, 1, 0))

@@ -149,20 +149,22 @@ def _goodput_curve(model: EngineModel, rows: int, k: int, temperature: float | N
     return curve
 
 
-def batch_goodput(model: EngineModel, rows: int, k_max: int) -> float:
+def batch_goodput(model: EngineModel, rows: int, k_max: int, temperature: float | None = None) -> float:
     """Tokens per ms a replica's step commits for ``rows`` identical decode rows, with the draft
-    slots its goodput policy would choose (none when ``k_max`` is 0; 0.0 for an empty batch)."""
+    slots its goodput policy would choose (none when ``k_max`` is 0; 0.0 for an empty batch),
+    at the acceptance of ``temperature``'s sampling class (engine-wide where unknown)."""
     if rows <= 0:
         return 0.0
     k = max(0, min(int(k_max), len(model.acceptance)))
     if k == 0:  # a step without drafts: each row commits one token
         return rows / float(model.step_model().cycle_ms(rows, rows, 0, np.zeros(1))[0])
-    return float(np.max(_goodput_curve(model, rows, k)))
+    return float(np.max(_goodput_curve(model, rows, k, temperature)))
 
 
-def marginal_goodput(model: EngineModel, batch: float, k_max: int) -> float:
+def marginal_goodput(model: EngineModel, batch: float, k_max: int, temperature: float | None = None) -> float:
     """What one more decode row adds to a replica's goodput (tokens per ms) when it runs ``batch``
-    rows: the request's own tokens, less what the longer step costs the rows already there.
+    rows: the request's own tokens, less what the longer step costs the rows already there
+    (drafts priced at ``temperature``'s class, as :func:`engine_budget` prices them).
     Goodput-aware routing sends a request where this is largest.
 
     Example (the model of :func:`engine_budget`'s example): an idle replica gains most, and a
@@ -176,7 +178,7 @@ def marginal_goodput(model: EngineModel, batch: float, k_max: int) -> float:
         True
     """
     rows = max(0, int(round(batch)))
-    return batch_goodput(model, rows + 1, k_max) - batch_goodput(model, rows, k_max)
+    return batch_goodput(model, rows + 1, k_max, temperature) - batch_goodput(model, rows, k_max, temperature)
 
 
 def parse_page(text: str) -> EngineModel | None:

@@ -77,10 +77,11 @@ def serving(pool: ReplicaPool, model: str) -> list[Replica]:
     return [r for r in pool.replicas.values() if r.healthy and (not r.models or model in r.models)]
 
 
-def goodput_route(pool: ReplicaPool, model: str, k_max: int) -> Replica | None:
+def goodput_route(pool: ReplicaPool, model: str, k_max: int, temperature: float | None = None) -> Replica | None:
     """The healthy replica serving ``model`` where one more request adds the most goodput
-    (:func:`~specserve.gateway.engine_model.marginal_goodput` at its load; the less loaded of
-    equals), or ``None`` when some candidate exports no cost model (goodputs would not compare).
+    (:func:`~specserve.gateway.engine_model.marginal_goodput` at its load, drafts priced at the
+    request's ``temperature``; the less loaded of equals), or ``None`` when some candidate
+    exports no cost model (goodputs would not compare).
 
     Example: two replicas with the same model, the idle one wins; without a model, no choice.
         >>> from unittest.mock import MagicMock
@@ -99,7 +100,7 @@ def goodput_route(pool: ReplicaPool, model: str, k_max: int) -> Replica | None:
     candidates = serving(pool, model)
     if not candidates or any(r.engine_model is None for r in candidates):
         return None
-    return max(candidates, key=lambda r: (marginal_goodput(r.engine_model, r.load, k_max), -r.load))
+    return max(candidates, key=lambda r: (marginal_goodput(r.engine_model, r.load, k_max, temperature), -r.load))
 
 
 DEFAULT_TEMPERATURE = 1.0
@@ -138,7 +139,7 @@ class SpecLength:
         routed = None
         if self.routing == "goodput":
             k_route = value if present and value is not None else self.controller.k_max(model)
-            routed = goodput_route(self.pool, model, k_route)
+            routed = goodput_route(self.pool, model, k_route, request_temperature(body))
         replica = routed or least_loaded(self.pool, model)
         to = routed.url if routed is not None else None
         batch = (replica.load if replica is not None else 0.0) + (n if isinstance(n, int) and n > 0 else 1)
