@@ -19,6 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.specserve_process import MODEL_NAME, ServeProcess, engine_metrics_when, running_specserve
 
+FP32 = ("--dtype", "float32")
+"""Engine arguments: outputs are compared token for token, so in fp32."""
+
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
 MAX_TOKENS = 48
 # Repetitive code makes prompt-lookup drafting fire.
@@ -68,12 +71,12 @@ def _plan_stats(server: ServeProcess) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def outputs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     log_dir = tmp_path_factory.mktemp("spec")
-    with running_specserve(demo_model_dir, log_dir=log_dir) as plain:
+    with running_specserve(demo_model_dir, log_dir=log_dir, engine_args=FP32) as plain:
         base = _generate(plain)
     out: dict[str, dict] = {"base": base}
     for name, args in (("ngram", ["--speculative-config", json.dumps(NGRAM)]),
                        ("hydra", ["--drafter", "hydra", "--num-speculative-tokens", "4"])):
-        with running_specserve(demo_model_dir, args, log_dir=log_dir) as spec:
+        with running_specserve(demo_model_dir, args, log_dir=log_dir, engine_args=FP32) as spec:
             out[name] = _generate(spec)
             out[name]["drafts"] = _drafts(spec)
             if name == "hydra":

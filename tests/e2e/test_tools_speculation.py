@@ -20,6 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.specserve_process import MODEL_NAME, ServeProcess, running_specserve
 
+FP32 = ("--dtype", "float32")
+"""Engine arguments: outputs are compared token for token, so in fp32."""
+
 DRAFTERS = ("ngram", "recycling", "medusa", "hydra", "vllm-medusa")
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}, "days": {"type": "integer"}},
            "required": ["city", "days"], "additionalProperties": False}
@@ -82,11 +85,11 @@ def _drafted(server: ServeProcess) -> float:
 def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     log_dir = tmp_path_factory.mktemp("tools-spec")
     out: dict[str, dict[str, Any]] = {}
-    with running_specserve(demo_model_dir, log_dir=log_dir) as plain:
+    with running_specserve(demo_model_dir, log_dir=log_dir, engine_args=FP32) as plain:
         out["none"] = _calls(plain)
     for drafter in DRAFTERS:
         with running_specserve(demo_model_dir, ["--drafter", drafter, "--num-speculative-tokens", "4"],
-                               log_dir=log_dir) as spec:
+                               log_dir=log_dir, engine_args=FP32) as spec:
             out[drafter] = _calls(spec)
             out[drafter]["drafted"] = _drafted(spec)
     return out

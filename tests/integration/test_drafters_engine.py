@@ -39,7 +39,7 @@ def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = N
     extra = {"additional_config": {"specserve": {"spec_policy": policy, "seed": 11}}} if policy else {}
     return local_llm(
         model_dir,
-        max_num_seqs=8, speculative_config=spec,
+        max_num_seqs=8, speculative_config=spec, dtype="float32",  # equality tests run in fp32
         per_request_spec_decode_metrics="detailed" if spec else "none", **extra,
     )
 

@@ -51,13 +51,13 @@ def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                          new_tokens=64, steps=60)
     build(demo_model_dir, {"hydra": heads_dir}, recipe, progress=False)
     out: dict[str, Any] = {}
-    llm = local_llm(demo_model_dir, max_num_seqs=8)
+    llm = local_llm(demo_model_dir, max_num_seqs=8, dtype="float32")  # equality tests run in fp32
     out["none"] = _run(llm)
     del llm
     gc.collect()
     with heads_env(str(heads_dir)):
         llm = local_llm(demo_model_dir, max_num_seqs=8, speculative_config=speculative_config("hydra", K),
-                        per_request_spec_decode_metrics="detailed")
+                        per_request_spec_decode_metrics="detailed", dtype="float32")
     out["hydra-pa"] = _run(llm)
     cache = _drafter(llm).prefix_cache
     out["stats"] = dict(cache.stats)

@@ -30,7 +30,7 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1,
 def _engine(model_dir: Path, speculative_config: dict[str, Any] | None) -> Any:
     return local_llm(
         model_dir,
-        speculative_config=speculative_config,
+        speculative_config=speculative_config, dtype="float32",  # equality tests run in fp32
         per_request_spec_decode_metrics="detailed" if speculative_config else "none",
     )
 

@@ -128,9 +128,10 @@ def engine_metrics_when(server: ServeProcess, prefix: str, ready: Callable[[dict
 
 @contextmanager
 def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path | None = None,
-                      port: int = 0, engine_port: int = 0) -> Iterator[ServeProcess]:
+                      port: int = 0, engine_port: int = 0, engine_args: Sequence[str] = ()) -> Iterator[ServeProcess]:
     """``specserve serve --model model_dir`` with small CPU settings (on free ports unless given);
-    always stopped afterwards."""
+    ``engine_args`` go to the engine after ``--`` (``("--dtype", "float32")`` for tests that
+    compare outputs); always stopped afterwards."""
     port, engine_port = port or free_port(), engine_port or free_port()
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     log_path = log_dir / f"specserve-e2e-{port}.log"
@@ -139,7 +140,7 @@ def running_specserve(model_dir: Path, args: Sequence[str] = (), log_dir: Path |
         "--model", str(model_dir), "--served-model-name", MODEL_NAME,
         "--port", str(port), "--engine-port", str(engine_port),
         "--max-model-len", "512", *args,
-        "--", "--max-num-seqs", "4", "--seed", "0",
+        "--", "--max-num-seqs", "4", "--seed", "0", *engine_args,
     ]
     with open(log_path, "ab") as log_file:  # a restart on the same port appends
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_env())
