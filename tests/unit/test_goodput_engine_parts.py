@@ -361,3 +361,31 @@ def test_a_speculating_hold_survives_its_own_verifications_and_an_off_hold_does_
     assert off.plan(_rows(16)).sum() == 0
     off.observe(VerifiedRows(("r0",), np.array([1]), np.array([1])))
     assert off.reuse(((tuple(f"r{i}" for i in range(16))), (4,) * 16)) is None
+
+
+def test_verifications_folded_at_the_next_decision_give_the_same_plans() -> None:
+    """Verifications are kept as they come and folded when a decision reads the estimates:
+    the plans are those of folding each at once, and nothing is lost or left behind."""
+    from specserve_vllm.spec_control.goodput import MAX_UNLEARNED
+
+    rng = np.random.default_rng(3)
+    eager, lazy = _policy(0.7), _policy(0.7)
+    for p in (eager, lazy):
+        p.recheck_on = 3
+    rows = _rows(4)
+    for _ in range(40):
+        plans = [p.plan(rows) for p in (eager, lazy)]
+        assert plans[0].tolist() == plans[1].tolist()
+        drafted = np.maximum(plans[0], 1)
+        verified = VerifiedRows(rows.req_ids, drafted, rng.integers(0, drafted + 1))
+        for p in (eager, lazy):
+            p.observe(verified)
+        _ = eager.acceptance  # folds now
+        assert not eager._unlearned
+    assert np.allclose(eager.acceptance.survival(rows.req_ids), lazy.acceptance.survival(rows.req_ids))
+    idle = _policy(0.7)
+    for _ in range(MAX_UNLEARNED + 1):  # no decision in between: still bounded
+        idle.observe(VerifiedRows(("a",), np.array([4]), np.array([2])))
+    assert len(idle._unlearned) < MAX_UNLEARNED
+    idle.finished(frozenset({"a"}))  # a request's last verifications count before it is forgotten
+    assert not idle._unlearned and idle.acceptance.seen_classes() == [0]

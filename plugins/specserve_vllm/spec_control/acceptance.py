@@ -81,24 +81,29 @@ class AcceptanceModel:
         self._g = np.stack([priors * global_weight, np.full_like(priors, global_weight)], axis=1)
         """``[C, 2, k]`` engine-wide decayed (successes, trials) per class and position."""
         self._g_seen = np.zeros(len(SAMPLING_CLASSES), dtype=bool)
-        self._rates = priors.copy()  # [C, k]: _g's successes / trials, kept current by observe
+        self._rates = priors.copy()  # [C, k]: _g's successes / trials, see _current_rates
+        self._rates_stale = False
         self._slot: dict[str, int] = {}
         self._free: list[int] = []
         self._counts = np.zeros((16, 2, self.k))
         """``[slots, 2, k]`` each request's decayed (successes, trials) per position."""
-        self._cls = np.zeros(16, dtype=np.int64)  # [slots]
+        self._cls: list[int] = [0] * 16
+        """Each slot's sampling class."""
         self._used = 1  # slots 1 .. _used - 1 were given out at some point
-        self._first = np.tri(self.k + 1, self.k, -1)  # [k + 1, k]: row t is 1 at positions < t
+        first = np.tri(self.k + 1, self.k, -1)  # [k + 1, k]: row t is 1 at positions < t
+        self._adds = np.stack(np.broadcast_arrays(first[:, None], first[None, :]), axis=2)
+        """``[a, t] -> [2, k]``: what a verification that accepted ``a`` and tested ``t``
+        positions adds to (successes, trials)."""
 
-    def _slots(self, req_ids: Sequence[str], classes: Sequence[int] | None = None) -> np.ndarray:
+    def _slots(self, req_ids: Sequence[str], classes: Sequence[int] | None = None) -> list[int]:
         """Each request's slot, allocating one (in its class, default greedy) when new."""
-        out = np.empty(len(req_ids), dtype=np.int64)
+        out = []
         slot = self._slot
         for i, r in enumerate(req_ids):
             s = slot.get(r)
             if s is None:
                 s = slot[r] = self._new_slot(0 if classes is None else int(classes[i]))
-            out[i] = s
+            out.append(s)
         return out
 
     def _new_slot(self, cls: int) -> int:
@@ -106,9 +111,8 @@ class AcceptanceModel:
             s = self._free.pop()
         else:
             if self._used == len(self._cls):
-                grow = len(self._cls)
                 self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
-                self._cls = np.concatenate([self._cls, np.zeros(grow, dtype=np.int64)])
+                self._cls += [0] * len(self._cls)
             s, self._used = self._used, self._used + 1
         self._counts[s] = 0.0
         self._cls[s] = cls
@@ -122,24 +126,31 @@ class AcceptanceModel:
         """One verification of ``drafted`` drafts of which the first ``accepted`` held."""
         self.observe_rows([req_id], np.array([drafted]), np.array([accepted]))
 
-    def observe_rows(self, req_ids: Sequence[str], drafted: np.ndarray, accepted: np.ndarray) -> None:
+    def observe_rows(self, req_ids: Sequence[str], drafted: Sequence[int], accepted: Sequence[int]) -> None:
         """One step's verifications (distinct requests): row ``i`` verified ``drafted[i]``
         drafts of which the first ``accepted[i]`` held. The engine-wide counts of a class
-        decay once per row, in row order, as if the rows were observed one by one."""
-        drafted = np.minimum(np.asarray(drafted, dtype=np.int64), self.k)
-        accepted = np.minimum(np.asarray(accepted, dtype=np.int64), drafted)
-        tested = np.minimum(accepted + 1, drafted)
-        if len(tested) and tested.min() <= 0:  # rows that tested nothing teach nothing
-            keep = tested > 0
-            req_ids = [r for r, t in zip(req_ids, keep.tolist()) if t]
-            tested, accepted = tested[keep], accepted[keep]
-        if not len(req_ids):
+        decay once per row, in row order, as if the rows were observed one by one. Run after
+        every speculative step, so it keeps to a dozen array operations whatever the batch."""
+        k = self.k
+        ids, acc, tst = [], [], []
+        drafted = drafted.tolist() if hasattr(drafted, "tolist") else drafted
+        accepted = accepted.tolist() if hasattr(accepted, "tolist") else accepted
+        for r, d, a in zip(req_ids, drafted, accepted):
+            d = min(int(d), k)
+            a = min(int(a), d)
+            if d > 0:  # a row that tested nothing teaches nothing
+                ids.append(r)
+                acc.append(a)
+                tst.append(min(a + 1, d))
+        if not ids:
             return
-        slots = self._slots(req_ids)
-        # [m, 2, k]: 1 at the positions each row accepted, and at those it tested
-        add = self._first[np.stack([accepted, tested], axis=1)]
-        self._counts[slots] = self._counts[slots] * self.request_decay + add
-        classes = self._cls[slots].tolist()
+        slots = self._slots(ids)
+        add = self._adds[acc, tst]  # [m, 2, k]
+        counts = self._counts[slots]
+        counts *= self.request_decay
+        counts += add
+        self._counts[slots] = counts
+        classes = [self._cls[s] for s in slots]
         for c in set(classes):
             if len(classes) == 1:
                 m, g_add = 1, add[0]
@@ -148,9 +159,18 @@ class AcceptanceModel:
                 m = len(rows)
                 w = self.global_decay ** np.arange(m - 1, -1, -1, dtype=np.float64)
                 g_add = np.tensordot(w, add[rows], axes=1)
-            g = self._g[c] = self._g[c] * self.global_decay ** m + g_add
+            g = self._g[c]
+            g *= self.global_decay ** m
+            g += g_add
             self._g_seen[c] = True
-            self._rates[c] = g[0] / np.maximum(g[1], 1e-9)
+        self._rates_stale = True
+
+    def _current_rates(self) -> np.ndarray:
+        """``[C, k]`` the engine-wide rates, recomputed when a verification changed them."""
+        if self._rates_stale:
+            self._rates = self._g[:, 0] / np.maximum(self._g[:, 1], 1e-9)
+            self._rates_stale = False
+        return self._rates
 
     def age(self, req_ids: Iterable[str], factor: float) -> None:
         """Fade these requests' own evidence by ``factor`` (steps they decoded without drafting):
@@ -169,7 +189,7 @@ class AcceptanceModel:
 
     def class_rates(self) -> np.ndarray:
         """``[C, k]`` engine-wide conditional acceptance per sampling class and position."""
-        return self._rates.copy()
+        return self._current_rates().copy()
 
     def seen_classes(self) -> list[int]:
         """The sampling classes some verification has been observed in."""
@@ -192,7 +212,8 @@ class AcceptanceModel:
         """``[n, k]`` conditional acceptance per request and position."""
         slots = [self._slot.get(r, 0) for r in req_ids]  # slot 0: no evidence, greedy
         counts = self._counts[slots]  # [n, 2, k]
-        return (counts[:, 0] + self.weight * self._rates[self._cls[slots]]) / (counts[:, 1] + self.weight)
+        rates = self._current_rates()[[self._cls[s] for s in slots]]
+        return (counts[:, 0] + self.weight * rates) / (counts[:, 1] + self.weight)
 
     def survival(self, req_ids: Sequence[str]) -> np.ndarray:
         """``[n, k]`` probability that each draft position is committed."""

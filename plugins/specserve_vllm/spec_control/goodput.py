@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 FALLBACK_PRIOR = 0.6
 """Conditional acceptance assumed per position when the calibration has none for the drafter."""
+MAX_UNLEARNED = 16
+"""Steps of verifications kept before they are folded in even without a decision."""
 
 
 @dataclass(slots=True)
@@ -69,8 +71,11 @@ class HeldPlan:
     remaining: int
     """Further steps it may be reused for."""
     plan: np.ndarray
+    """The lengths per row (read-only: handed out without a copy)."""
     predicted_ms: float
     speculating: bool
+    decode: list[int]
+    """The decode rows' lengths, as the planner's counters take them."""
 
 
 def best_slots(survival: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +102,7 @@ class GoodputPolicy:
                  probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True,
                  recheck_on: int = 1) -> None:
         self.model = model
-        self.acceptance = acceptance
+        self._acceptance = acceptance
         self.trees = trees
         """Tree pricing when the drafter drafts trees (engine setting ``tree``): each step then
         chooses between no speculation, chains and trees (:mod:`.tree_pricing`)."""
@@ -139,6 +144,20 @@ class GoodputPolicy:
         self.sampling_classes = sampling_classes
         """Price each request at its sampling class's engine-wide rate (``StepRows.classes``);
         ``False``: every request in the greedy class, one rate for all."""
+        self._unlearned: list[tuple[tuple[str, ...], np.ndarray, np.ndarray]] = []
+        """Chain verifications not yet in :attr:`acceptance` (see :meth:`learn`)."""
+
+    @property
+    def acceptance(self) -> AcceptanceModel:
+        """The acceptance estimates, with every verification seen so far folded in
+        (:meth:`learn`; the engine thread's view; :meth:`model_state` reads them as they are)."""
+        self.learn()
+        return self._acceptance
+
+    @acceptance.setter
+    def acceptance(self, model: AcceptanceModel) -> None:
+        self._unlearned.clear()
+        self._acceptance = model
 
     @classmethod
     def from_settings(cls, settings: Any, num_speculative_tokens: int, drafter: str,
@@ -164,7 +183,8 @@ class GoodputPolicy:
         b = len(dec)
         caps = np.minimum(rows.caps[dec], self.chain_depth)
         if survival is None:
-            survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
+            self.learn()
+            survival = self._acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
         values, slot_rows = best_slots(survival, caps)
         n = np.arange(len(values) + 1)
         committed = b + np.concatenate(([0.0], np.cumsum(values)))
@@ -182,7 +202,8 @@ class GoodputPolicy:
         dec = np.flatnonzero(rows.caps) if dec is None else dec
         b = len(dec)
         if survival is None:
-            survival = self.acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
+            self.learn()
+            survival = self._acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
         value = self.trees.value(survival, self.chain_depth)  # [B, N]
         n = np.arange(1, self.trees.max_nodes + 1)
         nodes = np.minimum(n[:, None], rows.caps[dec][None, :])  # [N, B]
@@ -195,7 +216,7 @@ class GoodputPolicy:
         per_row[:, dec] = nodes
         return committed / times, per_row, times
 
-    def reuse(self, key: PlanKey) -> np.ndarray | None:
+    def reuse(self, key: PlanKey) -> HeldPlan | None:
         """The plan held for the batch ``key`` (:func:`plan_key`), or ``None`` when a decision
         is due: the batch changed, the hold ran out, or a probe is due. A held step costs a
         tuple comparison, so the engine asks this before it builds :class:`StepRows`.
@@ -205,7 +226,7 @@ class GoodputPolicy:
         >>> p = GoodputPolicy(StepTimeModel(cost), AcceptanceModel([0.8] * 4), recheck_on=2)
         >>> p.plan(StepRows(("a",), np.array([4]), np.array([100]))).tolist()
         [4]
-        >>> p.reuse(plan_key(["a"], [4])).tolist(), p.reuse(plan_key(["a"], [4]))
+        >>> p.reuse(plan_key(["a"], [4])).plan.tolist(), p.reuse(plan_key(["a"], [4]))
         ([4], None)
         """
         held = self._held
@@ -218,7 +239,7 @@ class GoodputPolicy:
         self.last_predicted_ms = held.predicted_ms
         if not held.speculating:
             self._off_streak += 1
-        return held.plan
+        return held
 
     def plan(self, rows: StepRows) -> np.ndarray:
         t0 = time.perf_counter()
@@ -229,15 +250,16 @@ class GoodputPolicy:
         key = plan_key(rows.req_ids, rows.caps.tolist())
         reused = self.reuse(key)
         if reused is not None:
-            return reused.copy()
+            return reused.plan.copy()
         self._held = None
+        self.learn()
         probe = 0 < self.probe_every <= self._off_streak + 1
         if self._idle_rows:
-            self.acceptance.age(self._idle_rows, self.idle_decay ** self._steps)
+            self._acceptance.age(self._idle_rows, self.idle_decay ** self._steps)
         if rows.classes is not None and self.sampling_classes:
-            self.acceptance.assign(rows.req_ids, rows.classes.tolist())
+            self._acceptance.assign(rows.req_ids, rows.classes.tolist())
         dec = np.flatnonzero(rows.caps)  # the decode rows
-        survival = self.acceptance.survival([rows.req_ids[i] for i in dec.tolist()])  # [B, k]
+        survival = self._acceptance.survival([rows.req_ids[i] for i in dec.tolist()])  # [B, k]
         g, slot_rows, times = self.goodput(rows, survival, dec)
         best_on = 1 + int(np.argmax(g[1:])) if len(g) > 1 else 0
         best_g = g[best_on] if best_on else 0.0
@@ -268,10 +290,11 @@ class GoodputPolicy:
             n = best_on if on else 0
             out = np.bincount(slot_rows[:n], minlength=len(out)).astype(np.int64)
             self.last_predicted_ms = float(times[n])
-            if not on:
-                self._held = HeldPlan(key, self.recheck_every - 1, out.copy(), self.last_predicted_ms, False)
-            elif not probing and self.recheck_on > 1:
-                self._held = HeldPlan(key, self.recheck_on - 1, out.copy(), self.last_predicted_ms, True)
+            if not on or (not probing and self.recheck_on > 1):
+                held_plan = out.copy()
+                held_plan.flags.writeable = False
+                self._held = HeldPlan(key, (self.recheck_on if on else self.recheck_every) - 1, held_plan,
+                                      self.last_predicted_ms, on, held_plan[dec].tolist())
         self._idle_rows = [rows.req_ids[i] for i in dec[out[dec] == 0].tolist()]
         self._steps = 1
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)
@@ -282,9 +305,10 @@ class GoodputPolicy:
         (``survival``: the tree rows' survival, when the caller has it)."""
         dec = np.flatnonzero(nodes > 0)
         ids = [rows.req_ids[i] for i in dec]
-        depth = min(self.chain_depth, self.acceptance.k)
+        depth = min(self.chain_depth, self._acceptance.k)
         if survival is None:
-            survival = self.acceptance.survival(ids)
+            self.learn()
+            survival = self._acceptance.survival(ids)
         chain = np.cumsum(survival[:, :depth], axis=1)  # [B, depth]
         cols = np.minimum(nodes[dec], depth) - 1
         expected = chain[np.arange(len(dec)), cols]
@@ -294,9 +318,10 @@ class GoodputPolicy:
         """The step-time model and the engine-wide acceptance per position, as plain data: what
         the engine exports for the gateway, which prices requests with the same model."""
         trees = self.trees.state() if self.trees is not None else {}
-        rates = self.acceptance.class_rates().round(4)
-        by_class = {SAMPLING_CLASSES[c]: rates[c].tolist() for c in self.acceptance.seen_classes()}
-        return {**self.model.state(), "acceptance": self.acceptance.engine_rates().round(4).tolist(),
+        # read from the publishing thread: no learn() here, the estimates as of the last decision
+        rates = self._acceptance.class_rates().round(4)
+        by_class = {SAMPLING_CLASSES[c]: rates[c].tolist() for c in self._acceptance.seen_classes()}
+        return {**self.model.state(), "acceptance": self._acceptance.engine_rates().round(4).tolist(),
                 "acceptance_by_class": by_class, "probes": self.probes, **trees}
 
     def observe(self, verified: VerifiedRows) -> None:
@@ -304,7 +329,9 @@ class GoodputPolicy:
             self._held = None  # something was verified: a decision not to speculate is stale
         trees = verified.trees
         if trees is None or not trees.any():
-            self.acceptance.observe_rows(verified.req_ids, verified.drafted, verified.accepted)
+            self._unlearned.append((verified.req_ids, verified.drafted, verified.accepted))
+            if len(self._unlearned) >= MAX_UNLEARNED:
+                self.learn()
             return
         for i in np.flatnonzero(trees).tolist():  # a tree's path tells the tree pricing, not the chain rates
             planned = self._tree_rows.get(verified.req_ids[i])
@@ -312,8 +339,21 @@ class GoodputPolicy:
                 self.trees.observe_value(int(verified.drafted[i]), int(verified.accepted[i]), planned[1])
         chain = np.flatnonzero(~trees)
         if len(chain):
-            self.acceptance.observe_rows([verified.req_ids[i] for i in chain.tolist()], verified.drafted[chain],
+            self.learn()
+            self._acceptance.observe_rows([verified.req_ids[i] for i in chain.tolist()], verified.drafted[chain],
                                          verified.accepted[chain])
+
+    def learn(self) -> None:
+        """Fold the chain verifications seen since the last decision into :attr:`acceptance`.
+
+        They are kept as they come (an append per step) and folded, in order, when the next
+        decision reads the estimates: the same counts as folding each at once, for a fraction
+        of the cost, since a step's first array operations after the forward pass run with
+        cold caches and cost several times what they cost in a burst.
+        """
+        for req_ids, drafted, accepted in self._unlearned:
+            self._acceptance.observe_rows(req_ids, drafted, accepted)
+        self._unlearned.clear()
 
     def observe_step(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, prefill_tokens: int,
                      step_ms: float, drafts: int, draft_ms: float, trees: int = 0) -> float:
@@ -332,4 +372,5 @@ class GoodputPolicy:
         return predicted
 
     def finished(self, req_ids: frozenset[str]) -> None:
-        self.acceptance.forget(req_ids)
+        self.learn()  # their last verifications count for the engine-wide rates
+        self._acceptance.forget(req_ids)

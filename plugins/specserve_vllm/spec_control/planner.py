@@ -195,23 +195,22 @@ class StepPlanner:
                         context=np.asarray(context, dtype=np.int64))
 
     def reuse(self, req_ids: Sequence[str], caps: Sequence[int]) -> np.ndarray | None:
-        """The plan the policy holds for this batch (counted as a plan), or ``None`` when it
-        must decide (:meth:`plan`). Asked before the batch is described as :class:`StepRows`,
-        so a held step costs a tuple comparison and the counters.
+        """The plan the policy holds for this batch (counted as a plan; read-only), or ``None``
+        when it must decide (:meth:`plan`). Asked before the batch is described as
+        :class:`StepRows`, so a held step costs a tuple comparison and the counters.
 
         >>> StepPlanner(FixedPolicy(), 4).reuse(["a"], [4]) is None   # fixed holds nothing
         True
         """
         if self._reuse is None:
             return None
-        plan = self._reuse(plan_key(req_ids, caps))
-        if plan is None:
+        held = self._reuse(plan_key(req_ids, caps))
+        if held is None:
             return None
-        decode = [int(n) for n, c in zip(plan.tolist(), caps) if c]
         with self.lock:
-            self.stats.record_plan(decode)
+            self.stats.record_plan(held.decode)
         self._maybe_log()
-        return plan.copy()
+        return held.plan
 
     def plan(self, rows: StepRows) -> np.ndarray:
         """``[n]`` draft lengths for the next step (clipped to the caps) and count them."""

@@ -18,8 +18,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 BATCH_BUCKETS: tuple[tuple[int, str], ...] = ((1, "1"), (3, "2-3"), (7, "4-7"), (15, "8-15"), (31, "16-31"))
 """Upper bound and label of each batch-size bucket the per-batch counters use (beyond: ``32+``)."""
 _BUCKET_KEYS = ("plans", "rows", "drafts", "no_spec")
@@ -75,26 +73,33 @@ class PlanStats:
             self.position_accepted[j] += int(j < accepted)
 
     def record_verified_rows(self, drafted: Sequence[int], accepted: Sequence[int]) -> None:
-        """A step's verifications at once (what :meth:`record_verified` counts row by row).
+        """A step's verifications at once (what :meth:`record_verified` counts row by row): a
+        histogram of the rows' tested and accepted counts, then suffix sums, in plain Python
+        (a handful of numpy calls cost more than this at the batch sizes a step has).
 
         >>> s = PlanStats(); s.record_verified_rows([3, 3], [1, 3]); s.position_trials, s.position_accepted
         ([2, 2, 1], [2, 1, 1])
         """
-        d = np.asarray(drafted, dtype=np.int64)
-        a = np.minimum(np.asarray(accepted, dtype=np.int64), d)
-        tested = np.minimum(a + 1, d)
-        width = int(tested.max(initial=0))
-        if width == 0:
-            return
-        # rows testing / accepting position j: those with tested (accepted) > j
-        trials = np.bincount(tested, minlength=width + 1)[::-1].cumsum()[::-1][1:]
-        hits = np.bincount(a, minlength=width + 1)[::-1].cumsum()[::-1][1 : width + 1]
+        drafted = drafted.tolist() if hasattr(drafted, "tolist") else list(drafted)
+        accepted = accepted.tolist() if hasattr(accepted, "tolist") else list(accepted)
+        width = max(drafted, default=0)
+        tested_n = [0] * (width + 1)  # rows that tested exactly t positions
+        accepted_n = [0] * (width + 1)
+        for d, a in zip(drafted, accepted):
+            a = min(a, d)
+            tested_n[min(a + 1, d)] += 1
+            accepted_n[a] += 1
+        while width and not tested_n[width]:
+            width -= 1
         while len(self.position_trials) < width:
             self.position_trials.append(0)
             self.position_accepted.append(0)
-        for j in range(width):
-            self.position_trials[j] += int(trials[j])
-            self.position_accepted[j] += int(hits[j])
+        trials = hits = 0
+        for j in range(width, 0, -1):  # position j - 1 was tested (accepted) by rows with more than j - 1
+            trials += tested_n[j]
+            hits += accepted_n[j]
+            self.position_trials[j - 1] += trials
+            self.position_accepted[j - 1] += hits
 
     def conditional_acceptance(self) -> list[float]:
         """Per position: accepted / tested (the rate given every earlier draft held).
