@@ -22,7 +22,9 @@ Each point runs ``--reps`` times (new arrival times and prompts each repetition)
 ``--temperatures`` value (``0+0.7``: a mixed workload, requests alternating between the two);
 reports give mean, p50, p99 latency, TTFT, TPOT, tokens/s, and the
 share of looping outputs, with 95% confidence intervals over repetitions, and per point the best
-arm and whether ``goodput`` is within 3% (or the CI) of it. JSON on stdout, a summary line on
+arm and whether ``goodput`` is within 3% (or the CI) of it. Each run also reports output tokens
+per CPU second of this process (the engines run in it), a view blind to time the machine gave
+to other work; closed-loop points judge goodput on it too (``paired_cpu_throughput``). JSON on stdout, a summary line on
 stderr, SVG charts in ``--plots DIR``. Arrival-time latencies absorb every pause of the machine:
 publish only runs on a quiet machine. Not covered here: the gateway level and two replicas (the
 gateway's own benchmark, ``bench spec-policy``, drives HTTP).
@@ -37,6 +39,7 @@ import logging
 import os
 import random
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -271,8 +274,13 @@ def run(args: argparse.Namespace) -> int:
                 llm = engines[_engine_of(arm)]
                 before = _plan_stats(llm) if arm.startswith("goodput") else None
                 reqs = requests_for(seed_base + 1000 * rep, args.requests, temperature, arm)
+                cpu0 = time.process_time()
                 finished, span = drive(llm.llm_engine, reqs, f"{label}-{arm}-{rep}", rep)
+                cpu_s = time.process_time() - cpu0
                 result: dict[str, Any] = summarise(finished, span)
+                # this process's CPU time (the engine runs in it): blind to time the machine gave
+                # other work, which wall-clock figures on a shared machine are not
+                result["tokens_per_cpu_s"] = round(sum(len(f.tokens) for f in finished) / cpu_s, 1) if cpu_s > 0 else 0.0
                 if before is not None:
                     result["plan"] = plan_delta(before, _plan_stats(llm))
                 runs[arm].append(result)
@@ -287,7 +295,10 @@ def run(args: argparse.Namespace) -> int:
                 "paired_latency": paired_verdict({a: [x["latency_mean_s"] for x in r] for a, r in judged_runs.items()},
                                                  "goodput", lower_is_better=True),
                 "paired_throughput": paired_verdict({a: [x["tokens_per_s"] for x in r]
-                                                     for a, r in judged_runs.items()}, "goodput", lower_is_better=False)}
+                                                     for a, r in judged_runs.items()}, "goodput", lower_is_better=False),
+                "paired_cpu_throughput": paired_verdict({a: [x["tokens_per_cpu_s"] for x in r]
+                                                         for a, r in judged_runs.items()}, "goodput",
+                                                        lower_is_better=False)}
 
     try:
         for llm in engines.values():  # the same warm-up for every engine
@@ -395,8 +406,9 @@ def _per_arm(points: dict[str, Any], key: str) -> dict[str, list[tuple[float, fl
 
 def summary_line(report: dict[str, Any]) -> str:
     """One line: per point, the best arm, goodput's ratio to it, and whether it is within 3% (or
-    the CI); then, from ratios paired by repetition, how many points show goodput within 3% of
-    the best arm, how many show it more than 3% behind, and how many leave it undecided.
+    the CI), with goodput's paired slowdown (and, for closed loops, the same per CPU second of
+    this process); then, from ratios paired by repetition, how many points show goodput within
+    3% of the best arm, how many show it more than 3% behind, and how many leave it undecided.
 
     >>> summary_line({"drafter": "hydra", "open": {"t0": {"1": {"verdict_latency": {
     ...     "best": "k4", "ratio": 1.01, "within": True, "better_than_fixed": False},
@@ -420,6 +432,9 @@ def summary_line(report: dict[str, Any]) -> str:
                 if pv:
                     tally[str(pv["verdict"])] += 1
                     text += f" (paired {pv['slowdown']} [{pv['low']}, {pv['high']}])"
+                cpu = pt.get("paired_cpu_throughput") if kind == "closed" else None
+                if cpu:
+                    text += f" (per CPU s {cpu['slowdown']} [{cpu['low']}, {cpu['high']}], best={cpu['best']})"
                 parts.append(text)
     return (f"goodput {report['drafter']}: " + ", ".join(parts) + f"; {ok} of {total} points within 3% or the CI"
             + f"; paired: {tally['within']} within 3%, {tally['beyond']} beyond, {tally['undecided']} undecided")
