@@ -14,7 +14,10 @@ coefficients come from a calibration (``specserve calibrate`` fits them to measu
 demo model's ship with the plugin). Online, one EWMA of measured / predicted per (spec on/off,
 batch bucket) corrects them, so load on a shared machine and a calibration from another one
 still give close predictions; half of each correction (in log terms) carries over to the other
-path of the same bucket, so the path not being taken follows the machine too.
+path of the same bucket, so the path not being taken follows the machine too. Drafting is
+corrected term by term (:class:`DraftFit`): a drafter's fixed cost and its cost per draft are off
+by different factors (Hydra's heads run once per position whatever the rows), and one factor
+fitted on small draft counts mispriced large ones.
 
     >>> c = StepCost(base=5.0, per_token=0.5, per_row=1.0, context=0.0, spec=2.0, spec_row=0.25,
     ...              draft=0.5, draft_token=0.05)
@@ -147,21 +150,90 @@ def bounded_ratio(measured_ms: float, raw_ms: float, current: float, limit: floa
     return float(min(max(measured_ms / raw_ms, current / limit), current * limit))
 
 
+@dataclass(slots=True)
+class DraftFit:
+    """Online fit of drafting time as ``fixed * draft + per_draft * draft_token * n``.
+
+    Exponentially weighted least squares (weight ``alpha`` per measurement) on the relative
+    error, so every measurement counts alike whatever its size, with a small ridge toward the
+    calibration (factors 1). Measurements at one draft count only identify the prediction at
+    that count: the change is shared by the two terms in proportion to their share of it, and
+    a second count separates them. Starts from pseudo-measurements of the calibration, so the
+    first real ones move it like an EWMA would; each measurement's pull is bounded
+    (:data:`MAX_STEP_RATIO`).
+
+    Example: calibrated 1 + 0.1 n ms, measured 2 + 0.05 n (a higher fixed cost, a lower slope):
+        >>> f = DraftFit()
+        >>> for n in (4, 32) * 60:
+        ...     f.observe(1.0, 0.1 * n, 2.0 + 0.05 * n)
+        >>> round(f.fixed, 2), round(f.per_draft, 2), round(f.predict(1.0, 0.1 * 16), 2)
+        (1.99, 0.51, 2.8)
+    """
+
+    alpha: float = 0.1
+    ridge: float = 0.001
+    fixed: float = 1.0
+    per_draft: float = 1.0
+    # weighted sums of the design (u0, u1) = terms / calibrated total and target v = measured / total
+    s00: float = 0.5
+    s01: float = 0.0
+    s11: float = 0.5
+    t0: float = 0.5
+    t1: float = 0.5
+
+    def predict(self, fixed_ms: float, per_draft_ms: float) -> float:
+        return self.fixed * fixed_ms + self.per_draft * per_draft_ms
+
+    def observe(self, fixed_ms: float, per_draft_ms: float, measured_ms: float) -> None:
+        """One drafting call: the calibrated terms (``draft``, ``draft_token * n``) and its time."""
+        raw = fixed_ms + per_draft_ms
+        predicted = self.predict(fixed_ms, per_draft_ms)
+        if raw <= 0 or measured_ms <= 0 or predicted <= 0:
+            return
+        measured = min(max(measured_ms, predicted / MAX_STEP_RATIO), predicted * MAX_STEP_RATIO)
+        u0, u1, v = fixed_ms / raw, per_draft_ms / raw, measured / raw
+        keep, a = 1.0 - self.alpha, self.alpha
+        self.s00 = keep * self.s00 + a * u0 * u0
+        self.s01 = keep * self.s01 + a * u0 * u1
+        self.s11 = keep * self.s11 + a * u1 * u1
+        self.t0 = keep * self.t0 + a * u0 * v
+        self.t1 = keep * self.t1 + a * u1 * v
+        m00, m11, r0, r1 = self.s00 + self.ridge, self.s11 + self.ridge, self.t0 + self.ridge, self.t1 + self.ridge
+        det = m00 * m11 - self.s01 * self.s01
+        fixed, per_draft = (r0 * m11 - r1 * self.s01) / det, (m00 * r1 - self.s01 * r0) / det
+        if per_draft < 0.0:  # more drafts never cost less: refit the fixed term alone
+            fixed, per_draft = r0 / m00, 0.0
+        if fixed < 0.0:
+            fixed, per_draft = 0.0, r1 / m11
+        self.fixed, self.per_draft = fixed, per_draft
+
+    def factors(self) -> list[float]:
+        return [self.fixed, self.per_draft]
+
+
 class StepTimeModel:
-    """:class:`StepCost` times an online EWMA correction per (spec on/off, batch bucket); each
-    measurement's pull is bounded (:data:`MAX_STEP_RATIO`)."""
+    """:class:`StepCost` times an online EWMA correction per (spec on/off, batch bucket), and a
+    :class:`DraftFit` of the drafting terms; each measurement's pull is bounded
+    (:data:`MAX_STEP_RATIO`)."""
 
     def __init__(self, cost: StepCost, alpha: float = 0.1) -> None:
         self.cost = cost
         self.alpha = alpha
         self.correction = np.ones((2, len(BUCKETS)))  # [spec, bucket]
-        self.draft_correction = 1.0
+        self.draft_fit = DraftFit(alpha=alpha)
+
+    @property
+    def draft_correction(self) -> tuple[float, float]:
+        """The drafting terms' corrections: ``(fixed, per draft)``."""
+        return self.draft_fit.fixed, self.draft_fit.per_draft
 
     def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool) -> float:
         return float(self.cost.step_ms(rows, tokens, ctx_tokens, spec) * self.correction[int(spec), bucket(rows)])
 
     def draft_ms(self, drafts: int) -> float:
-        return float(self.cost.draft_ms(drafts) * self.draft_correction)
+        if drafts <= 0:
+            return 0.0
+        return self.draft_fit.predict(self.cost.draft, self.cost.draft_token * drafts)
 
     def cycle_ms(self, rows: int, tokens: int, ctx_tokens: int, drafts: np.ndarray) -> np.ndarray:
         """Step plus drafting time for each total draft count in ``drafts`` (vectorised).
@@ -174,7 +246,7 @@ class StepTimeModel:
         off = self.step_ms(rows, tokens, ctx_tokens, False)
         on = self.step_ms(rows, tokens, ctx_tokens, True)
         slope = self.cost.per_token * self.correction[1, bucket(rows)]
-        draft = (self.cost.draft + self.cost.draft_token * n) * self.draft_correction
+        draft = self.draft_fit.fixed * self.cost.draft + self.draft_fit.per_draft * self.cost.draft_token * n
         return np.where(n > 0, on + slope * n + draft, off)
 
     def observe(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, measured_ms: float) -> None:
@@ -197,7 +269,7 @@ class StepTimeModel:
         15.0
         """
         return {"cost": asdict(self.cost), "correction": self.correction.round(4).tolist(),
-                "draft_correction": round(self.draft_correction, 4)}
+                "draft_correction": [round(f, 4) for f in self.draft_fit.factors()]}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> StepTimeModel:
@@ -205,14 +277,15 @@ class StepTimeModel:
         correction = np.asarray(state.get("correction", model.correction), dtype=np.float64)
         if correction.shape == model.correction.shape:
             model.correction = correction
-        model.draft_correction = float(state.get("draft_correction", 1.0))
+        draft = state.get("draft_correction", 1.0)
+        fixed, per_draft = (draft, draft) if isinstance(draft, (int, float)) else draft
+        model.draft_fit = DraftFit(alpha=model.alpha, fixed=float(fixed), per_draft=float(per_draft),
+                                   t0=0.5 * float(fixed), t1=0.5 * float(per_draft))  # pseudo-data say the same
         return model
 
     def observe_draft(self, drafts: int, measured_ms: float) -> None:
-        raw = self.cost.draft_ms(drafts)
-        if raw > 0 and measured_ms > 0:
-            ratio = bounded_ratio(measured_ms, raw, self.draft_correction)
-            self.draft_correction += self.alpha * (ratio - self.draft_correction)
+        if drafts > 0:
+            self.draft_fit.observe(self.cost.draft, self.cost.draft_token * drafts, measured_ms)
 
 
 def fit_cost(records: list[dict[str, float]]) -> StepCost:

@@ -45,7 +45,8 @@ class EngineModel:
     cost: dict[str, float]
     correction: tuple[tuple[float, ...], ...]
     """``[spec 0/1][bucket]``; empty: no correction exported (1 everywhere)."""
-    draft_correction: float
+    draft_correction: float | tuple[float, float]
+    """The drafting terms' corrections ``(fixed, per draft)``; one number: both."""
     acceptance: tuple[float, ...]
     """Conditional acceptance of draft positions 1..k."""
     acceptance_by_class: dict[str, tuple[float, ...]] = field(default_factory=dict)
@@ -69,8 +70,9 @@ class EngineModel:
         return (name, rates) if rates else ("", self.acceptance)
 
     def step_model(self) -> StepTimeModel:
+        draft = self.draft_correction
         state: dict[str, Any] = {"cost": {t: self.cost.get(t, 0.0) for t in _COST_TERMS},
-                                 "draft_correction": self.draft_correction}
+                                 "draft_correction": list(draft) if isinstance(draft, tuple) else draft}
         if self.correction:
             state["correction"] = [list(r) for r in self.correction]
         return StepTimeModel.from_state(state)
@@ -82,7 +84,7 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
     correction: dict[tuple[int, int], float] = {}
     rates: dict[int, float] = {}
     by_class: dict[str, dict[int, float]] = {}
-    draft = 1.0
+    draft: dict[str, float] = {}
     for family in families:
         if not family.name.startswith(_PREFIX):
             continue
@@ -94,7 +96,7 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
                 elif name == "step_correction_ratio":
                     correction[(int(s.labels["spec"]), int(s.labels["bucket"]))] = float(s.value)
                 elif name == "draft_correction_ratio":
-                    draft = float(s.value)
+                    draft[s.labels.get("term", "")] = float(s.value)
                 elif name == "acceptance_estimate_ratio":
                     rates[int(s.labels["position"])] = float(s.value)
                 elif name == "acceptance_by_sampling_ratio":
@@ -106,7 +108,8 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
     buckets = sorted({b for _, b in correction})
     grid = tuple(tuple(correction.get((spec, b), 1.0) for b in buckets) for spec in (0, 1)) if buckets else ()
     return EngineModel(cost={t: cost.get(t, 0.0) for t in _COST_TERMS}, correction=grid,
-                       draft_correction=draft, acceptance=tuple(rates[j] for j in sorted(rates)),
+                       draft_correction=(draft.get("draft", draft.get("", 1.0)),
+                                         draft.get("draft_token", draft.get("", 1.0))), acceptance=tuple(rates[j] for j in sorted(rates)),
                        acceptance_by_class={c: tuple(r[j] for j in sorted(r)) for c, r in by_class.items()})
 
 
