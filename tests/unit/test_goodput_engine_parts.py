@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -84,20 +83,6 @@ def test_hysteresis_keeps_the_current_side_near_the_break_even() -> None:
     assert policy.plan(_rows(4)).sum() > 0
     policy.speculating = False
     assert policy.plan(_rows(4)).sum() == 0
-
-
-def test_decision_costs_well_under_a_percent_of_a_step() -> None:
-    policy = _policy(0.7)
-    rows = _rows(16)
-    for i in range(16):
-        policy.observe(VerifiedRows((f"r{i}",), np.array([4]), np.array([i % 5])))
-    # CPU time of this process, so that other work on a shared machine does not count.
-    t0 = time.process_time()
-    for _ in range(200):
-        policy.plan(rows)
-    per_decision_us = (time.process_time() - t0) / 200 * 1e6
-    # A demo-model step at batch 16 takes ~40 ms on 2 cores; 1% of it is 400 µs.
-    assert per_decision_us < 400, per_decision_us
 
 
 def test_online_correction_tracks_a_slower_machine() -> None:

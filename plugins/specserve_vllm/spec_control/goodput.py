@@ -43,6 +43,7 @@ Cost: a sort of at most ``B * k`` slots (~0.1 ms at 64).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -84,12 +85,23 @@ def best_slots(survival: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.n
     >>> best_slots(np.array([[0.9, 0.5], [0.7, 0.6]]), np.array([2, 1]))
     (array([0.9, 0.7, 0.5]), array([0, 1, 0]))
     """
-    k = survival.shape[1]
-    mask = np.arange(k)[None, :] < caps[:, None]  # [B, k]
-    values = survival[mask]
-    rows = np.nonzero(mask)[0]
+    b, k = survival.shape
+    if int(caps.min()) >= k:  # every row may draft every position (the usual case): no mask
+        values, rows = survival.ravel(), _row_of_slot(b, k)
+    else:
+        mask = np.arange(k)[None, :] < caps[:, None]  # [B, k]
+        values = survival[mask]
+        rows = np.nonzero(mask)[0]
     order = np.argsort(-values, kind="stable")
     return values[order], rows[order]
+
+
+@functools.lru_cache(maxsize=256)
+def _row_of_slot(b: int, k: int) -> np.ndarray:
+    """``[b * k]``: the row of each slot of a ``[b, k]`` survival array, flattened (read-only)."""
+    rows = np.repeat(np.arange(b), k)
+    rows.flags.writeable = False
+    return rows
 
 
 class GoodputPolicy:
@@ -186,11 +198,16 @@ class GoodputPolicy:
             self.learn()
             survival = self._acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
         values, slot_rows = best_slots(survival, caps)
-        n = np.arange(len(values) + 1)
-        committed = b + np.concatenate(([0.0], np.cumsum(values)))
-        ctx = int(rows.context.sum())
-        n_rows = len(rows.caps)
-        times = self.model.cycle_ms(n_rows, b + self.prefill_tokens, ctx, n)
+        s = len(values)
+        committed = np.empty(s + 1)
+        committed[0] = 0.0
+        np.cumsum(values, out=committed[1:])
+        committed += b
+        off, on, per_draft = self.model.chain_terms(len(rows.caps), b + self.prefill_tokens, int(rows.context.sum()))
+        times = np.arange(s + 1, dtype=np.float64)
+        times *= per_draft
+        times += on
+        times[0] = off
         return committed / times, dec[slot_rows], times
 
     def tree_goodput(self, rows: StepRows, survival: np.ndarray | None = None,
@@ -240,6 +257,10 @@ class GoodputPolicy:
         if not held.speculating:
             self._off_streak += 1
         return held
+
+    def release(self) -> None:
+        """Drop the held plan: the next step decides (as it would for a new batch)."""
+        self._held = None
 
     def plan(self, rows: StepRows) -> np.ndarray:
         t0 = time.perf_counter()

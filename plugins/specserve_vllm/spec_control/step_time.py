@@ -235,6 +235,23 @@ class StepTimeModel:
             return 0.0
         return self.draft_fit.predict(self.cost.draft, self.cost.draft_token * drafts)
 
+    def chain_terms(self, rows: int, tokens: int, ctx_tokens: int) -> tuple[float, float, float]:
+        """``(off, on, per_draft)`` ms: a step of ``rows`` rows scheduling ``tokens`` tokens
+        (drafts aside) costs ``off`` without drafts and ``on + per_draft * n`` with ``n`` of
+        them, drafting included (:meth:`cycle_ms` in three numbers, for the controller).
+
+        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1))
+        >>> m.chain_terms(1, 1, 0)
+        (6.0, 8.5, 1.1)
+        """
+        b = bucket(rows)
+        c = self.cost
+        plain = c.base + c.per_token * tokens + c.per_row * rows + c.context * ctx_tokens / 1000.0
+        on_factor = float(self.correction[1, b])
+        on = (plain + c.spec + c.spec_row * rows) * on_factor + self.draft_fit.fixed * c.draft
+        per_draft = c.per_token * on_factor + self.draft_fit.per_draft * c.draft_token
+        return plain * float(self.correction[0, b]), on, per_draft
+
     def cycle_ms(self, rows: int, tokens: int, ctx_tokens: int, drafts: np.ndarray) -> np.ndarray:
         """Step plus drafting time for each total draft count in ``drafts`` (vectorised).
 
@@ -243,11 +260,8 @@ class StepTimeModel:
         [6.0, 9.6, 12.9]
         """
         n = np.asarray(drafts, dtype=np.float64)
-        off = self.step_ms(rows, tokens, ctx_tokens, False)
-        on = self.step_ms(rows, tokens, ctx_tokens, True)
-        slope = self.cost.per_token * self.correction[1, bucket(rows)]
-        draft = self.draft_fit.fixed * self.cost.draft + self.draft_fit.per_draft * self.cost.draft_token * n
-        return np.where(n > 0, on + slope * n + draft, off)
+        off, on, per_draft = self.chain_terms(rows, tokens, ctx_tokens)
+        return np.where(n > 0, on + per_draft * n, off)
 
     def observe(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, measured_ms: float) -> None:
         """Move the correction of this step's (spec, bucket) toward measured / calibrated."""

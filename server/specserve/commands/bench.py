@@ -20,6 +20,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "trees": ("trees", "a drafter's chains vs static and dynamic trees at equal node budgets: tau, tokens/s"),
     "tree-parts": ("tree_parts", "tree verification's parts by node count: attention rows, KV read-back, verifier"),
     "goodput": ("goodput", "engine goodput controller vs no drafter and every fixed k: open, closed loop, load step"),
+    "controller": ("controller", "the goodput controller's warm cost per decision and per learnt step, by batch size"),
     "routing": ("routing", "goodput-aware routing vs least-loaded over two replicas (closed loop, paired)"),
 }
 
