@@ -35,13 +35,22 @@ def test_observe_rows_equals_one_row_at_a_time(batches: list, classes: list[int]
 @settings(max_examples=120, deadline=None)
 @given(steps)
 def test_plan_stats_count_a_step_as_its_rows(batches: list) -> None:
-    one, many = PlanStats(), PlanStats()
+    """Against the definition, row by row: a row that accepted ``a`` of ``d`` drafts tested
+    positions ``1..min(a + 1, d)`` and had ``1..a`` accepted."""
+    trials: list[int] = []
+    hits: list[int] = []
+    many = PlanStats()
     for step in batches:
         rows = [(d, min(a, d)) for _, d, a in step]
         for d, a in rows:
-            one.record_verified(d, a)
+            tested = min(a + 1, d)
+            trials += [0] * (tested - len(trials))
+            hits += [0] * (tested - len(hits))
+            for j in range(tested):
+                trials[j] += 1
+                hits[j] += int(j < a)
         many.record_verified_rows([d for d, _ in rows], [a for _, a in rows])
-    assert (one.position_trials, one.position_accepted) == (many.position_trials, many.position_accepted)
+    assert (trials, hits) == (many.position_trials, many.position_accepted)
 
 
 def test_a_freed_slot_starts_clean_for_the_next_request() -> None:

@@ -134,7 +134,7 @@ def test_planner_settings_and_caps() -> None:
     with pytest.raises(InvalidSpecPolicy):
         settings_from({"specserve": {"spec_policy": "sometimes"}}, env={})
     planner = StepPlanner(JitterPolicy(3), num_speculative_tokens=4)
-    rows = planner.rows(["a", "b", "c"], [None, 9, 2], [1, 2, 0], np.array([5, 5, 5]))
+    rows = planner.rows(["a", "b", "c"], planner.caps([None, 9, 2], [1, 2, 0]), np.array([5, 5, 5]))
     assert rows.caps.tolist() == [4, 4, 0]
     for _ in range(30):
         plan = planner.plan(rows)

@@ -44,7 +44,7 @@ from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, Upst
 from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 from specserve_vllm.spec_control.acceptance import sampling_class
 from specserve_vllm.spec_control.export import publisher_path
-from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
+from specserve_vllm.spec_control.plan import VerifiedRows
 from specserve_vllm.spec_control.planner import StepPlanner, build_policy, settings_from
 
 logger = logging.getLogger(__name__)
@@ -173,10 +173,8 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
         return [[] for _ in range(n)]
     lengths = planner.reuse(req_ids, caps)  # a held plan: no StepRows, no decision
     if lengths is None:
-        rows = StepRows(req_ids=tuple(req_ids), caps=np.array(caps, dtype=np.int64),
-                        context=np.asarray(runner.input_batch.num_tokens_no_spec[:n], dtype=np.int64),
-                        classes=request_classes(runner)[:n])
-        lengths = planner.plan(rows)
+        lengths = planner.plan(planner.rows(req_ids, caps, runner.input_batch.num_tokens_no_spec[:n],
+                                            request_classes(runner)[:n]))
     if not lengths.any():
         return [[] for _ in range(n)]
     drafter = getattr(runner, "drafter", None)

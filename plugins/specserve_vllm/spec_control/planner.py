@@ -188,11 +188,13 @@ class StepPlanner:
         k = self.num_speculative_tokens
         return [0 if not n else (k if c is None else min(c, k)) for c, n in zip(spec_ks, sampled)]
 
-    def rows(self, req_ids: Sequence[str], spec_ks: Sequence[int | None], sampled: Sequence[int],
-             context: np.ndarray) -> StepRows:
-        """:class:`StepRows` with :meth:`caps`."""
-        return StepRows(req_ids=tuple(req_ids), caps=np.array(self.caps(spec_ks, sampled), dtype=np.int64),
-                        context=np.asarray(context, dtype=np.int64))
+    @staticmethod
+    def rows(req_ids: Sequence[str], caps: Sequence[int], context: Any,
+             classes: np.ndarray | None = None) -> StepRows:
+        """The batch as the policy reads it: rows with their :meth:`caps`, context lengths and
+        sampling classes (``None``: all greedy)."""
+        return StepRows(req_ids=tuple(req_ids), caps=np.array(caps, dtype=np.int64),
+                        context=np.asarray(context, dtype=np.int64), classes=classes)
 
     def reuse(self, req_ids: Sequence[str], caps: Sequence[int]) -> np.ndarray | None:
         """The plan the policy holds for this batch (counted as a plan; read-only), or ``None``

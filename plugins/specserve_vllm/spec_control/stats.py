@@ -62,20 +62,11 @@ class PlanStats:
     position_accepted: list[int] = field(default_factory=list)
     """Per draft position: of those, how many accepted it."""
 
-    def record_verified(self, drafted: int, accepted: int) -> None:
-        """One row's verification: positions ``1..min(accepted + 1, drafted)`` were tested."""
-        tested = min(accepted + 1, drafted)
-        while len(self.position_trials) < tested:
-            self.position_trials.append(0)
-            self.position_accepted.append(0)
-        for j in range(tested):
-            self.position_trials[j] += 1
-            self.position_accepted[j] += int(j < accepted)
-
     def record_verified_rows(self, drafted: Sequence[int], accepted: Sequence[int]) -> None:
-        """A step's verifications at once (what :meth:`record_verified` counts row by row): a
-        histogram of the rows' tested and accepted counts, then suffix sums, in plain Python
-        (a handful of numpy calls cost more than this at the batch sizes a step has).
+        """A step's verifications. A row that accepted ``a`` of ``d`` drafts tested positions
+        ``1..min(a + 1, d)`` and had ``1..a`` accepted; counted as a histogram of the rows'
+        tested and accepted counts, then suffix sums, in plain Python (a handful of numpy calls
+        cost more than this at the batch sizes a step has).
 
         >>> s = PlanStats(); s.record_verified_rows([3, 3], [1, 3]); s.position_trials, s.position_accepted
         ([2, 2, 1], [2, 1, 1])
@@ -104,7 +95,7 @@ class PlanStats:
     def conditional_acceptance(self) -> list[float]:
         """Per position: accepted / tested (the rate given every earlier draft held).
 
-        >>> s = PlanStats(); s.record_verified(3, 1); s.record_verified(3, 3)
+        >>> s = PlanStats(); s.record_verified_rows([3, 3], [1, 3])
         >>> s.conditional_acceptance()
         [1.0, 0.5, 1.0]
         """
