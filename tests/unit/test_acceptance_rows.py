@@ -63,3 +63,22 @@ def test_a_freed_slot_starts_clean_for_the_next_request() -> None:
     for i in range(40):  # slots grow past their first allocation
         m.assign([f"x{i}"], [0])
     assert m.conditional([f"x{i}" for i in range(40)]).shape == (40, K)
+
+
+@settings(max_examples=120, deadline=None)
+@given(steps, st.lists(st.integers(0, 3), min_size=8, max_size=8))
+def test_several_steps_folded_in_one_call_equal_them_one_by_one(batches: list, classes: list[int]) -> None:
+    """Rows of several steps in one call (a request repeats): the same counts as the rows one
+    by one, in order (what ``GoodputPolicy.learn`` folds at a decision)."""
+    one, many = (AcceptanceModel([0.6, 0.5, 0.4, 0.7], class_priors={2: [0.3]}, global_weight=5.0) for _ in "ab")
+    ids = [f"q{i}" for i in range(8)]
+    for m in (one, many):
+        m.assign(ids, classes)
+    rows = [(f"q{r}", d, min(a, d)) for step in batches for r, d, a in step]
+    for r, d, a in rows:
+        one.observe(r, d, a)
+    many.observe_rows([r for r, _, _ in rows], np.array([d for _, d, _ in rows], dtype=np.int64),
+                      np.array([a for _, _, a in rows], dtype=np.int64))
+    assert np.allclose(one.survival(ids + ["new"]), many.survival(ids + ["new"]))
+    assert np.allclose(one.class_rates(), many.class_rates())
+    assert one.seen_classes() == many.seen_classes()

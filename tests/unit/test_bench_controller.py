@@ -39,14 +39,17 @@ def test_every_call_it_times_is_a_decision(monkeypatch: pytest.MonkeyPatch) -> N
                                drafter="HydraProposer")
     assert len(decisions) == 1 + 5 * 3  # one before timing, then (warm + 2 timed batches) x 5 calls
     assert set(decisions) == {1}
-    assert max(learnt) >= 1  # learning calls fold a step's verifications
+    assert 1 in learnt and 4 in learnt  # one step's verifications; four steps' in one fold (held)
     assert point["batch"] == 8 and point["decide_us"] > 0 and point["learn_us"] > 0
     share = (point["decide_us"] + point["learn_us"]) / (point["plain_step_ms"] * 1e3)
     assert point["share_of_step"] == pytest.approx(share, abs=1e-4)
+    held = (point["decide_us"] / 4 + point["learn_held_us"]) / (point["plain_step_ms"] * 1e3)
+    assert point["share_of_step_held"] == pytest.approx(held, abs=1e-4)
 
 
 def test_the_report_has_a_point_per_batch_size_and_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(batch_sizes="1,16", k=4, calls=3, batches=2, calibration=None, drafter="HydraProposer")
+    args = argparse.Namespace(batch_sizes="1,16", k=4, calls=3, batches=2, calibration=None, drafter="HydraProposer",
+                              held=4)
     assert controller.run(args) == 0
     out, err = capsys.readouterr()
     report = json.loads(out)

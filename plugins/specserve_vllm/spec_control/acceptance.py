@@ -90,6 +90,7 @@ class AcceptanceModel:
         self._cls: list[int] = [0] * 16
         """Each slot's sampling class."""
         self._used = 1  # slots 1 .. _used - 1 were given out at some point
+        self._weights: dict[int, np.ndarray] = {}
         first = np.tri(self.k + 1, self.k, -1)  # [k + 1, k]: row t is 1 at positions < t
         self._adds = np.stack(np.broadcast_arrays(first[:, None], first[None, :]), axis=2)
         """``[a, t] -> [2, k]``: what a verification that accepted ``a`` and tested ``t``
@@ -127,43 +128,58 @@ class AcceptanceModel:
         self.observe_rows([req_id], np.array([drafted]), np.array([accepted]))
 
     def observe_rows(self, req_ids: Sequence[str], drafted: Sequence[int], accepted: Sequence[int]) -> None:
-        """One step's verifications (distinct requests): row ``i`` verified ``drafted[i]``
-        drafts of which the first ``accepted[i]`` held. The engine-wide counts of a class
-        decay once per row, in row order, as if the rows were observed one by one. Run after
-        every speculative step, so it keeps to a dozen array operations whatever the batch."""
-        k = self.k
-        ids, acc, tst = [], [], []
-        drafted = drafted.tolist() if hasattr(drafted, "tolist") else drafted
-        accepted = accepted.tolist() if hasattr(accepted, "tolist") else accepted
-        for r, d, a in zip(req_ids, drafted, accepted):
-            d = min(int(d), k)
-            a = min(int(a), d)
-            if d > 0:  # a row that tested nothing teaches nothing
-                ids.append(r)
-                acc.append(a)
-                tst.append(min(a + 1, d))
-        if not ids:
-            return
-        slots = self._slots(ids)
-        add = self._adds[acc, tst]  # [m, 2, k]
-        counts = self._counts[slots]
-        counts *= self.request_decay
-        counts += add
-        self._counts[slots] = counts
+        """Verifications in order: row ``i`` verified ``drafted[i]`` drafts of which the first
+        ``accepted[i]`` held. The same as observing the rows one by one: a request's counts
+        decay once per row of its own (rows of several steps may repeat a request), the
+        engine-wide counts of a class once per row of the class. A dozen array operations
+        whatever the number of rows, so several steps folded at once cost about one."""
+        d = np.minimum(np.asarray(drafted, dtype=np.int64), self.k)
+        a = np.minimum(np.asarray(accepted, dtype=np.int64), d)
+        tested = d > 0  # a row that tested nothing teaches nothing
+        if not tested.all() or not len(d):
+            if not tested.any():
+                return
+            keep = np.flatnonzero(tested)
+            req_ids = [req_ids[i] for i in keep.tolist()]
+            d, a = d[keep], a[keep]
+        slots = self._slots(req_ids)
+        add = self._adds[a, np.minimum(a + 1, d)]  # [m, 2, k]
+        if len(set(slots)) == len(slots):  # one step: each request once
+            counts = self._counts[slots]
+            counts *= self.request_decay
+            counts += add
+            self._counts[slots] = counts
+        else:  # row i decays once for each later row of its request, the counts once per row
+            later: dict[int, int] = {}
+            after = [0] * len(slots)
+            for i in range(len(slots) - 1, -1, -1):
+                after[i] = later.get(slots[i], 0)
+                later[slots[i]] = after[i] + 1
+            own = list(later)
+            self._counts[own] *= (self.request_decay ** np.array([later[s] for s in own], dtype=np.float64))[:, None, None]
+            np.add.at(self._counts, slots, add * (self.request_decay ** np.array(after, dtype=np.float64))[:, None, None])
         classes = [self._cls[s] for s in slots]
-        for c in set(classes):
-            if len(classes) == 1:
-                m, g_add = 1, add[0]
-            else:  # row i decays once for each row of its class after it
-                rows = [i for i, x in enumerate(classes) if x == c]
-                m = len(rows)
-                w = self.global_decay ** np.arange(m - 1, -1, -1, dtype=np.float64)
-                g_add = np.tensordot(w, add[rows], axes=1)
+        if classes.count(classes[0]) == len(classes):  # the usual case: one class
+            groups: list[tuple[int, np.ndarray]] = [(classes[0], add)]
+        else:
+            groups = [(c, add[[i for i, x in enumerate(classes) if x == c]]) for c in set(classes)]
+        for c, rows in groups:  # row i decays once for each row of its class after it
+            m = len(rows)
+            g_add = rows[0] if m == 1 else (self._decay_weights(m) @ rows.reshape(m, -1)).reshape(rows.shape[1:])
             g = self._g[c]
             g *= self.global_decay ** m
             g += g_add
             self._g_seen[c] = True
         self._rates_stale = True
+
+    def _decay_weights(self, m: int) -> np.ndarray:
+        """``[m]``: ``global_decay ** (m - 1 - i)``, what row ``i`` of ``m`` keeps (cached up to 256)."""
+        w = self._weights.get(m)
+        if w is None:
+            w = self.global_decay ** np.arange(m - 1, -1, -1, dtype=np.float64)
+            if m <= 256:
+                self._weights[m] = w
+        return w
 
     def _current_rates(self) -> np.ndarray:
         """``[C, k]`` the engine-wide rates, recomputed when a verification changed them."""

@@ -5,7 +5,10 @@ outside the engine, warm, at several batch sizes:
 
 - ``decide``: one decision (:meth:`GoodputPolicy.plan` with nothing held, every row decoding
   with ``k`` slots): survival, the sort of slots, the step-time curve, the plan;
-- ``learn``: folding one step's verifications into the acceptance estimates.
+- ``learn``: folding one step's verifications into the acceptance estimates;
+- ``learn_held``: the same per step when ``--held`` steps are folded at once, as they are when a
+  plan is held for that many steps (the engine's ``recheck_on``, 4 by default); with
+  ``share_of_step_held``, a decision every ``--held`` steps and that learning, over a step.
 
 Each figure is the median over ``--batches`` batches of ``--calls`` calls, in process CPU time (µs
 per call), so other work on a shared machine counts little. Each batch size is also priced
@@ -40,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=15, help="timed batches (the median is reported)")
     parser.add_argument("--calibration", type=Path, default=None, help="step-time calibration (default: the demo's)")
     parser.add_argument("--drafter", default="HydraProposer", help="drafter class whose calibration prices drafts")
+    parser.add_argument("--held", type=int, default=4, help="steps a plan is held (the engine's recheck_on)")
 
 
 def _policy(calibration: Any, drafter: str, k: int) -> Any:
@@ -69,8 +73,11 @@ def time_calls(call: Any, calls: int, batches: int) -> float:
     return float(statistics.median(per_call))
 
 
-def measure(batch: int, k: int, calls: int, batches: int, calibration: Any, drafter: str) -> dict[str, Any]:
-    """The warm cost of a decision and of learning one step at ``batch`` decode rows."""
+def measure(batch: int, k: int, calls: int, batches: int, calibration: Any, drafter: str,
+            held: int = 4) -> dict[str, Any]:
+    """The warm cost of a decision and of learning one step at ``batch`` decode rows; and per
+    step when a plan is held for ``held`` steps (the engine's ``recheck_on``): a decision
+    and one fold of ``held`` steps' verifications."""
     from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
 
     policy = _policy(calibration, drafter, k)
@@ -90,24 +97,33 @@ def measure(batch: int, k: int, calls: int, batches: int, calibration: Any, draf
         policy.observe(verified)
         policy.learn()
 
+    def learn_held() -> None:
+        for _ in range(held):
+            policy.observe(verified)
+        policy.learn()
+
     decide_us = time_calls(decide, calls, batches)
     learn_us = time_calls(learn, calls, batches)
+    learn_held_us = time_calls(learn_held, max(1, calls // held), batches) / held
     step_ms = calibration.cost.step_ms(batch, batch, 256 * batch, False)
     return {"batch": batch, "decide_us": round(decide_us, 1), "learn_us": round(learn_us, 1),
-            "plain_step_ms": round(step_ms, 2),
-            "share_of_step": round((decide_us + learn_us) / (step_ms * 1e3), 4)}
+            "learn_held_us": round(learn_held_us, 1), "plain_step_ms": round(step_ms, 2),
+            "share_of_step": round((decide_us + learn_us) / (step_ms * 1e3), 4),
+            "share_of_step_held": round((decide_us / held + learn_held_us) / (step_ms * 1e3), 4)}
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    """One line: µs per decision and per learnt step, and their share of a step, by batch.
+    """One line: µs per decision and per learnt step, and their share of a step, by batch
+    (deciding every step; held: a decision every ``held`` steps).
 
-    >>> summary_line({"points": [{"batch": 1, "decide_us": 40.0, "learn_us": 10.0, "plain_step_ms": 3.0,
-    ...                           "share_of_step": 0.0167}]})
-    'bench controller: b1 decide 40µs learn 10µs (1.67% of a 3.0 ms step)'
+    >>> summary_line({"held": 4, "points": [{"batch": 1, "decide_us": 40.0, "learn_us": 10.0,
+    ...     "learn_held_us": 5.0, "plain_step_ms": 3.0, "share_of_step": 0.0167, "share_of_step_held": 0.005}]})
+    'bench controller: b1 decide 40µs learn 10µs (1.67% of a 3.0 ms step; held 4: 0.50%)'
     """
     return "bench controller: " + ", ".join(
         f"b{p['batch']} decide {p['decide_us']:g}µs learn {p['learn_us']:g}µs "
-        f"({100 * p['share_of_step']:.2f}% of a {p['plain_step_ms']:.1f} ms step)" for p in report["points"])
+        f"({100 * p['share_of_step']:.2f}% of a {p['plain_step_ms']:.1f} ms step; "
+        f"held {report['held']}: {100 * p['share_of_step_held']:.2f}%)" for p in report["points"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,10 +132,10 @@ def run(args: argparse.Namespace) -> int:
     calibration = Calibration.load(args.calibration or DEFAULT_CALIBRATION)
     points = []
     for batch in (int(b) for b in str(args.batch_sizes).split(",") if b.strip()):
-        point = measure(batch, args.k, args.calls, args.batches, calibration, args.drafter)
+        point = measure(batch, args.k, args.calls, args.batches, calibration, args.drafter, args.held)
         logger.info("bench controller point", extra={"fields": point})
         points.append(point)
-    report = {"k": args.k, "drafter": args.drafter, "calls": args.calls, "batches": args.batches,
+    report = {"k": args.k, "drafter": args.drafter, "calls": args.calls, "batches": args.batches, "held": args.held,
               "clock": "process CPU time, warm", "points": points}
     sys.stdout.write(json.dumps(report, indent=1) + "\n")
     sys.stderr.write(summary_line(report) + "\n")
