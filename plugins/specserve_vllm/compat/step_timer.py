@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from specserve_vllm.compat.spec_length import runner_planner
 from specserve_vllm.compat.upstream import RUNNER, SAMPLE_TOKENS, UpstreamFunction
 
 RUNNER_TREE_STEP_ATTR = "_specserve_tree_step"
@@ -108,8 +109,6 @@ def apply() -> None:
             step["trees"] = len(tree_step.plan.requests) if tree_step is not None else 0
         out = sample(self, *args, **kwargs)
         if pending is not None:
-            from specserve_vllm.compat.spec_length import runner_planner
-
             planner = runner_planner(self)
             drafts, draft_ms = planner.take_draft_timing()
             planner.observe_step(StepRecord(total_ms=(time.perf_counter() - pending[0]) * 1e3,

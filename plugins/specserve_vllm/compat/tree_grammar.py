@@ -50,6 +50,10 @@ _MARK = "_specserve_tree_grammar"
 DRAFTED_ATTR = "_specserve_grammar_drafts"
 """``ModelRunnerOutput`` attribute: ``{req_id: DraftTree}``, the branching trees drafted for
 structured-output requests this step (their tokens are the request's drafts)."""
+DRAFTED_TREES_ATTR = "_specserve_trees"
+"""Runner attribute :mod:`~specserve_vllm.compat.tree_steps` sets to the drafted trees
+(``tree_steps.TREES_ATTR``; named here, which that module imports, so a step without trees
+reads it without an import)."""
 SCHEDULED_ATTR = "_specserve_grammar_trees"
 """``SchedulerOutput`` attribute: ``{req_id: DraftTree}``, the pruned trees scheduled this step."""
 _DRAFTED = "_specserve_grammar_drafted"  # manager: the trees of the last output, until validated
@@ -90,11 +94,13 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
 
 def drafted_trees(runner: Any) -> dict[str, Any]:
     """``{req_id: DraftTree}``: this step's branching trees of structured-output requests."""
-    from specserve_vllm.compat.tree_steps import TREES_ATTR
+    trees = getattr(runner, DRAFTED_TREES_ATTR, None)
+    if not trees:  # no trees drafted this step (chains, or nothing): the usual case
+        return {}
     from specserve_vllm.tree.draft import best_path_length
 
     found = {}
-    for req_id, tree in (getattr(runner, TREES_ATTR, None) or {}).items():
+    for req_id, tree in trees.items():
         state = runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None)
         if params is not None and params.structured_outputs is not None and best_path_length(tree) < len(tree):

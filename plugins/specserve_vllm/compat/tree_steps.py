@@ -43,6 +43,7 @@ import numpy as np
 from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR
 from specserve_vllm.compat.spec_length import PLANNER_ATTR
 from specserve_vllm.compat.step_timer import RUNNER_TREE_STEP_ATTR
+from specserve_vllm.compat.tree_grammar import DRAFTED_TREES_ATTR
 from specserve_vllm.compat.tree_grammar import SCHEDULED_ATTR as GRAMMAR_TREES_ATTR
 from specserve_vllm.compat.upstream import (
     PREPARE_INPUTS,
@@ -56,7 +57,7 @@ from specserve_vllm.compat.upstream import (
 logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_tree_steps"
-TREES_ATTR = "_specserve_trees"
+TREES_ATTR = DRAFTED_TREES_ATTR
 """Runner attribute: ``{req_id: DraftTree}`` of the last drafting step (absent: no tree drafter)."""
 STEP_ATTR = RUNNER_TREE_STEP_ATTR
 """Runner attribute: the current step's ``TreeStep``, or None."""
