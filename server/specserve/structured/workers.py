@@ -122,7 +122,8 @@ class CompileWorkers:
             try:
                 worker = _Worker(self._ctx)
             except Exception:  # noqa: BLE001 - logged; the pool runs with one worker fewer
-                logger.exception("could not start a grammar compile worker")
+                if not self._closed:  # a pool closed while this one started: expected, not an error
+                    logger.exception("could not start a grammar compile worker")
             with self._cond:
                 self._starting -= 1
                 self._first_starts = max(0, self._first_starts - 1)
