@@ -17,10 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.specserve_process import MODEL_NAME, ServeProcess, engine_metrics_when, running_specserve
-
-FP32 = ("--dtype", "float32")
-"""Engine arguments: outputs are compared token for token, so in fp32."""
+from support.specserve_process import FP32, MODEL_NAME, ServeProcess, engine_metrics_when, running_specserve
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
 MAX_TOKENS = 48

@@ -18,10 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.specserve_process import MODEL_NAME, ServeProcess, running_specserve
-
-FP32 = ("--dtype", "float32")
-"""Engine arguments: outputs are compared token for token, so in fp32."""
+from support.specserve_process import FP32, MODEL_NAME, ServeProcess, running_specserve
 
 DRAFTERS = ("ngram", "recycling", "medusa", "hydra", "vllm-medusa")
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}, "days": {"type": "integer"}},

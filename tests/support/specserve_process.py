@@ -18,6 +18,8 @@ import psutil
 
 START_TIMEOUT_S = 900.0  # engine start on a busy 2-core machine can take minutes
 MODEL_NAME = "specserve-demo"
+FP32 = ("--dtype", "float32")
+"""Engine arguments for tests that compare outputs token for token: they run in fp32."""
 ENGINE_KEY = "e2e-engine-key"
 """The engine key ``specserve serve`` gives its engine here (and a separate gateway sends), so
 tests can also call the engine directly."""

@@ -17,19 +17,7 @@ steps = st.lists(st.lists(row, max_size=6, unique_by=lambda r: r[0]), max_size=8
 @settings(max_examples=120, deadline=None)
 @given(steps, st.lists(st.integers(0, 3), min_size=8, max_size=8))
 def test_observe_rows_equals_one_row_at_a_time(batches: list, classes: list[int]) -> None:
-    one, many = (AcceptanceModel([0.6, 0.5, 0.4, 0.7], class_priors={2: [0.3]}, global_weight=5.0) for _ in "ab")
-    ids = [f"q{i}" for i in range(8)]
-    for m in (one, many):
-        m.assign(ids, classes)
-    for step in batches:
-        step = [(f"q{r}", d, min(a, d)) for r, d, a in step]
-        for r, d, a in step:
-            one.observe(r, d, a)
-        many.observe_rows([r for r, _, _ in step], np.array([d for _, d, _ in step], dtype=np.int64),
-                          np.array([a for _, _, a in step], dtype=np.int64))
-    assert np.allclose(one.survival(ids + ["new"]), many.survival(ids + ["new"]))
-    assert np.allclose(one.class_rates(), many.class_rates())
-    assert one.seen_classes() == many.seen_classes()
+    _assert_calls_equal_rows_one_by_one(batches, classes)
 
 
 @settings(max_examples=120, deadline=None)
@@ -70,15 +58,22 @@ def test_a_freed_slot_starts_clean_for_the_next_request() -> None:
 def test_several_steps_folded_in_one_call_equal_them_one_by_one(batches: list, classes: list[int]) -> None:
     """Rows of several steps in one call (a request repeats): the same counts as the rows one
     by one, in order (what ``GoodputPolicy.learn`` folds at a decision)."""
+    _assert_calls_equal_rows_one_by_one([[row for step in batches for row in step]], classes)
+
+
+def _assert_calls_equal_rows_one_by_one(calls: list, classes: list[int]) -> None:
+    """``observe_rows`` once per call (``(request, drafted, accepted)`` rows) leaves the same
+    estimates as ``observe`` on every row, in order."""
     one, many = (AcceptanceModel([0.6, 0.5, 0.4, 0.7], class_priors={2: [0.3]}, global_weight=5.0) for _ in "ab")
     ids = [f"q{i}" for i in range(8)]
     for m in (one, many):
         m.assign(ids, classes)
-    rows = [(f"q{r}", d, min(a, d)) for step in batches for r, d, a in step]
-    for r, d, a in rows:
-        one.observe(r, d, a)
-    many.observe_rows([r for r, _, _ in rows], np.array([d for _, d, _ in rows], dtype=np.int64),
-                      np.array([a for _, _, a in rows], dtype=np.int64))
+    for call in calls:
+        rows = [(f"q{r}", d, min(a, d)) for r, d, a in call]
+        for r, d, a in rows:
+            one.observe(r, d, a)
+        many.observe_rows([r for r, _, _ in rows], np.array([d for _, d, _ in rows], dtype=np.int64),
+                          np.array([a for _, _, a in rows], dtype=np.int64))
     assert np.allclose(one.survival(ids + ["new"]), many.survival(ids + ["new"]))
     assert np.allclose(one.class_rates(), many.class_rates())
     assert one.seen_classes() == many.seen_classes()

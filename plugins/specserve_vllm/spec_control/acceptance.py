@@ -136,12 +136,12 @@ class AcceptanceModel:
         d = np.minimum(np.asarray(drafted, dtype=np.int64), self.k)
         a = np.minimum(np.asarray(accepted, dtype=np.int64), d)
         tested = d > 0  # a row that tested nothing teaches nothing
-        if not tested.all() or not len(d):
-            if not tested.any():
-                return
+        if not tested.all():
             keep = np.flatnonzero(tested)
             req_ids = [req_ids[i] for i in keep.tolist()]
             d, a = d[keep], a[keep]
+        if not len(d):
+            return
         slots = self._slots(req_ids)
         add = self._adds[a, np.minimum(a + 1, d)]  # [m, 2, k]
         if len(set(slots)) == len(slots):  # one step: each request once

@@ -289,10 +289,8 @@ def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
     yield _gauge("step_correction_ratio", "Online correction of the calibrated step time (measured / calibrated)",
                  ["spec", "bucket"], (((spec, bucket), value) for spec, row in enumerate(model.get("correction") or [])
                                       for bucket, value in zip(BUCKETS, row)))
-    draft = model.get("draft_correction", 1.0)
-    draft = [draft, draft] if isinstance(draft, (int, float)) else draft
     yield _gauge("draft_correction_ratio", "Online correction of the drafting time's terms (fixed, per draft)",
-                 ["term"], zip((("draft",), ("draft_token",)), draft))
+                 ["term"], zip((("draft",), ("draft_token",)), model.get("draft_correction") or (1.0, 1.0)))
     yield _gauge("acceptance_estimate_ratio",
                  "Engine-wide conditional acceptance per draft position (the controller's estimate)", ["position"],
                  (((j + 1,), value) for j, value in enumerate(model.get("acceptance") or [])))

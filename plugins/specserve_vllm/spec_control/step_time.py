@@ -207,9 +207,6 @@ class DraftFit:
             fixed, per_draft = 0.0, r1 / m11
         self.fixed, self.per_draft = fixed, per_draft
 
-    def factors(self) -> list[float]:
-        return [self.fixed, self.per_draft]
-
 
 class StepTimeModel:
     """:class:`StepCost` times an online EWMA correction per (spec on/off, batch bucket), and a
@@ -283,7 +280,7 @@ class StepTimeModel:
         15.0
         """
         return {"cost": asdict(self.cost), "correction": self.correction.round(4).tolist(),
-                "draft_correction": [round(f, 4) for f in self.draft_fit.factors()]}
+                "draft_correction": [round(f, 4) for f in self.draft_correction]}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> StepTimeModel:

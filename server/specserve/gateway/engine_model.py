@@ -70,9 +70,8 @@ class EngineModel:
         return (name, rates) if rates else ("", self.acceptance)
 
     def step_model(self) -> StepTimeModel:
-        draft = self.draft_correction
         state: dict[str, Any] = {"cost": {t: self.cost.get(t, 0.0) for t in _COST_TERMS},
-                                 "draft_correction": list(draft) if isinstance(draft, tuple) else draft}
+                                 "draft_correction": self.draft_correction}
         if self.correction:
             state["correction"] = [list(r) for r in self.correction]
         return StepTimeModel.from_state(state)
