@@ -8,10 +8,11 @@ interface passes token ids only. Two wraps on ``GPUModelRunner`` (the CPU runner
 * ``_prepare_inputs`` remembers this step's ``logits_indices`` (row ``j`` of the logits is the
   model output at flattened input position ``logits_indices[j]``);
 * ``_sample``: when the runner's ``drafter`` has ``observe_logits(input_tokens, logits)``, it is
-  called with ``input_ids[logits_indices]`` (``[n]``) and a copy of the logits rows
-  (``[n, vocab]``), taken before sampling so sampler in-place edits cannot affect them; the
-  drafter takes the top-k when it needs it (Token Recycling batches the steps that do not
-  draft). Otherwise, when it has ``observe_topk(input_tokens, topk_ids)`` and a ``topk_width``,
+  called before sampling with ``input_ids[logits_indices]`` (``[n]``: a numpy array on the CPU
+  runner, whose input buffer has a numpy view, else a tensor) and the logits rows
+  (``[n, vocab]``) themselves: the sampler edits them in place next, so the drafter copies
+  what it keeps before returning; it takes the top-k when it needs it (Token Recycling
+  batches the steps that do not draft). Otherwise, when it has ``observe_topk(input_tokens, topk_ids)`` and a ``topk_width``,
   that is called with the input tokens, the top ``topk_width`` ids of each logits row
   (``[n, topk_width]``), both CPU tensors, and the logits' width. Drafters with neither cost
   nothing.
@@ -52,10 +53,10 @@ def _take_indices(runner: Any, logits: Any) -> Any:
 
 
 def _observe_logits(runner: Any, logits: Any) -> bool:
-    """Hand a drafter with ``observe_logits`` a copy of the logits rows and their input tokens
-    (it takes the top-k itself, batched); False when the drafter has no such method."""
-    import torch
-
+    """Hand a drafter with ``observe_logits`` the logits rows and their input tokens (it copies
+    what it keeps and takes the top-k itself, batched); False when the drafter has no such
+    method. The runner samples in inference mode, so no autograd state is set up here: this
+    runs every step, with speculation off too."""
     drafter = getattr(runner, "drafter", None)
     observe = getattr(drafter, "observe_logits", None)
     if logits is None or not callable(observe):
@@ -63,9 +64,17 @@ def _observe_logits(runner: Any, logits: Any) -> bool:
     indices = _take_indices(runner, logits)
     if indices is None:
         return True
-    with torch.no_grad():
-        observe(runner.input_ids.gpu[indices], logits.detach().clone())
+    observe(_input_tokens(runner.input_ids, indices), logits)
     return True
+
+
+def _input_tokens(input_ids: Any, indices: Any) -> Any:
+    """The input token at each index: numpy (a new array) when the runner's device buffer is
+    its CPU one (the CPU runner), else a tensor on the device. Each torch call here costs
+    several times its warm price right after the forward pass, so the CPU path makes none."""
+    if input_ids.gpu is getattr(input_ids, "cpu", None) and getattr(input_ids, "np", None) is not None:
+        return input_ids.np[indices.numpy()]
+    return input_ids.gpu[indices]
 
 
 def _observed_topk(runner: Any, logits: Any) -> tuple[Any, Any, int] | None:

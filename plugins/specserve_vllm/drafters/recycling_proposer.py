@@ -10,12 +10,15 @@ change to vLLM's drafter selection)::
     }
 
 ``custom_class`` proposers only see token ids, so the matrix is fed by
-:mod:`specserve_vllm.compat.logits_feed`, which hands every drafter that has an
-``observe_topk`` method the target's top-``topk_width`` candidates at every position whose
-logits the runner computed (all verified draft positions plus the bonus position, of every
-request, every step). Feeding happens before proposing within a step, so drafts use the
-freshest predictions. Drafts are chains (the best path of the BFS tree) unless the engine
-setting ``tree`` asks for trees (``static`` or ``dynamic``, see
+:mod:`specserve_vllm.compat.logits_feed`, which hands the proposer the target's logits at
+every position the runner computed them (all verified draft positions plus the bonus
+position, of every request, every step); the proposer keeps each row's top-``topk_width``
+candidates. Chains read only a row's first candidate, so a chain engine keeps one column and
+learns it with an argmax (on CPU numpy's, several times cheaper than a torch top-k there:
+the feed runs every step, speculation off included); trees keep :data:`recycling.DEFAULT_K`.
+Feeding happens before proposing within a step, so drafts use the freshest predictions.
+Drafts are chains (the best path of the BFS tree) unless the engine setting ``tree`` asks for
+trees (``static`` or ``dynamic``, see
 :mod:`specserve_vllm.drafters.recycling_trees`): then each row's draft is a tree's nodes in
 preorder, its node count bounded like a chain's length, and the tree is kept in
 ``last_trees`` for :mod:`specserve_vllm.compat.tree_steps`, which verifies it. The per-step plan
@@ -40,6 +43,9 @@ logger = logging.getLogger(__name__)
 BACKLOG_ELEMENTS = 1 << 20
 """Logits values kept before a batched top-k (4 MiB in fp32: 256 rows of the demo's vocabulary)."""
 
+BACKLOG_STEPS = 1024
+"""Steps kept before their candidates are written (chain engines keep candidates, not logits)."""
+
 CLASS_PATH = f"{__name__}.RecyclingProposer"
 """The ``speculative_config["model"]`` value that selects this proposer."""
 
@@ -47,26 +53,31 @@ CLASS_PATH = f"{__name__}.RecyclingProposer"
 class RecyclingProposer:
     """Chain drafts from the engine-wide recycling matrix (vLLM ``custom_class`` proposer)."""
 
-    def __init__(self, vllm_config: Any, topk_width: int = recycling.DEFAULT_K,
+    def __init__(self, vllm_config: Any, topk_width: int | None = None,
                  tree_shape: TreeShape | None = None) -> None:
+        """``topk_width``: candidates kept per token (default: 1 for chains, the paper's 8 for
+        trees)."""
         spec = vllm_config.speculative_config
         self.num_speculative_tokens: int = int(spec.num_speculative_tokens)
         self.max_model_len: int = int(vllm_config.model_config.max_model_len)
+        if tree_shape is None:
+            from specserve.engine import settings
+
+            tree_shape = settings.current().tree
+        self.tree_shape: TreeShape = tree_shape
+        if topk_width is None:
+            topk_width = 1 if tree_shape == "chain" else recycling.DEFAULT_K
         self.topk_width = topk_width
         self._planned = PlannedLengths()
         vocab = int(vllm_config.model_config.get_vocab_size())
         self.matrix: np.ndarray = recycling.new_matrix(vocab, topk_width)  # [vocab, k]
         self._matrix_view: Any = None
         """A tensor sharing :attr:`matrix`'s memory (built on the first fast write)."""
-        if tree_shape is None:
-            from specserve.engine import settings
-
-            tree_shape = settings.current().tree
-        self.tree_shape: TreeShape = tree_shape
         self.last_trees: list[DraftTree | None] = []
         """Per row of the last ``propose``: the drafted tree (tree shapes only), else None."""
         self._backlog: list[tuple[Any, Any]] = []
-        """``(input_tokens, logits)`` of steps not learnt yet (:meth:`observe_logits`)."""
+        """Steps not learnt yet (:meth:`observe_logits`): ``(input_tokens, logits)`` tensors, or
+        ``(input_tokens, candidates [n, 1])`` numpy arrays for a one-column matrix."""
         self._backlog_elements = 0
         self.rank_hits = np.zeros(topk_width + 1, dtype=np.int64)
         """How often the target's next token was the matrix's rank-r candidate (last: none);
@@ -80,33 +91,43 @@ class RecyclingProposer:
         )
 
     def observe_logits(self, input_tokens: Any, logits: Any) -> None:
-        """This step's target logits (``[n, vocab]``, a copy the runner will not touch) after
-        ``input_tokens`` (``[n]``): kept, and turned into matrix rows by one batched top-k when
-        the drafter next proposes or the backlog reaches :data:`BACKLOG_ELEMENTS`.
+        """This step's target logits (``[n, vocab]``) after ``input_tokens`` (``[n]``, a tensor
+        or a numpy array). The logits are the runner's, which the sampler edits next: what is
+        kept is copied here.
 
-        Steps without speculation never propose, so their rows wait and are learnt together:
-        one top-k over many rows costs a fraction of one per step, and the matrix is complete
-        again before the next draft (the rows are written in order, last occurrence winning,
-        exactly as step-by-step updates would). ``dynamic`` trees measure rank acceptance
-        position by position, so they learn at once."""
+        Steps without speculation never propose, so what they teach waits and is learnt in
+        one go when the drafter next proposes or the backlog fills: a one-column matrix keeps
+        each step's argmax (a few microseconds), a wider one a copy of the logits for one
+        batched top-k (a fraction of one per step). The rows are written in order, the last
+        occurrence of a token winning, exactly as step-by-step updates would. ``dynamic``
+        trees measure rank acceptance position by position, so they learn at once."""
         if self.tree_shape == "dynamic":
-            self._learn(input_tokens, logits)
+            self._learn(torch_ints(input_tokens), logits)
             return
-        self._backlog.append((input_tokens, logits))
-        self._backlog_elements += int(logits.numel())
-        if self._backlog_elements >= BACKLOG_ELEMENTS:
+        if self.topk_width == 1:
+            self._backlog.append((_numpy(input_tokens), best_candidates(logits)))
+            self._backlog_elements += int(input_tokens.shape[0])
+        else:
+            self._backlog.append((torch_ints(input_tokens), logits.clone()))
+            self._backlog_elements += int(logits.numel())
+        if self._backlog_elements >= BACKLOG_ELEMENTS or len(self._backlog) >= BACKLOG_STEPS:
             self.flush_backlog()
 
     def flush_backlog(self) -> None:
-        """Learn every kept logits row (in the order they came)."""
+        """Learn every kept step (in the order they came)."""
         if not self._backlog:
             return
-        import torch
-
         backlog, self._backlog, self._backlog_elements = self._backlog, [], 0
+        if self.topk_width == 1:
+            tokens = np.concatenate([t for t, _ in backlog])
+            candidates = np.concatenate([c for _, c in backlog])
+            recycling.update_inplace(self.matrix, tokens, candidates)
+            return
         if len(backlog) == 1:
             self._learn(*backlog[0])
             return
+        import torch
+
         self._learn(torch.cat([t for t, _ in backlog]), torch.cat([x for _, x in backlog]))
 
     def _learn(self, input_tokens: Any, logits: Any) -> None:
@@ -201,3 +222,36 @@ class RecyclingProposer:
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No weights: the matrix is built online."""
+
+
+def _numpy(ints: Any) -> np.ndarray:
+    """A numpy copy of ``ints`` (a numpy array, or a tensor on any device)."""
+    if isinstance(ints, np.ndarray):
+        return ints.copy()
+    return ints.numpy().copy() if ints.device.type == "cpu" else ints.cpu().numpy()
+
+
+def torch_ints(ints: Any) -> Any:
+    """``ints`` as a tensor (numpy arrays are copied)."""
+    import torch
+
+    return torch.from_numpy(ints.copy()) if isinstance(ints, np.ndarray) else ints
+
+
+def best_candidates(logits: Any) -> np.ndarray:
+    """``[n, 1]`` int64: each row's highest-scoring id (the first on ties), as a new array.
+
+    On CPU this is numpy's argmax over a view of the logits (bf16 widened first): torch's CPU
+    argmax is an order of magnitude slower on a row of a few thousand values.
+
+    >>> import torch
+    >>> best_candidates(torch.tensor([[0.1, 2.0, 2.0], [3.0, -1.0, 0.0]])).tolist()
+    [[1], [0]]
+    """
+    import torch
+
+    if logits.device.type != "cpu":
+        return logits.argmax(dim=-1, keepdim=True).cpu().numpy().astype(np.int64, copy=False)
+    if logits.dtype not in (torch.float32, torch.float64, torch.float16):
+        logits = logits.float()
+    return logits.numpy().argmax(axis=-1).astype(np.int64)[:, None]
