@@ -44,6 +44,21 @@ def test_caps_lists_and_tensors_per_request() -> None:
     assert as_tensor == [[1, 2, 3], [], [7, 8], [1, 1, 1]]
 
 
+def test_caps_are_parsed_once_per_request_and_forgotten_when_it_finishes() -> None:
+    from specserve_vllm.spec_control.planner import StepPlanner
+    from specserve_vllm.spec_control.plan import FixedPolicy
+
+    runner = _runner([{"spec_k": 1}, None])
+    planner = StepPlanner(FixedPolicy(), 4)
+    assert spec_length.request_caps(runner, planner.spec_ks) == [1, None]
+    assert planner.spec_ks == {"r0": 1, "r1": None}
+    runner.requests["r0"].sampling_params.extra_args = {"spec_k": 3}  # not read again while r0 runs
+    assert spec_length.request_caps(runner, planner.spec_ks) == [1, None]
+    planner.finished(frozenset({"r0"}))
+    assert planner.spec_ks == {"r1": None}
+    assert spec_length.request_caps(runner, planner.spec_ks) == [3, None]
+
+
 def test_no_caps_leaves_drafts_untouched() -> None:
     runner = _runner([None, {"temperature_hint": 1}])
     drafts = torch.zeros(2, 3, dtype=torch.int32)

@@ -68,13 +68,21 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
 )
 
 
-def request_caps(runner: Any) -> list[int | None]:
-    """``spec_k`` of each request in the runner's batch order (``None``: engine default)."""
+def request_caps(runner: Any, known: dict[str, int | None] | None = None) -> list[int | None]:
+    """``spec_k`` of each request in the runner's batch order (``None``: engine default).
+
+    ``known``: caps parsed at earlier steps, by request id (a request's parameters do not
+    change while it runs); requests missing there are parsed and added."""
     caps: list[int | None] = []
     for req_id in runner.input_batch.req_ids:
-        state = runner.requests.get(req_id)
-        params = getattr(state, "sampling_params", None)
-        caps.append(safe_spec_k(getattr(params, "extra_args", None)))
+        if known is not None and req_id in known:
+            caps.append(known[req_id])
+            continue
+        params = getattr(runner.requests.get(req_id), "sampling_params", None)
+        cap = safe_spec_k(getattr(params, "extra_args", None))
+        if known is not None and params is not None:
+            known[req_id] = cap
+        caps.append(cap)
     return caps
 
 
@@ -167,7 +175,7 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
         tree_rows = getattr(runner, TREE_ROWS_ATTR, None)  # set by tree verification this step
         planner.observe(verified_rows(scheduler_output, req_ids, sampled, tree_rows))
     n = len(req_ids)
-    caps = planner.caps(request_caps(runner), [len(t) for t in sampled[:n]])
+    caps = planner.caps(request_caps(runner, planner.spec_ks), [len(t) for t in sampled[:n]])
     if not any(caps):
         planner.plan_nothing()
         return [[] for _ in range(n)]

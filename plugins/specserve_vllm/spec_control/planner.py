@@ -140,6 +140,8 @@ class StepPlanner:
         """The engine's tree counters (``tree.step.TreeCounters``) once it verified a tree."""
         self._reuse = getattr(policy, "reuse", None)
         """The policy's held-plan lookup (``GoodputPolicy.reuse``), if it holds plans."""
+        self.spec_ks: dict[str, int | None] = {}
+        """Each running request's ``spec_k``, parsed once (dropped when it finishes)."""
 
     def snapshot(self) -> dict[str, Any]:
         """The stats, the policy's name, its cost model and the tree counters (call under :attr:`lock`)."""
@@ -240,5 +242,7 @@ class StepPlanner:
             self.policy.observe(verified)
 
     def finished(self, req_ids: frozenset[str]) -> None:
+        for req_id in req_ids:
+            self.spec_ks.pop(req_id, None)
         if req_ids:
             self.policy.finished(req_ids)
