@@ -30,6 +30,40 @@ def test_cpu_list_drafts_travel_with_the_pickled_output_and_are_taken_once() -> 
     assert draft_handoff.kept_drafts(scheduler) is draft_handoff._MISSING, "used once"
 
 
+def test_all_empty_drafts_of_an_unconstrained_step_skip_the_scheduler_update() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    draft_handoff.apply()
+    for constrained, drafts, expected in ((False, [[], []], None), (True, [[], []], [[], []]),
+                                          (False, [[], [3]], [[], [3]])):
+        out = ModelRunnerOutput(req_ids=["a", "b"], req_id_to_index={"a": 0, "b": 1})
+        draft_handoff.attach_drafts(_runner(drafts), out, constrained=constrained)
+        updates: list[Any] = []
+        scheduler = SimpleNamespace(update_draft_token_ids=updates.append)
+        draft_handoff.keep_drafts(scheduler, pickle.loads(pickle.dumps(out)))
+        core = SimpleNamespace(scheduler=scheduler, model_executor=SimpleNamespace(), check_for_draft_tokens=True,
+                               async_scheduling=False)
+        EngineCore.post_step(core, True)  # never asks the worker: its answer was kept
+        assert [u.draft_token_ids for u in updates] == ([] if expected is None else [expected])
+
+
+def test_the_wrap_reads_whether_the_step_had_a_grammar_output() -> None:
+    out = ModelRunnerOutput(req_ids=["a", "b"], req_id_to_index={"a": 0, "b": 1})
+
+    def sample_tokens(self: Any, grammar_output: Any) -> Any:
+        return out
+
+    wrapped = draft_handoff.wrap_sample_tokens(sample_tokens)
+    cases: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = [
+        ((None,), {}, None),  # no grammar output: nothing for the scheduler to do
+        ((), {"grammar_output": object()}, [[], []]),  # a constrained request: the lists go through
+    ]
+    for args, kwargs, expected in cases:
+        assert wrapped(_runner([[], []]), *args, **kwargs) is out
+        drafts = out.__dict__.pop(draft_handoff.OUTPUT_ATTR)
+        assert (drafts if drafts is None else drafts.draft_token_ids) == expected
+
+
 def test_nothing_attached_where_upstream_must_ask_the_worker() -> None:
     import torch
 

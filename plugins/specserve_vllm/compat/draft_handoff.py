@@ -16,6 +16,11 @@ n-gram drafter) under synchronous scheduling:
 * engine core, ``EngineCore.post_step``: when drafts were kept, upstream ``post_step`` runs with
   the executor's ``take_draft_token_ids`` answering them instead of calling the worker.
 
+A step whose drafts are all empty (the plan turned speculation off) and that constrains no
+request sends ``None`` instead: the scheduler would only set each request's drafts to the empty
+list scheduling already left there, so ``post_step`` skips the update. With a constrained
+request in the batch the empty lists still go through (jump-forward may add forced tokens).
+
 Anything else (GPU drafters, whose drafts wait on a device copy; async scheduling; an output
 rebuilt by a KV-connector aggregator, which drops the attribute) finds nothing kept and takes
 upstream's path unchanged. The drafts are the same object the call would return: the worker
@@ -28,7 +33,7 @@ import functools
 import logging
 from typing import Any
 
-from specserve_vllm.compat.upstream import RUNNER, SAMPLE_TOKENS, UpstreamFunction
+from specserve_vllm.compat.upstream import RUNNER, SAMPLE_TOKENS, UpstreamFunction, argument_reader
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +61,20 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
 )
 
 
-def attach_drafts(runner: Any, output: Any) -> None:
-    """Put the runner's drafts on ``output`` when they are CPU lists and scheduling is synchronous."""
+def attach_drafts(runner: Any, output: Any, constrained: bool = True) -> None:
+    """Put the runner's drafts on ``output`` when they are CPU lists and scheduling is
+    synchronous; ``None`` when every list is empty and no request is ``constrained`` (the
+    step had no grammar output)."""
     from vllm.v1.outputs import ModelRunnerOutput
 
     if (runner.speculative_config is None or getattr(runner, "use_async_scheduling", False)
             or not isinstance(output, ModelRunnerOutput)
             or not isinstance(getattr(runner, "_draft_token_ids", None), list)):
         return
-    setattr(output, OUTPUT_ATTR, runner.take_draft_token_ids())
+    drafts = runner.take_draft_token_ids()
+    if not constrained and drafts is not None and not any(drafts.draft_token_ids):
+        drafts = None
+    setattr(output, OUTPUT_ATTR, drafts)
 
 
 def keep_drafts(scheduler: Any, output: Any) -> None:
@@ -79,6 +89,19 @@ def kept_drafts(scheduler: Any) -> Any:
     return scheduler.__dict__.pop(_KEPT_ATTR, _MISSING)
 
 
+def wrap_sample_tokens(sample: Any) -> Any:
+    """``sample_tokens`` that attaches the drafts to its output (see :func:`attach_drafts`)."""
+    read = argument_reader(sample, ("grammar_output",))
+
+    @functools.wraps(sample)
+    def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = sample(self, *args, **kwargs)
+        attach_drafts(self, out, constrained=read(args, kwargs)[0] is not None)
+        return out
+
+    return sample_tokens
+
+
 def apply() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
@@ -90,11 +113,7 @@ def apply() -> None:
     update = Scheduler.update_from_output
     post = EngineCore.post_step
 
-    @functools.wraps(sample)
-    def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = sample(self, *args, **kwargs)
-        attach_drafts(self, out)
-        return out
+    sample_tokens = wrap_sample_tokens(sample)
 
     @functools.wraps(update)
     def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any,
