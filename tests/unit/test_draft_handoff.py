@@ -64,6 +64,16 @@ def test_the_wrap_reads_whether_the_step_had_a_grammar_output() -> None:
         assert (drafts if drafts is None else drafts.draft_token_ids) == expected
 
 
+def test_behind_a_wrap_that_hides_the_signature_every_step_counts_as_constrained() -> None:
+    out = ModelRunnerOutput(req_ids=["a", "b"], req_id_to_index={"a": 0, "b": 1})
+
+    def opaque(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return out
+
+    assert draft_handoff.wrap_sample_tokens(opaque)(_runner([[], []]), None) is out
+    assert out.__dict__.pop(draft_handoff.OUTPUT_ATTR).draft_token_ids == [[], []]
+
+
 def test_nothing_attached_where_upstream_must_ask_the_worker() -> None:
     import torch
 

@@ -90,8 +90,13 @@ def kept_drafts(scheduler: Any) -> Any:
 
 
 def wrap_sample_tokens(sample: Any) -> Any:
-    """``sample_tokens`` that attaches the drafts to its output (see :func:`attach_drafts`)."""
-    read = argument_reader(sample, ("grammar_output",))
+    """``sample_tokens`` that attaches the drafts to its output (see :func:`attach_drafts`).
+    Behind a wrap that hides ``grammar_output`` every step counts as constrained."""
+    try:
+        read = argument_reader(sample, ("grammar_output",))
+    except ValueError:
+        def read(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+            return (True,)
 
     @functools.wraps(sample)
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
