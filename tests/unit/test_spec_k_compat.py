@@ -57,6 +57,9 @@ def test_caps_are_parsed_once_per_request_and_forgotten_when_it_finishes() -> No
     planner.finished(frozenset({"r0"}))
     assert planner.spec_ks == {"r1": None}
     assert spec_length.request_caps(runner, planner.spec_ks) == [3, None]
+    planner.spec_ks.update({f"gone{i}": 0 for i in range(spec_length.KNOWN_CAPS_LIMIT)})  # finishes never seen
+    assert spec_length.request_caps(runner, planner.spec_ks) == [3, None]
+    assert set(planner.spec_ks) == {"r0", "r1"}, "the cache starts over past its limit"
 
 
 def test_no_caps_leaves_drafts_untouched() -> None:

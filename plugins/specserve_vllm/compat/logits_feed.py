@@ -12,8 +12,8 @@ interface passes token ids only. Two wraps on ``GPUModelRunner`` (the CPU runner
   runner, whose input buffer has a numpy view, else a tensor) and the logits rows
   (``[n, vocab]``) themselves: the sampler edits them in place next, so the drafter copies
   what it keeps before returning; it takes the top-k when it needs it (Token Recycling
-  batches the steps that do not draft). Otherwise, when it has ``observe_topk(input_tokens, topk_ids)`` and a ``topk_width``,
-  that is called with the input tokens, the top ``topk_width`` ids of each logits row
+  batches the steps that do not draft). Otherwise, when it has
+  ``observe_topk(input_tokens, topk_ids)`` and a ``topk_width``, that is called with the input tokens, the top ``topk_width`` ids of each logits row
   (``[n, topk_width]``), both CPU tensors, and the logits' width. Drafters with neither cost
   nothing.
 

@@ -68,11 +68,19 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
 )
 
 
+KNOWN_CAPS_LIMIT = 1 << 14
+"""Most request ids whose ``spec_k`` :func:`request_caps` keeps between steps."""
+
+
 def request_caps(runner: Any, known: dict[str, int | None] | None = None) -> list[int | None]:
     """``spec_k`` of each request in the runner's batch order (``None``: engine default).
 
     ``known``: caps parsed at earlier steps, by request id (a request's parameters do not
-    change while it runs); requests missing there are parsed and added."""
+    change while it runs); requests missing there are parsed and added. It is a cache: past
+    :data:`KNOWN_CAPS_LIMIT` entries (ids whose finish was never seen, e.g. a request aborted
+    in a step that scheduled nothing) it starts over."""
+    if known is not None and len(known) > KNOWN_CAPS_LIMIT:
+        known.clear()
     caps: list[int | None] = []
     for req_id in runner.input_batch.req_ids:
         if known is not None and req_id in known:
