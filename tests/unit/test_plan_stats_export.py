@@ -116,11 +116,14 @@ def test_the_goodput_policy_exports_its_cost_model_and_the_gateway_reads_it_back
     registry.register(export.PlanStatsCollector(tmp_path))  # type: ignore[arg-type]
     model = parse_page(generate_latest(registry).decode())
     assert model is not None
-    assert model.cost["base"] == 8 and model.cost["draft_token"] == 0.05
+    assert model.cost["base"] > 8 and model.cost["draft_token"] == 0.05  # fitted step terms, calibrated drafting terms
     assert model.acceptance == (0.8, 0.7, 0.6, 0.5)
     state = policy.model.state()
-    assert [list(r) for r in model.correction] == state["correction"]
-    assert model.correction[0][2] > 1.0  # the 4-row bucket's correction reached the page
+    assert model.cost == pytest.approx(state["cost"])
+    for rows, tokens, spec in ((4, 4, False), (4, 20, True), (1, 1, False), (16, 80, True)):
+        assert model.step_model().step_ms(rows, tokens, 0, spec) == pytest.approx(
+            policy.model.step_ms(rows, tokens, 0, spec), rel=1e-3)
+    assert policy.model.step_ms(4, 4, 0, False) > 1.2 * cost.step_ms(4, 4, 0, False)  # the fit reached the page
     fixed, per_draft = policy.model.draft_correction
     assert fixed > 1.2 and per_draft < 0.8  # both drafting terms moved, apart
     assert model.draft_correction == pytest.approx((fixed, per_draft), abs=1e-4)
@@ -130,7 +133,8 @@ def test_the_goodput_policy_exports_its_cost_model_and_the_gateway_reads_it_back
     # The gateway's budget is the engine's own choice for identical rows.
     for batch in (1, 4, 16, 64):
         rows = StepRows(tuple(str(i) for i in range(batch)), np.full(batch, 4), np.zeros(batch))
-        planned = GoodputPolicy(StepTimeModel.from_state(state), AcceptanceModel([0.8, 0.7, 0.6, 0.5]))
+        planned = GoodputPolicy(StepTimeModel.from_state(state), AcceptanceModel([0.8, 0.7, 0.6, 0.5]),
+                                margin=0.0)  # the gateway decides once: no hysteresis
         assert engine_budget(model, batch, k_max=4) == int(planned.plan(rows).max()), batch
 
 

@@ -279,16 +279,13 @@ def _gauge(name: str, doc: str, labels: Sequence[str], rows: Iterable[tuple[Sequ
 
 
 def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
-    """The goodput policy's live cost model (first engine core's): step-cost coefficients, the
-    online corrections, and the engine-wide acceptance per position. The gateway reads them to
-    price a request with the engine's own model (``specserve.gateway.engine_model``)."""
+    """The goodput policy's live cost model (first engine core's): step-cost coefficients (fitted
+    online), the drafting corrections, and the engine-wide acceptance per position. The gateway
+    reads them to price a request with the engine's own model (``specserve.gateway.engine_model``)."""
     if not model:
         return
-    yield _gauge("step_cost_ms", "Calibrated step-time coefficient (ms)", ["term"],
-                 (((term,), value) for term, value in (model.get("cost") or {}).items()))
-    yield _gauge("step_correction_ratio", "Online correction of the calibrated step time (measured / calibrated)",
-                 ["spec", "bucket"], (((spec, bucket), value) for spec, row in enumerate(model.get("correction") or [])
-                                      for bucket, value in zip(BUCKETS, row)))
+    yield _gauge("step_cost_ms", "Step-time coefficient (ms): the calibration's, fitted online to measured steps",
+                 ["term"], (((term,), value) for term, value in (model.get("cost") or {}).items()))
     yield _gauge("draft_correction_ratio", "Online correction of the drafting time's terms (fixed, per draft)",
                  ["term"], zip((("draft",), ("draft_token",)), model.get("draft_correction") or (1.0, 1.0)))
     yield _gauge("acceptance_estimate_ratio",

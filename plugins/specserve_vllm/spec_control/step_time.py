@@ -11,11 +11,11 @@ requests in the step; ``ctx_tokens``: their context lengths summed; ``spec``: th
 drafts (vLLM's speculative path: spec metadata and the rejection sampler), a fixed cost the whole
 batch pays once any row speculates; ``drafts``: tokens drafted for the next step. The
 coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
-demo model's ship with the plugin). Online, one EWMA of measured / predicted per (spec on/off,
-batch bucket) corrects them, so load on a shared machine and a calibration from another one
-still give close predictions; half of each correction (in log terms) carries over to the other
-path of the same bucket, so the path not being taken follows the machine too. Drafting is
-corrected term by term (:class:`DraftFit`): a drafter's fixed cost and its cost per draft are off
+demo model's ship with the plugin). Online, every measured step refits them (:class:`TermFit`:
+exponentially weighted least squares on the relative error, pulled toward the calibration), so
+load on a shared machine and a calibration from another one still give close predictions, and a
+batch size or path the engine rarely runs is priced from the steps it does run. Drafting is
+fitted term by term (:class:`DraftFit`): a drafter's fixed cost and its cost per draft are off
 by different factors (Hydra's heads run once per position whatever the rows), and one factor
 fitted on small draft counts mispriced large ones.
 
@@ -23,9 +23,10 @@ fitted on small draft counts mispriced large ones.
     ...              draft=0.5, draft_token=0.05)
     >>> c.step_ms(rows=4, tokens=4, ctx_tokens=0, spec=False), c.step_ms(4, 12, 0, True)
     (11.0, 18.0)
-    >>> m = StepTimeModel(c, alpha=0.5); m.observe(4, 4, 0, False, measured_ms=22.0)
-    >>> m.step_ms(4, 4, 0, False)
-    16.5
+    >>> m = StepTimeModel(c)
+    >>> for _ in range(40): m.observe(4, 4, 0, False, measured_ms=22.0)
+    >>> round(m.step_ms(4, 4, 0, False), 1), round(m.step_ms(4, 12, 0, True), 1)
+    (21.8, 30.7)
 """
 
 from __future__ import annotations
@@ -133,34 +134,89 @@ DEFAULT_CALIBRATION = Path(__file__).with_name("calibration_demo.json")
 
 
 MAX_STEP_RATIO = 2.0
-"""One measured step moves a correction as if it were at most this factor off the current one.
+"""One measured step pulls a fit as if it were at most this factor off the current prediction.
 A one-off slow step (a drafter's first call compiling its kernels, a page fault storm) would
 otherwise price a path out for good: the controller stops taking it and no measurement comes
 back to correct it. A real change of speed still converges, over a few dozen steps."""
 
 
-def bounded_ratio(measured_ms: float, raw_ms: float, current: float, limit: float = MAX_STEP_RATIO) -> float:
-    """``measured / raw`` clipped to ``[current / limit, current * limit]``.
+class TermFit:
+    """Online fit of a time as ``sum_j factor_j * term_j``, the terms being the calibrated
+    model's (each coefficient times its feature), the factors starting at ``prior``.
 
-    >>> bounded_ratio(300.0, 6.0, 1.0)   # a 50x outlier counts as 2x
-    2.0
-    >>> bounded_ratio(9.0, 6.0, 1.0)
-    1.5
+    Exponentially weighted least squares (weight ``alpha`` per measurement) on the error
+    relative to the calibrated time, so every measurement counts alike whatever its size, with
+    a small ridge toward ``prior``. Measurements that vary one term only identify the
+    prediction along it; where the terms move together (rows and tokens of decode steps), the
+    change is shared in proportion to their shares and the ridge holds the split. Starts from
+    pseudo-measurements of the prior, so the first real ones move it like an EWMA would; each
+    measurement's pull is bounded (:data:`MAX_STEP_RATIO`); factors stay >= 0 (a negative one
+    is dropped and the rest refitted).
+
+    Example: terms ``(1, n)`` calibrated at ``1 + n``, measured ``2 + 0.5 n``:
+        >>> f = TermFit(np.ones(2))
+        >>> for n in (1.0, 6.0) * 60:
+        ...     f.observe(np.array([1.0, n]), 2.0 + 0.5 * n)
+        >>> f.factors.round(2).tolist(), round(f.predict(np.array([1.0, 3.0])), 2)
+        ([1.98, 0.51], 3.5)
     """
-    return float(min(max(measured_ms / raw_ms, current / limit), current * limit))
+
+    __slots__ = ("prior", "alpha", "ridge", "factors", "gram", "moment", "refit_every", "_pending", "_ridge_eye",
+                 "_ridge_prior")
+
+    def __init__(self, prior: np.ndarray, alpha: float = 0.1, ridge: float = 0.001,
+                 factors: np.ndarray | None = None, refit_every: int = 1) -> None:
+        self.prior = np.asarray(prior, dtype=np.float64)
+        self.alpha, self.ridge, self.refit_every = alpha, ridge, refit_every
+        self.factors = (self.prior if factors is None else np.asarray(factors, dtype=np.float64)).copy()
+        self.gram = 0.5 * np.eye(len(self.prior))  # weighted sums of x x^T, x = terms / calibrated time
+        self.moment = 0.5 * self.factors  # weighted sums of x * measured / calibrated time
+        self._pending = 0
+        self._ridge_eye = ridge * np.eye(len(self.prior))
+        self._ridge_prior = ridge * self.prior
+
+    def predict(self, terms: np.ndarray) -> float:
+        return float(terms @ self.factors)
+
+    def observe(self, terms: np.ndarray, measured_ms: float) -> None:
+        """One measurement: the terms at factor 1 (``coefficient * feature`` each) and the time.
+        The sums take it at once; the factors are re-solved every ``refit_every`` measurements."""
+        raw, predicted = float(terms @ self.prior), float(terms @ self.factors)
+        if raw <= 0 or measured_ms <= 0 or predicted <= 0:
+            return
+        measured = min(max(measured_ms, predicted / MAX_STEP_RATIO), predicted * MAX_STEP_RATIO)
+        x, keep = terms / raw, 1.0 - self.alpha
+        self.gram *= keep
+        self.gram += np.multiply.outer(self.alpha * x, x)
+        self.moment *= keep
+        self.moment += (self.alpha * measured / raw) * x
+        self._pending += 1
+        if self._pending >= self.refit_every:
+            self._pending = 0
+            self.refit()
+
+    def refit(self) -> None:
+        """Solve the ridge least squares; a negative factor is dropped and the rest refitted."""
+        sol = np.linalg.solve(self.gram + self._ridge_eye, self.moment + self._ridge_prior)
+        if (sol >= 0).all():
+            self.factors[:] = sol
+            return
+        active = np.ones(len(sol), dtype=bool)
+        while True:
+            active[np.flatnonzero(active)[int(np.argmin(sol))]] = False
+            index = np.flatnonzero(active)
+            sol = np.linalg.solve(self.gram[np.ix_(index, index)] + self._ridge_eye[: len(index), : len(index)],
+                                  self.moment[index] + self._ridge_prior[index])
+            if (sol >= 0).all():
+                break
+        self.factors[:] = 0.0
+        self.factors[index] = sol
 
 
-@dataclass(slots=True)
-class DraftFit:
-    """Online fit of drafting time as ``fixed * draft + per_draft * draft_token * n``.
-
-    Exponentially weighted least squares (weight ``alpha`` per measurement) on the relative
-    error, so every measurement counts alike whatever its size, with a small ridge toward the
-    calibration (factors 1). Measurements at one draft count only identify the prediction at
-    that count: the change is shared by the two terms in proportion to their share of it, and
-    a second count separates them. Starts from pseudo-measurements of the calibration, so the
-    first real ones move it like an EWMA would; each measurement's pull is bounded
-    (:data:`MAX_STEP_RATIO`).
+class DraftFit(TermFit):
+    """Drafting time as ``fixed * draft + per_draft * draft_token * n`` (:class:`TermFit` over
+    the two drafting terms): a drafter's fixed cost and its cost per draft are off by different
+    factors, and one factor fitted on small draft counts misprices large ones.
 
     Example: calibrated 1 + 0.1 n ms, measured 2 + 0.05 n (a higher fixed cost, a lower slope):
         >>> f = DraftFit()
@@ -170,54 +226,74 @@ class DraftFit:
         (1.99, 0.51, 2.8)
     """
 
-    alpha: float = 0.1
-    ridge: float = 0.001
-    fixed: float = 1.0
-    per_draft: float = 1.0
-    # weighted sums of the design (u0, u1) = terms / calibrated total and target v = measured / total
-    s00: float = 0.5
-    s01: float = 0.0
-    s11: float = 0.5
-    t0: float = 0.5
-    t1: float = 0.5
+    __slots__ = ()
 
-    def predict(self, fixed_ms: float, per_draft_ms: float) -> float:
+    def __init__(self, alpha: float = 0.1, fixed: float = 1.0, per_draft: float = 1.0) -> None:
+        super().__init__(np.ones(2), alpha, factors=np.array([fixed, per_draft]))
+
+    @property
+    def fixed(self) -> float:
+        return float(self.factors[0])
+
+    @property
+    def per_draft(self) -> float:
+        return float(self.factors[1])
+
+    def predict(self, fixed_ms: float, per_draft_ms: float) -> float:  # type: ignore[override]
         return self.fixed * fixed_ms + self.per_draft * per_draft_ms
 
-    def observe(self, fixed_ms: float, per_draft_ms: float, measured_ms: float) -> None:
+    def observe(self, fixed_ms: float, per_draft_ms: float, measured_ms: float) -> None:  # type: ignore[override]
         """One drafting call: the calibrated terms (``draft``, ``draft_token * n``) and its time."""
-        raw = fixed_ms + per_draft_ms
-        predicted = self.predict(fixed_ms, per_draft_ms)
-        if raw <= 0 or measured_ms <= 0 or predicted <= 0:
-            return
-        measured = min(max(measured_ms, predicted / MAX_STEP_RATIO), predicted * MAX_STEP_RATIO)
-        u0, u1, v = fixed_ms / raw, per_draft_ms / raw, measured / raw
-        keep, a = 1.0 - self.alpha, self.alpha
-        self.s00 = keep * self.s00 + a * u0 * u0
-        self.s01 = keep * self.s01 + a * u0 * u1
-        self.s11 = keep * self.s11 + a * u1 * u1
-        self.t0 = keep * self.t0 + a * u0 * v
-        self.t1 = keep * self.t1 + a * u1 * v
-        m00, m11, r0, r1 = self.s00 + self.ridge, self.s11 + self.ridge, self.t0 + self.ridge, self.t1 + self.ridge
-        det = m00 * m11 - self.s01 * self.s01
-        fixed, per_draft = (r0 * m11 - r1 * self.s01) / det, (m00 * r1 - self.s01 * r0) / det
-        if per_draft < 0.0:  # more drafts never cost less: refit the fixed term alone
-            fixed, per_draft = r0 / m00, 0.0
-        if fixed < 0.0:
-            fixed, per_draft = 0.0, r1 / m11
-        self.fixed, self.per_draft = fixed, per_draft
+        super().observe(np.array([fixed_ms, per_draft_ms]), measured_ms)
+
+
+STEP_TERMS: tuple[str, ...] = ("base", "per_token", "per_row", "context", "spec", "spec_row")
+"""The step's terms, in the order of :func:`step_features`."""
+ZERO_TERM_SCALE: tuple[float, ...] = (1.0, 0.02, 0.05, 0.3, 0.5, 0.05)
+"""A term's size (ms per unit) when the calibration has it at 0: the unit of its factor, so the
+fit can still learn it (a factor times 0 stays 0). Typical of the demo model on a CPU engine."""
+
+
+STEP_REFIT_EVERY = 2
+"""Steps between re-solves of the step fit (its sums take every step). The solve is most of the
+fit's cost: about 25 us a step re-solving every step, 17 us every second, against steps of 4 ms
+and more; replayed over measured steps, the prediction error is the same to 0.001."""
+
+
+def step_features(rows: int, tokens: int, ctx_tokens: int, spec: bool) -> np.ndarray:
+    """The features the step terms multiply (:data:`STEP_TERMS` order).
+
+    >>> step_features(4, 12, 2000, True).tolist()
+    [1.0, 12.0, 4.0, 2.0, 1.0, 4.0]
+    """
+    s = 1.0 if spec else 0.0
+    return np.array([1.0, float(tokens), float(rows), ctx_tokens / 1000.0, s, s * rows])
 
 
 class StepTimeModel:
-    """:class:`StepCost` times an online EWMA correction per (spec on/off, batch bucket), and a
-    :class:`DraftFit` of the drafting terms; each measurement's pull is bounded
-    (:data:`MAX_STEP_RATIO`)."""
+    """:class:`StepCost` fitted online: the step terms by one :class:`TermFit` over every
+    measured step, the drafting terms by a :class:`DraftFit`.
+
+    One fit over all steps, not a correction per batch size: a batch size the engine rarely
+    runs (the tail of a wave of requests) is priced from the others, and the path not taken
+    (speculative or plain) follows the machine through the terms both paths share.
+    """
 
     def __init__(self, cost: StepCost, alpha: float = 0.1) -> None:
-        self.cost = cost
+        self.calibration = cost
         self.alpha = alpha
-        self.correction = np.ones((2, len(BUCKETS)))  # [spec, bucket]
+        coef = np.array([getattr(cost, t) for t in STEP_TERMS], dtype=np.float64)
+        self._scale = np.where(coef > 0, coef, np.array(ZERO_TERM_SCALE))
+        self.step_fit = TermFit(coef / self._scale, alpha=alpha, refit_every=STEP_REFIT_EVERY)
         self.draft_fit = DraftFit(alpha=alpha)
+        self.coef = coef
+        """The step terms' current coefficients (ms, :data:`STEP_TERMS` order)."""
+
+    @property
+    def cost(self) -> StepCost:
+        """The model as it prices steps now: fitted step terms, calibrated drafting terms
+        (their corrections are :attr:`draft_correction`)."""
+        return StepCost(**{**asdict(self.calibration), **dict(zip(STEP_TERMS, self.coef.tolist()))})
 
     @property
     def draft_correction(self) -> tuple[float, float]:
@@ -225,12 +301,12 @@ class StepTimeModel:
         return self.draft_fit.fixed, self.draft_fit.per_draft
 
     def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool) -> float:
-        return float(self.cost.step_ms(rows, tokens, ctx_tokens, spec) * self.correction[int(spec), bucket(rows)])
+        return float(step_features(rows, tokens, ctx_tokens, spec) @ self.coef)
 
     def draft_ms(self, drafts: int) -> float:
         if drafts <= 0:
             return 0.0
-        return self.draft_fit.predict(self.cost.draft, self.cost.draft_token * drafts)
+        return self.draft_fit.predict(self.calibration.draft, self.calibration.draft_token * drafts)
 
     def chain_terms(self, rows: int, tokens: int, ctx_tokens: int) -> tuple[float, float, float]:
         """``(off, on, per_draft)`` ms: a step of ``rows`` rows scheduling ``tokens`` tokens
@@ -241,13 +317,11 @@ class StepTimeModel:
         >>> m.chain_terms(1, 1, 0)
         (6.0, 8.5, 1.1)
         """
-        b = bucket(rows)
-        c = self.cost
-        plain = c.base + c.per_token * tokens + c.per_row * rows + c.context * ctx_tokens / 1000.0
-        on_factor = float(self.correction[1, b])
-        on = (plain + c.spec + c.spec_row * rows) * on_factor + self.draft_fit.fixed * c.draft
-        per_draft = c.per_token * on_factor + self.draft_fit.per_draft * c.draft_token
-        return plain * float(self.correction[0, b]), on, per_draft
+        base, per_token, per_row, context, spec, spec_row = self.coef.tolist()
+        plain = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0
+        c = self.calibration
+        on = plain + spec + spec_row * rows + self.draft_fit.fixed * c.draft
+        return plain, on, per_token + self.draft_fit.per_draft * c.draft_token
 
     def cycle_ms(self, rows: int, tokens: int, ctx_tokens: int, drafts: np.ndarray) -> np.ndarray:
         """Step plus drafting time for each total draft count in ``drafts`` (vectorised).
@@ -261,42 +335,33 @@ class StepTimeModel:
         return np.where(n > 0, on + per_draft * n, off)
 
     def observe(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, measured_ms: float) -> None:
-        """Move the correction of this step's (spec, bucket) toward measured / calibrated."""
-        raw = self.cost.step_ms(rows, tokens, ctx_tokens, spec)
-        if raw <= 0 or measured_ms <= 0:
-            return
-        i, b = int(spec), bucket(rows)
-        before = self.correction[i, b]
-        self.correction[i, b] += self.alpha * (bounded_ratio(measured_ms, raw, before) - before)
-        # Half of a change (in log terms) carries to the other path of the bucket: a machine
-        # that slows down slows both, and the path not taken must not keep a stale price.
-        self.correction[1 - i, b] *= float(np.sqrt(self.correction[i, b] / before))
+        """Refit the step terms with one measured step (forward and sampling, drafting aside)."""
+        self.step_fit.observe(step_features(rows, tokens, ctx_tokens, spec) * self._scale, measured_ms)
+        self.coef = self.step_fit.factors * self._scale
 
     def state(self) -> dict[str, Any]:
-        """The model as plain data (exported to ``/metrics``; :meth:`from_state` rebuilds it).
+        """The model as plain data (exported to ``/metrics``; :meth:`from_state` rebuilds one
+        that prices steps alike).
 
-        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1)); m.correction[1, 0] = 1.5
-        >>> StepTimeModel.from_state(m.state()).step_ms(1, 3, 0, True)
-        15.0
+        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1))
+        >>> for _ in range(30): m.observe(1, 3, 0, True, 15.0)
+        >>> round(m.step_ms(1, 3, 0, True), 2), round(StepTimeModel.from_state(m.state()).step_ms(1, 3, 0, True), 2)
+        (14.71, 14.71)
         """
-        return {"cost": asdict(self.cost), "correction": self.correction.round(4).tolist(),
+        return {"cost": {k: round(v, 5) for k, v in asdict(self.cost).items()},
                 "draft_correction": [round(f, 4) for f in self.draft_correction]}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> StepTimeModel:
         model = cls(StepCost.from_dict(state["cost"]))
-        correction = np.asarray(state.get("correction", model.correction), dtype=np.float64)
-        if correction.shape == model.correction.shape:
-            model.correction = correction
         draft = state.get("draft_correction", 1.0)
         fixed, per_draft = (draft, draft) if isinstance(draft, (int, float)) else draft
-        model.draft_fit = DraftFit(alpha=model.alpha, fixed=float(fixed), per_draft=float(per_draft),
-                                   t0=0.5 * float(fixed), t1=0.5 * float(per_draft))  # pseudo-data say the same
+        model.draft_fit = DraftFit(alpha=model.alpha, fixed=float(fixed), per_draft=float(per_draft))
         return model
 
     def observe_draft(self, drafts: int, measured_ms: float) -> None:
         if drafts > 0:
-            self.draft_fit.observe(self.cost.draft, self.cost.draft_token * drafts, measured_ms)
+            self.draft_fit.observe(self.calibration.draft, self.calibration.draft_token * drafts, measured_ms)
 
 
 def fit_cost(records: list[dict[str, float]]) -> StepCost:

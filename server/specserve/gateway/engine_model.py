@@ -1,9 +1,9 @@
 """The engine's own cost model, read from its ``/metrics``: the gateway prices a request with it.
 
 An engine under the per-step ``goodput`` policy exports its live model
-(``specserve_vllm.spec_control.export.model_families``): the calibrated step-cost coefficients,
-the online corrections per (spec on/off, batch bucket), the drafting correction, and its
-engine-wide acceptance per draft position. With it, the gateway's budget for a new request is
+(``specserve_vllm.spec_control.export.model_families``): the step-cost coefficients (calibrated,
+then fitted online to its measured steps), the drafting corrections, and its engine-wide
+acceptance per draft position. With it, the gateway's budget for a new request is
 what the engine's controller would plan for a batch of the replica's running requests plus this
 one: one cost model at both levels. Engines that export none (another policy, a plain vLLM) are
 priced by the gateway's own fit (:mod:`specserve.gateway.goodput`).
@@ -43,8 +43,6 @@ class EngineModel:
     """One replica's exported cost model (see the module docstring)."""
 
     cost: dict[str, float]
-    correction: tuple[tuple[float, ...], ...]
-    """``[spec 0/1][bucket]``; empty: no correction exported (1 everywhere)."""
     draft_correction: float | tuple[float, float]
     """The drafting terms' corrections ``(fixed, per draft)``; one number: both."""
     acceptance: tuple[float, ...]
@@ -59,7 +57,7 @@ class EngineModel:
         """``(class, acceptance)`` for a request at ``temperature``: its sampling class's rates
         where the engine has measured them, else the engine-wide ones (class ``""``).
 
-        >>> m = EngineModel({}, (), 1.0, (0.6,), {"greedy": (0.8,), "le_1": (0.3,)})
+        >>> m = EngineModel({}, 1.0, (0.6,), {"greedy": (0.8,), "le_1": (0.3,)})
         >>> m.rates(0.0), m.rates(0.7), m.rates(1.5), m.rates(None)
         (('greedy', (0.8,)), ('le_1', (0.3,)), ('', (0.6,)), ('', (0.6,)))
         """
@@ -70,17 +68,13 @@ class EngineModel:
         return (name, rates) if rates else ("", self.acceptance)
 
     def step_model(self) -> StepTimeModel:
-        state: dict[str, Any] = {"cost": {t: self.cost.get(t, 0.0) for t in _COST_TERMS},
-                                 "draft_correction": self.draft_correction}
-        if self.correction:
-            state["correction"] = [list(r) for r in self.correction]
-        return StepTimeModel.from_state(state)
+        return StepTimeModel.from_state({"cost": {t: self.cost.get(t, 0.0) for t in _COST_TERMS},
+                                         "draft_correction": self.draft_correction})
 
 
 def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
     """The model in parsed ``/metrics`` families, ``None`` when the page has none."""
     cost: dict[str, float] = {}
-    correction: dict[tuple[int, int], float] = {}
     rates: dict[int, float] = {}
     by_class: dict[str, dict[int, float]] = {}
     draft: dict[str, float] = {}
@@ -92,8 +86,6 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
             try:
                 if name == "step_cost_ms":
                     cost[s.labels["term"]] = float(s.value)
-                elif name == "step_correction_ratio":
-                    correction[(int(s.labels["spec"]), int(s.labels["bucket"]))] = float(s.value)
                 elif name == "draft_correction_ratio":
                     draft[s.labels.get("term", "")] = float(s.value)
                 elif name == "acceptance_estimate_ratio":
@@ -104,11 +96,9 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
                 continue
     if "base" not in cost or not rates:
         return None
-    buckets = sorted({b for _, b in correction})
-    grid = tuple(tuple(correction.get((spec, b), 1.0) for b in buckets) for spec in (0, 1)) if buckets else ()
-    return EngineModel(cost={t: cost.get(t, 0.0) for t in _COST_TERMS}, correction=grid,
-                       draft_correction=(draft.get("draft", draft.get("", 1.0)),
-                                         draft.get("draft_token", draft.get("", 1.0))), acceptance=tuple(rates[j] for j in sorted(rates)),
+    return EngineModel(cost={t: cost.get(t, 0.0) for t in _COST_TERMS},
+                       draft_correction=(draft.get("draft", draft.get("", 1.0)), draft.get("draft_token", draft.get("", 1.0))),
+                       acceptance=tuple(rates[j] for j in sorted(rates)),
                        acceptance_by_class={c: tuple(r[j] for j in sorted(r)) for c, r in by_class.items()})
 
 
@@ -124,7 +114,7 @@ def engine_budget(model: EngineModel, batch: float, k_max: int, temperature: flo
 
     Example (a step of 8 ms, 0.5 ms a token, 1 ms more with drafts, 0.5 + 0.05 ms a draft):
         >>> m = EngineModel(cost={"base": 8.0, "per_token": 0.5, "spec": 1.0, "draft": 0.5,
-        ...                       "draft_token": 0.05}, correction=(), draft_correction=1.0,
+        ...                       "draft_token": 0.05}, draft_correction=1.0,
         ...                 acceptance=(0.8, 0.7, 0.6, 0.5))
         >>> [engine_budget(m, b, k_max=4) for b in (1, 4, 16, 64)]
         [4, 3, 1, 0]
@@ -172,7 +162,7 @@ def marginal_goodput(model: EngineModel, batch: float, k_max: int, temperature: 
     Example (the model of :func:`engine_budget`'s example): an idle replica gains most, and a
     replica that can draft gains more than a plain one at the same load.
         >>> m = EngineModel(cost={"base": 8.0, "per_token": 0.5, "spec": 1.0, "draft": 0.5,
-        ...                       "draft_token": 0.05}, correction=(), draft_correction=1.0,
+        ...                       "draft_token": 0.05}, draft_correction=1.0,
         ...                 acceptance=(0.8, 0.7, 0.6, 0.5))
         >>> [round(marginal_goodput(m, b, 4), 3) for b in (0, 1, 8)]
         [0.235, 0.156, 0.042]

@@ -88,7 +88,7 @@ def goodput_route(pool: ReplicaPool, model: str, k_max: int, temperature: float 
         >>> from specserve.gateway.engine_model import EngineModel
         >>> from specserve.gateway.replicas import Replica
         >>> m = EngineModel(cost={"base": 8.0, "per_token": 0.5, "spec": 1.0, "draft": 0.5,
-        ...                       "draft_token": 0.05}, correction=(), draft_correction=1.0,
+        ...                       "draft_token": 0.05}, draft_correction=1.0,
         ...                 acceptance=(0.8, 0.7, 0.6, 0.5))
         >>> busy = Replica("a", healthy=True, in_flight=3, engine_model=m)
         >>> idle = Replica("b", healthy=True, engine_model=m)
