@@ -77,8 +77,8 @@ def request_caps(runner: Any, known: dict[str, int | None] | None = None) -> lis
 
     ``known``: caps parsed at earlier steps, by request id (a request's parameters do not
     change while it runs); requests missing there are parsed and added. It is a cache: past
-    :data:`KNOWN_CAPS_LIMIT` entries (ids whose finish was never seen, e.g. a request aborted
-    in a step that scheduled nothing) it starts over."""
+    :data:`KNOWN_CAPS_LIMIT` entries it starts over (a bound in case finishes go unseen; the
+    step timer passes every step's finished ids to the planner, which drops theirs)."""
     if known is not None and len(known) > KNOWN_CAPS_LIMIT:
         known.clear()
     caps: list[int | None] = []
@@ -177,8 +177,6 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
     req_ids = runner.input_batch.req_ids
     if not isinstance(sampled, list):  # a tensor of sampled ids: a GPU drafter, cap afterwards only
         return _cap_runner_drafts(runner, propose())
-    if scheduler_output.finished_req_ids:
-        planner.finished(frozenset(scheduler_output.finished_req_ids))
     if scheduler_output.scheduled_spec_decode_tokens:
         tree_rows = getattr(runner, TREE_ROWS_ATTR, None)  # set by tree verification this step
         planner.observe(verified_rows(scheduler_output, req_ids, sampled, tree_rows))

@@ -9,6 +9,11 @@ tokens, and the drafting time the planner measured around the drafter. The plann
 it to correct its step-time model; the planner's stats keep predicted vs measured.
 ``execute_model`` returning early (nothing scheduled) leaves a stale start that the next call
 overwrites; ``sample_tokens`` without a pending start records nothing.
+
+The same wrap tells the planner which requests finished (``finished_req_ids``) at every step,
+including steps that schedule nothing: vLLM does not call ``sample_tokens`` after those, so a
+request aborted while nothing was scheduled would otherwise stay in the planner's per-request
+state for the life of the engine.
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ def apply() -> None:
     @functools.wraps(execute)
     def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         if self.speculative_config is not None:
+            if scheduler_output.finished_req_ids:
+                runner_planner(self).finished(frozenset(scheduler_output.finished_req_ids))
             setattr(self, _START_ATTR, (time.perf_counter(), scheduler_output))
         return execute(self, scheduler_output, *args, **kwargs)
 
