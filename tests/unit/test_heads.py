@@ -96,3 +96,26 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     (tmp_path / "ck" / "config.json").write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="do not match"):
         load_heads(tmp_path / "ck")
+
+
+def test_warm_up_drafts_once_at_every_row_count_with_every_head() -> None:
+    """A bf16 matmul's first call at a new number of rows builds its kernel on CPU: the
+    proposer pays that at load time, for every batch size the engine can schedule."""
+    from types import SimpleNamespace
+
+    from specserve_vllm.heads.proposer import HeadsProposer
+
+    heads = build_heads(HeadsConfig(kind="hydra", num_heads=3, hidden_size=8, vocab_size=16))
+    calls: list[tuple[int, int]] = []
+
+    def draft(hidden: torch.Tensor, first: torch.Tensor, lm_head: torch.Tensor, embed: torch.Tensor,
+              k: int) -> torch.Tensor:
+        calls.append((hidden.shape[0], k))
+        return HydraHeads.draft(heads, hidden, first, lm_head, embed, k)
+
+    stub = SimpleNamespace(heads=SimpleNamespace(draft=draft), lm_head=torch.randn(16, 8, dtype=torch.bfloat16),
+                           embed=torch.randn(16, 8, dtype=torch.bfloat16), config=SimpleNamespace(hidden_size=8),
+                           max_rows=5, chain_depth=3)
+    heads.to(torch.bfloat16)
+    HeadsProposer.warm_up(stub)  # type: ignore[arg-type]
+    assert calls == [(n, 3) for n in range(1, 6)]
