@@ -7,6 +7,8 @@ measurement came back to correct it (n-gram drafting stayed off under the goodpu
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from specserve_vllm.spec_control.acceptance import AcceptanceModel
 from specserve_vllm.spec_control.goodput import GoodputPolicy
 from specserve_vllm.spec_control.plan import StepRows
@@ -44,3 +46,18 @@ def test_the_controller_speculates_again_after_a_slow_first_spec_step() -> None:
         policy.observe_step(1, 5, 50, True, 0, step_ms=COST.step_ms(1, 5, 50, True), drafts=4,
                             draft_ms=COST.draft_ms(4))
     assert plans == [[4]] * 3
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 64), st.integers(0, 512), st.integers(0, 20000), st.booleans(),
+                          st.floats(0.01, 5000.0)), min_size=1, max_size=60))
+def test_any_measurements_leave_finite_positive_predictions(
+        steps: list[tuple[int, int, int, bool, float]]) -> None:
+    """Whatever the host measures, the fit keeps pricing every step above 0: a zero price
+    would stop it learning (it skips steps it predicts at 0) and make every plan free."""
+    model = StepTimeModel(COST)
+    for rows, extra, ctx, spec, ms in steps:
+        model.observe(rows, rows + extra, ctx, spec, ms)
+        assert np.isfinite(model.coef).all() and (model.coef >= 0).all()
+        for probe in ((1, 1, 0, False), (8, 40, 1600, True), (rows, rows + extra, ctx, spec)):
+            assert np.isfinite(model.step_ms(*probe)) and model.step_ms(*probe) > 0

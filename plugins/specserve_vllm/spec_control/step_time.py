@@ -205,6 +205,8 @@ class TermFit:
         while True:
             active[np.flatnonzero(active)[int(np.argmin(sol))]] = False
             index = np.flatnonzero(active)
+            if not len(index):  # nothing left to fit: keep the factors it had
+                return
             sol = np.linalg.solve(self.gram[np.ix_(index, index)] + self._ridge_eye[: len(index), : len(index)],
                                   self.moment[index] + self._ridge_prior[index])
             if (sol >= 0).all():
