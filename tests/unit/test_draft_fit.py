@@ -1,4 +1,4 @@
-"""The drafting time's online fit (``DraftFit``): its two terms are corrected separately.
+"""The drafting time's online fit (``StepTimeModel.draft_fit``): its two terms are corrected separately.
 
 Measured on the demo model with Hydra at 8 clients: drafting 4 tokens (one row) took 1.9 ms and
 32 (eight rows) 2.6 ms, against a calibration of 0.93 + 0.061 n ms (1.2 and 2.9 ms). One factor
@@ -7,13 +7,15 @@ over both terms learned 1.6 from the one-row steps at the end of each wave of re
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from specserve_vllm.spec_control.acceptance import AcceptanceModel
 from specserve_vllm.spec_control.goodput import GoodputPolicy
 from specserve_vllm.spec_control.plan import StepRows
-from specserve_vllm.spec_control.step_time import DraftFit, StepCost, StepTimeModel
+from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
 
 HYDRA = StepCost(base=2.7, per_token=0.028, per_row=0.059, context=0.0, spec=0.72, spec_row=0.062,
                  draft=0.927, draft_token=0.0614)
@@ -50,11 +52,12 @@ def test_the_controller_keeps_speculating_at_batch_8_after_one_row_waves() -> No
 def test_one_draft_count_moves_only_the_prediction_it_measures() -> None:
     """All measurements at one count: the prediction there converges, and the change is shared
     by the two terms in proportion to their share, never flipping the slope's sign."""
-    fit = DraftFit()
+    model = StepTimeModel(replace(HYDRA, draft=1.0, draft_token=0.1))
     for _ in range(100):
-        fit.observe(1.0, 0.4, 2.1)
-    assert abs(fit.predict(1.0, 0.4) - 2.1) < 0.01
-    assert fit.fixed > 1 and fit.per_draft > 1
+        model.observe_draft(4, 2.1)  # calibrated 1.0 + 0.4
+    assert abs(model.draft_ms(4) - 2.1) < 0.01
+    fixed, per_draft = model.draft_correction
+    assert fixed > 1 and per_draft > 1
 
 
 @settings(max_examples=60, deadline=None)

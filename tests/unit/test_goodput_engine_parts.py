@@ -73,6 +73,12 @@ def test_no_spec_is_priced_without_spec_path_or_drafting() -> None:
     assert g[0] == pytest.approx(8 / times[0])
 
 
+def _set_step_term(policy: GoodputPolicy, term: int, ms: float) -> None:
+    coef = list(policy.model.step_fit.coef)
+    coef[term] = ms
+    policy.model.step_fit.coef = tuple(coef)
+
+
 def _spec_priced_so_off_leads_by(lead: float, rate: float = 0.8) -> GoodputPolicy:
     """A policy whose spec path's fixed cost makes "off" ``lead`` better than the best "on"
     (bisection on the ``spec`` coefficient)."""
@@ -81,11 +87,11 @@ def _spec_priced_so_off_leads_by(lead: float, rate: float = 0.8) -> GoodputPolic
     for _ in range(60):
         mid = (lo + hi) / 2
         policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([rate] * 4), margin=0.03)
-        policy.model.coef[spec] = mid
+        _set_step_term(policy, spec, mid)
         g, _, _ = policy.goodput(_rows(4))
         lo, hi = (mid, hi) if g[1:].max() * (1 + lead) > g[0] else (lo, mid)
     policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([rate] * 4), margin=0.03)
-    policy.model.coef[spec] = hi
+    _set_step_term(policy, spec, hi)
     g, _, _ = policy.goodput(_rows(4))
     assert g[0] == pytest.approx(g[1:].max() * (1 + lead), rel=1e-6)
     return policy
