@@ -119,3 +119,7 @@ def test_warm_up_drafts_once_at_every_row_count_with_every_head() -> None:
     heads.to(torch.bfloat16)
     HeadsProposer.warm_up(stub)  # type: ignore[arg-type]
     assert calls == [(n, 3) for n in range(1, 6)]
+    calls.clear()
+    stub.lm_head, stub.embed = stub.lm_head.float(), stub.embed.float()
+    HeadsProposer.warm_up(stub)  # type: ignore[arg-type]
+    assert calls == []  # fp32 builds no kernel per shape: nothing to warm

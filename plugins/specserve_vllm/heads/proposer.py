@@ -129,8 +129,11 @@ class HeadsProposer:
         """Draft once at every row count the engine can batch (1 .. ``max_num_seqs``) with every
         head. On CPU a bf16 matmul's first call at a new number of rows builds its kernel (about
         5 ms against a 3 ms draft, measured on the demo model): without this, each batch size's
-        first speculative step in the engine's life paid it."""
+        first speculative step in the engine's life paid it. Only there: fp32 and other devices
+        have no such first-call cost, and 256 rows of a large model's heads would take a while."""
         if self.heads is None or self.lm_head is None or self.embed is None:
+            return
+        if self.lm_head.device.type != "cpu" or self.lm_head.dtype not in (torch.bfloat16, torch.float16):
             return
         start = time.perf_counter()
         d = int(self.config.hidden_size)
