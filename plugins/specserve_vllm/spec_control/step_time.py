@@ -189,8 +189,8 @@ class TermFit:
     each measurement's pull is bounded (:data:`MAX_STEP_RATIO`); coefficients stay >= 0.
 
     Measurements are kept as they come (a tuple append) and folded, in order, every
-    ``fold_every`` of them (:meth:`fold`): the same sums as taking each at once, for one array
-    operation and one solve.
+    ``fold_every`` of them (:meth:`fold`): the same sums as taking each at once, for a few array
+    operations and one solve.
 
     Example: calibrated ``1 + 1 n``, measured ``2 + 0.5 n``:
         >>> f = TermFit((1.0, 1.0), fold_every=1)
@@ -253,9 +253,7 @@ class TermFit:
                 return
         k = len(data)
         np.clip(data[:, -1], times[:, 1] * (1.0 / MAX_STEP_RATIO), times[:, 1] * MAX_STEP_RATIO, out=data[:, -1])
-        root_weight = self._root_weight[-k:] if k <= len(self._root_weight) else np.sqrt(
-            self.alpha * (1.0 - self.alpha) ** np.arange(k - 1, -1, -1.0))
-        data *= (root_weight / times[:, 0])[:, None]
+        data *= (self._root_weight[-k:] / times[:, 0])[:, None]  # k <= fold_every: observe folds at it
         sums = data.T @ data  # [n + 1, n + 1]: the gram's terms, and the moment in the last column
         decay = (1.0 - self.alpha) ** k
         self.gram *= decay
