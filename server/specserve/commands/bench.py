@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "spec-off": ("spec_off", "every request at k=0 vs an engine without a drafter (interleaved)"),
     "trees": ("trees", "a drafter's chains vs static and dynamic trees at equal node budgets: tau, tokens/s"),
     "tree-parts": ("tree_parts", "tree verification's parts by node count: attention rows, KV read-back, verifier"),
+    "tree-projection": ("tree_projection", "a `bench trees` run's tau priced at per-row costs from free to this CPU's"),
     "goodput": ("goodput", "engine goodput controller vs no drafter and every fixed k: open, closed loop, load step"),
     "controller": ("controller", "the goodput controller's warm cost per decision and per learnt step, by batch size"),
     "routing": ("routing", "goodput-aware routing vs least-loaded over two replicas (closed loop, paired)"),
