@@ -17,7 +17,9 @@ wraps on ``GPUModelRunner`` turn a step's eligible requests into tree verificati
   :func:`~specserve_vllm.tree.verify.verify_greedy` at temperature 0 and
   :func:`~specserve_vllm.tree.verify.verify_sampled` otherwise (over the law vLLM samples from:
   temperature, top-k, top-p; one draw per emitted token from the request's generator), taken
-  before vLLM's samplers see (and edit) the logits, let vLLM sample every row as usual, then overwrite the tree requests' rows of
+  before vLLM's samplers see (and edit) the logits, let vLLM sample every row as usual (when
+  every request verified a tree, its rejection sampler is replaced for the call by one that
+  returns padding: each row is overwritten anyway), then overwrite the tree requests' rows of
   ``sampled_token_ids`` with the accepted path plus the bonus token, and move the accepted
   path's K/V to contiguous slots (:func:`~specserve_vllm.tree.compaction.kv_moves`, written with
   vLLM's ``cpu_attn_reshape_and_cache``) when it is not the preorder prefix.
@@ -77,7 +79,8 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Wrapped: returns the per-layer metadata the plan is attached to.
     UpstreamFunction(RUNNER, "GPUModelRunner._build_attention_metadata",
                      "505a8ae345b0e379694455c79489cc5a4d6071e8e94199bc55368e18b9129f30"),
-    # Wrapped: logits rows are [root, node 0, ...] per request in batch order.
+    # Wrapped: logits rows are [root, node 0, ...] per request in batch order; it calls
+    # self.rejection_sampler(metadata, draft_probs, logits, sampling_metadata) on spec steps.
     SAMPLE,
     # Relied on: _sample runs before bookkeeping and before the next step's forward.
     SAMPLE_TOKENS,
@@ -234,8 +237,28 @@ def compact(step: Any, verdicts: dict[int, Any]) -> int:
     return len(moves)
 
 
-def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any) -> None:
-    """Write the verdicts into ``sampled`` (``[num_reqs, width]``), compact, count."""
+def covers_batch(runner: Any, verdicts: dict[int, Any]) -> bool:
+    """Whether every request of the step verified a tree and none asks for logprobs: then
+    :func:`finish` overwrites every row of the rejection sampler's output, which need not run."""
+    return (len(verdicts) == runner.input_batch.num_reqs
+            and runner.input_batch.sampling_metadata.max_num_logprobs is None)
+
+
+def padding_sampler(metadata: Any, draft_probs: Any, logits: Any, sampling_metadata: Any) -> Any:
+    """Stands in for vLLM's rejection sampler on a step :func:`covers_batch`: its output shape
+    (``[num_reqs, max_spec_len + 1]`` int32), all padding (-1), no logprobs. It draws nothing,
+    so the requests' generators feed only the tree verifier."""
+    import torch
+    from vllm.v1.outputs import SamplerOutput
+
+    rows = (len(metadata.num_draft_tokens), metadata.max_spec_len + 1)
+    return SamplerOutput(sampled_token_ids=torch.full(rows, -1, dtype=torch.int32, device=logits.device),
+                         logprobs_tensors=None)
+
+
+def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any, whole_batch: bool = False) -> None:
+    """Write the verdicts into ``sampled`` (``[num_reqs, width]``), compact, count
+    (``whole_batch``: every request verified a tree, :func:`covers_batch`)."""
     import torch
 
     width = sampled.shape[1]
@@ -252,6 +275,7 @@ def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any) -> No
         count.verified += len(verdicts)
         count.accepted_nodes += sum(len(v.accepted) for v in verdicts.values())
         count.compacted += moved
+        count.whole_batch += whole_batch
         count.grammar += sum(runner.requests[runner.input_batch.req_ids[r]].sampling_params.structured_outputs
                              is not None for r in verdicts)
         for req in step.plan.requests:
@@ -308,8 +332,16 @@ def apply() -> None:
         if step is None or logits is None or spec_decode_metadata is None:
             return sample(self, logits, spec_decode_metadata, *args, **kwargs)
         verdicts = verify(self, step, logits, spec_decode_metadata)
-        out = sample(self, logits, spec_decode_metadata, *args, **kwargs)
-        finish(self, step, verdicts, out.sampled_token_ids)
+        whole = covers_batch(self, verdicts)
+        if not whole:
+            out = sample(self, logits, spec_decode_metadata, *args, **kwargs)
+        else:  # every row is a verdict's: the wraps inside still run, the rejection sampler does not
+            real, self.rejection_sampler = self.rejection_sampler, padding_sampler
+            try:
+                out = sample(self, logits, spec_decode_metadata, *args, **kwargs)
+            finally:
+                self.rejection_sampler = real
+        finish(self, step, verdicts, out.sampled_token_ids, whole)
         return out
 
     for fn in (propose_draft_token_ids, _prepare_inputs, _build_attention_metadata, _sample):

@@ -240,6 +240,7 @@ TREE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("tree_accepted_nodes", "accepted_nodes", "Draft-tree nodes accepted"),
     ("tree_compactions", "compacted", "Accepted side branches whose K/V was moved to contiguous slots"),
     ("tree_grammar_verifications", "grammar", "Tree verifications of structured-output requests (grammar-pruned trees)"),
+    ("tree_whole_batch_steps", "whole_batch", "Tree steps in which every request verified a tree (no rejection sampler)"),
 )
 
 

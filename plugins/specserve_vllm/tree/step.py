@@ -105,6 +105,8 @@ class TreeCounters:
     """Verifications whose accepted path was not the preorder prefix (its K/V moved)."""
     grammar: int = 0
     """Tree verifications of structured-output requests (trees pruned by their grammar)."""
+    whole_batch: int = 0
+    """Steps in which every request verified a tree, so vLLM's rejection sampler did not run."""
     depth_tested: list[int] = field(default_factory=list)
     """Per depth d (index d - 1): verifications that reached depth d (the tree has a node there
     and every shallower node on the path was accepted)."""
