@@ -86,8 +86,10 @@ def recompute_tree_rows(impl: Any, layer: Any, query: Any, key: Any, value: Any,
         if impl.kv_sharing_target_layer_name is None:
             step.stash.append(StashedRows(
                 req_index=req.req_index, key_cache=key_cache, value_cache=value_cache, isa=layer.isa,
-                key=key[start : start + rows].clone(), value=value[start : start + rows].clone(),
-                slots=attn_metadata.slot_mapping[start : start + rows].clone(),
+                # views, not copies: the layer's K/V and the step's slot mapping are not
+                # written again before this step's compaction reads them
+                key=key[start : start + rows], value=value[start : start + rows],
+                slots=attn_metadata.slot_mapping[start : start + rows],
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                 kv_cache_dtype=impl.kv_cache_dtype,
             ))

@@ -112,24 +112,30 @@ def update_successors_inplace(matrix: np.ndarray, prev_tokens: np.ndarray, topk_
         >>> update_successors_inplace(m, np.array([1, 1]), np.array([[2, 3, 0], [4, 0, 5]])); m[1].tolist()
         [4, 2, 3]
     """
-    k = matrix.shape[1]
-    prev, cand = _rows_to_write(matrix, prev_tokens, topk_ids)
-    if prev.size == 0:
+    vocab, k = matrix.shape
+    prev = np.asarray(prev_tokens).reshape(-1)
+    cand = np.asarray(topk_ids)
+    if cand.ndim != 2 or cand.shape[0] != prev.shape[0] or cand.shape[1] < k:
+        raise ValueError(f"topk_ids must be [{prev.shape[0]}, >={k}], got {list(cand.shape)}")
+    # Plain Python over the few rows of a step: two numpy calls in all (one read, one write),
+    # where array operations per row cost several times more right after a forward pass.
+    tokens = prev.tolist()
+    distinct = [t for t in dict.fromkeys(tokens) if 0 <= t < vocab]
+    if not distinct:
         return
-    seen: dict[int, int] = {}
-    occurrence = np.empty(prev.size, dtype=np.int64)  # how many times the token came before
-    for i, t in enumerate(prev.tolist()):
-        occurrence[i] = seen[t] = seen.get(t, -1) + 1
-    width = 2 * k
-    earlier = np.tril(np.ones((width, width), dtype=bool), -1)  # [j, i]: i comes before j
-    for r in range(int(occurrence.max()) + 1):
-        rows, new = prev[occurrence == r], cand[occurrence == r]
-        merged = np.concatenate([new[:, :1], matrix[rows].astype(np.int64), new[:, 1:]], axis=1)  # [m, 2k]
-        repeated = ((merged[:, :, None] == merged[:, None, :]) & earlier).any(axis=2)
-        keep = (merged >= 0) & ~repeated
-        out = np.take_along_axis(merged, np.argsort(~keep, axis=1, kind="stable"), axis=1)[:, :k]
-        out[np.arange(k)[None, :] >= keep.sum(axis=1)[:, None]] = EMPTY
-        matrix[rows] = out.astype(matrix.dtype, copy=False)
+    rows: dict[int, list[int]] = dict(zip(distinct, matrix[distinct].tolist()))
+    for t, new in zip(tokens, cand[:, :k].tolist()):
+        old = rows.get(t)
+        if old is None:
+            continue
+        row: list[int] = []
+        for c in (new[0], *old, *new[1:]):
+            if 0 <= c < vocab and c not in row:
+                row.append(c)
+                if len(row) == k:
+                    break
+        rows[t] = row + [EMPTY] * (k - len(row))
+    matrix[distinct] = list(rows.values())
 
 
 def update(matrix: np.ndarray, prev_tokens: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:

@@ -53,7 +53,9 @@ def tree_eligible(params: Any) -> bool:
 
 @dataclass(frozen=True)
 class StashedRows:
-    """One attention layer's K/V rows of one tree request, and where they were written."""
+    """One attention layer's K/V rows of one tree request, and where they were written: views
+    into the layer's own K/V and the step's slot mapping, which nothing writes between the
+    layer's attention and the step's compaction (the view keeps the layer's K/V alive)."""
 
     req_index: int
     key_cache: Any
