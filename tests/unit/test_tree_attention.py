@@ -183,21 +183,23 @@ def test_tree_rows_from_the_cache_and_compaction_through_vllms_op() -> None:
     assert torch.equal(gk, k[order]) and torch.equal(gv, v[order])
 
 
+@pytest.mark.parametrize("heads", [HEADS, KV_HEADS])  # grouped-query, and one query head per KV head
 @pytest.mark.parametrize("dtype,block,prefix_len", [(torch.float32, 32, 45), (torch.float32, 128, 3),
                                                     (torch.float32, 32, 58), (torch.bfloat16, 128, 140)])
-def test_side_rows_over_block_views_equal_the_reference(dtype: torch.dtype, block: int, prefix_len: int) -> None:
-    """The engine's path (per-block views of the paged cache, side rows only, grouped-query
-    heads) computes what the dense reference computes for those rows. Where the machine's
-    attention ISA packs blocks in a permuted layout (AMX's bf16 blocks), there are no views
-    and the engine gathers instead: that path is checked there."""
-    from specserve_vllm.tree.attention import side_rows_attention, side_rows_bias
+def test_side_rows_over_block_views_equal_the_reference(dtype: torch.dtype, block: int, prefix_len: int,
+                                                        heads: int) -> None:
+    """The engine's path (per-block views of the paged cache, side rows only, the mask split by
+    block as the engine shares it across layers) computes what the dense reference computes for
+    those rows. Where the machine's attention ISA packs blocks in a permuted layout (AMX's bf16
+    blocks), there are no views and the engine gathers instead: that path is checked there."""
+    from specserve_vllm.tree.attention import bias_by_block, side_rows_attention, side_rows_bias
     from specserve_vllm.tree.cpu_kv import _kinds, block_views, gather_kv
     from specserve_vllm.tree.draft import best_path_length
 
     gen = torch.Generator().manual_seed(prefix_len)
     tree = from_topological(list(range(9)), [-1, 0, 1, 0, -1, 4, 4, 6, -1])[0]
     length = prefix_len + 1 + len(tree)
-    q = torch.randn(1 + len(tree), HEADS, DIM, generator=gen)
+    q = torch.randn(1 + len(tree), heads, DIM, generator=gen)
     k = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
     v = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
     key_cache, value_cache, table, _, isa = _paged(k, v, dtype, block)
@@ -209,8 +211,10 @@ def test_side_rows_over_block_views_equal_the_reference(dtype: torch.dtype, bloc
         got = tree_attention(q, gk.float(), gv.float(), tree, SCALE)[keep:]
     else:
         assert views is not None and sum(b.shape[2] for b in views[0]) == length
-        got = side_rows_attention(q[keep:], views[0], views[1], side_rows_bias(tree, prefix_len, HEADS // KV_HEADS),
-                                  SCALE)
+        bias = side_rows_bias(tree, prefix_len, heads // KV_HEADS)
+        got = side_rows_attention(q[keep:], views[0], views[1], bias_by_block(bias, length, block), SCALE)
+        whole = side_rows_attention(q[keep:], views[0], views[1], bias, SCALE)
+        torch.testing.assert_close(whole, got, atol=0, rtol=0)
     want = tree_attention(q, k.float(), v.float(), tree, SCALE)[keep:]
-    assert got.shape == want.shape == (len(tree) + 1 - keep, HEADS, DIM)
+    assert got.shape == want.shape == (len(tree) + 1 - keep, heads, DIM)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

@@ -56,7 +56,7 @@ def recompute_tree_rows(impl: Any, layer: Any, query: Any, key: Any, value: Any,
     are built by the step's first layer and shared by the others. Layouts that are not plain
     or transposed blocks take the gather path (:func:`~specserve_vllm.tree.cpu_kv.gather_kv`).
     """
-    from specserve_vllm.tree.attention import side_rows_attention, side_rows_bias, tree_attention
+    from specserve_vllm.tree.attention import bias_by_block, side_rows_attention, side_rows_bias, tree_attention
     from specserve_vllm.tree.cpu_kv import block_views, gather_kv
     from specserve_vllm.tree.draft import best_path_length
     from specserve_vllm.tree.step import SideRows, StashedRows
@@ -73,7 +73,8 @@ def recompute_tree_rows(impl: Any, layer: Any, query: Any, key: Any, value: Any,
             side = step.side_rows[req.req_index] = SideRows(
                 keep=1 + best_path_length(req.tree), seq_len=seq_len,
                 block_ids=attn_metadata.block_table[req.req_index, :used].tolist(),
-                bias=side_rows_bias(req.tree, seq_len - rows, query.shape[1] // num_kv_heads))
+                bias=bias_by_block(side_rows_bias(req.tree, seq_len - rows, query.shape[1] // num_kv_heads),
+                                   seq_len, block_size))
         keep, seq_len = side.keep, side.seq_len
         views = block_views(key_cache, value_cache, side.block_ids, seq_len, layer.isa)
         if views is not None:

@@ -17,6 +17,7 @@ docs/trees.md). Tests check it against the kernel on chains and on every root-to
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from specserve_vllm.tree.draft import DraftTree, ancestor_mask, best_path_length
@@ -61,32 +62,60 @@ def side_rows_bias(tree: DraftTree, prefix_len: int, group: int = 1) -> torch.Te
     [[0.0, 0.0, -inf, -inf, 0.0]]
     """
     keep = 1 + best_path_length(tree)
-    seen = tree_attention_mask(tree, prefix_len)[keep:]
-    bias = torch.zeros(seen.shape, dtype=torch.float32).masked_fill_(~seen, float("-inf"))
-    return bias.repeat(group, 1)
+    unseen = ~ancestor_mask(tree)[keep:]  # [S, 1 + N]; numpy: built once a step, inside the forward pass
+    bias = np.zeros((len(unseen), prefix_len + unseen.shape[1]), dtype=np.float32)
+    bias[:, prefix_len:][unseen] = -np.inf
+    return torch.from_numpy(np.tile(bias, (group, 1)) if group > 1 else bias)
 
 
 def side_rows_attention(query: torch.Tensor, keys_t: list[torch.Tensor], values: list[torch.Tensor],
-                        bias: torch.Tensor, scale: float) -> torch.Tensor:
+                        bias: torch.Tensor | tuple[torch.Tensor, ...], scale: float) -> torch.Tensor:
     """Attention of a tree's side rows over K/V held in blocks: what :func:`tree_attention`
     computes for those rows, without gathering the cache.
 
     ``query``: ``[S, heads, D]``; ``keys_t``/``values``: per block ``[kv_heads, D, n_j]`` /
     ``[kv_heads, n_j, D]`` (see :func:`~specserve_vllm.tree.cpu_kv.block_views`), together the
-    ``prefix_len + 1 + N`` positions; ``bias``: :func:`side_rows_bias` for the same group.
-    Returns ``[S, heads, D]`` in float32.
+    ``prefix_len + 1 + N`` positions; ``bias``: :func:`side_rows_bias` for the same group, or
+    its columns already split by block (:func:`bias_by_block`, shared by a step's layers).
+    Returns ``[S, heads, D]`` in float32. Run once per layer and tree request inside the
+    forward pass, where each torch call costs several µs: fp32 inputs are not converted, a
+    query group of one is a view, and the scale and the mask go in with the first product.
     """
     rows, heads, dim = query.shape
     kv_heads = keys_t[0].shape[0]
     group = heads // kv_heads
+    q = _f32(query)
     # Rows of one KV head's query group side by side: [kv_heads, group * S, D].
-    q = query.float().view(rows, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
-    scores = torch.cat([torch.bmm(q, k.float()) for k in keys_t], dim=2)
-    weights = torch.softmax(scores.mul_(scale).add_(bias), dim=-1).split([v.shape[1] for v in values], dim=2)
-    out = torch.bmm(weights[0], values[0].float())
-    for w, v in zip(weights[1:], values[1:]):
-        out.baddbmm_(w, v.float())
-    return out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3).reshape(rows, heads, dim)
+    q = q.transpose(0, 1) if group == 1 else q.view(rows, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(
+        kv_heads, group * rows, dim)
+    chunks = bias if isinstance(bias, tuple) else bias.split([k.shape[2] for k in keys_t], dim=1)
+    parts = [torch.baddbmm(b, q, _f32(k), alpha=scale) for b, k in zip(chunks, keys_t)]  # scale * q k + mask
+    scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    weights = torch.softmax(scores, dim=-1)
+    if len(values) == 1:
+        out = torch.bmm(weights, _f32(values[0]))
+    else:
+        split = weights.split([v.shape[1] for v in values], dim=2)
+        out = torch.bmm(split[0], _f32(values[0]))
+        for w, v in zip(split[1:], values[1:]):
+            out.baddbmm_(w, _f32(v))
+    return out.transpose(0, 1) if group == 1 else out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3).reshape(
+        rows, heads, dim)
+
+
+def bias_by_block(bias: torch.Tensor, length: int, block_size: int) -> tuple[torch.Tensor, ...]:
+    """:func:`side_rows_bias`'s columns split as :func:`~specserve_vllm.tree.cpu_kv.block_views`
+    splits ``length`` positions into blocks of ``block_size``.
+
+    >>> [b.shape[1] for b in bias_by_block(torch.zeros(2, 300), 300, 128)]
+    [128, 128, 44]
+    """
+    sizes = [min(block_size, length - start) for start in range(0, length, block_size)]
+    return tuple(bias.split(sizes, dim=1))
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def rope_neox(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:

@@ -80,7 +80,8 @@ class SideRows(NamedTuple):
     seq_len: int
     block_ids: list[int]
     bias: Any
-    """:func:`~specserve_vllm.tree.attention.side_rows_bias` for the layers' query groups."""
+    """:func:`~specserve_vllm.tree.attention.side_rows_bias` for the layers' query groups, its
+    columns split by cache block (:func:`~specserve_vllm.tree.attention.bias_by_block`)."""
 
 
 @dataclass
