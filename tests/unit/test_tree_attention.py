@@ -218,3 +218,32 @@ def test_side_rows_over_block_views_equal_the_reference(dtype: torch.dtype, bloc
     want = tree_attention(q, k.float(), v.float(), tree, SCALE)[keep:]
     assert got.shape == want.shape == (len(tree) + 1 - keep, heads, DIM)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_whole_block_views_are_kept_and_read_what_fresh_views_read() -> None:
+    """The engine keeps each layer's whole-block views across steps: they read the cache as
+    fresh views do, also after the cache is written again, and a request's last, partly used
+    block is viewed anew."""
+    from specserve_vllm.tree.cpu_kv import block_views
+
+    block, length = 32, 32 * 2 + 5
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(length, KV_HEADS, DIM, generator=gen)
+    v = torch.randn(length, KV_HEADS, DIM, generator=gen)
+    key_cache, value_cache, table, slots, isa = _paged(k, v, torch.float32, block)
+    full: dict = {}
+    first = block_views(key_cache, value_cache, table.tolist(), length, isa, full)
+    if first is None:
+        pytest.skip("this machine's attention ISA packs fp32 blocks in a permuted layout")
+    assert sorted(full) == sorted(table[:2].tolist())  # the two whole blocks, not the partial one
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attn_reshape_and_cache(-k, -v, key_cache, value_cache, slots, isa)  # the cache changes
+    kept = block_views(key_cache, value_cache, table.tolist(), length, isa, full)
+    fresh = block_views(key_cache, value_cache, table.tolist(), length, isa)
+    assert kept is not None and fresh is not None
+    for a, b in zip(kept[0] + kept[1], fresh[0] + fresh[1]):
+        assert torch.equal(a, b)
+    assert torch.equal(kept[0][0], (-k[:block]).permute(1, 2, 0))  # kept views read the cache as it is now
+    assert torch.equal(kept[1][1], -v[block : 2 * block].transpose(0, 1))
+    assert [t.shape[-1] for t in kept[0]] == [block, block, 5]

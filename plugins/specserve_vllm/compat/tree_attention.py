@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 _MARK = "_specserve_tree_attention"
 TREE_STEP_ATTR = "specserve_tree_step"
 """Attribute of a step's ``CPUAttentionMetadata`` holding its ``TreeStep`` (absent: no trees)."""
+FULL_VIEWS_ATTR = "_specserve_full_block_views"
+"""Attribute of an attention layer: ``(cache data pointer, {block id: (K transposed, V) views})``."""
 
 CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
 
@@ -59,10 +61,11 @@ def recompute_tree_rows(impl: Any, layer: Any, query: Any, key: Any, value: Any,
     from specserve_vllm.tree.attention import bias_by_block, side_rows_attention, side_rows_bias, tree_attention
     from specserve_vllm.tree.cpu_kv import block_views, gather_kv
     from specserve_vllm.tree.draft import best_path_length
-    from specserve_vllm.tree.step import SideRows, StashedRows
+    from specserve_vllm.tree.step import SideRows, StashedLayer
 
     num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
     key_cache, value_cache = kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1)).chunk(2, dim=2)
+    full = _full_block_views(layer, kv_cache)
     for req in step.plan.requests:
         rows = len(req.tree) + 1
         start = req.row_start
@@ -76,24 +79,31 @@ def recompute_tree_rows(impl: Any, layer: Any, query: Any, key: Any, value: Any,
                 bias=bias_by_block(side_rows_bias(req.tree, seq_len - rows, query.shape[1] // num_kv_heads),
                                    seq_len, block_size))
         keep, seq_len = side.keep, side.seq_len
-        views = block_views(key_cache, value_cache, side.block_ids, seq_len, layer.isa)
+        views = block_views(key_cache, value_cache, side.block_ids, seq_len, layer.isa, full)
         if views is not None:
             out = side_rows_attention(query[start + keep : start + rows], views[0], views[1], side.bias, impl.scale)
         else:
             k, v = gather_kv(key_cache, value_cache, attn_metadata.block_table[req.req_index], seq_len, layer.isa)
             q = query[start : start + rows].float()  # fp32 like the kernel's accumulation
             out = tree_attention(q, k.float(), v.float(), req.tree, impl.scale)[keep:]
-        output[start + keep : start + rows] = out.to(output.dtype)
-        if impl.kv_sharing_target_layer_name is None:
-            step.stash.append(StashedRows(
-                req_index=req.req_index, key_cache=key_cache, value_cache=value_cache, isa=layer.isa,
-                # views, not copies: the layer's K/V and the step's slot mapping are not
-                # written again before this step's compaction reads them
-                key=key[start : start + rows], value=value[start : start + rows],
-                slots=attn_metadata.slot_mapping[start : start + rows],
-                k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-                kv_cache_dtype=impl.kv_cache_dtype,
-            ))
+        output[start + keep : start + rows] = out if out.dtype == output.dtype else out.to(output.dtype)
+    if impl.kv_sharing_target_layer_name is None:
+        step.stash.append(StashedLayer(
+            key_cache=key_cache, value_cache=value_cache, isa=layer.isa, key=key, value=value,
+            slots=attn_metadata.slot_mapping, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+            kv_cache_dtype=impl.kv_cache_dtype,
+        ))
+
+
+def _full_block_views(layer: Any, kv_cache: Any) -> dict[int, Any]:
+    """The layer's whole-block views by block id (:func:`~specserve_vllm.tree.cpu_kv.block_views`),
+    kept on the layer for the cache they view (anew if the layer is given another cache)."""
+    key = kv_cache.data_ptr()
+    held = getattr(layer, FULL_VIEWS_ATTR, None)
+    if held is None or held[0] != key:
+        held = (key, {})
+        setattr(layer, FULL_VIEWS_ATTR, held)
+    return held[1]
 
 
 def apply() -> None:

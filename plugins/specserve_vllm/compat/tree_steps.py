@@ -220,21 +220,24 @@ def compact(step: Any, verdicts: dict[int, Any]) -> int:
 
     from specserve_vllm.tree.compaction import kv_moves
 
-    moves = {}
+    src: list[int] = []
+    dst: list[int] = []
+    moved = 0
     for req in step.plan.requests:
         found = kv_moves(req.tree, verdicts[req.req_index].accepted)
-        if found:
-            moves[req.req_index] = (torch.tensor([m.src for m in found]), torch.tensor([m.dst for m in found]))
-    for rows in step.stash:
-        if rows.req_index not in moves:
-            continue
-        src, dst = moves[rows.req_index]
+        moved += bool(found)
+        src += [req.row_start + m.src for m in found]  # rows of the step's flattened tokens
+        dst += [req.row_start + m.dst for m in found]
+    if not src:
+        return 0
+    src_rows, dst_rows = torch.tensor(src), torch.tensor(dst)
+    for layer in step.stash:  # one write per layer for every request's moves
         ops.cpu_attn_reshape_and_cache(
-            rows.key[src].contiguous(), rows.value[src].contiguous(), rows.key_cache, rows.value_cache,
-            rows.slots[dst].contiguous(), rows.isa, k_scale=rows.k_scale, v_scale=rows.v_scale,
-            kv_cache_dtype=rows.kv_cache_dtype,
+            layer.key[src_rows], layer.value[src_rows], layer.key_cache, layer.value_cache,
+            layer.slots[dst_rows], layer.isa, k_scale=layer.k_scale, v_scale=layer.v_scale,
+            kv_cache_dtype=layer.kv_cache_dtype,
         )
-    return len(moves)
+    return moved
 
 
 def covers_batch(runner: Any, verdicts: dict[int, Any]) -> bool:

@@ -108,21 +108,34 @@ def gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: t
 
 
 def block_views(key_cache: torch.Tensor, value_cache: torch.Tensor, block_ids: list[int], length: int,
-                isa: str) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+                isa: str, full: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """Per-block views (no copy) of one request's first ``length`` positions: K transposed,
     ``[kv_heads, head_dim, n]`` each, and V, ``[kv_heads, n, head_dim]`` each (``n`` = the
     block's used positions); None when the ISA's layout is neither as is nor transposed (the
-    caller gathers instead). ``block_ids``: the request's block table as ints."""
+    caller gathers instead). ``block_ids``: the request's block table as ints. ``full``: the
+    views of whole blocks by block id, kept by the caller for these two caches (a block's view
+    never changes, so only the request's last, partly used block is viewed anew each step)."""
     _, heads, block_size, head_dim = key_cache.shape
     k_kind, v_kind = _kinds(isa, key_cache.dtype, block_size, head_dim)
     if k_kind == "permuted" or v_kind == "permuted":
         return None
+
+    def whole(block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_k, raw_v = key_cache[block], value_cache[block]  # [H, B, D] each, per-head contiguous
+        kt = (raw_k.view(heads, head_dim, block_size) if k_kind == "transposed" else raw_k.transpose(1, 2))
+        v = (raw_v.view(heads, head_dim, block_size).transpose(1, 2) if v_kind == "transposed" else raw_v)
+        return kt, v
+
     keys, values = [], []
     for j in range((length + block_size - 1) // block_size):
         used = min(block_size, length - j * block_size)
-        raw_k, raw_v = key_cache[block_ids[j]], value_cache[block_ids[j]]  # [H, B, D] each, per-head contiguous
-        kt = (raw_k.view(heads, head_dim, block_size) if k_kind == "transposed" else raw_k.transpose(1, 2))
-        v = (raw_v.view(heads, head_dim, block_size).transpose(1, 2) if v_kind == "transposed" else raw_v)
+        if used == block_size and full is not None:
+            kt, v = full.get(block_ids[j]) or full.setdefault(block_ids[j], whole(block_ids[j]))
+            keys.append(kt)
+            values.append(v)
+            continue
+        kt, v = whole(block_ids[j])
         keys.append(kt[:, :, :used])
         values.append(v[:, :used])
     return keys, values

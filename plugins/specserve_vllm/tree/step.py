@@ -52,21 +52,21 @@ def tree_eligible(params: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class StashedRows:
-    """One attention layer's K/V rows of one tree request, and where they were written: views
-    into the layer's own K/V and the step's slot mapping, which nothing writes between the
-    layer's attention and the step's compaction (the view keeps the layer's K/V alive)."""
+class StashedLayer:
+    """One attention layer's K/V of a tree step and where they were written, kept for the
+    step's compaction: the layer's own K/V and the step's slot mapping, whole (each tree
+    request's rows start at its plan's ``row_start``). Nothing writes them between the layer's
+    attention and the compaction, so they are held, not copied."""
 
-    req_index: int
     key_cache: Any
     """The layer's ``[num_blocks, kv_heads, block_size, head]`` key half (written in place)."""
     value_cache: Any
     isa: str
     key: Any
-    """``[1 + N, kv_heads, head]`` the rows' keys (RoPE at depth positions)."""
+    """``[T, kv_heads, head]`` the step's keys (tree rows' RoPE at depth positions)."""
     value: Any
     slots: Any
-    """``[1 + N]`` the cache slot of each row this step."""
+    """``[T]`` the cache slot of each row this step."""
     k_scale: float = 1.0
     v_scale: float = 1.0
     kv_cache_dtype: str = "auto"
@@ -89,7 +89,7 @@ class TreeStep:
     """A step with tree requests: the plan and the K/V rows the attention layers stashed."""
 
     plan: TreePlan
-    stash: list[StashedRows] = field(default_factory=list)
+    stash: list[StashedLayer] = field(default_factory=list)
     side_rows: dict[int, SideRows] = field(default_factory=dict)
     """Per request index, filled by the step's first attention layer."""
 
