@@ -9,8 +9,9 @@ fp32) runs the same held-out prompts as ``bench drafters``, ``--max-tokens`` new
 batch size and each of ``--temperatures`` (greedy by default; seeded sampling otherwise). A chain
 drafts up to ``k`` tokens, a tree up to ``k`` nodes, so every shape verifies at most ``1 + k``
 rows per request and step. Every arm's engine is built first (in an order shuffled with
-``--seed``, each warmed up the same way) and kept; then each of ``--reps`` repetitions runs every
-arm once, in an order shuffled per repetition. Reports per arm, batch and temperature: τ (mean
+``--seed``, each warmed up the same way) and kept; then each of ``--reps`` repetitions runs, at
+each temperature and batch size, every arm on each batch of prompts in turn, in an order
+shuffled per batch (a slow spell of a shared machine falls on every arm alike). Reports per arm, batch and temperature: τ (mean
 tokens per verification step, from the requests' own speculative metrics) and acceptance per
 depth over all repetitions, tokens/s per repetition and its median, ratios to no speculation and
 to the chain arm with the highest median paired by repetition (median, min, max), the share of looping outputs,
@@ -110,33 +111,45 @@ def spec_totals(metrics: list[dict[str, Any]]) -> tuple[int, int, list[int]]:
     return steps, accepted, depth
 
 
-def _measure(llm: Any, prompts: list[list[int]], params: list[Any], bs: int, speculative: bool) -> dict[str, Any]:
-    """One batch size and temperature: the prompts in batches of ``bs``; τ from the requests' own
-    speculative metrics, tree counters before and after."""
+def _measure(engines: dict[Arm, Any], prompts: list[list[int]], params: list[Any], bs: int,
+             rng: random.Random) -> dict[Arm, dict[str, Any]]:
+    """One batch size and temperature for every arm: the prompts in batches of ``bs``, the arms
+    taking turns on each batch in an order shuffled per batch, so a slow spell of a shared
+    machine falls on every arm alike. Per arm: τ from the requests' own speculative metrics,
+    tokens/s over its own time, tree and planner counters before and after."""
     from vllm.inputs import TokensPrompt
 
-    trees_before, plan_before = _tree_counters(llm), _plan_steps(llm)
-    outputs: list[list[int]] = []
-    metrics: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    arms = list(engines)
+    before = {arm: (_tree_counters(llm), _plan_steps(llm)) for arm, llm in engines.items()}
+    elapsed = dict.fromkeys(arms, 0.0)
+    outputs: dict[Arm, list[list[int]]] = {arm: [] for arm in arms}
+    metrics: dict[Arm, list[dict[str, Any]]] = {arm: [] for arm in arms}
     for i in range(0, len(prompts), bs):
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + bs]], params[i : i + bs],
-                            use_tqdm=False)
-        outputs.extend(list(o.outputs[0].token_ids) for o in outs)
-        metrics.extend(o.outputs[0].spec_decode_metrics.to_dict() for o in outs
-                       if getattr(o.outputs[0], "spec_decode_metrics", None) is not None)
-    elapsed = time.perf_counter() - t0
-    trees_after, plan_after = _tree_counters(llm), _plan_steps(llm)
-    steps, acc, per_depth = spec_totals(metrics)
-    return {
-        "steps": steps, "accepted": acc, "accepted_at_depth": per_depth,
-        "tau": tau(steps, acc) if speculative else 1.0,
-        "tokens_per_s": round(sum(len(o) for o in outputs) / elapsed, 1),
-        "looping_share": round(sum(is_looping(o) for o in outputs) / max(1, len(outputs)), 3),
-        "trees": {key: _delta(trees_after[key], trees_before.get(key)) for key in trees_after},
-        "no_spec_share": no_spec_share(plan_before, plan_after),
-        "outputs": outputs,
-    }
+        batch = [TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + bs]]
+        order = arms[:]
+        rng.shuffle(order)
+        for arm in order:
+            t0 = time.perf_counter()
+            outs = engines[arm].generate(batch, params[i : i + bs], use_tqdm=False)
+            elapsed[arm] += time.perf_counter() - t0
+            outputs[arm].extend(list(o.outputs[0].token_ids) for o in outs)
+            metrics[arm].extend(o.outputs[0].spec_decode_metrics.to_dict() for o in outs
+                                if getattr(o.outputs[0], "spec_decode_metrics", None) is not None)
+    out = {}
+    for arm, llm in engines.items():
+        trees_after, plan_after = _tree_counters(llm), _plan_steps(llm)
+        trees_before, plan_before = before[arm]
+        steps, acc, per_depth = spec_totals(metrics[arm])
+        out[arm] = {
+            "steps": steps, "accepted": acc, "accepted_at_depth": per_depth,
+            "tau": tau(steps, acc) if arm[0] != "none" else 1.0,
+            "tokens_per_s": round(sum(len(o) for o in outputs[arm]) / elapsed[arm], 1),
+            "looping_share": round(sum(is_looping(o) for o in outputs[arm]) / max(1, len(outputs[arm])), 3),
+            "trees": {key: _delta(trees_after[key], trees_before.get(key)) for key in trees_after},
+            "no_spec_share": no_spec_share(plan_before, plan_after),
+            "outputs": outputs[arm],
+        }
+    return out
 
 
 def summed(counters: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,14 +277,12 @@ def run(args: argparse.Namespace) -> int:
 
     got: dict[Arm, dict[str, list[dict[str, Any]]]] = {arm: {} for arm in arms}
     for rep in range(args.reps):
-        order = arms[:]
-        random.Random(args.seed * 1000 + rep).shuffle(order)
-        for arm in order:
-            for temp in temperatures:
-                params = [SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True,
-                                         seed=None if temp == 0 else args.seed * 1000 + i) for i in range(len(prompts))]
-                for bs in batch_sizes:
-                    m = _measure(engines[arm], prompts, params, bs, arm != none)
+        rng = random.Random(args.seed * 1000 + rep)
+        for temp in temperatures:
+            params = [SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True,
+                                     seed=None if temp == 0 else args.seed * 1000 + i) for i in range(len(prompts))]
+            for bs in batch_sizes:
+                for arm, m in _measure({arm: engines[arm] for arm in arms}, prompts, params, bs, rng).items():
                     got[arm].setdefault(_key(bs, temp), []).append(m)
                     logger.info("bench trees", extra={"fields": {"arm": "/".join(map(str, arm)), "rep": rep,
                                                                  "batch": bs, "temperature": temp, "tau": m["tau"],
