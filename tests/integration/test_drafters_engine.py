@@ -4,7 +4,10 @@ Token Recycling (model-free) and Medusa / Hydra heads (on the target's hidden st
 against one no-speculation baseline: greedy outputs equal token for token at batch 1 and 8,
 drafts really get accepted, ``spec_k = 0`` turns drafting off per request, and at temperature > 0
 the sampled distribution equals plain sampling (a chi-square homogeneity test per position) for
-Token Recycling and Hydra, and for Token Recycling with k changing per row and step.
+Token Recycling and Hydra, and for Token Recycling with k changing per row and step. Chains are
+verified by the walk (the default ``chain_verify``; its steps are counted, so a silently skipped
+walk fails) and, for Token Recycling, by vLLM's rejection sampler too (``chain_verify``
+``rejection``, no step walked), both lossless.
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ DRAFTERS = ("recycling", "medusa", "hydra")
 SAMPLED = ("recycling", "hydra")  # one model-free and one head drafter
 
 
-def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None) -> Any:
-    extra = {"additional_config": {"specserve": {"spec_policy": policy, "seed": 11}}} if policy else {}
+def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None,
+            chain_verify: str | None = None) -> Any:
+    ours = {**({"spec_policy": policy, "seed": 11} if policy else {}),
+            **({"chain_verify": chain_verify} if chain_verify else {})}
+    extra = {"additional_config": {"specserve": ours}} if ours else {}
     return local_llm(
         model_dir,
         max_num_seqs=8, speculative_config=spec, dtype="float32",  # equality tests run in fp32
@@ -78,6 +84,7 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
         with heads_env(heads):
             llm = _engine(demo_model_dir, speculative_config(drafter, K))  # type: ignore[arg-type]
         out[drafter] = _run(llm)
+        out[drafter]["walked"] = _walked(llm)
         off = llm.generate([PROMPTS[REPETITIVE]], _greedy({"spec_k": 0}), use_tqdm=False)[0].outputs[0]
         out[drafter]["spec_k0"] = off
         if drafter in SAMPLED:
@@ -87,15 +94,40 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
     # k changing per row and per step (the ``jitter`` policy: a random length in [0, k] and whole
     # steps without drafts), sampled like the others
     llm = _engine(demo_model_dir, speculative_config("recycling", K), policy="jitter")
-    out["jitter"] = {"sampled": _sampled(llm)}
+    out["jitter"] = {"sampled": _sampled(llm), "walked": _walked(llm)}
+    del llm
+    gc.collect()
+    # chains verified by vLLM's rejection sampler instead of the walk
+    llm = _engine(demo_model_dir, speculative_config("recycling", K), chain_verify="rejection")
+    out["rejection"] = _run(llm)
+    out["rejection"]["sampled"] = _sampled(llm)
+    out["rejection"]["walked"] = _walked(llm)
     del llm
     gc.collect()
     yield out
 
 
-@pytest.mark.parametrize("drafter", DRAFTERS)
+def _walked(llm: Any) -> int:
+    """Chain steps the engine verified by the walk so far."""
+    from specserve.engine.local import model_runner
+    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
+
+    found = getattr(model_runner(llm), COUNTERS_ATTR, None)
+    return 0 if found is None else found.walked_chains
+
+
+@pytest.mark.parametrize("drafter", [*DRAFTERS, "rejection"])
 def test_greedy_outputs_identical_to_no_speculation(runs: dict[str, dict[str, Any]], drafter: str) -> None:
     assert_greedy_equal(runs[drafter], runs["none"], MAX_TOKENS)
+
+
+@pytest.mark.parametrize("drafter", [*DRAFTERS, "jitter"])
+def test_chains_are_walked_by_default(runs: dict[str, dict[str, Any]], drafter: str) -> None:
+    assert runs[drafter]["walked"] > 0
+
+
+def test_chain_verify_rejection_keeps_vllms_sampler(runs: dict[str, dict[str, Any]]) -> None:
+    assert runs["rejection"]["walked"] == 0
 
 
 @pytest.mark.parametrize("drafter", DRAFTERS)
@@ -122,7 +154,7 @@ def test_homogeneity_z_tells_equal_from_different() -> None:
     assert homogeneity_z(same, [0] * 100 + [1] * 100) > 5
 
 
-@pytest.mark.parametrize("drafter", [*SAMPLED, "jitter"])
+@pytest.mark.parametrize("drafter", [*SAMPLED, "jitter", "rejection"])
 def test_sampling_distribution_matches_no_speculation(runs: dict[str, dict[str, Any]], drafter: str) -> None:
     # Each position's token distribution (over seeded samples) must match plain sampling;
     # accepting drafts the target would not have sampled shows up as a large z.

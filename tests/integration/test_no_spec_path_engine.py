@@ -6,10 +6,11 @@
   Token Recycling and Hydra.
 * The same with the ``goodput`` controller choosing k each step (recycling): outputs equal, and
   the controller did change k (speculating steps and non-speculative ones, several lengths).
-* A step in which every row has k = 0 takes vLLM's non-speculative branch: the rejection
-  sampler and the drafter's ``propose`` are never called, the plain sampler is, and the state
-  feeds keep running (the recycling matrix keeps changing). The same engine with drafts calls
-  the rejection sampler, so the spies can see it.
+* A step in which every row has k = 0 takes vLLM's non-speculative branch: no verification
+  (neither vLLM's rejection sampler nor the walk that verifies chains by default) and no call
+  of the drafter's ``propose``, the plain sampler is called, and the state feeds keep running
+  (the recycling matrix keeps changing). The same engine with drafts walks its chains and
+  proposes, so the spies can see it.
 """
 
 from __future__ import annotations
@@ -130,6 +131,14 @@ def _break_even_calibration(directory: Path) -> Path:
     return path
 
 
+def _walked(runner: Any) -> int:
+    """Chain steps the runner verified by the walk so far."""
+    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
+
+    found = getattr(runner, COUNTERS_ATTR, None)
+    return 0 if found is None else found.walked_chains
+
+
 def _spied_runs(llm: Any, runner: Any) -> dict[str, Any]:
     """Every request at spec_k=0, then every request at the engine's k, with spies installed."""
     spies = {"rejection": _Spy(runner.rejection_sampler), "sampler": _Spy(runner.sampler),
@@ -139,13 +148,16 @@ def _spied_runs(llm: Any, runner: Any) -> dict[str, Any]:
     matrix_before = runner.drafter.matrix.copy()
     no_spec_before = getattr(runner, "_specserve_no_spec_steps", 0)
     try:
+        walked_before = _walked(runner)
         off = _generate(llm, PROMPTS, [0] * len(PROMPTS))
         counts_off = {name: spy.calls for name, spy in spies.items()}
         counts_off["no_spec_steps"] = getattr(runner, "_specserve_no_spec_steps", 0) - no_spec_before
+        counts_off["walked"] = _walked(runner) - walked_before
         runner.drafter.flush_backlog()  # k=0 steps' rows are learnt in batches, before any draft
         matrix_changed = not np.array_equal(runner.drafter.matrix, matrix_before)
         on = _generate(llm, PROMPTS[:2], [None, None])
         counts_on = {name: spy.calls - counts_off[name] for name, spy in spies.items()}
+        counts_on["walked"] = _walked(runner) - walked_before - counts_off["walked"]
     finally:
         runner.rejection_sampler, runner.sampler = spies["rejection"].target, spies["sampler"].target
         del runner.drafter.propose
@@ -174,15 +186,15 @@ def test_k_really_varied_and_drafts_were_accepted(runs: dict[str, Any], drafter:
     assert sum(m["num_accepted_draft_tokens"] for m in metrics) > 0
 
 
-def test_all_k0_steps_run_without_drafter_or_rejection_sampler(runs: dict[str, Any]) -> None:
+def test_all_k0_steps_run_without_drafter_or_verification(runs: dict[str, Any]) -> None:
     spied = runs["spies"]
     off = spied["counts_off"]
-    assert off["rejection"] == 0 and off["propose"] == 0, off
+    assert off["rejection"] == 0 and off["walked"] == 0 and off["propose"] == 0, off
     assert off["sampler"] > 0 and off["no_spec_steps"] >= MAX_TOKENS, off
     assert spied["off"] == runs["none"]["batch8"]
     assert spied["matrix_changed"], "the recycling matrix stopped learning on k=0 steps"
     on = spied["counts_on"]
-    assert on["rejection"] > 0 and on["propose"] > 0, on
+    assert on["walked"] > 0 and on["propose"] > 0, on
     assert [list(o.token_ids) for o in spied["on"]] == runs["none"]["batch8"][:2]
 
 

@@ -155,7 +155,8 @@ def test_tree_counters_reach_metrics_summed_over_engine_cores(tmp_path: Path) ->
     planner = _planner_with_steps()
     export.write_atomically(tmp_path / "engine-0.json", planner.snapshot())
     assert "specserve_engine_tree_steps" not in _families(tmp_path)  # no tree verified: no families
-    trees = TreeCounters(steps=3, verified=5, accepted_nodes=6, compacted=2, grammar=1, whole_batch=2)
+    trees = TreeCounters(steps=3, verified=5, accepted_nodes=6, compacted=2, grammar=1, whole_batch=2,
+                         walked_chains=7)
     for depth, accepted in ((3, 0), (3, 2), (2, 2), (1, 1), (3, 1)):
         trees.record_depths(depth, accepted)
     planner.trees = trees
@@ -168,6 +169,7 @@ def test_tree_counters_reach_metrics_summed_over_engine_cores(tmp_path: Path) ->
     assert _value(families["specserve_engine_tree_compactions"]) == 4
     assert _value(families["specserve_engine_tree_grammar_verifications"]) == 2
     assert _value(families["specserve_engine_tree_whole_batch_steps"]) == 4
+    assert _value(families["specserve_engine_walked_chain_steps"]) == 14
     # per core: depth 1 tested by all 5, accepted by 4; depth 2 tested 3, accepted 2; depth 3 tested 1
     assert [_value(families["specserve_engine_tree_depth_tested"], depth=str(d)) for d in (1, 2, 3)] == [10, 6, 2]
     assert [_value(families["specserve_engine_tree_depth_accepted"], depth=str(d)) for d in (1, 2, 3)] == [8, 4, 0]

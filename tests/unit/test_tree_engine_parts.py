@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
 from specserve.engine import settings
-from specserve_vllm.compat.tree_steps import sampling_probs
 from specserve_vllm.drafters import recycling
 from specserve_vllm.drafters.recycling_proposer import RecyclingProposer
 from specserve_vllm.drafters.recycling_trees import STATIC_WIDTHS, recycling_tree
@@ -95,19 +94,6 @@ def _params(**changes: object) -> SimpleNamespace:
 def test_which_requests_verify_trees(changes: dict[str, object], eligible: bool) -> None:
     assert tree_eligible(_params(**changes)) is eligible
     assert not tree_eligible(None)
-
-
-def test_sampling_probs_apply_temperature_then_top_k_and_top_p() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
-    plain = sampling_probs(logits, 1.0, None, None)
-    assert np.allclose(plain, [[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
-    top2 = sampling_probs(logits, 1.0, torch.tensor(2), None)
-    assert np.allclose(top2, [[0.625, 0.375, 0, 0], [0, 0, 3 / 7, 4 / 7]])
-    hot = sampling_probs(logits, 0.5, None, None)  # p^2, renormalised
-    assert np.allclose(hot[0], np.array([0.25, 0.09, 0.0225, 0.0025]) / 0.365)
-    nucleus = sampling_probs(logits, 1.0, None, torch.tensor(0.7))  # smallest set with mass >= 0.7
-    assert np.allclose(nucleus[0], [0.5 / 0.8, 0.3 / 0.8, 0, 0])
-    assert logits.exp().allclose(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))  # not edited
 
 
 def test_dynamic_proposer_measures_rank_acceptance_before_learning() -> None:

@@ -18,11 +18,17 @@ from specserve_vllm.tree.verify import (
     row_offsets,
     sampled_token_ids,
     target_probs,
+    verify_argmax,
+    verify_drawn,
     verify_greedy,
-    verify_sampled,
 )
 
 VOCAB = 4
+
+
+def verify_sampled(tree: DraftTree, probs: np.ndarray, rng: np.random.Generator) -> TreeVerdict:
+    """What the engine does at temperature > 0: one draw per row from ``probs``, then the walk."""
+    return verify_drawn(tree, [int(rng.choice(probs.shape[1], p=row / row.sum())) for row in probs])
 
 
 @st.composite
@@ -72,8 +78,11 @@ def test_greedy_on_a_chain_is_chain_verification() -> None:
     tree = DraftTree.chain([3, 1, 2])
     logits = np.eye(VOCAB)[[3, 1, 0, 2]]
     assert verify_greedy(tree, logits) == TreeVerdict((0, 1), (3, 1, 0))
+    assert verify_argmax(tree, [3, 1, 0, 2]) == verify_drawn(tree, [3, 1, 0, 2]) == TreeVerdict((0, 1), (3, 1, 0))
     with pytest.raises(ValueError, match="rows"):
         verify_greedy(tree, logits[:3])
+    with pytest.raises(ValueError, match="row tokens"):
+        verify_drawn(tree, [3, 1, 0])
 
 
 # A toy target model: its next-token distribution is a fixed function of the whole context.

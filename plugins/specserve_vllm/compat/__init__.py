@@ -31,6 +31,7 @@ PATCHES: tuple[str, ...] = (
     "grammar_validation",
     "tree_attention",
     "tree_grammar",  # after jump_forward: its validate_tokens wrap is the outer one
+    "chain_walk",  # installs nothing: tree_steps' _sample wrap calls it
     "tree_steps",  # last: its _prepare_inputs and _sample wraps are the outermost
 )
 

@@ -13,10 +13,11 @@ wraps on ``GPUModelRunner`` turn a step's eligible requests into tree verificati
   ones, so each row keeps its own slot and RoPE follows depth;
 * ``_build_attention_metadata``: attach the step's :class:`~specserve_vllm.tree.step.TreeStep`
   to the attention metadata, where :mod:`specserve_vllm.compat.tree_attention` finds it;
-* ``_sample`` (outermost): verify each tree request over its ``1 + N`` logits rows with
-  :func:`~specserve_vllm.tree.verify.verify_greedy` at temperature 0 and
-  :func:`~specserve_vllm.tree.verify.verify_sampled` otherwise (over the law vLLM samples from:
-  temperature, top-k, top-p; one draw per emitted token from the request's generator), taken
+* ``_sample`` (outermost): on steps without trees, hand eligible chains to
+  :mod:`~specserve_vllm.compat.chain_walk`; otherwise verify each tree request over its ``1 + N``
+  logits rows with :func:`~specserve_vllm.tree.verify.verify_argmax` at temperature 0 and
+  :func:`~specserve_vllm.tree.verify.verify_drawn` otherwise (over one draw per row from the law
+  vLLM samples from: temperature, top-k, top-p; the request's generator seeds its rows), taken
   before vLLM's samplers see (and edit) the logits, let vLLM sample every row as usual (when
   every request verified a tree, its rejection sampler is replaced for the call by one that
   returns padding: each row is overwritten anyway), then overwrite the tree requests' rows of
@@ -42,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from specserve_vllm.compat import chain_walk
 from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR
 from specserve_vllm.compat.spec_length import PLANNER_ATTR
 from specserve_vllm.compat.step_timer import RUNNER_TREE_STEP_ATTR
@@ -163,50 +165,24 @@ def plan(runner: Any, scheduler_output: Any) -> Any:
     return TreeStep(plan=step_plan)
 
 
-def sampling_probs(rows: Any, temperature: float, top_k: Any, top_p: Any) -> np.ndarray:
-    """``[1+N, vocab]`` float64: the target's sampling law per row, as vLLM's samplers form it
-    (temperature, then top-k/top-p masks, then softmax). ``top_k``/``top_p``: the request's
-    scalar tensors or None."""
-    import torch
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
-
-    n = rows.shape[0]
-    scaled = rows.float() / temperature
-    k = None if top_k is None else top_k.reshape(1).expand(n).contiguous()
-    p = None if top_p is None else top_p.reshape(1).expand(n).contiguous()
-    masked = apply_top_k_top_p_pytorch(scaled, k, p, allow_cpu_sync=True)
-    return torch.softmax(masked.double(), dim=-1).cpu().numpy()
-
-
-def request_rng(generators: dict[int, Any], req_index: int) -> np.random.Generator:
-    """A numpy generator drawn from the request's seeded torch generator (or torch's global
-    one), so seeded requests stay reproducible and unseeded ones follow the engine seed."""
-    import torch
-
-    seed = torch.randint(0, 2**62, (1,), generator=generators.get(req_index)).item()
-    return np.random.default_rng(int(seed))
-
-
 def verify(runner: Any, step: Any, logits: Any, spec_decode_metadata: Any) -> dict[int, Any]:
-    """``{req_index: TreeVerdict}`` of every tree request, over its ``1 + N`` logits rows
-    (greedy: the argmax walk; sampled: the lossless walk of ``verify_sampled``)."""
+    """``{req_index: TreeVerdict}`` of every tree request, over its ``1 + N`` logits rows: one
+    token per row for the whole step (:func:`~specserve_vllm.compat.chain_walk.row_tokens`: the
+    argmax, or one draw from the law vLLM samples from), then per request the argmax walk
+    (greedy) or the lossless walk over the draws."""
     from specserve_vllm.tree.step import GREEDY_EPS
-    from specserve_vllm.tree.verify import verify_greedy, verify_sampled
+    from specserve_vllm.tree.verify import verify_argmax, verify_drawn
 
-    starts = np.concatenate([[0], np.cumsum(np.asarray(spec_decode_metadata.num_draft_tokens) + 1)])
-    metadata = runner.input_batch.sampling_metadata
+    counts = list(spec_decode_metadata.num_draft_tokens)
+    starts = np.concatenate([[0], np.cumsum(np.asarray(counts) + 1)])
+    tokens = chain_walk.row_tokens(logits, counts, runner.input_batch.sampling_metadata)
     verdicts = {}
     for req in step.plan.requests:
         start = int(starts[req.req_index])
-        rows = logits[start : start + len(req.tree) + 1]  # [1+N, vocab]
+        rows = tokens[start : start + len(req.tree) + 1]
         params = runner.requests[runner.input_batch.req_ids[req.req_index]].sampling_params
-        if params.temperature < GREEDY_EPS:
-            verdicts[req.req_index] = verify_greedy(req.tree, rows.float().cpu().numpy())
-            continue
-        top_k = None if metadata.top_k is None else metadata.top_k[req.req_index]
-        top_p = None if metadata.top_p is None else metadata.top_p[req.req_index]
-        probs = sampling_probs(rows, params.temperature, top_k, top_p)
-        verdicts[req.req_index] = verify_sampled(req.tree, probs, request_rng(metadata.generators, req.req_index))
+        walk = verify_argmax if params.temperature < GREEDY_EPS else verify_drawn
+        verdicts[req.req_index] = walk(req.tree, rows)
     return verdicts
 
 
@@ -287,6 +263,16 @@ def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any, whole
             planner.trees = count
 
 
+def count_walk(runner: Any) -> None:
+    """Count a chain step verified by :mod:`~specserve_vllm.compat.chain_walk`."""
+    count = counters(runner)
+    planner = getattr(runner, PLANNER_ATTR, None)
+    with planner.lock if planner is not None else contextlib.nullcontext():
+        count.walked_chains += 1
+        if planner is not None:
+            planner.trees = count
+
+
 def apply() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -332,8 +318,17 @@ def apply() -> None:
         step = getattr(self, STEP_ATTR, None)
         setattr(self, STEP_ATTR, None)
         setattr(self, LAST_ROWS_ATTR, None)
-        if step is None or logits is None or spec_decode_metadata is None:
+        if logits is None or spec_decode_metadata is None:
             return sample(self, logits, spec_decode_metadata, *args, **kwargs)
+        if step is None:  # chains: walked where the batch allows, else vLLM's rejection sampler
+            if not chain_walk.walkable(self):
+                return sample(self, logits, spec_decode_metadata, *args, **kwargs)
+            real = self.rejection_sampler
+            self.rejection_sampler = chain_walk.walk_sampler(real, lambda: count_walk(self))
+            try:
+                return sample(self, logits, spec_decode_metadata, *args, **kwargs)
+            finally:
+                self.rejection_sampler = real
         verdicts = verify(self, step, logits, spec_decode_metadata)
         whole = covers_batch(self, verdicts)
         if not whole:

@@ -241,12 +241,14 @@ TREE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("tree_compactions", "compacted", "Accepted side branches whose K/V was moved to contiguous slots"),
     ("tree_grammar_verifications", "grammar", "Tree verifications of structured-output requests (grammar-pruned trees)"),
     ("tree_whole_batch_steps", "whole_batch", "Tree steps in which every request verified a tree (no rejection sampler)"),
+    ("walked_chain_steps", "walked_chains", "Chain steps verified by walking the target's tokens (no rejection sampler)"),
 )
 
 
 def tree_families(trees: Mapping[str, Any] | None) -> Iterator[Any]:
     """Tree verification counters, and tested / accepted verifications per tree depth (1-based),
-    summed over engine cores; nothing until an engine verified a tree.
+    summed over engine cores (with the chain steps verified by the walk); nothing until an engine
+    verified a tree or walked a chain.
 
     >>> fams = list(tree_families({"steps": 2, "verified": 3, "accepted_nodes": 4, "compacted": 1,
     ...                             "depth_tested": [3, 2], "depth_accepted": [2, 2]}))

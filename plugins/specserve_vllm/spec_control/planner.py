@@ -61,6 +61,10 @@ otherwise: lengths chosen each step for speed, so speculation never costs much u
 with a drafter that misses (docs/speculation-control.md#the-default)."""
 
 
+CHAIN_VERIFIERS = ("walk", "rejection")
+"""Values of ``chain_verify``."""
+
+
 class InvalidSpecPolicy(ValueError):
     """An unknown ``spec_policy`` name."""
 
@@ -84,10 +88,16 @@ class PlannerSettings:
     """``goodput``: keep the engine-wide acceptance per sampling class (greedy, and temperature
     buckets), so greedy and sampled requests are priced at their own rates; ``False``: one rate
     for all requests (the earlier behaviour, kept for comparison)."""
+    chain_verify: str = "walk"
+    """How chain steps are verified: ``walk`` (the target's own token per row, as trees are, where
+    the batch allows; :mod:`specserve_vllm.compat.chain_walk`) or ``rejection`` (vLLM's rejection
+    sampler on every step). Both are lossless."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise InvalidSpecPolicy(f"spec_policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.chain_verify not in CHAIN_VERIFIERS:
+            raise ValueError(f"chain_verify must be one of {', '.join(CHAIN_VERIFIERS)}, got {self.chain_verify!r}")
 
 
 def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) -> PlannerSettings:
@@ -102,6 +112,7 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         log_every=int(ours.get("log_every", 0)),
         sampling_classes=bool(ours.get("sampling_classes", True)),
         recheck_on=max(1, int(ours.get("recheck_on", 4))),
+        chain_verify=str(ours.get("chain_verify", "walk")),
     )
 
 

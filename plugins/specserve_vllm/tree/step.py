@@ -110,6 +110,9 @@ class TreeCounters:
     """Tree verifications of structured-output requests (trees pruned by their grammar)."""
     whole_batch: int = 0
     """Steps in which every request verified a tree, so vLLM's rejection sampler did not run."""
+    walked_chains: int = 0
+    """Steps without trees whose chains were verified by the walk
+    (:mod:`~specserve_vllm.compat.chain_walk`), so vLLM's rejection sampler did not run."""
     depth_tested: list[int] = field(default_factory=list)
     """Per depth d (index d - 1): verifications that reached depth d (the tree has a node there
     and every shallower node on the path was accepted)."""

@@ -7,12 +7,14 @@ next-token distribution after the path to ``r``, so verification walks down the 
 * greedy (temperature 0): at the current row take the target's argmax; if a child holds it,
   descend into that child, else emit it as the bonus token and stop. The output is exactly
   what greedy decoding without speculation would produce (one more token at a leaf).
-* sampling (temperature > 0, deterministic drafts): at the current row draw ``x`` from the
-  target; if a child holds ``x`` descend, else emit ``x`` and stop. Every emitted token is a
-  draw from the target at exactly the context it would have had without speculation, so the
-  output distribution is the target's (lossless). A draft token is accepted with the target's
-  probability of it: the same acceptance as SpecInfer/SGLang's target-only tree sampling for
-  drafts that carry no probabilities, with one random draw per emitted token.
+* sampling (temperature > 0, deterministic drafts): draw one token ``x`` from the target at
+  every row (independently, all at once); walk from the root: if a child holds the current
+  row's ``x`` descend, else emit ``x`` and stop. Every emitted token is a draw from the target
+  at exactly the context it would have had without speculation, so the output distribution is
+  the target's (lossless). A draft token is accepted with the target's probability of it: the
+  same acceptance as SpecInfer/SGLang's target-only tree sampling for drafts that carry no
+  probabilities. A chain is the tree without branches (:func:`chain_outputs` walks a step's
+  chains at once).
 
     >>> from specserve_vllm.tree.draft import DraftTree
     >>> t = DraftTree(tokens=(1, 3, 2), parents=(-1, 0, -1))   # root -> 1 -> 3, root -> 2
@@ -54,6 +56,13 @@ def _check_rows(tree: DraftTree, rows: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _check_tokens(tree: DraftTree, tokens: Sequence[int] | np.ndarray) -> list[int]:
+    out = np.asarray(tokens).tolist()
+    if len(out) != len(tree) + 1:
+        raise ValueError(f"expected {len(tree) + 1} row tokens for a {len(tree)}-node tree, got {len(out)}")
+    return out
+
+
 def _children_by_row(tree: DraftTree) -> list[list[int]]:
     kids: list[list[int]] = [[] for _ in range(len(tree) + 1)]
     for i, p in enumerate(tree.parents):
@@ -62,13 +71,21 @@ def _children_by_row(tree: DraftTree) -> list[list[int]]:
 
 
 def verify_greedy(tree: DraftTree, logits: np.ndarray) -> TreeVerdict:
-    """Follow the target's argmax down the tree (``logits``: ``[N+1, vocab]``).
+    """Follow the target's argmax down the tree (``logits``: ``[N+1, vocab]``);
+    :func:`verify_argmax` over each row's argmax."""
+    return verify_argmax(tree, _check_rows(tree, logits).argmax(axis=-1))
+
+
+def verify_argmax(tree: DraftTree, target: Sequence[int] | np.ndarray) -> TreeVerdict:
+    """Follow ``target`` (``[N+1]``, the target's argmax after each row) down the tree.
 
     When siblings repeat a token, the one with the longer matching descent is taken, so the
     accepted path is the longest path the target agrees with.
+
+    >>> verify_argmax(DraftTree(tokens=(1, 3, 2), parents=(-1, 0, -1)), [1, 3, 0, 5]).tokens
+    (1, 3, 0)
     """
-    rows = _check_rows(tree, logits)
-    target = rows.argmax(axis=-1).tolist()  # [N+1] the target's token after each row
+    target = _check_tokens(tree, target)
     kids = _children_by_row(tree)
 
     @cache
@@ -88,6 +105,30 @@ def verify_greedy(tree: DraftTree, logits: np.ndarray) -> TreeVerdict:
     return TreeVerdict(tuple(accepted), (*(tree.tokens[i] for i in accepted), int(target[row])))
 
 
+def verify_drawn(tree: DraftTree, draws: Sequence[int] | np.ndarray) -> TreeVerdict:
+    """Lossless verification at temperature > 0 for deterministic drafts, over one draw from
+    the target's sampling law per row (``draws``: ``[N+1]``, drawn independently).
+
+    From the root: if a child holds the current row's draw, descend into it (the first such
+    child: the choice must not look at deeper draws), else emit the draw and stop. Every
+    emitted token is the draw of a row whose context is exactly the tokens emitted before it,
+    so the output follows the target's law; rows off the walked path are drawn and unused.
+
+    >>> verify_drawn(DraftTree(tokens=(1, 3, 2), parents=(-1, 0, -1)), [2, 9, 9, 7])
+    TreeVerdict(accepted=(2,), tokens=(2, 7))
+    """
+    draws = _check_tokens(tree, draws)
+    kids = _children_by_row(tree)
+    accepted: list[int] = []
+    row = 0
+    while True:
+        node = next((c for c in kids[row] if tree.tokens[c] == draws[row]), None)
+        if node is None:
+            return TreeVerdict(tuple(accepted), (*(tree.tokens[i] for i in accepted), int(draws[row])))
+        accepted.append(node)
+        row = node + 1
+
+
 def target_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Softmax of ``logits / temperature`` along the last axis (float64).
 
@@ -100,31 +141,6 @@ def target_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=-1, keepdims=True)
-
-
-def _draw(p: np.ndarray, rng: np.random.Generator) -> int:
-    cdf = np.cumsum(p, dtype=np.float64)
-    u = rng.random() * cdf[-1]
-    return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
-
-
-def verify_sampled(tree: DraftTree, probs: np.ndarray, rng: np.random.Generator) -> TreeVerdict:
-    """Lossless verification at temperature > 0 for deterministic drafts.
-
-    ``probs``: ``[N+1, vocab]`` the target's sampling distribution at each row (after
-    temperature, top-k/top-p, penalties). Draws once per emitted token from ``rng``.
-    """
-    rows = _check_rows(tree, probs)
-    kids = _children_by_row(tree)
-    accepted: list[int] = []
-    row = 0
-    while True:
-        x = _draw(rows[row], rng)
-        node = next((c for c in kids[row] if tree.tokens[c] == x), None)
-        if node is None:
-            return TreeVerdict(tuple(accepted), (*(tree.tokens[i] for i in accepted), x))
-        accepted.append(node)
-        row = node + 1
 
 
 def row_offsets(trees: Sequence[DraftTree]) -> np.ndarray:
@@ -147,4 +163,43 @@ def sampled_token_ids(verdicts: Sequence[TreeVerdict], width: int) -> np.ndarray
         if len(v.tokens) > width:
             raise ValueError(f"request {r} emits {len(v.tokens)} tokens, more than width {width}")
         out[r, : len(v.tokens)] = v.tokens
+    return out
+
+
+def chain_outputs(draft_ids: np.ndarray, num_drafts: Sequence[int], row_tokens: np.ndarray,
+                  width: int) -> np.ndarray:
+    """``[R, width]`` int32: each request's accepted drafts then the token of its first row
+    that did not match, padded with ``-1``, in vLLM's layout for a step's output.
+
+    A chain is a tree without branches, so its walk needs one token per logits row: request
+    ``r`` owns ``num_drafts[r] + 1`` consecutive rows of ``row_tokens`` (the target's argmax,
+    or one draw from its law, per row) and its drafts are the next ``num_drafts[r]`` of
+    ``draft_ids``. Draft ``j`` is accepted when row ``j`` gave it and every earlier draft was
+    accepted; the first row that gave another token emits that token (at a chain's end, the
+    last row's token is the bonus). Drawing every row at once is lossless: row ``j``'s token is
+    only used when the context before it is exactly what the target produced.
+
+    >>> chain_outputs(np.array([5, 6, 7, 9]), [3, 1], np.array([5, 6, 8, 1, 4, 2]), 4).tolist()
+    [[5, 6, 8, -1], [4, -1, -1, -1]]
+    >>> chain_outputs(np.array([5, 6]), [2, 0], np.array([5, 6, 3, 8]), 3).tolist()
+    [[5, 6, 3], [8, -1, -1]]
+    """
+    n = np.asarray(num_drafts, dtype=np.int64)
+    drafts = np.asarray(draft_ids, dtype=np.int64)
+    tokens = np.asarray(row_tokens, dtype=np.int64)
+    if len(drafts) != n.sum() or len(tokens) != n.sum() + len(n):
+        raise ValueError(f"{len(drafts)} drafts and {len(tokens)} rows for draft counts {n.tolist()}")
+    if n.size and n.max() + 1 > width:
+        raise ValueError(f"a request emits up to {int(n.max()) + 1} tokens, more than width {width}")
+    longest = int(n.max(initial=0))
+    row_start = np.cumsum(n + 1) - (n + 1)
+    draft_start = np.cumsum(n) - n
+    cols = np.arange(longest + 1)
+    tok = tokens[row_start[:, None] + np.minimum(cols, n[:, None])]  # [R, longest + 1]
+    at = np.minimum(draft_start[:, None] + cols[:longest], max(len(drafts) - 1, 0))  # past a row's drafts: masked
+    own = drafts[at] if drafts.size else tok[:, :longest]
+    match = (own == tok[:, :longest]) & (cols[:longest] < n[:, None])
+    accepted = np.cumprod(match, axis=1).sum(axis=1)
+    out = np.full((len(n), width), -1, dtype=np.int32)
+    out[:, : longest + 1] = np.where(cols <= accepted[:, None], tok, -1)
     return out
