@@ -18,6 +18,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "soak": ("soak", "mixed traffic through specserve serve for a bounded time, every answer checked"),
     "spec-off": ("spec_off", "every request at k=0 vs an engine without a drafter (interleaved)"),
     "trees": ("trees", "a drafter's chains vs static and dynamic trees at equal node budgets: tau, tokens/s"),
+    "chain-verify": ("chain_verify", "chains verified by the walk vs by vLLM's rejection sampler, and no speculation"),
     "tree-parts": ("tree_parts", "tree verification's parts by node count: attention rows, KV read-back, verifier"),
     "tree-projection": ("tree_projection", "a `bench trees` run's tau priced at per-row costs from free to this CPU's"),
     "goodput": ("goodput", "engine goodput controller vs no drafter and every fixed k: open, closed loop, load step"),
