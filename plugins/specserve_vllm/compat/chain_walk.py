@@ -111,8 +111,11 @@ def row_tokens(logits: Any, num_draft_tokens: list[int], metadata: Any) -> np.nd
     if greedy.any():
         tokens[greedy] = rows[torch.from_numpy(greedy)].float().numpy().argmax(axis=-1)
     sampled = np.flatnonzero(~greedy)
-    which = torch.from_numpy(sampled)
-    scaled = rows[which].float().div_(torch.from_numpy(temperature[owner[sampled]]).unsqueeze(1))
+    divisor = torch.from_numpy(temperature[owner[sampled]]).unsqueeze(1)
+    if sampled.size == len(owner):  # every row sampled: no gather (the division makes the copy)
+        scaled = rows.float() / divisor
+    else:
+        scaled = rows[torch.from_numpy(sampled)].float().div_(divisor)
     per_row = torch.from_numpy(owner[sampled])
     top_k = None if metadata.top_k is None else metadata.top_k[per_row]
     top_p = None if metadata.top_p is None else metadata.top_p[per_row]
@@ -128,7 +131,7 @@ def row_tokens(logits: Any, num_draft_tokens: list[int], metadata: Any) -> np.nd
 
 def inverse_cdf_draws(logits: Any, uniforms: Any) -> np.ndarray:
     """One draw per row of ``softmax(logits)`` from one uniform in [0, 1) per row: the first
-    token whose cumulative probability (float64) exceeds ``u * total``. Masked tokens (``-inf``)
+    token whose cumulative probability (summed in float64) exceeds ``u * total``. Masked tokens (``-inf``)
     have no width, so they are never drawn. One random number per row, where Gumbel or
     exponential noise needs one per vocabulary entry (most of a sampled step's cost on CPU).
 
@@ -139,11 +142,12 @@ def inverse_cdf_draws(logits: Any, uniforms: Any) -> np.ndarray:
     """
     import torch
 
-    cdf = logits.softmax(dim=-1, dtype=torch.float64).cumsum_(dim=-1)
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)  # vLLM's float32 law, summed in float64
     points = (uniforms * cdf[:, -1]).unsqueeze(1)
     found = torch.searchsorted(cdf, points, right=True).squeeze(1)
-    # u * total rounding up to total (about 2**-53 a draw) would point past the end.
-    found = torch.where(found < cdf.shape[1], found, logits.argmax(dim=-1))
+    over = found >= cdf.shape[1]  # u * total rounding up to total (about 2**-53 a draw)
+    if bool(over.any()):
+        found[over] = logits[over].argmax(dim=-1)
     return found.numpy()
 
 
