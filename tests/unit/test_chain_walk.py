@@ -161,6 +161,7 @@ def _runner(params: list[Any], logprobs: int | None = None, budget: bool = False
     runner = NS(input_batch=NS(sampling_metadata=metadata, req_ids=ids, num_reqs=len(ids)),
                 requests={i: NS(sampling_params=p) for i, p in zip(ids, params)})
     setattr(runner, chain_walk.ENABLED_ATTR, True)
+    setattr(runner, chain_walk.BUILTIN_ATTR, True)
     return runner
 
 
@@ -173,6 +174,9 @@ def test_a_step_walks_only_when_every_request_allows_it() -> None:
     off = _runner([_params()])
     setattr(off, chain_walk.ENABLED_ATTR, False)
     assert not chain_walk.walkable(off)
+    custom = _runner([_params()])
+    setattr(custom, chain_walk.BUILTIN_ATTR, False)  # a custom logits processor
+    assert not chain_walk.walkable(custom) and not chain_walk.plain_law(custom)
 
 
 def test_the_setting_is_read_from_the_engine_config() -> None:

@@ -30,15 +30,15 @@ from specserve_vllm.compat.upstream import UpstreamFunction
 logger = logging.getLogger(__name__)
 
 ENABLED_ATTR = "_specserve_chain_walk"
-"""Runner attribute: whether this engine walks chains (its setting and logits processors, read once)."""
+"""Runner attribute: whether this engine walks chains (its setting and scheduling, read once)."""
 
 UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Relied on: the law a sampled row follows (temperature with greedy rows at 1, then the
     # argmax-invariant processors, then top-k/top-p), and greedy rows take the argmax.
     UpstreamFunction("vllm.v1.sample.sampler", "Sampler.sample",
                      "9d8f0d0456c2735008b946dd08d0d8c47b26d1e36f318fa9ab5a243d7815c40e"),
-    # Relied on: top-k/top-p masks, then a Gumbel argmax with one seed per row, each request's
-    # generator seeding its own rows.
+    # Relied on: a sampled row's law is the softmax of its logits after the top-k/top-p masks
+    # (drawn there by a Gumbel argmax, here by the inverse CDF: the same law).
     UpstreamFunction("vllm.v1.sample.ops.topk_topp_sampler", "TopKTopPSampler.forward_cpu",
                      "ee68a2e5e279814dc11905a1c14bb930e0f36e83450c094fa675eb316ebeb3c5"),
     # Relied on: what the rejection sampler adds to the target rows (penalties, allowed and bad
@@ -46,6 +46,7 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
     UpstreamFunction("vllm.v1.sample.rejection_sampler", "RejectionSampler.apply_logits_processors",
                      "1ea3bda3ddc456785d2575059f683765595f19598ba377c198a22abef361dc83"),
 )
+
 
 def builtin_processors_only(logitsprocs: Any) -> bool:
     """Whether the engine's logits processors are vLLM's built-in ones (min-p, logit bias,
@@ -61,15 +62,33 @@ def builtin_processors_only(logitsprocs: Any) -> bool:
     return all(type(p) in builtin for p in logitsprocs.all)
 
 
+BUILTIN_ATTR = "_specserve_builtin_logitsprocs"
+"""Runner attribute: whether the engine has only vLLM's built-in logits processors (read once)."""
+
+
+def plain_law(runner: Any) -> bool:
+    """Whether, engine-wide, this step's tree-eligible requests sample from temperature, top-k
+    and top-p alone: only vLLM's built-in logits processors (checked once per runner) and no
+    thinking budget tracked. Tree steps and walked chains both need it."""
+    builtin = getattr(runner, BUILTIN_ATTR, None)
+    if builtin is None:
+        builtin = builtin_processors_only(runner.input_batch.sampling_metadata.logitsprocs)
+        setattr(runner, BUILTIN_ATTR, builtin)
+        if not builtin:
+            logger.warning("custom logits processors: drafts are verified by vLLM's rejection sampler, as chains")
+    holder = getattr(runner.input_batch.sampling_metadata, "thinking_budget_state_holder", None)
+    return builtin and not (holder is not None and holder.has_tracked_requests())
+
+
 def enabled(runner: Any) -> bool:
-    """Whether this engine may walk chains (read once per runner)."""
+    """Whether this engine walks chains: its ``chain_verify`` setting, and synchronous
+    scheduling (read once per runner)."""
     found = getattr(runner, ENABLED_ATTR, None)
     if found is None:
         from specserve_vllm.spec_control.planner import settings_from
 
         setting = settings_from(getattr(runner.vllm_config, "additional_config", None)).chain_verify
-        found = (setting == "walk" and not runner.use_async_scheduling
-                 and builtin_processors_only(runner.input_batch.sampling_metadata.logitsprocs))
+        found = setting == "walk" and not runner.use_async_scheduling
         setattr(runner, ENABLED_ATTR, found)
         logger.info("chain verification", extra={"fields": {"setting": setting, "walk": found}})
     return bool(found)
@@ -79,12 +98,10 @@ def walkable(runner: Any) -> bool:
     """Whether this step's chains may be walked (see the module docstring)."""
     from specserve_vllm.tree.step import tree_eligible
 
-    if not enabled(runner):
+    if not enabled(runner) or not plain_law(runner):
         return False
     metadata = runner.input_batch.sampling_metadata
-    holder = getattr(metadata, "thinking_budget_state_holder", None)
-    if metadata.max_num_logprobs is not None or metadata.logprob_token_ids or (
-            holder is not None and holder.has_tracked_requests()):
+    if metadata.max_num_logprobs is not None or metadata.logprob_token_ids:
         return False
     requests = runner.requests
     return all(tree_eligible(requests[r].sampling_params)

@@ -28,8 +28,9 @@ wraps on ``GPUModelRunner`` turn a step's eligible requests into tree verificati
 The scheduler then counts ``len(tokens) - 1`` accepted drafts and rolls ``num_computed_tokens``
 back to ``root + accepted path``, exact once the path's K/V sits in those rows; rows past it are
 overwritten by the next step. Requests that are not eligible (penalties, min-p, logprobs) keep
-their preorder drafts verified as a chain by vLLM's rejection sampler: lossless, only shorter.
-Structured-output requests verify the tree the engine core pruned with their grammar
+their preorder drafts verified as a chain by vLLM's rejection sampler: lossless, only shorter;
+so does every request of a step with a thinking budget tracked, or of an engine with custom
+logits processors (:func:`~specserve_vllm.compat.chain_walk.plain_law`). Structured-output requests verify the tree the engine core pruned with their grammar
 (:mod:`~specserve_vllm.compat.tree_grammar`, sent on the ``SchedulerOutput``), over logits its
 mask rows have masked. Engines without tree drafts pay one attribute lookup per wrap.
 """
@@ -150,7 +151,8 @@ def plan(runner: Any, scheduler_output: Any) -> Any:
     from specserve_vllm.tree.step import TreeStep
 
     trees = getattr(runner, TREES_ATTR, None)
-    if not trees or not scheduler_output.scheduled_spec_decode_tokens or not tree_capable(runner):
+    if (not trees or not scheduler_output.scheduled_spec_decode_tokens or not tree_capable(runner)
+            or not chain_walk.plain_law(runner)):
         return None
     num_reqs = runner.input_batch.num_reqs
     req_ids = runner.input_batch.req_ids[:num_reqs]
