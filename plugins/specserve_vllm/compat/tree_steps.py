@@ -30,7 +30,8 @@ back to ``root + accepted path``, exact once the path's K/V sits in those rows; 
 overwritten by the next step. Requests that are not eligible (penalties, min-p, logprobs) keep
 their preorder drafts verified as a chain by vLLM's rejection sampler: lossless, only shorter;
 so does every request of a step with a thinking budget tracked, or of an engine with custom
-logits processors (:func:`~specserve_vllm.compat.chain_walk.plain_law`). Structured-output requests verify the tree the engine core pruned with their grammar
+logits processors (:func:`~specserve_vllm.compat.chain_walk.plain_law`). Structured-output
+requests verify the tree the engine core pruned with their grammar
 (:mod:`~specserve_vllm.compat.tree_grammar`, sent on the ``SchedulerOutput``), over logits its
 mask rows have masked. Engines without tree drafts pay one attribute lookup per wrap.
 """
