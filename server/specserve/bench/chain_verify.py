@@ -67,15 +67,6 @@ def _engine(args: argparse.Namespace, model_dir: Path, heads: str | None, arm: s
     return llm
 
 
-def walked_steps(llm: Any) -> int:
-    """Chain steps the engine verified by the walk so far."""
-    from specserve.engine.local import model_runner
-    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
-
-    found = getattr(model_runner(llm), COUNTERS_ATTR, None)
-    return 0 if found is None else int(found.walked_chains)
-
-
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # counters read from the runner
@@ -106,10 +97,9 @@ def run(args: argparse.Namespace) -> int:
             params = [SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True,
                                      seed=None if temp == 0 else args.seed * 1000 + i) for i in range(len(prompts))]
             for bs in batch_sizes:
-                walked = {arm: walked_steps(llm) for arm, llm in engines.items()}
                 measured = _measure({(arm,): engines[arm] for arm in ARMS}, prompts, params, bs, rng)  # type: ignore[misc]
                 for (arm,), m in measured.items():
-                    m["walked_steps"] = walked_steps(engines[arm]) - walked[arm]
+                    m["walked_steps"] = m["trees"].get("walked_chains", 0)  # the runner's counters, before and after
                     got[arm].setdefault(_key(bs, temp), []).append(m)
                     logger.info("bench chain-verify", extra={"fields": {
                         "arm": arm, "rep": rep, "batch": bs, "temperature": temp,
