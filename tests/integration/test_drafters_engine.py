@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from support.spec_runs import (PROMPTS, REPETITIVE, assert_greedy_equal, assert_same_law, greedy, heads_env, homogeneity_z,
-                              run_batches)
+                              run_batches, walked_chain_steps)
 
 from specserve.speculative_config import speculative_config
-from specserve.engine.local import local_llm
+from specserve.engine.local import local_llm, model_runner
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -84,7 +84,7 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
         with heads_env(heads):
             llm = _engine(demo_model_dir, speculative_config(drafter, K))  # type: ignore[arg-type]
         out[drafter] = _run(llm)
-        out[drafter]["walked"] = _walked(llm)
+        out[drafter]["walked"] = walked_chain_steps(model_runner(llm))
         off = llm.generate([PROMPTS[REPETITIVE]], _greedy({"spec_k": 0}), use_tqdm=False)[0].outputs[0]
         out[drafter]["spec_k0"] = off
         if drafter in SAMPLED:
@@ -94,26 +94,17 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
     # k changing per row and per step (the ``jitter`` policy: a random length in [0, k] and whole
     # steps without drafts), sampled like the others
     llm = _engine(demo_model_dir, speculative_config("recycling", K), policy="jitter")
-    out["jitter"] = {"sampled": _sampled(llm), "walked": _walked(llm)}
+    out["jitter"] = {"sampled": _sampled(llm), "walked": walked_chain_steps(model_runner(llm))}
     del llm
     gc.collect()
     # chains verified by vLLM's rejection sampler instead of the walk
     llm = _engine(demo_model_dir, speculative_config("recycling", K), chain_verify="rejection")
     out["rejection"] = _run(llm)
     out["rejection"]["sampled"] = _sampled(llm)
-    out["rejection"]["walked"] = _walked(llm)
+    out["rejection"]["walked"] = walked_chain_steps(model_runner(llm))
     del llm
     gc.collect()
     yield out
-
-
-def _walked(llm: Any) -> int:
-    """Chain steps the engine verified by the walk so far."""
-    from specserve.engine.local import model_runner
-    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
-
-    found = getattr(model_runner(llm), COUNTERS_ATTR, None)
-    return 0 if found is None else found.walked_chains
 
 
 @pytest.mark.parametrize("drafter", [*DRAFTERS, "rejection"])

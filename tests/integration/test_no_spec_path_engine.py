@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from support.spec_runs import PROMPTS, greedy, heads_env
+from support.spec_runs import PROMPTS, greedy, heads_env, walked_chain_steps
 
 from specserve.speculative_config import speculative_config
 from specserve.engine.local import local_llm, model_runner
@@ -131,14 +131,6 @@ def _break_even_calibration(directory: Path) -> Path:
     return path
 
 
-def _walked(runner: Any) -> int:
-    """Chain steps the runner verified by the walk so far."""
-    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
-
-    found = getattr(runner, COUNTERS_ATTR, None)
-    return 0 if found is None else found.walked_chains
-
-
 def _spied_runs(llm: Any, runner: Any) -> dict[str, Any]:
     """Every request at spec_k=0, then every request at the engine's k, with spies installed."""
     spies = {"rejection": _Spy(runner.rejection_sampler), "sampler": _Spy(runner.sampler),
@@ -148,16 +140,16 @@ def _spied_runs(llm: Any, runner: Any) -> dict[str, Any]:
     matrix_before = runner.drafter.matrix.copy()
     no_spec_before = getattr(runner, "_specserve_no_spec_steps", 0)
     try:
-        walked_before = _walked(runner)
+        walked_before = walked_chain_steps(runner)
         off = _generate(llm, PROMPTS, [0] * len(PROMPTS))
         counts_off = {name: spy.calls for name, spy in spies.items()}
         counts_off["no_spec_steps"] = getattr(runner, "_specserve_no_spec_steps", 0) - no_spec_before
-        counts_off["walked"] = _walked(runner) - walked_before
+        counts_off["walked"] = walked_chain_steps(runner) - walked_before
         runner.drafter.flush_backlog()  # k=0 steps' rows are learnt in batches, before any draft
         matrix_changed = not np.array_equal(runner.drafter.matrix, matrix_before)
         on = _generate(llm, PROMPTS[:2], [None, None])
         counts_on = {name: spy.calls - counts_off[name] for name, spy in spies.items()}
-        counts_on["walked"] = _walked(runner) - walked_before - counts_off["walked"]
+        counts_on["walked"] = walked_chain_steps(runner) - walked_before - counts_off["walked"]
     finally:
         runner.rejection_sampler, runner.sampler = spies["rejection"].target, spies["sampler"].target
         del runner.drafter.propose

@@ -100,3 +100,11 @@ def assert_same_law(base: list[Any], spec: list[Any], positions: int, z_max: flo
         assert z < z_max, f"token {pos}: z={z:.2f} (p < 1e-4 under equal distributions)"
         zs.append(z)
     assert max(zs) > -math.inf, "every sampled token was rare: the comparison tested nothing"
+
+
+def walked_chain_steps(runner: Any) -> int:
+    """Chain steps a model runner verified by the walk so far (0 before its first)."""
+    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
+
+    found = getattr(runner, COUNTERS_ATTR, None)
+    return 0 if found is None else found.walked_chains

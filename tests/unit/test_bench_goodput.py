@@ -132,3 +132,22 @@ def test_goodput_variants_have_their_own_engines_and_are_not_baselines() -> None
     assert goodput.GOODPUT_ARMS["goodput-every-step"] == {"recheck_on": 1}
     point = {"none": 1.0, "k2": 0.9, "goodput": 1.1, "goodput-every-step": 0.5, "goodput-pooled": 0.6}
     assert set(goodput.judged_arms(point)) == {"none", "k2", "goodput"}
+    assert goodput.tree_judged_arms(point) == {}
+    point[goodput.TREE_ARM] = 1.2
+    assert set(goodput.judged_arms(point)) == {"none", "k2", "goodput"}
+    assert set(goodput.tree_judged_arms(point)) == {"none", "k2", "goodput", goodput.TREE_ARM}
+
+
+def test_the_summary_tallies_the_tree_arm_against_the_chain_arms() -> None:
+    verdict = {"best": "none", "ratio": 1.0, "within": True, "better_than_fixed": False}
+    paired = {"best": "none", "slowdown": 1.0, "low": 1.0, "high": 1.0, "verdict": "within"}
+    tree = {"best": "k2", "slowdown": 1.2, "low": 1.1, "high": 1.3, "verdict": "beyond"}
+    report: dict[str, Any] = {"drafter": "hydra", "open": {}, "closed": {"t0": {
+        "1": {"verdict_throughput": verdict, "paired_throughput": paired, "tree_paired_throughput": tree},
+        "8": {"verdict_throughput": verdict, "paired_throughput": paired,
+              "tree_paired_throughput": {**tree, "verdict": "within"}}}}}
+    line = goodput.summary_line(report)
+    assert line.endswith("goodput-tree against the best chain arm, paired: 1 within 3%, 1 beyond, 0 undecided")
+    for pt in report["closed"]["t0"].values():
+        del pt["tree_paired_throughput"]
+    assert "goodput-tree" not in goodput.summary_line(report)

@@ -8,7 +8,10 @@ Arms:
 - ``goodput-pooled``: the same with one engine-wide acceptance for every request instead of one
   per sampling class (the ``sampling_classes`` setting off);
 - ``goodput-every-step``: the same deciding at every step (``recheck_on`` 1: no speculating plan
-  reused), which shows what reusing plans buys.
+  reused), which shows what reusing plans buys;
+- ``goodput-tree``: the goodput controller spending a node budget (``--tree-budget``) on draft
+  trees (``--tree-shape``, DySpec ``dynamic`` by default) instead of chains; judged apart, against
+  the best chain arm (``none``, ``k1`` .. ``k4``, ``goodput``) at each point.
 
 Each arm has its own in-process engine, all alive at once, with the same warm-up. Every arm gets
 the same prompts (held-out stdlib files), output lengths (lognormal) and seeds, and the arms run
@@ -84,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="e.g. 0,0.7; 0+0.7 is one point whose requests alternate between 0 and 0.7")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", default="none,k1,k2,k3,k4,goodput")
+    parser.add_argument("--tree-budget", type=int, default=8, help="goodput-tree: draft nodes per request and step")
+    parser.add_argument("--tree-shape", default="dynamic", choices=("static", "dynamic"),
+                        help="goodput-tree: tree shape")
     parser.add_argument("--plots", type=Path, default=None, help="write SVG charts into this folder")
     parser.add_argument("--full", action="store_true",
                         help="the published run: " + ", ".join(f"{k}={v}" for k, v in FULL.items()))
@@ -99,6 +105,17 @@ def _planner(llm: Any) -> Any:
     """The in-process engine's planner object (``None`` without a drafter)."""
     def get(worker: Any) -> Any:
         return getattr(worker_runner(worker), "_specserve_planner", None)
+
+    return llm.collective_rpc(get)[0]
+
+
+def _trees_verified(llm: Any) -> tuple[int, int]:
+    """``(trees verified, tree nodes accepted)`` by the in-process engine so far."""
+    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
+
+    def get(worker: Any) -> tuple[int, int]:
+        found = getattr(worker_runner(worker), COUNTERS_ATTR, None)
+        return (0, 0) if found is None else (int(found.verified), int(found.accepted_nodes))
 
     return llm.collective_rpc(get)[0]
 
@@ -195,8 +212,12 @@ def _engines(args: argparse.Namespace, arms: list[str], model_dir: Path) -> dict
             engines["fixed"] = local_llm(model_dir, speculative_config=spec, **common,
                                          additional_config={"specserve": {"spec_policy": "fixed"}})
         for arm, extra in GOODPUT_ARMS.items():
-            if arm in arms:
-                engines[arm] = local_llm(model_dir, speculative_config=spec, **common,
+            if arm not in arms:
+                continue
+            tree = arm == TREE_ARM
+            arm_spec = speculative_config(args.drafter, args.tree_budget) if tree else spec  # type: ignore[arg-type]
+            with settings.override(tree=args.tree_shape if tree else "chain"):
+                engines[arm] = local_llm(model_dir, speculative_config=arm_spec, **common,
                                          additional_config={"specserve": {"spec_policy": "goodput", **extra}})
     return engines
 
@@ -205,8 +226,12 @@ GOODPUT_ARMS: dict[str, dict[str, Any]] = {
     "goodput": {},
     "goodput-pooled": {"sampling_classes": False},
     "goodput-every-step": {"recheck_on": 1},
+    "goodput-tree": {},
 }
 """The goodput arms and the engine settings each adds to the default controller."""
+
+TREE_ARM = "goodput-tree"
+"""The arm whose engine drafts trees (``--tree-shape``, ``--tree-budget`` nodes)."""
 
 
 def judged_arms(point: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +242,19 @@ def judged_arms(point: dict[str, Any]) -> dict[str, Any]:
     ['none', 'k2', 'goodput']
     """
     return {a: v for a, v in point.items() if a == "goodput" or a not in GOODPUT_ARMS}
+
+
+def tree_judged_arms(point: dict[str, Any]) -> dict[str, Any]:
+    """The tree arm and the chain arms it is judged against at a point (empty without it).
+
+    >>> list(tree_judged_arms({"none": 1, "k2": 2, "goodput": 3, "goodput-pooled": 4, "goodput-tree": 5}))
+    ['none', 'k2', 'goodput', 'goodput-tree']
+    >>> tree_judged_arms({"none": 1, "goodput": 3})
+    {}
+    """
+    if TREE_ARM not in point:
+        return {}
+    return {a: v for a, v in point.items() if a in (TREE_ARM, "goodput") or a not in GOODPUT_ARMS}
 
 
 def _engine_of(arm: str) -> str:
@@ -273,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
             for arm in order:
                 llm = engines[_engine_of(arm)]
                 before = _plan_stats(llm) if arm.startswith("goodput") else None
+                trees_before = _trees_verified(llm) if arm == TREE_ARM else None
                 reqs = requests_for(seed_base + 1000 * rep, args.requests, temperature, arm)
                 cpu0 = time.process_time()
                 finished, span = drive(llm.llm_engine, reqs, f"{label}-{arm}-{rep}", rep)
@@ -283,13 +322,22 @@ def run(args: argparse.Namespace) -> int:
                 result["tokens_per_cpu_s"] = round(sum(len(f.tokens) for f in finished) / cpu_s, 1) if cpu_s > 0 else 0.0
                 if before is not None:
                     result["plan"] = plan_delta(before, _plan_stats(llm))
+                if trees_before is not None:  # counts, so the tree arm is seen to verify trees
+                    verified, accepted = _trees_verified(llm)
+                    result["trees_verified"] = verified - trees_before[0]
+                    result["tree_nodes_accepted"] = accepted - trees_before[1]
                 runs[arm].append(result)
                 logger.info("bench goodput point", extra={"fields": {
                     "point": label, "temperature": temperature, "rep": rep, "arm": arm, **result}})
         per_arm = {arm: {**combine(r), **({"plan": [x["plan"] for x in r]} if "plan" in r[0] else {})}
                    for arm, r in runs.items()}
         judged, judged_runs = judged_arms(per_arm), judged_arms(runs)
-        return {"orders": orders, "arms": per_arm,
+        tree_runs = tree_judged_arms(runs)
+        trees = {f"tree_paired_{name}": paired_verdict({a: [x[key] for x in r] for a, r in tree_runs.items()},
+                                                       TREE_ARM, lower_is_better=lower)
+                 for name, key, lower in (("latency", "latency_mean_s", True), ("throughput", "tokens_per_s", False),
+                                          ("cpu_throughput", "tokens_per_cpu_s", False))} if tree_runs else {}
+        return {"orders": orders, "arms": per_arm, **trees,
                 "verdict_latency": verdicts(judged, "latency_mean_s", lower_is_better=True),
                 "verdict_throughput": verdicts(judged, "tokens_per_s", lower_is_better=False),
                 "paired_latency": paired_verdict({a: [x["latency_mean_s"] for x in r] for a, r in judged_runs.items()},
@@ -408,7 +456,8 @@ def summary_line(report: dict[str, Any]) -> str:
     """One line: per point, the best arm, goodput's ratio to it, and whether it is within 3% (or
     the CI), with goodput's paired slowdown (and, for closed loops, the same per CPU second of
     this process); then, from ratios paired by repetition, how many points show goodput within
-    3% of the best arm, how many show it more than 3% behind, and how many leave it undecided.
+    3% of the best arm, how many show it more than 3% behind, and how many leave it undecided;
+    the same tally for the tree arm against the best chain arm when it ran.
 
     >>> summary_line({"drafter": "hydra", "open": {"t0": {"1": {"verdict_latency": {
     ...     "best": "k4", "ratio": 1.01, "within": True, "better_than_fixed": False},
@@ -418,9 +467,13 @@ def summary_line(report: dict[str, Any]) -> str:
     """
     parts, ok, total = [], 0, 0
     tally = {"within": 0, "beyond": 0, "undecided": 0}
+    trees = {"within": 0, "beyond": 0, "undecided": 0}
     for kind, unit, key in (("open", "/s", "latency"), ("closed", " clients", "throughput")):
         for temp, points in report.get(kind, {}).items():
             for x, pt in points.items():
+                tv = pt.get(f"tree_paired_{key}")
+                if tv:
+                    trees[str(tv["verdict"])] += 1
                 v = pt.get(f"verdict_{key}")
                 if not v:
                     continue
@@ -436,5 +489,9 @@ def summary_line(report: dict[str, Any]) -> str:
                 if cpu:
                     text += f" (per CPU s {cpu['slowdown']} [{cpu['low']}, {cpu['high']}], best={cpu['best']})"
                 parts.append(text)
-    return (f"goodput {report['drafter']}: " + ", ".join(parts) + f"; {ok} of {total} points within 3% or the CI"
+    line = (f"goodput {report['drafter']}: " + ", ".join(parts) + f"; {ok} of {total} points within 3% or the CI"
             + f"; paired: {tally['within']} within 3%, {tally['beyond']} beyond, {tally['undecided']} undecided")
+    if any(trees.values()):
+        line += (f"; {TREE_ARM} against the best chain arm, paired: {trees['within']} within 3%, "
+                 f"{trees['beyond']} beyond, {trees['undecided']} undecided")
+    return line
