@@ -70,19 +70,13 @@ def _engine(args: argparse.Namespace, model_dir: Path, heads: str | None, arm: s
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # counters read from the runner
-    from vllm import SamplingParams
-
     from specserve.bench.drafters import _prompts, tau
-    from specserve.bench.trees import _key, _measure
+    from specserve.bench.trees import _key, heads_for, sweep
     from specserve.demo import demo_model_dir
 
     model_dir = args.model or demo_model_dir()
     prompts = _prompts(model_dir, args.prompts, args.prompt_tokens)
-    heads = args.heads
-    if args.drafter != "recycling" and heads is None:
-        from specserve.head_training import demo_heads_dir
-
-        heads = str(demo_heads_dir(args.drafter))
+    heads = heads_for(args.drafter, args.heads)
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     temperatures = [float(t) for t in str(args.temperatures).split(",") if t.strip()]
     build = list(ARMS)
@@ -91,19 +85,14 @@ def run(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()  # the idle engines' objects stay out of the collector's walks during measured arms
     got: dict[str, dict[str, list[dict[str, Any]]]] = {arm: {} for arm in ARMS}
-    for rep in range(args.reps):
-        rng = random.Random(args.seed * 1000 + rep)
-        for temp in temperatures:
-            params = [SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True,
-                                     seed=None if temp == 0 else args.seed * 1000 + i) for i in range(len(prompts))]
-            for bs in batch_sizes:
-                measured = _measure({(arm,): engines[arm] for arm in ARMS}, prompts, params, bs, rng)  # type: ignore[misc]
-                for (arm,), m in measured.items():
-                    m["walked_steps"] = m["trees"].get("walked_chains", 0)  # the runner's counters, before and after
-                    got[arm].setdefault(_key(bs, temp), []).append(m)
-                    logger.info("bench chain-verify", extra={"fields": {
-                        "arm": arm, "rep": rep, "batch": bs, "temperature": temp,
-                        "tokens_per_s": m["tokens_per_s"], "walked_steps": m["walked_steps"]}})
+    for rep, temp, bs, (arm,), m in sweep({(arm,): engines[arm] for arm in ARMS}, prompts, reps=args.reps,
+                                          seed=args.seed, temperatures=temperatures, batch_sizes=batch_sizes,
+                                          max_tokens=args.max_tokens):
+        m["walked_steps"] = m["trees"].get("walked_chains", 0)  # the runner's counters, before and after
+        got[arm].setdefault(_key(bs, temp), []).append(m)
+        logger.info("bench chain-verify", extra={"fields": {
+            "arm": arm, "rep": rep, "batch": bs, "temperature": temp,
+            "tokens_per_s": m["tokens_per_s"], "walked_steps": m["walked_steps"]}})
     rows = []
     for temp in temperatures:
         for bs in batch_sizes:

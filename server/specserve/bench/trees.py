@@ -31,6 +31,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,33 @@ def _measure(engines: dict[Arm, Any], prompts: list[list[int]], params: list[Any
     return out
 
 
+def sweep(engines: dict[Any, Any], prompts: list[list[int]], *, reps: int, seed: int, temperatures: Sequence[float],
+          batch_sizes: Sequence[int], max_tokens: int) -> Iterator[tuple[int, float, int, Any, dict[str, Any]]]:
+    """Every repetition, temperature and batch size in turn, every arm measured by
+    :func:`_measure` (seeded sampling at temperature > 0, request ``i`` with seed ``seed * 1000 +
+    i``); yields ``(rep, temperature, batch size, arm, measurement)``."""
+    from vllm import SamplingParams
+
+    for rep in range(reps):
+        rng = random.Random(seed * 1000 + rep)
+        for temp in temperatures:
+            params = [SamplingParams(temperature=temp, max_tokens=max_tokens, ignore_eos=True,
+                                     seed=None if temp == 0 else seed * 1000 + i) for i in range(len(prompts))]
+            for bs in batch_sizes:
+                for arm, m in _measure(engines, prompts, params, bs, rng).items():
+                    yield rep, temp, bs, arm, m
+
+
+def heads_for(drafter: str, heads: str | None) -> str | None:
+    """The head checkpoint a benchmark's drafter uses: ``heads``, or the demo model's for Medusa
+    and Hydra (Token Recycling has none)."""
+    if drafter == "recycling" or heads is not None:
+        return heads
+    from specserve.head_training import demo_heads_dir
+
+    return str(demo_heads_dir(drafter))
+
+
 def summed(counters: list[dict[str, Any]]) -> dict[str, Any]:
     """Counters added key by key (lists per depth element-wise).
 
@@ -255,11 +283,7 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     shapes = [s.strip() for s in str(args.shapes).split(",") if s.strip()]
     budgets = [int(b) for b in str(args.budgets).split(",") if b.strip()]
-    heads = args.heads
-    if args.drafter != "recycling" and heads is None:
-        from specserve.head_training import demo_heads_dir
-
-        heads = str(demo_heads_dir(args.drafter))
+    heads = heads_for(args.drafter, args.heads)
     temperatures = [float(t) for t in str(args.temperatures).split(",") if t.strip()]
     policies = [p.strip() for p in str(args.policies).split(",") if p.strip()]
     none: Arm = ("none", 0, "fixed")
@@ -273,20 +297,14 @@ def run(args: argparse.Namespace) -> int:
     # does not depend on how many other engines were built (or how many objects its steps make).
     gc.collect()
     gc.freeze()
-    from vllm import SamplingParams
-
     got: dict[Arm, dict[str, list[dict[str, Any]]]] = {arm: {} for arm in arms}
-    for rep in range(args.reps):
-        rng = random.Random(args.seed * 1000 + rep)
-        for temp in temperatures:
-            params = [SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True,
-                                     seed=None if temp == 0 else args.seed * 1000 + i) for i in range(len(prompts))]
-            for bs in batch_sizes:
-                for arm, m in _measure({arm: engines[arm] for arm in arms}, prompts, params, bs, rng).items():
-                    got[arm].setdefault(_key(bs, temp), []).append(m)
-                    logger.info("bench trees", extra={"fields": {"arm": "/".join(map(str, arm)), "rep": rep,
-                                                                 "batch": bs, "temperature": temp, "tau": m["tau"],
-                                                                 "tokens_per_s": m["tokens_per_s"]}})
+    for rep, temp, bs, arm, m in sweep({arm: engines[arm] for arm in arms}, prompts, reps=args.reps, seed=args.seed,
+                                       temperatures=temperatures, batch_sizes=batch_sizes,
+                                       max_tokens=args.max_tokens):
+        got[arm].setdefault(_key(bs, temp), []).append(m)
+        logger.info("bench trees", extra={"fields": {"arm": "/".join(map(str, arm)), "rep": rep, "batch": bs,
+                                                     "temperature": temp, "tau": m["tau"],
+                                                     "tokens_per_s": m["tokens_per_s"]}})
     rows = []
     chain_arms = [a for a in arms if a[0] == "chain"]
     for arm in arms[1:]:
