@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 
-from support.spec_runs import PROMPTS, REPETITIVE, assert_greedy_equal, assert_same_law, heads_env, run_batches
+from support.spec_runs import (PROMPTS, REPETITIVE, assert_greedy_equal, assert_same_law, cheap_rows_calibration,
+                               heads_env, run_batches)
 
 from specserve.engine import settings
 from specserve.engine.local import local_llm, model_runner
@@ -70,8 +71,10 @@ def _budget(name: str) -> int:
     return BUDGET_OF.get(name, BUDGET[name.split("-")[0]])
 
 
-def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None) -> Any:
-    extra = {"additional_config": {"specserve": {"spec_policy": policy, "seed": 5}}} if policy else {}
+def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None,
+            calibration: str | None = None) -> Any:
+    ours = {"spec_policy": policy, "seed": 5, **({"calibration": calibration} if calibration else {})}
+    extra = {"additional_config": {"specserve": ours}} if policy else {}
     return local_llm(model_dir, max_num_seqs=8, speculative_config=spec, dtype="float32",
                      structured_outputs_config=STRUCTURED,
                      per_request_spec_decode_metrics="detailed" if spec else "none",
@@ -137,9 +140,11 @@ def _structured(llm: Any) -> dict[str, list[list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
+def runs(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
     from specserve.head_training import demo_heads_dir
 
+    # the goodput run is about switching, so its controller must find speculation worth it at batch 8
+    calibration = cheap_rows_calibration(tmp_path_factory.mktemp("calibration"))
     out: dict[str, dict[str, Any]] = {}
     llm = _engine(demo_model_dir, None)
     out["none"] = run_batches(llm, MAX_TOKENS)
@@ -159,7 +164,8 @@ def runs(demo_model_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
         heads = str(demo_heads_dir(drafter)) if drafter != "recycling" else None
         with heads_env(heads), settings.override(tree=shape):
             spec = speculative_config(drafter, _budget(name))  # type: ignore[arg-type]
-            llm = _engine(demo_model_dir, spec, policy[0] if policy else None)
+            llm = _engine(demo_model_dir, spec, policy[0] if policy else None,
+                          calibration if policy == ["goodput"] else None)
         out[name] = run_batches(llm, MAX_TOKENS)
         out[name]["greedy_counters"] = _counters(llm)
         out[name]["exported_trees"] = _exported_trees(llm)
