@@ -110,25 +110,27 @@ def walked_chain_steps(runner: Any) -> int:
     return 0 if found is None else found.walked_chains
 
 
-CHEAP_ROWS_COST = {"base": 2.6984, "per_token": 0.02823, "per_row": 0.05911, "context": 0.0, "spec": 0.7193,
-                   "spec_row": 0.06224, "draft": 0.58523, "draft_token": 0.0267}
-"""Step terms under which a verified row costs about 1% of a plain step (a quiet machine's fit
-of 2026-12-05), so a goodput controller speculates at batch 8 too."""
-CHEAP_DRAFTS = {"RecyclingProposer": [0.22274, 0.00632], "HydraProposer": [0.92702, 0.06141],
-                "MedusaProposer": [0.57671, 0.02239]}
+CHEAP_ROWS_CALIBRATION = {
+    "cost": {"base": 2.6984, "per_token": 0.02823, "per_row": 0.05911, "context": 0.0, "spec": 0.7193,
+             "spec_row": 0.06224, "draft": 0.58523, "draft_token": 0.0267},
+    "drafter_cost": {"RecyclingProposer": [0.22274, 0.00632], "HydraProposer": [0.92702, 0.06141],
+                     "MedusaProposer": [0.57671, 0.02239]},
+    "acceptance": {"RecyclingProposer": [0.4658, 0.5739, 0.5593, 0.6364],
+                   "HydraProposer": [0.5679, 0.7008, 0.6923, 0.7222],
+                   "MedusaProposer": [0.3849, 0.4381, 0.4773, 0.8095]},
+    "source": "test: cheap verified rows",
+}
+"""A quiet machine's fit of 2026-12-05, under which a verified row costs about 1% of a plain step,
+so a goodput controller speculates at batch 8 too."""
 
 
 def cheap_rows_calibration(directory: Any) -> str:
-    """A calibration file (in ``directory``) with the shipped acceptance priors and the step and
-    drafting terms of :data:`CHEAP_ROWS_COST`: for tests of what an engine does while its goodput
-    controller speculates, whatever the shipped file says this machine's rows cost."""
+    """:data:`CHEAP_ROWS_CALIBRATION` written to ``directory``: for tests of what an engine does
+    while its goodput controller speculates. Written out in full, so that a new shipped
+    calibration leaves it alone."""
     import json
     from pathlib import Path
 
-    from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION
-
-    data = json.loads(DEFAULT_CALIBRATION.read_text())
-    data.update(cost=CHEAP_ROWS_COST, drafter_cost=CHEAP_DRAFTS, source="test: cheap verified rows")
     path = Path(directory) / "cheap-rows-calibration.json"
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(CHEAP_ROWS_CALIBRATION))
     return str(path)

@@ -58,6 +58,7 @@ from specserve.bench.load import (
 )
 from specserve.bench.stats import best_and_verdict, mean_ci, paired_verdict
 from specserve.bench.svg import line_chart
+from specserve.bench.trees import tree_counters
 from specserve.engine.local import worker_runner
 
 logger = logging.getLogger(__name__)
@@ -105,17 +106,6 @@ def _planner(llm: Any) -> Any:
     """The in-process engine's planner object (``None`` without a drafter)."""
     def get(worker: Any) -> Any:
         return getattr(worker_runner(worker), "_specserve_planner", None)
-
-    return llm.collective_rpc(get)[0]
-
-
-def _trees_verified(llm: Any) -> tuple[int, int]:
-    """``(trees verified, tree nodes accepted)`` by the in-process engine so far."""
-    from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
-
-    def get(worker: Any) -> tuple[int, int]:
-        found = getattr(worker_runner(worker), COUNTERS_ATTR, None)
-        return (0, 0) if found is None else (int(found.verified), int(found.accepted_nodes))
 
     return llm.collective_rpc(get)[0]
 
@@ -252,9 +242,7 @@ def tree_judged_arms(point: dict[str, Any]) -> dict[str, Any]:
     >>> tree_judged_arms({"none": 1, "goodput": 3})
     {}
     """
-    if TREE_ARM not in point:
-        return {}
-    return {a: v for a, v in point.items() if a in (TREE_ARM, "goodput") or a not in GOODPUT_ARMS}
+    return {**judged_arms(point), TREE_ARM: point[TREE_ARM]} if TREE_ARM in point else {}
 
 
 def _engine_of(arm: str) -> str:
@@ -311,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
             for arm in order:
                 llm = engines[_engine_of(arm)]
                 before = _plan_stats(llm) if arm.startswith("goodput") else None
-                trees_before = _trees_verified(llm) if arm == TREE_ARM else None
+                trees_before = tree_counters(llm) if arm == TREE_ARM else None
                 reqs = requests_for(seed_base + 1000 * rep, args.requests, temperature, arm)
                 cpu0 = time.process_time()
                 finished, span = drive(llm.llm_engine, reqs, f"{label}-{arm}-{rep}", rep)
@@ -323,9 +311,10 @@ def run(args: argparse.Namespace) -> int:
                 if before is not None:
                     result["plan"] = plan_delta(before, _plan_stats(llm))
                 if trees_before is not None:  # counts, so the tree arm is seen to verify trees
-                    verified, accepted = _trees_verified(llm)
-                    result["trees_verified"] = verified - trees_before[0]
-                    result["tree_nodes_accepted"] = accepted - trees_before[1]
+                    trees_after = tree_counters(llm)
+                    result["trees_verified"] = trees_after.get("verified", 0) - trees_before.get("verified", 0)
+                    result["tree_nodes_accepted"] = (trees_after.get("accepted_nodes", 0)
+                                                     - trees_before.get("accepted_nodes", 0))
                 runs[arm].append(result)
                 logger.info("bench goodput point", extra={"fields": {
                     "point": label, "temperature": temperature, "rep": rep, "arm": arm, **result}})

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "goodput = the per-step controller spends the budget")
 
 
-def _tree_counters(llm: Any) -> dict[str, int]:
+def tree_counters(llm: Any) -> dict[str, int]:
+    """The in-process engine's tree counters (``TreeCounters`` as a dict; empty before its first step)."""
     from specserve_vllm.compat.tree_steps import COUNTERS_ATTR
 
     runner = model_runner(llm)
@@ -121,7 +122,7 @@ def _measure(engines: dict[Arm, Any], prompts: list[list[int]], params: list[Any
     from vllm.inputs import TokensPrompt
 
     arms = list(engines)
-    before = {arm: (_tree_counters(llm), _plan_steps(llm)) for arm, llm in engines.items()}
+    before = {arm: (tree_counters(llm), _plan_steps(llm)) for arm, llm in engines.items()}
     elapsed = dict.fromkeys(arms, 0.0)
     outputs: dict[Arm, list[list[int]]] = {arm: [] for arm in arms}
     metrics: dict[Arm, list[dict[str, Any]]] = {arm: [] for arm in arms}
@@ -138,7 +139,7 @@ def _measure(engines: dict[Arm, Any], prompts: list[list[int]], params: list[Any
                                 if getattr(o.outputs[0], "spec_decode_metrics", None) is not None)
     out = {}
     for arm, llm in engines.items():
-        trees_after, plan_after = _tree_counters(llm), _plan_steps(llm)
+        trees_after, plan_after = tree_counters(llm), _plan_steps(llm)
         trees_before, plan_before = before[arm]
         steps, acc, per_depth = spec_totals(metrics[arm])
         out[arm] = {
