@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from specserve.bench import tree_projection as tp
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "figures"
 
 def test_docstring_examples() -> None:
     result = doctest.testmod(tp)
@@ -72,8 +72,8 @@ def test_a_report_is_projected_from_its_fixed_arms() -> None:
     assert cpu["tree_own_ms"]["dynamic 8"] == pytest.approx(1000.0 * 3.2 / 490.0 - 1000.0 * 2.9 / 600.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("name, cap", [("figures-trees-successor-rows-controller-recycling-2026-12-05.json", None),
-                                       ("figures-trees-side-rows-hydra-2026-12-05.json", 4)])
+@pytest.mark.parametrize("name, cap", [("trees-successor-rows-controller-recycling-2026-12-05.json", None),
+                                       ("trees-side-rows-hydra-2026-12-05.json", 4)])
 def test_the_command_reads_a_bench_trees_report(name: str, cap: int | None,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()

@@ -51,3 +51,30 @@ def test_links_resolve() -> None:
             elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
                 broken.append(f"{page.name}: {link} (no heading)")
     assert not broken, broken
+
+
+FIGURE = re.compile(r"docs/figures/[\w{},.*/-]+")
+
+
+def _expand(pattern: str) -> list[str]:
+    """A cited path with its ``{a,b}`` alternatives spelled out (one group at a time).
+
+    >>> _expand("docs/figures/x-{a,b}-{1,2}.json")
+    ['docs/figures/x-a-1.json', 'docs/figures/x-a-2.json', 'docs/figures/x-b-1.json', 'docs/figures/x-b-2.json']
+    """
+    m = re.search(r"\{([^}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    return [p for alt in m.group(1).split(",")
+            for p in _expand(pattern[:m.start()] + alt + pattern[m.end():])]
+
+
+def test_cited_figures_exist() -> None:
+    """Every figure file the docs cite (``docs/figures/...``, braces and globs spelled out) is there."""
+    missing = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for cited in FIGURE.findall(page.read_text()):
+            for path in _expand(cited.rstrip(".,")):
+                if not (list(ROOT.glob(path)) if "*" in path else (ROOT / path).exists()):
+                    missing.append(f"{page.name}: {path}")
+    assert not missing, missing
