@@ -69,6 +69,12 @@ def _expand(pattern: str) -> list[str]:
             for p in _expand(pattern[:m.start()] + alt + pattern[m.end():])]
 
 
+def test_expand_spells_out_every_alternative() -> None:
+    assert _expand("docs/figures/x-{a,b}-{1,2}.json") == [
+        "docs/figures/x-a-1.json", "docs/figures/x-a-2.json", "docs/figures/x-b-1.json", "docs/figures/x-b-2.json"]
+    assert _expand("docs/figures/plain.json") == ["docs/figures/plain.json"]
+
+
 def test_cited_figures_exist() -> None:
     """Every figure file the docs cite (``docs/figures/...``, braces and globs spelled out) is there."""
     missing = []
