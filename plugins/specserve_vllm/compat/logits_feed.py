@@ -6,7 +6,9 @@ after sampling. Drafters such as Token Recycling need them, but the ``custom_cla
 interface passes token ids only. Two wraps on ``GPUModelRunner`` (the CPU runner inherits them):
 
 * ``_prepare_inputs`` remembers this step's ``logits_indices`` (row ``j`` of the logits is the
-  model output at flattened input position ``logits_indices[j]``);
+  model output at flattened input position ``logits_indices[j]``) and, for a drafter with
+  ``observe_logits``, the input tokens at them (read before the forward pass, where each array
+  operation costs its warm price, not several times it);
 * ``_sample``: when the runner's ``drafter`` has ``observe_logits(input_tokens, logits)``, it is
   called before sampling with ``input_ids[logits_indices]`` (``[n]``: a numpy array on the CPU
   runner, whose input buffer has a numpy view, else a tensor) and the logits rows
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_logits_feed"
 _INDICES_ATTR = "_specserve_logits_indices"
+_TOKENS_ATTR = "_specserve_logits_input_tokens"
 
 UPSTREAM: tuple[UpstreamFunction, ...] = (
     # Wrapped: returns this step's logits_indices first.
@@ -61,10 +64,13 @@ def _observe_logits(runner: Any, logits: Any) -> bool:
     observe = getattr(drafter, "observe_logits", None)
     if logits is None or not callable(observe):
         return False
+    tokens = getattr(runner, _TOKENS_ATTR, None)
+    setattr(runner, _TOKENS_ATTR, None)
     indices = _take_indices(runner, logits)
     if indices is None:
         return True
-    observe(_input_tokens(runner.input_ids, indices), logits)
+    observe(_input_tokens(runner.input_ids, indices) if tokens is None or len(tokens) != len(indices) else tokens,
+            logits)
     return True
 
 
@@ -107,6 +113,9 @@ def apply() -> None:
     def _prepare_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = prepare(self, *args, **kwargs)
         setattr(self, _INDICES_ATTR, out[0])
+        if callable(getattr(getattr(self, "drafter", None), "observe_logits", None)):
+            # Read before the forward pass, where array operations cost their warm price.
+            setattr(self, _TOKENS_ATTR, _input_tokens(self.input_ids, out[0]))
         return out
 
     sample = GPUModelRunner._sample

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.drafters import recycling
+from specserve_vllm.drafters.argmax_backlog import ArgmaxBacklog
 from specserve_vllm.drafters.recycling_trees import TreeShape, hit_ranks, rank_acceptance, recycling_tree, row_hits
 from specserve_vllm.spec_k import PlannedLengths, bounded_room
 from specserve_vllm.tree.draft import DraftTree
@@ -44,7 +45,10 @@ BACKLOG_ELEMENTS = 1 << 20
 """Logits values kept before a batched top-k (4 MiB in fp32: 256 rows of the demo's vocabulary)."""
 
 BACKLOG_STEPS = 1024
-"""Steps kept before their candidates are written (chain engines keep candidates, not logits)."""
+"""Steps kept before what they teach is written into the matrix."""
+
+ARGMAX_MIN_ROWS = 16
+"""The fewest logits rows a one-column matrix keeps for one argmax (a large vocabulary)."""
 
 CLASS_PATH = f"{__name__}.RecyclingProposer"
 """The ``speculative_config["model"]`` value that selects this proposer."""
@@ -79,6 +83,9 @@ class RecyclingProposer:
         """Steps not learnt yet (:meth:`observe_logits`): ``(input_tokens, logits)`` tensors, or
         ``(input_tokens, candidates [n, 1])`` numpy arrays for a one-column matrix."""
         self._backlog_elements = 0
+        self._argmax = ArgmaxBacklog(max(ARGMAX_MIN_ROWS, BACKLOG_ELEMENTS // max(vocab, 1)), best_candidates)
+        """A one-column matrix's steps not learnt yet, as logits rows on CPU (one copy per step;
+        their argmax is taken in one go at the flush). Older steps wait in :attr:`_backlog`."""
         self.rank_hits = np.zeros(topk_width + 1, dtype=np.int64)
         """How often the target's next token was the matrix's rank-r candidate (last: none);
         measured for ``dynamic`` trees only."""
@@ -96,15 +103,26 @@ class RecyclingProposer:
         kept is copied here.
 
         Steps without speculation never propose, so what they teach waits and is learnt in
-        one go when the drafter next proposes or the backlog fills: a one-column matrix keeps
-        each step's argmax (a few microseconds), a wider one a copy of the logits for one
-        batched top-k (a fraction of one per step). The rows are written in order, the last
+        one go when the drafter next proposes or the backlog fills: a one-column matrix copies
+        the rows into a preallocated buffer for one batched argmax (:mod:`.argmax_backlog`; off
+        the CPU, each step's argmax), a wider one keeps a copy of the logits for one batched
+        top-k. The rows are written in order, the last
         occurrence of a token winning, exactly as step-by-step updates would. ``dynamic``
         trees measure rank acceptance position by position, so they learn at once."""
         if self.tree_shape == "dynamic":
             self._learn(torch_ints(input_tokens), logits)
             return
         if self.topk_width == 1:
+            ring = self._argmax
+            added = ring.add(input_tokens, logits)
+            if not added and len(ring):  # full, or another width or dtype: the older rows first
+                self._backlog.append(ring.take())
+                added = ring.add(input_tokens, logits)
+            if added:
+                if not ring.room or ring.steps + len(self._backlog) >= BACKLOG_STEPS:
+                    self.flush_backlog()
+                return
+            # Logits off the CPU, or more rows than the ring holds: the candidates now.
             self._backlog.append((_numpy(input_tokens), best_candidates(logits)))
             self._backlog_elements += int(input_tokens.shape[0])
         else:
@@ -115,6 +133,8 @@ class RecyclingProposer:
 
     def flush_backlog(self) -> None:
         """Learn every kept step (in the order they came)."""
+        if len(self._argmax):
+            self._backlog.append(self._argmax.take())  # the newest rows: after the list's
         if not self._backlog:
             return
         backlog, self._backlog, self._backlog_elements = self._backlog, [], 0

@@ -1,0 +1,89 @@
+"""Logits rows kept in order for one batched argmax: a chain matrix's learning, deferred.
+
+A one-column recycling matrix learns each position's best next token. Taking it every step
+costs half a dozen small tensor and array operations right after the forward pass, where each
+is several times its warm price; keeping the rows in a preallocated buffer costs one copy, and
+one argmax over many steps' rows is then paid when the drafter next drafts or the buffer fills.
+
+    >>> import torch
+    >>> b = ArgmaxBacklog(max_rows=4)
+    >>> b.add(np.array([7, 8]), torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 1.0]]))
+    True
+    >>> b.add(np.array([9]), torch.tensor([[0.0, 0.0, 3.0]])), len(b), b.room
+    (True, 3, 1)
+    >>> tokens, best = b.take()
+    >>> tokens.tolist(), best[:, 0].tolist(), len(b)
+    ([7, 8, 9], [1, 0, 2], 0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+class ArgmaxBacklog:
+    """Up to ``max_rows`` logits rows (CPU) with their input tokens, in the order added."""
+
+    def __init__(self, max_rows: int, best: Callable[[Any], np.ndarray] | None = None) -> None:
+        """``best``: each row's best id as ``[m, 1]`` int64 (default: the first maximum)."""
+        self.max_rows = max_rows
+        self._best = best or _first_maximum
+        self._rows: Any = None  # [max_rows, vocab] tensor, allocated at the first add
+        self._layout: tuple[int, Any] | None = None  # the buffer's (vocab, dtype)
+        self._tokens = np.zeros(max_rows, dtype=np.int64)
+        self._filled = 0
+        self.steps = 0
+        """Calls to :meth:`add` since the last :meth:`take`."""
+
+    def __len__(self) -> int:
+        return self._filled
+
+    @property
+    def room(self) -> int:
+        """Rows that still fit."""
+        return self.max_rows - self._filled
+
+    def add(self, tokens: Any, logits: Any) -> bool:
+        """Keep a copy of ``logits`` (``[n, vocab]``) after ``tokens`` (``[n]``); False, keeping
+        nothing, when they do not fit: more rows than :attr:`room`, another width or dtype than
+        the kept rows' (:meth:`take` them first), off the CPU, or more rows than the buffer.
+        This runs every step right after the forward pass, so it makes few calls."""
+        shape = logits.shape
+        n = shape[0]
+        if len(shape) != 2 or (shape[1], logits.dtype) != self._layout or n > self.max_rows - self._filled:
+            if self._filled or not self._allocate(logits):
+                return False
+        start = self._filled
+        self._rows[start:start + n].copy_(logits)
+        self._tokens[start:start + n] = tokens
+        self._filled = start + n
+        self.steps += 1
+        return True
+
+    def _allocate(self, logits: Any) -> bool:
+        """Make the buffer fit ``logits``' width and dtype (empty backlog only); False when
+        they cannot be kept at all."""
+        if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[0] > self.max_rows:
+            return False
+        layout = (int(logits.shape[1]), logits.dtype)
+        if layout != self._layout:
+            import torch
+
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                self._rows = torch.empty((self.max_rows, layout[0]), dtype=layout[1])
+            self._layout = layout
+        return True
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens [m], best ids [m, 1])`` of every kept row, in order; the backlog is empty after."""
+        m, self._filled, self.steps = self._filled, 0, 0
+        if not m:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 1), dtype=np.int64)
+        return self._tokens[:m].copy(), self._best(self._rows[:m])
+
+
+def _first_maximum(logits: Any) -> np.ndarray:
+    return logits.float().argmax(dim=-1, keepdim=True).numpy().astype(np.int64)
