@@ -200,7 +200,7 @@ def test_vllm_server_parser_reads_the_engine_policy() -> None:
 
 def test_a_decision_not_to_speculate_holds_while_the_batch_is_unchanged() -> None:
     busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
-    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4, off_hold_max=1)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4)
     computed: list[int] = []
     goodput = policy.goodput
     policy.goodput = lambda rows, *more: (computed.append(len(rows.caps)), goodput(rows, *more))[1]  # type: ignore[method-assign]
@@ -328,34 +328,6 @@ def test_sampling_classes_can_be_turned_off_for_one_pooled_rate() -> None:
     assert policy.acceptance.seen_classes() == [0]  # the sampled request counted as greedy: one rate
 
 
-def test_a_clear_decision_not_to_speculate_holds_longer_and_a_probe_still_comes() -> None:
-    """Off by several margins: held for ``off_hold_max`` times ``recheck_every`` steps; off by
-    less than two margins: ``recheck_every``; a due probe ends even a long hold."""
-    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
-
-    def decisions(policy: GoodputPolicy, rows: StepRows, steps: int) -> int:
-        made = [0]
-        goodput = policy.goodput
-        policy.goodput = lambda r, *more: (made.__setitem__(0, made[0] + 1), goodput(r, *more))[1]  # type: ignore[method-assign]
-        for _ in range(steps):
-            assert policy.plan(rows).sum() == 0
-        return made[0]
-
-    clear = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4, off_hold_max=3)
-    g = clear.goodput(_rows(16))[0]
-    assert g[0] > g[1:].max() * 1.5, "the busy batch is off by far more than three margins"
-    assert decisions(clear, _rows(16), 24) == 2, "decided at steps 1 and 13: held 12 steps each"
-    close = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4, off_hold_max=3)
-    g = close.goodput(_rows(16))[0]
-    close.margin = (g[0] / g[1:].max() - 1) / 1.5  # off wins by one and a half margins
-    assert decisions(close, _rows(16), 24) == 6
-    probed = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4, off_hold_max=8,
-                           probe_every=10)
-    for step in range(10):
-        plan = probed.plan(_rows(16))
-        assert (plan.sum() > 0) == (step == 9), "the tenth step off is a probe, inside a 32-step hold"
-
-
 def test_a_speculating_plan_is_reused_while_the_batch_is_unchanged_then_decided_again() -> None:
     policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.9] * 4), recheck_on=3)
     rows = _rows(1)
@@ -383,8 +355,7 @@ def test_the_planner_reuses_held_plans_and_counts_them() -> None:
     """``StepPlanner.reuse`` returns the policy's held plan for an unchanged batch (and counts
     it), and nothing for a changed batch, an exhausted hold, or a probe that is due."""
     busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
-    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=3, probe_every=6,
-                           off_hold_max=1)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=3, probe_every=6)
     planner = StepPlanner(policy, 4)
     ids, caps = [f"r{i}" for i in range(16)], [4] * 16
     assert planner.reuse(ids, caps) is None  # nothing decided yet

@@ -12,8 +12,7 @@ non-speculative step: no spec path, no drafting. The plan is the ``n`` maximisin
 ``(B + sum g) / T(n)``; each row drafts as many of the chosen slots as are its own (a prefix,
 since ``g`` falls with ``j``). Hysteresis: the step switches speculation on or off only when the
 other side is better by ``margin``. A decision not to speculate is reused while the batch is
-unchanged, for up to ``recheck_every`` steps (nothing is verified meanwhile, so little moves),
-or a few times that when it won by several margins (:func:`off_hold`).
+unchanged, for up to ``recheck_every`` steps (nothing is verified meanwhile, so little moves).
 After ``probe_every`` steps in a row without speculation, one step takes the best speculating
 plan anyway: while nothing is drafted no acceptance is measured, so an estimate that turned
 speculation off (a request's unlucky start, a drafter that improves as it learns) would
@@ -105,20 +104,6 @@ def _row_of_slot(b: int, k: int) -> np.ndarray:
     return rows
 
 
-def off_hold(off: float, best_on: float, margin: float, steps: int, most: int) -> int:
-    """Steps a decision not to speculate holds: ``steps`` for each whole ``margin`` by which
-    not speculating wins (``off / best_on - 1``), at least once and at most ``most`` times.
-
-    >>> off_hold(1.00, 0.99, 0.03, 8, 4), off_hold(1.00, 0.95, 0.03, 8, 4), off_hold(1.0, 0.5, 0.03, 8, 4)
-    (8, 8, 32)
-    >>> off_hold(1.00, 0.93, 0.03, 8, 4), off_hold(1.0, 0.0, 0.03, 8, 4)   # 7.5% ahead; nothing to draft
-    (16, 32)
-    """
-    if best_on <= 0.0 or margin <= 0.0:
-        return steps * most
-    return steps * min(max(int((off / best_on - 1.0) / margin), 1), most)
-
-
 class GoodputPolicy:
     """Per-step draft lengths maximising predicted committed tokens per millisecond."""
 
@@ -127,7 +112,7 @@ class GoodputPolicy:
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
                  probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True,
-                 recheck_on: int = 1, off_hold_max: int = 4) -> None:
+                 recheck_on: int = 1) -> None:
         self.model = model
         self._acceptance = acceptance
         self.trees = trees
@@ -144,10 +129,6 @@ class GoodputPolicy:
         """A decision not to speculate holds for up to this many steps while the batch is
         unchanged: with nothing verified, only the step-time corrections and context lengths
         move, slowly. A new batch, or any verified draft, ends the hold."""
-        self.off_hold_max = off_hold_max
-        """A decision not to speculate that wins by several margins holds for up to this many
-        times :attr:`recheck_every` (:func:`off_hold`): what moves while it holds moves slowly,
-        and a decision costs 150-250 µs inside an engine, 4-5% of a one-row CPU step."""
         self.recheck_on = recheck_on
         """A chain plan that speculates is reused while the batch is unchanged, for up to this
         many steps in all (1: decide every step). A decision costs 50-180 µs, several percent of
@@ -333,9 +314,7 @@ class GoodputPolicy:
             if not on or (not probing and self.recheck_on > 1):
                 held_plan = out.copy()
                 held_plan.flags.writeable = False
-                hold = self.recheck_on if on else off_hold(float(g[0]), best_g, self.margin, self.recheck_every,
-                                                           self.off_hold_max)
-                self._held = HeldPlan(key, hold - 1, held_plan,
+                self._held = HeldPlan(key, (self.recheck_on if on else self.recheck_every) - 1, held_plan,
                                       self.last_predicted_ms, on, held_plan[dec].tolist())
         self._idle_rows = [rows.req_ids[i] for i in dec[out[dec] == 0].tolist()]
         self._steps = 1
