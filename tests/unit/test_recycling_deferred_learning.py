@@ -50,7 +50,7 @@ def test_deferred_learning_equals_learning_every_step(steps: list[list[int]], wi
     try:
         deferred = RecyclingProposer(_config(), topk_width=width, tree_shape="chain")
         at_once = RecyclingProposer(_config(), topk_width=width, tree_shape="chain")
-        deferred._argmax = ArgmaxBacklog(ring_rows, best_candidates)
+        deferred._argmax = ArgmaxBacklog(ring_rows)
         for i, tokens in enumerate(steps):
             dtype = dtypes[i % len(dtypes)]
             # Logits wider than the matrix (a padded vocabulary), rounded so that ties happen.

@@ -39,7 +39,7 @@ _INDICES_ATTR = "_specserve_logits_indices"
 _TOKENS_ATTR = "_specserve_logits_input_tokens"
 
 UPSTREAM: tuple[UpstreamFunction, ...] = (
-    # Wrapped: returns this step's logits_indices first.
+    # Wrapped: returns this step's logits_indices first, with the step's input_ids filled.
     PREPARE_INPUTS,
     # Wrapped: receives the logits of every sampled position.
     SAMPLE,
@@ -69,8 +69,7 @@ def _observe_logits(runner: Any, logits: Any) -> bool:
     indices = _take_indices(runner, logits)
     if indices is None:
         return True
-    observe(_input_tokens(runner.input_ids, indices) if tokens is None or len(tokens) != len(indices) else tokens,
-            logits)
+    observe(_input_tokens(runner.input_ids, indices) if tokens is None else tokens, logits)
     return True
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.drafters import recycling
-from specserve_vllm.drafters.argmax_backlog import ArgmaxBacklog
+from specserve_vllm.drafters.argmax_backlog import ArgmaxBacklog, best_candidates
 from specserve_vllm.drafters.recycling_trees import TreeShape, hit_ranks, rank_acceptance, recycling_tree, row_hits
 from specserve_vllm.spec_k import PlannedLengths, bounded_room
 from specserve_vllm.tree.draft import DraftTree
@@ -83,7 +83,7 @@ class RecyclingProposer:
         """Steps not learnt yet (:meth:`observe_logits`): ``(input_tokens, logits)`` tensors, or
         ``(input_tokens, candidates [n, 1])`` numpy arrays for a one-column matrix."""
         self._backlog_elements = 0
-        self._argmax = ArgmaxBacklog(max(ARGMAX_MIN_ROWS, BACKLOG_ELEMENTS // max(vocab, 1)), best_candidates)
+        self._argmax = ArgmaxBacklog(max(ARGMAX_MIN_ROWS, BACKLOG_ELEMENTS // max(vocab, 1)))
         """A one-column matrix's steps not learnt yet, as logits rows on CPU (one copy per step;
         their argmax is taken in one go at the flush). Older steps wait in :attr:`_backlog`."""
         self.rank_hits = np.zeros(topk_width + 1, dtype=np.int64)
@@ -256,22 +256,3 @@ def torch_ints(ints: Any) -> Any:
     import torch
 
     return torch.from_numpy(ints.copy()) if isinstance(ints, np.ndarray) else ints
-
-
-def best_candidates(logits: Any) -> np.ndarray:
-    """``[n, 1]`` int64: each row's highest-scoring id (the first on ties), as a new array.
-
-    On CPU this is numpy's argmax over a view of the logits (bf16 widened first): torch's CPU
-    argmax is an order of magnitude slower on a row of a few thousand values.
-
-    >>> import torch
-    >>> best_candidates(torch.tensor([[0.1, 2.0, 2.0], [3.0, -1.0, 0.0]])).tolist()
-    [[1], [0]]
-    """
-    import torch
-
-    if logits.device.type != "cpu":
-        return logits.argmax(dim=-1, keepdim=True).cpu().numpy().astype(np.int64, copy=False)
-    if logits.dtype not in (torch.float32, torch.float64, torch.float16):
-        logits = logits.float()
-    return logits.numpy().argmax(axis=-1).astype(np.int64)[:, None]
