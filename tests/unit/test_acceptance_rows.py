@@ -77,3 +77,23 @@ def _assert_calls_equal_rows_one_by_one(calls: list, classes: list[int]) -> None
     assert np.allclose(one.survival(ids + ["new"]), many.survival(ids + ["new"]))
     assert np.allclose(one.class_rates(), many.class_rates())
     assert one.seen_classes() == many.seen_classes()
+
+
+def test_a_few_early_misses_do_not_turn_one_request_off() -> None:
+    """At one request with the shipped calibration, four missed first drafts leave the request
+    speculating: the engine-wide rate outweighs them (at the earlier weight 4 they turned it off,
+    though a request's first drafts say little about its later ones)."""
+    from specserve_vllm.spec_control.acceptance import REQUEST_PRIOR_WEIGHT
+    from specserve_vllm.spec_control.goodput import GoodputPolicy
+    from specserve_vllm.spec_control.plan import StepRows
+    from specserve_vllm.spec_control.planner import PlannerSettings
+
+    def plan_after_misses(weight: float) -> int:
+        policy = GoodputPolicy.from_settings(PlannerSettings(policy="goodput", recheck_on=1), 4, "RecyclingProposer")
+        policy.acceptance.weight = weight
+        for _ in range(4):
+            policy.acceptance.observe("a", drafted=4, accepted=0)
+        return int(policy.plan(StepRows(("a",), np.array([4]), np.array([200]))).sum())
+
+    assert plan_after_misses(REQUEST_PRIOR_WEIGHT) >= 2
+    assert plan_after_misses(4.0) == 0

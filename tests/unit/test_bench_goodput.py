@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -126,9 +127,29 @@ def test_cli_knows_the_new_commands() -> None:
     assert args.engine_spec_policy == "goodput" and args.spec_policy in ("fixed", "goodput")
 
 
-def test_goodput_variants_have_their_own_engines_and_are_not_baselines() -> None:
-    assert [goodput._engine_of(a) for a in ("none", "k3", "goodput", "goodput-every-step", "goodput-pooled")] == [
-        "none", "fixed", "goodput", "goodput-every-step", "goodput-pooled"]
+def test_every_arm_has_its_own_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A learning drafter's state must not pass between arms: fixed arms get an engine each."""
+    import specserve.engine.local as local
+
+    built: list[dict[str, Any]] = []
+
+    def fake_llm(model_dir: Any, **kwargs: Any) -> object:
+        built.append(kwargs)
+        return object()
+
+    monkeypatch.setattr(local, "local_llm", fake_llm)
+    args = build_parser().parse_args(["bench", "goodput", "--drafter", "recycling",
+                                      "--arms", "none,k0,k2,k3,goodput,goodput-pooled"])
+    arms = args.arms.split(",")
+    engines = goodput._engines(args, arms, Path("model"))
+    assert sorted(engines) == sorted(arms)
+    assert len({id(e) for e in engines.values()}) == len(arms)
+    policies = [kw.get("additional_config", {}).get("specserve", {}).get("spec_policy") for kw in built]
+    assert policies.count("fixed") == 3 and policies.count("goodput") == 2
+    assert [goodput.fixed_k(a) for a in arms] == [None, 0, 2, 3, None, None]
+
+
+def test_goodput_variants_are_not_baselines() -> None:
     assert goodput.GOODPUT_ARMS["goodput-every-step"] == {"recheck_on": 1}
     point = {"none": 1.0, "k2": 0.9, "goodput": 1.1, "goodput-every-step": 0.5, "goodput-pooled": 0.6}
     assert set(goodput.judged_arms(point)) == {"none", "k2", "goodput"}

@@ -2,8 +2,8 @@
 
 Arms:
 - ``none``: an engine without a drafter;
-- ``k1`` .. ``k4``: one speculative engine with the ``fixed`` policy, every request sending that
-  ``spec_k``;
+- ``k1`` .. ``k4`` (and ``k0``): a speculative engine with the ``fixed`` policy, every request
+  sending that ``spec_k``;
 - ``goodput``: a speculative engine with the engine's per-step ``goodput`` policy;
 - ``goodput-pooled``: the same with one engine-wide acceptance for every request instead of one
   per sampling class (the ``sampling_classes`` setting off);
@@ -13,7 +13,10 @@ Arms:
   trees (``--tree-shape``, DySpec ``dynamic`` by default) instead of chains; judged apart, against
   the best chain arm (``none``, ``k1`` .. ``k4``, ``goodput``) at each point.
 
-Each arm has its own in-process engine, all alive at once, with the same warm-up. Every arm gets
+Each arm has its own in-process engine, all alive at once, with the same warm-up, so a drafter
+that learns as it serves (Token Recycling's matrix) has seen the same requests in every arm: with
+one engine shared by the fixed arms, a fixed arm drafted greedy text another arm had just produced
+for the same prompts (docs/speculation-control.md, "One engine per arm"). Every arm gets
 the same prompts (held-out stdlib files), output lengths (lognormal) and seeds, and the arms run
 in a new random order at every point. Parts (``--parts``):
 - ``open``: open-loop Poisson arrivals at each ``--rates`` value (precomputed from the seed);
@@ -198,8 +201,9 @@ def _engines(args: argparse.Namespace, arms: list[str], model_dir: Path) -> dict
     with settings.override(heads_dir=heads or settings.current().heads_dir):  # read as engines build
         if "none" in arms:
             engines["none"] = local_llm(model_dir, **common)
-        if any(a.startswith("k") for a in arms):
-            engines["fixed"] = local_llm(model_dir, speculative_config=spec, **common,
+        for arm in arms:
+            if fixed_k(arm) is not None:  # one engine each: drafter state learned per arm
+                engines[arm] = local_llm(model_dir, speculative_config=spec, **common,
                                          additional_config={"specserve": {"spec_policy": "fixed"}})
         for arm, extra in GOODPUT_ARMS.items():
             if arm not in arms:
@@ -245,8 +249,13 @@ def tree_judged_arms(point: dict[str, Any]) -> dict[str, Any]:
     return {**judged_arms(point), TREE_ARM: point[TREE_ARM]} if TREE_ARM in point else {}
 
 
-def _engine_of(arm: str) -> str:
-    return arm if arm == "none" or arm in GOODPUT_ARMS else "fixed"
+def fixed_k(arm: str) -> int | None:
+    """The ``spec_k`` of a fixed arm (``k0`` .. ``k4``), ``None`` for the others.
+
+    >>> fixed_k("k3"), fixed_k("goodput"), fixed_k("none")
+    (3, None, None)
+    """
+    return int(arm[1:]) if arm[:1] == "k" and arm[1:].isdigit() else None
 
 
 def temperature_mix(label: str) -> tuple[float, ...]:
@@ -282,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
 
     def requests_for(seed: int, n: int, temperature: str, arm: str) -> list[tuple[Any, Any]]:
         lengths = output_lengths(args.mean_output, n, seed)
-        extra = {"spec_k": int(arm[1:])} if arm.startswith("k") else None
+        k = fixed_k(arm)
+        extra = {"spec_k": k} if k is not None else None
         mix = temperature_mix(temperature)
         return [({"prompt_token_ids": pool[(seed * 7 + i) % len(pool)]},
                  SamplingParams(temperature=mix[i % len(mix)], max_tokens=m, ignore_eos=True, seed=seed + i,
@@ -297,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
             rng.shuffle(order)
             orders.append(order)
             for arm in order:
-                llm = engines[_engine_of(arm)]
+                llm = engines[arm]
                 before = _plan_stats(llm) if arm.startswith("goodput") else None
                 trees_before = tree_counters(llm) if arm == TREE_ARM else None
                 reqs = requests_for(seed_base + 1000 * rep, args.requests, temperature, arm)
@@ -385,7 +395,7 @@ def _step_trace(args: argparse.Namespace, arms: list[str], engines: dict[str, An
     rng.shuffle(order)
     out["order"] = order
     for arm in order:
-        llm = engines[_engine_of(arm)]
+        llm = engines[arm]
         trace = _Trace(_planner(llm)) if arm == "goodput" else None
         reqs = requests_for(args.seed + 7, len(times), temperature, arm)
         finished, span = open_loop(llm.llm_engine, reqs, times, f"trace-{arm}", on_step=trace)
