@@ -149,6 +149,31 @@ def test_fit_recovers_known_coefficients() -> None:
         assert getattr(fitted, name) == pytest.approx(getattr(COST, name), abs=1e-3), name
 
 
+def test_verified_drafts_are_priced_apart_from_prefill_tokens() -> None:
+    """Measured at one row on the demo model: a verified draft costs more than a prefill token.
+    The calibration fit and the online fit both learn it, so the controller's price of one more
+    draft follows the verified drafts, not the prefills."""
+    truth = StepCost(base=3.7, per_token=0.42, per_row=0.23, context=0.0, spec=0.35, spec_row=0.0, draft=0.22,
+                     draft_token=0.001, spec_token=0.2)
+    steps = [(1, 128, False, 0)] + [(1, 1, False, 0)] * 3 + [(1, 1 + n, True, n) for n in (1, 2, 3, 4)] * 3
+    records = [{"rows": r, "tokens": t, "ctx_tokens": 0, "spec": s, "drafts_verified": v, "drafts": v,
+                "step_ms": truth.step_ms(r, t, 0, s, v), "draft_ms": truth.draft_ms(v)} for r, t, s, v in steps]
+    fitted = fit_cost(records)
+    assert fitted.spec_token == pytest.approx(0.2, abs=1e-3) and fitted.per_token == pytest.approx(0.42, abs=1e-3)
+    # Online, from a calibration without the term (one price per token, as before it): the
+    # verified count moves the price of a draft toward the truth (0.621); without it, it stays
+    # near the prefill's price. (The fit's pull toward the calibration keeps part of the gap.)
+    def per_draft_after(verified: bool) -> float:
+        model = StepTimeModel(StepCost(base=3.7, per_token=0.42, per_row=0.23, context=0.0, spec=0.77,
+                                       spec_row=0.55, draft=0.22, draft_token=0.001))
+        for _ in range(30):
+            for r, t, s, v in steps:
+                model.observe(r, t, 0, s, truth.step_ms(r, t, 0, s, v), verified=v if verified else 0)
+        return model.chain_terms(1, 1, 0)[2]
+
+    assert per_draft_after(True) > 0.52 > 0.46 > per_draft_after(False)
+
+
 def test_shipped_calibration_loads_and_gives_priors(tmp_path: Path) -> None:
     calibration = Calibration.load(DEFAULT_CALIBRATION)
     cost, prior = calibration.for_drafter("RecyclingProposer")

@@ -383,16 +383,17 @@ class GoodputPolicy:
         pending.clear()
 
     def observe_step(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, prefill_tokens: int,
-                     step_ms: float, drafts: int, draft_ms: float, trees: int = 0) -> float:
+                     step_ms: float, drafts: int, draft_ms: float, trees: int = 0, verified: int = 0) -> float:
         """A measured step: correct the model; returns the prediction made before correcting.
-        A step that verified trees (``trees`` requests) corrects the tree cost, not the chain's."""
-        predicted = self.model.step_ms(rows, tokens, ctx_tokens, spec) + self.model.draft_ms(drafts)
+        A step that verified trees (``trees`` requests) corrects the tree cost, not the chain's;
+        ``verified``: the drafts it verified."""
+        chain = self.model.step_ms(rows, tokens, ctx_tokens, spec, verified)
+        predicted = chain + self.model.draft_ms(drafts)
         if trees and self.trees is not None:
-            chain = self.model.step_ms(rows, tokens, ctx_tokens, spec)
             predicted = chain * self.trees.cost_factor(rows) + self.model.draft_ms(drafts)
             self.trees.observe_time(rows, step_ms / chain if chain > 0 else 0.0)
         else:
-            self.model.observe(rows, tokens, ctx_tokens, spec, step_ms)
+            self.model.observe(rows, tokens, ctx_tokens, spec, step_ms, verified)
         if drafts:
             self.model.observe_draft(drafts, draft_ms)
         self.prefill_tokens = prefill_tokens

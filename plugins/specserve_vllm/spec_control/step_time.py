@@ -3,13 +3,16 @@
 A step's time (ms) is its forward and sampling, plus the drafting that prepares the next step:
 
     step  = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000
-            + [spec] * (spec + spec_row * rows)
+            + [spec] * (spec + spec_row * rows) + spec_token * verified
     draft = [drafts > 0] * (draft + draft_token * drafts)
 
 ``tokens``: tokens the step schedules (decode rows * (1 + k) plus prefill tokens); ``rows``:
 requests in the step; ``ctx_tokens``: their context lengths summed; ``spec``: the step verifies
 drafts (vLLM's speculative path: spec metadata and the rejection sampler), a fixed cost the whole
-batch pays once any row speculates; ``drafts``: tokens drafted for the next step. The
+batch pays once any row speculates; ``verified``: the drafts the step verifies, which cost
+``spec_token`` each on top of ``per_token`` (a verified draft costs more than a prefill token:
+0.55-0.75 ms against 0.42 at one row on the demo model, so one price for both priced a fourth
+draft too cheap and the spec path's fixed cost too dear); ``drafts``: tokens drafted for the next step. The
 coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
 demo model's ship with the plugin). Online, measured steps refit them (:class:`TermFit`:
 exponentially weighted least squares on the relative error, pulled toward the calibration,
@@ -33,7 +36,7 @@ counts mispriced large ones.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -70,17 +73,20 @@ class StepCost:
     spec_row: float
     draft: float
     draft_token: float
+    spec_token: float = 0.0
+    """Per verified draft, on top of ``per_token`` (0 in calibrations written before it)."""
 
-    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool) -> float:
+    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> float:
         t = self.base + self.per_token * tokens + self.per_row * rows + self.context * ctx_tokens / 1000.0
-        return t + (self.spec + self.spec_row * rows if spec else 0.0)
+        return t + (self.spec + self.spec_row * rows if spec else 0.0) + self.spec_token * verified
 
     def draft_ms(self, drafts: int) -> float:
         return self.draft + self.draft_token * drafts if drafts > 0 else 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepCost:
-        return cls(**{f.name: float(data[f.name]) for f in fields(cls)})
+        """From plain data; a term the data lacks takes its default (``spec_token``: 0)."""
+        return cls(**{f.name: float(data[f.name]) for f in fields(cls) if f.name in data or f.default is MISSING})
 
 
 @dataclass(frozen=True)
@@ -282,23 +288,23 @@ class TermFit:
         self.coef = tuple((factors * self.unit).tolist())
 
 
-STEP_TERMS: tuple[str, ...] = ("base", "per_token", "per_row", "context", "spec", "spec_row")
+STEP_TERMS: tuple[str, ...] = ("base", "per_token", "per_row", "context", "spec", "spec_row", "spec_token")
 """The step's terms, in the order of :func:`step_features`."""
-ZERO_TERM_SCALE: tuple[float, ...] = (1.0, 0.02, 0.05, 0.3, 0.5, 0.05)
+ZERO_TERM_SCALE: tuple[float, ...] = (1.0, 0.02, 0.05, 0.3, 0.5, 0.05, 0.5)
 """A term's size (ms per unit) when the calibration has it at 0: the unit of its factor, so the
 fit can still learn it (a factor times 0 stays 0). Typical of the demo model on a CPU engine."""
 ZERO_DRAFT_SCALE: tuple[float, float] = (0.5, 0.05)
 """The same for the drafting terms (``draft``, ``draft_token``)."""
 
 
-def step_features(rows: int, tokens: int, ctx_tokens: int, spec: bool) -> tuple[float, ...]:
+def step_features(rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> tuple[float, ...]:
     """The features the step terms multiply (:data:`STEP_TERMS` order).
 
-    >>> step_features(4, 12, 2000, True)
-    (1.0, 12.0, 4.0, 2.0, 1.0, 4.0)
+    >>> step_features(4, 12, 2000, True, verified=8)
+    (1.0, 12.0, 4.0, 2.0, 1.0, 4.0, 8.0)
     """
     s = 1.0 if spec else 0.0
-    return 1.0, float(tokens), float(rows), ctx_tokens / 1000.0, s, s * rows
+    return 1.0, float(tokens), float(rows), ctx_tokens / 1000.0, s, s * rows, float(verified)
 
 
 class StepTimeModel:
@@ -339,9 +345,9 @@ class StepTimeModel:
         fixed, per_draft = self.draft_fit.factors.tolist()
         return fixed, per_draft
 
-    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool) -> float:
-        base, per_token, per_row, context, spec_ms, spec_row = self.step_fit.coef
-        t = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0
+    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> float:
+        base, per_token, per_row, context, spec_ms, spec_row, spec_token = self.step_fit.coef
+        t = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0 + spec_token * verified
         return (t + spec_ms + spec_row * rows if spec else t) * self.level
 
     def draft_ms(self, drafts: int) -> float:
@@ -359,11 +365,11 @@ class StepTimeModel:
         >>> m.chain_terms(1, 1, 0)
         (6.0, 8.5, 1.1)
         """
-        base, per_token, per_row, context, spec, spec_row = self.step_fit.coef
+        base, per_token, per_row, context, spec, spec_row, spec_token = self.step_fit.coef
         level = self.level
         plain = (base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0) * level
         fixed, per_draft = self.draft_fit.coef
-        return plain, plain + (spec + spec_row * rows) * level + fixed, per_token * level + per_draft
+        return plain, plain + (spec + spec_row * rows) * level + fixed, (per_token + spec_token) * level + per_draft
 
     def cycle_ms(self, rows: int, tokens: int, ctx_tokens: int, drafts: np.ndarray) -> np.ndarray:
         """Step plus drafting time for each total draft count in ``drafts`` (vectorised).
@@ -376,7 +382,8 @@ class StepTimeModel:
         off, on, per_draft = self.chain_terms(rows, tokens, ctx_tokens)
         return np.where(n > 0, on + per_draft * n, off)
 
-    def observe(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, measured_ms: float) -> None:
+    def observe(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, measured_ms: float,
+                verified: int = 0) -> None:
         """One measured step (forward and sampling, drafting aside): it moves :attr:`level`
         now and the fit at its next fold (which resets the level: the fit has the step then).
 
@@ -385,7 +392,7 @@ class StepTimeModel:
         >>> round(m.level, 2), round(m.step_ms(1, 1, 0, False), 2)
         (1.2, 7.2)
         """
-        features = step_features(rows, tokens, ctx_tokens, spec)
+        features = step_features(rows, tokens, ctx_tokens, spec, verified)
         fitted = self.step_fit.predict(features)
         if fitted > 0 and measured_ms > 0:
             ratio = min(max(measured_ms / fitted, 1.0 / MAX_STEP_RATIO), MAX_STEP_RATIO)
@@ -422,16 +429,17 @@ class StepTimeModel:
 
 def fit_cost(records: list[dict[str, float]]) -> StepCost:
     """Least-squares :class:`StepCost` from measured steps (``rows, tokens, ctx_tokens, spec,
-    step_ms``, and ``drafts, draft_ms`` for the drafting terms). Coefficients are kept >= 0."""
-    x = np.array([[1.0, r["tokens"], r["rows"], r["ctx_tokens"] / 1000.0, float(r["spec"]),
-                   float(r["spec"]) * r["rows"]] for r in records])
+    drafts_verified, step_ms``, and ``drafts, draft_ms`` for the drafting terms). Coefficients
+    are kept >= 0."""
+    x = np.array([step_features(int(r["rows"]), int(r["tokens"]), int(r["ctx_tokens"]), bool(r["spec"]),
+                                int(r.get("drafts_verified", 0))) for r in records])
     y = np.array([r["step_ms"] for r in records])
     coef = _nonneg_lstsq(x, y)
     drafting = [r for r in records if r.get("drafts", 0) > 0]
     dcoef = (_nonneg_lstsq(np.array([[1.0, r["drafts"]] for r in drafting]),
                            np.array([r["draft_ms"] for r in drafting])) if len(drafting) >= 2 else [0.0, 0.0])
     return StepCost(base=coef[0], per_token=coef[1], per_row=coef[2], context=coef[3], spec=coef[4],
-                    spec_row=coef[5], draft=dcoef[0], draft_token=dcoef[1])
+                    spec_row=coef[5], draft=dcoef[0], draft_token=dcoef[1], spec_token=coef[6])
 
 
 def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def mape(records: list[dict[str, Any]], cost: Any) -> float:
     """Mean |predicted - measured| / measured of the step time (drafting excluded)."""
-    errors = [abs(cost.step_ms(r["rows"], r["tokens"], r["ctx_tokens"], r["spec"]) - r["step_ms"]) / r["step_ms"]
+    errors = [abs(cost.step_ms(r["rows"], r["tokens"], r["ctx_tokens"], r["spec"], r.get("drafts_verified", 0))
+                  - r["step_ms"]) / r["step_ms"]
               for r in records if r["step_ms"] > 0]
     return round(sum(errors) / len(errors), 4) if errors else 0.0
 
