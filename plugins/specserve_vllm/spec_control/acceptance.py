@@ -51,7 +51,7 @@ requests whose first 4 drafts all failed went on to accept 67% of first drafts, 
 rest. Acceptance rises as a request goes on (its first 4 verifications: 36% at the first
 position, the 4 after: 49%, later: 62-70%). At weight 4, four early misses put a request at
 half the engine-wide rate and turned it off for most of a short request
-(docs/speculation-control.md, "A request's first drafts")."""
+(docs/speculation-control.md, "One engine per arm, a request's first drafts")."""
 
 
 def sampling_class(temperature: float) -> int:

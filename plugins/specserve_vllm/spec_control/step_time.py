@@ -11,9 +11,9 @@ requests in the step; ``ctx_tokens``: their context lengths summed; ``spec``: th
 drafts (vLLM's speculative path: spec metadata and the rejection sampler), a fixed cost the whole
 batch pays once any row speculates; ``verified``: the drafts the step verifies, which cost
 ``spec_token`` each on top of ``per_token`` (a verified draft costs more than a prefill token:
-0.55-0.75 ms against 0.42 at one row on the demo model, so one price for both priced a fourth
-draft too cheap and the spec path's fixed cost too dear); ``drafts``: tokens drafted for the next step. The
-coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
+0.5-0.8 ms against 0.42 at one row on the demo model, so one price for both priced a fourth
+draft too cheap and the spec path's fixed cost too dear); ``drafts``: tokens drafted for the
+next step. The coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
 demo model's ship with the plugin). Online, measured steps refit them (:class:`TermFit`:
 exponentially weighted least squares on the relative error, pulled toward the calibration,
 folded every few steps) and a level follows the host's speed step by step in between, so load
