@@ -36,4 +36,5 @@ def test_bench_trees_measures_every_arm_in_turn(demo_model_dir: Path, capsys: py
     assert rows[("dynamic", 1)]["trees"]["steps"] > 0  # the dynamic arm verified trees
     assert rows[("dynamic", 1)]["trees"]["whole_batch"] > 0  # batch 1: no rejection sampler
     assert len(report["none_tokens_per_s"]["1@0"]) == 2
+    assert report["distinct_prompts"] == 12  # 2 repetitions x 2 batch sizes x 3 prompts, none served twice
     assert "dynamic@3/fixed/bs1/t0" in out.err and "DIFFERS" not in out.err

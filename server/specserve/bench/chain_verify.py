@@ -70,12 +70,12 @@ def _engine(args: argparse.Namespace, model_dir: Path, heads: str | None, arm: s
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # counters read from the runner
-    from specserve.bench.drafters import _prompts, tau
+    from specserve.bench.drafters import held_out_prompts, tau
     from specserve.bench.trees import _key, heads_for, sweep
     from specserve.demo import demo_model_dir
 
     model_dir = args.model or demo_model_dir()
-    prompts = _prompts(model_dir, args.prompts, args.prompt_tokens)
+    prompts = held_out_prompts(model_dir, args.prompts, args.prompt_tokens)
     heads = heads_for(args.drafter, args.heads)
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     temperatures = [float(t) for t in str(args.temperatures).split(",") if t.strip()]

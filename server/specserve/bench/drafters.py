@@ -2,8 +2,9 @@
 
 For each drafter (``none``, vLLM's ``ngram`` and ``vllm-medusa`` — vLLM's own Medusa proposer fed
 our Medusa heads converted to its format — and specserve's ``recycling``, ``medusa``, ``hydra``) an
-in-process vLLM engine runs the same prompts — the first tokens of the demo model's held-out stdlib files ("continue this
-code file") — greedy, ``--max-tokens`` new tokens, at batch 1 (one request at a time) and batch 8.
+in-process vLLM engine runs the same prompts — windows of the demo model's held-out stdlib files ("continue this
+code file"), ``--prompts`` per batch size and different for each — greedy, ``--max-tokens`` new tokens, at batch 1
+(one request at a time) and batch 8.
 Reports per drafter and batch: τ = mean tokens emitted per verification step (1 + accepted drafts
 per step), acceptance rate per draft position, output tokens/s, speedup vs ``none`` in the same
 run, and whether the outputs equal ``none``'s token for token. JSON on stdout, one summary line on stderr.
@@ -51,7 +52,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,8")
 
 
-def _prompts(model_dir: Path, n: int, n_tokens: int) -> list[list[int]]:
+def window_starts(length: int, n_tokens: int, windows: int) -> list[int]:
+    """Start offsets of up to ``windows`` prompt windows of ``n_tokens`` in a file of ``length``
+    tokens, each window followed by a gap as long as itself, so no window is the text that
+    follows another.
+
+    >>> window_starts(1000, 192, 4), window_starts(100, 192, 4)
+    ([0, 384, 768], [])
+    """
+    return [w * 2 * n_tokens for w in range(windows) if w * 2 * n_tokens + n_tokens <= length]
+
+
+def held_out_prompts(model_dir: Path, n: int, n_tokens: int, *, windows_per_file: int = 1) -> list[list[int]]:
+    """``n`` prompts of ``n_tokens`` from the demo model's held-out stdlib files ("continue this
+    code file"): every file's first window, then every file's second, and so on up to
+    ``windows_per_file``, so a benchmark that needs more distinct prompts than there are files
+    gets later parts of them instead of repeating one (fewer than ``n`` when the files run out)."""
     from transformers import AutoTokenizer
 
     from specserve.demo.corpus import stdlib_dir
@@ -59,17 +75,16 @@ def _prompts(model_dir: Path, n: int, n_tokens: int) -> list[list[int]]:
     record = json.loads((model_dir / "record.json").read_text()) if (model_dir / "record.json").exists() else {}
     files = record.get("heldout_files") or sorted(p.relative_to(stdlib_dir()).as_posix() for p in stdlib_dir().glob("*.py"))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    out: list[list[int]] = []
+    texts: list[list[int]] = []
     for rel in files:
         path = stdlib_dir() / rel
-        if not path.is_file():
-            continue
-        ids = tok.encode(path.read_text(encoding="utf-8", errors="replace"))
-        if len(ids) >= n_tokens:
-            out.append(ids[:n_tokens])
-        if len(out) == n:
-            break
-    return out
+        if path.is_file():
+            texts.append(tok.encode(path.read_text(encoding="utf-8", errors="replace")))
+        if windows_per_file == 1 and sum(len(t) >= n_tokens for t in texts) >= n:
+            break  # one window per file: the files after the n-th are not needed
+    starts = [window_starts(len(ids), n_tokens, windows_per_file) for ids in texts]
+    out = [ids[s[w] : s[w] + n_tokens] for w in range(windows_per_file) for ids, s in zip(texts, starts) if w < len(s)]
+    return out[:n]
 
 
 def _counters(llm: Any) -> dict[str, Any]:
@@ -93,8 +108,9 @@ def per_position_rates(steps: float, accepted_per_pos: list[float]) -> list[floa
     return [round(a / steps, 3) if steps else 0.0 for a in accepted_per_pos]
 
 
-def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], max_tokens: int,
-             batch_sizes: list[int], heads: str | None = None) -> dict[str, Any]:
+def _run_one(model_dir: Path, drafter: str, k: int, prompts: dict[int, list[list[int]]], warm: list[int],
+             max_tokens: int, heads: str | None = None) -> dict[str, Any]:
+    """One drafter's engine: warmed up on ``warm``, then each batch size on its own prompts."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -110,13 +126,13 @@ def _run_one(model_dir: Path, drafter: str, k: int, prompts: list[list[int]], ma
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     result: dict[str, Any] = {}
     try:
-        llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
-        for bs in batch_sizes:
+        llm.generate([TokensPrompt(prompt_token_ids=warm)], params, use_tqdm=False)  # warm-up
+        for bs, batch_prompts in prompts.items():
             before = _counters(llm)
             outputs: list[list[int]] = []
             t0 = time.perf_counter()
-            for i in range(0, len(prompts), bs):
-                batch = [TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + bs]]
+            for i in range(0, len(batch_prompts), bs):
+                batch = [TokensPrompt(prompt_token_ids=p) for p in batch_prompts[i : i + bs]]
                 outs = llm.generate(batch, params, use_tqdm=False)
                 outputs.extend(list(o.outputs[0].token_ids) for o in outs)
             elapsed = time.perf_counter() - t0
@@ -162,8 +178,14 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     model_dir = args.model or demo_model_dir()
-    prompts = _prompts(model_dir, args.prompts, args.prompt_tokens)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    # each batch size its own prompts, and a warm-up prompt of its own: Token Recycling learns
+    # from what it serves, so a prompt served twice would be drafted from its own earlier output
+    pool = held_out_prompts(model_dir, args.prompts * len(batch_sizes) + 1, args.prompt_tokens, windows_per_file=16)
+    if len(pool) < args.prompts * len(batch_sizes) + 1:
+        raise ValueError(f"{len(batch_sizes)} batch sizes of {args.prompts} prompts and a warm-up need "
+                         f"{args.prompts * len(batch_sizes) + 1} distinct prompts; the held-out files give {len(pool)}")
+    prompts = {bs: pool[i * args.prompts : (i + 1) * args.prompts] for i, bs in enumerate(batch_sizes)}
     drafters = [d.strip() for d in args.drafters.split(",")]
     if "none" not in drafters:
         drafters.insert(0, "none")
@@ -172,13 +194,14 @@ def run(args: argparse.Namespace) -> int:
     failed: dict[str, str] = {}
     for d in drafters:
         try:
-            runs[d] = _run_one(model_dir, d, args.k, prompts, args.max_tokens, batch_sizes, heads.get(d))
+            runs[d] = _run_one(model_dir, d, args.k, prompts, pool[-1], args.max_tokens, heads.get(d))
         except Exception as exc:  # one drafter failing must not lose the others' figures
             if d == "none":
                 raise
             logger.exception("bench drafters: drafter failed", extra={"fields": {"drafter": d}})
             failed[d] = f"{type(exc).__name__}: {exc}"
-    report: dict[str, Any] = {"model": str(model_dir), "k": args.k, "prompts": len(prompts),
+    report: dict[str, Any] = {"model": str(model_dir), "k": args.k, "prompts": args.prompts,
+                              "distinct_prompts": args.prompts * len(batch_sizes),
                               "max_tokens": args.max_tokens, "drafters": {}, "failed": failed}
     for d, res in runs.items():
         report["drafters"][d] = {}

@@ -270,7 +270,7 @@ def temperature_mix(label: str) -> tuple[float, ...]:
 def run(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
-    from specserve.bench.drafters import _prompts
+    from specserve.bench.drafters import held_out_prompts
     from specserve.demo import demo_model_dir
 
     if args.full:
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     temps = [t.strip() for t in str(args.temperatures).split(",") if t.strip()]
     engines = _engines(args, arms, model_dir)
-    pool = _prompts(model_dir, 64, args.prompt_tokens)
+    pool = held_out_prompts(model_dir, 64, args.prompt_tokens)
     rng = random.Random(args.seed)
     report: dict[str, Any] = {"model": str(model_dir), "drafter": args.drafter, "k": args.k,
                               "requests": args.requests, "reps": args.reps, "temperatures": temps,

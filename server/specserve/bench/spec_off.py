@@ -71,7 +71,7 @@ def _timed(llm: Any, batch: list[list[int]], params: Any) -> tuple[float, float,
 def run(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
-    from specserve.bench.drafters import _heads, _prompts
+    from specserve.bench.drafters import _heads, held_out_prompts
     from specserve.demo import demo_model_dir
     from specserve.engine import settings
     from specserve.speculative_config import HEAD_DRAFTERS, speculative_config
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     # is bound to the same core and the idle arms' processes share it with the running one.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     model_dir = args.model or demo_model_dir()
-    prompts = _prompts(model_dir, args.prompts, args.prompt_tokens)
+    prompts = held_out_prompts(model_dir, args.prompts, args.prompt_tokens)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip() and d.strip() != "none"]
     args.vllm_medusa_heads = None

@@ -5,8 +5,10 @@ demo model's, whose number caps a chain's length and a tree's depth, not its nod
 budget ``k`` (``--budgets``), draft shape (``--shapes``: ``chain``, ``static``, ``dynamic``; the
 engine setting ``tree``) and engine speculation policy (``--policies``: ``fixed``, or ``goodput``
 where the per-step controller spends the budget), an in-process engine (demo model by default,
-fp32) runs the same held-out prompts as ``bench drafters``, ``--max-tokens`` new tokens, at each
-batch size and each of ``--temperatures`` (greedy by default; seeded sampling otherwise). A chain
+fp32) runs held-out prompts (``--prompts`` of them per run; every repetition, temperature and
+batch size gets its own, so Token Recycling never drafts a prompt from its own earlier output),
+``--max-tokens`` new tokens, at each batch size and each of ``--temperatures`` (greedy by
+default; seeded sampling otherwise). A chain
 drafts up to ``k`` tokens, a tree up to ``k`` nodes, so every shape verifies at most ``1 + k``
 rows per request and step. Every arm's engine is built first (in an order shuffled with
 ``--seed``, each warmed up the same way) and kept; then each of ``--reps`` repetitions runs, at
@@ -17,7 +19,7 @@ depth over all repetitions, tokens/s per repetition and its median, ratios to no
 to the chain arm with the highest median paired by repetition (median, min, max), the share of looping outputs,
 the tree counters (tree verifications, accepted side branches), the share of steps each
 repetition ran without speculation (which τ leaves out) and, greedy, whether every
-repetition's outputs equal the no-speculation run's token for token.
+repetition's outputs equal the no-speculation run's of the same prompts token for token.
 JSON on stdout, one summary line on stderr.
 """
 
@@ -35,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from specserve.bench.drafters import _prompts, per_position_rates, tau
+from specserve.bench.drafters import held_out_prompts, per_position_rates, tau
 from specserve.bench.stats import is_looping, paired
 from specserve.engine.local import model_runner
 
@@ -154,21 +156,37 @@ def _measure(engines: dict[Arm, Any], prompts: list[list[int]], params: list[Any
     return out
 
 
-def sweep(engines: dict[Any, Any], prompts: list[list[int]], *, reps: int, seed: int, temperatures: Sequence[float],
-          batch_sizes: Sequence[int], max_tokens: int) -> Iterator[tuple[int, float, int, Any, dict[str, Any]]]:
-    """Every repetition, temperature and batch size in turn, every arm measured by
-    :func:`_measure` (seeded sampling at temperature > 0, request ``i`` with seed ``seed * 1000 +
-    i``); yields ``(rep, temperature, batch size, arm, measurement)``."""
+def prompt_cells(pool: Sequence[list[int]], per_cell: int, reps: int, temperatures: Sequence[float],
+                 batch_sizes: Sequence[int]) -> dict[tuple[int, float, int], list[list[int]]]:
+    """Each repetition, temperature and batch size gets its own ``per_cell`` prompts of ``pool``,
+    in sweep order, so no engine serves a prompt twice (Token Recycling learns from what it
+    serves: a repeated greedy prompt would be drafted from its own earlier output).
+
+    >>> cells = prompt_cells([[1], [2], [3], [4], [5]], 2, 2, [0.0], [1])
+    >>> cells[(0, 0.0, 1)], cells[(1, 0.0, 1)]
+    ([[1], [2]], [[3], [4]])
+    """
+    keys = [(rep, temp, bs) for rep in range(reps) for temp in temperatures for bs in batch_sizes]
+    if len(pool) < len(keys) * per_cell:
+        raise ValueError(f"{len(keys)} runs of {per_cell} prompts need {len(keys) * per_cell} distinct prompts; "
+                         f"the held-out files give {len(pool)} (lower --prompts, --reps or --prompt-tokens)")
+    return {key: list(pool[i * per_cell : (i + 1) * per_cell]) for i, key in enumerate(keys)}
+
+
+def sweep(engines: dict[Any, Any], cells: dict[tuple[int, float, int], list[list[int]]], *, seed: int,
+          max_tokens: int) -> Iterator[tuple[int, float, int, Any, dict[str, Any]]]:
+    """Every repetition, temperature and batch size of ``cells`` (see :func:`prompt_cells`) in
+    turn, every arm measured by :func:`_measure` on that cell's prompts (seeded sampling at
+    temperature > 0, request ``i`` with seed ``seed * 1000 + i``); yields ``(rep, temperature,
+    batch size, arm, measurement)``."""
     from vllm import SamplingParams
 
-    for rep in range(reps):
-        rng = random.Random(seed * 1000 + rep)
-        for temp in temperatures:
-            params = [SamplingParams(temperature=temp, max_tokens=max_tokens, ignore_eos=True,
-                                     seed=None if temp == 0 else seed * 1000 + i) for i in range(len(prompts))]
-            for bs in batch_sizes:
-                for arm, m in _measure(engines, prompts, params, bs, rng).items():
-                    yield rep, temp, bs, arm, m
+    for n, ((rep, temp, bs), prompts) in enumerate(cells.items()):
+        rng = random.Random(seed * 1000 + n)
+        params = [SamplingParams(temperature=temp, max_tokens=max_tokens, ignore_eos=True,
+                                 seed=None if temp == 0 else seed * 1000 + i) for i in range(len(prompts))]
+        for arm, m in _measure(engines, prompts, params, bs, rng).items():
+            yield rep, temp, bs, arm, m
 
 
 def heads_for(drafter: str, heads: str | None) -> str | None:
@@ -280,18 +298,21 @@ def run(args: argparse.Namespace) -> int:
     from specserve.demo import demo_model_dir
 
     model_dir = args.model or demo_model_dir()
-    prompts = _prompts(model_dir, args.prompts, args.prompt_tokens)
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     shapes = [s.strip() for s in str(args.shapes).split(",") if s.strip()]
     budgets = [int(b) for b in str(args.budgets).split(",") if b.strip()]
     heads = heads_for(args.drafter, args.heads)
     temperatures = [float(t) for t in str(args.temperatures).split(",") if t.strip()]
     policies = [p.strip() for p in str(args.policies).split(",") if p.strip()]
+    n_runs = args.reps * len(temperatures) * len(batch_sizes)
+    pool = held_out_prompts(model_dir, n_runs * args.prompts + 1, args.prompt_tokens, windows_per_file=16)
+    cells = prompt_cells(pool[:-1], args.prompts, args.reps, temperatures, batch_sizes)
+    warm_prompt = pool[-1]  # served by no measured run
     none: Arm = ("none", 0, "fixed")
     arms = [none] + [(shape, budget, policy) for budget in budgets for shape in shapes for policy in policies]
     build = arms[:]
     random.Random(args.seed).shuffle(build)
-    engines = {arm: _engine(model_dir, args.drafter, heads, arm, prompts[0], args.max_tokens, args.dtype)
+    engines = {arm: _engine(model_dir, args.drafter, heads, arm, warm_prompt, args.max_tokens, args.dtype)
                for arm in build}
     # Every arm's engine lives in this process. Freezing what building them left keeps the cyclic
     # collector from walking the idle engines' objects during each measured arm, so an arm's speed
@@ -299,8 +320,7 @@ def run(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     got: dict[Arm, dict[str, list[dict[str, Any]]]] = {arm: {} for arm in arms}
-    for rep, temp, bs, arm, m in sweep({arm: engines[arm] for arm in arms}, prompts, reps=args.reps, seed=args.seed,
-                                       temperatures=temperatures, batch_sizes=batch_sizes,
+    for rep, temp, bs, arm, m in sweep({arm: engines[arm] for arm in arms}, cells, seed=args.seed,
                                        max_tokens=args.max_tokens):
         got[arm].setdefault(_key(bs, temp), []).append(m)
         logger.info("bench trees", extra={"fields": {"arm": "/".join(map(str, arm)), "rep": rep, "batch": bs,
@@ -314,10 +334,13 @@ def run(args: argparse.Namespace) -> int:
                 key = _key(bs, temp)
                 row = {**_summary(arm, got[arm][key], got[none][key], [got[c][key] for c in chain_arms]),
                        "batch": bs, "temperature": temp}
-                row["equal_to_none"] = (all(r["outputs"] == got[none][key][0]["outputs"] for r in got[arm][key])
+                # each repetition against no speculation's run of the same prompts
+                row["equal_to_none"] = (all(r["outputs"] == n["outputs"] for r, n in zip(got[arm][key], got[none][key],
+                                                                                        strict=True))
                                         if temp == 0 else None)
                 rows.append(row)
-    report = {"model": str(model_dir), "drafter": args.drafter, "dtype": args.dtype, "prompts": len(prompts),
+    report = {"model": str(model_dir), "drafter": args.drafter, "dtype": args.dtype, "prompts": args.prompts,
+              "distinct_prompts": n_runs * args.prompts,
               "max_tokens": args.max_tokens, "reps": args.reps,
               "build_order": ["/".join(map(str, a)) for a in build],
               "none_tokens_per_s": {key: [r["tokens_per_s"] for r in runs] for key, runs in got[none].items()},
