@@ -45,3 +45,6 @@ def test_bench_goodput_runs_every_arm_and_judges_the_tree_arm(demo_model_dir: Pa
     assert sum(a["trees_verified"] for a in tree_arms) > 0
     assert all(a["tree_nodes_accepted"] >= 0 for a in tree_arms)
     assert f"{goodput.TREE_ARM} against the best chain arm, paired:" in out.err
+    # 2 points x 2 repetitions x 3 requests per arm, each a window no engine had served before
+    assert report["prompts"]["served_per_arm"] == 12 and report["prompts"]["repeats_per_arm"] == 0
+    assert report["prompts"]["distinct"] > 12

@@ -26,15 +26,6 @@ def test_tau_is_between_one_and_k_plus_one(steps: int, k: int) -> None:
     assert 1.0 <= tau(steps, accepted // 2) <= k + 1
 
 
-def test_docstring_examples() -> None:
-    import doctest
-
-    from specserve.bench import drafters, trees
-
-    assert doctest.testmod(drafters).failed == 0
-    assert doctest.testmod(trees).failed == 0
-
-
 @given(st.integers(0, 5_000), st.integers(1, 400), st.integers(1, 20))
 def test_windows_fit_the_file_and_leave_a_gap_after_each(length: int, n_tokens: int, windows: int) -> None:
     starts = window_starts(length, n_tokens, windows)

@@ -172,3 +172,12 @@ def test_the_summary_tallies_the_tree_arm_against_the_chain_arms() -> None:
     for pt in report["closed"]["t0"].values():
         del pt["tree_paired_throughput"]
     assert "goodput-tree" not in goodput.summary_line(report)
+
+
+def test_prompt_feed_gives_every_arm_the_same_prompts_and_counts_repeats() -> None:
+    feed = goodput.PromptFeed([[i] for i in range(10)])
+    for rep in range(3):
+        got = {arm: feed.take(arm, 3) for arm in ("goodput", "none", "k2")}
+        assert got["goodput"] == got["none"] == got["k2"] == [[3 * rep + i] for i in range(3)]
+    assert feed.repeats == {}  # 9 of 10 windows served, none twice
+    assert feed.take("none", 3) == [[9], [0], [1]] and feed.repeats == {"none": 2}

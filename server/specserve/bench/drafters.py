@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=192)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--dtype", default="auto",
+                        help="model dtype: auto (vLLM's choice, bfloat16 for a float32 model on CPU, where near-tied "
+                             "logits can resolve differently in a verification step) or float32")
 
 
 def window_starts(length: int, n_tokens: int, windows: int) -> list[int]:
@@ -109,7 +112,7 @@ def per_position_rates(steps: float, accepted_per_pos: list[float]) -> list[floa
 
 
 def _run_one(model_dir: Path, drafter: str, k: int, prompts: dict[int, list[list[int]]], warm: list[int],
-             max_tokens: int, heads: str | None = None) -> dict[str, Any]:
+             max_tokens: int, heads: str | None = None, dtype: str = "auto") -> dict[str, Any]:
     """One drafter's engine: warmed up on ``warm``, then each batch size on its own prompts."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -121,7 +124,7 @@ def _run_one(model_dir: Path, drafter: str, k: int, prompts: dict[int, list[list
     spec = speculative_config(drafter, k, heads=heads)  # type: ignore[arg-type]
     heads_dir = heads if drafter in HEAD_DRAFTERS and heads else settings.current().heads_dir
     with settings.override(heads_dir=heads_dir):  # the proposer reads it as the engine builds it
-        llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
+        llm = local_llm(model_dir, max_num_seqs=8, kv_cache_memory_bytes=256 << 20, dtype=dtype,
                         speculative_config=spec, disable_log_stats=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     result: dict[str, Any] = {}
@@ -194,13 +197,13 @@ def run(args: argparse.Namespace) -> int:
     failed: dict[str, str] = {}
     for d in drafters:
         try:
-            runs[d] = _run_one(model_dir, d, args.k, prompts, pool[-1], args.max_tokens, heads.get(d))
+            runs[d] = _run_one(model_dir, d, args.k, prompts, pool[-1], args.max_tokens, heads.get(d), args.dtype)
         except Exception as exc:  # one drafter failing must not lose the others' figures
             if d == "none":
                 raise
             logger.exception("bench drafters: drafter failed", extra={"fields": {"drafter": d}})
             failed[d] = f"{type(exc).__name__}: {exc}"
-    report: dict[str, Any] = {"model": str(model_dir), "k": args.k, "prompts": args.prompts,
+    report: dict[str, Any] = {"model": str(model_dir), "dtype": args.dtype, "k": args.k, "prompts": args.prompts,
                               "distinct_prompts": args.prompts * len(batch_sizes),
                               "max_tokens": args.max_tokens, "drafters": {}, "failed": failed}
     for d, res in runs.items():

@@ -17,8 +17,10 @@ Each arm has its own in-process engine, all alive at once, with the same warm-up
 that learns as it serves (Token Recycling's matrix) has seen the same requests in every arm: with
 one engine shared by the fixed arms, a fixed arm drafted greedy text another arm had just produced
 for the same prompts (docs/speculation-control.md, "One engine per arm"). Every arm gets
-the same prompts (held-out stdlib files), output lengths (lognormal) and seeds, and the arms run
-in a new random order at every point. Parts (``--parts``):
+the same prompts, output lengths (lognormal) and seeds, and the arms run in a new random order
+at every point. Prompts are windows of the held-out stdlib files, handed out in turn
+(:class:`PromptFeed`), so no engine serves a prompt twice until every window has been served
+(the report's ``prompts``: distinct windows, requests per arm, and how many came round again). Parts (``--parts``):
 - ``open``: open-loop Poisson arrivals at each ``--rates`` value (precomputed from the seed);
 - ``closed``: ``--concurrency`` clients, each sending its next request when the last finishes;
 - ``trace``: a load step (low, high, low) on every arm, recording each step's decode batch and
@@ -39,6 +41,7 @@ gateway's own benchmark, ``bench spec-policy``, drives HTTP).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -267,6 +270,31 @@ def temperature_mix(label: str) -> tuple[float, ...]:
     return tuple(float(t) for t in label.split("+"))
 
 
+@dataclasses.dataclass
+class PromptFeed:
+    """Hands each arm's engine the next prompts of ``pool`` in the same order, so the arms of a
+    repetition serve the same prompts and no engine serves one twice until the pool is spent
+    (Token Recycling learns from what it serves: a repeated greedy prompt would be drafted from
+    its own earlier output). ``repeats`` counts the requests that came round again.
+
+    >>> feed = PromptFeed([[1], [2], [3]])
+    >>> feed.take("a", 2), feed.take("b", 2), feed.take("a", 2), feed.repeats
+    ([[1], [2]], [[1], [2]], [[3], [1]], {'a': 1})
+    """
+
+    pool: list[list[int]]
+    served: dict[str, int] = dataclasses.field(default_factory=dict)
+    repeats: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def take(self, arm: str, n: int) -> list[list[int]]:
+        start = self.served.get(arm, 0)
+        self.served[arm] = start + n
+        again = max(0, start + n - max(start, len(self.pool)))
+        if again:
+            self.repeats[arm] = self.repeats.get(arm, 0) + again
+        return [self.pool[(start + i) % len(self.pool)] for i in range(n)]
+
+
 def run(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
@@ -283,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     temps = [t.strip() for t in str(args.temperatures).split(",") if t.strip()]
     engines = _engines(args, arms, model_dir)
-    pool = held_out_prompts(model_dir, 64, args.prompt_tokens)
+    # every window of the held-out files; the last one warms the engines up and is served by no point
+    windows = held_out_prompts(model_dir, 1 << 20, args.prompt_tokens, windows_per_file=64)
+    warm_prompt, feed = windows[-1], PromptFeed(windows[:-1])
     rng = random.Random(args.seed)
     report: dict[str, Any] = {"model": str(model_dir), "drafter": args.drafter, "k": args.k,
                               "requests": args.requests, "reps": args.reps, "temperatures": temps,
@@ -294,9 +324,9 @@ def run(args: argparse.Namespace) -> int:
         k = fixed_k(arm)
         extra = {"spec_k": k} if k is not None else None
         mix = temperature_mix(temperature)
-        return [({"prompt_token_ids": pool[(seed * 7 + i) % len(pool)]},
+        return [({"prompt_token_ids": prompt},
                  SamplingParams(temperature=mix[i % len(mix)], max_tokens=m, ignore_eos=True, seed=seed + i,
-                                extra_args=extra)) for i, m in enumerate(lengths)]
+                                extra_args=extra)) for i, (m, prompt) in enumerate(zip(lengths, feed.take(arm, n)))]
 
     def point(label: str, drive: Callable[[Any, list[tuple[Any, Any]], str, int], tuple[list[Finished], float]],
               temperature: str, seed_base: int) -> dict[str, Any]:
@@ -349,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         for llm in engines.values():  # the same warm-up for every engine
-            llm.generate([{"prompt_token_ids": pool[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
+            llm.generate([{"prompt_token_ids": warm_prompt}], SamplingParams(max_tokens=8), use_tqdm=False)
         for ti, temperature in enumerate(temps):
             key = f"t{temperature}"
             if "open" in parts:
@@ -377,6 +407,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engines.clear()
         gc.collect()
+    report["prompts"] = {"distinct": len(feed.pool), "served_per_arm": max(feed.served.values(), default=0),
+                         "repeats_per_arm": max(feed.repeats.values(), default=0)}
     if args.plots is not None:
         write_plots(report, args.plots)
     sys.stdout.write(json.dumps(report, indent=1) + "\n")
