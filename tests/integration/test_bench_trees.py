@@ -29,7 +29,7 @@ def test_bench_trees_measures_every_arm_in_turn(demo_model_dir: Path, capsys: py
     for row in rows.values():
         assert row["equal_to_none"] is True  # greedy: every repetition's outputs equal no speculation
         assert len(row["tokens_per_s_runs"]) == 2 and min(row["tokens_per_s_runs"]) > 0
-        assert 1.0 <= row["tau"] <= 4.0
+        assert 1.0 <= row["tau"] <= 4.0 and len(row["tau_runs"]) == 2
         assert row["vs_none"]["min"] > 0 and row["vs_best_chain"]["min"] > 0
     assert rows[("chain", 1)]["trees"]["steps"] == 0  # chains verified no tree...
     assert rows[("chain", 1)]["trees"]["walked_chains"] > 0  # ...they were walked

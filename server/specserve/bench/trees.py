@@ -281,6 +281,7 @@ def _summary(arm: Arm, runs: list[dict[str, Any]], none: list[dict[str, Any]],
     trees = summed([r["trees"] for r in runs])
     return {"shape": arm[0], "budget": arm[1], "policy": arm[2],
             "tau": tau(steps, accepted) if arm[0] != "none" else 1.0,
+            "tau_runs": [r["tau"] for r in runs],  # one per repetition, each on its own prompts
             "accepted_per_depth": per_position_rates(steps, depth),
             "tokens_per_s": statistics.median(speeds), "tokens_per_s_runs": speeds,
             "vs_none": paired(speeds, [r["tokens_per_s"] for r in none]),
