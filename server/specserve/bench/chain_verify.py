@@ -1,7 +1,8 @@
 """``specserve bench chain-verify``: chains verified by the walk vs by vLLM's rejection sampler.
 
 For the ``--drafter`` drafting chains of ``--k`` under the engine policy ``--policy``, three
-in-process engines (demo model by default) run the held-out prompts of ``bench drafters``: no
+in-process engines (demo model by default) run held-out prompts (every repetition, temperature
+and batch size its own ``--prompts``, so Token Recycling never drafts a prompt it served): no
 speculation, chains verified by walking the target's tokens (the engine setting ``chain_verify``
 ``walk``, the default) and by vLLM's rejection sampler (``rejection``). Each of ``--reps``
 repetitions runs, at each temperature and batch size, every arm on each batch of prompts in
@@ -10,7 +11,7 @@ repetition, ratios paired by repetition (walk over rejection, each over no specu
 over rejection in verification steps a second, tokens/s over τ: at temperature > 0 the arms
 draw different random streams, so τ differs between them by chance), the
 steps each engine walked, the share of looping outputs and, greedy, whether every repetition's
-outputs equal the no-speculation run's. JSON on stdout, one summary line on stderr.
+outputs equal the no-speculation run's of the same prompts. JSON on stdout, one summary line on stderr.
 """
 
 from __future__ import annotations
@@ -71,22 +72,24 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # counters read from the runner
     from specserve.bench.drafters import held_out_prompts, tau
-    from specserve.bench.trees import _key, heads_for, sweep
+    from specserve.bench.trees import _key, heads_for, prompt_cells, sweep
     from specserve.demo import demo_model_dir
 
     model_dir = args.model or demo_model_dir()
-    prompts = held_out_prompts(model_dir, args.prompts, args.prompt_tokens)
     heads = heads_for(args.drafter, args.heads)
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     temperatures = [float(t) for t in str(args.temperatures).split(",") if t.strip()]
+    n_runs = args.reps * len(temperatures) * len(batch_sizes)
+    # every repetition, temperature and batch size on its own prompts, the warm-up on one more
+    pool = held_out_prompts(model_dir, n_runs * args.prompts + 1, args.prompt_tokens, windows_per_file=16)
+    cells = prompt_cells(pool[:-1], args.prompts, args.reps, temperatures, batch_sizes)
     build = list(ARMS)
     random.Random(args.seed).shuffle(build)
-    engines = {arm: _engine(args, model_dir, heads, arm, prompts[0]) for arm in build}
+    engines = {arm: _engine(args, model_dir, heads, arm, pool[-1]) for arm in build}
     gc.collect()
     gc.freeze()  # the idle engines' objects stay out of the collector's walks during measured arms
     got: dict[str, dict[str, list[dict[str, Any]]]] = {arm: {} for arm in ARMS}
-    for rep, temp, bs, (arm,), m in sweep({(arm,): engines[arm] for arm in ARMS}, prompts, reps=args.reps,
-                                          seed=args.seed, temperatures=temperatures, batch_sizes=batch_sizes,
+    for rep, temp, bs, (arm,), m in sweep({(arm,): engines[arm] for arm in ARMS}, cells, seed=args.seed,
                                           max_tokens=args.max_tokens):
         m["walked_steps"] = m["trees"].get("walked_chains", 0)  # the runner's counters, before and after
         got[arm].setdefault(_key(bs, temp), []).append(m)
@@ -114,11 +117,13 @@ def run(args: argparse.Namespace) -> int:
                 steps, accepted = sum(r["steps"] for r in runs), sum(r["accepted"] for r in runs)
                 row[f"tau_{arm}"] = tau(steps, accepted)
                 row[f"walked_steps_{arm}"] = sum(r["walked_steps"] for r in runs)
-                row[f"equal_to_none_{arm}"] = (all(r["outputs"] == got["none"][key][0]["outputs"] for r in runs)
+                row[f"equal_to_none_{arm}"] = (all(r["outputs"] == n["outputs"]
+                                                   for r, n in zip(runs, got["none"][key], strict=True))
                                                if temp == 0 else None)
             rows.append(row)
     report = {"model": str(model_dir), "drafter": args.drafter, "k": args.k, "policy": args.policy,
-              "dtype": args.dtype, "prompts": len(prompts), "max_tokens": args.max_tokens, "reps": args.reps,
+              "dtype": args.dtype, "prompts": args.prompts,
+              "distinct_prompts": n_runs * args.prompts, "max_tokens": args.max_tokens, "reps": args.reps,
               "build_order": build, "rows": rows}
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     sys.stderr.write("; ".join(
