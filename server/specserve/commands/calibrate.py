@@ -109,7 +109,7 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
 
 
 def run(args: argparse.Namespace) -> int:
-    from specserve.bench.drafters import _prompts
+    from specserve.bench.drafters import held_out_prompts
     from specserve.demo import demo_model_dir
     from specserve.head_training import resolve_heads
     from specserve_vllm.spec_control.step_time import Calibration, fit_cost
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     model_dir = args.model or demo_model_dir()
-    prompts = _prompts(model_dir, 8, args.prompt_tokens)
+    prompts = held_out_prompts(model_dir, 8, args.prompt_tokens)
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     all_records: list[dict[str, Any]] = []
     drafter_cost: dict[str, tuple[float, float]] = {}
