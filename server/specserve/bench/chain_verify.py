@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", default=None, help="head checkpoint for medusa/hydra (default: the demo model's)")
     parser.add_argument("--k", type=int, default=4, help="chain length")
     parser.add_argument("--policy", default="fixed", help="engine speculation policy (fixed, goodput)")
-    parser.add_argument("--prompts", type=int, default=8, help="number of held-out prompts")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts per repetition, temperature and batch size (each run its own)")
     parser.add_argument("--prompt-tokens", type=int, default=192)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--batch-sizes", default="1,8")

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-medusa-heads", default=None,
                         help="Medusa heads in vLLM's format (`specserve heads convert`; default: the demo model's)")
     parser.add_argument("--k", type=int, default=4, help="tokens drafted per step")
-    parser.add_argument("--prompts", type=int, default=8, help="number of held-out prompts")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts per batch size (each batch size its own)")
     parser.add_argument("--prompt-tokens", type=int, default=192)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,8")

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", default=None, help="head checkpoint for medusa/hydra (default: the demo model's)")
     parser.add_argument("--shapes", default="chain,static,dynamic", help="draft shapes (comma-separated)")
     parser.add_argument("--budgets", default="4,8,16", help="nodes per request and step (comma-separated)")
-    parser.add_argument("--prompts", type=int, default=8, help="number of held-out prompts")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts per repetition, temperature and batch size (each run its own)")
     parser.add_argument("--prompt-tokens", type=int, default=192)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="8")
