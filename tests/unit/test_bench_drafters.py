@@ -37,12 +37,14 @@ def test_windows_fit_the_file_and_leave_a_gap_after_each(length: int, n_tokens: 
 
 
 def test_held_out_prompts_are_distinct_and_start_with_every_files_first_window(demo_model_dir: Path) -> None:
-    first = held_out_prompts(demo_model_dir, 200, 96)
-    more = held_out_prompts(demo_model_dir, 200, 96, windows_per_file=16)
-    assert 20 <= len(first) < len(more) <= 200  # later windows add prompts beyond one per file
+    first = held_out_prompts(demo_model_dir, 500, 96)
+    more = held_out_prompts(demo_model_dir, 500, 96, windows_per_file=16)
+    # how many files there are depends on the Python install's stdlib (a distribution's may lack some)
+    assert 1 <= len(first) < len(more) <= 500  # later windows add prompts beyond one per file
     assert more[: len(first)] == first  # every file's first window comes first, as before
     assert all(len(p) == 96 for p in more)
-    assert len({tuple(p) for p in more}) == len(more)  # no prompt twice
+    assert len({tuple(p) for p in more}) == len(more)  # no prompt twice, even where files open alike
+    assert held_out_prompts(demo_model_dir, 3, 96, windows_per_file=16) == more[:3]
 
 
 def test_prompt_cells_never_share_a_prompt() -> None:

@@ -67,10 +67,12 @@ def window_starts(length: int, n_tokens: int, windows: int) -> list[int]:
 
 
 def held_out_prompts(model_dir: Path, n: int, n_tokens: int, *, windows_per_file: int = 1) -> list[list[int]]:
-    """``n`` prompts of ``n_tokens`` from the demo model's held-out stdlib files ("continue this
-    code file"): every file's first window, then every file's second, and so on up to
-    ``windows_per_file``, so a benchmark that needs more distinct prompts than there are files
-    gets later parts of them instead of repeating one (fewer than ``n`` when the files run out)."""
+    """``n`` distinct prompts of ``n_tokens`` from the demo model's held-out stdlib files
+    ("continue this code file"): every file's first window, then every file's second, and so
+    on up to ``windows_per_file``, so a benchmark that needs more distinct prompts than there
+    are files gets later parts of them instead of repeating one. A window equal to an earlier
+    one (files that open with the same header) is skipped. Fewer than ``n`` when the files run
+    out (how many there are depends on the Python install's stdlib)."""
     from transformers import AutoTokenizer
 
     from specserve.demo.corpus import stdlib_dir
@@ -78,15 +80,16 @@ def held_out_prompts(model_dir: Path, n: int, n_tokens: int, *, windows_per_file
     record = json.loads((model_dir / "record.json").read_text()) if (model_dir / "record.json").exists() else {}
     files = record.get("heldout_files") or sorted(p.relative_to(stdlib_dir()).as_posix() for p in stdlib_dir().glob("*.py"))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    texts: list[list[int]] = []
-    for rel in files:
-        path = stdlib_dir() / rel
-        if path.is_file():
-            texts.append(tok.encode(path.read_text(encoding="utf-8", errors="replace")))
-        if windows_per_file == 1 and sum(len(t) >= n_tokens for t in texts) >= n:
-            break  # one window per file: the files after the n-th are not needed
+    texts = [tok.encode(path.read_text(encoding="utf-8", errors="replace"))
+             for path in (stdlib_dir() / rel for rel in files) if path.is_file()]
     starts = [window_starts(len(ids), n_tokens, windows_per_file) for ids in texts]
-    out = [ids[s[w] : s[w] + n_tokens] for w in range(windows_per_file) for ids, s in zip(texts, starts) if w < len(s)]
+    out: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+    for w in range(windows_per_file):
+        for ids, s in zip(texts, starts):
+            if w < len(s) and (key := tuple(ids[s[w] : s[w] + n_tokens])) not in seen:
+                seen.add(key)
+                out.append(list(key))
     return out[:n]
 
 
