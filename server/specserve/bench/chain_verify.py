@@ -71,21 +71,19 @@ def _engine(args: argparse.Namespace, model_dir: Path, heads: str | None, arm: s
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # counters read from the runner
-    from specserve.bench.drafters import held_out_prompts, tau
-    from specserve.bench.trees import _key, heads_for, prompt_cells, sweep
+    from specserve.bench.drafters import tau
+    from specserve.bench.trees import _key, heads_for, run_prompts, sweep
     from specserve.demo import demo_model_dir
 
     model_dir = args.model or demo_model_dir()
     heads = heads_for(args.drafter, args.heads)
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     temperatures = [float(t) for t in str(args.temperatures).split(",") if t.strip()]
-    n_runs = args.reps * len(temperatures) * len(batch_sizes)
-    # every repetition, temperature and batch size on its own prompts, the warm-up on one more
-    pool = held_out_prompts(model_dir, n_runs * args.prompts + 1, args.prompt_tokens, windows_per_file=16)
-    cells = prompt_cells(pool[:-1], args.prompts, args.reps, temperatures, batch_sizes)
+    cells, warm_prompt = run_prompts(model_dir, args.prompts, args.prompt_tokens, args.reps, temperatures,
+                                     batch_sizes)
     build = list(ARMS)
     random.Random(args.seed).shuffle(build)
-    engines = {arm: _engine(args, model_dir, heads, arm, pool[-1]) for arm in build}
+    engines = {arm: _engine(args, model_dir, heads, arm, warm_prompt) for arm in build}
     gc.collect()
     gc.freeze()  # the idle engines' objects stay out of the collector's walks during measured arms
     got: dict[str, dict[str, list[dict[str, Any]]]] = {arm: {} for arm in ARMS}
@@ -123,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
     report = {"model": str(model_dir), "drafter": args.drafter, "k": args.k, "policy": args.policy,
               "dtype": args.dtype, "prompts": args.prompts,
-              "distinct_prompts": n_runs * args.prompts, "max_tokens": args.max_tokens, "reps": args.reps,
+              "distinct_prompts": sum(map(len, cells.values())), "max_tokens": args.max_tokens, "reps": args.reps,
               "build_order": build, "rows": rows}
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     sys.stderr.write("; ".join(

@@ -185,13 +185,12 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
     model_dir = args.model or demo_model_dir()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    from specserve.bench.trees import run_prompts
+
     # each batch size its own prompts, and a warm-up prompt of its own: Token Recycling learns
     # from what it serves, so a prompt served twice would be drafted from its own earlier output
-    pool = held_out_prompts(model_dir, args.prompts * len(batch_sizes) + 1, args.prompt_tokens, windows_per_file=16)
-    if len(pool) < args.prompts * len(batch_sizes) + 1:
-        raise ValueError(f"{len(batch_sizes)} batch sizes of {args.prompts} prompts and a warm-up need "
-                         f"{args.prompts * len(batch_sizes) + 1} distinct prompts; the held-out files give {len(pool)}")
-    prompts = {bs: pool[i * args.prompts : (i + 1) * args.prompts] for i, bs in enumerate(batch_sizes)}
+    cells, warm = run_prompts(model_dir, args.prompts, args.prompt_tokens, 1, [0.0], batch_sizes)
+    prompts = {bs: cells[(0, 0.0, bs)] for bs in batch_sizes}
     drafters = [d.strip() for d in args.drafters.split(",")]
     if "none" not in drafters:
         drafters.insert(0, "none")
@@ -200,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     failed: dict[str, str] = {}
     for d in drafters:
         try:
-            runs[d] = _run_one(model_dir, d, args.k, prompts, pool[-1], args.max_tokens, heads.get(d), args.dtype)
+            runs[d] = _run_one(model_dir, d, args.k, prompts, warm, args.max_tokens, heads.get(d), args.dtype)
         except Exception as exc:  # one drafter failing must not lose the others' figures
             if d == "none":
                 raise

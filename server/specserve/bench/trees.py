@@ -173,6 +173,15 @@ def prompt_cells(pool: Sequence[list[int]], per_cell: int, reps: int, temperatur
     return {key: list(pool[i * per_cell : (i + 1) * per_cell]) for i, key in enumerate(keys)}
 
 
+def run_prompts(model_dir: Path, per_run: int, n_tokens: int, reps: int, temperatures: Sequence[float],
+                batch_sizes: Sequence[int]) -> tuple[dict[tuple[int, float, int], list[list[int]]], list[int]]:
+    """:func:`prompt_cells` over the held-out files' windows, and one more window for the
+    engines' warm-up, which no measured run serves."""
+    n_runs = reps * len(temperatures) * len(batch_sizes)
+    pool = held_out_prompts(model_dir, n_runs * per_run + 1, n_tokens, windows_per_file=16)
+    return prompt_cells(pool[:-1], per_run, reps, temperatures, batch_sizes), pool[-1]
+
+
 def sweep(engines: dict[Any, Any], cells: dict[tuple[int, float, int], list[list[int]]], *, seed: int,
           max_tokens: int) -> Iterator[tuple[int, float, int, Any, dict[str, Any]]]:
     """Every repetition, temperature and batch size of ``cells`` (see :func:`prompt_cells`) in
@@ -305,10 +314,8 @@ def run(args: argparse.Namespace) -> int:
     heads = heads_for(args.drafter, args.heads)
     temperatures = [float(t) for t in str(args.temperatures).split(",") if t.strip()]
     policies = [p.strip() for p in str(args.policies).split(",") if p.strip()]
-    n_runs = args.reps * len(temperatures) * len(batch_sizes)
-    pool = held_out_prompts(model_dir, n_runs * args.prompts + 1, args.prompt_tokens, windows_per_file=16)
-    cells = prompt_cells(pool[:-1], args.prompts, args.reps, temperatures, batch_sizes)
-    warm_prompt = pool[-1]  # served by no measured run
+    cells, warm_prompt = run_prompts(model_dir, args.prompts, args.prompt_tokens, args.reps, temperatures,
+                                     batch_sizes)
     none: Arm = ("none", 0, "fixed")
     arms = [none] + [(shape, budget, policy) for budget in budgets for shape in shapes for policy in policies]
     build = arms[:]
@@ -341,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
                                         if temp == 0 else None)
                 rows.append(row)
     report = {"model": str(model_dir), "drafter": args.drafter, "dtype": args.dtype, "prompts": args.prompts,
-              "distinct_prompts": n_runs * args.prompts,
+              "distinct_prompts": sum(map(len, cells.values())),
               "max_tokens": args.max_tokens, "reps": args.reps,
               "build_order": ["/".join(map(str, a)) for a in build],
               "none_tokens_per_s": {key: [r["tokens_per_s"] for r in runs] for key, runs in got[none].items()},
