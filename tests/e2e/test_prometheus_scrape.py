@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import httpx
 import pytest
 import yaml
 from openai import OpenAI
+
+from specserve.engine.process import free_port
 from support.installed_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,12 +35,6 @@ COMPOSE_TARGETS = {"specserve-gateway": "gateway:9100", "specserve-engine": "eng
 START_TIMEOUT_S = 420.0
 FUNCTIONS_AND_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
                           "unless", "bool", "offset"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(what: str, check: Any, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +22,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from specserve.engine.process import free_port
 
 MODEL = "fake-model"
 
@@ -189,12 +190,6 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
         return await generate(request, "text_completion")
 
     return app
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

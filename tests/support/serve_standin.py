@@ -43,8 +43,10 @@ def run_serve(monkeypatch: pytest.MonkeyPatch, argv: list[str], ports: list[int]
     StandInEngine.made = []
     served: list[Any] = []
     picks = iter(ports)
+    if "--port" not in argv:  # the gateway's socket is bound before the engine starts
+        argv = ["--port", str(process.free_port()), *argv]
     monkeypatch.setattr(process, "EngineProcess", StandInEngine)
     monkeypatch.setattr(process, "free_port", lambda host="127.0.0.1": next(picks))
-    monkeypatch.setattr(serve, "serve_gateway", lambda args, config, should_stop: served.append(config) or 0)
+    monkeypatch.setattr(serve, "serve_gateway", lambda args, config, should_stop, listener=None: served.append(config) or 0)
     args = build_parser().parse_args(["serve", "--model", "/nonexistent/model", "--device", "cpu", *argv])
     return serve.run(args), served

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from specserve.engine.process import free_port
 
 START_TIMEOUT_S = 900.0  # engine start on a busy 2-core machine can take minutes
 MODEL_NAME = "specserve-demo"
@@ -35,12 +36,6 @@ tests cover it), so they wait for the compile instead."""
 def _env() -> dict[str, str]:
     return {**os.environ, "SPECSERVE_ENGINE_API_KEY": ENGINE_KEY,
             "SPECSERVE_ENGINE_COMPILE_TIMEOUT_S": os.environ.get("SPECSERVE_ENGINE_COMPILE_TIMEOUT_S", COMPILE_TIMEOUT_S)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from specserve.engine.process import free_port
 from specserve.errors import APIError
 from specserve.gateway import GatewayConfig, KeyLimits
 
@@ -26,9 +26,7 @@ def fake() -> Iterator[tuple[str, FakeState]]:
 
 
 def dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict:

@@ -43,11 +43,12 @@ def test_an_engine_that_fails_on_a_free_port_is_not_retried(monkeypatch: pytest.
         def start(self) -> None:
             self.code = 3
 
-    spare = process.free_port()
+    spare, gateway_port = process.free_port(), process.free_port()
     monkeypatch.setattr(process, "EngineProcess", Broken)
     StandInEngine.made = []
     monkeypatch.setattr(process, "free_port", lambda host="127.0.0.1": spare)
-    monkeypatch.setattr(serve, "serve_gateway", lambda args, config, should_stop: 0)
-    args = build_parser().parse_args(["serve", "--model", "/nonexistent/model", "--device", "cpu"])
+    monkeypatch.setattr(serve, "serve_gateway", lambda args, config, should_stop, listener=None: 0)
+    args = build_parser().parse_args(["serve", "--model", "/nonexistent/model", "--device", "cpu",
+                                      "--port", str(gateway_port)])
     assert serve.run(args) == 1
     assert len(StandInEngine.made) == 1

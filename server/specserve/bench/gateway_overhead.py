@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ import httpx
 
 from specserve.bench.fake_engine import MODEL as FAKE_MODEL
 from specserve.bench.fake_engine import new_loop
+from specserve.engine.process import free_port
 
 
 @dataclass
@@ -145,12 +145,6 @@ def summarize(phases: list[Phase]) -> dict[str, object]:
         "e2e_p50_ms": round(percentile(e2e, 0.5) * 1000, 3),
         "e2e_p99_ms": round(percentile(e2e, 0.99) * 1000, 3),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_ready(url: str, timeout_s: float = 60.0) -> None:

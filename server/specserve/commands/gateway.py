@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -246,10 +247,29 @@ def start_metrics_server(app: Any, host: str, port: int) -> Callable[[], None]:
     return stop
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The gateway's socket, bound (not yet listening) to ``host:port``; OSError when taken.
+
+    ``specserve serve`` binds it before it starts the engine: a taken port fails in a second rather
+    than after the model has loaded, and the engine's own sockets (bound to port 0 while it starts)
+    cannot be given it. Connections are refused until the gateway serves.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve_gateway(
-    args: argparse.Namespace, config: GatewayConfig, should_stop: Callable[[], str | None] | None = None
+    args: argparse.Namespace, config: GatewayConfig, should_stop: Callable[[], str | None] | None = None,
+    listener: socket.socket | None = None,
 ) -> int:
-    """Run the gateway with uvicorn until SIGINT/SIGTERM (or ``should_stop`` returns a reason)."""
+    """Run the gateway with uvicorn until SIGINT/SIGTERM (or ``should_stop`` returns a reason), on
+    ``listener`` when given (see :func:`bind_listener`), else on a socket uvicorn binds."""
     import uvicorn
 
     from specserve.gateway import create_app
@@ -284,7 +304,7 @@ def serve_gateway(
     watcher = threading.Thread(target=watch, name="gateway-watch", daemon=True)
     watcher.start()
     try:
-        server.run()
+        server.run(sockets=[listener] if listener is not None else None)
     finally:
         done.set()
         watcher.join(timeout=2)

@@ -19,12 +19,14 @@ import logging
 import os
 import secrets
 import signal
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
 
 from specserve.commands.gateway import (
     add_gateway_arguments,
+    bind_listener,
     check_listener,
     engine_key,
     gateway_config,
@@ -172,9 +174,6 @@ def _already_stopping(signum: int, frame: FrameType | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specserve.engine.process import EngineError, EngineProcess, EngineSpec, detect_device, free_port
-    from specserve.engine.process import port_in_use, served_name_for
-
     try:
         if not check_listener(args):
             return 2
@@ -211,6 +210,21 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             log.error("--speculative-config is not valid JSON", extra={"fields": {"error": str(exc)}})
             return 2
+    try:
+        listener = bind_listener(args.host, args.port)
+    except OSError as exc:
+        log.error("the gateway's port is taken", extra={"fields": {"host": args.host, "port": args.port,
+                                                                   "error": str(exc)}})
+        return 2
+    with listener:
+        return _serve(args, env, key, listener)
+
+
+def _serve(args: argparse.Namespace, env: dict[str, str], key: str, listener: socket.socket) -> int:
+    """Start the engine, then the gateway on ``listener`` in front of it; stop both at the end."""
+    from specserve.engine.process import EngineError, EngineProcess, EngineSpec, detect_device, free_port
+    from specserve.engine.process import port_in_use, served_name_for
+
     model = args.model
     if model is None:
         from specserve.demo import demo_model_dir
@@ -268,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
             return None if code is None else f"engine exited with code {code}"
 
         config = gateway_config(args, [spec.url], device=spec.device, engine_api_key=key)
-        return serve_gateway(args, config, should_stop=engine_gone)
+        return serve_gateway(args, config, should_stop=engine_gone, listener=listener)
     except EngineError as exc:
         log.error("engine failed", extra={"fields": {"error": str(exc)}})
         return 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -92,8 +94,52 @@ class EngineSpec:
         return f"http://{self.host}:{self.port}"
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LINUX_EPHEMERAL_RANGE = (32768, 60999)
+LOWEST_SPARE_PORT = 10000
+_random = random.SystemRandom()  # not the seeded global generator: processes must not pick alike
+_handed_out: set[int] = set()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to sockets bound to port 0 (Linux's default when unreadable)."""
+    try:
+        low, high = (int(part) for part in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return LINUX_EPHEMERAL_RANGE
+    return low, high
+
+
+def spare_range(ephemeral: tuple[int, int], lowest: int = LOWEST_SPARE_PORT) -> tuple[int, int] | None:
+    """The widest block of unprivileged ports outside ``ephemeral``; None when there is none.
+
+    A port picked there cannot be handed by the kernel to another process binding port 0 (vLLM's
+    own sockets, say) between the pick and its user's bind.
+
+    >>> spare_range((32768, 60999))
+    (10000, 32767)
+    >>> spare_range((1024, 60999))
+    (61000, 65535)
+    >>> spare_range((1024, 65535)) is None
+    True
+    """
+    low, high = ephemeral
+    below = (lowest, low - 1) if low - 1 >= lowest else None
+    above = (max(high + 1, lowest), 65535) if high < 65535 else None
+    blocks = [b for b in (below, above) if b is not None and b[1] - b[0] >= 100]
+    return max(blocks, key=lambda b: b[1] - b[0], default=None)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
+    """A TCP port nobody holds now, picked at random outside the kernel's ephemeral range (so that
+    no process binding port 0 can be given it before its user binds it), never the same twice in a
+    process. Falls back to an ephemeral port when the range leaves no room."""
+    block = spare_range(ephemeral_range())
+    for _ in range(200 if block else 0):
+        port = _random.randint(*block)  # type: ignore[misc]
+        if port not in _handed_out and not port_in_use(port, host):
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
