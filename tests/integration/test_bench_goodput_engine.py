@@ -48,3 +48,40 @@ def test_bench_goodput_runs_every_arm_and_judges_the_tree_arm(demo_model_dir: Pa
     # 2 points x 2 repetitions x 3 requests per arm, each a window no engine had served before
     assert report["prompts"]["served_per_arm"] == 12 and report["prompts"]["repeats_per_arm"] == 0
     assert report["prompts"]["distinct"] > 12
+
+
+def test_interleaved_one_client_points_take_turns_by_request(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    arms = ("none", "k2", "goodput")
+    tags: list[str] = []
+    real = goodput.closed_loop
+
+    def recording(engine: object, requests: list, clients: int, tag: str) -> object:
+        tags.append(tag)
+        return real(engine, requests, clients, tag)
+
+    monkeypatch.setattr(goodput, "closed_loop", recording)
+    parser = argparse.ArgumentParser()
+    goodput.add_arguments(parser)
+    args = parser.parse_args(["--model", str(demo_model_dir), "--arms", ",".join(arms), "--parts", "closed",
+                              "--concurrency", "1,2", "--reps", "2", "--requests", "3", "--mean-output", "12",
+                              "--prompt-tokens", "48", "--temperatures", "0", "--seed", "3", "--interleave"])
+    assert goodput.run(args) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    one, two = report["closed"]["t0"]["1"], report["closed"]["t0"]["2"]
+    # One client: one call per arm and request, every arm serving request i before any serves i + 1.
+    turns = [t for t in tags if t.startswith("closed-1-")]
+    assert len(turns) == 2 * 3 * len(arms)
+    for rep in range(2):
+        for i in range(3):
+            block = turns[(rep * 3 + i) * len(arms): (rep * 3 + i + 1) * len(arms)]
+            assert sorted(t.split("-")[3] for t in block) == sorted(arms)
+            assert all(t.endswith(f"-{rep}-{i}") for t in block)
+    verdict = one["request_paired_latency"]
+    assert verdict["best"] in arms and verdict["verdict"] in ("within", "beyond", "undecided")
+    assert all(one["arms"][a]["reps"] == 2 and one["arms"][a]["tokens_per_s"] > 0 for a in arms)
+    # Two clients are not interleaved: one call per arm and repetition, no per-request verdict.
+    assert len([t for t in tags if t.startswith("closed-2-")]) == 2 * len(arms)
+    assert "request_paired_latency" not in two
+    assert "by request" in out.err

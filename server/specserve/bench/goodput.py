@@ -97,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-budget", type=int, default=8, help="goodput-tree: draft nodes per request and step")
     parser.add_argument("--tree-shape", default="dynamic", choices=("static", "dynamic"),
                         help="goodput-tree: tree shape")
+    parser.add_argument("--interleave", action="store_true",
+                        help="closed loops of one client: the arms take turns request by request (a slow "
+                             "spell of the machine falls on every arm's copy of a request alike), and the "
+                             "report adds verdicts paired by request (request_paired_latency)")
     parser.add_argument("--plots", type=Path, default=None, help="write SVG charts into this folder")
     parser.add_argument("--full", action="store_true",
                         help="the published run: " + ", ".join(f"{k}={v}" for k, v in FULL.items()))
@@ -150,6 +154,23 @@ def combine(runs: Sequence[dict[str, float]]) -> dict[str, Any]:
         if isinstance(runs[0][key], (int, float)) and all(isinstance(r.get(key), (int, float)) for r in runs):
             mean, ci = mean_ci([float(r[key]) for r in runs])
             out[key], out[f"{key}_ci"] = round(mean, 4), round(ci, 4)
+    return out
+
+
+def request_paired(latencies: dict[str, list[float]]) -> dict[str, Any]:
+    """Verdicts from per-request latencies (``latencies[arm][j]``: request ``j`` of the point,
+    every arm serving the same requests with the same output lengths), paired by request:
+    ``goodput`` against the best judged arm and, with a tree arm, the tree arm against the best
+    chain arm (see :func:`paired_verdict`; the slowdown is the geometric mean over requests).
+
+    >>> out = request_paired({"none": [1.0, 2.0, 1.5], "k2": [0.8, 1.6, 1.2], "goodput": [0.81, 1.62, 1.21]})
+    >>> out["request_paired_latency"]["best"], out["request_paired_latency"]["verdict"]
+    ('k2', 'within')
+    """
+    out: dict[str, Any] = {"request_paired_latency": paired_verdict(judged_arms(latencies), "goodput")}
+    tree = tree_judged_arms(latencies)
+    if tree:
+        out["tree_request_paired_latency"] = paired_verdict(tree, TREE_ARM)
     return out
 
 
@@ -328,33 +349,60 @@ def run(args: argparse.Namespace) -> int:
                  SamplingParams(temperature=mix[i % len(mix)], max_tokens=m, ignore_eos=True, seed=seed + i,
                                 extra_args=extra)) for i, (m, prompt) in enumerate(zip(lengths, feed.take(arm, n)))]
 
+    def measured(arm: str, served: Callable[[], tuple[list[Finished], float]]) -> tuple[list[Finished], float, float]:
+        """``served()`` on ``arm``'s engine: its requests, wall span and this process's CPU seconds."""
+        cpu0 = time.process_time()
+        finished, span = served()
+        return finished, span, time.process_time() - cpu0
+
+    def arm_result(arm: str, finished: list[Finished], span: float, cpu_s: float,
+                   before: dict[str, Any] | None, trees_before: dict[str, Any] | None) -> dict[str, Any]:
+        llm = engines[arm]
+        result: dict[str, Any] = summarise(finished, span)
+        # this process's CPU time (the engine runs in it): blind to time the machine gave
+        # other work, which wall-clock figures on a shared machine are not
+        result["tokens_per_cpu_s"] = round(sum(len(f.tokens) for f in finished) / cpu_s, 1) if cpu_s > 0 else 0.0
+        if before is not None:
+            result["plan"] = plan_delta(before, _plan_stats(llm))
+        if trees_before is not None:  # counts, so the tree arm is seen to verify trees
+            trees_after = tree_counters(llm)
+            result["trees_verified"] = trees_after.get("verified", 0) - trees_before.get("verified", 0)
+            result["tree_nodes_accepted"] = (trees_after.get("accepted_nodes", 0)
+                                             - trees_before.get("accepted_nodes", 0))
+        return result
+
     def point(label: str, drive: Callable[[Any, list[tuple[Any, Any]], str, int], tuple[list[Finished], float]],
-              temperature: str, seed_base: int) -> dict[str, Any]:
+              temperature: str, seed_base: int, by_request: bool = False) -> dict[str, Any]:
+        """Every arm at one load point, ``--reps`` times. ``by_request`` (one client): the arms
+        take turns request by request, in an order shuffled per request, and the report adds
+        verdicts paired by request."""
         runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+        latencies: dict[str, list[float]] = {a: [] for a in arms}  # per request, over repetitions
         orders = []
         for rep in range(args.reps):
             order = arms[:]
             rng.shuffle(order)
             orders.append(order)
+            reqs = {arm: requests_for(seed_base + 1000 * rep, args.requests, temperature, arm) for arm in arms}
+            before = {arm: _plan_stats(engines[arm]) if arm.startswith("goodput") else None for arm in arms}
+            trees_before = {arm: tree_counters(engines[arm]) if arm == TREE_ARM else None for arm in arms}
+            served: dict[str, list[tuple[list[Finished], float, float]]] = {a: [] for a in arms}
+            if by_request:
+                for i in range(args.requests):
+                    turn = arms[:]
+                    rng.shuffle(turn)
+                    for arm in turn:
+                        served[arm].append(measured(arm, lambda arm=arm, i=i: closed_loop(
+                            engines[arm].llm_engine, [reqs[arm][i]], 1, f"{label}-{arm}-{rep}-{i}")))
+            else:
+                for arm in order:
+                    served[arm].append(measured(arm, lambda arm=arm: drive(
+                        engines[arm].llm_engine, reqs[arm], f"{label}-{arm}-{rep}", rep)))
             for arm in order:
-                llm = engines[arm]
-                before = _plan_stats(llm) if arm.startswith("goodput") else None
-                trees_before = tree_counters(llm) if arm == TREE_ARM else None
-                reqs = requests_for(seed_base + 1000 * rep, args.requests, temperature, arm)
-                cpu0 = time.process_time()
-                finished, span = drive(llm.llm_engine, reqs, f"{label}-{arm}-{rep}", rep)
-                cpu_s = time.process_time() - cpu0
-                result: dict[str, Any] = summarise(finished, span)
-                # this process's CPU time (the engine runs in it): blind to time the machine gave
-                # other work, which wall-clock figures on a shared machine are not
-                result["tokens_per_cpu_s"] = round(sum(len(f.tokens) for f in finished) / cpu_s, 1) if cpu_s > 0 else 0.0
-                if before is not None:
-                    result["plan"] = plan_delta(before, _plan_stats(llm))
-                if trees_before is not None:  # counts, so the tree arm is seen to verify trees
-                    trees_after = tree_counters(llm)
-                    result["trees_verified"] = trees_after.get("verified", 0) - trees_before.get("verified", 0)
-                    result["tree_nodes_accepted"] = (trees_after.get("accepted_nodes", 0)
-                                                     - trees_before.get("accepted_nodes", 0))
+                finished = [f for part in served[arm] for f in part[0]]
+                span, cpu_s = sum(part[1] for part in served[arm]), sum(part[2] for part in served[arm])
+                latencies[arm] += [f.done - f.sent for f in finished]
+                result = arm_result(arm, finished, span, cpu_s, before[arm], trees_before[arm])
                 runs[arm].append(result)
                 logger.info("bench goodput point", extra={"fields": {
                     "point": label, "temperature": temperature, "rep": rep, "arm": arm, **result}})
@@ -366,6 +414,8 @@ def run(args: argparse.Namespace) -> int:
                                                        TREE_ARM, lower_is_better=lower)
                  for name, key, lower in (("latency", "latency_mean_s", True), ("throughput", "tokens_per_s", False),
                                           ("cpu_throughput", "tokens_per_cpu_s", False))} if tree_runs else {}
+        if by_request:
+            trees.update(request_paired(latencies))
         return {"orders": orders, "arms": per_arm, **trees,
                 "verdict_latency": verdicts(judged, "latency_mean_s", lower_is_better=True),
                 "verdict_throughput": verdicts(judged, "tokens_per_s", lower_is_better=False),
@@ -400,8 +450,9 @@ def run(args: argparse.Namespace) -> int:
                                      clients: int = clients) -> tuple[list[Finished], float]:
                         return closed_loop(engine, reqs, clients, tag)
 
-                    report["closed"][key][str(clients)] = point(f"closed-{clients}-{key}", drive_closed,
-                                                                temperature, args.seed + 500 + 100 * ci + 10 * ti)
+                    report["closed"][key][str(clients)] = point(
+                        f"closed-{clients}-{key}", drive_closed, temperature, args.seed + 500 + 100 * ci + 10 * ti,
+                        by_request=args.interleave and clients == 1)
             if "trace" in parts and ti == 0:
                 report["trace"] = _step_trace(args, arms, engines, requests_for, temperature, rng)
     finally:
@@ -488,7 +539,8 @@ def summary_line(report: dict[str, Any]) -> str:
     the CI), with goodput's paired slowdown (and, for closed loops, the same per CPU second of
     this process); then, from ratios paired by repetition, how many points show goodput within
     3% of the best arm, how many show it more than 3% behind, and how many leave it undecided;
-    the same tally for the tree arm against the best chain arm when it ran.
+    the same tally for the tree arm against the best chain arm when it ran. Points run with
+    ``--interleave`` add goodput's slowdown paired by request.
 
     >>> summary_line({"drafter": "hydra", "open": {"t0": {"1": {"verdict_latency": {
     ...     "best": "k4", "ratio": 1.01, "within": True, "better_than_fixed": False},
@@ -516,6 +568,9 @@ def summary_line(report: dict[str, Any]) -> str:
                 if pv:
                     tally[str(pv["verdict"])] += 1
                     text += f" (paired {pv['slowdown']} [{pv['low']}, {pv['high']}])"
+                rv = pt.get("request_paired_latency")
+                if rv:
+                    text += f" (by request {rv['slowdown']} [{rv['low']}, {rv['high']}] vs {rv['best']}: {rv['verdict']})"
                 cpu = pt.get("paired_cpu_throughput") if kind == "closed" else None
                 if cpu:
                     text += f" (per CPU s {cpu['slowdown']} [{cpu['low']}, {cpu['high']}], best={cpu['best']})"
