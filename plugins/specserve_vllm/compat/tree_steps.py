@@ -47,7 +47,7 @@ import numpy as np
 
 from specserve_vllm.compat import chain_walk
 from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR
-from specserve_vllm.compat.spec_length import PLANNER_ATTR, request_classes
+from specserve_vllm.compat.spec_length import PLANNER_ATTR
 from specserve_vllm.compat.step_timer import RUNNER_TREE_STEP_ATTR
 from specserve_vllm.compat.tree_grammar import DRAFTED_TREES_ATTR
 from specserve_vllm.compat.tree_grammar import SCHEDULED_ATTR as GRAMMAR_TREES_ATTR
@@ -59,7 +59,6 @@ from specserve_vllm.compat.upstream import (
     SAMPLE_TOKENS,
     UpstreamFunction,
 )
-from specserve_vllm.spec_control.acceptance import sampling_class
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +67,6 @@ TREES_ATTR = DRAFTED_TREES_ATTR
 """Runner attribute: ``{req_id: DraftTree}`` of the last drafting step (absent: no tree drafter)."""
 STEP_ATTR = RUNNER_TREE_STEP_ATTR
 """Runner attribute: the current step's ``TreeStep``, or None."""
-RANKS_ATTR = "_specserve_tree_ranks"
-"""Runner attribute: ``{req_id: node ranks}`` of the last drafting step, for drafters that learn
-from verified trees (``observe_verdict``); None otherwise."""
 COUNTERS_ATTR = "_specserve_tree_counters"
 """Runner attribute: :class:`~specserve_vllm.tree.step.TreeCounters`."""
 CAPABLE_ATTR = "_specserve_tree_capable"
@@ -223,25 +219,6 @@ def compact(step: Any, verdicts: dict[int, Any]) -> int:
     return moved
 
 
-def teach(runner: Any, step: Any, verdicts: dict[int, Any]) -> None:
-    """Hand a drafter that learns from verified trees (``observe_verdict``) each tree request's
-    accepted path, when the verified tree is the one it drafted (a grammar-pruned tree is not)."""
-    ranks = getattr(runner, RANKS_ATTR, None)
-    observe = getattr(getattr(runner, "drafter", None), "observe_verdict", None)
-    if not ranks or observe is None:
-        return
-    drafted = getattr(runner, TREES_ATTR, None) or {}
-    req_ids = runner.input_batch.req_ids
-    for req in step.plan.requests:
-        req_id = req_ids[req.req_index]
-        mine, tree = drafted.get(req_id), req.tree
-        if req_id not in ranks or mine is None or mine.tokens[: len(tree)] != tree.tokens \
-                or mine.parents[: len(tree)] != tree.parents:
-            continue
-        params = runner.requests[req_id].sampling_params
-        observe(sampling_class(params.temperature or 0.0), tree, ranks[req_id], verdicts[req.req_index].accepted)
-
-
 def covers_batch(runner: Any, verdicts: dict[int, Any]) -> bool:
     """Whether every request of the step verified a tree and none asks for logprobs: then
     :func:`finish` overwrites every row of the rejection sampler's output, which need not run."""
@@ -272,7 +249,6 @@ def finish(runner: Any, step: Any, verdicts: dict[int, Any], sampled: Any, whole
         row[: len(verdict.tokens)] = torch.tensor(verdict.tokens, dtype=sampled.dtype)
         sampled[req_index] = row
     setattr(runner, LAST_ROWS_ATTR, {r: 1 + v.accepted[-1] if v.accepted else 0 for r, v in verdicts.items()})
-    teach(runner, step, verdicts)
     moved = compact(step, verdicts)
     count = counters(runner)
     planner = getattr(runner, PLANNER_ATTR, None)
@@ -318,13 +294,9 @@ def apply() -> None:
         if getattr(drafter, "tree_shape", "chain") == "chain":
             return propose(self, *args, **kwargs)
         drafter.last_trees = []  # a step whose plan skips the drafter leaves no trees
-        if hasattr(drafter, "row_classes"):
-            drafter.row_classes = request_classes(self)
         out = propose(self, *args, **kwargs)
-        req_ids = self.input_batch.req_ids
-        setattr(self, TREES_ATTR, {r: t for r, t in zip(req_ids, drafter.last_trees) if t is not None})
-        ranks = getattr(drafter, "last_ranks", None)
-        setattr(self, RANKS_ATTR, {r: k for r, k in zip(req_ids, ranks) if k is not None} if ranks else None)
+        setattr(self, TREES_ATTR, {r: t for r, t in zip(self.input_batch.req_ids, drafter.last_trees)
+                                   if t is not None})
         return out
 
     @functools.wraps(prepare)

@@ -35,8 +35,7 @@ import numpy as np
 
 from specserve_vllm.drafters import recycling
 from specserve_vllm.drafters.argmax_backlog import ArgmaxBacklog, best_candidates
-from specserve_vllm.drafters.recycling_trees import KindRecord, TreeShape, hit_ranks, node_ranks, rank_acceptance
-from specserve_vllm.drafters.recycling_trees import recycling_tree, row_hits, verified_children
+from specserve_vllm.drafters.recycling_trees import TreeShape, hit_ranks, rank_acceptance, recycling_tree, row_hits
 from specserve_vllm.spec_k import PlannedLengths, bounded_room
 from specserve_vllm.tree.draft import DraftTree
 
@@ -93,12 +92,6 @@ class RecyclingProposer:
         self.row_hits: np.ndarray | None = (
             np.zeros((vocab, topk_width + 1), dtype=np.int32) if tree_shape == "dynamic" else None)
         """The same per input token (``[vocab, k + 1]``): each matrix row's own record."""
-        self.kinds: KindRecord | None = KindRecord(topk_width) if tree_shape == "dynamic" else None
-        """Verified children by parent kind (``dynamic`` trees): corrects the row rates along a path."""
-        self.row_classes: np.ndarray | None = None
-        """Each row's sampling class for the next ``propose`` (set by the tree wrap; None: greedy)."""
-        self.last_ranks: list[tuple[int, ...] | None] = []
-        """Per row of the last ``propose``: each tree node's rank in its parent's row."""
         logger.info(
             "token recycling matrix: vocab=%d k=%d dtype=%s bytes=%d",
             vocab, topk_width, self.matrix.dtype, self.matrix.nbytes,
@@ -231,7 +224,6 @@ class RecyclingProposer:
         # limit draft nothing.
         active = np.array([bool(s) for s in sampled_token_ids], dtype=bool) & (room > 0) & (n > 0)
         self.last_trees = [None] * num_reqs
-        self.last_ranks = [None] * num_reqs
         if not active.any():
             return [[] for _ in range(num_reqs)]
         roots = np.full(num_reqs, recycling.EMPTY, dtype=np.int64)
@@ -240,30 +232,13 @@ class RecyclingProposer:
         if shape != "chain":
             out: list[list[int]] = [[] for _ in range(num_reqs)]
             acceptance = rank_acceptance(self.rank_hits)
-            factors: dict[int, list[list[float]]] = {}
-            classes = self.row_classes
             for r in rows.tolist():
-                root = int(roots[r])
-                kind_factors = None
-                if self.kinds is not None and shape == "dynamic":
-                    c = int(classes[r]) if classes is not None and r < len(classes) else 0
-                    kind_factors = factors.get(c) or factors.setdefault(c, self.kinds.log_factors(c))
-                tree = recycling_tree(self.matrix, root, shape, int(room[r]), acceptance, self.row_hits,
-                                      kind_factors)
+                tree = recycling_tree(self.matrix, int(roots[r]), shape, int(room[r]), acceptance, self.row_hits)
                 self.last_trees[r] = tree
-                if self.kinds is not None:
-                    self.last_ranks[r] = node_ranks(self.matrix, root, tree)
                 out[r] = list(tree.tokens)
             return out
         chains = recycling.draft_chains(self.matrix, roots, int(room[rows].max()))
         return [c[: max(int(r), 0)] for c, r in zip(chains, room.tolist())]
-
-    def observe_verdict(self, sampling_class: int, tree: DraftTree, ranks: tuple[int, ...],
-                        accepted: tuple[int, ...]) -> None:
-        """A verified tree (as drafted, or a preorder prefix of it; ``ranks`` from the same
-        ``propose``) and its accepted path: counted by parent kind for later trees."""
-        if self.kinds is not None:
-            self.kinds.observe(sampling_class, verified_children(tree, ranks[: len(tree)], accepted))
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No weights: the matrix is built online."""

@@ -28,7 +28,6 @@ prefix and the chain draft is its first-child path.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -125,98 +124,11 @@ def rank_acceptance(hits: np.ndarray) -> tuple[float, ...]:
     return tuple(((counts[:k] + PRIOR_WEIGHT * prior) / (counts.sum() + PRIOR_WEIGHT)).tolist())
 
 
-KIND_WEIGHT = 64.0
-"""Pseudo-trials that pull a parent kind's rate towards the rank's pooled rate."""
-
-KIND_FACTOR_RANGE = (0.5, 2.0)
-"""Bounds of a parent kind's factor on a candidate's score."""
-
-
-def node_ranks(matrix: np.ndarray, root: int, tree: DraftTree) -> tuple[int, ...]:
-    """Each node's rank in its parent's matrix row (the root's for depth-1 nodes); ``k`` when
-    the row does not hold it. Call with the matrix the tree was drafted from.
-
-    >>> m = np.array([[1, 2], [2, 0], [0, 1]], dtype=np.int16)
-    >>> node_ranks(m, 0, DraftTree(tokens=(1, 2, 0, 2), parents=(-1, 0, 0, -1)))
-    (0, 0, 1, 1)
-    """
-    k = matrix.shape[1]
-    out = []
-    for tok, parent in zip(tree.tokens, tree.parents):
-        row = matrix[root if parent < 0 else tree.tokens[parent]].tolist()
-        out.append(row.index(tok) if tok in row else k)
-    return tuple(out)
-
-
-def verified_children(tree: DraftTree, ranks: tuple[int, ...], accepted: tuple[int, ...]) -> list[tuple[int, int, bool]]:
-    """``(parent kind, rank, accepted)`` of every node whose parent the target accepted (the
-    root, or a node of the accepted path): the candidates the verification put to the test.
-    Parent kinds as :func:`specserve_vllm.tree.build.parent_kind`: 0 the root, 1 a rank-0
-    candidate, 2 another.
-
-    >>> t = DraftTree(tokens=(1, 2, 0, 2), parents=(-1, 0, 0, -1))
-    >>> verified_children(t, (0, 0, 1, 1), accepted=(0, 2))
-    [(0, 0, True), (1, 0, False), (1, 1, True), (0, 1, False)]
-    """
-    on_path = {-1, *accepted}
-    taken = set(accepted)
-    out = []
-    for i, parent in enumerate(tree.parents):
-        if parent in on_path:
-            kind = 0 if parent < 0 else 1 if ranks[parent] == 0 else 2
-            out.append((kind, ranks[i], i in taken))
-    return out
-
-
-def kind_log_factors(trials: np.ndarray, hits: np.ndarray, weight: float = KIND_WEIGHT) -> list[list[float]]:
-    """``[3][k]`` log factors on each rank's score by parent kind, from tested children
-    (``trials``, ``hits``: ``[3, k + 1]`` counts): each kind's acceptance at a rank over the
-    rank's pooled acceptance, the kind's rate shrunk towards the pooled one with ``weight``
-    pseudo-trials, bounded by :data:`KIND_FACTOR_RANGE`. No data: all zeros.
-
-    >>> trials = np.array([[100, 10, 0], [100, 10, 0], [0, 0, 0]])
-    >>> hits = np.array([[50, 1, 0], [80, 1, 0], [0, 0, 0]])
-    >>> [[round(math.exp(x), 2) for x in row] for row in kind_log_factors(trials, hits, weight=0)]
-    [[0.77, 1.0], [1.23, 1.0], [1.0, 1.0]]
-    """
-    t = np.asarray(trials, dtype=np.float64)[:, :-1]
-    h = np.asarray(hits, dtype=np.float64)[:, :-1]
-    pooled = np.where(t.sum(axis=0) > 0, h.sum(axis=0) / np.maximum(t.sum(axis=0), 1.0), 0.0)  # [k]
-    rate = (h + weight * pooled) / np.maximum(t + weight, 1e-9)
-    ratio = np.where((pooled > 0) & (t + weight > 0), rate / np.where(pooled > 0, pooled, 1.0), 1.0)
-    low, high = KIND_FACTOR_RANGE
-    return np.log(np.clip(ratio, low, high)).tolist()
-
-
-class KindRecord:
-    """Tested children (:func:`verified_children`) counted by sampling class, parent kind and rank.
-
-    Acceptance along a path is correlated: once the target has accepted a rank-0 candidate the
-    text is in a stretch the matrix predicts, and the next candidate is accepted more often than
-    the root's own children are. The row rates pool every position; :meth:`log_factors` corrects
-    them by the kind of node a candidate continues, measured from verified trees.
-    """
-
-    def __init__(self, k: int, classes: int = 4) -> None:
-        self.trials = np.zeros((classes, 3, k + 1), dtype=np.int64)
-        self.hits = np.zeros((classes, 3, k + 1), dtype=np.int64)
-
-    def observe(self, sampling_class: int, children: list[tuple[int, int, bool]]) -> None:
-        for kind, rank, taken in children:
-            self.trials[sampling_class, kind, rank] += 1
-            self.hits[sampling_class, kind, rank] += taken
-
-    def log_factors(self, sampling_class: int) -> list[list[float]]:
-        return kind_log_factors(self.trials[sampling_class], self.hits[sampling_class])
-
-
 def recycling_tree(matrix: np.ndarray, root: int, shape: TreeShape, budget: int,
-                   acceptance: tuple[float, ...] = RANK_ACCEPTANCE, rows: np.ndarray | None = None,
-                   kind_factors: list[list[float]] | None = None) -> DraftTree:
+                   acceptance: tuple[float, ...] = RANK_ACCEPTANCE, rows: np.ndarray | None = None) -> DraftTree:
     """One request's draft of at most ``budget`` nodes from ``root`` (its last token);
     ``acceptance`` per rank scores ``dynamic`` trees, per row when ``rows`` (``[vocab, k + 1]``,
-    :func:`row_hits`) gives each row's record, corrected by ``kind_factors``
-    (:meth:`KindRecord.log_factors`) when given."""
+    :func:`row_hits`) gives each row's record."""
     if budget <= 0:
         return DraftTree.empty()
     if shape == "chain":
@@ -228,6 +140,6 @@ def recycling_tree(matrix: np.ndarray, root: int, shape: TreeShape, budget: int,
         if rows is not None:
             def prior(tok: int) -> tuple[float, ...]:
                 return rank_prior(row_acceptance(rows[tok], acceptance))
-        expand = recycling_expander(matrix, root, prior, kind_factors)
+        expand = recycling_expander(matrix, root, prior)
         return dynamic_tree(expand, budget, max_depth=budget, width=matrix.shape[1])
     raise ValueError(f"unknown tree shape {shape!r}; choose one of {', '.join(TREE_SHAPES)}")

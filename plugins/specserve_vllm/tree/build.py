@@ -162,30 +162,12 @@ def rank_prior(acceptance_by_rank: Sequence[float]) -> tuple[float, ...]:
     return tuple(math.log(a) if a > 0 else -math.inf for a in acceptance_by_rank)
 
 
-def parent_kind(matrix: np.ndarray, root: int, path: Path) -> int:
-    """What the last node of ``path`` is to its own parent: 0 the root itself (an empty path),
-    1 its parent row's rank-0 candidate, 2 another of its candidates (or none of them).
-
-    >>> m = np.array([[1, 2], [2, 0], [0, 1]])
-    >>> [parent_kind(m, 0, p) for p in ((), (1,), (2,), (1, 2), (1, 0))]
-    [0, 1, 2, 1, 2]
-    """
-    if not path:
-        return 0
-    parent = path[-2] if len(path) > 1 else root
-    vocab = matrix.shape[0]
-    return 1 if 0 <= parent < vocab and int(matrix[parent, 0]) == path[-1] else 2
-
-
 def recycling_expander(matrix: np.ndarray, root: int,
-                       log_prior: Sequence[float] | Callable[[int], Sequence[float]],
-                       kind_log_factors: Sequence[Sequence[float]] | None = None) -> Expander:
+                       log_prior: Sequence[float] | Callable[[int], Sequence[float]]) -> Expander:
     """Token Recycling: a path continues with the matrix row of its last token (or the root's).
 
     ``log_prior[r]`` scores the rank-``r`` candidate (see :func:`rank_prior`), or
     ``log_prior(token)[r]`` in the row of ``token``; empty entries (``-1``) end a row.
-    ``kind_log_factors[kind][r]`` is added to the rank-``r`` candidate's score by the
-    :func:`parent_kind` of the node it continues (acceptance along a path is correlated).
     """
     vocab, k = matrix.shape
     fixed = None if callable(log_prior) else list(log_prior)[:k]
@@ -199,9 +181,6 @@ def recycling_expander(matrix: np.ndarray, root: int,
                 prior = fixed
             else:
                 prior = list(log_prior(tok))[:k] if row else []  # type: ignore[operator]
-            if kind_log_factors is not None and row:
-                factors = kind_log_factors[parent_kind(matrix, root, p)]
-                prior = [a + f for a, f in zip(prior, factors)]
             cands: Candidates = []
             for tok_next, logp in zip(row, prior):
                 if tok_next < 0:
