@@ -97,20 +97,12 @@ def _spec_priced_so_off_leads_by(lead: float, rate: float = 0.8) -> GoodputPolic
     return policy
 
 
-def test_hysteresis_keeps_the_current_side_only_while_speculation_is_predicted_to_pay() -> None:
-    # The best "on" 1% better than "off": a speculating policy stays on, an idle one stays off.
-    policy = _spec_priced_so_off_leads_by(-0.01)
-    assert policy.plan(_rows(4)).sum() > 0
-    policy.speculating = False
-    assert policy.plan(_rows(4)).sum() == 0
-    # "Off" 1% better: both are off (a plan predicted to lose is not kept for the band's sake).
+def test_hysteresis_keeps_the_current_side_near_the_break_even() -> None:
+    # "Off" 1% better than the best "on": a speculating policy stays on, an idle one stays off.
     policy = _spec_priced_so_off_leads_by(0.01)
-    assert policy.plan(_rows(4)).sum() == 0
+    assert policy.plan(_rows(4)).sum() > 0
     policy.speculating = False
     assert policy.plan(_rows(4)).sum() == 0
-    # The best "on" 4% better: both speculate.
-    policy = _spec_priced_so_off_leads_by(-0.04)
-    assert policy.plan(_rows(4)).sum() > 0
 
 
 def test_online_fit_tracks_a_slower_machine() -> None:

@@ -10,9 +10,8 @@ step commits ``B + sum of their g`` tokens on average and costs
 (:mod:`~specserve_vllm.spec_control.step_time`), so ``n = 0`` is priced as the real
 non-speculative step: no spec path, no drafting. The plan is the ``n`` maximising goodput
 ``(B + sum g) / T(n)``; each row drafts as many of the chosen slots as are its own (a prefix,
-since ``g`` falls with ``j``). Hysteresis: speculation switches on only when it is predicted
-better by ``margin``, and off as soon as it is predicted worse, so a plan that is predicted to
-lose is never kept for the band's sake and a plan near the break-even does not thrash. A decision not to speculate is reused while the batch is
+since ``g`` falls with ``j``). Hysteresis: the step switches speculation on or off only when the
+other side is better by ``margin``. A decision not to speculate is reused while the batch is
 unchanged, for up to ``recheck_every`` steps (nothing is verified meanwhile, so little moves).
 After ``probe_every`` steps in a row without speculation, one step takes the best speculating
 plan anyway: while nothing is drafted no acceptance is measured, so an estimate that turned
@@ -293,7 +292,7 @@ class GoodputPolicy:
                 tree_plan, best_g = (tree_rows[best_tree], float(tree_times[best_tree])), float(tg[best_tree])
         if best_on or tree_plan is not None:
             if self.speculating:
-                on = best_g >= g[0]
+                on = best_g * (1 + self.margin) >= g[0]
             else:
                 on = best_g >= g[0] * (1 + self.margin)
         else:
