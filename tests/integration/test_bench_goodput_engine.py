@@ -78,6 +78,9 @@ def test_interleaved_one_client_points_take_turns_by_request(demo_model_dir: Pat
             block = turns[(rep * 3 + i) * len(arms): (rep * 3 + i + 1) * len(arms)]
             assert sorted(t.split("-")[3] for t in block) == sorted(arms)
             assert all(t.endswith(f"-{rep}-{i}") for t in block)
+    run = [[[t.split("-")[3] for t in turns[(rep * 3 + i) * len(arms): (rep * 3 + i + 1) * len(arms)]]
+            for i in range(3)] for rep in range(2)]
+    assert one["orders"] == run  # the report names each request's turn order as run
     verdict = one["request_paired_latency"]
     assert verdict["best"] in arms and verdict["verdict"] in ("within", "beyond", "undecided")
     assert all(one["arms"][a]["reps"] == 2 and one["arms"][a]["tokens_per_s"] > 0 for a in arms)

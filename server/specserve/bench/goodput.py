@@ -378,23 +378,25 @@ def run(args: argparse.Namespace) -> int:
         verdicts paired by request."""
         runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
         latencies: dict[str, list[float]] = {a: [] for a in arms}  # per request, over repetitions
-        orders = []
+        orders: list[Any] = []  # per repetition: the arms' order, or (by request) each request's
         for rep in range(args.reps):
             order = arms[:]
             rng.shuffle(order)
-            orders.append(order)
             reqs = {arm: requests_for(seed_base + 1000 * rep, args.requests, temperature, arm) for arm in arms}
             before = {arm: _plan_stats(engines[arm]) if arm.startswith("goodput") else None for arm in arms}
             trees_before = {arm: tree_counters(engines[arm]) if arm == TREE_ARM else None for arm in arms}
             served: dict[str, list[tuple[list[Finished], float, float]]] = {a: [] for a in arms}
             if by_request:
+                orders.append([])
                 for i in range(args.requests):
                     turn = arms[:]
                     rng.shuffle(turn)
+                    orders[-1].append(turn)
                     for arm in turn:
                         served[arm].append(measured(arm, lambda arm=arm, i=i: closed_loop(
                             engines[arm].llm_engine, [reqs[arm][i]], 1, f"{label}-{arm}-{rep}-{i}")))
             else:
+                orders.append(order)
                 for arm in order:
                     served[arm].append(measured(arm, lambda arm=arm: drive(
                         engines[arm].llm_engine, reqs[arm], f"{label}-{arm}-{rep}", rep)))
