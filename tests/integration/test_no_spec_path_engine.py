@@ -6,6 +6,7 @@
   Token Recycling and Hydra.
 * The same with the ``goodput`` controller choosing k each step (recycling): outputs equal, and
   the controller did change k (speculating steps and non-speculative ones, several lengths).
+* Steps without drafts score what the drafts they skipped would have done (hindsight).
 * A step in which every row has k = 0 takes vLLM's non-speculative branch: no verification
   (neither vLLM's rejection sampler nor the walk that verifies chains by default) and no call
   of the drafter's ``propose``, the plain sampler is called, and the state feeds keep running
@@ -197,6 +198,14 @@ def test_goodput_controller_changes_k_and_outputs_stay_identical(runs: dict[str,
     assert stats["no_spec_steps"] > 0 and stats["drafter_calls"] > 0, stats
     assert len([k for k, n in stats["k_rows"].items() if n]) >= 2, stats["k_rows"]
     assert stats["timed_steps"] > 0 and stats["mape"] is not None, stats
+
+
+def test_goodput_steps_without_drafts_score_their_would_be_drafts(runs: dict[str, Any]) -> None:
+    """Batch 8 does not speculate under this calibration: its steps hand the controller the
+    hindsight scores of the chain drafts they would have verified (greedy: 0 or 1 each)."""
+    stats = runs["goodput"]["stats"]
+    assert stats["hindsight_rows"] >= MAX_TOKENS, stats
+    assert 0 < stats["hindsight_accepted"] < stats["hindsight_rows"], stats
 
 
 def test_goodput_learns_greedy_and_sampled_requests_in_their_own_classes(runs: dict[str, Any]) -> None:

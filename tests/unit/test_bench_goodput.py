@@ -181,3 +181,12 @@ def test_prompt_feed_gives_every_arm_the_same_prompts_and_counts_repeats() -> No
         assert got["goodput"] == got["none"] == got["k2"] == [[3 * rep + i] for i in range(3)]
     assert feed.repeats == {}  # 9 of 10 windows served, none twice
     assert feed.take("none", 3) == [[9], [0], [1]] and feed.repeats == {"none": 2}
+
+
+def test_goodput_variants_are_compared_with_the_default_request_by_request() -> None:
+    out = goodput.request_paired({"none": [1.0, 2.0, 1.5], "goodput": [0.9, 1.8, 1.35],
+                                  "goodput-no-hindsight": [1.0, 2.0, 1.5]})
+    ratio = out["variants_request_paired_latency"]["goodput-no-hindsight"]
+    assert ratio == {"ratio": 0.9, "low": 0.9, "high": 0.9}
+    assert out["request_paired_latency"]["best"] == "goodput"
+    assert "variants_request_paired_latency" not in goodput.request_paired({"none": [1.0], "goodput": [1.0]})

@@ -36,6 +36,7 @@ def _planner_with_steps() -> StepPlanner:
     planner.plan(StepRows(req_ids=("a",), caps=np.array([0]), context=np.array([11])))  # prefill: no rows
     planner.observe(VerifiedRows(req_ids=("a", "b"), drafted=np.array([4, 2]), accepted=np.array([1, 2])))
     planner.record_drafting(6, 1.5)
+    planner.observe_hindsight(["c"], np.array([0.7]), np.array([0.25]))
     return planner
 
 
@@ -49,6 +50,8 @@ def test_publisher_writes_the_planner_snapshot_and_the_collector_serves_it(tmp_p
     families = _families(tmp_path)
     assert _value(families["specserve_engine_spec_plans"]) == 2
     assert _value(families["specserve_engine_spec_drafter_calls"]) == 1
+    assert _value(families["specserve_engine_spec_hindsight_rows"]) == 1
+    assert _value(families["specserve_engine_spec_hindsight_accepted"]) == 0.25
     assert _value(families["specserve_engine_spec_rows_by_k"], k="4") == 1
     assert _value(families["specserve_engine_spec_drafts_by_batch"], batch="2-3") == 6
     assert _value(families["specserve_engine_spec_no_spec_plans_by_batch"], batch="0") == 1

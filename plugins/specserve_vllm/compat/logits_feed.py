@@ -19,6 +19,12 @@ interface passes token ids only. Two wraps on ``GPUModelRunner`` (the CPU runner
   (``[n, topk_width]``), both CPU tensors, and the logits' width. Drafters with neither cost
   nothing.
 
+On a step without drafts (``spec_decode_metadata`` None), a drafter that keeps hindsight
+(its ``hindsight`` set, :mod:`specserve_vllm.drafters.hindsight`) also gets the step's requests
+and temperatures (``rows=``): row ``i`` of the logits is then request ``i`` of the batch. Rows
+whose sample is discarded (partial prefills) or whose sampler reshapes the distribution
+(``top_p``, ``top_k``, penalties) get a NaN temperature: no evidence.
+
 The logits are the ones the sampler sees: for structured-output requests the grammar bitmask
 is already applied, so recorded candidates are grammar-valid ones (still the target's
 predictions, only conditioned on the grammar).
@@ -29,6 +35,8 @@ from __future__ import annotations
 import functools
 import logging
 from typing import Any
+
+import numpy as np
 
 from specserve_vllm.compat.upstream import PREPARE_INPUTS, SAMPLE, SAMPLE_TOKENS, UpstreamFunction
 
@@ -55,11 +63,37 @@ def _take_indices(runner: Any, logits: Any) -> Any:
     return indices if indices is not None and indices.shape[0] == logits.shape[0] else None
 
 
-def _observe_logits(runner: Any, logits: Any) -> bool:
+_RESHAPED = ("top_p_reqs", "top_k_reqs", "frequency_penalties_reqs", "presence_penalties_reqs",
+             "repetition_penalties_reqs")
+"""Input-batch sets of requests whose sampler reshapes the distribution beyond temperature."""
+
+
+def hindsight_rows(runner: Any, n: int) -> Any:
+    """The :class:`~specserve_vllm.drafters.hindsight.HindsightRows` of a step without drafts
+    whose logits have ``n`` rows, or None when they are not one per request."""
+    from specserve_vllm.drafters.hindsight import HindsightRows
+
+    batch = runner.input_batch
+    req_ids = batch.req_ids
+    if len(req_ids) != n:
+        return None
+    temps = batch.temperature_cpu[:n].astype(np.float64)
+    discard = getattr(getattr(runner, "discard_request_mask", None), "np", None)
+    if discard is not None:
+        temps[discard[:n]] = np.nan
+    for name in _RESHAPED:
+        reshaped = getattr(batch, name, None)
+        if reshaped:
+            temps[[i for i, r in enumerate(req_ids) if r in reshaped]] = np.nan
+    return HindsightRows(tuple(req_ids), temps)
+
+
+def _observe_logits(runner: Any, logits: Any, plain: bool = False) -> bool:
     """Hand a drafter with ``observe_logits`` the logits rows and their input tokens (it copies
     what it keeps and takes the top-k itself, batched); False when the drafter has no such
-    method. The runner samples in inference mode, so no autograd state is set up here: this
-    runs every step, with speculation off too."""
+    method. ``plain``: the step verified no drafts (hindsight rows go with it). The runner
+    samples in inference mode, so no autograd state is set up here: this runs every step,
+    with speculation off too."""
     drafter = getattr(runner, "drafter", None)
     observe = getattr(drafter, "observe_logits", None)
     if logits is None or not callable(observe):
@@ -69,7 +103,11 @@ def _observe_logits(runner: Any, logits: Any) -> bool:
     indices = _take_indices(runner, logits)
     if indices is None:
         return True
-    observe(_input_tokens(runner.input_ids, indices) if tokens is None else tokens, logits)
+    tokens = _input_tokens(runner.input_ids, indices) if tokens is None else tokens
+    if plain and getattr(drafter, "hindsight", None) is not None:
+        observe(tokens, logits, rows=hindsight_rows(runner, int(logits.shape[0])))
+    else:
+        observe(tokens, logits)
     return True
 
 
@@ -121,7 +159,8 @@ def apply() -> None:
 
     @functools.wraps(sample)
     def _sample(self: Any, logits: Any, *args: Any, **kwargs: Any) -> Any:
-        observed = None if _observe_logits(self, logits) else _observed_topk(self, logits)
+        metadata = args[0] if args else kwargs.get("spec_decode_metadata")
+        observed = None if _observe_logits(self, logits, metadata is None) else _observed_topk(self, logits)
         out = sample(self, logits, *args, **kwargs)
         if observed is not None:
             self.drafter.observe_topk(*observed)

@@ -10,6 +10,9 @@ Seams:
   engine's k, 0 for rows that sampled nothing (prefill chunks). The policy first learns what
   this step verified (drafts scheduled vs tokens sampled per row). Then:
 
+  - before a decision, a drafter that keeps hindsight (``enable_hindsight``, called when the
+    policy learns from it) hands over its scores of the drafts that steps without drafts would
+    have had (:mod:`specserve_vllm.drafters.hindsight`);
   - a plan of all zeros skips the drafter: every row gets an empty draft, so the next step has
     no scheduled drafts and takes the non-speculative path
     (:mod:`specserve_vllm.compat.no_spec_step`). The cheap state feeds are not here and keep
@@ -127,6 +130,9 @@ def runner_planner(runner: Any) -> StepPlanner:
         policy = build_policy(settings, k, type(drafter).__name__, tree=getattr(drafter, "tree_shape", "chain"),
                               chain_depth=getattr(drafter, "chain_depth", None))
         planner = StepPlanner(policy, k, log_every=settings.log_every)
+        enable = getattr(drafter, "enable_hindsight", None)
+        if settings.hindsight and callable(getattr(policy, "observe_hindsight", None)) and callable(enable):
+            planner.hindsight = bool(enable())
         path = publisher_path()
         if path is not None and _first_rank():
             planner.publish_to(path)
@@ -187,6 +193,8 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
         return [[] for _ in range(n)]
     lengths = planner.reuse(req_ids, caps)  # a held plan: no StepRows, no decision
     if lengths is None:
+        if planner.hindsight:  # what steps without drafts would have accepted, before deciding
+            planner.observe_hindsight(*runner.drafter.take_hindsight())
         lengths = planner.plan(planner.rows(req_ids, caps, runner.input_batch.num_tokens_no_spec[:n],
                                             request_classes(runner)[:n]))
     if not lengths.any():

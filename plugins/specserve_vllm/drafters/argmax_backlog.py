@@ -14,6 +14,10 @@ one argmax over many steps' rows is then paid when the drafter next drafts or th
     >>> tokens, best = b.take()
     >>> tokens.tolist(), best[:, 0].tolist(), len(b)
     ([7, 8, 9], [1, 0, 2], 0)
+
+Rows of steps that drafted nothing may come with their requests (:class:`.HindsightRows`):
+:meth:`ArgmaxBacklog.take_hindsight` then also scores the chain draft each would have had
+(:mod:`.hindsight`), before the rows are learnt.
 """
 
 from __future__ import annotations
@@ -21,6 +25,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from specserve_vllm.drafters.hindsight import (
+    GREEDY_BELOW,
+    HindsightRows,
+    acceptance_probability,
+    drafts_before,
+    scored_rows,
+)
+
+SAMPLED_ROWS = 16
+"""Sampled rows scored per take at most (each costs a softmax over the vocabulary; greedy rows
+cost a comparison and are all scored)."""
 
 
 class ArgmaxBacklog:
@@ -31,6 +47,14 @@ class ArgmaxBacklog:
         self._rows: Any = None  # [max_rows, vocab] tensor, allocated at the first add
         self._layout: tuple[int, Any] | None = None  # the buffer's (vocab, dtype)
         self._tokens = np.zeros(max_rows, dtype=np.int64)
+        self._steps = np.zeros(max_rows, dtype=np.int64)
+        """Each row's step (the value of :attr:`steps` when it was added)."""
+        self._temperatures = np.full(max_rows, np.nan)
+        """Each row's temperature when it came with :class:`.HindsightRows` (NaN: no evidence)."""
+        self._req_ids: list[str] = []
+        """Each row's request (``""`` for rows without :class:`.HindsightRows`)."""
+        self._hindsight = 0
+        """Rows kept with a finite temperature."""
         self._filled = 0
         self.steps = 0
         """Calls to :meth:`add` since the last :meth:`take`."""
@@ -43,10 +67,11 @@ class ArgmaxBacklog:
         """Rows that still fit."""
         return self.max_rows - self._filled
 
-    def add(self, tokens: Any, logits: Any) -> bool:
+    def add(self, tokens: Any, logits: Any, rows: HindsightRows | None = None) -> bool:
         """Keep a copy of ``logits`` (``[n, vocab]``) after ``tokens`` (``[n]``); False, keeping
         nothing, when they do not fit: more rows than :attr:`room`, another width or dtype than
         the kept rows' (:meth:`take` them first), off the CPU, or more rows than the buffer.
+        ``rows``: the requests of a step that drafted nothing (``n`` of them), for hindsight.
         This runs every step right after the forward pass, so it makes few calls."""
         shape = logits.shape
         n = shape[0]
@@ -56,6 +81,14 @@ class ArgmaxBacklog:
         start = self._filled
         self._rows[start:start + n].copy_(logits)
         self._tokens[start:start + n] = tokens
+        self._steps[start:start + n] = self.steps
+        if rows is not None and len(rows.req_ids) == n:
+            if len(self._req_ids) < start:
+                self._req_ids += [""] * (start - len(self._req_ids))
+            del self._req_ids[start:]
+            self._req_ids += rows.req_ids
+            self._temperatures[start:start + n] = rows.temperatures
+            self._hindsight += n
         self._filled = start + n
         self.steps += 1
         return True
@@ -76,10 +109,50 @@ class ArgmaxBacklog:
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """``(tokens [m], best ids [m, 1])`` of every kept row, in order; the backlog is empty after."""
+        tokens, best, _ = self.take_hindsight(None)
+        return tokens, best
+
+    def take_hindsight(self, column: np.ndarray | None) -> tuple[np.ndarray, np.ndarray,
+                                                                  tuple[list[str], np.ndarray, np.ndarray] | None]:
+        """:meth:`take`, plus ``(req_ids, temperatures, acceptance probability)`` of the rows that
+        came with :class:`.HindsightRows` (None when none did, or ``column`` is None): each
+        scored against the draft the one-column matrix ``column`` (``[vocab]``, as it is before
+        these rows are learnt) and the rows before it gave its token."""
         m, self._filled, self.steps = self._filled, 0, 0
         if not m:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, 1), dtype=np.int64)
-        return self._tokens[:m].copy(), best_candidates(self._rows[:m])
+            self._hindsight = 0
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 1), dtype=np.int64), None
+        tokens, best = self._tokens[:m].copy(), best_candidates(self._rows[:m])
+        found = None
+        if self._hindsight:
+            temps = self._temperatures[:m].copy()
+            rows = scored_rows(temps, SAMPLED_ROWS)
+            if len(rows) and column is not None:
+                drafts = drafts_before(tokens, best[:, 0], column, self._steps[:m])[rows]
+                t = temps[rows]
+                p = np.full(len(rows), np.nan)
+                greedy = np.flatnonzero((t < GREEDY_BELOW) & (drafts >= 0))
+                p[greedy] = best[rows[greedy], 0] == drafts[greedy]  # the argmax taken above
+                sampled = np.flatnonzero(t >= GREEDY_BELOW)
+                if len(sampled):
+                    p[sampled] = acceptance_probability(_numpy_rows(self._rows, rows[sampled]), drafts[sampled],
+                                                        t[sampled])
+                ids = self._req_ids + [""] * (m - len(self._req_ids))
+                found = ([ids[i] for i in rows.tolist()], t, p)
+            self._temperatures[:m] = np.nan
+            self._hindsight = 0
+            self._req_ids.clear()
+        return tokens, best, found
+
+
+def _numpy_rows(rows: Any, index: np.ndarray) -> np.ndarray:
+    """``rows[index]`` (a CPU tensor) as float32 numpy."""
+    import torch
+
+    picked = rows[torch.from_numpy(index)]
+    if picked.dtype not in (torch.float32, torch.float64):
+        picked = picked.float()
+    return picked.numpy()
 
 
 def best_candidates(logits: Any) -> np.ndarray:

@@ -35,6 +35,7 @@ import numpy as np
 
 from specserve_vllm.drafters import recycling
 from specserve_vllm.drafters.argmax_backlog import ArgmaxBacklog, best_candidates
+from specserve_vllm.drafters.hindsight import HindsightRows, HindsightTally
 from specserve_vllm.drafters.recycling_trees import TreeShape, hit_ranks, rank_acceptance, recycling_tree, row_hits
 from specserve_vllm.spec_k import PlannedLengths, bounded_room
 from specserve_vllm.tree.draft import DraftTree
@@ -92,15 +93,36 @@ class RecyclingProposer:
         self.row_hits: np.ndarray | None = (
             np.zeros((vocab, topk_width + 1), dtype=np.int32) if tree_shape == "dynamic" else None)
         """The same per input token (``[vocab, k + 1]``): each matrix row's own record."""
+        self.hindsight: HindsightTally | None = None
+        """Scores of the chain drafts steps without drafts would have had (:mod:`.hindsight`),
+        kept once :meth:`enable_hindsight` was called (chains only)."""
         logger.info(
             "token recycling matrix: vocab=%d k=%d dtype=%s bytes=%d",
             vocab, topk_width, self.matrix.dtype, self.matrix.nbytes,
         )
 
-    def observe_logits(self, input_tokens: Any, logits: Any) -> None:
+    def enable_hindsight(self) -> bool:
+        """Score what chain drafts would have done on steps without drafts (for the goodput
+        controller; :meth:`take_hindsight`). False for trees, which do not keep the rows."""
+        if self.tree_shape != "chain" or self.topk_width != 1:
+            return False
+        if self.hindsight is None:
+            self.hindsight = HindsightTally()
+        return True
+
+    def take_hindsight(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """``(req_ids, temperatures, acceptance probability)`` of the rows scored since the last
+        call, every kept row learnt first (empty without :meth:`enable_hindsight`)."""
+        if self.hindsight is None:
+            return [], np.zeros(0), np.zeros(0)
+        self.flush_backlog()
+        return self.hindsight.take()
+
+    def observe_logits(self, input_tokens: Any, logits: Any, rows: HindsightRows | None = None) -> None:
         """This step's target logits (``[n, vocab]``) after ``input_tokens`` (``[n]``, a tensor
         or a numpy array). The logits are the runner's, which the sampler edits next: what is
-        kept is copied here.
+        kept is copied here. ``rows``: the step's requests when it drafted nothing, for
+        hindsight (used once :meth:`enable_hindsight` was called).
 
         Steps without speculation never propose, so what they teach waits and is learnt in
         one go when the drafter next proposes or the backlog fills: a one-column matrix copies
@@ -114,10 +136,11 @@ class RecyclingProposer:
             return
         if self.topk_width == 1:
             ring = self._argmax
-            added = ring.add(input_tokens, logits)
+            rows = rows if self.hindsight is not None else None
+            added = ring.add(input_tokens, logits, rows)
             if not added and len(ring):  # full, or another width or dtype: the older rows first
-                self._backlog.append(ring.take())
-                added = ring.add(input_tokens, logits)
+                self.flush_backlog()
+                added = ring.add(input_tokens, logits, rows)
             if added:
                 if not ring.room or ring.steps + len(self._backlog) >= BACKLOG_STEPS:
                     self.flush_backlog()
@@ -132,9 +155,21 @@ class RecyclingProposer:
             self.flush_backlog()
 
     def flush_backlog(self) -> None:
-        """Learn every kept step (in the order they came)."""
+        """Learn every kept step (in the order they came); the ring's rows are scored for
+        hindsight against the matrix as it was before them."""
         if len(self._argmax):
-            self._backlog.append(self._argmax.take())  # the newest rows: after the list's
+            if self._backlog:  # older rows: learnt first
+                self._learn_backlog()
+            tokens, best, found = self._argmax.take_hindsight(
+                self.matrix[:, 0] if self.hindsight is not None else None)
+            if found is not None and self.hindsight is not None:
+                self.hindsight.add(*found)
+            recycling.update_inplace(self.matrix, tokens, best)
+            return
+        self._learn_backlog()
+
+    def _learn_backlog(self) -> None:
+        """Learn the steps kept in :attr:`_backlog` (in the order they came)."""
         if not self._backlog:
             return
         backlog, self._backlog, self._backlog_elements = self._backlog, [], 0

@@ -182,6 +182,45 @@ class AcceptanceModel:
             self._g_seen[c] = True
         self._rates_stale = True
 
+    def observe_first(self, req_ids: Sequence[str], probability: Sequence[float],
+                      classes: Sequence[int] | None = None) -> None:
+        """Hindsight rows in order (:mod:`specserve_vllm.drafters.hindsight`): row ``i``'s first
+        draft would have been accepted with ``probability[i]``. Each is one trial at the first
+        position only, counted and decayed there as a verification's would be (a request's
+        count once per row of its own, its class's once per row of the class); deeper positions
+        are untouched. ``classes``: the rows' sampling classes, for requests not seen before.
+
+        >>> m = AcceptanceModel(prior=[0.5, 0.5], weight=1.0, global_weight=1.0)
+        >>> m.observe_first(["a", "a"], [0.2, 0.2], classes=[2, 2])
+        >>> m.conditional(["a"]).round(2).tolist()   # the first position learnt, the second not
+        [[0.23, 0.5]]
+        """
+        p = np.asarray(probability, dtype=np.float64)
+        if not len(p):
+            return
+        slots = self._slots(req_ids, classes)
+        later: dict[int, int] = {}
+        after = [0] * len(slots)
+        for i in range(len(slots) - 1, -1, -1):
+            after[i] = later.get(slots[i], 0)
+            later[slots[i]] = after[i] + 1
+        own = list(later)
+        self._counts[own, :, 0] *= (self.request_decay ** np.array([later[s] for s in own], dtype=np.float64))[:, None]
+        weights = self.request_decay ** np.array(after, dtype=np.float64)
+        first = self._counts[:, :, 0]  # [slots, 2], a view
+        np.add.at(first, (slots, 0), weights * p)
+        np.add.at(first, (slots, 1), weights)
+        row_classes = np.array([self._cls[s] for s in slots])
+        for c in np.unique(row_classes).tolist():
+            rows = np.flatnonzero(row_classes == c)
+            w = self._decay_weights(len(rows))
+            g = self._g[c, :, 0]  # [2], a view
+            g *= self.global_decay ** len(rows)
+            g[0] += float(w @ p[rows])
+            g[1] += float(w.sum())
+            self._g_seen[c] = True
+        self._rates_stale = True
+
     def _decay_weights(self, m: int) -> np.ndarray:
         """``[m]``: ``global_decay ** (m - 1 - i)``, what row ``i`` of ``m`` keeps (cached up to 256)."""
         w = self._weights.get(m)

@@ -157,7 +157,8 @@ def combine(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     total: dict[str, Any] = {"k_rows": {}, "by_batch": {}, "position_trials": [], "position_accepted": []}
     for snap in snapshots:
-        for key in ("steps", "no_spec_steps", "drafter_calls", "decode_rows", "timed_steps", "abs_pct_error_sum"):
+        for key in ("steps", "no_spec_steps", "drafter_calls", "decode_rows", "timed_steps", "abs_pct_error_sum",
+                    "hindsight_rows", "hindsight_accepted"):
             _add(total, key, snap.get(key))
         for k, rows in (snap.get("k_rows") or {}).items():
             _add(total["k_rows"], str(k), rows)
@@ -195,6 +196,10 @@ def metric_families(total: Mapping[str, Any]) -> Iterator[Any]:
                   total.get("no_spec_steps", 0.0))
     yield counter("spec_drafter_calls", "Times the drafter ran", total.get("drafter_calls", 0.0))
     yield counter("spec_decode_rows", "Decode rows over all plans", total.get("decode_rows", 0.0))
+    yield counter("spec_hindsight_rows", "Rows of steps without drafts whose would-be first draft was scored",
+                  total.get("hindsight_rows", 0.0))
+    yield counter("spec_hindsight_accepted", "Summed acceptance probability of those would-be drafts",
+                  total.get("hindsight_accepted", 0.0))
     rows_by_k = counter("spec_rows_by_k", "Decode rows planned at each draft length", labels=["k"])
     for k, rows in sorted(total.get("k_rows", {}).items(), key=lambda kv: int(kv[0])):
         rows_by_k.add_metric([k], rows)

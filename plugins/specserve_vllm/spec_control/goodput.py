@@ -17,7 +17,9 @@ After ``probe_every`` steps in a row without speculation, one step takes the bes
 plan anyway: while nothing is drafted no acceptance is measured, so an estimate that turned
 speculation off (a request's unlucky start, a drafter that improves as it learns) would
 otherwise never be revisited; a probe costs at most one spec-path step in ``probe_every``.
-A plan that speculates (chains) is reused in the same way for up to ``recheck_on`` steps, so
+Steps without drafts still teach the first position when the drafter keeps hindsight (Token
+Recycling's chains: :mod:`specserve_vllm.drafters.hindsight`, :meth:`observe_hindsight`), so
+while off, the estimate follows what drafting would do now. A plan that speculates (chains) is reused in the same way for up to ``recheck_on`` steps, so
 the cost of a decision is spread over them. A decode row that does not draft has its own
 acceptance evidence faded by ``idle_decay`` per
 step (:meth:`AcceptanceModel.age`), so a request that stopped after an unlucky stretch drifts
@@ -363,6 +365,12 @@ class GoodputPolicy:
             self.learn()
             self._acceptance.observe_rows([verified.req_ids[i] for i in chain.tolist()], verified.drafted[chain],
                                          verified.accepted[chain])
+
+    def observe_hindsight(self, req_ids: list[str], classes: list[int], probability: np.ndarray) -> None:
+        """Hindsight rows (steps without drafts, scored by the drafter): evidence at the first
+        position, so an estimate that turned speculation off keeps learning while it is off."""
+        self.learn()  # earlier verifications first: the counts decay in order
+        self._acceptance.observe_first(req_ids, probability, classes if self.sampling_classes else None)
 
     def learn(self) -> None:
         """Fold the chain verifications seen since the last decision into :attr:`acceptance`.

@@ -88,6 +88,10 @@ class PlannerSettings:
     """``goodput``: keep the engine-wide acceptance per sampling class (greedy, and temperature
     buckets), so greedy and sampled requests are priced at their own rates; ``False``: one rate
     for all requests (the earlier behaviour, kept for comparison)."""
+    hindsight: bool = True
+    """``goodput``: score the chain draft that steps without drafts would have had, where the
+    drafter can (Token Recycling's chains), as evidence at the first position
+    (:mod:`specserve_vllm.drafters.hindsight`); ``False``: learn only from verified drafts."""
     chain_verify: str = "walk"
     """How chain steps are verified: ``walk`` (the target's own token per row, as trees are, where
     the batch allows; :mod:`specserve_vllm.compat.chain_walk`) or ``rejection`` (vLLM's rejection
@@ -113,6 +117,7 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         sampling_classes=bool(ours.get("sampling_classes", True)),
         recheck_on=max(1, int(ours.get("recheck_on", 4))),
         chain_verify=str(ours.get("chain_verify", "walk")),
+        hindsight=bool(ours.get("hindsight", True)),
     )
 
 
@@ -151,6 +156,8 @@ class StepPlanner:
         """The engine's tree counters (``tree.step.TreeCounters``) once it verified a tree."""
         self._reuse = getattr(policy, "reuse", None)
         """The policy's held-plan lookup (``GoodputPolicy.reuse``), if it holds plans."""
+        self.hindsight = False
+        """The drafter keeps hindsight for the policy (:meth:`observe_hindsight` before decisions)."""
         self.spec_ks: dict[str, int | None] = {}
         """Each running request's ``spec_k``, parsed once (dropped when it finishes)."""
 
@@ -245,6 +252,20 @@ class StepPlanner:
     def _maybe_log(self) -> None:
         if self.log_every and self.stats.steps % self.log_every == 0:
             logger.info("spec plan", extra={"fields": {"policy": self.policy.name, **self.stats.snapshot()}})
+
+    def observe_hindsight(self, req_ids: list[str], temperatures: np.ndarray, probability: np.ndarray) -> None:
+        """Hindsight rows from the drafter (:mod:`specserve_vllm.drafters.hindsight`), passed to
+        a policy that learns from them, and counted."""
+        if not len(req_ids):
+            return
+        with self.lock:
+            self.stats.hindsight_rows += len(req_ids)
+            self.stats.hindsight_accepted += float(probability.sum())
+        observe = getattr(self.policy, "observe_hindsight", None)
+        if callable(observe):
+            from specserve_vllm.spec_control.acceptance import sampling_class
+
+            observe(req_ids, [sampling_class(t) for t in temperatures.tolist()], probability)
 
     def observe(self, verified: VerifiedRows) -> None:
         if len(verified.req_ids):

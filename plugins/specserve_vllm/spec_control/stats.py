@@ -61,6 +61,10 @@ class PlanStats:
     """Per draft position: verifications that tested it (every earlier draft was accepted)."""
     position_accepted: list[int] = field(default_factory=list)
     """Per draft position: of those, how many accepted it."""
+    hindsight_rows: int = 0
+    """Rows of steps without drafts whose would-be first draft was scored (``hindsight``)."""
+    hindsight_accepted: float = 0.0
+    """Their summed acceptance probability (mean = this / ``hindsight_rows``)."""
 
     def record_verified_rows(self, drafted: Sequence[int], accepted: Sequence[int]) -> None:
         """A step's verifications. A row that accepted ``a`` of ``d`` drafts tested positions

@@ -9,6 +9,8 @@ Arms:
   per sampling class (the ``sampling_classes`` setting off);
 - ``goodput-every-step``: the same deciding at every step (``recheck_on`` 1: no speculating plan
   reused), which shows what reusing plans buys;
+- ``goodput-no-hindsight``: the same learning only from verified drafts (the ``hindsight``
+  setting off: steps without drafts teach it nothing);
 - ``goodput-tree``: the goodput controller spending a node budget (``--tree-budget``) on draft
   trees (``--tree-shape``, DySpec ``dynamic`` by default) instead of chains; judged apart, against
   the best chain arm (``none``, ``k1`` .. ``k4``, ``goodput``) at each point.
@@ -45,6 +47,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -122,7 +125,8 @@ def _planner(llm: Any) -> Any:
 
 def plan_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What the controller did between two snapshots: plans, the share with no speculation, mean
-    planned k per decode row, and the step-time model's MAPE over the steps it timed.
+    planned k per decode row, and the step-time model's MAPE over the steps it timed (and, when
+    steps without drafts were scored, how many and their mean would-be acceptance).
 
     >>> plan_delta({"steps": 10, "no_spec_steps": 2, "decode_rows": 10, "k_rows": {"0": 2, "4": 8},
     ...             "timed_steps": 10, "abs_pct_error_sum": 1.0},
@@ -136,7 +140,11 @@ def plan_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         int(k) * n for k, n in (before.get("k_rows") or {}).items())
     timed = after.get("timed_steps", 0) - before.get("timed_steps", 0)
     errors = after.get("abs_pct_error_sum", 0.0) - before.get("abs_pct_error_sum", 0.0)
-    return {"plans": plans,
+    hindsight = after.get("hindsight_rows", 0) - before.get("hindsight_rows", 0)
+    scored = ({"hindsight_rows": hindsight, "hindsight_mean": round(
+        (after.get("hindsight_accepted", 0.0) - before.get("hindsight_accepted", 0.0)) / hindsight, 4)}
+        if hindsight else {})
+    return {**scored, "plans": plans,
             "no_spec_share": round((after.get("no_spec_steps", 0) - before.get("no_spec_steps", 0)) / plans, 3)
             if plans else None,
             "mean_k": round(drafts / rows, 3) if rows else None,
@@ -171,7 +179,25 @@ def request_paired(latencies: dict[str, list[float]]) -> dict[str, Any]:
     tree = tree_judged_arms(latencies)
     if tree:
         out["tree_request_paired_latency"] = paired_verdict(tree, TREE_ARM)
+    variants = {arm: paired_ratio(latencies["goodput"], v) for arm, v in latencies.items()
+                if arm in GOODPUT_ARMS and arm not in ("goodput", TREE_ARM) and "goodput" in latencies}
+    if variants:
+        out["variants_request_paired_latency"] = variants
     return out
+
+
+def paired_ratio(values: Sequence[float], other: Sequence[float]) -> dict[str, float]:
+    """The geometric mean of ``values[j] / other[j]`` with its 95% interval (how a goodput
+    variant compares with the default controller, request by request; below 1: the default is
+    faster).
+
+    >>> paired_ratio([1.0, 2.0, 4.0], [2.0, 4.0, 8.0])
+    {'ratio': 0.5, 'low': 0.5, 'high': 0.5}
+    """
+    n = min(len(values), len(other))
+    mean, ci = mean_ci([math.log(max(a, 1e-12) / max(b, 1e-12)) for a, b in zip(values[:n], other[:n])])
+    return {"ratio": round(math.exp(mean), 4), "low": round(math.exp(mean - ci), 4),
+            "high": round(math.exp(mean + ci), 4)}
 
 
 def verdicts(point: dict[str, dict[str, Any]], key: str, lower_is_better: bool) -> dict[str, Any] | None:
@@ -244,6 +270,7 @@ GOODPUT_ARMS: dict[str, dict[str, Any]] = {
     "goodput": {},
     "goodput-pooled": {"sampling_classes": False},
     "goodput-every-step": {"recheck_on": 1},
+    "goodput-no-hindsight": {"hindsight": False},
     "goodput-tree": {},
 }
 """The goodput arms and the engine settings each adds to the default controller."""
@@ -573,6 +600,8 @@ def summary_line(report: dict[str, Any]) -> str:
                 rv = pt.get("request_paired_latency")
                 if rv:
                     text += f" (by request {rv['slowdown']} [{rv['low']}, {rv['high']}] vs {rv['best']}: {rv['verdict']})"
+                for arm, r in (pt.get("variants_request_paired_latency") or {}).items():
+                    text += f" (goodput/{arm} by request {r['ratio']} [{r['low']}, {r['high']}])"
                 cpu = pt.get("paired_cpu_throughput") if kind == "closed" else None
                 if cpu:
                     text += f" (per CPU s {cpu['slowdown']} [{cpu['low']}, {cpu['high']}], best={cpu['best']})"
