@@ -438,3 +438,19 @@ def test_verifications_folded_at_the_next_decision_give_the_same_plans() -> None
     assert len(idle._unlearned) < MAX_UNLEARNED
     idle.finished(frozenset({"a"}))  # a request's last verifications count before it is forgotten
     assert not idle._unlearned and idle.acceptance.seen_classes() == [0]
+
+
+def test_a_probe_drafts_its_likeliest_row_to_full_depth() -> None:
+    """A probe measures the deepest verification too: the row with the likeliest first draft
+    drafts its whole cap, the others what the best speculating plan gives them."""
+    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
+    acceptance = AcceptanceModel([0.6] * 4)
+    acceptance.observe("r3", drafted=4, accepted=4)
+    policy = GoodputPolicy(StepTimeModel(busy), acceptance, probe_every=4)
+    rows = _rows(6)
+    g, slot_rows, _ = policy.goodput(rows)
+    best = np.bincount(slot_rows[:1 + int(np.argmax(g[1:]))], minlength=6)
+    best[3] = 4
+    plans = [policy.plan(rows) for _ in range(4)]
+    assert [int(p.sum()) for p in plans[:3]] == [0, 0, 0]
+    assert plans[3].tolist() == best.tolist() and policy.probes == 1

@@ -71,3 +71,22 @@ def test_any_measurements_leave_finite_positive_predictions(
         assert np.isfinite(coef).all() and (coef >= 0).all() and 0 < model.level <= MAX_STEP_RATIO
         for probe in ((1, 1, 0, False), (8, 40, 1600, True), (rows, rows + extra, ctx, spec)):
             assert np.isfinite(model.step_ms(*probe)) and model.step_ms(*probe) > 0
+
+
+def test_the_spec_paths_price_outlasts_a_stretch_of_plain_steps() -> None:
+    """Speculative steps (between plain ones) measured at half their calibrated extra cost,
+    then 400 plain steps: the spec path keeps the price it learnt (it used to fade back to the
+    calibration's, so a controller that stopped speculating on a host unlike the calibration's
+    stayed off)."""
+    model = StepTimeModel(COST)
+    spec_extra = COST.step_ms(1, 5, 0, True) - COST.step_ms(1, 5, 0, False)
+    measured_spec = COST.step_ms(1, 5, 0, False) + 0.5 * spec_extra
+    for _ in range(4 * FOLD_EVERY):
+        model.observe(1, 5, 0, True, measured_ms=measured_spec)
+        model.observe(1, 1, 0, False, measured_ms=COST.step_ms(1, 1, 0, False))
+    learnt = model.step_ms(1, 5, 0, True)
+    assert learnt == pytest.approx(measured_spec, rel=0.03)
+    for _ in range(25 * FOLD_EVERY):
+        model.observe(1, 1, 0, False, measured_ms=COST.step_ms(1, 1, 0, False))
+    assert model.step_ms(1, 5, 0, True) == pytest.approx(learnt, rel=0.03)
+    assert model.step_ms(1, 1, 0, False) == pytest.approx(COST.step_ms(1, 1, 0, False), rel=0.03)

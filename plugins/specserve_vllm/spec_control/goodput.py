@@ -14,9 +14,13 @@ since ``g`` falls with ``j``). Hysteresis: the step switches speculation on or o
 other side is better by ``margin``. A decision not to speculate is reused while the batch is
 unchanged, for up to ``recheck_every`` steps (nothing is verified meanwhile, so little moves).
 After ``probe_every`` steps in a row without speculation, one step takes the best speculating
-plan anyway: while nothing is drafted no acceptance is measured, so an estimate that turned
-speculation off (a request's unlucky start, a drafter that improves as it learns) would
-otherwise never be revisited; a probe costs at most one spec-path step in ``probe_every``.
+plan anyway, with the row whose first draft is likeliest drafting to its full cap: while nothing
+is drafted no acceptance is measured, so an estimate that turned speculation off (a request's
+unlucky start, a drafter that improves as it learns) would otherwise never be revisited, and
+the full-depth row measures what deep verification costs and how deep drafts fare (the step
+fit's memory is a few dozen steps, so without it the price of deep steps falls back to the
+calibration's, which another host may have measured); a probe costs at most one spec-path step
+in ``probe_every``.
 Steps without drafts still teach the first position when the drafter keeps hindsight (Token
 Recycling's chains: :mod:`specserve_vllm.drafters.hindsight`, :meth:`observe_hindsight`), so
 while off, the estimate follows what drafting would do now. A plan that speculates (chains) is reused in the same way for up to ``recheck_on`` steps, so
@@ -312,6 +316,10 @@ class GoodputPolicy:
         else:
             n = best_on if on else 0
             out = np.bincount(slot_rows[:n], minlength=len(out)).astype(np.int64)
+            if probing:  # one row at its full depth: deep drafts' price and acceptance measured too
+                deep = int(dec[int(np.argmax(survival[:, 0]))])
+                out[deep] = max(int(out[deep]), min(int(rows.caps[deep]), self.chain_depth))
+                n = min(int(out.sum()), len(times) - 1)
             self.last_predicted_ms = float(times[n])
             if not on or (not probing and self.recheck_on > 1):
                 held_plan = out.copy()

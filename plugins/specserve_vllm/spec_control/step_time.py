@@ -198,6 +198,11 @@ class TermFit:
     ``fold_every`` of them (:meth:`fold`): the same sums as taking each at once, for a few array
     operations and one solve.
 
+    The ridge pulls a term toward its value at the last fold whose measurements exercised it
+    (a nonzero feature), not toward the calibration: a term no recent measurement exercises
+    (the spec path's, through a stretch of plain steps) keeps what it learnt as its evidence
+    fades, instead of drifting back to a calibration another host may have measured.
+
     Example: calibrated ``1 + 1 n``, measured ``2 + 0.5 n``:
         >>> f = TermFit((1.0, 1.0), fold_every=1)
         >>> for n in (1.0, 6.0) * 60:
@@ -207,7 +212,7 @@ class TermFit:
     """
 
     __slots__ = ("calibrated", "unit", "alpha", "ridge", "fold_every", "factors", "coef", "gram", "moment",
-                 "pending", "_prior", "_ridge_eye", "_ridge_prior", "_root_weight", "_basis")
+                 "pending", "_prior", "_ridge_eye", "_ridge_prior", "_root_weight", "_basis", "anchor")
 
     def __init__(self, calibrated: Sequence[float], unit: Sequence[float] | None = None, alpha: float = 0.1,
                  ridge: float = 0.001, fold_every: int = FOLD_EVERY) -> None:
@@ -219,6 +224,8 @@ class TermFit:
         self.gram = 0.5 * np.eye(n)  # weighted sums of x x^T, x = terms / calibrated time
         self.moment = 0.5 * self._prior  # weighted sums of x * measured / calibrated time
         self._ridge_eye, self._ridge_prior = ridge * np.eye(n), ridge * self._prior
+        self.anchor = self._prior.copy()
+        """The factors the ridge pulls toward: each term's as of the last fold that exercised it."""
         self._root_weight = np.sqrt(alpha * (1.0 - alpha) ** np.arange(fold_every - 1, -1, -1.0))  # newest: alpha
         self.pending: list[tuple[Sequence[float], float]] = []
         self.coef: tuple[float, ...] = ()
@@ -229,6 +236,8 @@ class TermFit:
         """Start from ``factors`` (coefficients in units of :attr:`unit`) instead of the calibration."""
         self._set(np.asarray(factors, dtype=np.float64).copy())
         self.moment = 0.5 * self.factors
+        self.anchor = self.factors.copy()
+        self._ridge_prior = self.ridge * self.anchor
 
     def predict(self, features: Sequence[float]) -> float:
         return sum(c * x for c, x in zip(self.coef, features))
@@ -267,6 +276,9 @@ class TermFit:
         self.moment *= decay
         self.moment += sums[:-1, -1]
         self.solve()
+        exercised = np.diagonal(sums)[:-1] > 0  # the others keep their anchor
+        self.anchor[exercised] = self.factors[exercised]
+        self._ridge_prior = self.ridge * self.anchor
 
     def solve(self) -> None:
         """The ridge least squares of the sums, each coefficient >= 0 (a fit with every one
