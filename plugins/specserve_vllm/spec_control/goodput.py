@@ -24,7 +24,8 @@ in ``probe_every``.
 Steps without drafts still teach the first position when the drafter keeps hindsight (Token
 Recycling's chains: :mod:`specserve_vllm.drafters.hindsight`, :meth:`observe_hindsight`), so
 while off, the estimate follows what drafting would do now. A plan that speculates (chains) is reused in the same way for up to ``recheck_on`` steps, so
-the cost of a decision is spread over them. A decode row that does not draft has its own
+the cost of a decision is spread over them; when the next decision for the same batch makes the
+same plan, the hold doubles, up to ``recheck_max`` steps. A decode row that does not draft has its own
 acceptance evidence faded by ``idle_decay`` per
 step (:meth:`AcceptanceModel.age`), so a request that stopped after an unlucky stretch drifts
 back to the engine-wide rate and is tried again when that rate says drafting pays.
@@ -118,7 +119,7 @@ class GoodputPolicy:
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
                  probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True,
-                 recheck_on: int = 1) -> None:
+                 recheck_on: int = 1, recheck_max: int = 16) -> None:
         self.model = model
         self._acceptance = acceptance
         self.trees = trees
@@ -140,6 +141,14 @@ class GoodputPolicy:
         many steps in all (1: decide every step). A decision costs 50-180 µs, several percent of
         a CPU step; acceptance estimates move slowly (decay 0.9 per verification), so a plan a
         few steps old is nearly the one a new decision would make."""
+        self.recheck_max = max(recheck_on, recheck_max)
+        """A speculating plan that a decision repeats for the same batch is held twice as long
+        as the last time, up to this many steps; a different plan or batch starts again at
+        :attr:`recheck_on`. A steady batch (one client decoding) decides a few times a
+        request instead of every few steps."""
+        self._on_hold = recheck_on
+        self._last_on: tuple[PlanKey, bytes] | None = None
+        """The batch and lengths of the last speculating decision."""
         self._held: HeldPlan | None = None
         """The last decision, while it may still be reused (:meth:`reuse`)."""
         self.probe_every = probe_every
@@ -324,12 +333,31 @@ class GoodputPolicy:
             if not on or (not probing and self.recheck_on > 1):
                 held_plan = out.copy()
                 held_plan.flags.writeable = False
-                self._held = HeldPlan(key, (self.recheck_on if on else self.recheck_every) - 1, held_plan,
-                                      self.last_predicted_ms, on, held_plan[dec].tolist())
+                self._held = HeldPlan(key, (self._hold_for(key, held_plan) if on else self.recheck_every) - 1,
+                                      held_plan, self.last_predicted_ms, on, held_plan[dec].tolist())
+            if not on:
+                self._last_on = None
         self._idle_rows = [rows.req_ids[i] for i in dec[out[dec] == 0].tolist()]
         self._steps = 1
         self.decide_us += 0.1 * ((time.perf_counter() - t0) * 1e6 - self.decide_us)
         return out
+
+    def _hold_for(self, key: PlanKey, plan: np.ndarray) -> int:
+        """Steps to hold a speculating ``plan`` for the batch ``key``: doubled (up to
+        :attr:`recheck_max`) when the last speculating decision made the same plan for it,
+        else :attr:`recheck_on`.
+
+        >>> from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
+        >>> p = GoodputPolicy(StepTimeModel(StepCost(8, 1, 0, 0, 3, 0.2, 0.5, 0.02)), AcceptanceModel([0.8] * 4),
+        ...                   recheck_on=4, recheck_max=16)
+        >>> k = plan_key(["a"], [4])
+        >>> [p._hold_for(k, np.array([4])) for _ in range(4)], p._hold_for(k, np.array([3]))
+        ([4, 8, 16, 16], 4)
+        """
+        same = self._last_on is not None and self._last_on[0] == key and self._last_on[1] == plan.tobytes()
+        self._on_hold = min(self._on_hold * 2, self.recheck_max) if same else self.recheck_on
+        self._last_on = (key, plan.tobytes())
+        return self._on_hold
 
     def remember_tree_rows(self, rows: StepRows, nodes: np.ndarray, survival: np.ndarray | None = None) -> None:
         """Each tree row's node count and its chain's expected accepted drafts at that count

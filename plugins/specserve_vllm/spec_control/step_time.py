@@ -208,7 +208,7 @@ class TermFit:
         >>> for n in (1.0, 6.0) * 60:
         ...     f.observe((1.0, n), 2.0 + 0.5 * n)
         >>> [round(c, 2) for c in f.coef], round(f.predict((1.0, 3.0)), 2)
-        ([1.98, 0.51], 3.5)
+        ([2.0, 0.5], 3.5)
     """
 
     __slots__ = ("calibrated", "unit", "alpha", "ridge", "fold_every", "factors", "coef", "gram", "moment",
