@@ -119,6 +119,8 @@ def test_tally_keeps_the_newest_rows() -> None:
 def test_first_position_evidence_equals_one_row_at_a_time_and_leaves_deeper_positions() -> None:
     together = AcceptanceModel(prior=[0.5, 0.4], weight=2.0, global_weight=4.0)
     apart = AcceptanceModel(prior=[0.5, 0.4], weight=2.0, global_weight=4.0)
+    for m in (together, apart):
+        m.assign(["a", "b"], [2, 2])
     ids, p, classes = ["a", "b", "a", "a"], [0.9, 0.1, 0.8, 0.7], [2, 2, 2, 2]
     together.observe_first(ids, p, classes)
     for r, x, c in zip(ids, p, classes):
@@ -126,6 +128,19 @@ def test_first_position_evidence_equals_one_row_at_a_time_and_leaves_deeper_posi
     assert np.allclose(together.conditional(["a", "b", "new"]), apart.conditional(["a", "b", "new"]))
     assert together.conditional(["a"])[0, 1] == pytest.approx(0.4)
     assert together.class_rates()[2, 0] > 0.5 and together.seen_classes() == [2]
+    assert together.conditional(["a"])[0, 0] > together.conditional(["b"])[0, 0]
+
+
+def test_rows_of_requests_the_model_does_not_hold_count_for_their_class_only() -> None:
+    """A finished request's last hindsight rows arrive after it was forgotten: they move its
+    class's rate and allocate nothing (a slot per finished request would never be freed)."""
+    model = AcceptanceModel(prior=[0.5], weight=2.0, global_weight=4.0)
+    model.assign(["a"], [2])
+    model.forget(["a"])
+    for _ in range(50):
+        model.observe_first(["a", "b"], [0.05, 0.05], classes=[2, 2])
+    assert model._slot == {} and model._used == 2 and model._free == [1]  # only a's own slot, freed
+    assert model.class_rates()[2, 0] < 0.1
 
 
 def _policy(prior: float) -> GoodputPolicy:

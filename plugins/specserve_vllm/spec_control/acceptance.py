@@ -188,29 +188,40 @@ class AcceptanceModel:
         draft would have been accepted with ``probability[i]``. Each is one trial at the first
         position only, counted and decayed there as a verification's would be (a request's
         count once per row of its own, its class's once per row of the class); deeper positions
-        are untouched. ``classes``: the rows' sampling classes, for requests not seen before.
+        are untouched. ``classes``: the rows' sampling classes (default: their requests').
+        Only requests the model already holds get their own counts: rows of a request that
+        finished (or was not planned yet) still count for their class, and never give it a
+        slot that nothing would free.
 
         >>> m = AcceptanceModel(prior=[0.5, 0.5], weight=1.0, global_weight=1.0)
-        >>> m.observe_first(["a", "a"], [0.2, 0.2], classes=[2, 2])
+        >>> m.assign(["a"], [2])
+        >>> m.observe_first(["a", "a", "gone"], [0.2, 0.2, 0.2], classes=[2, 2, 2])
         >>> m.conditional(["a"]).round(2).tolist()   # the first position learnt, the second not
         [[0.23, 0.5]]
+        >>> "gone" in m._slot
+        False
         """
         p = np.asarray(probability, dtype=np.float64)
         if not len(p):
             return
-        slots = self._slots(req_ids, classes)
-        later: dict[int, int] = {}
-        after = [0] * len(slots)
-        for i in range(len(slots) - 1, -1, -1):
-            after[i] = later.get(slots[i], 0)
-            later[slots[i]] = after[i] + 1
-        own = list(later)
-        self._counts[own, :, 0] *= (self.request_decay ** np.array([later[s] for s in own], dtype=np.float64))[:, None]
-        weights = self.request_decay ** np.array(after, dtype=np.float64)
-        first = self._counts[:, :, 0]  # [slots, 2], a view
-        np.add.at(first, (slots, 0), weights * p)
-        np.add.at(first, (slots, 1), weights)
-        row_classes = np.array([self._cls[s] for s in slots])
+        known = [(i, s) for i, s in enumerate(map(self._slot.get, req_ids)) if s is not None]
+        if known:
+            later: dict[int, int] = {}
+            after = [0] * len(known)
+            for j in range(len(known) - 1, -1, -1):
+                s = known[j][1]
+                after[j] = later.get(s, 0)
+                later[s] = after[j] + 1
+            own = list(later)
+            self._counts[own, :, 0] *= (self.request_decay ** np.array([later[s] for s in own], dtype=np.float64))[:, None]
+            weights = self.request_decay ** np.array(after, dtype=np.float64)
+            slots = [s for _, s in known]
+            first = self._counts[:, :, 0]  # [slots, 2], a view
+            np.add.at(first, (slots, 0), weights * p[[i for i, _ in known]])
+            np.add.at(first, (slots, 1), weights)
+        if classes is None:
+            classes = [self._cls[self._slot.get(r, 0)] for r in req_ids]
+        row_classes = np.asarray(classes, dtype=np.int64)
         for c in np.unique(row_classes).tolist():
             rows = np.flatnonzero(row_classes == c)
             w = self._decay_weights(len(rows))
