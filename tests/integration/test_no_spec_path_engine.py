@@ -140,17 +140,23 @@ def _spied_runs(llm: Any, runner: Any) -> dict[str, Any]:
         spies["rejection"], spies["sampler"], spies["propose"])
     matrix_before = runner.drafter.matrix.copy()
     no_spec_before = getattr(runner, "_specserve_no_spec_steps", 0)
+    planner = runner._specserve_planner
+    stats, records = planner.stats, planner.records  # a record per step the step timer timed
+    timed_before, plans_before = len(records), stats.steps
     try:
         walked_before = walked_chain_steps(runner)
         off = _generate(llm, PROMPTS, [0] * len(PROMPTS))
         counts_off = {name: spy.calls for name, spy in spies.items()}
         counts_off["no_spec_steps"] = getattr(runner, "_specserve_no_spec_steps", 0) - no_spec_before
         counts_off["walked"] = walked_chain_steps(runner) - walked_before
+        counts_off["timed"], counts_off["plans"] = len(records) - timed_before, stats.steps - plans_before
+        timed_before = len(records)
         runner.drafter.flush_backlog()  # k=0 steps' rows are learnt in batches, before any draft
         matrix_changed = not np.array_equal(runner.drafter.matrix, matrix_before)
         on = _generate(llm, PROMPTS[:2], [None, None])
         counts_on = {name: spy.calls - counts_off[name] for name, spy in spies.items()}
         counts_on["walked"] = walked_chain_steps(runner) - walked_before - counts_off["walked"]
+        counts_on["timed"] = len(records) - timed_before
     finally:
         runner.rejection_sampler, runner.sampler = spies["rejection"].target, spies["sampler"].target
         del runner.drafter.propose
@@ -188,6 +194,9 @@ def test_all_k0_steps_run_without_drafter_or_verification(runs: dict[str, Any]) 
     assert spied["matrix_changed"], "the recycling matrix stopped learning on k=0 steps"
     on = spied["counts_on"]
     assert on["walked"] > 0 and on["propose"] > 0, on
+    # the step timer samples long plain runs and times every step that verified drafts
+    assert 4 <= off["timed"] < off["plans"] // 2, off
+    assert on["timed"] >= on["walked"] > 0, on
     assert [list(o.token_ids) for o in spied["on"]] == runs["none"]["batch8"][:2]
 
 

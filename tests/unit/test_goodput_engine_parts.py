@@ -225,7 +225,7 @@ def test_vllm_server_parser_reads_the_engine_policy() -> None:
 
 def test_a_decision_not_to_speculate_holds_while_the_batch_is_unchanged() -> None:
     busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
-    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4, recheck_off_max=4)
     computed: list[int] = []
     goodput = policy.goodput
     policy.goodput = lambda rows, *more: (computed.append(len(rows.caps)), goodput(rows, *more))[1]  # type: ignore[method-assign]
@@ -242,6 +242,31 @@ def test_a_decision_not_to_speculate_holds_while_the_batch_is_unchanged() -> Non
     idle_goodput = idle.goodput
     idle.goodput = lambda rows, *more: (decided.append(1), idle_goodput(rows, *more))[1]  # type: ignore[method-assign]
     assert idle.plan(_rows(1)).sum() > 0 and idle.plan(_rows(1)).sum() > 0 and len(decided) == 2
+
+
+def test_a_repeated_decision_not_to_speculate_holds_twice_as_long_unless_hindsight_teaches() -> None:
+    """Off for the same batch again: the hold doubles (4, 8, 16, then 16 at ``recheck_off_max``),
+    so a drafter that keeps losing costs few decisions; a new batch starts again at
+    ``recheck_every``. A drafter with hindsight (evidence gathered while off) keeps
+    ``recheck_every``, so what it learns is read as often as before."""
+    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
+
+    def decisions(learns: bool, steps: int, batches: list[int]) -> list[int]:
+        policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), recheck_every=4,
+                               recheck_off_max=16, probe_every=0)
+        policy.learns_while_off = learns
+        decided: list[int] = []
+        goodput = policy.goodput
+        step = 0
+        policy.goodput = lambda rows, *more: (decided.append(step), goodput(rows, *more))[1]  # type: ignore[method-assign]
+        for step in range(steps):
+            assert policy.plan(_rows(batches[step] if step < len(batches) else batches[-1])).sum() == 0
+        return decided
+
+    assert decisions(False, 60, [16]) == [0, 4, 12, 28, 44]
+    assert decisions(True, 60, [16]) == list(range(0, 60, 4))
+    # a new batch at step 14 decides at once and holds recheck_every again: 14, 18, 26, 42, 58
+    assert decisions(False, 60, [16] * 14 + [15]) == [0, 4, 12, 14, 18, 26, 42, 58]
 
 
 def test_a_long_run_without_speculation_is_probed_once_every_probe_every_steps() -> None:

@@ -8,7 +8,9 @@ context tokens, whether it verified drafts (the speculative path), drafts verifi
 tokens, and the drafting time the planner measured around the drafter. The planner's policy uses
 it to correct its step-time model; the planner's stats keep predicted vs measured.
 ``execute_model`` returning early (nothing scheduled) leaves a stale start that the next call
-overwrites; ``sample_tokens`` without a pending start records nothing.
+overwrites; ``sample_tokens`` without a pending start records nothing. Long runs of plain decode
+steps are sampled (``StepPlanner.times``): describing and fitting a step costs 20-50 µs right
+after the forward pass, and a run without drafts repeats the same few shapes.
 
 The same wrap tells the planner which requests finished (``finished_req_ids``) at every step,
 including steps that schedule nothing: vLLM does not call ``sample_tokens`` after those, so a
@@ -108,6 +110,13 @@ def apply() -> None:
         pending = getattr(self, _START_ATTR, None)
         setattr(self, _START_ATTR, None)
         if pending is not None:
+            scheduled = pending[1]
+            planner = runner_planner(self)
+            if not planner.times(bool(scheduled.scheduled_spec_decode_tokens),
+                                 scheduled.total_num_scheduled_tokens == len(scheduled.num_scheduled_tokens)):
+                out = sample(self, *args, **kwargs)
+                planner.skip_step()
+                return out
             # Described before sampling: the batch's rows and context are still this step's.
             req_ids = list(self.input_batch.req_ids)
             ctx = int(self.input_batch.num_tokens_no_spec[: len(req_ids)].sum())
@@ -116,7 +125,6 @@ def apply() -> None:
             step["trees"] = len(tree_step.plan.requests) if tree_step is not None else 0
         out = sample(self, *args, **kwargs)
         if pending is not None:
-            planner = runner_planner(self)
             drafts, draft_ms = planner.take_draft_timing()
             planner.observe_step(StepRecord(total_ms=(time.perf_counter() - pending[0]) * 1e3,
                                             drafts=drafts, draft_ms=draft_ms, **step))

@@ -119,7 +119,7 @@ class GoodputPolicy:
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
                  probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True,
-                 recheck_on: int = 1, recheck_max: int = 16) -> None:
+                 recheck_on: int = 1, recheck_max: int = 16, recheck_off_max: int = 32) -> None:
         self.model = model
         self._acceptance = acceptance
         self.trees = trees
@@ -147,6 +147,17 @@ class GoodputPolicy:
         :attr:`recheck_on`. A steady batch (one client decoding) decides a few times a
         request instead of every few steps."""
         self._on_hold = recheck_on
+        self.recheck_off_max = max(recheck_every, recheck_off_max)
+        """A decision not to speculate that a decision repeats for the same batch is held twice
+        as long as the last time, up to this many steps (while the drafter gives no hindsight:
+        then nothing is learnt while off, and each decision is a few percent of a CPU step
+        for nothing). The first off decision for a batch holds :attr:`recheck_every`."""
+        self.learns_while_off = False
+        """The drafter scores skipped drafts (hindsight): off decisions keep :attr:`recheck_every`,
+        since each reads evidence gathered while off."""
+        self._off_hold = recheck_every
+        self._last_off: PlanKey | None = None
+        """The batch of the last decision, when it did not speculate."""
         self._last_on: tuple[PlanKey, bytes] | None = None
         """The batch and lengths of the last speculating decision."""
         self._held: HeldPlan | None = None
@@ -318,6 +329,8 @@ class GoodputPolicy:
             self.probes += 1
         self._off_streak = 0 if on else self._off_streak + 1
         self.speculating = on
+        if on:
+            self._last_off = None
         if on and tree_plan is not None:
             out, self.last_predicted_ms = tree_plan[0].copy(), tree_plan[1]
             self.chains_only = False
@@ -333,7 +346,7 @@ class GoodputPolicy:
             if not on or (not probing and self.recheck_on > 1):
                 held_plan = out.copy()
                 held_plan.flags.writeable = False
-                self._held = HeldPlan(key, (self._hold_for(key, held_plan) if on else self.recheck_every) - 1,
+                self._held = HeldPlan(key, (self._hold_for(key, held_plan) if on else self._hold_off(key)) - 1,
                                       held_plan, self.last_predicted_ms, on, held_plan[dec].tolist())
             if not on:
                 self._last_on = None
@@ -358,6 +371,22 @@ class GoodputPolicy:
         self._on_hold = min(self._on_hold * 2, self.recheck_max) if same else self.recheck_on
         self._last_on = (key, plan.tobytes())
         return self._on_hold
+
+    def _hold_off(self, key: PlanKey) -> int:
+        """Steps to hold a decision not to speculate for the batch ``key``: doubled (up to
+        :attr:`recheck_off_max`) when the last decision was off for the same batch, else
+        :attr:`recheck_every`; always :attr:`recheck_every` when :attr:`learns_while_off`.
+
+        >>> from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
+        >>> p = GoodputPolicy(StepTimeModel(StepCost(8, 1, 0, 0, 3, 0.2, 0.5, 0.02)), AcceptanceModel([0.8] * 4))
+        >>> k = plan_key(["a"], [4])
+        >>> [p._hold_off(k) for _ in range(4)], p._hold_off(plan_key(["a", "b"], [4, 4]))
+        ([8, 16, 32, 32], 8)
+        """
+        same = self._last_off == key and not self.learns_while_off
+        self._off_hold = min(self._off_hold * 2, self.recheck_off_max) if same else self.recheck_every
+        self._last_off = key
+        return self._off_hold
 
     def remember_tree_rows(self, rows: StepRows, nodes: np.ndarray, survival: np.ndarray | None = None) -> None:
         """Each tree row's node count and its chain's expected accepted drafts at that count
@@ -442,6 +471,10 @@ class GoodputPolicy:
             self.model.observe_draft(drafts, draft_ms)
         self.prefill_tokens = prefill_tokens
         return predicted
+
+    def observe_drafting(self, drafts: int, draft_ms: float) -> None:
+        """Drafting measured at the end of a step that was not timed (``StepPlanner.skip_step``)."""
+        self.model.observe_draft(drafts, draft_ms)
 
     def finished(self, req_ids: frozenset[str]) -> None:
         self.learn()  # their last verifications count for the engine-wide rates

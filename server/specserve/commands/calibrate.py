@@ -66,7 +66,7 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
     with settings.override(heads_dir=heads or settings.current().heads_dir):  # read as the engine builds
         llm = local_llm(model_dir, max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=256 << 20,
                         speculative_config=speculative_config(drafter, args.k),  # type: ignore[arg-type]
-                        additional_config={"specserve": {"spec_policy": "fixed"}})
+                        additional_config={"specserve": {"spec_policy": "fixed", "time_plain_every": 1}})
     try:
         def runner_state(worker: Any) -> tuple[str, list[dict[str, Any]], list[float]]:
             runner = worker_runner(worker)
