@@ -245,9 +245,9 @@ def test_a_decision_not_to_speculate_holds_while_the_batch_is_unchanged() -> Non
 
 
 def test_a_repeated_decision_not_to_speculate_holds_twice_as_long_unless_hindsight_teaches() -> None:
-    """Off for the same batch again: the hold doubles (4, 8, 16, then 16 at ``recheck_off_max``),
-    so a drafter that keeps losing costs few decisions; a new batch starts again at
-    ``recheck_every``. A drafter with hindsight (evidence gathered while off) keeps
+    """Off again: the hold doubles (4, 8, 16, then 16 at ``recheck_off_max``), so a drafter that
+    keeps losing costs few decisions; a new batch decides at once, and keeps the long hold if
+    it is off too. A drafter with hindsight (evidence gathered while off) keeps
     ``recheck_every``, so what it learns is read as often as before."""
     busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
 
@@ -265,8 +265,8 @@ def test_a_repeated_decision_not_to_speculate_holds_twice_as_long_unless_hindsig
 
     assert decisions(False, 60, [16]) == [0, 4, 12, 28, 44]
     assert decisions(True, 60, [16]) == list(range(0, 60, 4))
-    # a new batch at step 14 decides at once and holds recheck_every again: 14, 18, 26, 42, 58
-    assert decisions(False, 60, [16] * 14 + [15]) == [0, 4, 12, 14, 18, 26, 42, 58]
+    # a new batch at step 14 decides at once (off again: held 16)
+    assert decisions(False, 60, [16] * 14 + [15]) == [0, 4, 12, 14, 30, 46]
 
 
 def test_a_long_run_without_speculation_is_probed_once_every_probe_every_steps() -> None:

@@ -209,3 +209,20 @@ def test_a_take_scores_every_greedy_row_and_a_bounded_spread_of_sampled_ones() -
     want = [(f"r{i}", expected[i]) for i in picked.tolist() if np.isfinite(expected[i])]
     assert ids == [r for r, _ in want] and np.allclose(p, [x for _, x in want], atol=1e-6)
     assert np.array_equal(kept.matrix, plain.matrix)
+
+
+def test_the_input_batch_still_has_what_the_feed_rows_read() -> None:
+    """``hindsight_rows`` reads vLLM's input batch by attribute name (a missing one would read
+    as "no reshaping"): each must still be assigned in ``InputBatch.__init__`` and filled by
+    ``add_request``, and the runner must still build ``discard_request_mask``."""
+    from specserve_vllm.compat.upstream import UpstreamFunction
+
+    init = UpstreamFunction("vllm.v1.worker.gpu_input_batch", "InputBatch.__init__", "").source()
+    add = UpstreamFunction("vllm.v1.worker.gpu_input_batch", "InputBatch.add_request", "").source()
+    for name in (*logits_feed._RESHAPED, "temperature_cpu"):
+        assert f"self.{name}" in init, name
+    for name in logits_feed._RESHAPED:
+        assert f"self.{name}.add(req_id)" in add, name
+    assert "self.temperature_cpu[" in add
+    runner = UpstreamFunction("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.__init__", "").source()
+    assert "self.discard_request_mask = " in runner

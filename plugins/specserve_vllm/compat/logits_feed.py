@@ -53,6 +53,9 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
     SAMPLE,
     # Relied on: calls _sample before the drafter proposes.
     SAMPLE_TOKENS,
+    # Relied on (hindsight_rows): fills temperature_cpu and the sets named in _RESHAPED.
+    UpstreamFunction("vllm.v1.worker.gpu_input_batch", "InputBatch.add_request",
+                     "23cd0ab2f6485f2cfaa639074e3c8779750b77498dc79d9903c81a3b19b33217"),
 )
 
 

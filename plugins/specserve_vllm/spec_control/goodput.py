@@ -148,16 +148,16 @@ class GoodputPolicy:
         request instead of every few steps."""
         self._on_hold = recheck_on
         self.recheck_off_max = max(recheck_every, recheck_off_max)
-        """A decision not to speculate that a decision repeats for the same batch is held twice
-        as long as the last time, up to this many steps (while the drafter gives no hindsight:
-        then nothing is learnt while off, and each decision is a few percent of a CPU step
-        for nothing). The first off decision for a batch holds :attr:`recheck_every`."""
+        """A decision not to speculate that follows another is held twice as long as the last
+        one, up to this many steps (while the drafter gives no hindsight: then nothing is learnt
+        while off, and each decision costs 100-200 µs for nothing). A new batch still decides
+        at once; the first off decision after speculating holds :attr:`recheck_every`."""
         self.learns_while_off = False
         """The drafter scores skipped drafts (hindsight): off decisions keep :attr:`recheck_every`,
         since each reads evidence gathered while off."""
         self._off_hold = recheck_every
-        self._last_off: PlanKey | None = None
-        """The batch of the last decision, when it did not speculate."""
+        self._last_off = False
+        """The last decision did not speculate."""
         self._last_on: tuple[PlanKey, bytes] | None = None
         """The batch and lengths of the last speculating decision."""
         self._held: HeldPlan | None = None
@@ -330,7 +330,7 @@ class GoodputPolicy:
         self._off_streak = 0 if on else self._off_streak + 1
         self.speculating = on
         if on:
-            self._last_off = None
+            self._last_off = False
         if on and tree_plan is not None:
             out, self.last_predicted_ms = tree_plan[0].copy(), tree_plan[1]
             self.chains_only = False
@@ -346,7 +346,7 @@ class GoodputPolicy:
             if not on or (not probing and self.recheck_on > 1):
                 held_plan = out.copy()
                 held_plan.flags.writeable = False
-                self._held = HeldPlan(key, (self._hold_for(key, held_plan) if on else self._hold_off(key)) - 1,
+                self._held = HeldPlan(key, (self._hold_for(key, held_plan) if on else self._hold_off()) - 1,
                                       held_plan, self.last_predicted_ms, on, held_plan[dec].tolist())
             if not on:
                 self._last_on = None
@@ -372,20 +372,20 @@ class GoodputPolicy:
         self._last_on = (key, plan.tobytes())
         return self._on_hold
 
-    def _hold_off(self, key: PlanKey) -> int:
-        """Steps to hold a decision not to speculate for the batch ``key``: doubled (up to
-        :attr:`recheck_off_max`) when the last decision was off for the same batch, else
-        :attr:`recheck_every`; always :attr:`recheck_every` when :attr:`learns_while_off`.
+    def _hold_off(self) -> int:
+        """Steps to hold a decision not to speculate: doubled (up to :attr:`recheck_off_max`)
+        when the last decision was off too, whatever its batch (a new batch still decides at
+        once: the hold only spaces re-decisions of one batch), else :attr:`recheck_every`;
+        always :attr:`recheck_every` when :attr:`learns_while_off`.
 
         >>> from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
         >>> p = GoodputPolicy(StepTimeModel(StepCost(8, 1, 0, 0, 3, 0.2, 0.5, 0.02)), AcceptanceModel([0.8] * 4))
-        >>> k = plan_key(["a"], [4])
-        >>> [p._hold_off(k) for _ in range(4)], p._hold_off(plan_key(["a", "b"], [4, 4]))
-        ([8, 16, 32, 32], 8)
+        >>> [p._hold_off() for _ in range(4)]
+        [8, 16, 32, 32]
         """
-        same = self._last_off == key and not self.learns_while_off
-        self._off_hold = min(self._off_hold * 2, self.recheck_off_max) if same else self.recheck_every
-        self._last_off = key
+        again = self._last_off and not self.learns_while_off
+        self._off_hold = min(self._off_hold * 2, self.recheck_off_max) if again else self.recheck_every
+        self._last_off = True
         return self._off_hold
 
     def remember_tree_rows(self, rows: StepRows, nodes: np.ndarray, survival: np.ndarray | None = None) -> None:
