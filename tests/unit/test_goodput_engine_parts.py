@@ -273,12 +273,30 @@ def test_a_long_run_without_speculation_is_probed_once_every_probe_every_steps()
     """Nothing drafted, nothing measured: every ``probe_every`` steps off, one step speculates so
     the acceptance and the spec path's price are measured again."""
     busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
-    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=16)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=16, probe_max=16)
     rows = _rows(16)
     speculated = [i for i in range(48) if policy.plan(rows).sum() > 0]
     assert speculated == [15, 31, 47] and policy.probes == 3
     never = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=0)
     assert all(never.plan(rows).sum() == 0 for _ in range(300))
+
+
+def test_probes_that_find_speculation_still_losing_come_ever_more_rarely() -> None:
+    """Each probe after which the controller stays off doubles the wait (16, 32, 64, then 64 at
+    ``probe_max``); once a decision speculates on its merits the wait is back at ``probe_every``."""
+    busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=16, probe_max=64)
+    rows = _rows(16)
+    speculated = [i for i in range(300) if policy.plan(rows).sum() > 0]
+    assert speculated == [15, 47, 111, 175, 239] and policy.probes == 5
+    policy.model = StepTimeModel(StepCost(base=8, per_token=0, per_row=0, context=0, spec=0.1, spec_row=0,
+                                          draft=0.1, draft_token=0.01))  # drafting now pays
+    policy.release()
+    assert policy.plan(rows).sum() > 0 and policy.probes == 5, "on by its own decision"
+    policy.model = StepTimeModel(busy)
+    policy.release()
+    off = [i for i in range(40) if policy.plan(rows).sum() > 0]
+    assert off == [15] and policy.probes == 6, "the wait is back at probe_every"
 
 
 def test_a_request_that_stopped_after_an_unlucky_start_is_tried_again() -> None:

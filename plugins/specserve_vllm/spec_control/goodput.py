@@ -20,7 +20,8 @@ unlucky start, a drafter that improves as it learns) would otherwise never be re
 the full-depth row measures what deep verification costs and how deep drafts fare (the step
 fit's memory is a few dozen steps, so without it the price of deep steps falls back to the
 calibration's, which another host may have measured); a probe costs at most one spec-path step
-in ``probe_every``.
+in ``probe_every``. A probe after which the controller stays off doubles the wait for the next
+(up to ``probe_max``); speculating on its own merits resets it.
 Steps without drafts still teach the first position when the drafter keeps hindsight (Token
 Recycling's chains: :mod:`specserve_vllm.drafters.hindsight`, :meth:`observe_hindsight`), so
 while off, the estimate follows what drafting would do now. A plan that speculates (chains) is reused in the same way for up to ``recheck_on`` steps, so
@@ -119,7 +120,8 @@ class GoodputPolicy:
     def __init__(self, model: StepTimeModel, acceptance: AcceptanceModel, margin: float = 0.03,
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
                  probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True,
-                 recheck_on: int = 1, recheck_max: int = 16, recheck_off_max: int = 32) -> None:
+                 recheck_on: int = 1, recheck_max: int = 16, recheck_off_max: int = 32,
+                 probe_max: int = 1024) -> None:
         self.model = model
         self._acceptance = acceptance
         self.trees = trees
@@ -164,6 +166,16 @@ class GoodputPolicy:
         """The last decision, while it may still be reused (:meth:`reuse`)."""
         self.probe_every = probe_every
         """After this many steps in a row without speculation, one step speculates (0: never)."""
+        self.probe_max = max(probe_every, probe_max)
+        """A probe after which the controller stays off doubles the wait for the next one, up to
+        this many steps; a decision that speculates on its own merits resets it to
+        :attr:`probe_every`. A drafter that keeps losing (Hydra at temperature 0.7 on the demo
+        model: each probe drafts and verifies four tokens at about 1.8 ms against a 2.3 ms step)
+        is then probed ever more rarely, while one whose probe finds it worth it is back at once."""
+        self._probe_wait = probe_every
+        """Steps off in a row before the next probe (:attr:`probe_every` .. :attr:`probe_max`)."""
+        self._probed = False
+        """The last decision was a probe."""
         self._off_streak = 0
         self.idle_decay = idle_decay
         """Per step a decode row does not draft, its own acceptance evidence fades by this."""
@@ -275,7 +287,7 @@ class GoodputPolicy:
         held = self._held
         if held is None or held.remaining <= 0 or held.key != key:
             return None
-        if not held.speculating and 0 < self.probe_every <= self._off_streak + 1:
+        if not held.speculating and 0 < self._probe_wait <= self._off_streak + 1:
             return None
         held.remaining -= 1
         self._steps += 1
@@ -300,7 +312,7 @@ class GoodputPolicy:
             return reused.plan.copy()
         self._held = None
         self.learn()
-        probe = 0 < self.probe_every <= self._off_streak + 1
+        probe = 0 < self._probe_wait <= self._off_streak + 1
         if self._idle_rows:
             self._acceptance.age(self._idle_rows, self.idle_decay ** self._steps)
         if rows.classes is not None and self.sampling_classes:
@@ -324,6 +336,10 @@ class GoodputPolicy:
         else:
             on = False
         probing = bool(probe and not on and best_on)
+        if self._probed or (on and not probing):  # a probe's verdict, or speculation on its merits
+            self._probe_wait = (min(self._probe_wait * 2, self.probe_max) if self._probed and not on
+                                else self.probe_every)
+        self._probed = probing
         if probing:
             on, tree_plan = True, None
             self.probes += 1
