@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from specserve_vllm.compat import logits_feed
 from specserve_vllm.drafters import recycling
-from specserve_vllm.drafters.argmax_backlog import ArgmaxBacklog
+from specserve_vllm.drafters.argmax_backlog import ArgmaxBacklog, best_candidates
 from specserve_vllm.drafters.hindsight import HindsightRows, HindsightTally, acceptance_probability, drafts_before
 from specserve_vllm.drafters.recycling_proposer import RecyclingProposer
 from specserve_vllm.spec_control.acceptance import AcceptanceModel, sampling_class
@@ -77,18 +77,12 @@ def test_hindsight_scores_the_draft_each_step_would_have_verified(steps: list[li
         expected += acceptance_probability(logits.numpy(), drafts, np.full(len(tokens), temperature)).tolist()
         ids = tuple(f"r{j}" for j in range(len(tokens)))
         kept.observe_logits(torch.tensor(tokens), logits.clone(), rows=HindsightRows(ids, np.full(len(tokens), temperature)))
-        plain.observe_topk(torch.tensor(tokens), torch.from_numpy(recycling_best(logits)), VOCAB)
+        plain.observe_topk(torch.tensor(tokens), torch.from_numpy(best_candidates(logits)), VOCAB)
     ids, temps, p = kept.take_hindsight()
     scored = [e for e in expected if np.isfinite(e)]
     assert len(p) == len(scored) and np.allclose(p, scored, atol=1e-6)
     assert np.array_equal(kept.matrix, plain.matrix)
     assert (temps == temperature).all() and len(ids) == len(p)
-
-
-def recycling_best(logits: torch.Tensor) -> np.ndarray:
-    from specserve_vllm.drafters.argmax_backlog import best_candidates
-
-    return best_candidates(logits)
 
 
 def test_rows_without_hindsight_are_learnt_but_not_scored() -> None:
@@ -202,7 +196,7 @@ def test_a_take_scores_every_greedy_row_and_a_bounded_spread_of_sampled_ones() -
         draft = plain.matrix[[token], 0].astype(np.int64)
         expected.append(acceptance_probability(logits.numpy(), draft, np.array([t]))[0])
         kept.observe_logits(torch.tensor([token]), logits.clone(), rows=HindsightRows((f"r{i}",), np.array([t])))
-        plain.observe_topk(torch.tensor([token]), torch.from_numpy(recycling_best(logits)), VOCAB)
+        plain.observe_topk(torch.tensor([token]), torch.from_numpy(best_candidates(logits)), VOCAB)
     ids, got_temps, p = kept.take_hindsight()
     picked = scored_rows(temps, argmax_backlog.SAMPLED_ROWS)
     assert len(picked) == 20 + argmax_backlog.SAMPLED_ROWS  # rows whose token had no draft yet drop out below

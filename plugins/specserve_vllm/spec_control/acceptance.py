@@ -66,6 +66,24 @@ def sampling_class(temperature: float) -> int:
     return 1 if t <= 0.5 else 2 if t <= 1.0 else 3
 
 
+def decay_exponents(slots: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+    """For rows taken in order, row ``i`` belonging to ``slots[i]``: ``(after, own, rows)``, how
+    many later rows share row ``i``'s slot (the decay its evidence takes after it), the distinct
+    slots, and each one's number of rows (the decay its earlier counts take). Folding rows at
+    once with these exponents gives the counts of folding them one by one.
+
+    >>> decay_exponents([3, 5, 3, 3])
+    ([2, 0, 1, 0], [3, 5], [3, 1])
+    """
+    later: dict[int, int] = {}
+    after = [0] * len(slots)
+    for i in range(len(slots) - 1, -1, -1):
+        after[i] = later.get(slots[i], 0)
+        later[slots[i]] = after[i] + 1
+    own = list(later)
+    return after, own, [later[s] for s in own]
+
+
 class AcceptanceModel:
     """Decayed per-position success counts, per request and engine-wide per sampling class.
 
@@ -160,13 +178,8 @@ class AcceptanceModel:
             counts += add
             self._counts[slots] = counts
         else:  # row i decays once for each later row of its request, the counts once per row
-            later: dict[int, int] = {}
-            after = [0] * len(slots)
-            for i in range(len(slots) - 1, -1, -1):
-                after[i] = later.get(slots[i], 0)
-                later[slots[i]] = after[i] + 1
-            own = list(later)
-            self._counts[own] *= (self.request_decay ** np.array([later[s] for s in own], dtype=np.float64))[:, None, None]
+            after, own, rows = decay_exponents(slots)
+            self._counts[own] *= (self.request_decay ** np.array(rows, dtype=np.float64))[:, None, None]
             np.add.at(self._counts, slots, add * (self.request_decay ** np.array(after, dtype=np.float64))[:, None, None])
         classes = [self._cls[s] for s in slots]
         if classes.count(classes[0]) == len(classes):  # the usual case: one class
@@ -206,16 +219,10 @@ class AcceptanceModel:
             return
         known = [(i, s) for i, s in enumerate(map(self._slot.get, req_ids)) if s is not None]
         if known:
-            later: dict[int, int] = {}
-            after = [0] * len(known)
-            for j in range(len(known) - 1, -1, -1):
-                s = known[j][1]
-                after[j] = later.get(s, 0)
-                later[s] = after[j] + 1
-            own = list(later)
-            self._counts[own, :, 0] *= (self.request_decay ** np.array([later[s] for s in own], dtype=np.float64))[:, None]
-            weights = self.request_decay ** np.array(after, dtype=np.float64)
             slots = [s for _, s in known]
+            after, own, rows = decay_exponents(slots)
+            self._counts[own, :, 0] *= (self.request_decay ** np.array(rows, dtype=np.float64))[:, None]
+            weights = self.request_decay ** np.array(after, dtype=np.float64)
             first = self._counts[:, :, 0]  # [slots, 2], a view
             np.add.at(first, (slots, 0), weights * p[[i for i, _ in known]])
             np.add.at(first, (slots, 1), weights)
