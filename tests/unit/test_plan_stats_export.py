@@ -184,7 +184,7 @@ def test_the_controllers_probes_reach_the_metrics(tmp_path: Path) -> None:
     from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
 
     busy = StepCost(base=8, per_token=2, per_row=0, context=0, spec=6, spec_row=1, draft=1, draft_token=0.1)
-    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=4)
+    policy = GoodputPolicy(StepTimeModel(busy), AcceptanceModel([0.6] * 4), probe_every=4, probe_max=4)
     rows = StepRows(tuple(str(i) for i in range(16)), np.full(16, 4), np.zeros(16))
     for _ in range(12):
         policy.plan(rows)
