@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,8 @@ from specserve_vllm.spec_control.step_time import (
 # Roughly the demo model on 2 cores: ~9 ms a step at batch 1, ~25 ms at 8; spec path ~3 ms + 0.4/row.
 COST = StepCost(base=6.0, per_token=1.0, per_row=1.0, context=0.0, spec=2.0, spec_row=0.4, draft=0.3,
                 draft_token=0.05)
+DEEP = replace(COST, draft=0.2, draft_token=0.035, draft_depth=0.32)
+"""Drafting with a cost per position (Hydra's shape on the demo model)."""
 
 
 def _rows(n: int, cap: int = 4, ctx: int = 200) -> StepRows:
@@ -140,13 +143,17 @@ def test_fit_recovers_known_coefficients() -> None:
         rows = int(rng.integers(1, 17))
         spec = bool(rng.integers(0, 2))
         drafts = int(rng.integers(0, 4 * rows + 1)) if spec else 0
+        depth = min(drafts, int(rng.integers(1, 5)))
         tokens = rows + drafts
         ctx = int(rng.integers(100, 300)) * rows
         records.append({"rows": rows, "tokens": tokens, "ctx_tokens": ctx, "spec": spec, "drafts": drafts,
-                        "step_ms": COST.step_ms(rows, tokens, ctx, spec), "draft_ms": COST.draft_ms(drafts)})
+                        "draft_depth": depth, "step_ms": COST.step_ms(rows, tokens, ctx, spec),
+                        "draft_ms": DEEP.draft_ms(drafts, depth)})
     fitted = fit_cost(records)
-    for name in ("base", "per_token", "per_row", "spec", "spec_row", "draft", "draft_token"):
+    for name in ("base", "per_token", "per_row", "spec", "spec_row"):
         assert getattr(fitted, name) == pytest.approx(getattr(COST, name), abs=1e-3), name
+    for name in ("draft", "draft_token", "draft_depth"):
+        assert getattr(fitted, name) == pytest.approx(getattr(DEEP, name), abs=1e-3), name
 
 
 def test_verified_drafts_are_priced_apart_from_prefill_tokens() -> None:

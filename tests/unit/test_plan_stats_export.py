@@ -35,7 +35,7 @@ def _planner_with_steps() -> StepPlanner:
     planner.plan(rows)  # [4, 2]
     planner.plan(StepRows(req_ids=("a",), caps=np.array([0]), context=np.array([11])))  # prefill: no rows
     planner.observe(VerifiedRows(req_ids=("a", "b"), drafted=np.array([4, 2]), accepted=np.array([1, 2])))
-    planner.record_drafting(6, 1.5)
+    planner.record_drafting(6, 4, 1.5)
     planner.observe_hindsight(["c"], np.array([0.7]), np.array([0.25]))
     return planner
 
@@ -111,8 +111,9 @@ def test_the_goodput_policy_exports_its_cost_model_and_the_gateway_reads_it_back
     cost = StepCost(base=8, per_token=0.5, per_row=0, context=0, spec=1, spec_row=0, draft=0.5, draft_token=0.05)
     policy = GoodputPolicy(StepTimeModel(cost), AcceptanceModel([0.8, 0.7, 0.6, 0.5]))
     policy.observe_step(4, 4, 0, False, 0, step_ms=20.0, drafts=0, draft_ms=0.0)  # a slower machine
-    for n in (4, 16) * 30:  # drafting: a higher fixed cost, a lower cost per draft than calibrated
-        policy.observe_step(4, 4 + n, 0, True, 0, step_ms=2 * cost.step_ms(4, 4 + n, 0, True), drafts=n, draft_ms=1.0 + 0.02 * n)
+    for n, depth in ((4, 1), (16, 4), (4, 4), (16, 2)) * 15:  # drafting: a higher fixed cost, a lower cost
+        policy.observe_step(4, 4 + n, 0, True, 0, step_ms=2 * cost.step_ms(4, 4 + n, 0, True), drafts=n,
+                            draft_ms=1.0 + 0.02 * n + 0.1 * depth, draft_depth=depth)  # per draft, 0.1 a position
     planner = StepPlanner(policy, 4)
     export.StatsPublisher(tmp_path / "engine-1.json", planner.snapshot, planner.lock, interval_s=60).publish()
     registry = CollectorRegistry()
@@ -127,11 +128,11 @@ def test_the_goodput_policy_exports_its_cost_model_and_the_gateway_reads_it_back
         assert model.step_model().step_ms(rows, tokens, 0, spec) == pytest.approx(
             policy.model.step_ms(rows, tokens, 0, spec), rel=1e-3)
     assert policy.model.step_ms(4, 4, 0, False) > 1.2 * cost.step_ms(4, 4, 0, False)  # the fit reached the page
-    fixed, per_draft = policy.model.draft_correction
-    assert fixed > 1.2 and per_draft < 0.8  # both drafting terms moved, apart
-    assert model.draft_correction == pytest.approx((fixed, per_draft), abs=1e-4)
-    for n in (4, 16):
-        assert model.step_model().draft_ms(n) == pytest.approx(policy.model.draft_ms(n), rel=1e-3)
+    fixed, per_draft, per_position = policy.model.draft_correction
+    assert fixed > 1.2 and per_draft < 0.8 and per_position > 0  # the drafting terms moved, apart
+    assert model.draft_correction == pytest.approx((fixed, per_draft, per_position), abs=1e-4)
+    for n, depth in ((4, 1), (16, 4), (16, 1)):
+        assert model.step_model().draft_ms(n, depth) == pytest.approx(policy.model.draft_ms(n, depth), rel=1e-3)
     assert _value(_families(tmp_path)["specserve_engine_spec_probes"]) == 0  # it never ran off long enough
     # The gateway's budget is the engine's own choice for identical rows.
     for batch in (1, 4, 16, 64):

@@ -209,7 +209,8 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
             set_lengths(lengths)
     t0 = time.perf_counter()
     drafts = propose()
-    planner.record_drafting(int(lengths.sum()), (time.perf_counter() - t0) * 1e3)
+    depth = min(int(lengths.max()), getattr(planner.policy, "chain_depth", planner.num_speculative_tokens))
+    planner.record_drafting(int(lengths.sum()), depth, (time.perf_counter() - t0) * 1e3)
     if bool((lengths == planner.num_speculative_tokens).all()):
         return drafts
     rows_out = drafts.tolist() if hasattr(drafts, "tolist") else drafts

@@ -64,6 +64,8 @@ class StepRecord:
     draft_ms: float
     trees: int = 0
     """Requests that verified a tree this step (engine setting ``tree``)."""
+    draft_depth: int = 0
+    """The longest row's draft for the next step (a tree's: at most the drafter's chain depth)."""
 
     @property
     def step_ms(self) -> float:
@@ -125,9 +127,9 @@ def apply() -> None:
             step["trees"] = len(tree_step.plan.requests) if tree_step is not None else 0
         out = sample(self, *args, **kwargs)
         if pending is not None:
-            drafts, draft_ms = planner.take_draft_timing()
+            drafts, depth, draft_ms = planner.take_draft_timing()
             planner.observe_step(StepRecord(total_ms=(time.perf_counter() - pending[0]) * 1e3,
-                                            drafts=drafts, draft_ms=draft_ms, **step))
+                                            drafts=drafts, draft_ms=draft_ms, draft_depth=depth, **step))
         return out
 
     for fn in (execute_model, sample_tokens):

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from specserve_vllm.spec_control.step_time import BUCKETS
+from specserve_vllm.spec_control.step_time import BUCKETS, DRAFT_TERMS
 
 logger = logging.getLogger(__name__)
 
@@ -294,8 +294,9 @@ def model_families(model: Mapping[str, Any] | None) -> Iterator[Any]:
         return
     yield _gauge("step_cost_ms", "Step-time coefficient (ms): the calibration's, fitted online to measured steps",
                  ["term"], (((term,), value) for term, value in (model.get("cost") or {}).items()))
-    yield _gauge("draft_correction_ratio", "Online correction of the drafting time's terms (fixed, per draft)",
-                 ["term"], zip((("draft",), ("draft_token",)), model.get("draft_correction") or (1.0, 1.0)))
+    yield _gauge("draft_correction_ratio",
+                 "Online correction of the drafting time's terms (fixed, per draft, per draft position)",
+                 ["term"], zip(((t,) for t in DRAFT_TERMS), model.get("draft_correction") or (1.0,) * len(DRAFT_TERMS)))
     yield _gauge("acceptance_estimate_ratio",
                  "Engine-wide conditional acceptance per draft position (the controller's estimate)", ["position"],
                  (((j + 1,), value) for j, value in enumerate(model.get("acceptance") or [])))

@@ -5,7 +5,10 @@ slot ``(i, j)`` (row ``i``, position ``j <= cap_i``) is worth its survival proba
 ``g[i, j]`` (:mod:`~specserve_vllm.spec_control.acceptance`). Taking the ``n`` best slots, the
 step commits ``B + sum of their g`` tokens on average and costs
 
-    T(n) = step(rows, tokens = B + n + prefill, spec = n > 0) + draft(n)
+    T(n) = step(rows, tokens = B + n + prefill, spec = n > 0) + draft(n, depth(n))
+
+(``depth(n)``: the deepest position among the ``n`` slots, which a drafter with one call per
+position pays once whatever the rows)
 
 (:mod:`~specserve_vllm.spec_control.step_time`), so ``n = 0`` is priced as the real
 non-speculative step: no spec path, no drafting. The plan is the ``n`` maximising goodput
@@ -87,29 +90,42 @@ class HeldPlan:
     """The decode rows' lengths, as the planner's counters take them."""
 
 
-def best_slots(survival: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slots sorted best first: ``(values [s], row index [s])`` over ``j < caps[i]``.
+def best_slots(survival: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slots sorted best first: ``(values [s], row index [s], position [s])`` over ``j < caps[i]``
+    (positions from 0).
 
     >>> best_slots(np.array([[0.9, 0.5], [0.7, 0.6]]), np.array([2, 1]))
-    (array([0.9, 0.7, 0.5]), array([0, 1, 0]))
+    (array([0.9, 0.7, 0.5]), array([0, 1, 0]), array([0, 0, 1]))
     """
     b, k = survival.shape
     if int(caps.min()) >= k:  # every row may draft every position (the usual case): no mask
-        values, rows = survival.ravel(), _row_of_slot(b, k)
+        values, (rows, cols) = survival.ravel(), _slot_index(b, k)
     else:
         mask = np.arange(k)[None, :] < caps[:, None]  # [B, k]
         values = survival[mask]
-        rows = np.nonzero(mask)[0]
+        rows, cols = np.nonzero(mask)
     order = np.argsort(-values, kind="stable")
-    return values[order], rows[order]
+    return values[order], rows[order], cols[order]
 
 
 @functools.lru_cache(maxsize=256)
-def _row_of_slot(b: int, k: int) -> np.ndarray:
-    """``[b * k]``: the row of each slot of a ``[b, k]`` survival array, flattened (read-only)."""
-    rows = np.repeat(np.arange(b), k)
-    rows.flags.writeable = False
-    return rows
+def _slot_index(b: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``([b * k], [b * k])``: the row and position of each slot of a ``[b, k]`` survival array,
+    flattened (read-only)."""
+    rows, cols = np.repeat(np.arange(b), k), np.tile(np.arange(k), b)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
+
+
+def next_hold(last: int, again: bool, start: int, most: int) -> int:
+    """Steps to hold a decision: twice the ``last`` hold (at most ``most``) when it repeats the
+    decision before it (``again``), else ``start``.
+
+    >>> h = 4
+    >>> [h := next_hold(h, again, 4, 16) for again in (True, True, True, False)]
+    [8, 16, 16, 4]
+    """
+    return min(last * 2, most) if again else start
 
 
 class GoodputPolicy:
@@ -158,8 +174,6 @@ class GoodputPolicy:
         """The drafter scores skipped drafts (hindsight): off decisions keep :attr:`recheck_every`,
         since each reads evidence gathered while off."""
         self._off_hold = recheck_every
-        self._last_off = False
-        """The last decision did not speculate."""
         self._last_on: tuple[PlanKey, bytes] | None = None
         """The batch and lengths of the last speculating decision."""
         self._held: HeldPlan | None = None
@@ -235,16 +249,19 @@ class GoodputPolicy:
         if survival is None:
             self.learn()
             survival = self._acceptance.survival([rows.req_ids[i] for i in dec])  # [B, k]
-        values, slot_rows = best_slots(survival, caps)
+        values, slot_rows, positions = best_slots(survival, caps)
         s = len(values)
         committed = np.empty(s + 1)
         committed[0] = 0.0
         np.cumsum(values, out=committed[1:])
         committed += b
-        off, on, per_draft = self.model.chain_terms(len(rows.caps), b + self.prefill_tokens, int(rows.context.sum()))
+        off, on, per_draft, per_position = self.model.chain_terms(len(rows.caps), b + self.prefill_tokens,
+                                                                  int(rows.context.sum()))
         times = np.arange(s + 1, dtype=np.float64)
         times *= per_draft
         times += on
+        if per_position > 0 and s:  # the deepest position taken so far, paid once
+            times[1:] += per_position * (np.maximum.accumulate(positions) + 1)
         times[0] = off
         return committed / times, dec[slot_rows], times
 
@@ -265,7 +282,8 @@ class GoodputPolicy:
         committed = b + value[np.arange(b)[None, :], nodes - 1].sum(axis=1)  # [N]
         ctx = int(rows.context.sum())
         n_rows = len(rows.caps)
-        times = self.model.cycle_ms(n_rows, b + self.prefill_tokens, ctx, nodes.sum(axis=1))
+        depth = np.minimum(nodes.max(axis=1, initial=0), self.chain_depth)  # a tree is at most this deep
+        times = self.model.cycle_ms(n_rows, b + self.prefill_tokens, ctx, nodes.sum(axis=1), depth)
         times = times * self.trees.cost_factor(n_rows)
         per_row = np.zeros((len(n), n_rows), dtype=np.int64)
         per_row[:, dec] = nodes
@@ -344,9 +362,7 @@ class GoodputPolicy:
             on, tree_plan = True, None
             self.probes += 1
         self._off_streak = 0 if on else self._off_streak + 1
-        self.speculating = on
-        if on:
-            self._last_off = False
+        after_off, self.speculating = not self.speculating, on
         if on and tree_plan is not None:
             out, self.last_predicted_ms = tree_plan[0].copy(), tree_plan[1]
             self.chains_only = False
@@ -362,7 +378,7 @@ class GoodputPolicy:
             if not on or (not probing and self.recheck_on > 1):
                 held_plan = out.copy()
                 held_plan.flags.writeable = False
-                self._held = HeldPlan(key, (self._hold_for(key, held_plan) if on else self._hold_off()) - 1,
+                self._held = HeldPlan(key, (self._hold_for(key, held_plan) if on else self._hold_off(after_off)) - 1,
                                       held_plan, self.last_predicted_ms, on, held_plan[dec].tolist())
             if not on:
                 self._last_on = None
@@ -384,24 +400,23 @@ class GoodputPolicy:
         ([4, 8, 16, 16], 4)
         """
         same = self._last_on is not None and self._last_on[0] == key and self._last_on[1] == plan.tobytes()
-        self._on_hold = min(self._on_hold * 2, self.recheck_max) if same else self.recheck_on
+        self._on_hold = next_hold(self._on_hold, same, self.recheck_on, self.recheck_max)
         self._last_on = (key, plan.tobytes())
         return self._on_hold
 
-    def _hold_off(self) -> int:
+    def _hold_off(self, after_off: bool) -> int:
         """Steps to hold a decision not to speculate: doubled (up to :attr:`recheck_off_max`)
-        when the last decision was off too, whatever its batch (a new batch still decides at
-        once: the hold only spaces re-decisions of one batch), else :attr:`recheck_every`;
-        always :attr:`recheck_every` when :attr:`learns_while_off`.
+        when the last decision was off too (``after_off``), whatever its batch (a new batch
+        still decides at once: the hold only spaces re-decisions of one batch), else
+        :attr:`recheck_every`; always :attr:`recheck_every` when :attr:`learns_while_off`.
 
         >>> from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
         >>> p = GoodputPolicy(StepTimeModel(StepCost(8, 1, 0, 0, 3, 0.2, 0.5, 0.02)), AcceptanceModel([0.8] * 4))
-        >>> [p._hold_off() for _ in range(4)]
-        [8, 16, 32, 32]
+        >>> [p._hold_off(after_off) for after_off in (False, True, True, True, False)]
+        [8, 16, 32, 32, 8]
         """
-        again = self._last_off and not self.learns_while_off
-        self._off_hold = min(self._off_hold * 2, self.recheck_off_max) if again else self.recheck_every
-        self._last_off = True
+        again = after_off and not self.learns_while_off
+        self._off_hold = next_hold(self._off_hold, again, self.recheck_every, self.recheck_off_max)
         return self._off_hold
 
     def remember_tree_rows(self, rows: StepRows, nodes: np.ndarray, survival: np.ndarray | None = None) -> None:
@@ -472,25 +487,27 @@ class GoodputPolicy:
         pending.clear()
 
     def observe_step(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, prefill_tokens: int,
-                     step_ms: float, drafts: int, draft_ms: float, trees: int = 0, verified: int = 0) -> float:
+                     step_ms: float, drafts: int, draft_ms: float, trees: int = 0, verified: int = 0,
+                     draft_depth: int = 0) -> float:
         """A measured step: correct the model; returns the prediction made before correcting.
         A step that verified trees (``trees`` requests) corrects the tree cost, not the chain's;
-        ``verified``: the drafts it verified."""
+        ``verified``: the drafts it verified; ``draft_depth``: the longest row's draft made after it."""
         chain = self.model.step_ms(rows, tokens, ctx_tokens, spec, verified)
-        predicted = chain + self.model.draft_ms(drafts)
+        drafting = self.model.draft_ms(drafts, draft_depth)
+        predicted = chain + drafting
         if trees and self.trees is not None:
-            predicted = chain * self.trees.cost_factor(rows) + self.model.draft_ms(drafts)
+            predicted = chain * self.trees.cost_factor(rows) + drafting
             self.trees.observe_time(rows, step_ms / chain if chain > 0 else 0.0)
         else:
             self.model.observe(rows, tokens, ctx_tokens, spec, step_ms, verified)
         if drafts:
-            self.model.observe_draft(drafts, draft_ms)
+            self.model.observe_draft(drafts, draft_ms, draft_depth)
         self.prefill_tokens = prefill_tokens
         return predicted
 
-    def observe_drafting(self, drafts: int, draft_ms: float) -> None:
+    def observe_drafting(self, drafts: int, draft_ms: float, depth: int = 0) -> None:
         """Drafting measured at the end of a step that was not timed (``StepPlanner.skip_step``)."""
-        self.model.observe_draft(drafts, draft_ms)
+        self.model.observe_draft(drafts, draft_ms, depth)
 
     def finished(self, req_ids: frozenset[str]) -> None:
         self.learn()  # their last verifications count for the engine-wide rates

@@ -163,14 +163,14 @@ class StepPlanner:
     """One per runner: turns the batch into a plan through the policy, and counts."""
 
     def __init__(self, policy: SpecLengthPolicy, num_speculative_tokens: int, log_every: int = 0,
-                 keep_records: int = 4096, time_plain_every: int = 1) -> None:
+                 keep_records: int = 4096, time_plain_every: int = PlannerSettings.time_plain_every) -> None:
         self.policy = policy
         self.num_speculative_tokens = num_speculative_tokens
         self.stats = PlanStats()
         self.log_every = log_every
         self.records: deque[Any] = deque(maxlen=keep_records)
         """The last measured steps (``compat.step_timer.StepRecord``), for calibration."""
-        self._draft_timing = (0, 0.0)
+        self._draft_timing = (0, 0, 0.0)
         self.lock = threading.Lock()
         """Held while the stats change, and by :meth:`snapshot` (read from a publishing thread)."""
         self.publisher: Any = None
@@ -201,15 +201,15 @@ class StepPlanner:
         if self.publisher is None:
             self.publisher = StatsPublisher(path, self.snapshot, self.lock).start()
 
-    def record_drafting(self, drafts: int, ms: float) -> None:
-        """The drafter ran this step: ``drafts`` tokens in ``ms``."""
-        self._draft_timing = (drafts, ms)
+    def record_drafting(self, drafts: int, depth: int, ms: float) -> None:
+        """The drafter ran this step: ``drafts`` tokens, the longest row ``depth`` of them, in ``ms``."""
+        self._draft_timing = (drafts, depth, ms)
         with self.lock:
             self.stats.drafter_calls += 1
 
-    def take_draft_timing(self) -> tuple[int, float]:
-        """``(drafts, ms)`` of this step's drafting (``(0, 0.0)`` when the drafter did not run)."""
-        timing, self._draft_timing = self._draft_timing, (0, 0.0)
+    def take_draft_timing(self) -> tuple[int, int, float]:
+        """``(drafts, depth, ms)`` of this step's drafting (zeros when the drafter did not run)."""
+        timing, self._draft_timing = self._draft_timing, (0, 0, 0.0)
         return timing
 
     def times(self, spec: bool, decode_only: bool) -> bool:
@@ -230,10 +230,10 @@ class StepPlanner:
     def skip_step(self) -> None:
         """A step the timer left out (:meth:`times`): the drafting at its end, if the plan
         drafted, still teaches the policy the drafting cost."""
-        drafts, ms = self.take_draft_timing()
+        drafts, depth, ms = self.take_draft_timing()
         observe = getattr(self.policy, "observe_drafting", None)
         if drafts and callable(observe):
-            observe(drafts, ms)
+            observe(drafts, ms, depth)
 
     def observe_step(self, record: Any) -> None:
         """A measured step: kept, passed to the policy, and its prediction error counted."""
@@ -243,7 +243,8 @@ class StepPlanner:
         if callable(observe):
             predicted = observe(record.rows, record.tokens, record.ctx_tokens, record.spec,
                                 record.prefill_tokens, record.step_ms, record.drafts, record.draft_ms,
-                                getattr(record, "trees", 0), getattr(record, "drafts_verified", 0))
+                                getattr(record, "trees", 0), getattr(record, "drafts_verified", 0),
+                                getattr(record, "draft_depth", 0))
         with self.lock:
             self.stats.record_time(predicted, record.total_ms)
 

@@ -4,7 +4,7 @@ A step's time (ms) is its forward and sampling, plus the drafting that prepares 
 
     step  = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000
             + [spec] * (spec + spec_row * rows) + spec_token * verified
-    draft = [drafts > 0] * (draft + draft_token * drafts)
+    draft = [drafts > 0] * (draft + draft_token * drafts + draft_depth * depth)
 
 ``tokens``: tokens the step schedules (decode rows * (1 + k) plus prefill tokens); ``rows``:
 requests in the step; ``ctx_tokens``: their context lengths summed; ``spec``: the step verifies
@@ -13,15 +13,17 @@ batch pays once any row speculates; ``verified``: the drafts the step verifies, 
 ``spec_token`` each on top of ``per_token`` (a verified draft costs more than a prefill token:
 0.5-0.8 ms against 0.42 at one row on the demo model, so one price for both priced a fourth
 draft too cheap and the spec path's fixed cost too dear); ``drafts``: tokens drafted for the
-next step. The coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
+next step; ``depth``: the longest row's draft (a drafter that makes one batched call per draft
+position, Hydra's sequential heads, pays ``draft_depth`` per position whatever the rows: on the
+demo model 0.32 ms a position plus 0.035 ms a draft, so a price per draft alone was off by 2-3x
+between one row and eight). The coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
 demo model's ship with the plugin). Online, measured steps refit them (:class:`TermFit`:
 exponentially weighted least squares on the relative error, pulled toward the calibration,
 folded every few steps) and a level follows the host's speed step by step in between, so load
 on a shared machine and a calibration from another one still give close predictions, and a
 batch size or path the engine rarely runs is priced from the steps it does run. Drafting is
-fitted term by term: a drafter's fixed cost and its cost per draft are off by different factors
-(Hydra's heads run once per position whatever the rows), and one factor fitted on small draft
-counts mispriced large ones.
+fitted term by term: a drafter's fixed cost, its cost per draft and per position are off by
+different factors, and one factor fitted on small draft counts mispriced large ones.
 
     >>> c = StepCost(base=5.0, per_token=0.5, per_row=1.0, context=0.0, spec=2.0, spec_row=0.25,
     ...              draft=0.5, draft_token=0.05)
@@ -75,13 +77,16 @@ class StepCost:
     draft_token: float
     spec_token: float = 0.0
     """Per verified draft, on top of ``per_token`` (0 in calibrations written before it)."""
+    draft_depth: float = 0.0
+    """Per draft position of the longest row's draft (0 in calibrations written before it)."""
 
     def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> float:
         t = self.base + self.per_token * tokens + self.per_row * rows + self.context * ctx_tokens / 1000.0
         return t + (self.spec + self.spec_row * rows if spec else 0.0) + self.spec_token * verified
 
-    def draft_ms(self, drafts: int) -> float:
-        return self.draft + self.draft_token * drafts if drafts > 0 else 0.0
+    def draft_ms(self, drafts: int, depth: int = 0) -> float:
+        """Drafting ``drafts`` tokens whose longest row drafts ``depth`` of them."""
+        return self.draft + self.draft_token * drafts + self.draft_depth * depth if drafts > 0 else 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepCost:
@@ -94,8 +99,9 @@ class Calibration:
     """What ``specserve calibrate`` writes: coefficients, and per-drafter acceptance priors."""
 
     cost: StepCost
-    drafter_cost: dict[str, tuple[float, float]]
-    """Drafter class name -> (draft, draft_token) ms, overriding ``cost``'s drafting terms."""
+    drafter_cost: dict[str, tuple[float, ...]]
+    """Drafter class name -> (draft, draft_token[, draft_depth]) ms, overriding ``cost``'s drafting
+    terms (a calibration without the third has it at 0)."""
     acceptance: dict[str, list[float]]
     """Drafter class name -> conditional acceptance per draft position (engine-wide prior)."""
     source: str = ""
@@ -116,8 +122,8 @@ class Calibration:
     def for_drafter(self, drafter: str) -> tuple[StepCost, list[float] | None]:
         cost = self.cost
         if drafter in self.drafter_cost:
-            d, dt = self.drafter_cost[drafter]
-            cost = StepCost(**{**asdict(cost), "draft": d, "draft_token": dt})
+            terms = dict(zip(DRAFT_TERMS, (*self.drafter_cost[drafter], 0.0)))
+            cost = StepCost(**{**asdict(cost), **terms})
         return cost, self.acceptance.get(drafter)
 
     def to_json(self) -> str:
@@ -129,7 +135,8 @@ class Calibration:
     def load(cls, path: str | Path) -> Calibration:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(cost=StepCost.from_dict(data["cost"]),
-                   drafter_cost={k: (float(v[0]), float(v[1])) for k, v in data.get("drafter_cost", {}).items()},
+                   drafter_cost={k: tuple(float(x) for x in v[:len(DRAFT_TERMS)])
+                                 for k, v in data.get("drafter_cost", {}).items()},
                    acceptance={k: [float(x) for x in v] for k, v in data.get("acceptance", {}).items()},
                    source=str(data.get("source", "")),
                    acceptance_by_class={d: {c: [float(x) for x in v] for c, v in by.items()}
@@ -305,8 +312,10 @@ STEP_TERMS: tuple[str, ...] = ("base", "per_token", "per_row", "context", "spec"
 ZERO_TERM_SCALE: tuple[float, ...] = (1.0, 0.02, 0.05, 0.3, 0.5, 0.05, 0.5)
 """A term's size (ms per unit) when the calibration has it at 0: the unit of its factor, so the
 fit can still learn it (a factor times 0 stays 0). Typical of the demo model on a CPU engine."""
-ZERO_DRAFT_SCALE: tuple[float, float] = (0.5, 0.05)
-"""The same for the drafting terms (``draft``, ``draft_token``)."""
+DRAFT_TERMS: tuple[str, ...] = ("draft", "draft_token", "draft_depth")
+"""The drafting terms, in the order of :func:`draft_features`."""
+ZERO_DRAFT_SCALE: tuple[float, ...] = (0.5, 0.05, 0.3)
+"""The same for the drafting terms (:data:`DRAFT_TERMS`)."""
 
 
 def step_features(rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> tuple[float, ...]:
@@ -317,6 +326,16 @@ def step_features(rows: int, tokens: int, ctx_tokens: int, spec: bool, verified:
     """
     s = 1.0 if spec else 0.0
     return 1.0, float(tokens), float(rows), ctx_tokens / 1000.0, s, s * rows, float(verified)
+
+
+def draft_features(drafts: int, depth: int) -> tuple[float, float, float]:
+    """The features the drafting terms multiply (:data:`DRAFT_TERMS` order): ``drafts`` tokens
+    whose longest row drafts ``depth``.
+
+    >>> draft_features(12, 4)
+    (1.0, 12.0, 4.0)
+    """
+    return 1.0, float(drafts), float(depth)
 
 
 class StepTimeModel:
@@ -335,7 +354,7 @@ class StepTimeModel:
         self.calibration = cost
         self.alpha = alpha
         self.step_fit = TermFit([getattr(cost, t) for t in STEP_TERMS], ZERO_TERM_SCALE, alpha)
-        self.draft_fit = TermFit([cost.draft, cost.draft_token], ZERO_DRAFT_SCALE, alpha)
+        self.draft_fit = TermFit([getattr(cost, t) for t in DRAFT_TERMS], ZERO_DRAFT_SCALE, alpha)
         self.level = 1.0
         """Measured over fitted step time, followed step by step (:data:`LEVEL_RATE`) since the
         step fit's last fold; every step price is scaled by it."""
@@ -352,47 +371,56 @@ class StepTimeModel:
         return StepCost(**{**asdict(self.calibration), **dict(zip(STEP_TERMS, self.coef))})
 
     @property
-    def draft_correction(self) -> tuple[float, float]:
-        """The drafting terms' factors: ``(fixed, per draft)``, in units of the calibration."""
-        fixed, per_draft = self.draft_fit.factors.tolist()
-        return fixed, per_draft
+    def draft_correction(self) -> tuple[float, float, float]:
+        """The drafting terms' factors: ``(fixed, per draft, per position)``, in units of the
+        calibration (of :data:`ZERO_DRAFT_SCALE` for a term calibrated at 0)."""
+        fixed, per_draft, per_position = self.draft_fit.factors.tolist()
+        return fixed, per_draft, per_position
 
     def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> float:
         base, per_token, per_row, context, spec_ms, spec_row, spec_token = self.step_fit.coef
         t = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0 + spec_token * verified
         return (t + spec_ms + spec_row * rows if spec else t) * self.level
 
-    def draft_ms(self, drafts: int) -> float:
+    def draft_ms(self, drafts: int, depth: int = 0) -> float:
+        """Drafting ``drafts`` tokens whose longest row drafts ``depth``, as fitted now."""
         if drafts <= 0:
             return 0.0
-        fixed, per_draft = self.draft_fit.coef
-        return fixed + per_draft * drafts
+        fixed, per_draft, per_position = self.draft_fit.coef
+        return fixed + per_draft * drafts + per_position * depth
 
-    def chain_terms(self, rows: int, tokens: int, ctx_tokens: int) -> tuple[float, float, float]:
-        """``(off, on, per_draft)`` ms: a step of ``rows`` rows scheduling ``tokens`` tokens
-        (drafts aside) costs ``off`` without drafts and ``on + per_draft * n`` with ``n`` of
-        them, drafting included (:meth:`cycle_ms` in three numbers, for the controller).
+    def chain_terms(self, rows: int, tokens: int, ctx_tokens: int) -> tuple[float, float, float, float]:
+        """``(off, on, per_draft, per_position)`` ms: a step of ``rows`` rows scheduling
+        ``tokens`` tokens (drafts aside) costs ``off`` without drafts and
+        ``on + per_draft * n + per_position * depth`` with ``n`` of them, the longest row's
+        ``depth`` long, drafting included (:meth:`cycle_ms` in four numbers, for the controller).
 
-        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1))
+        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1, draft_depth=0.3))
         >>> m.chain_terms(1, 1, 0)
-        (6.0, 8.5, 1.1)
+        (6.0, 8.5, 1.1, 0.3)
         """
         base, per_token, per_row, context, spec, spec_row, spec_token = self.step_fit.coef
         level = self.level
         plain = (base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0) * level
-        fixed, per_draft = self.draft_fit.coef
-        return plain, plain + (spec + spec_row * rows) * level + fixed, (per_token + spec_token) * level + per_draft
+        fixed, per_draft, per_position = self.draft_fit.coef
+        return (plain, plain + (spec + spec_row * rows) * level + fixed,
+                (per_token + spec_token) * level + per_draft, per_position)
 
-    def cycle_ms(self, rows: int, tokens: int, ctx_tokens: int, drafts: np.ndarray) -> np.ndarray:
-        """Step plus drafting time for each total draft count in ``drafts`` (vectorised).
+    def cycle_ms(self, rows: int, tokens: int, ctx_tokens: int, drafts: np.ndarray,
+                 depth: np.ndarray | None = None) -> np.ndarray:
+        """Step plus drafting time for each total draft count in ``drafts`` whose longest row
+        drafts ``depth`` (vectorised; ``None``: every draft in one row, ``depth = drafts``).
 
-        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1))
+        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1, draft_depth=0.3))
         >>> m.cycle_ms(1, 1, 0, np.array([0, 1, 4])).round(2).tolist()
-        [6.0, 9.6, 12.9]
+        [6.0, 9.9, 14.1]
+        >>> m.cycle_ms(4, 4, 0, np.array([4]), depth=np.array([1])).round(2).tolist()  # a draft a row
+        [16.2]
         """
         n = np.asarray(drafts, dtype=np.float64)
-        off, on, per_draft = self.chain_terms(rows, tokens, ctx_tokens)
-        return np.where(n > 0, on + per_draft * n, off)
+        d = n if depth is None else np.asarray(depth, dtype=np.float64)
+        off, on, per_draft, per_position = self.chain_terms(rows, tokens, ctx_tokens)
+        return np.where(n > 0, on + per_draft * n + per_position * d, off)
 
     def observe(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, measured_ms: float,
                 verified: int = 0) -> None:
@@ -413,10 +441,10 @@ class StepTimeModel:
         if not self.step_fit.pending:  # folded: the fit has the steps the level followed
             self.level = 1.0
 
-    def observe_draft(self, drafts: int, measured_ms: float) -> None:
-        """One drafting call: ``drafts`` tokens in ``measured_ms``."""
+    def observe_draft(self, drafts: int, measured_ms: float, depth: int = 0) -> None:
+        """One drafting call: ``drafts`` tokens, the longest row ``depth`` of them, in ``measured_ms``."""
         if drafts > 0:
-            self.draft_fit.observe((1.0, float(drafts)), measured_ms)
+            self.draft_fit.observe(draft_features(drafts, depth), measured_ms)
 
     def state(self) -> dict[str, Any]:
         """The model as plain data (exported to ``/metrics``; :meth:`from_state` rebuilds one
@@ -434,24 +462,30 @@ class StepTimeModel:
     def from_state(cls, state: dict[str, Any]) -> StepTimeModel:
         model = cls(StepCost.from_dict(state["cost"]))
         draft = state.get("draft_correction", 1.0)
-        fixed, per_draft = (draft, draft) if isinstance(draft, (int, float)) else draft
-        model.draft_fit.set_factors([float(fixed), float(per_draft)])
+        if isinstance(draft, (int, float)):  # one factor for the calibrated terms
+            factors = [float(draft) if getattr(model.calibration, t) > 0 else 0.0 for t in DRAFT_TERMS]
+        else:
+            factors = [float(f) for f in draft]
+            factors += model.draft_fit.factors.tolist()[len(factors):]  # an older state: the rest as calibrated
+        model.draft_fit.set_factors(factors[:len(DRAFT_TERMS)])
         return model
 
 
 def fit_cost(records: list[dict[str, float]]) -> StepCost:
     """Least-squares :class:`StepCost` from measured steps (``rows, tokens, ctx_tokens, spec,
-    drafts_verified, step_ms``, and ``drafts, draft_ms`` for the drafting terms). Coefficients
-    are kept >= 0."""
+    drafts_verified, step_ms``, and ``drafts, draft_depth, draft_ms`` for the drafting terms).
+    Coefficients are kept >= 0."""
     x = np.array([step_features(int(r["rows"]), int(r["tokens"]), int(r["ctx_tokens"]), bool(r["spec"]),
                                 int(r.get("drafts_verified", 0))) for r in records])
     y = np.array([r["step_ms"] for r in records])
     coef = _nonneg_lstsq(x, y)
     drafting = [r for r in records if r.get("drafts", 0) > 0]
-    dcoef = (_nonneg_lstsq(np.array([[1.0, r["drafts"]] for r in drafting]),
-                           np.array([r["draft_ms"] for r in drafting])) if len(drafting) >= 2 else [0.0, 0.0])
+    dcoef = (_nonneg_lstsq(np.array([draft_features(int(r["drafts"]), int(r.get("draft_depth", 0)))
+                                     for r in drafting]),
+                           np.array([r["draft_ms"] for r in drafting])) if len(drafting) >= 3 else [0.0] * 3)
     return StepCost(base=coef[0], per_token=coef[1], per_row=coef[2], context=coef[3], spec=coef[4],
-                    spec_row=coef[5], draft=dcoef[0], draft_token=dcoef[1], spec_token=coef[6])
+                    spec_row=coef[5], draft=dcoef[0], draft_token=dcoef[1], spec_token=coef[6],
+                    draft_depth=dcoef[2])
 
 
 def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:

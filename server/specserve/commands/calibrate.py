@@ -54,6 +54,13 @@ def mape(records: list[dict[str, Any]], cost: Any) -> float:
     return round(sum(errors) / len(errors), 4) if errors else 0.0
 
 
+def draft_mape(records: list[dict[str, Any]], cost: Any) -> float:
+    """Mean |predicted - measured| / measured of the drafting time, over the steps that drafted."""
+    errors = [abs(cost.draft_ms(r["drafts"], r.get("draft_depth", 0)) - r["draft_ms"]) / r["draft_ms"]
+              for r in records if r.get("drafts", 0) > 0 and r["draft_ms"] > 0]
+    return round(sum(errors) / len(errors), 4) if errors else 0.0
+
+
 def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: list[list[int]],
              heads: str | None) -> tuple[str, list[dict[str, Any]], list[float], dict[str, list[float]]]:
     from vllm import SamplingParams
@@ -120,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = held_out_prompts(model_dir, 8, args.prompt_tokens)
     drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
     all_records: list[dict[str, Any]] = []
-    drafter_cost: dict[str, tuple[float, float]] = {}
+    drafter_cost: dict[str, tuple[float, ...]] = {}
     acceptance: dict[str, list[float]] = {}
     by_class: dict[str, dict[str, list[float]]] = {}
     per_drafter: dict[str, list[dict[str, Any]]] = {}
@@ -132,15 +139,17 @@ def run(args: argparse.Namespace) -> int:
         acceptance[name] = rates
         by_class[name] = classes
     cost = fit_cost(all_records)
+    drafting_mape: dict[str, float] = {}
     for name, records in per_drafter.items():
         own = fit_cost(records)
-        drafter_cost[name] = (own.draft, own.draft_token)
+        drafter_cost[name] = (own.draft, own.draft_token, own.draft_depth)
+        drafting_mape[name] = draft_mape(records, own)
     calibration = Calibration(cost=cost, drafter_cost=drafter_cost, acceptance=acceptance,
                               source=f"specserve calibrate on {model_dir.name}: {len(all_records)} steps",
                               acceptance_by_class=by_class)
     args.out.write_text(calibration.to_json() + "\n", encoding="utf-8")
     summary = {"out": str(args.out), "steps": len(all_records), "mape": mape(all_records, cost),
-               "cost": asdict(cost), "drafter_cost": drafter_cost, "acceptance": acceptance,
+               "draft_mape": drafting_mape, "cost": asdict(cost), "drafter_cost": drafter_cost, "acceptance": acceptance,
                "acceptance_by_class": by_class}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     sys.stderr.write(f"calibrate: {len(all_records)} steps, step-time MAPE {summary['mape']:.1%} -> {args.out}\n")

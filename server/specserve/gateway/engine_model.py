@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, AcceptanceModel, sampling_class
 from specserve_vllm.spec_control.goodput import GoodputPolicy
 from specserve_vllm.spec_control.plan import StepRows
-from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
+from specserve_vllm.spec_control.step_time import DRAFT_TERMS, StepCost, StepTimeModel
 
 _PREFIX = "specserve_engine_"
 _COST_TERMS = tuple(f.name for f in fields(StepCost))
@@ -43,8 +43,9 @@ class EngineModel:
     """One replica's exported cost model (see the module docstring)."""
 
     cost: dict[str, float]
-    draft_correction: float | tuple[float, float]
-    """The drafting terms' corrections ``(fixed, per draft)``; one number: both."""
+    draft_correction: float | tuple[float, ...]
+    """The drafting terms' corrections (``DRAFT_TERMS`` order: fixed, per draft, per position);
+    one number: all."""
     acceptance: tuple[float, ...]
     """Conditional acceptance of draft positions 1..k."""
     acceptance_by_class: dict[str, tuple[float, ...]] = field(default_factory=dict)
@@ -97,9 +98,20 @@ def parse_engine_model(families: Iterable[Any]) -> EngineModel | None:
     if "base" not in cost or not rates:
         return None
     return EngineModel(cost={t: cost.get(t, 0.0) for t in _COST_TERMS},
-                       draft_correction=(draft.get("draft", draft.get("", 1.0)), draft.get("draft_token", draft.get("", 1.0))),
+                       draft_correction=_draft_correction(draft),
                        acceptance=tuple(rates[j] for j in sorted(rates)),
                        acceptance_by_class={c: tuple(r[j] for j in sorted(r)) for c, r in by_class.items()})
+
+
+def _draft_correction(draft: dict[str, float]) -> float | tuple[float, ...]:
+    """The drafting corrections by term name, in ``DRAFT_TERMS`` order as far as the page has them
+    (an engine from before a term leaves it as calibrated); an unlabelled one: every term.
+
+    >>> _draft_correction({"draft": 1.2, "draft_token": 0.9}), _draft_correction({"": 1.5}), _draft_correction({})
+    ((1.2, 0.9), 1.5, 1.0)
+    """
+    named = tuple(draft[t] for t in DRAFT_TERMS if t in draft)
+    return named if named else draft.get("", 1.0)
 
 
 def engine_budget(model: EngineModel, batch: float, k_max: int, temperature: float | None = None) -> int:
