@@ -7,11 +7,9 @@ step commits ``B + sum of their g`` tokens on average and costs
 
     T(n) = step(rows, tokens = B + n + prefill, spec = n > 0) + draft(n, depth(n))
 
-(``depth(n)``: the deepest position among the ``n`` slots, which a drafter with one call per
-position pays once whatever the rows)
-
-(:mod:`~specserve_vllm.spec_control.step_time`), so ``n = 0`` is priced as the real
-non-speculative step: no spec path, no drafting. The plan is the ``n`` maximising goodput
+(:mod:`~specserve_vllm.spec_control.step_time`; ``depth(n)``: the deepest position among the
+``n`` slots, which a drafter with one call per position pays once whatever the rows), so
+``n = 0`` is priced as the real non-speculative step: no spec path, no drafting. The plan is the ``n`` maximising goodput
 ``(B + sum g) / T(n)``; each row drafts as many of the chosen slots as are its own (a prefix,
 since ``g`` falls with ``j``). Hysteresis: the step switches speculation on or off only when the
 other side is better by ``margin``. A decision not to speculate is reused while the batch is

@@ -139,11 +139,12 @@ def run(args: argparse.Namespace) -> int:
         acceptance[name] = rates
         by_class[name] = classes
     cost = fit_cost(all_records)
-    drafting_mape: dict[str, float] = {}
+    drafting_mape: dict[str, dict[str, float]] = {}
     for name, records in per_drafter.items():
         own = fit_cost(records)
         drafter_cost[name] = (own.draft, own.draft_token, own.draft_depth)
-        drafting_mape[name] = draft_mape(records, own)
+        per_draft_only = fit_cost([{**r, "draft_depth": 0} for r in records])  # the fit without the position term
+        drafting_mape[name] = {"fitted": draft_mape(records, own), "per_draft_only": draft_mape(records, per_draft_only)}
     calibration = Calibration(cost=cost, drafter_cost=drafter_cost, acceptance=acceptance,
                               source=f"specserve calibrate on {model_dir.name}: {len(all_records)} steps",
                               acceptance_by_class=by_class)
