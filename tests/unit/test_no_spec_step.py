@@ -108,6 +108,20 @@ def test_plan_is_passed_into_the_drafter_and_enforced_after() -> None:
     assert out == [[7, 7, 7], [8], [], [6, 6, 6]]
 
 
+def test_drafting_is_timed_for_the_work_done() -> None:
+    # A drafter told the plan is timed for the plan; one that cannot be told drafts k for every row.
+    runner = _plan_runner([None, 1, 0, 2])
+    spec_length.plan_drafts(runner, _output(), [[1], [2], [3], [4]], lambda: [[7, 7, 7]] * 4)
+    drafts, depth, _ = runner._specserve_planner.take_draft_timing()
+    assert (drafts, depth) == (6, 3)
+    runner = _plan_runner([None, 1, 0, 2])
+    del runner.drafter.set_draft_lengths
+    out = spec_length.plan_drafts(runner, _output(), [[1], [2], [3], [4]], lambda: [[7, 7, 7]] * 4)
+    assert out == [[7, 7, 7], [7], [], [7, 7]]
+    drafts, depth, _ = runner._specserve_planner.take_draft_timing()
+    assert (drafts, depth) == (12, 3)
+
+
 def test_off_policy_never_drafts_and_verified_rows_reach_the_policy() -> None:
     runner = _plan_runner([None, None], policy="off")
     out = spec_length.plan_drafts(runner, _output({"r0": [5, 6, 7]}), [[5, 9], [1]], lambda: 1 / 0)

@@ -171,6 +171,23 @@ def verified_rows(scheduler_output: Any, req_ids: list[str], sampled: list[list[
                         trees=np.array(trees, dtype=bool) if tree_rows else None)
 
 
+def drafted_work(lengths: np.ndarray, k: int, planned: bool, chain_depth: int | None) -> tuple[int, int]:
+    """``(drafts, depth)`` the drafter produced this step, for the drafting fit.
+
+    A drafter told the plan drafts ``lengths`` (depth: the longest, at most its chain depth);
+    one that cannot be told drafts ``k`` for every row and is capped afterwards, so it is timed
+    for that work, not for what the plan keeps.
+
+    >>> drafted_work(np.array([0, 2, 1]), 4, True, None), drafted_work(np.array([0, 2, 1]), 4, False, None)
+    ((3, 2), (12, 4))
+    >>> drafted_work(np.array([5, 3]), 5, True, 4)
+    (8, 4)
+    """
+    if not planned:
+        return len(lengths) * k, k
+    return int(lengths.sum()), min(int(lengths.max()), chain_depth or k)
+
+
 def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
                 propose: Callable[[], Any]) -> Any:
     """Plan this step's draft lengths, then draft (or not) accordingly; see the module docstring.
@@ -209,8 +226,9 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
             set_lengths(lengths)
     t0 = time.perf_counter()
     drafts = propose()
-    depth = min(int(lengths.max()), getattr(planner.policy, "chain_depth", planner.num_speculative_tokens))
-    planner.record_drafting(int(lengths.sum()), depth, (time.perf_counter() - t0) * 1e3)
+    made, deepest = drafted_work(lengths, planner.num_speculative_tokens, callable(set_lengths),
+                                 getattr(planner.policy, "chain_depth", None))
+    planner.record_drafting(made, deepest, (time.perf_counter() - t0) * 1e3)
     if bool((lengths == planner.num_speculative_tokens).all()):
         return drafts
     rows_out = drafts.tolist() if hasattr(drafts, "tolist") else drafts
