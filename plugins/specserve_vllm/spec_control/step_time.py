@@ -122,6 +122,8 @@ class Calibration:
     def for_drafter(self, drafter: str) -> tuple[StepCost, list[float] | None]:
         cost = self.cost
         if drafter in self.drafter_cost:
+            # a file from before the per-position term has two values: the appended 0.0 prices
+            # its missing ``draft_depth`` at nothing (zip stops at the shorter of the two)
             terms = dict(zip(DRAFT_TERMS, (*self.drafter_cost[drafter], 0.0)))
             cost = StepCost(**{**asdict(cost), **terms})
         return cost, self.acceptance.get(drafter)

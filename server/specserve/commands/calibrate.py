@@ -61,6 +61,48 @@ def draft_mape(records: list[dict[str, Any]], cost: Any) -> float:
     return round(sum(errors) / len(errors), 4) if errors else 0.0
 
 
+def cell_errors(records: list[dict[str, Any]], cost: Any, per_draft_only: Any = None) -> list[dict[str, Any]]:
+    """The fit's error by grid cell (batch size, ``spec_k``): over the cell's decode steps (no
+    prefill, every row of the batch running), the median measured and predicted step time, and
+    of the steps that drafted, the median drafting time measured, predicted, and predicted by
+    ``per_draft_only`` (a fit without the per-position term) when given. Medians of per-step
+    values, ms. Where a linear model misprices a region (deep plans at many rows, one row's
+    drafting at depth 4), this table shows it; the overall MAPE averages it away.
+
+        >>> from specserve_vllm.spec_control.step_time import StepCost
+        >>> cost = StepCost(base=1.0, per_token=0.5, per_row=0.0, context=0.0, spec=0.0, spec_row=0.0,
+        ...                 draft=0.2, draft_token=0.0, draft_depth=0.3)
+        >>> step = {"rows": 2, "tokens": 4, "ctx_tokens": 0, "spec": True, "drafts_verified": 2,
+        ...         "prefill_tokens": 0, "step_ms": 3.3, "drafts": 2, "draft_depth": 1, "draft_ms": 0.5, "cell": [2, 1]}
+        >>> cell_errors([step, {**step, "prefill_tokens": 8}], cost)
+        [{'batch': 2, 'spec_k': 1, 'steps': 1, 'step_ms': 3.3, 'predicted_ms': 3.0, 'error': -0.091, 'draft_ms': 0.5, 'draft_predicted_ms': 0.5}]
+    """
+    import statistics
+
+    out: list[dict[str, Any]] = []
+    cells = sorted({tuple(r["cell"]) for r in records if "cell" in r})
+    for bs, k in cells:
+        steps = [r for r in records if tuple(r.get("cell", ())) == (bs, k)
+                 and r["prefill_tokens"] == 0 and r["rows"] == bs and r["step_ms"] > 0]
+        if not steps:
+            continue
+        measured = statistics.median(r["step_ms"] for r in steps)
+        predicted = statistics.median(cost.step_ms(r["rows"], r["tokens"], r["ctx_tokens"], r["spec"],
+                                                   r.get("drafts_verified", 0)) for r in steps)
+        row: dict[str, Any] = {"batch": bs, "spec_k": k, "steps": len(steps), "step_ms": round(measured, 3),
+                               "predicted_ms": round(predicted, 3), "error": round(predicted / measured - 1, 3)}
+        drafting = [r for r in steps if r.get("drafts", 0) > 0 and r["draft_ms"] > 0]
+        if drafting:
+            row["draft_ms"] = round(statistics.median(r["draft_ms"] for r in drafting), 3)
+            row["draft_predicted_ms"] = round(statistics.median(
+                cost.draft_ms(r["drafts"], r.get("draft_depth", 0)) for r in drafting), 3)
+            if per_draft_only is not None:
+                row["draft_per_draft_only_ms"] = round(statistics.median(
+                    per_draft_only.draft_ms(r["drafts"], 0) for r in drafting), 3)
+        out.append(row)
+    return out
+
+
 def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: list[list[int]],
              heads: str | None) -> tuple[str, list[dict[str, Any]], list[float], dict[str, list[float]]]:
     from vllm import SamplingParams
@@ -85,6 +127,10 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
             stats = worker_runner(worker)._specserve_planner.stats
             return list(stats.position_trials), list(stats.position_accepted)
 
+        def record_count(worker: Any) -> int:
+            return len(worker_runner(worker)._specserve_planner.records)
+
+        cells: list[tuple[int, int, int]] = []  # (batch, spec_k, records so far)
         llm.generate([TokensPrompt(prompt_token_ids=prompts[0])],
                      SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
         llm.collective_rpc(lambda w: worker_runner(w)._specserve_planner.records.clear())
@@ -94,8 +140,14 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
                                         extra_args={"spec_k": k})
                 batch = [TokensPrompt(prompt_token_ids=p) for p in (prompts * bs)[:bs]]
                 llm.generate(batch, params, use_tqdm=False)
+                cells.append((bs, k, llm.collective_rpc(record_count)[0]))
                 log.info("calibrate", extra={"fields": {"drafter": drafter, "batch": bs, "spec_k": k}})
         name, records, rates = llm.collective_rpc(runner_state)[0]
+        start = 0
+        for bs, k, end in cells:  # each grid cell's steps, for the error table by cell
+            for record in records[start:end]:
+                record["cell"] = [bs, k]
+            start = end
         by_class: dict[str, list[float]] = {SAMPLING_CLASSES[0]: rates}
         for t in [float(x) for x in str(args.temperatures).split(",") if x.strip()]:
             trials0, accepted0 = llm.collective_rpc(position_counts)[0]
@@ -119,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from specserve.bench.drafters import held_out_prompts
     from specserve.demo import demo_model_dir
     from specserve.head_training import resolve_heads
-    from specserve_vllm.spec_control.step_time import Calibration, fit_cost
+    from specserve_vllm.spec_control.step_time import DRAFT_TERMS, Calibration, StepCost, fit_cost
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
@@ -140,17 +192,20 @@ def run(args: argparse.Namespace) -> int:
         by_class[name] = classes
     cost = fit_cost(all_records)
     drafting_mape: dict[str, dict[str, float]] = {}
+    by_cell: dict[str, list[dict[str, Any]]] = {}
     for name, records in per_drafter.items():
         own = fit_cost(records)
         drafter_cost[name] = (own.draft, own.draft_token, own.draft_depth)
         per_draft_only = fit_cost([{**r, "draft_depth": 0} for r in records])  # the fit without the position term
         drafting_mape[name] = {"fitted": draft_mape(records, own), "per_draft_only": draft_mape(records, per_draft_only)}
+        by_cell[name] = cell_errors(records, StepCost(**{**asdict(cost), **{t: getattr(own, t) for t in DRAFT_TERMS}}),
+                                    per_draft_only)
     calibration = Calibration(cost=cost, drafter_cost=drafter_cost, acceptance=acceptance,
                               source=f"specserve calibrate on {model_dir.name}: {len(all_records)} steps",
                               acceptance_by_class=by_class)
     args.out.write_text(calibration.to_json() + "\n", encoding="utf-8")
     summary = {"out": str(args.out), "steps": len(all_records), "mape": mape(all_records, cost),
-               "draft_mape": drafting_mape, "cost": asdict(cost), "drafter_cost": drafter_cost, "acceptance": acceptance,
+               "draft_mape": drafting_mape, "cells": by_cell, "cost": asdict(cost), "drafter_cost": drafter_cost, "acceptance": acceptance,
                "acceptance_by_class": by_class}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     sys.stderr.write(f"calibrate: {len(all_records)} steps, step-time MAPE {summary['mape']:.1%} -> {args.out}\n")
