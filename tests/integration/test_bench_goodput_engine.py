@@ -34,6 +34,9 @@ def test_bench_goodput_runs_every_arm_and_judges_the_tree_arm(demo_model_dir: Pa
         assert set(pt["arms"]) == set(ARMS)
         assert all(pt["arms"][a]["reps"] == 2 and pt["arms"][a]["tokens_per_s"] > 0 for a in ARMS)
         assert pt["paired_throughput"]["best"] in {"none", "k2", "goodput"}
+        # closed loops also judge the time every client was busy (the drain left out)
+        assert pt["paired_full_load_throughput"]["best"] in {"none", "k2", "goodput"}
+        assert all(0 < pt["arms"][a]["full_load_share"] <= 1 for a in ARMS)
         for key in ("tree_paired_latency", "tree_paired_throughput", "tree_paired_cpu_throughput"):
             assert pt[key]["best"] in ARMS and pt[key]["verdict"] in ("within", "beyond", "undecided")
         tree = pt["arms"][goodput.TREE_ARM]

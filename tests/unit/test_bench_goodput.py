@@ -86,6 +86,12 @@ def test_closed_loop_keeps_the_clients_busy_and_no_more(clients: int) -> None:
     # a request is sent when another finishes: never before the first of the earlier ones ends
     if clients == 1:
         assert all(b.sent >= a.done for a, b in zip(finished, finished[1:]))
+    # full load ends when a client finds nothing to send: at 3 clients the 7th request has just
+    # been sent and the others have all their tokens (12 of 14); at 1 or 10 clients, at the end
+    assert sum(f.full_load_tokens for f in finished) == {1: 14, 3: 12, 10: 14}[clients]
+    assert finished[0].full_load_s > 0 and all(f.full_load_s == 0 for f in finished[1:])
+    result = load.summarise(finished, span)
+    assert 0 < result["full_load_share"] <= 1 and result["tokens_per_s_full_load"] > 0
 
 
 def test_the_verdict_and_the_summary_name_the_best_arm() -> None:

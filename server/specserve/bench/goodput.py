@@ -11,6 +11,8 @@ Arms:
   reused), which shows what reusing plans buys;
 - ``goodput-no-hindsight``: the same learning only from verified drafts (the ``hindsight``
   setting off: steps without drafts teach it nothing);
+- ``goodput-twin``: a second engine built as ``goodput`` is, judged against it (an A/A control:
+  the run's noise floor, engine instances included);
 - ``goodput-tree``: the goodput controller spending a node budget (``--tree-budget``) on draft
   trees (``--tree-shape``, DySpec ``dynamic`` by default) instead of chains; judged apart, against
   the best chain arm (``none``, ``k1`` .. ``k4``, ``goodput``) at each point.
@@ -25,6 +27,9 @@ at every point. Prompts are windows of the held-out stdlib files, handed out in 
 (the report's ``prompts``: distinct windows, requests per arm, and how many came round again). Parts (``--parts``):
 - ``open``: open-loop Poisson arrivals at each ``--rates`` value (precomputed from the seed);
 - ``closed``: ``--concurrency`` clients, each sending its next request when the last finishes;
+  besides the run's tokens/s, tokens/s while every client was busy (``tokens_per_s_full_load``,
+  with its share of the run and a paired verdict): a short run at many clients spends a third
+  of its time draining at ever fewer rows;
 - ``trace``: a load step (low, high, low) on every arm, recording each step's decode batch and
   drafts per row (the goodput arm's k over time).
 
@@ -200,6 +205,40 @@ def paired_ratio(values: Sequence[float], other: Sequence[float]) -> dict[str, f
             "high": round(math.exp(mean + ci), 4)}
 
 
+def twin_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The twin arm's throughput over ``goodput``'s, paired by repetition (geometric mean and 95%
+    interval; 1 is what identical engines should give). Empty without the twin arm.
+
+    >>> twin_ratios({"goodput": [{"tokens_per_s": 100.0}], TWIN_ARM: [{"tokens_per_s": 90.0}]})
+    {'twin_throughput': {'ratio': 0.9, 'low': 0.9, 'high': 0.9}}
+    """
+    if TWIN_ARM not in runs or "goodput" not in runs:
+        return {}
+    out = {"twin_throughput": paired_ratio([x["tokens_per_s"] for x in runs[TWIN_ARM]],
+                                           [x["tokens_per_s"] for x in runs["goodput"]])}
+    if all("tokens_per_s_full_load" in x for x in runs[TWIN_ARM] + runs["goodput"]):
+        out["twin_full_load_throughput"] = paired_ratio([x["tokens_per_s_full_load"] for x in runs[TWIN_ARM]],
+                                                        [x["tokens_per_s_full_load"] for x in runs["goodput"]])
+    return out
+
+
+def full_load_verdict(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Closed loop: ``goodput``'s throughput while every client was busy, paired by repetition
+    against the best arm's (the span's throughput also counts the drain, when ever fewer rows
+    run; at 16 clients and 48 requests that is about 40% of the run). Empty for open loops.
+
+    >>> runs = {"k2": [{"tokens_per_s_full_load": 100.0}, {"tokens_per_s_full_load": 90.0}],
+    ...         "goodput": [{"tokens_per_s_full_load": 99.0}, {"tokens_per_s_full_load": 90.0}]}
+    >>> full_load_verdict(runs)["paired_full_load_throughput"]["best"], full_load_verdict({"k2": [{}]})
+    ('k2', {})
+    """
+    if not all(r and all("tokens_per_s_full_load" in x for x in r) for r in runs.values()):
+        return {}
+    verdict = paired_verdict({a: [x["tokens_per_s_full_load"] for x in r] for a, r in runs.items()}, "goodput",
+                             lower_is_better=False)
+    return {"paired_full_load_throughput": verdict} if verdict else {}
+
+
 def verdicts(point: dict[str, dict[str, Any]], key: str, lower_is_better: bool) -> dict[str, Any] | None:
     """The best arm at a point and how ``goodput`` stands (see :func:`best_and_verdict`)."""
     if "goodput" not in point or len(point) < 2:
@@ -272,8 +311,14 @@ GOODPUT_ARMS: dict[str, dict[str, Any]] = {
     "goodput-every-step": {"recheck_on": 1},
     "goodput-no-hindsight": {"hindsight": False},
     "goodput-tree": {},
+    "goodput-twin": {},
 }
 """The goodput arms and the engine settings each adds to the default controller."""
+
+TWIN_ARM = "goodput-twin"
+"""A second engine built exactly as ``goodput``'s: an A/A control. Its ratio to ``goodput``
+should be 1; how far it strays is the noise floor of the run, the engine's own instance included
+(two engines of one build can differ in speed for the whole run), which a 3% verdict needs below it."""
 
 TREE_ARM = "goodput-tree"
 """The arm whose engine drafts trees (``--tree-shape``, ``--tree-budget`` nodes)."""
@@ -454,7 +499,8 @@ def run(args: argparse.Namespace) -> int:
                                                      for a, r in judged_runs.items()}, "goodput", lower_is_better=False),
                 "paired_cpu_throughput": paired_verdict({a: [x["tokens_per_cpu_s"] for x in r]
                                                          for a, r in judged_runs.items()}, "goodput",
-                                                        lower_is_better=False)}
+                                                        lower_is_better=False),
+                **full_load_verdict(judged_runs), **twin_ratios(runs)}
 
     try:
         for llm in engines.values():  # the same warm-up for every engine
@@ -568,7 +614,8 @@ def summary_line(report: dict[str, Any]) -> str:
     the CI), with goodput's paired slowdown (and, for closed loops, the same per CPU second of
     this process); then, from ratios paired by repetition, how many points show goodput within
     3% of the best arm, how many show it more than 3% behind, and how many leave it undecided;
-    the same tally for the tree arm against the best chain arm when it ran. Points run with
+    the same tally for the tree arm against the best chain arm when it ran. Closed loops add the
+    paired slowdown while every client was busy (``full load``). Points run with
     ``--interleave`` add goodput's slowdown paired by request.
 
     >>> summary_line({"drafter": "hydra", "open": {"t0": {"1": {"verdict_latency": {
@@ -605,6 +652,12 @@ def summary_line(report: dict[str, Any]) -> str:
                 cpu = pt.get("paired_cpu_throughput") if kind == "closed" else None
                 if cpu:
                     text += f" (per CPU s {cpu['slowdown']} [{cpu['low']}, {cpu['high']}], best={cpu['best']})"
+                twin = pt.get("twin_throughput")
+                if twin:
+                    text += f" (twin/goodput {twin['ratio']} [{twin['low']}, {twin['high']}])"
+                busy = pt.get("paired_full_load_throughput") if kind == "closed" else None
+                if busy:
+                    text += f" (full load {busy['slowdown']} [{busy['low']}, {busy['high']}], best={busy['best']})"
                 parts.append(text)
     line = (f"goodput {report['drafter']}: " + ", ".join(parts) + f"; {ok} of {total} points within 3% or the CI"
             + f"; paired: {tally['within']} within 3%, {tally['beyond']} beyond, {tally['undecided']} undecided")

@@ -28,6 +28,11 @@ class Finished:
     first: float
     done: float
     tokens: list[int] = field(default_factory=list)
+    # closed loop: this request's tokens when the first client ran out of requests, and the
+    # seconds the run kept every client busy (carried by the run's first request, 0 on the
+    # others, so the runs of interleaved parts add up)
+    full_load_tokens: int = 0
+    full_load_s: float = 0.0
 
 
 def arrivals(rate: float, n: int, seed: int) -> list[float]:
@@ -70,12 +75,15 @@ def output_lengths(mean: int, n: int, seed: int, sigma: float = 0.6) -> list[int
     return np.clip(np.round(raw), 4, 4 * mean).astype(int).tolist()
 
 
-def _collect(engine: Any, results: dict[str, Finished], first: dict[str, float]) -> list[str]:
-    """One engine step; the ids of the requests it finished."""
+def _collect(engine: Any, results: dict[str, Finished], first: dict[str, float],
+             produced: dict[str, int] | None = None) -> list[str]:
+    """One engine step; the ids of the requests it finished. ``produced``: tokens so far, by id."""
     ended = []
     for out in engine.step():
         stamp = time.perf_counter()
         tokens = out.outputs[0].token_ids if out.outputs else []
+        if produced is not None:
+            produced[out.request_id] = len(tokens)
         if tokens and out.request_id not in first:
             first[out.request_id] = stamp
         if out.finished:
@@ -115,10 +123,17 @@ def open_loop(engine: Any, requests: Sequence[tuple[Any, Any]], times: Sequence[
 
 def closed_loop(engine: Any, requests: Sequence[tuple[Any, Any]], clients: int, tag: str,
                 on_step: Callable[[float], None] | None = None) -> tuple[list[Finished], float]:
-    """``clients`` clients, each sending its next request when its last one finishes."""
+    """``clients`` clients, each sending its next request when its last one finishes.
+
+    The run is at full load until the first client finds no request left to send; from there it
+    drains at ever fewer rows, which takes a large share of a short run at many clients (the
+    requests' ``full_load_*`` fields, read by :func:`summarise`).
+    """
     results: dict[str, Finished] = {}
     first: dict[str, float] = {}
+    produced: dict[str, int] = {}
     nxt = 0
+    full = True
     t0 = time.perf_counter()
 
     def send() -> None:
@@ -131,9 +146,14 @@ def closed_loop(engine: Any, requests: Sequence[tuple[Any, Any]], clients: int, 
     while nxt < min(clients, len(requests)):
         send()
     while engine.has_unfinished_requests():
-        for _ in _collect(engine, results, first):
+        for ended in _collect(engine, results, first, produced):
             if nxt < len(requests):
                 send()
+            elif full:  # a client went idle: the drain starts
+                full = False
+                for rid, done in results.items():
+                    done.full_load_tokens = produced.get(rid, 0)
+                results[f"{tag}-0"].full_load_s = results[ended].done - t0
         if on_step is not None:
             on_step(time.perf_counter() - t0)
     ordered = [results[f"{tag}-{i}"] for i in range(len(requests))]
@@ -141,7 +161,8 @@ def closed_loop(engine: Any, requests: Sequence[tuple[Any, Any]], clients: int, 
 
 
 def summarise(finished: Sequence[Finished], span: float) -> dict[str, float]:
-    """Mean / p50 / p99 latency (s), mean TTFT and TPOT (ms), output tokens/s, looping share.
+    """Mean / p50 / p99 latency (s), mean TTFT and TPOT (ms), output tokens/s, looping share;
+    for closed-loop runs also tokens/s while every client was busy and that time's share of ``span``.
 
     Example:
         >>> runs = [Finished(0.0, 0.1, 1.1, [1, 2] * 10), Finished(0.5, 0.7, 1.7, list(range(11)))]
@@ -158,8 +179,23 @@ def summarise(finished: Sequence[Finished], span: float) -> dict[str, float]:
             "ttft_mean_ms": round(1e3 * statistics.fmean(r.first - r.sent for r in finished), 1),
             "tpot_mean_ms": round(1e3 * statistics.fmean(tpot), 2) if tpot else 0.0,
             "tokens_per_s": round(tokens / span, 1) if span > 0 else 0.0,
-            "looping_share": round(sum(is_looping(r.tokens) for r in finished) / len(finished), 3)}
+            "looping_share": round(sum(is_looping(r.tokens) for r in finished) / len(finished), 3),
+            **full_load(finished, span)}
 
 
-__all__ = ["Finished", "arrivals", "closed_loop", "open_loop", "output_lengths", "phased_arrivals",
+def full_load(finished: Sequence[Finished], span: float) -> dict[str, float]:
+    """Tokens/s while every client was busy, and that time's share of ``span`` (closed loop only).
+
+        >>> runs = [Finished(0.0, 0.1, 2.0, [1] * 20, 12, 1.0), Finished(0.0, 0.1, 1.5, [1] * 8, 8)]
+        >>> full_load(runs, 2.0), full_load(runs[1:], 1.5)
+        ({'tokens_per_s_full_load': 20.0, 'full_load_share': 0.5}, {})
+    """
+    window = sum(r.full_load_s for r in finished)
+    if window <= 0:
+        return {}
+    return {"tokens_per_s_full_load": round(sum(r.full_load_tokens for r in finished) / window, 1),
+            "full_load_share": round(window / span, 3) if span > 0 else 0.0}
+
+
+__all__ = ["Finished", "arrivals", "closed_loop", "full_load", "open_loop", "output_lengths", "phased_arrivals",
            "summarise"]
