@@ -32,6 +32,14 @@ def test_propose_arguments_the_plan_reads_exist() -> None:
     assert set(spec_length.ARGUMENTS) <= set(names)
 
 
+def test_request_state_holds_what_the_room_reads() -> None:
+    from dataclasses import fields
+
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+    assert {"sampling_params", "output_token_ids"} <= {f.name for f in fields(CachedRequestState)}
+
+
 def test_apply_is_idempotent() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -106,6 +114,18 @@ def test_plan_is_passed_into_the_drafter_and_enforced_after() -> None:
     out = spec_length.plan_drafts(runner, _output(), [[1], [2], [3], [4]], lambda: drafts)
     assert runner.drafter.lengths == [3, 1, 0, 3]
     assert out == [[7, 7, 7], [8], [], [6, 6, 6]]
+
+
+def test_rows_draft_no_more_than_they_can_still_commit() -> None:
+    # max_tokens 10: with 2, 8 and 10 tokens out, the next step can commit 8, 2 and 0 tokens,
+    # one of them the target's own, so the rows draft at most 7 (k = 3 here), 1 and 0.
+    runner = _plan_runner([None, None, None])
+    for state, out in zip(runner.requests.values(), (2, 8, 10)):
+        state.sampling_params.max_tokens, state.output_token_ids = 10, [5] * out
+    drafts = [[7, 7, 7]] * 3
+    assert spec_length.plan_drafts(runner, _output(), [[1], [2], [3]], lambda: drafts) == [[7, 7, 7], [7], []]
+    assert runner.drafter.lengths == [3, 1, 0]
+    assert spec_length.request_room(runner) == [8, 2, 0]
 
 
 def test_drafting_is_timed_for_the_work_done() -> None:

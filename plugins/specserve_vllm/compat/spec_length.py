@@ -42,7 +42,13 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.compat.hidden_feed import TREE_LAST_ROWS_ATTR as TREE_ROWS_ATTR
-from specserve_vllm.compat.upstream import PROPOSE_DRAFT_TOKEN_IDS, RUNNER, UpstreamFunction, argument_reader
+from specserve_vllm.compat.upstream import (
+    PROPOSE_DRAFT_TOKEN_IDS,
+    RUNNER,
+    SAMPLE_TOKENS,
+    UpstreamFunction,
+    argument_reader,
+)
 
 from specserve_vllm.spec_k import InvalidSpecK, cap_drafts, parse_spec_k, safe_spec_k
 from specserve_vllm.spec_control.acceptance import sampling_class
@@ -65,6 +71,9 @@ UPSTREAM: tuple[UpstreamFunction, ...] = (
                      "2f1324baa012de2d857b75f7e32c55caa8d34eff7f8e4822527b298ba287f0be"),
     UpstreamFunction(RUNNER, "GPUModelRunner.take_draft_token_ids",
                      "c16093bcaca3f827d960eb2c498d9015a22d8d28077bef455975d3cbedb2a22c"),
+    # Relied on: list-sampling drafters run after ``_bookkeeping_sync``, so a request's
+    # ``output_token_ids`` already hold this step's tokens when its room is read.
+    SAMPLE_TOKENS,
     # Wrapped: spec_k is validated with the other sampling parameters.
     UpstreamFunction("vllm.v1.engine.input_processor", "InputProcessor._validate_params",
                      "37ae3e0f471fd44cbf72eb3dffa30cc5ec72b1e9784db5c9031d0e0a5330c0e8"),
@@ -95,6 +104,20 @@ def request_caps(runner: Any, known: dict[str, int | None] | None = None) -> lis
             known[req_id] = cap
         caps.append(cap)
     return caps
+
+
+def request_room(runner: Any) -> list[int | None]:
+    """Output tokens each request may still produce after this step's (``max_tokens`` less its
+    output so far; ``None``: unbounded). Drafting runs after the step's bookkeeping, so the
+    output already holds this step's tokens. The next step commits at most ``room`` tokens, one
+    of them the target's own, so drafts past ``room - 1`` could never be kept."""
+    rooms: list[int | None] = []
+    for req_id in runner.input_batch.req_ids:
+        state = runner.requests.get(req_id)
+        limit = getattr(getattr(state, "sampling_params", None), "max_tokens", None)
+        output = getattr(state, "output_token_ids", None)
+        rooms.append(None if limit is None or output is None else int(limit) - len(output))
+    return rooms
 
 
 def request_classes(runner: Any) -> np.ndarray:
@@ -205,7 +228,7 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
         tree_rows = getattr(runner, TREE_ROWS_ATTR, None)  # set by tree verification this step
         planner.observe(verified_rows(scheduler_output, req_ids, sampled, tree_rows))
     n = len(req_ids)
-    caps = planner.caps(request_caps(runner, planner.spec_ks), [len(t) for t in sampled[:n]])
+    caps = planner.caps(request_caps(runner, planner.spec_ks), [len(t) for t in sampled[:n]], request_room(runner))
     if not any(caps):
         planner.plan_nothing()
         return [[] for _ in range(n)]

@@ -248,15 +248,24 @@ class StepPlanner:
         with self.lock:
             self.stats.record_time(predicted, record.total_ms)
 
-    def caps(self, spec_ks: Sequence[int | None], sampled: Sequence[int]) -> list[int]:
+    def caps(self, spec_ks: Sequence[int | None], sampled: Sequence[int],
+             room: Sequence[int | None] | None = None) -> list[int]:
         """Each row's cap: its ``spec_k`` (or the engine's k), bounded by the engine's k, and 0
-        unless it sampled a token this step (a decode row next step).
+        unless it sampled a token this step (a decode row next step). ``room``: output tokens
+        each row may still produce (``None``: unbounded); a step commits at most that many, one
+        of them the target's own, so a row drafts at most ``room - 1``.
 
-        >>> StepPlanner(FixedPolicy(), 4).caps([None, 2, 9, 3], [1, 1, 1, 0])
+        >>> planner = StepPlanner(FixedPolicy(), 4)
+        >>> planner.caps([None, 2, 9, 3], [1, 1, 1, 0])
         [4, 2, 4, 0]
+        >>> planner.caps([None, None, None, 2], [1, 1, 1, 1], room=[None, 3, 1, 0])
+        [4, 2, 0, 0]
         """
         k = self.num_speculative_tokens
-        return [0 if not n else (k if c is None else min(c, k)) for c, n in zip(spec_ks, sampled)]
+        caps = [0 if not n else (k if c is None else min(c, k)) for c, n in zip(spec_ks, sampled)]
+        if room is not None:
+            caps = [c if r is None else max(0, min(c, r - 1)) for c, r in zip(caps, room)]
+        return caps
 
     @staticmethod
     def rows(req_ids: Sequence[str], caps: Sequence[int], context: Any,
