@@ -23,13 +23,15 @@ def test_calibrate_writes_a_loadable_file_and_errors_by_cell(demo_model_dir: Pat
     out = tmp_path / "calibration.json"
     args = parser.parse_args(["--model", str(demo_model_dir), "--drafters", "recycling", "--batch-sizes", "1,2",
                               "--spec-ks", "0,2", "--max-tokens", "10", "--prompt-tokens", "48",
-                              "--temperatures", "", "--out", str(out)])
+                              "--temperatures", "", "--rounds", "2", "--out", str(out)])
     assert calibrate.run(args) == 0
     summary = json.loads(capsys.readouterr().out)
     loaded = Calibration.load(out)
     assert set(loaded.drafter_cost) == set(summary["cells"]) and len(loaded.drafter_cost) == 1
     cells = next(iter(summary["cells"].values()))
     assert [(c["batch"], c["spec_k"]) for c in cells] == [(1, 0), (1, 2), (2, 0), (2, 2)]
+    # two passes over the grid: at 10 tokens a request, a cell of one pass has at most 10 decode steps
+    assert all(c["steps"] > 10 for c in cells if c["spec_k"] == 0)
     for cell in cells:
         assert cell["steps"] > 0 and cell["step_ms"] > 0 and cell["predicted_ms"] > 0
         # drafting only where the cell speculates; its prediction from the fitted drafting terms

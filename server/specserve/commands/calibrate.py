@@ -7,7 +7,10 @@ scheduled and context tokens, spec path on/off, drafting time), and fits the lin
 drafters (same target model), a drafting cost and an acceptance prior per drafter (greedy over
 the grid; then one pass per ``--temperatures`` value gives that sampling class its own prior). Writes the
 calibration JSON the engine loads (``--additional-config '{"specserve": {"calibration": FILE}}'``,
-or ``SPECSERVE_ENGINE_CALIBRATION``) and prints the fit's error (MAPE) on the measured steps.
+or ``SPECSERVE_ENGINE_CALIBRATION``) and prints the fit's error (MAPE) on the measured steps,
+overall and by grid cell (``cells``: each batch size and ``spec_k``, step and drafting time
+measured against predicted). ``--rounds N`` runs the greedy grid N times, each pass in a new
+shuffled order, so a cell's figure is not one stretch of the machine's time.
 
 Example:
     specserve calibrate --drafters recycling,hydra --out calibration.json
@@ -20,6 +23,7 @@ import gc
 import json
 import logging
 import os
+import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperatures", default="0.7",
                         help="sampled temperatures whose acceptance is measured as its class's prior "
                              "(comma-separated; empty: greedy only)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="passes over the greedy grid, each in a new shuffled order (more steps per cell, "
+                             "and a slow spell of the machine spread over the cells)")
     parser.add_argument("--out", type=Path, default=Path("calibration.json"))
 
 
@@ -127,27 +134,28 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
             stats = worker_runner(worker)._specserve_planner.stats
             return list(stats.position_trials), list(stats.position_accepted)
 
-        def record_count(worker: Any) -> int:
-            return len(worker_runner(worker)._specserve_planner.records)
+        def take_records(worker: Any) -> list[dict[str, Any]]:
+            planner = worker_runner(worker)._specserve_planner
+            records = [{**asdict(r), "step_ms": r.step_ms} for r in planner.records]
+            planner.records.clear()
+            return records
 
-        cells: list[tuple[int, int, int]] = []  # (batch, spec_k, records so far)
         llm.generate([TokensPrompt(prompt_token_ids=prompts[0])],
                      SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
         llm.collective_rpc(lambda w: worker_runner(w)._specserve_planner.records.clear())
-        for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            for k in [int(x) for x in args.spec_ks.split(",")]:
+        grid = [(int(b), int(x)) for b in args.batch_sizes.split(",") for x in args.spec_ks.split(",")]
+        records: list[dict[str, Any]] = []
+        for r in range(max(1, args.rounds)):
+            order = grid if args.rounds <= 1 else random.Random(r).sample(grid, len(grid))
+            for bs, k in order:
                 params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
                                         extra_args={"spec_k": k})
                 batch = [TokensPrompt(prompt_token_ids=p) for p in (prompts * bs)[:bs]]
                 llm.generate(batch, params, use_tqdm=False)
-                cells.append((bs, k, llm.collective_rpc(record_count)[0]))
-                log.info("calibrate", extra={"fields": {"drafter": drafter, "batch": bs, "spec_k": k}})
-        name, records, rates = llm.collective_rpc(runner_state)[0]
-        start = 0
-        for bs, k, end in cells:  # each grid cell's steps, for the error table by cell
-            for record in records[start:end]:
-                record["cell"] = [bs, k]
-            start = end
+                # each grid cell's steps, tagged for the error table by cell
+                records += [{**x, "cell": [bs, k]} for x in llm.collective_rpc(take_records)[0]]
+                log.info("calibrate", extra={"fields": {"drafter": drafter, "round": r, "batch": bs, "spec_k": k}})
+        name, _, rates = llm.collective_rpc(runner_state)[0]
         by_class: dict[str, list[float]] = {SAMPLING_CLASSES[0]: rates}
         for t in [float(x) for x in str(args.temperatures).split(",") if x.strip()]:
             trials0, accepted0 = llm.collective_rpc(position_counts)[0]
