@@ -55,11 +55,14 @@ def _greedy(extra_args: dict[str, Any] | None = None) -> Any:
 
 
 def _sampled(llm: Any) -> list[Any]:
-    """``NUM_SAMPLES`` seeded samples of a short continuation of one prompt."""
+    """``NUM_SAMPLES`` seeded samples of a short continuation of one prompt (the law is compared
+    over its first ``SAMPLE_TOKENS`` tokens)."""
     from vllm import SamplingParams
 
     params = [
-        SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_tokens=SAMPLE_TOKENS, ignore_eos=True, seed=i)
+        # K tokens past the ones compared, so that the first steps' drafts have room: a row drafts
+        # no more than it can still commit before max_tokens
+        SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_tokens=SAMPLE_TOKENS + K, ignore_eos=True, seed=i)
         for i in range(NUM_SAMPLES)
     ]
     return [r.outputs[0] for r in llm.generate([PROMPTS[REPETITIVE]] * NUM_SAMPLES, params, use_tqdm=False)]

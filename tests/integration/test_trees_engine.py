@@ -111,7 +111,10 @@ def _sampled(llm: Any, regex: str | None = None) -> list[Any]:
     from vllm.sampling_params import StructuredOutputsParams
 
     grammar = StructuredOutputsParams(regex=regex) if regex else None
-    params = [SamplingParams(temperature=1.0, top_k=3, max_tokens=SAMPLE_TOKENS, ignore_eos=True, seed=i,
+    # the largest tree budget past the tokens compared, so that the first steps' trees have room:
+    # a row drafts no more nodes than it can still commit before max_tokens
+    room = max(max(BUDGET.values()), *BUDGET_OF.values())
+    params = [SamplingParams(temperature=1.0, top_k=3, max_tokens=SAMPLE_TOKENS + room, ignore_eos=True, seed=i,
                              structured_outputs=grammar) for i in range(NUM_SAMPLES)]
     return [r.outputs[0] for r in llm.generate([PROMPTS[REPETITIVE]] * NUM_SAMPLES, params, use_tqdm=False)]
 
