@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     from specserve.bench.drafters import held_out_prompts
     from specserve.demo import demo_model_dir
     from specserve.head_training import resolve_heads
-    from specserve_vllm.spec_control.step_time import DRAFT_TERMS, Calibration, StepCost, fit_cost
+    from specserve_vllm.spec_control.step_time import Calibration, fit_cost
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries the JSON
@@ -201,16 +201,18 @@ def run(args: argparse.Namespace) -> int:
     cost = fit_cost(all_records)
     drafting_mape: dict[str, dict[str, float]] = {}
     by_cell: dict[str, list[dict[str, Any]]] = {}
+    per_draft_fits: dict[str, Any] = {}
     for name, records in per_drafter.items():
         own = fit_cost(records)
         drafter_cost[name] = (own.draft, own.draft_token, own.draft_depth)
         per_draft_only = fit_cost([{**r, "draft_depth": 0} for r in records])  # the fit without the position term
+        per_draft_fits[name] = per_draft_only
         drafting_mape[name] = {"fitted": draft_mape(records, own), "per_draft_only": draft_mape(records, per_draft_only)}
-        by_cell[name] = cell_errors(records, StepCost(**{**asdict(cost), **{t: getattr(own, t) for t in DRAFT_TERMS}}),
-                                    per_draft_only)
     calibration = Calibration(cost=cost, drafter_cost=drafter_cost, acceptance=acceptance,
                               source=f"specserve calibrate on {model_dir.name}: {len(all_records)} steps",
                               acceptance_by_class=by_class)
+    for name, records in per_drafter.items():  # each drafter priced as the engine will price it
+        by_cell[name] = cell_errors(records, calibration.for_drafter(name)[0], per_draft_fits[name])
     args.out.write_text(calibration.to_json() + "\n", encoding="utf-8")
     summary = {"out": str(args.out), "steps": len(all_records), "mape": mape(all_records, cost),
                "draft_mape": drafting_mape, "cells": by_cell, "cost": asdict(cost), "drafter_cost": drafter_cost, "acceptance": acceptance,
