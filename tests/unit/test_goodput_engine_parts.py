@@ -15,7 +15,7 @@ import pytest
 from specserve.engine.process import EngineSpec, engine_command
 from specserve_vllm.compat import step_timer
 from specserve_vllm.spec_control.acceptance import AcceptanceModel
-from specserve_vllm.spec_control.goodput import GoodputPolicy
+from specserve_vllm.spec_control.goodput import PREFILL_ESTIMATES, GoodputPolicy
 from specserve_vllm.spec_control.plan import StepRows, VerifiedRows
 from specserve_vllm.spec_control.planner import PlannerSettings, StepPlanner, build_policy
 from specserve_vllm.spec_control.step_time import (
@@ -426,6 +426,19 @@ def test_the_engine_setting_holds_plans_and_one_decides_every_step() -> None:
                         "HydraProposer").recheck_on == 1
 
 
+def test_the_engine_setting_sets_the_step_fits_memory_and_refuses_a_weight_outside_0_1() -> None:
+    from specserve_vllm.spec_control.planner import PlannerSettings, settings_from
+
+    default = build_policy(settings_from({"specserve": {"spec_policy": "goodput"}}, env={}), 4, "HydraProposer")
+    assert default.model.step_fit.alpha == PlannerSettings.fit_alpha == default.model.draft_fit.alpha
+    longer = build_policy(settings_from({"specserve": {"spec_policy": "goodput", "fit_alpha": 0.01}}, env={}), 4,
+                          "HydraProposer")
+    assert longer.model.step_fit.alpha == 0.01 and longer.model.draft_fit.alpha == 0.01
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="fit_alpha"):
+            settings_from({"specserve": {"fit_alpha": bad}}, env={})
+
+
 def test_the_planner_reuses_held_plans_and_counts_them() -> None:
     """``StepPlanner.reuse`` returns the policy's held plan for an unchanged batch (and counts
     it), and nothing for a changed batch, an exhausted hold, or a probe that is due."""
@@ -441,9 +454,10 @@ def test_the_planner_reuses_held_plans_and_counts_them() -> None:
     assert planner.reuse(ids, caps) is None  # held for recheck_every steps in all
     assert planner.stats.steps == 3 and planner.stats.no_spec_steps == 3
     planner.plan(_rows(16))
-    assert planner.reuse(ids[:15], caps[:15]) is None and planner.reuse(ids, [4] * 15 + [2]) is None
-    assert planner.reuse(ids, caps) is not None  # the fifth step in a row without speculation
-    assert planner.reuse(ids, caps) is None, "a probe is due: the policy must decide"
+    assert planner.reuse(ids[:15], caps[:15]) is None  # other requests
+    lower = planner.reuse(ids, [4] * 15 + [2])  # the same ones, a cap lower: held (the fifth step off)
+    assert lower is not None and lower.sum() == 0
+    assert planner.reuse(ids, [4] * 15 + [2]) is None, "a probe is due: the policy must decide"
     assert planner.plan(_rows(16)).sum() > 0 and policy.probes == 1
 
 
@@ -504,3 +518,35 @@ def test_a_probe_drafts_its_likeliest_row_to_full_depth() -> None:
     plans = [policy.plan(rows) for _ in range(4)]
     assert [int(p.sum()) for p in plans[:3]] == [0, 0, 0]
     assert plans[3].tolist() == best.tolist() and policy.probes == 1
+
+
+def test_the_next_step_is_priced_with_the_prefill_it_will_schedule() -> None:
+    """A step that prefilled a whole 100-token prompt made the next one look 100 tokens slower
+    under ``last``, so speculation at a 0.3 acceptance looked nearly free; ``next`` prices the
+    prompt tokens still to prefill (:attr:`StepRows.prefill`), which a chunked prompt has."""
+    plans = {}
+    for mode in PREFILL_ESTIMATES:
+        policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.3] * 4), prefill_estimate=mode)
+        policy.observe_step(9, 108, 0, False, 100, 123.0, 0, 0.0)  # measured as predicted: the fit holds
+        plans[mode] = int(policy.plan(_rows(8, ctx=0)).sum())
+    assert plans == {"next": 0, "last": plans["last"]} and plans["last"] > 0
+    chunked = StepRows(tuple(f"r{i}" for i in range(8)), np.full(8, 4), np.zeros(8, dtype=np.int64), prefill=100)
+    policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.3] * 4))
+    assert policy.next_prefill(chunked) == 100 and policy.plan(chunked).sum() > 0
+    with pytest.raises(ValueError, match="prefill_estimate"):
+        GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.3] * 4), prefill_estimate="mean")
+
+
+def test_a_held_plan_follows_caps_that_fall_and_ends_when_one_rises() -> None:
+    """Rows nearing ``max_tokens`` lose a cap a step; the held decision is cut to the new caps
+    (and counted so) instead of decided again, which in a closed loop was every other step."""
+    policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.9] * 4), recheck_on=4)
+    planner = StepPlanner(policy, 4)
+    ids = ["r0", "r1"]
+    first = planner.plan(_rows(2))
+    assert first.tolist() == [4, 4]
+    cut = planner.reuse(ids, [4, 2])
+    assert cut is not None and cut.tolist() == [4, 2] and not cut.flags.writeable
+    assert planner.reuse(ids, [4, 0]).tolist() == [4, 0]
+    assert planner.stats.steps == 3 and planner.stats.decode_rows == 5 and planner.stats.k_rows == {4: 4, 2: 1}
+    assert planner.reuse(ids, [4, 1]) is None  # a cap rose: decide again

@@ -85,14 +85,17 @@ def _plan_runner(spec_ks: list[int | None], policy: Any = None) -> SimpleNamespa
     drafter = SimpleNamespace(lengths=None)
     drafter.set_draft_lengths = lambda lengths: setattr(drafter, "lengths", lengths.tolist())
     runner = SimpleNamespace(
-        input_batch=SimpleNamespace(req_ids=req_ids, num_tokens_no_spec=np.full(len(spec_ks), 10)),
+        input_batch=SimpleNamespace(req_ids=req_ids, num_tokens_no_spec=np.full(len(spec_ks), 10),
+                                    num_prompt_tokens=np.full(len(spec_ks), 8),
+                                    num_computed_tokens_cpu=np.full(len(spec_ks), 9)),
         requests=requests, drafter=drafter, speculative_config=SimpleNamespace(num_speculative_tokens=3),
         vllm_config=SimpleNamespace(additional_config={"specserve": {"spec_policy": policy or "fixed"}}))
     return runner
 
 
 def _output(drafts: dict[str, list[int]] | None = None) -> SimpleNamespace:
-    return SimpleNamespace(scheduled_spec_decode_tokens=drafts or {}, finished_req_ids=set())
+    return SimpleNamespace(scheduled_spec_decode_tokens=drafts or {}, finished_req_ids=set(),
+                           num_scheduled_tokens={})
 
 
 def test_all_zero_plan_skips_the_drafter() -> None:
@@ -198,3 +201,24 @@ def test_a_held_plan_skips_the_batch_description_and_the_decision(monkeypatch: p
     monkeypatch.setattr(policy, "plan", decide)
     spec_length.plan_drafts(runner, _output(), [[1]], lambda: drafts)  # the hold ran out
     assert described == [1, 1]
+
+
+def test_prefill_left_counts_the_prompt_tokens_chunked_prefills_still_schedule() -> None:
+    batch = SimpleNamespace(req_ids=["done", "chunked", "last-chunk"], num_prompt_tokens=np.array([50, 900, 300]),
+                            num_computed_tokens_cpu=np.array([60, 256, 44]))
+    runner = SimpleNamespace(input_batch=batch, max_num_tokens=512)
+    step = SimpleNamespace(num_scheduled_tokens={"done": 1, "chunked": 256, "last-chunk": 256})
+    assert spec_length.prefill_left(runner, step) == 900 - 256 - 256
+    runner.max_num_tokens = 128
+    assert spec_length.prefill_left(runner, step) == 128  # the next step's token budget
+
+
+def test_input_batch_holds_what_prefill_left_reads() -> None:
+    from dataclasses import fields
+
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    source = inspect.getsource(InputBatch.__init__)
+    assert "self.num_prompt_tokens = " in source and "self.num_computed_tokens_cpu = " in source
+    assert "num_scheduled_tokens" in {f.name for f in fields(SchedulerOutput)}

@@ -120,6 +120,20 @@ def request_room(runner: Any) -> list[int | None]:
     return rooms
 
 
+def prefill_left(runner: Any, scheduler_output: Any) -> int:
+    """Prompt tokens the batch still has to prefill after this step (chunked prompts), at most
+    the engine's token budget: what the next step will schedule for them. Read from the batch's
+    prompt and computed-token counts (the latter as of the step's start) and the step's
+    scheduled tokens."""
+    batch = runner.input_batch
+    scheduled = scheduler_output.num_scheduled_tokens
+    left = 0
+    for i, req_id in enumerate(batch.req_ids):
+        left += max(0, int(batch.num_prompt_tokens[i]) - int(batch.num_computed_tokens_cpu[i])
+                    - scheduled.get(req_id, 0))
+    return min(left, int(getattr(runner, "max_num_tokens", left)))
+
+
 def request_classes(runner: Any) -> np.ndarray:
     """Each request's sampling class (``acceptance.sampling_class`` of its temperature), in the
     runner's batch order; requests without sampling parameters count as greedy."""
@@ -237,7 +251,7 @@ def plan_drafts(runner: Any, scheduler_output: Any, sampled: Any,
         if planner.hindsight:  # what steps without drafts would have accepted, before deciding
             planner.observe_hindsight(*runner.drafter.take_hindsight())
         lengths = planner.plan(planner.rows(req_ids, caps, runner.input_batch.num_tokens_no_spec[:n],
-                                            request_classes(runner)[:n]))
+                                            request_classes(runner)[:n], prefill_left(runner, scheduler_output)))
     if not lengths.any():
         return [[] for _ in range(n)]
     drafter = getattr(runner, "drafter", None)

@@ -7,6 +7,9 @@ step commits ``B + sum of their g`` tokens on average and costs
 
     T(n) = step(rows, tokens = B + n + prefill, spec = n > 0) + draft(n, depth(n))
 
+(``prefill``: the prompt tokens chunked prefills in the batch will schedule next step, the step
+that verifies the drafts; a prompt prefilled whole this step is not in it.)
+
 (:mod:`~specserve_vllm.spec_control.step_time`; ``depth(n)``: the deepest position among the
 ``n`` slots, which a drafter with one call per position pays once whatever the rows), so
 ``n = 0`` is priced as the real non-speculative step: no spec path, no drafting. The plan is the ``n`` maximising goodput
@@ -61,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, AcceptanceModel
-from specserve_vllm.spec_control.plan import PlanKey, StepRows, VerifiedRows, plan_key
+from specserve_vllm.spec_control.plan import PlanKey, StepRows, VerifiedRows, narrowed, plan_key
 from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION, Calibration, StepTimeModel
 from specserve_vllm.spec_control.tree_pricing import TreePricing
 
@@ -126,6 +129,14 @@ def next_hold(last: int, again: bool, start: int, most: int) -> int:
     return min(last * 2, most) if again else start
 
 
+PREFILL_ESTIMATES = ("next", "last")
+"""How the next step's prefill tokens are estimated: ``next``, what the batch's chunked prompts
+still have to prefill (:attr:`StepRows.prefill`), known when the plan is made; ``last``, the
+last step's. A prompt prefilled whole in one step does not come back in the next, where the
+drafts are verified, so ``last`` priced that step a prefill too slow and speculation looked
+cheap after every arrival (the earlier behaviour, kept for comparison)."""
+
+
 class GoodputPolicy:
     """Per-step draft lengths maximising predicted committed tokens per millisecond."""
 
@@ -135,7 +146,9 @@ class GoodputPolicy:
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
                  probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True,
                  recheck_on: int = 1, recheck_max: int = 16, recheck_off_max: int = 32,
-                 probe_max: int = 1024) -> None:
+                 probe_max: int = 1024, prefill_estimate: str = "next") -> None:
+        if prefill_estimate not in PREFILL_ESTIMATES:
+            raise ValueError(f"prefill_estimate must be one of {', '.join(PREFILL_ESTIMATES)}, got {prefill_estimate!r}")
         self.model = model
         self._acceptance = acceptance
         self.trees = trees
@@ -199,7 +212,9 @@ class GoodputPolicy:
         """Steps that speculated only because of :attr:`probe_every`."""
         self.speculating = True
         self.prefill_tokens = 0
-        """Prefill tokens of the last step, the estimate for the next one."""
+        """Prefill tokens of the last timed step."""
+        self.prefill_estimate = prefill_estimate
+        """How the next step's prefill tokens are estimated (:data:`PREFILL_ESTIMATES`)."""
         self.last_predicted_ms = 0.0
         self.decide_us = 0.0
         """EWMA of the time one decision takes (µs)."""
@@ -233,9 +248,9 @@ class GoodputPolicy:
         logger.info("goodput policy", extra={"fields": {"calibration": str(path), "drafter": drafter,
                                                         "prior": prior, "class_priors": by_class}})
         trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
-        return cls(StepTimeModel(cost), AcceptanceModel(prior, class_priors=by_class), trees=trees,
+        return cls(StepTimeModel(cost, alpha=settings.fit_alpha), AcceptanceModel(prior, class_priors=by_class), trees=trees,
                    chain_depth=chain_depth, sampling_classes=settings.sampling_classes,
-                   recheck_on=settings.recheck_on)
+                   recheck_on=settings.recheck_on, prefill_estimate=settings.prefill_estimate)
 
     def goodput(self, rows: StepRows, survival: np.ndarray | None = None,
                 dec: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,7 +268,7 @@ class GoodputPolicy:
         committed[0] = 0.0
         np.cumsum(values, out=committed[1:])
         committed += b
-        off, on, per_draft, per_position = self.model.chain_terms(len(rows.caps), b + self.prefill_tokens,
+        off, on, per_draft, per_position = self.model.chain_terms(len(rows.caps), b + self.next_prefill(rows),
                                                                   int(rows.context.sum()))
         times = np.arange(s + 1, dtype=np.float64)
         times *= per_draft
@@ -281,7 +296,7 @@ class GoodputPolicy:
         ctx = int(rows.context.sum())
         n_rows = len(rows.caps)
         depth = np.minimum(nodes.max(axis=1, initial=0), self.chain_depth)  # a tree is at most this deep
-        times = self.model.cycle_ms(n_rows, b + self.prefill_tokens, ctx, nodes.sum(axis=1), depth)
+        times = self.model.cycle_ms(n_rows, b + self.next_prefill(rows), ctx, nodes.sum(axis=1), depth)
         times = times * self.trees.cost_factor(n_rows)
         per_row = np.zeros((len(n), n_rows), dtype=np.int64)
         per_row[:, dec] = nodes
@@ -299,12 +314,26 @@ class GoodputPolicy:
         [4]
         >>> p.reuse(plan_key(["a"], [4])).plan.tolist(), p.reuse(plan_key(["a"], [4]))
         ([4], None)
+
+        The same requests with lower caps (:func:`narrowed`) reuse it too, cut to them:
+
+        >>> p.plan(StepRows(("a",), np.array([4]), np.array([100]))).tolist()
+        [4]
+        >>> p.reuse(plan_key(["a"], [2])).plan.tolist(), p.reuse(plan_key(["a"], [3]))
+        ([2], None)
         """
         held = self._held
-        if held is None or held.remaining <= 0 or held.key != key:
+        if held is None or held.remaining <= 0:
             return None
         if not held.speculating and 0 < self._probe_wait <= self._off_streak + 1:
             return None
+        if held.key != key:  # the same requests with lower caps keep the decision, cut to them
+            plan = narrowed(held.key, held.plan, key)
+            if plan is None:
+                return None
+            plan.flags.writeable = False
+            held.key, held.plan = key, plan
+            held.decode = [int(x) for x, c in zip(plan.tolist(), key[1]) if c > 0]
         held.remaining -= 1
         self._steps += 1
         self.last_predicted_ms = held.predicted_ms
@@ -502,6 +531,10 @@ class GoodputPolicy:
             self.model.observe_draft(drafts, draft_ms, draft_depth)
         self.prefill_tokens = prefill_tokens
         return predicted
+
+    def next_prefill(self, rows: StepRows) -> int:
+        """The prefill tokens the next step is priced with (:attr:`prefill_estimate`)."""
+        return rows.prefill if self.prefill_estimate == "next" else self.prefill_tokens
 
     def observe_drafting(self, drafts: int, draft_ms: float, depth: int = 0) -> None:
         """Drafting measured at the end of a step that was not timed (``StepPlanner.skip_step``)."""

@@ -46,6 +46,9 @@ class StepRows:
     classes: np.ndarray | None = None
     """``[n]`` int: each row's sampling class (:func:`~specserve_vllm.spec_control.acceptance.sampling_class`
     of its temperature); ``None``: all greedy."""
+    prefill: int = 0
+    """Prompt tokens the batch's rows still have to prefill after this step (a chunked prompt):
+    the next step schedules them, up to the engine's token budget."""
 
     @property
     def decode_rows(self) -> int:
@@ -64,6 +67,25 @@ def plan_key(req_ids: Any, caps: Any) -> PlanKey:
     (('a', 'b'), (4, 0))
     """
     return tuple(req_ids), tuple(caps)
+
+
+def narrowed(held: PlanKey, plan: np.ndarray, key: PlanKey) -> np.ndarray | None:
+    """``plan``, made for the batch ``held``, as it applies to the batch ``key``: the same
+    requests with no cap raised (a row nearing ``max_tokens`` loses a cap a step), each length
+    cut to its new cap; ``None`` when the requests differ or a cap rose. A decision stays right
+    under lower caps: not speculating stays best when the speculating plans left are fewer, and
+    a speculating plan only loses the slots no row may draft any more.
+
+    >>> narrowed((("a", "b"), (4, 4)), np.array([3, 4]), (("a", "b"), (4, 2))).tolist()
+    [3, 2]
+    >>> narrowed((("a", "b"), (4, 2)), np.array([3, 2]), (("a", "b"), (4, 3))) is None  # a cap rose
+    True
+    >>> narrowed((("a", "b"), (4, 4)), np.array([0, 0]), (("a", "c"), (4, 4))) is None  # another request
+    True
+    """
+    if held[0] != key[0] or any(c > h for c, h in zip(key[1], held[1])):
+        return None
+    return np.minimum(plan, np.array(key[1], dtype=plan.dtype))
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,14 @@ class PlannerSettings:
     steps, the first :data:`PLAIN_RUN_TIMED`, then one in this many (1: every step). Describing
     and fitting a step costs 20-50 µs right after the forward pass, 1-2% of a CPU step, and a
     long run without drafts repeats the same few shapes."""
+    fit_alpha: float = 0.1
+    """``goodput``: weight of each measured step in the online step-time fit
+    (:class:`~specserve_vllm.spec_control.step_time.TermFit`); its memory is about ``1 / fit_alpha``
+    steps."""
+    prefill_estimate: str = "next"
+    """``goodput``: the prefill tokens the next step is priced with: ``next`` (what chunked
+    prompts in the batch still have to prefill) or ``last`` (the last step's; the earlier
+    behaviour)."""
     chain_verify: str = "walk"
     """How chain steps are verified: ``walk`` (the target's own token per row, as trees are, where
     the batch allows; :mod:`specserve_vllm.compat.chain_walk`) or ``rejection`` (vLLM's rejection
@@ -107,6 +115,8 @@ class PlannerSettings:
             raise InvalidSpecPolicy(f"spec_policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.chain_verify not in CHAIN_VERIFIERS:
             raise ValueError(f"chain_verify must be one of {', '.join(CHAIN_VERIFIERS)}, got {self.chain_verify!r}")
+        if not 0.0 < self.fit_alpha <= 1.0:
+            raise ValueError(f"fit_alpha must be in (0, 1], got {self.fit_alpha!r}")
 
 
 def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) -> PlannerSettings:
@@ -124,6 +134,8 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         chain_verify=str(ours.get("chain_verify", "walk")),
         time_plain_every=max(1, int(ours.get("time_plain_every", 4))),
         hindsight=bool(ours.get("hindsight", True)),
+        fit_alpha=float(ours.get("fit_alpha", PlannerSettings.fit_alpha)),
+        prefill_estimate=str(ours.get("prefill_estimate", PlannerSettings.prefill_estimate)),
     )
 
 
@@ -269,11 +281,11 @@ class StepPlanner:
 
     @staticmethod
     def rows(req_ids: Sequence[str], caps: Sequence[int], context: Any,
-             classes: np.ndarray | None = None) -> StepRows:
+             classes: np.ndarray | None = None, prefill: int = 0) -> StepRows:
         """The batch as the policy reads it: rows with their :meth:`caps`, context lengths and
-        sampling classes (``None``: all greedy)."""
+        sampling classes (``None``: all greedy), and the prompt tokens still to prefill."""
         return StepRows(req_ids=tuple(req_ids), caps=np.array(caps, dtype=np.int64),
-                        context=np.asarray(context, dtype=np.int64), classes=classes)
+                        context=np.asarray(context, dtype=np.int64), classes=classes, prefill=prefill)
 
     def reuse(self, req_ids: Sequence[str], caps: Sequence[int]) -> np.ndarray | None:
         """The plan the policy holds for this batch (counted as a plan; read-only), or ``None``

@@ -11,6 +11,9 @@ Arms:
   reused), which shows what reusing plans buys;
 - ``goodput-no-hindsight``: the same learning only from verified drafts (the ``hindsight``
   setting off: steps without drafts teach it nothing);
+- ``goodput-last-prefill``: the same pricing the next step with the last step's prefill tokens
+  (engine setting ``prefill_estimate`` ``last``, the earlier behaviour) instead of the prompt
+  tokens chunked prefills still have to schedule;
 - ``goodput-twin``: a second engine built as ``goodput`` is, judged against it (an A/A control:
   the run's noise floor, engine instances included);
 - ``goodput-tree``: the goodput controller spending a node budget (``--tree-budget``) on draft
@@ -239,6 +242,27 @@ def full_load_verdict(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return {"paired_full_load_throughput": verdict} if verdict else {}
 
 
+def variant_verdicts(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each goodput variant (``goodput-*`` arms but the tree arm) judged as ``goodput`` is:
+    its throughput paired by repetition against the best baseline arm's, so a setting's trial
+    arm and the default read alike. Empty without variants.
+
+    >>> runs = {"k2": [{"tokens_per_s": 100.0}, {"tokens_per_s": 90.0}], "goodput": [{"tokens_per_s": 95.0}] * 2,
+    ...         "goodput-twin": [{"tokens_per_s": 50.0}, {"tokens_per_s": 45.0}]}
+    >>> variant_verdicts(runs)["variants_paired_throughput"]["goodput-twin"]["slowdown"]
+    2.0
+    """
+    baselines = {a: [x["tokens_per_s"] for x in r] for a, r in runs.items() if a not in GOODPUT_ARMS}
+    out = {}
+    for arm in runs:
+        if arm in GOODPUT_ARMS and arm not in ("goodput", TREE_ARM) and baselines:
+            verdict = paired_verdict({**baselines, arm: [x["tokens_per_s"] for x in runs[arm]]}, arm,
+                                     lower_is_better=False)
+            if verdict:
+                out[arm] = verdict
+    return {"variants_paired_throughput": out} if out else {}
+
+
 def verdicts(point: dict[str, dict[str, Any]], key: str, lower_is_better: bool) -> dict[str, Any] | None:
     """The best arm at a point and how ``goodput`` stands (see :func:`best_and_verdict`)."""
     if "goodput" not in point or len(point) < 2:
@@ -312,6 +336,7 @@ GOODPUT_ARMS: dict[str, dict[str, Any]] = {
     "goodput-no-hindsight": {"hindsight": False},
     "goodput-tree": {},
     "goodput-twin": {},
+    "goodput-last-prefill": {"prefill_estimate": "last"},
 }
 """The goodput arms and the engine settings each adds to the default controller."""
 
@@ -500,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
                 "paired_cpu_throughput": paired_verdict({a: [x["tokens_per_cpu_s"] for x in r]
                                                          for a, r in judged_runs.items()}, "goodput",
                                                         lower_is_better=False),
-                **full_load_verdict(judged_runs), **twin_ratios(runs)}
+                **full_load_verdict(judged_runs), **twin_ratios(runs), **variant_verdicts(runs)}
 
     try:
         for llm in engines.values():  # the same warm-up for every engine

@@ -124,11 +124,9 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
                         speculative_config=speculative_config(drafter, args.k),  # type: ignore[arg-type]
                         additional_config={"specserve": {"spec_policy": "fixed", "time_plain_every": 1}})
     try:
-        def runner_state(worker: Any) -> tuple[str, list[dict[str, Any]], list[float]]:
+        def runner_state(worker: Any) -> tuple[str, list[float]]:
             runner = worker_runner(worker)
-            planner = runner._specserve_planner
-            records = [{**asdict(r), "step_ms": r.step_ms} for r in planner.records]
-            return type(runner.drafter).__name__, records, planner.stats.conditional_acceptance()
+            return type(runner.drafter).__name__, runner._specserve_planner.stats.conditional_acceptance()
 
         def position_counts(worker: Any) -> tuple[list[int], list[int]]:
             stats = worker_runner(worker)._specserve_planner.stats
@@ -155,7 +153,7 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
                 # each grid cell's steps, tagged for the error table by cell
                 records += [{**x, "cell": [bs, k]} for x in llm.collective_rpc(take_records)[0]]
                 log.info("calibrate", extra={"fields": {"drafter": drafter, "round": r, "batch": bs, "spec_k": k}})
-        name, _, rates = llm.collective_rpc(runner_state)[0]
+        name, rates = llm.collective_rpc(runner_state)[0]
         by_class: dict[str, list[float]] = {SAMPLING_CLASSES[0]: rates}
         for t in [float(x) for x in str(args.temperatures).split(",") if x.strip()]:
             trials0, accepted0 = llm.collective_rpc(position_counts)[0]
