@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from specserve.bench import goodput
+from specserve_vllm.spec_control.step_time import STEP_TERMS
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -42,6 +43,10 @@ def test_bench_goodput_runs_every_arm_and_judges_the_tree_arm(demo_model_dir: Pa
         tree = pt["arms"][goodput.TREE_ARM]
         assert "plan" in tree and all(p["plans"] > 0 for p in tree["plan"])
         assert "trees_verified" not in pt["arms"]["goodput"]
+        # each repetition shows the controller's step terms as it left them (the fit moves)
+        terms = [p["step_terms"] for p in pt["arms"]["goodput"]["plan"]]
+        assert all(set(t) == set(STEP_TERMS) and t["base"] > 0 for t in terms)
+        assert "step_terms" not in pt["arms"]["k2"].get("plan", [{}])[0]
     # the controller tries trees at every batch size it has not priced yet (it may then keep
     # chains where they pay more), so the tree engine verified trees at some point
     tree_arms = [pt["arms"][goodput.TREE_ARM] for pt in points.values()]

@@ -77,6 +77,7 @@ from specserve.bench.stats import best_and_verdict, mean_ci, paired_verdict
 from specserve.bench.svg import line_chart
 from specserve.bench.trees import tree_counters
 from specserve.engine.local import worker_runner
+from specserve_vllm.spec_control.step_time import STEP_TERMS
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,25 @@ def _plan_stats(llm: Any) -> dict[str, Any]:
     """The in-process engine's planner statistics (``PlanStats.snapshot``)."""
     planner = _planner(llm)
     return planner.snapshot() if planner is not None else {}
+
+
+def step_terms(planner: Any) -> dict[str, Any]:
+    """The controller's step-time terms as it prices steps at the end of a repetition (ms;
+    ``StepCost`` fields, level included) and its drafting factors: how the online fit moved
+    between repetitions. Empty for a policy without a step model.
+
+    >>> from types import SimpleNamespace
+    >>> from specserve_vllm.spec_control.step_time import StepCost, StepTimeModel
+    >>> policy = SimpleNamespace(model_state=lambda: StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1)).state())
+    >>> step_terms(SimpleNamespace(policy=policy))["step_terms"]["spec"], step_terms(None)
+    (2.0, {})
+    """
+    state = getattr(getattr(planner, "policy", None), "model_state", None)
+    if not callable(state):
+        return {}
+    model = state()
+    return {"step_terms": {k: v for k, v in model["cost"].items() if k in STEP_TERMS},
+            "draft_correction": model.get("draft_correction")}
 
 
 def _planner(llm: Any) -> Any:
@@ -460,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
         # other work, which wall-clock figures on a shared machine are not
         result["tokens_per_cpu_s"] = round(sum(len(f.tokens) for f in finished) / cpu_s, 1) if cpu_s > 0 else 0.0
         if before is not None:
-            result["plan"] = plan_delta(before, _plan_stats(llm))
+            result["plan"] = {**plan_delta(before, _plan_stats(llm)), **step_terms(_planner(llm))}
         if trees_before is not None:  # counts, so the tree arm is seen to verify trees
             trees_after = tree_counters(llm)
             result["trees_verified"] = trees_after.get("verified", 0) - trees_before.get("verified", 0)
