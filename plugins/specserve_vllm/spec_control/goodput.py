@@ -248,7 +248,7 @@ class GoodputPolicy:
         logger.info("goodput policy", extra={"fields": {"calibration": str(path), "drafter": drafter,
                                                         "prior": prior, "class_priors": by_class}})
         trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
-        return cls(StepTimeModel(cost, alpha=settings.fit_alpha, anchor_rule=settings.fit_anchor), AcceptanceModel(prior, class_priors=by_class), trees=trees,
+        return cls(StepTimeModel(cost, alpha=settings.fit_alpha), AcceptanceModel(prior, class_priors=by_class), trees=trees,
                    chain_depth=chain_depth, sampling_classes=settings.sampling_classes,
                    recheck_on=settings.recheck_on, prefill_estimate=settings.prefill_estimate)
 

@@ -101,10 +101,6 @@ class PlannerSettings:
     """``goodput``: weight of each measured step in the online step-time fit
     (:class:`~specserve_vllm.spec_control.step_time.TermFit`); its memory is about ``1 / fit_alpha``
     steps."""
-    fit_anchor: str = "identified"
-    """``goodput``: how the step fit's ridge anchor follows the measurements: ``identified``
-    (along the combinations of terms they tell apart) or ``exercised`` (every exercised term to
-    its fitted value; the earlier rule)."""
     prefill_estimate: str = "next"
     """``goodput``: the prefill tokens the next step is priced with: ``next`` (what chunked
     prompts in the batch still have to prefill) or ``last`` (the last step's; the earlier
@@ -140,7 +136,6 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         hindsight=bool(ours.get("hindsight", True)),
         fit_alpha=float(ours.get("fit_alpha", PlannerSettings.fit_alpha)),
         prefill_estimate=str(ours.get("prefill_estimate", PlannerSettings.prefill_estimate)),
-        fit_anchor=str(ours.get("fit_anchor", PlannerSettings.fit_anchor)),
     )
 
 

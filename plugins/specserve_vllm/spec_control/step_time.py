@@ -189,36 +189,6 @@ def nonneg_solve(solve: Callable[[np.ndarray], np.ndarray], n: int) -> tuple[np.
     return index, np.zeros(0)
 
 
-ANCHOR_RULES = ("identified", "exercised")
-"""How a fold moves the ridge's anchor: along what it identified (:func:`identified_projection`),
-or every exercised term to its fitted value (the earlier rule, kept for comparison)."""
-
-IDENTIFIED_TOL = 1e-4
-"""Directions of a fold's gram with eigenvalues under this share of its largest are taken as
-not identified by the fold (:func:`identified_projection`)."""
-
-
-def identified_projection(gram: np.ndarray) -> np.ndarray:
-    """The projection onto the combinations of terms a fold's measurements identify, from the
-    gram of their feature columns. Terms whose columns are proportional (the spec path's fixed
-    cost and ``base`` when every step speculated; ``spec_row`` and ``per_row``) are known only
-    as a sum: the anchor of the ridge moves along it, and holds the split. Following each
-    fold's split let the spec path's fixed cost swing between 0 and 3x its calibration from
-    one closed loop to the next.
-
-    >>> x = np.array([[1.0, 4.0, 1.0], [1.0, 8.0, 1.0], [1.0, 6.0, 1.0]])  # base, tokens, spec: all speculated
-    >>> p = identified_projection(x.T @ x)
-    >>> np.allclose(p @ [1.0, 0.0, -1.0], 0.0), np.allclose(p @ [1.0, 0.0, 1.0], [1.0, 0.0, 1.0])  # split, sum
-    (True, True)
-    >>> x[2, 2] = 0.0  # one plain step: the spec path is told apart
-    >>> np.allclose(identified_projection(x.T @ x), np.eye(3))
-    True
-    """
-    values, vectors = np.linalg.eigh(gram)
-    keep = vectors[:, values > IDENTIFIED_TOL * max(float(values[-1]), 1e-300)]
-    return keep @ keep.T
-
-
 class TermFit:
     """Online fit of coefficients ``c`` such that a time is ``sum_j c_j * feature_j``, starting
     at (and pulled toward) calibrated ones.
@@ -237,9 +207,8 @@ class TermFit:
     ``fold_every`` of them (:meth:`fold`): the same sums as taking each at once, for a few array
     operations and one solve.
 
-    The ridge pulls the terms toward what the last folds identified (:func:`identified_projection`:
-    a term no measurement exercised keeps its value, terms exercised only together keep their
-    split), not toward the calibration: a term no recent measurement exercises
+    The ridge pulls a term toward its value at the last fold whose measurements exercised it
+    (a nonzero feature), not toward the calibration: a term no recent measurement exercises
     (the spec path's, through a stretch of plain steps) keeps what it learnt as its evidence
     fades, instead of drifting back to a calibration another host may have measured.
 
@@ -252,13 +221,10 @@ class TermFit:
     """
 
     __slots__ = ("calibrated", "unit", "alpha", "ridge", "fold_every", "factors", "coef", "gram", "moment",
-                 "pending", "_prior", "_ridge_eye", "_ridge_prior", "_root_weight", "_basis", "anchor", "anchor_rule")
+                 "pending", "_prior", "_ridge_eye", "_ridge_prior", "_root_weight", "_basis", "anchor")
 
     def __init__(self, calibrated: Sequence[float], unit: Sequence[float] | None = None, alpha: float = 0.1,
-                 ridge: float = 0.001, fold_every: int = FOLD_EVERY, anchor_rule: str = "identified") -> None:
-        if anchor_rule not in ANCHOR_RULES:
-            raise ValueError(f"anchor_rule must be one of {', '.join(ANCHOR_RULES)}, got {anchor_rule!r}")
-        self.anchor_rule = anchor_rule
+                 ridge: float = 0.001, fold_every: int = FOLD_EVERY) -> None:
         self.calibrated = np.asarray(calibrated, dtype=np.float64)
         self.unit = np.where(self.calibrated > 0, self.calibrated, 1.0 if unit is None else np.asarray(unit))
         self.alpha, self.ridge, self.fold_every = alpha, ridge, fold_every
@@ -319,11 +285,8 @@ class TermFit:
         self.moment *= decay
         self.moment += sums[:-1, -1]
         self.solve()
-        if self.anchor_rule == "identified":
-            self.anchor += identified_projection(sums[:-1, :-1]) @ (self.factors - self.anchor)
-        else:  # "exercised": every term with a nonzero feature takes its fitted value
-            exercised = np.diagonal(sums)[:-1] > 0
-            self.anchor[exercised] = self.factors[exercised]
+        exercised = np.diagonal(sums)[:-1] > 0  # the others keep their anchor
+        self.anchor[exercised] = self.factors[exercised]
         self._ridge_prior = self.ridge * self.anchor
 
     def solve(self) -> None:
@@ -389,12 +352,11 @@ class StepTimeModel:
     draft counts mispriced large ones.
     """
 
-    def __init__(self, cost: StepCost, alpha: float = 0.1, anchor_rule: str = "identified") -> None:
+    def __init__(self, cost: StepCost, alpha: float = 0.1) -> None:
         self.calibration = cost
         self.alpha = alpha
-        self.step_fit = TermFit([getattr(cost, t) for t in STEP_TERMS], ZERO_TERM_SCALE, alpha, anchor_rule=anchor_rule)
-        self.draft_fit = TermFit([getattr(cost, t) for t in DRAFT_TERMS], ZERO_DRAFT_SCALE, alpha,
-                                 anchor_rule=anchor_rule)
+        self.step_fit = TermFit([getattr(cost, t) for t in STEP_TERMS], ZERO_TERM_SCALE, alpha)
+        self.draft_fit = TermFit([getattr(cost, t) for t in DRAFT_TERMS], ZERO_DRAFT_SCALE, alpha)
         self.level = 1.0
         """Measured over fitted step time, followed step by step (:data:`LEVEL_RATE`) since the
         step fit's last fold; every step price is scaled by it."""

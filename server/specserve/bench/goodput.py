@@ -14,9 +14,6 @@ Arms:
 - ``goodput-last-prefill``: the same pricing the next step with the last step's prefill tokens
   (engine setting ``prefill_estimate`` ``last``, the earlier behaviour) instead of the prompt
   tokens chunked prefills still have to schedule;
-- ``goodput-exercised-anchor``: the same with the step fit's ridge anchor following every
-  exercised term (engine setting ``fit_anchor`` ``exercised``, the earlier rule) instead of
-  only what the measurements identify;
 - ``goodput-twin``: a second engine built as ``goodput`` is, judged against it (an A/A control:
   the run's noise floor, engine instances included);
 - ``goodput-tree``: the goodput controller spending a node budget (``--tree-budget``) on draft
@@ -360,7 +357,6 @@ GOODPUT_ARMS: dict[str, dict[str, Any]] = {
     "goodput-tree": {},
     "goodput-twin": {},
     "goodput-last-prefill": {"prefill_estimate": "last"},
-    "goodput-exercised-anchor": {"fit_anchor": "exercised"},
 }
 """The goodput arms and the engine settings each adds to the default controller."""
 
