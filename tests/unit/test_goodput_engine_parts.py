@@ -437,6 +437,8 @@ def test_the_engine_setting_sets_the_step_fits_memory_and_refuses_a_weight_outsi
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="fit_alpha"):
             settings_from({"specserve": {"fit_alpha": bad}}, env={})
+    with pytest.raises(ValueError, match="prefill_estimate"):  # refused with the other settings, any policy
+        settings_from({"specserve": {"spec_policy": "fixed", "prefill_estimate": "mean"}}, env={})
 
 
 def test_the_planner_reuses_held_plans_and_counts_them() -> None:

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, AcceptanceModel
-from specserve_vllm.spec_control.plan import PlanKey, StepRows, VerifiedRows, narrowed, plan_key
+from specserve_vllm.spec_control.plan import PREFILL_ESTIMATES, PlanKey, StepRows, VerifiedRows, narrowed, plan_key
 from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION, Calibration, StepTimeModel
 from specserve_vllm.spec_control.tree_pricing import TreePricing
 
@@ -127,14 +127,6 @@ def next_hold(last: int, again: bool, start: int, most: int) -> int:
     [8, 16, 16, 4]
     """
     return min(last * 2, most) if again else start
-
-
-PREFILL_ESTIMATES = ("next", "last")
-"""How the next step's prefill tokens are estimated: ``next``, what the batch's chunked prompts
-still have to prefill (:attr:`StepRows.prefill`), known when the plan is made; ``last``, the
-last step's. A prompt prefilled whole in one step does not come back in the next, where the
-drafts are verified, so ``last`` priced that step a prefill too slow and speculation looked
-cheap after every arrival (the earlier behaviour, kept for comparison)."""
 
 
 class GoodputPolicy:

@@ -56,6 +56,14 @@ class StepRows:
         return int(np.count_nonzero(self.caps))
 
 
+PREFILL_ESTIMATES = ("next", "last")
+"""How the next step's prefill tokens are estimated: ``next``, what the batch's chunked prompts
+still have to prefill (:attr:`StepRows.prefill`), known when the plan is made; ``last``, the
+last step's. A prompt prefilled whole in one step does not come back in the next, where the
+drafts are verified, so ``last`` priced that step a prefill too slow and speculation looked
+cheap after every arrival (the earlier behaviour, kept for comparison)."""
+
+
 PlanKey = tuple[tuple[str, ...], tuple[int, ...]]
 """A batch as plans are reused for it: request ids and their caps, in batch order."""
 

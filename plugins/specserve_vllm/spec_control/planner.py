@@ -36,6 +36,7 @@ import numpy as np
 
 from specserve_vllm.spec_control.plan import (
     POLICIES,
+    PREFILL_ESTIMATES,
     FixedPolicy,
     JitterPolicy,
     OffPolicy,
@@ -117,6 +118,9 @@ class PlannerSettings:
             raise ValueError(f"chain_verify must be one of {', '.join(CHAIN_VERIFIERS)}, got {self.chain_verify!r}")
         if not 0.0 < self.fit_alpha <= 1.0:
             raise ValueError(f"fit_alpha must be in (0, 1], got {self.fit_alpha!r}")
+        if self.prefill_estimate not in PREFILL_ESTIMATES:
+            raise ValueError(f"prefill_estimate must be one of {', '.join(PREFILL_ESTIMATES)}, "
+                             f"got {self.prefill_estimate!r}")
 
 
 def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) -> PlannerSettings:

@@ -480,7 +480,8 @@ def run(args: argparse.Namespace) -> int:
         # other work, which wall-clock figures on a shared machine are not
         result["tokens_per_cpu_s"] = round(sum(len(f.tokens) for f in finished) / cpu_s, 1) if cpu_s > 0 else 0.0
         if before is not None:
-            result["plan"] = {**plan_delta(before, _plan_stats(llm)), **step_terms(_planner(llm))}
+            planner = _planner(llm)
+            result["plan"] = {**plan_delta(before, planner.snapshot()), **step_terms(planner)}
         if trees_before is not None:  # counts, so the tree arm is seen to verify trees
             trees_after = tree_counters(llm)
             result["trees_verified"] = trees_after.get("verified", 0) - trees_before.get("verified", 0)
