@@ -31,8 +31,13 @@ def test_bench_goodput_runs_every_arm_and_judges_the_tree_arm(demo_model_dir: Pa
     report = json.loads(out.out)
     points = report["closed"]["t0"]
     assert set(points) == {"1", "2"}
-    for pt in points.values():
+    for clients, pt in points.items():
         assert set(pt["arms"]) == set(ARMS)
+        # every engine step is counted by the requests the engine held, and every arm served the
+        # same output tokens (ignore_eos, the same lengths)
+        totals = {a: sum(c["tokens"] for c in pt["arms"][a]["by_requests"].values()) for a in ARMS}
+        assert len(set(totals.values())) == 1 and totals["none"] > 0, totals
+        assert {int(n) for a in ARMS for n in pt["arms"][a]["by_requests"]} <= set(range(1, int(clients) + 1))
         assert all(pt["arms"][a]["reps"] == 2 and pt["arms"][a]["tokens_per_s"] > 0 for a in ARMS)
         assert pt["paired_throughput"]["best"] in {"none", "k2", "goodput"}
         # closed loops also judge the time every client was busy (the drain left out)
@@ -64,9 +69,9 @@ def test_interleaved_one_client_points_take_turns_by_request(demo_model_dir: Pat
     tags: list[str] = []
     real = goodput.closed_loop
 
-    def recording(engine: object, requests: list, clients: int, tag: str) -> object:
+    def recording(engine: object, requests: list, clients: int, tag: str, steps: object = None) -> object:
         tags.append(tag)
-        return real(engine, requests, clients, tag)
+        return real(engine, requests, clients, tag, steps=steps)
 
     monkeypatch.setattr(goodput, "closed_loop", recording)
     parser = argparse.ArgumentParser()
@@ -92,6 +97,7 @@ def test_interleaved_one_client_points_take_turns_by_request(demo_model_dir: Pat
     verdict = one["request_paired_latency"]
     assert verdict["best"] in arms and verdict["verdict"] in ("within", "beyond", "undecided")
     assert all(one["arms"][a]["reps"] == 2 and one["arms"][a]["tokens_per_s"] > 0 for a in arms)
+    assert all(set(one["arms"][a]["by_requests"]) == {"1"} for a in arms)  # one request at a time
     # Two clients are not interleaved: one call per arm and repetition, no per-request verdict.
     assert len([t for t in tags if t.startswith("closed-2-")]) == 2 * len(arms)
     assert "request_paired_latency" not in two

@@ -40,6 +40,9 @@ class _FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.live)
 
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.live)
+
     def step(self) -> list[Any]:
         out = []
         for rid in list(self.live):
@@ -92,6 +95,20 @@ def test_closed_loop_keeps_the_clients_busy_and_no_more(clients: int) -> None:
     assert finished[0].full_load_s > 0 and all(f.full_load_s == 0 for f in finished[1:])
     result = load.summarise(finished, span)
     assert 0 < result["full_load_share"] <= 1 and result["tokens_per_s_full_load"] > 0
+
+
+def test_a_step_log_counts_every_step_and_token_by_the_requests_held() -> None:
+    log = load.StepLog()
+    finished, _ = load.closed_loop(_FakeEngine(steps=2), [([1], None)] * 5, 2, "s", steps=log)
+    cells = log.summary()
+    # 5 requests of 2 tokens at 2 clients: two full steps each for pairs 1-2 and 3-4, then
+    # request 5 alone (sent when request 3 or 4 finished, so it overlaps neither)
+    assert sum(c["tokens"] for c in cells.values()) == sum(len(f.tokens) for f in finished) == 10
+    assert set(cells) == {"1", "2"} and cells["2"]["steps"] == 4 and cells["1"]["steps"] == 2
+    assert cells["2"]["tokens_per_step"] == 2.0 and cells["1"]["tokens_per_step"] == 1.0
+    merged = load.merge_by_requests([cells, cells])
+    assert merged["2"]["steps"] == 8 and merged["2"]["tokens"] == 16
+    assert merged["2"]["tokens_per_ms"] == cells["2"]["tokens_per_ms"]
 
 
 def test_the_verdict_and_the_summary_name_the_best_arm() -> None:

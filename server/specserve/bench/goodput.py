@@ -42,7 +42,10 @@ reports give mean, p50, p99 latency, TTFT, TPOT, tokens/s, and the
 share of looping outputs, with 95% confidence intervals over repetitions, and per point the best
 arm and whether ``goodput`` is within 3% (or the CI) of it. Each run also reports output tokens
 per CPU second of this process (the engines run in it), a view blind to time the machine gave
-to other work; closed-loop points judge goodput on it too (``paired_cpu_throughput``). JSON on stdout, a summary line on
+to other work; closed-loop points judge goodput on it too (``paired_cpu_throughput``). Every arm
+also reports its engine steps by the number of requests the engine held (``by_requests``: steps,
+tokens per step, ms per step and tokens per ms of the whole engine step), which shows at which
+batch sizes an arm gains or loses. JSON on stdout, a summary line on
 stderr, SVG charts in ``--plots DIR``. Arrival-time latencies absorb every pause of the machine:
 publish only runs on a quiet machine. Not covered here: the gateway level and two replicas (the
 gateway's own benchmark, ``bench spec-policy``, drives HTTP).
@@ -66,8 +69,10 @@ from typing import Any
 
 from specserve.bench.load import (
     Finished,
+    StepLog,
     arrivals,
     closed_loop,
+    merge_by_requests,
     open_loop,
     output_lengths,
     phased_arrivals,
@@ -473,9 +478,11 @@ def run(args: argparse.Namespace) -> int:
         return finished, span, time.process_time() - cpu0
 
     def arm_result(arm: str, finished: list[Finished], span: float, cpu_s: float,
-                   before: dict[str, Any] | None, trees_before: dict[str, Any] | None) -> dict[str, Any]:
+                   before: dict[str, Any] | None, trees_before: dict[str, Any] | None,
+                   steps: StepLog) -> dict[str, Any]:
         llm = engines[arm]
         result: dict[str, Any] = summarise(finished, span)
+        result["by_requests"] = steps.summary()
         # this process's CPU time (the engine runs in it): blind to time the machine gave
         # other work, which wall-clock figures on a shared machine are not
         result["tokens_per_cpu_s"] = round(sum(len(f.tokens) for f in finished) / cpu_s, 1) if cpu_s > 0 else 0.0
@@ -489,7 +496,7 @@ def run(args: argparse.Namespace) -> int:
                                              - trees_before.get("accepted_nodes", 0))
         return result
 
-    def point(label: str, drive: Callable[[Any, list[tuple[Any, Any]], str, int], tuple[list[Finished], float]],
+    def point(label: str, drive: Callable[[Any, list[tuple[Any, Any]], str, int, StepLog], tuple[list[Finished], float]],
               temperature: str, seed_base: int, by_request: bool = False) -> dict[str, Any]:
         """Every arm at one load point, ``--reps`` times. ``by_request`` (one client): the arms
         take turns request by request, in an order shuffled per request, and the report adds
@@ -504,6 +511,7 @@ def run(args: argparse.Namespace) -> int:
             before = {arm: _plan_stats(engines[arm]) if arm.startswith("goodput") else None for arm in arms}
             trees_before = {arm: tree_counters(engines[arm]) if arm == TREE_ARM else None for arm in arms}
             served: dict[str, list[tuple[list[Finished], float, float]]] = {a: [] for a in arms}
+            steps = {arm: StepLog() for arm in arms}
             if by_request:
                 orders.append([])
                 for i in range(args.requests):
@@ -512,21 +520,23 @@ def run(args: argparse.Namespace) -> int:
                     orders[-1].append(turn)
                     for arm in turn:
                         served[arm].append(measured(arm, lambda arm=arm, i=i: closed_loop(
-                            engines[arm].llm_engine, [reqs[arm][i]], 1, f"{label}-{arm}-{rep}-{i}")))
+                            engines[arm].llm_engine, [reqs[arm][i]], 1, f"{label}-{arm}-{rep}-{i}",
+                            steps=steps[arm])))
             else:
                 orders.append(order)
                 for arm in order:
                     served[arm].append(measured(arm, lambda arm=arm: drive(
-                        engines[arm].llm_engine, reqs[arm], f"{label}-{arm}-{rep}", rep)))
+                        engines[arm].llm_engine, reqs[arm], f"{label}-{arm}-{rep}", rep, steps[arm])))
             for arm in order:
                 finished = [f for part in served[arm] for f in part[0]]
                 span, cpu_s = sum(part[1] for part in served[arm]), sum(part[2] for part in served[arm])
                 latencies[arm] += [f.done - f.sent for f in finished]
-                result = arm_result(arm, finished, span, cpu_s, before[arm], trees_before[arm])
+                result = arm_result(arm, finished, span, cpu_s, before[arm], trees_before[arm], steps[arm])
                 runs[arm].append(result)
                 logger.info("bench goodput point", extra={"fields": {
                     "point": label, "temperature": temperature, "rep": rep, "arm": arm, **result}})
-        per_arm = {arm: {**combine(r), **({"plan": [x["plan"] for x in r]} if "plan" in r[0] else {})}
+        per_arm = {arm: {**combine(r), "by_requests": merge_by_requests([x["by_requests"] for x in r]),
+                         **({"plan": [x["plan"] for x in r]} if "plan" in r[0] else {})}
                    for arm, r in runs.items()}
         judged, judged_runs = judged_arms(per_arm), judged_arms(runs)
         tree_runs = tree_judged_arms(runs)
@@ -558,18 +568,18 @@ def run(args: argparse.Namespace) -> int:
                 for ri, rate in enumerate(float(r) for r in args.rates.split(",")):
                     times = {rep: arrivals(rate, args.requests, args.seed + 100 * ri + rep) for rep in range(args.reps)}
 
-                    def drive_open(engine: Any, reqs: list[tuple[Any, Any]], tag: str, rep: int,
+                    def drive_open(engine: Any, reqs: list[tuple[Any, Any]], tag: str, rep: int, steps: StepLog,
                                    times: dict[int, list[float]] = times) -> tuple[list[Finished], float]:
-                        return open_loop(engine, reqs, times[rep], tag)
+                        return open_loop(engine, reqs, times[rep], tag, steps=steps)
 
                     report["open"][key][f"{rate:g}"] = point(f"open-{rate:g}-{key}", drive_open, temperature,
                                                              args.seed + 100 * ri + 10 * ti)
             if "closed" in parts:
                 report["closed"][key] = {}
                 for ci, clients in enumerate(int(c) for c in args.concurrency.split(",")):
-                    def drive_closed(engine: Any, reqs: list[tuple[Any, Any]], tag: str, rep: int,
+                    def drive_closed(engine: Any, reqs: list[tuple[Any, Any]], tag: str, rep: int, steps: StepLog,
                                      clients: int = clients) -> tuple[list[Finished], float]:
-                        return closed_loop(engine, reqs, clients, tag)
+                        return closed_loop(engine, reqs, clients, tag, steps=steps)
 
                     report["closed"][key][str(clients)] = point(
                         f"closed-{clients}-{key}", drive_closed, temperature, args.seed + 500 + 100 * ci + 10 * ti,

@@ -3,7 +3,8 @@
 Each driver steps a vLLM ``LLMEngine`` itself (``add_request`` / ``step``; no HTTP, no threads),
 so the client is as light as it can be on a machine it shares with the engine. Latency counts
 from the scheduled arrival (open loop: queueing counts) or from the moment a client sends
-(closed loop). ``on_step(now_s)`` runs after every engine step, for step traces.
+(closed loop). ``on_step(now_s)`` runs after every engine step, for step traces; a
+:class:`StepLog` counts every step's time and output tokens by the requests the engine held.
 Arrival times and output lengths are precomputed from a seed, so every arm gets the same load.
 """
 
@@ -75,26 +76,95 @@ def output_lengths(mean: int, n: int, seed: int, sigma: float = 0.6) -> list[int
     return np.clip(np.round(raw), 4, 4 * mean).astype(int).tolist()
 
 
+class StepLog:
+    """Engine steps by the number of requests the engine held when each began: steps, output
+    tokens and seconds (the whole ``engine.step()``: scheduling, forward, sampling, drafting and
+    output processing). A closed loop at many clients mixes full-load steps with its drain, and
+    an arm's tokens per second alone does not say at which batch sizes it wins or loses.
+
+    >>> log = StepLog()
+    >>> log.add(16, 16, 0.004); log.add(16, 40, 0.010); log.add(1, 3, 0.002)
+    >>> log.summary()["16"]
+    {'steps': 2, 'tokens': 56, 'seconds': 0.014, 'tokens_per_step': 28.0, 'ms_per_step': 7.0, 'tokens_per_ms': 4.0}
+    """
+
+    def __init__(self) -> None:
+        self.cells: dict[int, list[float]] = {}
+        """Requests held -> ``[steps, tokens, seconds]``."""
+
+    def add(self, requests: int, tokens: int, seconds: float) -> None:
+        cell = self.cells.setdefault(requests, [0, 0, 0.0])
+        cell[0] += 1
+        cell[1] += tokens
+        cell[2] += seconds
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per number of requests held (a string key, for JSON): the sums and what they give."""
+        return by_requests({str(n): {"steps": int(c[0]), "tokens": int(c[1]), "seconds": c[2]}
+                            for n, c in sorted(self.cells.items())})
+
+
+def by_requests(sums: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``{requests: {steps, tokens, seconds}}`` with tokens per step, ms per step and tokens per ms.
+
+    >>> by_requests({"2": {"steps": 4, "tokens": 10, "seconds": 0.005}})
+    {'2': {'steps': 4, 'tokens': 10, 'seconds': 0.005, 'tokens_per_step': 2.5, 'ms_per_step': 1.25, 'tokens_per_ms': 2.0}}
+    """
+    out = {}
+    for n, c in sums.items():
+        steps, tokens, seconds = int(c["steps"]), int(c["tokens"]), float(c["seconds"])
+        out[n] = {"steps": steps, "tokens": tokens, "seconds": round(seconds, 6),
+                  "tokens_per_step": round(tokens / steps, 2) if steps else 0.0,
+                  "ms_per_step": round(1e3 * seconds / steps, 3) if steps else 0.0,
+                  "tokens_per_ms": round(tokens / (1e3 * seconds), 3) if seconds > 0 else 0.0}
+    return out
+
+
+def merge_by_requests(parts: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The sums of several :meth:`StepLog.summary` (repetitions of a point), derived again.
+
+    >>> a = {"1": {"steps": 2, "tokens": 2, "seconds": 0.004}}
+    >>> merge_by_requests([a, {**a, "3": {"steps": 1, "tokens": 6, "seconds": 0.003}}])["1"]["tokens_per_ms"]
+    0.5
+    """
+    sums: dict[str, dict[str, float]] = {}
+    for part in parts:
+        for n, c in part.items():
+            cell = sums.setdefault(n, {"steps": 0, "tokens": 0, "seconds": 0.0})
+            for key in cell:
+                cell[key] += c[key]
+    return by_requests(dict(sorted(sums.items(), key=lambda kv: int(kv[0]))))
+
+
 def _collect(engine: Any, results: dict[str, Finished], first: dict[str, float],
-             produced: dict[str, int] | None = None) -> list[str]:
-    """One engine step; the ids of the requests it finished. ``produced``: tokens so far, by id."""
+             produced: dict[str, int], steps: StepLog | None = None) -> list[str]:
+    """One engine step; the ids of the requests it finished. ``produced``: tokens so far, by id
+    (updated); ``steps``: where the step's time and new tokens are counted."""
     ended = []
-    for out in engine.step():
+    held = engine.get_num_unfinished_requests() if steps is not None else 0
+    start = time.perf_counter()
+    outputs = engine.step()
+    seconds = time.perf_counter() - start
+    new = 0
+    for out in outputs:
         stamp = time.perf_counter()
         tokens = out.outputs[0].token_ids if out.outputs else []
-        if produced is not None:
-            produced[out.request_id] = len(tokens)
+        new += len(tokens) - produced.get(out.request_id, 0)
+        produced[out.request_id] = len(tokens)
         if tokens and out.request_id not in first:
             first[out.request_id] = stamp
         if out.finished:
             done = results[out.request_id]
             done.first, done.done, done.tokens = first.get(out.request_id, stamp), stamp, list(tokens)
             ended.append(out.request_id)
+    if steps is not None:
+        steps.add(held, new, seconds)
     return ended
 
 
 def open_loop(engine: Any, requests: Sequence[tuple[Any, Any]], times: Sequence[float], tag: str,
-              on_step: Callable[[float], None] | None = None) -> tuple[list[Finished], float]:
+              on_step: Callable[[float], None] | None = None,
+              steps: StepLog | None = None) -> tuple[list[Finished], float]:
     """Add ``requests[i]`` (``(prompt, params)``) at ``times[i]`` s; step until all finish.
 
     Returns the finished requests in order and the span (start to the last finish, s).
@@ -102,6 +172,7 @@ def open_loop(engine: Any, requests: Sequence[tuple[Any, Any]], times: Sequence[
     pending = list(range(len(requests)))
     results: dict[str, Finished] = {}
     first: dict[str, float] = {}
+    produced: dict[str, int] = {}
     t0 = time.perf_counter()
     while pending or engine.has_unfinished_requests():
         now = time.perf_counter() - t0
@@ -114,7 +185,7 @@ def open_loop(engine: Any, requests: Sequence[tuple[Any, Any]], times: Sequence[
             if pending:  # idle until the next arrival (at most 10 ms per turn)
                 time.sleep(max(0.0, min(0.01, times[pending[0]] - now)))
             continue
-        _collect(engine, results, first)
+        _collect(engine, results, first, produced, steps)
         if on_step is not None:
             on_step(time.perf_counter() - t0)
     ordered = [results[f"{tag}-{i}"] for i in range(len(requests))]
@@ -122,7 +193,8 @@ def open_loop(engine: Any, requests: Sequence[tuple[Any, Any]], times: Sequence[
 
 
 def closed_loop(engine: Any, requests: Sequence[tuple[Any, Any]], clients: int, tag: str,
-                on_step: Callable[[float], None] | None = None) -> tuple[list[Finished], float]:
+                on_step: Callable[[float], None] | None = None,
+                steps: StepLog | None = None) -> tuple[list[Finished], float]:
     """``clients`` clients, each sending its next request when its last one finishes.
 
     The run is at full load until the first client finds no request left to send; from there it
@@ -146,7 +218,7 @@ def closed_loop(engine: Any, requests: Sequence[tuple[Any, Any]], clients: int, 
     while nxt < min(clients, len(requests)):
         send()
     while engine.has_unfinished_requests():
-        for ended in _collect(engine, results, first, produced):
+        for ended in _collect(engine, results, first, produced, steps):
             if nxt < len(requests):
                 send()
             elif full:  # a client went idle: the drain starts
@@ -197,5 +269,5 @@ def full_load(finished: Sequence[Finished], span: float) -> dict[str, float]:
             "full_load_share": round(window / span, 3) if span > 0 else 0.0}
 
 
-__all__ = ["Finished", "arrivals", "closed_loop", "full_load", "open_loop", "output_lengths", "phased_arrivals",
-           "summarise"]
+__all__ = ["Finished", "StepLog", "arrivals", "by_requests", "closed_loop", "full_load", "merge_by_requests",
+           "open_loop", "output_lengths", "phased_arrivals", "summarise"]
