@@ -166,8 +166,7 @@ def runner_planner(runner: Any) -> StepPlanner:
         drafter = getattr(runner, "drafter", None)
         policy = build_policy(settings, k, type(drafter).__name__, tree=getattr(drafter, "tree_shape", "chain"),
                               chain_depth=getattr(drafter, "chain_depth", None))
-        planner = StepPlanner(policy, k, log_every=settings.log_every, time_plain_every=settings.time_plain_every,
-                              price_gap=settings.price_gap)
+        planner = StepPlanner(policy, k, log_every=settings.log_every, time_plain_every=settings.time_plain_every)
         enable = getattr(drafter, "enable_hindsight", None)
         if settings.hindsight and callable(getattr(policy, "observe_hindsight", None)) and callable(enable):
             planner.hindsight = bool(enable())

@@ -37,23 +37,6 @@ logger = logging.getLogger(__name__)
 
 _MARK = "_specserve_step_timer"
 _START_ATTR = "_specserve_step_start"
-_END_ATTR = "_specserve_step_end"
-
-
-def gap_ms(scheduler_output: Any, last_end: float | None, now: float) -> float:
-    """Milliseconds since the last step ended, if a request continued from it into this step
-    (the engine was busy all along: its outputs, then scheduling); else 0.
-
-    >>> from types import SimpleNamespace as NS
-    >>> gap_ms(NS(scheduled_cached_reqs=NS(req_ids=["a"])), 1.0, 1.0005)
-    0.5
-    >>> gap_ms(NS(scheduled_cached_reqs=NS(req_ids=[])), 1.0, 3.0), gap_ms(NS(), None, 3.0)
-    (0.0, 0.0)
-    """
-    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
-    if last_end is None or not getattr(cached, "req_ids", None):
-        return 0.0
-    return round(max(now - last_end, 0.0) * 1e3, 6)
 
 # sha256 of the upstream source the wraps rely on (see tests/unit/test_goodput_engine_parts.py):
 # a step is execute_model then sample_tokens, and sample_tokens drafts before returning.
@@ -83,10 +66,6 @@ class StepRecord:
     """Requests that verified a tree this step (engine setting ``tree``)."""
     draft_depth: int = 0
     """The longest row's draft for the next step (a tree's: at most the drafter's chain depth)."""
-    gap_ms: float = 0.0
-    """The engine's time between the end of the last step and the start of this one while
-    requests continued through it: the last step's outputs, scheduling this one (0 when no
-    request continued: the engine may have waited for work)."""
 
     @property
     def step_ms(self) -> float:
@@ -125,9 +104,7 @@ def apply() -> None:
         if self.speculative_config is not None:
             if scheduler_output.finished_req_ids:
                 runner_planner(self).finished(frozenset(scheduler_output.finished_req_ids))
-            now = time.perf_counter()
-            gap = gap_ms(scheduler_output, getattr(self, _END_ATTR, None), now)
-            setattr(self, _START_ATTR, (now, scheduler_output, gap))
+            setattr(self, _START_ATTR, (time.perf_counter(), scheduler_output))
         return execute(self, scheduler_output, *args, **kwargs)
 
     @functools.wraps(sample)
@@ -141,7 +118,6 @@ def apply() -> None:
                                  scheduled.total_num_scheduled_tokens == len(scheduled.num_scheduled_tokens)):
                 out = sample(self, *args, **kwargs)
                 planner.skip_step()
-                setattr(self, _END_ATTR, time.perf_counter())
                 return out
             # Described before sampling: the batch's rows and context are still this step's.
             req_ids = list(self.input_batch.req_ids)
@@ -150,12 +126,10 @@ def apply() -> None:
             tree_step = getattr(self, RUNNER_TREE_STEP_ATTR, None)  # cleared while sampling
             step["trees"] = len(tree_step.plan.requests) if tree_step is not None else 0
         out = sample(self, *args, **kwargs)
-        end = time.perf_counter()
-        setattr(self, _END_ATTR, end)  # the planner's work below is engine time too: the next gap's
         if pending is not None:
             drafts, depth, draft_ms = planner.take_draft_timing()
-            planner.observe_step(StepRecord(total_ms=(end - pending[0]) * 1e3, drafts=drafts, draft_ms=draft_ms,
-                                            draft_depth=depth, gap_ms=pending[2], **step))
+            planner.observe_step(StepRecord(total_ms=(time.perf_counter() - pending[0]) * 1e3,
+                                            drafts=drafts, draft_ms=draft_ms, draft_depth=depth, **step))
         return out
 
     for fn in (execute_model, sample_tokens):

@@ -106,11 +106,6 @@ class PlannerSettings:
     """``goodput``: the prefill tokens the next step is priced with: ``next`` (what chunked
     prompts in the batch still have to prefill) or ``last`` (the last step's; the earlier
     behaviour)."""
-    price_gap: bool = True
-    """``goodput``: a step's price includes the engine's time between steps while requests
-    continue (the last step's outputs, scheduling: ``StepRecord.gap_ms``), so goodput is tokens
-    per engine millisecond, not per forward pass; ``False``: forward, sampling and drafting only
-    (the earlier behaviour)."""
     chain_verify: str = "walk"
     """How chain steps are verified: ``walk`` (the target's own token per row, as trees are, where
     the batch allows; :mod:`specserve_vllm.compat.chain_walk`) or ``rejection`` (vLLM's rejection
@@ -145,7 +140,6 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         hindsight=bool(ours.get("hindsight", True)),
         fit_alpha=float(ours.get("fit_alpha", PlannerSettings.fit_alpha)),
         prefill_estimate=str(ours.get("prefill_estimate", PlannerSettings.prefill_estimate)),
-        price_gap=bool(ours.get("price_gap", PlannerSettings.price_gap)),
     )
 
 
@@ -185,8 +179,7 @@ class StepPlanner:
     """One per runner: turns the batch into a plan through the policy, and counts."""
 
     def __init__(self, policy: SpecLengthPolicy, num_speculative_tokens: int, log_every: int = 0,
-                 keep_records: int = 4096, time_plain_every: int = PlannerSettings.time_plain_every,
-                 price_gap: bool = PlannerSettings.price_gap) -> None:
+                 keep_records: int = 4096, time_plain_every: int = PlannerSettings.time_plain_every) -> None:
         self.policy = policy
         self.num_speculative_tokens = num_speculative_tokens
         self.stats = PlanStats()
@@ -209,8 +202,6 @@ class StepPlanner:
         """See :attr:`PlannerSettings.time_plain_every` (:meth:`times`)."""
         self._plain_run = 0
         """Plain decode steps in a row so far."""
-        self.price_gap = price_gap
-        """See :attr:`PlannerSettings.price_gap` (:meth:`observe_step`)."""
 
     def snapshot(self) -> dict[str, Any]:
         """The stats, the policy's name, its cost model and the tree counters (call under :attr:`lock`)."""
@@ -261,19 +252,17 @@ class StepPlanner:
             observe(drafts, ms, depth)
 
     def observe_step(self, record: Any) -> None:
-        """A measured step: kept, passed to the policy, and its prediction error counted. With
-        :attr:`price_gap` the engine's time before the step (``gap_ms``) counts as the step's."""
+        """A measured step: kept, passed to the policy, and its prediction error counted."""
         self.records.append(record)
         observe = getattr(self.policy, "observe_step", None)
-        gap = float(getattr(record, "gap_ms", 0.0)) if self.price_gap else 0.0
         predicted = 0.0
         if callable(observe):
             predicted = observe(record.rows, record.tokens, record.ctx_tokens, record.spec,
-                                record.prefill_tokens, record.step_ms + gap, record.drafts, record.draft_ms,
+                                record.prefill_tokens, record.step_ms, record.drafts, record.draft_ms,
                                 getattr(record, "trees", 0), getattr(record, "drafts_verified", 0),
                                 getattr(record, "draft_depth", 0))
         with self.lock:
-            self.stats.record_time(predicted, record.total_ms + gap)
+            self.stats.record_time(predicted, record.total_ms)
 
     def caps(self, spec_ks: Sequence[int | None], sampled: Sequence[int],
              room: Sequence[int | None] | None = None) -> list[int]:

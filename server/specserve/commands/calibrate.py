@@ -134,9 +134,7 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
 
         def take_records(worker: Any) -> list[dict[str, Any]]:
             planner = worker_runner(worker)._specserve_planner
-            # the step as the engine prices it: with its gap before it when gaps are priced
-            gap = planner.price_gap
-            records = [{**asdict(r), "step_ms": r.step_ms + (r.gap_ms if gap else 0.0)} for r in planner.records]
+            records = [{**asdict(r), "step_ms": r.step_ms} for r in planner.records]
             planner.records.clear()
             return records
 
