@@ -38,6 +38,9 @@ def test_bench_goodput_runs_every_arm_and_judges_the_tree_arm(demo_model_dir: Pa
         totals = {a: sum(c["tokens"] for c in pt["arms"][a]["by_requests"].values()) for a in ARMS}
         assert len(set(totals.values())) == 1 and totals["none"] > 0, totals
         assert {int(n) for a in ARMS for n in pt["arms"][a]["by_requests"]} <= set(range(1, int(clients) + 1))
+        cells = [c for a in ARMS for c in pt["arms"][a]["by_requests"].values()]
+        assert all(0 <= c["running_steps"] <= c["steps"] for c in cells)
+        assert sum(c["steps"] - c["running_steps"] for c in cells) > 0  # every request's first step admits it
         assert all(pt["arms"][a]["reps"] == 2 and pt["arms"][a]["tokens_per_s"] > 0 for a in ARMS)
         assert pt["paired_throughput"]["best"] in {"none", "k2", "goodput"}
         # closed loops also judge the time every client was busy (the drain left out)

@@ -106,9 +106,13 @@ def test_a_step_log_counts_every_step_and_token_by_the_requests_held() -> None:
     assert sum(c["tokens"] for c in cells.values()) == sum(len(f.tokens) for f in finished) == 10
     assert set(cells) == {"1", "2"} and cells["2"]["steps"] == 4 and cells["1"]["steps"] == 2
     assert cells["2"]["tokens_per_step"] == 2.0 and cells["1"]["tokens_per_step"] == 1.0
+    # the steps after an admission prefill: 3 of 6 (requests 1-2, 3-4 and 5 each start a run)
+    assert cells["2"]["running_steps"] == 2 and cells["1"]["running_steps"] == 1
+    assert cells["2"]["running_tokens"] == 4 and cells["1"]["running_tokens"] == 1
     merged = load.merge_by_requests([cells, cells])
-    assert merged["2"]["steps"] == 8 and merged["2"]["tokens"] == 16
-    assert merged["2"]["tokens_per_ms"] == cells["2"]["tokens_per_ms"]
+    assert merged["2"]["steps"] == 8 and merged["2"]["tokens"] == 16 and merged["2"]["running_steps"] == 4
+    # the same rate (up to the third decimal each is rounded to)
+    assert merged["2"]["tokens_per_ms"] == pytest.approx(cells["2"]["tokens_per_ms"], abs=2e-3)
 
 
 def test_the_verdict_and_the_summary_name_the_best_arm() -> None:

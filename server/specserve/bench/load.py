@@ -80,43 +80,62 @@ class StepLog:
     """Engine steps by the number of requests the engine held when each began: steps, output
     tokens and seconds (the whole ``engine.step()``: scheduling, forward, sampling, drafting and
     output processing). A closed loop at many clients mixes full-load steps with its drain, and
-    an arm's tokens per second alone does not say at which batch sizes it wins or loses.
+    an arm's tokens per second alone does not say at which batch sizes it wins or loses. The
+    ``running_*`` sums leave out the steps after a request was admitted (:meth:`admit`), which
+    prefill its prompt: what is left are steps of running requests only.
 
     >>> log = StepLog()
-    >>> log.add(16, 16, 0.004); log.add(16, 40, 0.010); log.add(1, 3, 0.002)
-    >>> log.summary()["16"]
-    {'steps': 2, 'tokens': 56, 'seconds': 0.014, 'tokens_per_step': 28.0, 'ms_per_step': 7.0, 'tokens_per_ms': 4.0}
+    >>> log.add(16, 16, 0.004); log.admit(); log.add(16, 40, 0.010); log.add(1, 3, 0.002)
+    >>> s = log.summary()["16"]
+    >>> s["tokens_per_step"], s["ms_per_step"], s["tokens_per_ms"], s["running_steps"], s["running_tokens_per_ms"]
+    (28.0, 7.0, 4.0, 1, 4.0)
     """
 
     def __init__(self) -> None:
         self.cells: dict[int, list[float]] = {}
-        """Requests held -> ``[steps, tokens, seconds]``."""
+        """Requests held -> ``[steps, tokens, seconds]`` of all steps, then of running-only steps."""
+        self._admitted = False
+
+    def admit(self) -> None:
+        """A request was added: the next step prefills it."""
+        self._admitted = True
 
     def add(self, requests: int, tokens: int, seconds: float) -> None:
-        cell = self.cells.setdefault(requests, [0, 0, 0.0])
-        cell[0] += 1
-        cell[1] += tokens
-        cell[2] += seconds
+        cell = self.cells.setdefault(requests, [0, 0, 0.0, 0, 0, 0.0])
+        for offset in (0,) if self._admitted else (0, 3):
+            cell[offset] += 1
+            cell[offset + 1] += tokens
+            cell[offset + 2] += seconds
+        self._admitted = False
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per number of requests held (a string key, for JSON): the sums and what they give."""
-        return by_requests({str(n): {"steps": int(c[0]), "tokens": int(c[1]), "seconds": c[2]}
-                            for n, c in sorted(self.cells.items())})
+        return by_requests({str(n): dict(zip(SUMS, c)) for n, c in sorted(self.cells.items())})
+
+
+SUMS = ("steps", "tokens", "seconds", "running_steps", "running_tokens", "running_seconds")
+"""The sums a :class:`StepLog` keeps per number of requests held."""
 
 
 def by_requests(sums: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """``{requests: {steps, tokens, seconds}}`` with tokens per step, ms per step and tokens per ms.
+    """``{requests: sums}`` (:data:`SUMS`) with tokens per step, ms per step and tokens per ms,
+    of all steps and of running-only steps.
 
-    >>> by_requests({"2": {"steps": 4, "tokens": 10, "seconds": 0.005}})
-    {'2': {'steps': 4, 'tokens': 10, 'seconds': 0.005, 'tokens_per_step': 2.5, 'ms_per_step': 1.25, 'tokens_per_ms': 2.0}}
+    >>> by_requests({"2": {"steps": 4, "tokens": 10, "seconds": 0.005}})["2"]
+    {'steps': 4, 'tokens': 10, 'seconds': 0.005, 'tokens_per_step': 2.5, 'ms_per_step': 1.25, 'tokens_per_ms': 2.0}
     """
     out = {}
     for n, c in sums.items():
-        steps, tokens, seconds = int(c["steps"]), int(c["tokens"]), float(c["seconds"])
-        out[n] = {"steps": steps, "tokens": tokens, "seconds": round(seconds, 6),
-                  "tokens_per_step": round(tokens / steps, 2) if steps else 0.0,
-                  "ms_per_step": round(1e3 * seconds / steps, 3) if steps else 0.0,
-                  "tokens_per_ms": round(tokens / (1e3 * seconds), 3) if seconds > 0 else 0.0}
+        cell: dict[str, float] = {}
+        for prefix in ("", "running_"):
+            if f"{prefix}steps" not in c:
+                continue
+            steps, tokens, seconds = int(c[f"{prefix}steps"]), int(c[f"{prefix}tokens"]), float(c[f"{prefix}seconds"])
+            cell.update({f"{prefix}steps": steps, f"{prefix}tokens": tokens, f"{prefix}seconds": round(seconds, 9),
+                         f"{prefix}tokens_per_step": round(tokens / steps, 2) if steps else 0.0,
+                         f"{prefix}ms_per_step": round(1e3 * seconds / steps, 3) if steps else 0.0,
+                         f"{prefix}tokens_per_ms": round(tokens / (1e3 * seconds), 3) if seconds > 0 else 0.0})
+        out[n] = cell
     return out
 
 
@@ -130,9 +149,10 @@ def merge_by_requests(parts: Sequence[dict[str, dict[str, float]]]) -> dict[str,
     sums: dict[str, dict[str, float]] = {}
     for part in parts:
         for n, c in part.items():
-            cell = sums.setdefault(n, {"steps": 0, "tokens": 0, "seconds": 0.0})
-            for key in cell:
-                cell[key] += c[key]
+            cell = sums.setdefault(n, {})
+            for key in SUMS:
+                if key in c:
+                    cell[key] = cell.get(key, 0) + c[key]
     return by_requests(dict(sorted(sums.items(), key=lambda kv: int(kv[0]))))
 
 
@@ -181,6 +201,8 @@ def open_loop(engine: Any, requests: Sequence[tuple[Any, Any]], times: Sequence[
             rid = f"{tag}-{i}"
             engine.add_request(rid, *requests[i])
             results[rid] = Finished(sent=t0 + times[i], first=0.0, done=0.0)
+            if steps is not None:
+                steps.admit()
         if not engine.has_unfinished_requests():
             if pending:  # idle until the next arrival (at most 10 ms per turn)
                 time.sleep(max(0.0, min(0.01, times[pending[0]] - now)))
@@ -214,6 +236,8 @@ def closed_loop(engine: Any, requests: Sequence[tuple[Any, Any]], clients: int, 
         engine.add_request(rid, *requests[nxt])
         results[rid] = Finished(sent=time.perf_counter(), first=0.0, done=0.0)
         nxt += 1
+        if steps is not None:
+            steps.admit()
 
     while nxt < min(clients, len(requests)):
         send()
@@ -270,4 +294,4 @@ def full_load(finished: Sequence[Finished], span: float) -> dict[str, float]:
 
 
 __all__ = ["Finished", "StepLog", "arrivals", "by_requests", "closed_loop", "full_load", "merge_by_requests",
-           "open_loop", "output_lengths", "phased_arrivals", "summarise"]
+           "open_loop", "output_lengths", "phased_arrivals", "summarise", "SUMS"]
