@@ -67,6 +67,36 @@ def test_hydra_draft_feeds_its_own_drafts_forward() -> None:
 
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_ragged_drafts_are_each_rows_prefix_of_the_full_draft(kind: str) -> None:
+    heads = build_heads(_config(kind, heads=3))
+    _randomize(heads, seed=5)
+    lm, emb = torch.randn(16, 8), torch.randn(16, 8)
+    hidden, first = torch.randn(5, 8), torch.tensor([1, 2, 3, 4, 5])
+    full = heads.draft(hidden, first, lm, emb, 3)
+    lengths = torch.tensor([1, 3, 0, 2, 3])
+    ragged = heads.draft(hidden, first, lm, emb, 3, lengths)
+    assert ragged.shape == (5, 3)
+    for r, n in enumerate(lengths.tolist()):
+        assert ragged[r, :n].tolist() == full[r, :n].tolist()
+        assert (ragged[r, n:] == -1).all()
+    # every row at the full depth takes the path without lengths
+    assert torch.equal(heads.draft(hidden, first, lm, emb, 2, torch.tensor([3, 2, 2, 2, 2])),
+                       heads.draft(hidden, first, lm, emb, 2))
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_ragged_drafts_run_a_head_only_for_the_rows_that_draft_its_position(kind: str) -> None:
+    heads = build_heads(_config(kind, heads=3))
+    _randomize(heads, seed=6)
+    rows: list[int] = []
+    for block in heads.blocks:  # every head ends in its block: count the rows each one runs on
+        block.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    heads.draft(torch.randn(5, 8), torch.tensor([1, 2, 3, 4, 5]), torch.randn(16, 8), torch.randn(16, 8), 3,
+                torch.tensor([1, 3, 0, 2, 3]))
+    assert rows == [4, 3, 2]  # position 0: four rows draft; 1: three; 2: two (the 0-length row never)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
 def test_checkpoint_round_trip(tmp_path: Path, kind: str) -> None:
     config = HeadsConfig(kind=kind, num_heads=2, hidden_size=8, vocab_size=16,  # type: ignore[arg-type]
                          training={"fingerprint": "abc"}, heldout_top1=[0.5, 0.25])

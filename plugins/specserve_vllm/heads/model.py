@@ -16,6 +16,10 @@ whole sequences (training), the proposer incrementally per request (inference).
 
 Every projection starts at zero, so an untrained head predicts what the target predicts for
 the next token; training moves it to the token ``i + 1`` further.
+
+Drafting takes each row's own draft length (``lengths``): head ``i`` and the LM head run only
+for the rows that draft position ``i``, so a plan with a few deep rows costs their drafts, not
+every row at the deepest row's depth (the LM head is most of a head's cost).
 """
 
 from __future__ import annotations
@@ -27,6 +31,31 @@ from torch import nn
 
 from specserve_vllm.heads.config import HeadsConfig
 from specserve_vllm.heads.prefix import PrefixAttention
+
+
+def ragged(lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
+    """Rows ordered by draft length, longest first (ties in row order), and how many of them
+    draft each position ``0 .. k - 1``: the rows drafting position ``i`` are the first
+    ``active[i]`` of that order, so each position slices a prefix.
+
+    >>> order, active = ragged(torch.tensor([1, 3, 0, 2]), 3)
+    >>> order.tolist(), active
+    ([1, 3, 0, 2], [3, 2, 1])
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    ordered = lengths[order]
+    return order, [int((ordered > i).sum()) for i in range(k)]
+
+
+def unordered(drafts: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``drafts`` (rows in ``order``) back in the rows' own order.
+
+    >>> unordered(torch.tensor([[5], [6], [7]]), torch.tensor([2, 0, 1])).tolist()
+    [[6], [7], [5]]
+    """
+    out = torch.empty_like(drafts)
+    out[order] = drafts
+    return out
 
 
 class ResidualStack(nn.Module):
@@ -68,10 +97,19 @@ class MedusaHeads(nn.Module):
 
     @torch.no_grad()
     def draft(self, hidden: torch.Tensor, first_token: torch.Tensor, lm_head: torch.Tensor,
-              embed: torch.Tensor, k: int) -> torch.Tensor:
-        """Greedy drafts ``[n, k]`` (``k <= num_heads``) from ``hidden [n, d]``."""
-        states = torch.stack([block(hidden) for block in self.blocks[:k]], dim=1)  # [n, k, d]
-        return (states @ lm_head.T).argmax(dim=-1)
+              embed: torch.Tensor, k: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy drafts ``[n, k]`` (``k <= num_heads``) from ``hidden [n, d]``; with
+        ``lengths``, row ``r`` is drafted to ``lengths[r]`` only (-1 beyond)."""
+        if lengths is None or int(lengths.min()) >= k:
+            states = torch.stack([block(hidden) for block in self.blocks[:k]], dim=1)  # [n, k, d]
+            return (states @ lm_head.T).argmax(dim=-1)
+        order, active = ragged(lengths, k)
+        hidden = hidden[order]
+        out = torch.full((hidden.shape[0], k), -1, dtype=torch.long, device=hidden.device)
+        for i, m in enumerate(active):
+            if m:
+                out[:m, i] = (self.blocks[i](hidden[:m]) @ lm_head.T).argmax(dim=-1)
+        return unordered(out, order)
 
 
 class HydraHeads(nn.Module):
@@ -116,15 +154,28 @@ class HydraHeads(nn.Module):
 
     @torch.no_grad()
     def draft(self, hidden: torch.Tensor, first_token: torch.Tensor, lm_head: torch.Tensor,
-              embed: torch.Tensor, k: int) -> torch.Tensor:
-        """Greedy drafts ``[n, k]``: head ``i`` reads the sampled token and drafts ``0..i-1``."""
+              embed: torch.Tensor, k: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy drafts ``[n, k]``: head ``i`` reads the sampled token and drafts ``0..i-1``;
+        with ``lengths``, row ``r`` is drafted to ``lengths[r]`` only (-1 beyond)."""
+        if lengths is None or int(lengths.min()) >= k:
+            prev = [embed[first_token]]
+            out = []
+            for i in range(k):
+                token = (self.head(i, hidden, prev) @ lm_head.T).argmax(dim=-1)
+                out.append(token)
+                prev.append(embed[token])
+            return torch.stack(out, dim=1)
+        order, active = ragged(lengths, k)
+        hidden, first_token = hidden[order], first_token[order]
+        drafts = torch.full((hidden.shape[0], k), -1, dtype=torch.long, device=hidden.device)
         prev = [embed[first_token]]
-        out = []
-        for i in range(k):
-            token = (self.head(i, hidden, prev) @ lm_head.T).argmax(dim=-1)
-            out.append(token)
+        for i, m in enumerate(active):  # the rows drafting position i: a prefix, shrinking
+            if not m:
+                break
+            token = (self.head(i, hidden[:m], [p[:m] for p in prev]) @ lm_head.T).argmax(dim=-1)
+            drafts[:m, i] = token
             prev.append(embed[token])
-        return torch.stack(out, dim=1)
+        return unordered(drafts, order)
 
 
 HEAD_CLASSES: dict[str, type[nn.Module]] = {"medusa": MedusaHeads, "hydra": HydraHeads}

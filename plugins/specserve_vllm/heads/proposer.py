@@ -207,7 +207,8 @@ class HeadsProposer:
                 drafts[r] = list(tree.tokens)
             return drafts
         depth = min(int(max(room[r] for r in rows)), self.chain_depth)
-        tokens = self.heads.draft(states, first, self.lm_head, self.embed, depth)
+        lengths = torch.tensor([min(int(room[r]), depth) for r in rows], dtype=torch.long)  # each row to its own
+        tokens = self.heads.draft(states, first, self.lm_head, self.embed, depth, lengths)
         for r, chain in zip(rows, tokens.tolist()):
             drafts[r] = chain[: int(room[r])]
         return drafts
