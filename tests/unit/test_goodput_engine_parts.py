@@ -441,18 +441,6 @@ def test_the_engine_setting_sets_the_step_fits_memory_and_refuses_a_weight_outsi
         settings_from({"specserve": {"spec_policy": "fixed", "prefill_estimate": "mean"}}, env={})
 
 
-def test_the_engine_setting_sets_how_long_the_controller_waits_before_a_probe() -> None:
-    from specserve_vllm.spec_control.planner import PlannerSettings, settings_from
-
-    default = build_policy(settings_from({"specserve": {"spec_policy": "goodput"}}, env={}), 4, "HydraProposer")
-    assert default.probe_every == PlannerSettings.probe_every == 128
-    sooner = build_policy(settings_from({"specserve": {"spec_policy": "goodput", "probe_every": 32}}, env={}), 4,
-                          "HydraProposer")
-    assert sooner.probe_every == 32 and sooner.probe_max == 1024
-    with pytest.raises(ValueError, match="probe_every"):
-        settings_from({"specserve": {"probe_every": -1}}, env={})
-
-
 def test_the_planner_reuses_held_plans_and_counts_them() -> None:
     """``StepPlanner.reuse`` returns the policy's held plan for an unchanged batch (and counts
     it), and nothing for a changed batch, an exhausted hold, or a probe that is due."""

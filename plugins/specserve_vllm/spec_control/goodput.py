@@ -242,8 +242,7 @@ class GoodputPolicy:
         trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
         return cls(StepTimeModel(cost, alpha=settings.fit_alpha), AcceptanceModel(prior, class_priors=by_class), trees=trees,
                    chain_depth=chain_depth, sampling_classes=settings.sampling_classes,
-                   recheck_on=settings.recheck_on, prefill_estimate=settings.prefill_estimate,
-                   probe_every=settings.probe_every)
+                   recheck_on=settings.recheck_on, prefill_estimate=settings.prefill_estimate)
 
     def goodput(self, rows: StepRows, survival: np.ndarray | None = None,
                 dec: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -106,10 +106,6 @@ class PlannerSettings:
     """``goodput``: the prefill tokens the next step is priced with: ``next`` (what chunked
     prompts in the batch still have to prefill) or ``last`` (the last step's; the earlier
     behaviour)."""
-    probe_every: int = 128
-    """``goodput``: after this many steps in a row without speculation, one step speculates
-    anyway (a probe; the wait doubles after each probe that leaves it off, up to 1024); while
-    nothing is drafted a drafter without hindsight (Medusa, Hydra) learns nothing. 0: never."""
     chain_verify: str = "walk"
     """How chain steps are verified: ``walk`` (the target's own token per row, as trees are, where
     the batch allows; :mod:`specserve_vllm.compat.chain_walk`) or ``rejection`` (vLLM's rejection
@@ -122,8 +118,6 @@ class PlannerSettings:
             raise ValueError(f"chain_verify must be one of {', '.join(CHAIN_VERIFIERS)}, got {self.chain_verify!r}")
         if not 0.0 < self.fit_alpha <= 1.0:
             raise ValueError(f"fit_alpha must be in (0, 1], got {self.fit_alpha!r}")
-        if self.probe_every < 0:
-            raise ValueError(f"probe_every must be >= 0, got {self.probe_every!r}")
         if self.prefill_estimate not in PREFILL_ESTIMATES:
             raise ValueError(f"prefill_estimate must be one of {', '.join(PREFILL_ESTIMATES)}, "
                              f"got {self.prefill_estimate!r}")
@@ -146,7 +140,6 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         hindsight=bool(ours.get("hindsight", True)),
         fit_alpha=float(ours.get("fit_alpha", PlannerSettings.fit_alpha)),
         prefill_estimate=str(ours.get("prefill_estimate", PlannerSettings.prefill_estimate)),
-        probe_every=int(ours.get("probe_every", PlannerSettings.probe_every)),
     )
 
 

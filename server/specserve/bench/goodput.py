@@ -14,8 +14,6 @@ Arms:
 - ``goodput-last-prefill``: the same pricing the next step with the last step's prefill tokens
   (engine setting ``prefill_estimate`` ``last``, the earlier behaviour) instead of the prompt
   tokens chunked prefills still have to schedule;
-- ``goodput-probe32``: the same probing after 32 steps without speculation instead of 128
-  (engine setting ``probe_every``);
 - ``goodput-twin``: a second engine built as ``goodput`` is, judged against it (an A/A control:
   the run's noise floor, engine instances included);
 - ``goodput-tree``: the goodput controller spending a node budget (``--tree-budget``) on draft
@@ -364,7 +362,6 @@ GOODPUT_ARMS: dict[str, dict[str, Any]] = {
     "goodput-tree": {},
     "goodput-twin": {},
     "goodput-last-prefill": {"prefill_estimate": "last"},
-    "goodput-probe32": {"probe_every": 32},
 }
 """The goodput arms and the engine settings each adds to the default controller."""
 
