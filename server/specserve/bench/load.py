@@ -121,15 +121,14 @@ def by_requests(sums: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
     """``{requests: sums}`` (:data:`SUMS`) with tokens per step, ms per step and tokens per ms,
     of all steps and of running-only steps.
 
-    >>> by_requests({"2": {"steps": 4, "tokens": 10, "seconds": 0.005}})["2"]
-    {'steps': 4, 'tokens': 10, 'seconds': 0.005, 'tokens_per_step': 2.5, 'ms_per_step': 1.25, 'tokens_per_ms': 2.0}
+    >>> cell = by_requests({"2": dict(zip(SUMS, (4, 10, 0.005, 1, 2, 0.001)))})["2"]
+    >>> cell["tokens_per_step"], cell["ms_per_step"], cell["tokens_per_ms"], cell["running_tokens_per_ms"]
+    (2.5, 1.25, 2.0, 2.0)
     """
     out = {}
     for n, c in sums.items():
         cell: dict[str, float] = {}
         for prefix in ("", "running_"):
-            if f"{prefix}steps" not in c:
-                continue
             steps, tokens, seconds = int(c[f"{prefix}steps"]), int(c[f"{prefix}tokens"]), float(c[f"{prefix}seconds"])
             cell.update({f"{prefix}steps": steps, f"{prefix}tokens": tokens, f"{prefix}seconds": round(seconds, 9),
                          f"{prefix}tokens_per_step": round(tokens / steps, 2) if steps else 0.0,
@@ -142,17 +141,16 @@ def by_requests(sums: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
 def merge_by_requests(parts: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """The sums of several :meth:`StepLog.summary` (repetitions of a point), derived again.
 
-    >>> a = {"1": {"steps": 2, "tokens": 2, "seconds": 0.004}}
-    >>> merge_by_requests([a, {**a, "3": {"steps": 1, "tokens": 6, "seconds": 0.003}}])["1"]["tokens_per_ms"]
-    0.5
+    >>> a = by_requests({"1": dict(zip(SUMS, (2, 2, 0.004, 2, 2, 0.004)))})
+    >>> merged = merge_by_requests([a, a]); merged["1"]["steps"], merged["1"]["tokens_per_ms"]
+    (4, 0.5)
     """
     sums: dict[str, dict[str, float]] = {}
     for part in parts:
         for n, c in part.items():
-            cell = sums.setdefault(n, {})
+            cell = sums.setdefault(n, dict.fromkeys(SUMS, 0))
             for key in SUMS:
-                if key in c:
-                    cell[key] = cell.get(key, 0) + c[key]
+                cell[key] += c[key]
     return by_requests(dict(sorted(sums.items(), key=lambda kv: int(kv[0]))))
 
 
