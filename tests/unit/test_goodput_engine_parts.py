@@ -306,6 +306,49 @@ def test_probes_that_find_speculation_still_losing_come_ever_more_rarely() -> No
     assert off == [15] and policy.probes == 6, "the wait is back at probe_every"
 
 
+def test_a_class_that_stopped_after_a_bad_stretch_reverts_to_its_long_run_rate_while_off() -> None:
+    """A long good run, then a bad stretch of other requests turns a 16-row batch off. Nothing is
+    measured while off (no probes here): with ``revert`` the recent rate moves back toward the
+    long-run one and the controller speculates again on its own; with ``revert=1`` the dip stays
+    the estimate for good."""
+    rows = _rows(16)
+    outcomes = {}
+    for revert in (0.98, 1.0):
+        policy = GoodputPolicy(StepTimeModel(COST), AcceptanceModel([0.6] * 4), probe_every=0, revert=revert)
+        model = policy.acceptance
+        good, bad = [f"g{i}" for i in range(3000)], [f"b{i}" for i in range(100)]
+        model.observe_rows(good, np.ones(3000, dtype=np.int64), np.ones(3000, dtype=np.int64))
+        model.forget(good)
+        assert policy.plan(rows).sum() > 0, "a high rate: on"
+        model.observe_rows(bad, np.ones(100, dtype=np.int64), np.zeros(100, dtype=np.int64))
+        model.forget(bad)
+        policy.release()
+        outcomes[revert] = [bool(policy.plan(rows).sum()) for _ in range(200)]
+        assert not outcomes[revert][0], "the bad stretch turns it off"
+        assert model.long_rates()[0, 0] > 0.9
+    back = outcomes[0.98].index(True)
+    assert 5 < back < 100 and all(outcomes[0.98][back:]) and policy.probes == 0
+    assert not any(outcomes[1.0]), "without reverting, the dip is never revisited"
+
+
+def test_a_class_measured_since_the_last_decision_does_not_revert() -> None:
+    """Reverting is for classes nothing measured: a class whose drafts were verified keeps its
+    recent rate (here a greedy dip) while an unmeasured one (temperature 0.7) moves."""
+    model = AcceptanceModel([0.5], weight=1.0, global_weight=10.0, global_decay=0.9)
+    model.assign(["g", "s"], [0, 2])
+    for _ in range(100):
+        model.observe_rows(["g", "s"], [1, 1], [1, 1])
+    for _ in range(10):
+        model.observe_rows(["g", "s"], [1, 1], [0, 0])
+    model.revert(1.0)  # both measured since: the first call only clears
+    before = model.class_rates()[[0, 2], 0]
+    model.observe("g", 1, 0)
+    model.revert(0.0)
+    after = model.class_rates()[[0, 2], 0]
+    assert after[0] < before[0], "greedy measured: its dip stays (and deepens)"
+    assert after[1] == pytest.approx(model.long_rates()[2, 0]) and after[1] > before[1] + 0.3
+
+
 def test_a_request_that_stopped_after_an_unlucky_start_is_tried_again() -> None:
     """Two rejections turn request ``r0`` off while the engine-wide rate stays high; its own
     evidence fades while it decodes without drafting, and it drafts again."""
@@ -439,6 +482,20 @@ def test_the_engine_setting_sets_the_step_fits_memory_and_refuses_a_weight_outsi
             settings_from({"specserve": {"fit_alpha": bad}}, env={})
     with pytest.raises(ValueError, match="prefill_estimate"):  # refused with the other settings, any policy
         settings_from({"specserve": {"spec_policy": "fixed", "prefill_estimate": "mean"}}, env={})
+
+
+def test_the_revert_setting_reaches_the_policy_and_refuses_a_share_outside_0_1() -> None:
+    from specserve_vllm.spec_control.acceptance import REVERT
+    from specserve_vllm.spec_control.planner import settings_from
+
+    default = build_policy(settings_from({"specserve": {"spec_policy": "goodput"}}, env={}), 4, "HydraProposer")
+    assert default.revert == REVERT < 1.0
+    never = build_policy(settings_from({"specserve": {"spec_policy": "goodput", "revert": 1}}, env={}), 4,
+                         "HydraProposer")
+    assert never.revert == 1.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="revert"):
+            settings_from({"specserve": {"revert": bad}}, env={})
 
 
 def test_the_planner_reuses_held_plans_and_counts_them() -> None:

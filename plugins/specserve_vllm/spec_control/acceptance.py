@@ -30,6 +30,22 @@ first planned (:meth:`AcceptanceModel.assign`); a new request starts from its cl
     >>> m.assign(["g2", "s2"], [0, sampling_class(0.8)])
     >>> m.conditional(["g2", "s2"]).round(2).ravel().tolist()
     [0.98, 0.03]
+
+Each class also keeps a long-run rate (decay :data:`LONG_DECAY` per row: thousands of rows).
+While a class is not observed (speculation off, and a drafter without hindsight), its recent
+rate reverts toward the long-run one (:meth:`AcceptanceModel.revert`), as the estimate of a
+mean-reverting quantity does between measurements: a dip that turned speculation off would
+otherwise stay the estimate until a probe, since nothing is measured while off.
+
+    >>> m = AcceptanceModel(prior=[0.5], weight=1.0, global_weight=10.0, global_decay=0.9)
+    >>> for _ in range(100): m.observe("a", 1, 1)
+    >>> for _ in range(10): m.observe("a", 1, 0)      # a bad stretch: the recent rate falls
+    >>> m.assign(["b"], [0]); round(float(m.conditional(["b"])[0, 0]), 2), m.long_rates()[0].round(2).tolist()
+    (0.35, [0.87])
+    >>> m.revert(0.5); round(float(m.conditional(["b"])[0, 0]), 2)   # observed since the last call: kept
+    0.35
+    >>> m.revert(0.5); round(float(m.conditional(["b"])[0, 0]), 2)   # not observed: halfway back
+    0.61
 """
 
 from __future__ import annotations
@@ -52,6 +68,15 @@ rest. Acceptance rises as a request goes on (its first 4 verifications: 36% at t
 position, the 4 after: 49%, later: 62-70%). At weight 4, four early misses put a request at
 half the engine-wide rate and turned it off for most of a short request
 (docs/speculation-control.md, "One engine per arm, a request's first drafts")."""
+
+LONG_DECAY = 0.9995
+"""Per row, the decay of a class's long-run counts (a memory of about 2,000 rows), toward which
+its recent rate (decay 0.995 a row) reverts while the class is not observed."""
+
+REVERT = 0.98
+"""Per step a class is not observed, the share of its distance to the long-run rate its recent
+rate keeps (:meth:`AcceptanceModel.revert`): half the way back in about 35 steps, a few times
+the recent rate's own memory under load (0.995 a row: about 12 steps of 16 rows)."""
 
 
 def sampling_class(temperature: float) -> int:
@@ -95,7 +120,7 @@ class AcceptanceModel:
 
     def __init__(self, prior: Sequence[float], weight: float = REQUEST_PRIOR_WEIGHT, request_decay: float = 0.9,
                  global_decay: float = 0.995, global_weight: float = 50.0,
-                 class_priors: Mapping[int, Sequence[float]] | None = None) -> None:
+                 class_priors: Mapping[int, Sequence[float]] | None = None, long_decay: float = LONG_DECAY) -> None:
         self.k = len(prior)
         self.prior = np.clip(np.asarray(prior, dtype=np.float64), 0.01, 0.99)  # [k]
         priors = np.tile(self.prior, (len(SAMPLING_CLASSES), 1))  # [C, k]
@@ -106,8 +131,13 @@ class AcceptanceModel:
         self.weight = weight
         self.request_decay = request_decay
         self.global_decay = global_decay
+        self.long_decay = long_decay
         self._g = np.stack([priors * global_weight, np.full_like(priors, global_weight)], axis=1)
         """``[C, 2, k]`` engine-wide decayed (successes, trials) per class and position."""
+        self._long = self._g.copy()
+        """``[C, 2, k]`` the same with :attr:`long_decay`: each class's long-run rate."""
+        self._fresh = np.zeros(len(SAMPLING_CLASSES), dtype=bool)
+        """Classes observed since the last :meth:`revert`."""
         self._g_seen = np.zeros(len(SAMPLING_CLASSES), dtype=bool)
         self._rates = priors.copy()  # [C, k]: _g's successes / trials, see _current_rates
         self._rates_stale = False
@@ -192,7 +222,10 @@ class AcceptanceModel:
             g = self._g[c]
             g *= self.global_decay ** m
             g += g_add
-            self._g_seen[c] = True
+            long = self._long[c]  # a memory of thousands of rows: the order within a fold is moot
+            long *= self.long_decay ** m
+            long += rows.sum(axis=0)
+            self._g_seen[c] = self._fresh[c] = True
         self._rates_stale = True
 
     def observe_first(self, req_ids: Sequence[str], probability: Sequence[float],
@@ -236,7 +269,11 @@ class AcceptanceModel:
             g *= self.global_decay ** len(rows)
             g[0] += float(w @ p[rows])
             g[1] += float(w.sum())
-            self._g_seen[c] = True
+            long = self._long[c, :, 0]
+            long *= self.long_decay ** len(rows)
+            long[0] += float(p[rows].sum())
+            long[1] += len(rows)
+            self._g_seen[c] = self._fresh[c] = True
         self._rates_stale = True
 
     def _decay_weights(self, m: int) -> np.ndarray:
@@ -269,6 +306,32 @@ class AcceptanceModel:
         slots = [s for s in map(self._slot.get, req_ids) if s is not None]
         if slots:
             self._counts[slots] *= factor
+
+    def revert(self, factor: float) -> None:
+        """Move each class not observed since the last call toward its long-run rate, keeping
+        ``factor`` of the distance (``factor = r ** steps``: the steps since the last call, ``r``
+        the reversion a step). The recent counts keep their weight: only their rate moves.
+
+        >>> m = AcceptanceModel(prior=[0.5], global_weight=4.0)
+        >>> m.assign(["a"], [0]); m.observe("a", 1, 1); m.revert(0.0)   # observed: kept
+        >>> round(float(m.class_rates()[0, 0]), 3), round(float(m.long_rates()[0, 0]), 3)
+        (0.6, 0.6)
+        >>> m.revert(0.0); round(float(m.class_rates()[0, 0]), 3)     # long-run rates now
+        0.6
+        """
+        stale = ~self._fresh
+        self._fresh[:] = False
+        if factor >= 1.0 or not stale.any():
+            return
+        g = self._g[stale]  # [c, 2, k]
+        target = self.long_rates()[stale] * g[:, 1]
+        g[:, 0] = factor * g[:, 0] + (1.0 - factor) * target
+        self._g[stale] = g
+        self._rates_stale = True
+
+    def long_rates(self) -> np.ndarray:
+        """``[C, k]`` each class's long-run conditional acceptance per position."""
+        return self._long[:, 0] / np.maximum(self._long[:, 1], 1e-9)
 
     def class_rates(self) -> np.ndarray:
         """``[C, k]`` engine-wide conditional acceptance per sampling class and position."""

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from specserve_vllm.spec_control.acceptance import SAMPLING_CLASSES, AcceptanceModel
+from specserve_vllm.spec_control.acceptance import REVERT, SAMPLING_CLASSES, AcceptanceModel
 from specserve_vllm.spec_control.plan import PREFILL_ESTIMATES, PlanKey, StepRows, VerifiedRows, narrowed, plan_key
 from specserve_vllm.spec_control.step_time import DEFAULT_CALIBRATION, Calibration, StepTimeModel
 from specserve_vllm.spec_control.tree_pricing import TreePricing
@@ -138,7 +138,7 @@ class GoodputPolicy:
                  recheck_every: int = 8, trees: TreePricing | None = None, chain_depth: int | None = None,
                  probe_every: int = 128, idle_decay: float = 0.95, sampling_classes: bool = True,
                  recheck_on: int = 1, recheck_max: int = 16, recheck_off_max: int = 32,
-                 probe_max: int = 1024, prefill_estimate: str = "next") -> None:
+                 probe_max: int = 1024, prefill_estimate: str = "next", revert: float = REVERT) -> None:
         if prefill_estimate not in PREFILL_ESTIMATES:
             raise ValueError(f"prefill_estimate must be one of {', '.join(PREFILL_ESTIMATES)}, got {prefill_estimate!r}")
         self.model = model
@@ -196,6 +196,9 @@ class GoodputPolicy:
         self._off_streak = 0
         self.idle_decay = idle_decay
         """Per step a decode row does not draft, its own acceptance evidence fades by this."""
+        self.revert = revert
+        """Per step a sampling class is not measured, its recent acceptance keeps this share of
+        its distance to its long-run rate (:meth:`AcceptanceModel.revert`; 1: never reverts)."""
         self._steps = 1
         """Steps since the last decision (held steps reuse one)."""
         self._idle_rows: list[str] = []
@@ -242,7 +245,8 @@ class GoodputPolicy:
         trees = TreePricing(num_speculative_tokens) if tree != "chain" else None
         return cls(StepTimeModel(cost, alpha=settings.fit_alpha), AcceptanceModel(prior, class_priors=by_class), trees=trees,
                    chain_depth=chain_depth, sampling_classes=settings.sampling_classes,
-                   recheck_on=settings.recheck_on, prefill_estimate=settings.prefill_estimate)
+                   recheck_on=settings.recheck_on, prefill_estimate=settings.prefill_estimate,
+                   revert=settings.revert)
 
     def goodput(self, rows: StepRows, survival: np.ndarray | None = None,
                 dec: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -349,6 +353,8 @@ class GoodputPolicy:
             return reused.plan.copy()
         self._held = None
         self.learn()
+        if self.revert < 1.0:
+            self._acceptance.revert(self.revert ** self._steps)
         probe = 0 < self._probe_wait <= self._off_streak + 1
         if self._idle_rows:
             self._acceptance.age(self._idle_rows, self.idle_decay ** self._steps)

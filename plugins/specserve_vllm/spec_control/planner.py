@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from specserve_vllm.spec_control.acceptance import REVERT
 from specserve_vllm.spec_control.plan import (
     POLICIES,
     PREFILL_ESTIMATES,
@@ -102,6 +103,12 @@ class PlannerSettings:
     """``goodput``: weight of each measured step in the online step-time fit
     (:class:`~specserve_vllm.spec_control.step_time.TermFit`); its memory is about ``1 / fit_alpha``
     steps."""
+    revert: float = REVERT
+    """``goodput``: per step a sampling class's acceptance is not measured (speculation off, a
+    drafter without hindsight), its recent rate keeps this share of its distance to the class's
+    long-run rate (:meth:`~specserve_vllm.spec_control.acceptance.AcceptanceModel.revert`; about
+    35 steps to halve it). 1: the rate stays where it was when speculation stopped (the
+    earlier behaviour)."""
     prefill_estimate: str = "next"
     """``goodput``: the prefill tokens the next step is priced with: ``next`` (what chunked
     prompts in the batch still have to prefill) or ``last`` (the last step's; the earlier
@@ -118,6 +125,8 @@ class PlannerSettings:
             raise ValueError(f"chain_verify must be one of {', '.join(CHAIN_VERIFIERS)}, got {self.chain_verify!r}")
         if not 0.0 < self.fit_alpha <= 1.0:
             raise ValueError(f"fit_alpha must be in (0, 1], got {self.fit_alpha!r}")
+        if not 0.0 <= self.revert <= 1.0:
+            raise ValueError(f"revert must be in [0, 1], got {self.revert!r}")
         if self.prefill_estimate not in PREFILL_ESTIMATES:
             raise ValueError(f"prefill_estimate must be one of {', '.join(PREFILL_ESTIMATES)}, "
                              f"got {self.prefill_estimate!r}")
@@ -139,6 +148,7 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
         time_plain_every=max(1, int(ours.get("time_plain_every", 4))),
         hindsight=bool(ours.get("hindsight", True)),
         fit_alpha=float(ours.get("fit_alpha", PlannerSettings.fit_alpha)),
+        revert=float(ours.get("revert", PlannerSettings.revert)),
         prefill_estimate=str(ours.get("prefill_estimate", PlannerSettings.prefill_estimate)),
     )
 
