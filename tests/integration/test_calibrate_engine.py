@@ -22,12 +22,16 @@ def test_calibrate_writes_a_loadable_file_and_errors_by_cell(demo_model_dir: Pat
     calibrate.add_arguments(parser)
     out = tmp_path / "calibration.json"
     args = parser.parse_args(["--model", str(demo_model_dir), "--drafters", "recycling", "--batch-sizes", "1,2",
-                              "--spec-ks", "0,2", "--max-tokens", "10", "--prompt-tokens", "48",
+                              "--spec-ks", "0,2", "--max-tokens", "10", "--prior-tokens", "14", "--prompt-tokens", "48",
                               "--temperatures", "", "--rounds", "2", "--out", str(out)])
     assert calibrate.run(args) == 0
     summary = json.loads(capsys.readouterr().out)
     loaded = Calibration.load(out)
     assert set(loaded.drafter_cost) == set(summary["cells"]) and len(loaded.drafter_cost) == 1
+    # the greedy prior comes from its own pass over --prior-tokens outputs, one rate per position
+    (name, prior), = loaded.acceptance.items()
+    assert len(prior) == 4 and all(0.0 <= p <= 1.0 for p in prior)
+    assert loaded.acceptance_by_class[name] == {"greedy": prior}
     cells = next(iter(summary["cells"].values()))
     assert [(c["batch"], c["spec_k"]) for c in cells] == [(1, 0), (1, 2), (2, 0), (2, 2)]
     # two passes over the grid: at 10 tokens a request, a cell of one pass has at most 10 decode steps

@@ -4,8 +4,9 @@ Runs an in-process engine per drafter over a grid of batch sizes and per-request
 (``spec_k``; 0 gives non-speculative steps), collects every step the engine measured (rows,
 scheduled and context tokens, spec path on/off, drafting time), and fits the linear model of
 :mod:`specserve_vllm.spec_control.step_time` by least squares: one step cost shared by the
-drafters (same target model), a drafting cost and an acceptance prior per drafter (greedy over
-the grid; then one pass per ``--temperatures`` value gives that sampling class its own prior). Writes the
+drafters (same target model), a drafting cost and an acceptance prior per drafter (one pass per
+sampling class, greedy and each ``--temperatures`` value, over ``--prior-tokens`` outputs: longer
+than the timing grid's, since a request accepts more as it goes on). Writes the
 calibration JSON the engine loads (``--additional-config '{"specserve": {"calibration": FILE}}'``,
 or ``SPECSERVE_ENGINE_CALIBRATION``) and prints the fit's error (MAPE) on the measured steps,
 overall and by grid cell (``cells``: each batch size and ``spec_k``, step and drafting time
@@ -39,11 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model dir (default: demo model)")
     parser.add_argument("--drafters", default="recycling,hydra")
     parser.add_argument("--k", type=int, default=4, help="the engine's num_speculative_tokens")
-    parser.add_argument("--batch-sizes", default="1,2,4,8")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16",
+                        help="batch sizes of the grid (up to the engine's --max-num-seqs: a step model "
+                             "fitted below a batch size prices it by extrapolation)")
     parser.add_argument("--spec-ks", default="0,1,2,4", help="per-request draft lengths of the grid")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens each request of the timing grid generates")
+    parser.add_argument("--prior-tokens", type=int, default=96,
+                        help="tokens each request of the acceptance passes generates (a request accepts more "
+                             "drafts as it goes on: 32-token outputs gave Hydra 0.56 at the first position, "
+                             "96-token ones 0.67, what longer requests see)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--temperatures", default="0.7",
                         help="sampled temperatures whose acceptance is measured as its class's prior "
                              "(comma-separated; empty: greedy only)")
@@ -124,10 +131,6 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
                         speculative_config=speculative_config(drafter, args.k),  # type: ignore[arg-type]
                         additional_config={"specserve": {"spec_policy": "fixed", "time_plain_every": 1}})
     try:
-        def runner_state(worker: Any) -> tuple[str, list[float]]:
-            runner = worker_runner(worker)
-            return type(runner.drafter).__name__, runner._specserve_planner.stats.conditional_acceptance()
-
         def position_counts(worker: Any) -> tuple[list[int], list[int]]:
             stats = worker_runner(worker)._specserve_planner.stats
             return list(stats.position_trials), list(stats.position_accepted)
@@ -153,12 +156,12 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
                 # each grid cell's steps, tagged for the error table by cell
                 records += [{**x, "cell": [bs, k]} for x in llm.collective_rpc(take_records)[0]]
                 log.info("calibrate", extra={"fields": {"drafter": drafter, "round": r, "batch": bs, "spec_k": k}})
-        name, rates = llm.collective_rpc(runner_state)[0]
-        by_class: dict[str, list[float]] = {SAMPLING_CLASSES[0]: rates}
-        for t in [float(x) for x in str(args.temperatures).split(",") if x.strip()]:
+        name = llm.collective_rpc(lambda w: type(worker_runner(w).drafter).__name__)[0]
+        by_class: dict[str, list[float]] = {}
+        for t in [0.0] + [float(x) for x in str(args.temperatures).split(",") if x.strip()]:
             trials0, accepted0 = llm.collective_rpc(position_counts)[0]
             for bs in [int(b) for b in args.batch_sizes.split(",")]:
-                params = SamplingParams(temperature=t, max_tokens=args.max_tokens, ignore_eos=True, seed=bs)
+                params = SamplingParams(temperature=t, max_tokens=args.prior_tokens, ignore_eos=True, seed=bs)
                 llm.generate([TokensPrompt(prompt_token_ids=p) for p in (prompts * bs)[:bs]], params, use_tqdm=False)
                 log.info("calibrate", extra={"fields": {"drafter": drafter, "batch": bs, "temperature": t}})
             trials1, accepted1 = llm.collective_rpc(position_counts)[0]
@@ -167,6 +170,7 @@ def _measure(model_dir: Path, drafter: str, args: argparse.Namespace, prompts: l
             by_class[SAMPLING_CLASSES[sampling_class(t)]] = PlanStats(
                 position_trials=[b - a for a, b in zip(trials0, trials1)],
                 position_accepted=[b - a for a, b in zip(accepted0, accepted1)]).conditional_acceptance()
+        rates = by_class[SAMPLING_CLASSES[0]]
         return name, records, rates, by_class
     finally:
         del llm
