@@ -105,3 +105,39 @@ def test_interleaved_one_client_points_take_turns_by_request(demo_model_dir: Pat
     assert len([t for t in tags if t.startswith("closed-2-")]) == 2 * len(arms)
     assert "request_paired_latency" not in two
     assert "by request" in out.err
+
+
+def test_a_variant_arm_is_a_goodput_engine_with_its_settings_judged_as_a_variant(
+        demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    names: dict[int, str] = {}
+    reverts: dict[str, float] = {}
+    real_engines, real_planner = goodput._engines, goodput._planner
+
+    def engines(*a: object, **k: object) -> dict:
+        built = real_engines(*a, **k)
+        names.update({id(llm): arm for arm, llm in built.items()})
+        return built
+
+    def planner(llm: object) -> object:  # the planner exists once the engine has run a step
+        found = real_planner(llm)
+        if found is not None:
+            reverts[names[id(llm)]] = found.policy.revert
+        return found
+
+    monkeypatch.setattr(goodput, "_engines", engines)
+    monkeypatch.setattr(goodput, "_planner", planner)
+    parser = argparse.ArgumentParser()
+    goodput.add_arguments(parser)
+    args = parser.parse_args(["--model", str(demo_model_dir), "--arms", "none,goodput,goodput-r1", "--parts", "closed",
+                              "--concurrency", "2", "--reps", "2", "--requests", "3", "--mean-output", "12",
+                              "--prompt-tokens", "48", "--temperatures", "0", "--seed", "5",
+                              "--variant", 'r1={"revert": 1}'])
+    assert goodput.run(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert reverts["goodput-r1"] == 1.0 and reverts["goodput"] < 1.0  # the variant's setting, its engine only
+    pt = report["closed"]["t0"]["2"]
+    assert "plan" in pt["arms"]["goodput-r1"]  # a goodput engine: its controller's figures
+    assert set(pt["variants_paired_throughput"]) == {"goodput-r1"}  # judged as a variant, not a baseline
+    assert pt["paired_throughput"]["best"] in ("none", "goodput")
+    with pytest.raises(ValueError, match="goodput-r2"):  # an arm no --variant defines
+        goodput.run(parser.parse_args(["--model", str(demo_model_dir), "--arms", "none,goodput-r2"]))

@@ -217,3 +217,20 @@ def test_goodput_variants_are_compared_with_the_default_request_by_request() -> 
     assert ratio == {"ratio": 0.9, "low": 0.9, "high": 0.9}
     assert out["request_paired_latency"]["best"] == "goodput"
     assert "variants_request_paired_latency" not in goodput.request_paired({"none": [1.0], "goodput": [1.0]})
+
+
+def test_variants_parse_to_goodput_arms_and_bad_ones_are_refused() -> None:
+    from specserve.bench.goodput import goodput_arm, judged_arms, parse_variants, variant_verdicts
+
+    arms = parse_variants(['old={"calibration": "a.json"}', ' r1 = {"revert": 1}'])
+    assert arms == {"goodput-old": {"calibration": "a.json"}, "goodput-r1": {"revert": 1}}
+    assert all(goodput_arm(a) for a in arms)
+    for bad, match in (("noequals", "NAME=JSON"), ("=1", "NAME=JSON"), ("x={", "not JSON"),
+                       ("x=[1]", "JSON object"), ("pooled={}", "built-in")):
+        with pytest.raises(ValueError, match=match):
+            parse_variants([bad])
+    point = {"none": 1, "k2": 2, "goodput": 3, "goodput-old": 4}
+    assert list(judged_arms(point)) == ["none", "k2", "goodput"]
+    runs = {"k2": [{"tokens_per_s": 100.0}] * 2, "goodput": [{"tokens_per_s": 99.0}] * 2,
+            "goodput-old": [{"tokens_per_s": 80.0}, {"tokens_per_s": 81.0}]}
+    assert set(variant_verdicts(runs)["variants_paired_throughput"]) == {"goodput-old"}

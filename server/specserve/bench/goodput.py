@@ -16,6 +16,8 @@ Arms:
   tokens chunked prefills still have to schedule;
 - ``goodput-twin``: a second engine built as ``goodput`` is, judged against it (an A/A control:
   the run's noise floor, engine instances included);
+- ``goodput-NAME``: the goodput engine with engine settings given as ``--variant NAME=JSON``
+  (a setting's or a calibration file's trial beside the default, judged as the variants above);
 - ``goodput-tree``: the goodput controller spending a node budget (``--tree-budget``) on draft
   trees (``--tree-shape``, DySpec ``dynamic`` by default) instead of chains; judged apart, against
   the best chain arm (``none``, ``k1`` .. ``k4``, ``goodput``) at each point.
@@ -111,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="e.g. 0,0.7; 0+0.7 is one point whose requests alternate between 0 and 0.7")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", default="none,k1,k2,k3,k4,goodput")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="an extra arm goodput-NAME: the goodput engine with these engine settings added, "
+                             "e.g. 'oldcal={\"calibration\": \"old.json\"}' (repeatable; list it in --arms)")
     parser.add_argument("--tree-budget", type=int, default=8, help="goodput-tree: draft nodes per request and step")
     parser.add_argument("--tree-shape", default="dynamic", choices=("static", "dynamic"),
                         help="goodput-tree: tree shape")
@@ -213,7 +218,7 @@ def request_paired(latencies: dict[str, list[float]]) -> dict[str, Any]:
     if tree:
         out["tree_request_paired_latency"] = paired_verdict(tree, TREE_ARM)
     variants = {arm: paired_ratio(latencies["goodput"], v) for arm, v in latencies.items()
-                if arm in GOODPUT_ARMS and arm not in ("goodput", TREE_ARM) and "goodput" in latencies}
+                if goodput_arm(arm) and arm not in ("goodput", TREE_ARM) and "goodput" in latencies}
     if variants:
         out["variants_request_paired_latency"] = variants
     return out
@@ -277,10 +282,10 @@ def variant_verdicts(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     >>> variant_verdicts(runs)["variants_paired_throughput"]["goodput-twin"]["slowdown"]
     2.0
     """
-    baselines = {a: [x["tokens_per_s"] for x in r] for a, r in runs.items() if a not in GOODPUT_ARMS}
+    baselines = {a: [x["tokens_per_s"] for x in r] for a, r in runs.items() if not goodput_arm(a)}
     out = {}
     for arm in runs:
-        if arm in GOODPUT_ARMS and arm not in ("goodput", TREE_ARM) and baselines:
+        if goodput_arm(arm) and arm not in ("goodput", TREE_ARM) and baselines:
             verdict = paired_verdict({**baselines, arm: [x["tokens_per_s"] for x in runs[arm]]}, arm,
                                      lower_is_better=False)
             if verdict:
@@ -326,7 +331,8 @@ class _Trace:
         self.samples.append((round(now, 3), rows, round(record.drafts_verified / rows, 3) if rows else 0.0))
 
 
-def _engines(args: argparse.Namespace, arms: list[str], model_dir: Path) -> dict[str, Any]:
+def _engines(args: argparse.Namespace, arms: list[str], model_dir: Path,
+             variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     from specserve.engine import settings
     from specserve.engine.local import local_llm
     from specserve.head_training import resolve_heads
@@ -343,7 +349,7 @@ def _engines(args: argparse.Namespace, arms: list[str], model_dir: Path) -> dict
             if fixed_k(arm) is not None:  # one engine each: drafter state learned per arm
                 engines[arm] = local_llm(model_dir, speculative_config=spec, **common,
                                          additional_config={"specserve": {"spec_policy": "fixed"}})
-        for arm, extra in GOODPUT_ARMS.items():
+        for arm, extra in {**GOODPUT_ARMS, **(variants or {})}.items():
             if arm not in arms:
                 continue
             tree = arm == TREE_ARM
@@ -381,7 +387,7 @@ def judged_arms(point: dict[str, Any]) -> dict[str, Any]:
     >>> list(judged_arms({"none": 1, "k2": 2, "goodput": 3, "goodput-every-step": 4}))
     ['none', 'k2', 'goodput']
     """
-    return {a: v for a, v in point.items() if a == "goodput" or a not in GOODPUT_ARMS}
+    return {a: v for a, v in point.items() if a == "goodput" or not goodput_arm(a)}
 
 
 def tree_judged_arms(point: dict[str, Any]) -> dict[str, Any]:
@@ -393,6 +399,48 @@ def tree_judged_arms(point: dict[str, Any]) -> dict[str, Any]:
     {}
     """
     return {**judged_arms(point), TREE_ARM: point[TREE_ARM]} if TREE_ARM in point else {}
+
+
+def goodput_arm(arm: str) -> bool:
+    """Whether ``arm`` runs the goodput controller: ``goodput`` and its variants (``goodput-*``:
+    :data:`GOODPUT_ARMS` and ``--variant`` arms).
+
+    >>> goodput_arm("goodput"), goodput_arm("goodput-oldcal"), goodput_arm("k2"), goodput_arm("none")
+    (True, True, False, False)
+    """
+    return arm == "goodput" or arm.startswith("goodput-")
+
+
+def parse_variants(values: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--variant NAME=JSON`` values as arms: ``goodput-NAME``, an engine with the goodput policy
+    and these engine settings added (a trial of a setting or a calibration file beside the
+    default, in the same run). Refuses a name the built-in arms take, and settings that are not
+    a JSON object.
+
+    >>> parse_variants(['oldcal={"calibration": "old.json"}', 'r1={"revert": 1}'])
+    {'goodput-oldcal': {'calibration': 'old.json'}, 'goodput-r1': {'revert': 1}}
+    >>> parse_variants(["twin={}"])
+    Traceback (most recent call last):
+    ...
+    ValueError: --variant twin: goodput-twin is a built-in arm
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for value in values:
+        name, sep, settings = value.partition("=")
+        name = name.strip()
+        arm = f"goodput-{name}"
+        if not sep or not name:
+            raise ValueError(f"--variant {value!r}: expected NAME=JSON")
+        if arm in GOODPUT_ARMS:
+            raise ValueError(f"--variant {name}: {arm} is a built-in arm")
+        try:
+            parsed = json.loads(settings)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--variant {name}: settings are not JSON ({e.msg})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"--variant {name}: settings must be a JSON object")
+        out[arm] = parsed
+    return out
 
 
 def fixed_k(arm: str) -> int | None:
@@ -451,9 +499,13 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     model_dir = args.model or demo_model_dir()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    variants = parse_variants(args.variant)
+    unknown = [a for a in arms if a != "none" and fixed_k(a) is None and a not in GOODPUT_ARMS and a not in variants]
+    if unknown:
+        raise ValueError(f"unknown arms {', '.join(unknown)} (a goodput-NAME arm needs --variant NAME=JSON)")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     temps = [t.strip() for t in str(args.temperatures).split(",") if t.strip()]
-    engines = _engines(args, arms, model_dir)
+    engines = _engines(args, arms, model_dir, variants)
     # every window of the held-out files; the last one warms the engines up and is served by no point
     windows = held_out_prompts(model_dir, 1 << 20, args.prompt_tokens, windows_per_file=64)
     warm_prompt, feed = windows[-1], PromptFeed(windows[:-1])
