@@ -50,6 +50,8 @@ class FakeState:
     unary_running: int = 0  # non-streaming requests being answered now
     unary_aborted: int = 0  # non-streaming requests whose client left before the answer
     api_key: str | None = None  # when set: the engine's key middleware guards every route
+    tool_call: dict | None = None  # when set: the first streamed chunk is this tool-call delta
+    hold_after_done: threading.Event | None = None  # when set: the stream stays open after [DONE] until it is
 
 
 def word_count(body: dict) -> int:
@@ -163,7 +165,7 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
                 for i in range(state.chunks):
                     if await request.is_disconnected():
                         return
-                    delta = {"content": f"t{i} "}
+                    delta = {"tool_calls": [state.tool_call]} if i == 0 and state.tool_call else {"content": f"t{i} "}
                     yield _sse({"id": "x", "object": "chat.completion.chunk", "model": MODEL,
                                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                     if i == 0 and state.gate is not None:
@@ -176,6 +178,10 @@ def build_app(state: FakeState, name: str = "fake") -> FastAPI:
                 yield _sse({"id": "x", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
                             "usage": usage, **extra})
                 yield _sse("[DONE]")
+                while state.hold_after_done is not None and not state.hold_after_done.is_set():
+                    if await request.is_disconnected():
+                        return
+                    await asyncio.sleep(0.01)
             finally:
                 state.running -= 1
 

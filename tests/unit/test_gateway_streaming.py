@@ -141,3 +141,34 @@ def test_full_queue_answers_503_with_retry_after() -> None:
                     assert 'specserve_gateway_rejected_requests_total{reason="queue_full"} 1.0' in metrics
 
         asyncio.run(main())
+
+
+def test_a_streamed_call_is_counted_when_the_client_leaves_right_after_done() -> None:
+    """The client has the whole answer at ``[DONE]`` and may hang up before the engine's response
+    ends: the call it was sent is still counted (it was not when the count waited for the end)."""
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    state = FakeState(chunks=2, tool_call=call, hold_after_done=threading.Event())
+    body = {**STREAM, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    with running_fake_engine(state) as (url, _):
+        app = create_app(GatewayConfig(replicas=[url]), registry=CollectorRegistry())
+
+        async def main() -> str:
+            async with started(app):
+                client = RawClient(app, body)
+                task = client.start()
+                seen = b""
+                while b"[DONE]" not in seen:
+                    seen += await client.next_body()
+                assert b'"tool_calls"' in seen and state.running == 1  # the engine has not ended it
+                client.disconnect.set()
+                await asyncio.wait_for(task, 10)
+                transport = httpx.ASGITransport(app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+                    return (await http.get("/metrics")).text
+
+        metrics = asyncio.run(main())
+        state.hold_after_done.set()
+    calls = [line for line in metrics.splitlines() if line.startswith("specserve_gateway_tool_calls_total{")]
+    assert calls == ['specserve_gateway_tool_calls_total{tool_choice="named"} 1.0'], calls
+    assert "specserve_gateway_tool_call_failures_total{" not in metrics

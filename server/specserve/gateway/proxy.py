@@ -356,8 +356,6 @@ class Proxy:
                     yield chunk
                     chunk = await content.readany()
                 finished = True
-                if calls is not None:
-                    outcome.tool_calls = calls.by_choice()
             except asyncio.TimeoutError:
                 outcome.status = 504
                 yield sse_error_event(APIError(504, "The engine stopped answering.", code="upstream_timeout"))
@@ -377,6 +375,10 @@ class Proxy:
                 else:
                     response.close()
                 self.pool.release(replica)
+                # A whole answer's calls are counted even when the client, holding [DONE], leaves
+                # before the response's end is read (the pump is then cancelled here).
+                if calls is not None and (finished or calls.done):
+                    outcome.tool_calls = calls.by_choice()
                 event = usage_event_from_sse_tail(tail.value())
                 if event is not None:
                     usage = event.get("usage") or {}

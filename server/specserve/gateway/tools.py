@@ -18,8 +18,8 @@ Example:
     ...        b' "function": {"name": "f", "arguments": "{\\\\"x\\\\""}}]}}]}\\n\\n')
     >>> c.feed(b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0,'
     ...        b' "function": {"arguments": ": 1}"}}]}}]}\\n\\ndata: [DONE]\\n\\n')
-    >>> c.calls()
-    [Call(name='f', arguments='{"x": 1}')]
+    >>> c.calls(), c.done
+    ([Call(name='f', arguments='{"x": 1}')], True)
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ class StreamedCalls:
         self._pending = b""
         self._calls: dict[tuple[int, int], _Partial] = {}
         self._choices: set[int] = set()
+        self.done = False
+        """The stream's ``data: [DONE]`` event was fed: the answer is whole, whether or not the
+        response's end is read (a client that has its answer may leave before it comes)."""
 
     def feed(self, chunk: bytes) -> None:
         data = self._pending + chunk
@@ -105,6 +108,7 @@ class StreamedCalls:
 
     def _event(self, event: bytes) -> None:
         if not event.startswith(b"data: {"):
+            self.done = self.done or event.strip() == b"data: [DONE]"
             return
         has_calls = b'"tool_calls"' in event
         if not has_calls and b'"choices"' not in event:
