@@ -312,11 +312,11 @@ class AcceptanceModel:
         ``factor`` of the distance (``factor = r ** steps``: the steps since the last call, ``r``
         the reversion a step). The recent counts keep their weight: only their rate moves.
 
-        >>> m = AcceptanceModel(prior=[0.5], global_weight=4.0)
+        >>> m = AcceptanceModel(prior=[0.5], global_weight=4.0, global_decay=0.5)
         >>> m.assign(["a"], [0]); m.observe("a", 1, 1); m.revert(0.0)   # observed: kept
         >>> round(float(m.class_rates()[0, 0]), 3), round(float(m.long_rates()[0, 0]), 3)
-        (0.6, 0.6)
-        >>> m.revert(0.0); round(float(m.class_rates()[0, 0]), 3)     # long-run rates now
+        (0.667, 0.6)
+        >>> m.revert(0.0); round(float(m.class_rates()[0, 0]), 3)     # not since: the long-run rate
         0.6
         """
         stale = ~self._fresh

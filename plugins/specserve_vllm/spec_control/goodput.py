@@ -33,7 +33,10 @@ the cost of a decision is spread over them; when the next decision for the same 
 same plan, the hold doubles, up to ``recheck_max`` steps. A decode row that does not draft has its own
 acceptance evidence faded by ``idle_decay`` per
 step (:meth:`AcceptanceModel.age`), so a request that stopped after an unlucky stretch drifts
-back to the engine-wide rate and is tried again when that rate says drafting pays.
+back to the engine-wide rate and is tried again when that rate says drafting pays. Likewise a
+sampling class nothing measured since the last decision has its engine-wide rate moved toward
+its long-run one (:attr:`revert` per step, :meth:`AcceptanceModel.revert`): while off, a dip that
+turned speculation off is not kept as the rate until a probe.
 With trees on (engine setting ``tree``), the step also prices trees of ``1 .. N`` nodes per row
 (:mod:`~specserve_vllm.spec_control.tree_pricing`) and takes trees when they beat the best
 chain plan; otherwise the drafter is told to draft chains for the step (:attr:`chains_only`).
