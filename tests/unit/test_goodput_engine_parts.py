@@ -47,7 +47,11 @@ def test_describe_splits_decode_and_prefill_tokens() -> None:
                           scheduled_spec_decode_tokens={"a": [5, 6]})
     step = step_timer.describe(out, ["a", "b", "c"], ctx_tokens=99)
     assert step == {"rows": 3, "tokens": 20, "ctx_tokens": 99, "spec": True, "drafts_verified": 2,
-                    "prefill_tokens": 16}
+                    "prefill_tokens": 16, "sampled": 0}
+    # a sampled decode row draws its token and each draft; a sampled prefill row draws one token
+    sampled = step_timer.describe(out, ["a", "b", "c"], ctx_tokens=99, temperatures=[0.7, 1.0, 0.0])
+    assert sampled["sampled"] == 3 + 1
+    assert step_timer.describe(out, ["a", "b", "c"], 99, temperatures=[0.0, 0.0, 0.5])["sampled"] == 1
 
 
 def test_idle_speculates_and_a_full_batch_of_poor_drafts_does_not() -> None:
@@ -179,6 +183,43 @@ def test_verified_drafts_are_priced_apart_from_prefill_tokens() -> None:
         return model.chain_terms(1, 1, 0)[2]
 
     assert per_draft_after(True) > 0.52 > 0.46 > per_draft_after(False)
+
+
+def test_sampled_rows_are_a_term_of_their_own_in_both_fits() -> None:
+    """A row at temperature > 0 draws its token and each verified draft from its sampling law:
+    a cost per drawn row that a greedy grid cannot see. The calibration fit separates it from
+    the other terms given sampled and greedy steps, and the online fit learns it from a
+    calibration written before the term."""
+    truth = replace(COST, spec_token=0.05, sampled=0.3)
+    steps = [(r, r * (1 + k), k > 0, r * k, s * r * (1 + k)) for r in (1, 4, 8) for k in (0, 1, 2, 4) for s in (0, 1)]
+    records = [{"rows": r, "tokens": t, "ctx_tokens": 0, "spec": sp, "drafts_verified": v, "sampled": n,
+                "step_ms": truth.step_ms(r, t, 0, sp, v, n)} for r, t, sp, v, n in steps]
+    assert fit_cost(records).sampled == pytest.approx(0.3, abs=1e-3)
+    assert fit_cost([{**r, "sampled": 0} for r in records]).sampled == 0.0  # a greedy view cannot see it
+    model = StepTimeModel(replace(truth, sampled=0.0))
+    before = model.step_ms(8, 16, 0, True, 8, sampled=16)
+    for _ in range(40):  # about a thousand steps: per_token takes the cost first, then gives it back
+        for r, t, sp, v, n in steps:
+            model.observe(r, t, 0, sp, truth.step_ms(r, t, 0, sp, v, n), verified=v, sampled=n)
+    after = model.step_ms(8, 16, 0, True, 8, sampled=16)
+    assert abs(after - truth.step_ms(8, 16, 0, True, 8, 16)) < 0.25 * abs(before - truth.step_ms(8, 16, 0, True, 8, 16))
+    assert model.step_fit.coef[STEP_TERMS.index("sampled")] > 0.15
+
+
+def test_a_sampled_rows_drafts_are_priced_dearer_than_a_greedy_rows() -> None:
+    """The same rows and acceptance: drafting is worth less where each draft is a draw over the
+    vocabulary, so a sampled batch drafts less, and its plain step is dearer too."""
+    cost = replace(COST, sampled=0.8)
+    greedy = StepRows(tuple(f"r{i}" for i in range(4)), np.full(4, 4), np.full(4, 200), classes=np.zeros(4, dtype=np.int64))
+    sampled = replace(greedy, classes=np.full(4, 2, dtype=np.int64))
+    policy = GoodputPolicy(StepTimeModel(cost), AcceptanceModel([0.75] * 4), sampling_classes=False)
+    g_greedy, _, t_greedy = policy.goodput(greedy)
+    g_sampled, _, t_sampled = policy.goodput(sampled)
+    assert t_sampled[0] == pytest.approx(t_greedy[0] + 4 * 0.8)  # the plain step draws 4 rows
+    assert np.all(np.diff(t_sampled) > np.diff(t_greedy))  # and each draft one more
+    assert int(np.argmax(g_sampled)) < int(np.argmax(g_greedy))
+    assert policy.plan(sampled).sum() < GoodputPolicy(StepTimeModel(cost), AcceptanceModel([0.75] * 4),
+                                                      sampling_classes=False).plan(greedy).sum()
 
 
 def test_shipped_calibration_loads_and_gives_priors(tmp_path: Path) -> None:

@@ -132,6 +132,19 @@ def next_hold(last: int, again: bool, start: int, most: int) -> int:
     return min(last * 2, most) if again else start
 
 
+def sampled_rows(rows: StepRows, dec: np.ndarray) -> np.ndarray:
+    """Whether each decode row ``dec`` draws its tokens from a sampling law (temperature > 0),
+    whose every verified draft then costs a draw over the vocabulary instead of an argmax.
+
+    >>> sampled_rows(StepRows(("a", "b", "c"), np.array([4, 0, 4]), np.zeros(3), classes=np.array([0, 2, 3])),
+    ...              np.array([0, 2])).tolist()
+    [False, True]
+    """
+    if rows.classes is None:
+        return np.zeros(len(dec), dtype=bool)
+    return rows.classes[dec] > 0
+
+
 class GoodputPolicy:
     """Per-step draft lengths maximising predicted committed tokens per millisecond."""
 
@@ -267,10 +280,15 @@ class GoodputPolicy:
         committed[0] = 0.0
         np.cumsum(values, out=committed[1:])
         committed += b
-        off, on, per_draft, per_position = self.model.chain_terms(len(rows.caps), b + self.next_prefill(rows),
-                                                                  int(rows.context.sum()))
-        times = np.arange(s + 1, dtype=np.float64)
-        times *= per_draft
+        sampled = sampled_rows(rows, dec)
+        off, on, per_draft, per_position, per_sampled = self.model.chain_terms(
+            len(rows.caps), b + self.next_prefill(rows), int(rows.context.sum()), int(sampled.sum()))
+        times = np.empty(s + 1, dtype=np.float64)
+        times[0] = 0.0
+        if per_sampled > 0 and sampled.any():  # a sampled row's draft is drawn, not argmaxed
+            np.cumsum(per_draft + per_sampled * sampled[slot_rows], out=times[1:])
+        else:
+            times[1:] = per_draft * np.arange(1, s + 1)
         times += on
         if per_position > 0 and s:  # the deepest position taken so far, paid once
             times[1:] += per_position * (np.maximum.accumulate(positions) + 1)
@@ -295,7 +313,9 @@ class GoodputPolicy:
         ctx = int(rows.context.sum())
         n_rows = len(rows.caps)
         depth = np.minimum(nodes.max(axis=1, initial=0), self.chain_depth)  # a tree is at most this deep
-        times = self.model.cycle_ms(n_rows, b + self.next_prefill(rows), ctx, nodes.sum(axis=1), depth)
+        sampled = sampled_rows(rows, dec)
+        times = self.model.cycle_ms(n_rows, b + self.next_prefill(rows), ctx, nodes.sum(axis=1), depth,
+                                    sampled=int(sampled.sum()), sampled_drafts=nodes[:, sampled].sum(axis=1))
         times = times * self.trees.cost_factor(n_rows)
         per_row = np.zeros((len(n), n_rows), dtype=np.int64)
         per_row[:, dec] = nodes
@@ -516,18 +536,19 @@ class GoodputPolicy:
 
     def observe_step(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, prefill_tokens: int,
                      step_ms: float, drafts: int, draft_ms: float, trees: int = 0, verified: int = 0,
-                     draft_depth: int = 0) -> float:
+                     draft_depth: int = 0, sampled: int = 0) -> float:
         """A measured step: correct the model; returns the prediction made before correcting.
         A step that verified trees (``trees`` requests) corrects the tree cost, not the chain's;
-        ``verified``: the drafts it verified; ``draft_depth``: the longest row's draft made after it."""
-        chain = self.model.step_ms(rows, tokens, ctx_tokens, spec, verified)
+        ``verified``: the drafts it verified; ``draft_depth``: the longest row's draft made after
+        it; ``sampled``: its logits rows drawn from a sampling law."""
+        chain = self.model.step_ms(rows, tokens, ctx_tokens, spec, verified, sampled)
         drafting = self.model.draft_ms(drafts, draft_depth)
         predicted = chain + drafting
         if trees and self.trees is not None:
             predicted = chain * self.trees.cost_factor(rows) + drafting
             self.trees.observe_time(rows, step_ms / chain if chain > 0 else 0.0)
         else:
-            self.model.observe(rows, tokens, ctx_tokens, spec, step_ms, verified)
+            self.model.observe(rows, tokens, ctx_tokens, spec, step_ms, verified, sampled)
         if drafts:
             self.model.observe_draft(drafts, draft_ms, draft_depth)
         self.prefill_tokens = prefill_tokens

@@ -270,7 +270,7 @@ class StepPlanner:
             predicted = observe(record.rows, record.tokens, record.ctx_tokens, record.spec,
                                 record.prefill_tokens, record.step_ms, record.drafts, record.draft_ms,
                                 getattr(record, "trees", 0), getattr(record, "drafts_verified", 0),
-                                getattr(record, "draft_depth", 0))
+                                getattr(record, "draft_depth", 0), getattr(record, "sampled", 0))
         with self.lock:
             self.stats.record_time(predicted, record.total_ms)
 

@@ -3,7 +3,7 @@
 A step's time (ms) is its forward and sampling, plus the drafting that prepares the next step:
 
     step  = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000
-            + [spec] * (spec + spec_row * rows) + spec_token * verified
+            + [spec] * (spec + spec_row * rows) + spec_token * verified + sampled * sampled_rows
     draft = [drafts > 0] * (draft + draft_token * drafts + draft_depth * depth)
 
 ``tokens``: tokens the step schedules (decode rows * (1 + k) plus prefill tokens); ``rows``:
@@ -16,7 +16,10 @@ draft too cheap and the spec path's fixed cost too dear); ``drafts``: tokens dra
 next step; ``depth``: the longest row's draft (a drafter that makes one batched call per draft
 position, Hydra's sequential heads, pays ``draft_depth`` per position whatever the rows: on the
 demo model 0.32 ms a position plus 0.035 ms a draft, so a price per draft alone was off by 2-3x
-between one row and eight). The coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
+between one row and eight); ``sampled_rows``: logits rows whose token is drawn from a sampling
+law (a request at temperature > 0: its token and each draft it verifies) rather than taken by
+argmax, a softmax and a draw over the vocabulary each (on the demo model 0.01-0.02 ms a row: a
+greedy calibration priced a temperature-0.7 draft a third or more too cheap). The coefficients come from a calibration (``specserve calibrate`` fits them to measured steps; the
 demo model's ship with the plugin). Online, measured steps refit them (:class:`TermFit`:
 exponentially weighted least squares on the relative error, pulled toward the calibration,
 folded every few steps) and a level follows the host's speed step by step in between, so load
@@ -79,10 +82,15 @@ class StepCost:
     """Per verified draft, on top of ``per_token`` (0 in calibrations written before it)."""
     draft_depth: float = 0.0
     """Per draft position of the longest row's draft (0 in calibrations written before it)."""
+    sampled: float = 0.0
+    """Per logits row drawn from a sampling law instead of an argmax (0 in calibrations written
+    before it)."""
 
-    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> float:
+    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0,
+                sampled: int = 0) -> float:
         t = self.base + self.per_token * tokens + self.per_row * rows + self.context * ctx_tokens / 1000.0
-        return t + (self.spec + self.spec_row * rows if spec else 0.0) + self.spec_token * verified
+        t += self.spec_token * verified + self.sampled * sampled
+        return t + (self.spec + self.spec_row * rows if spec else 0.0)
 
     def draft_ms(self, drafts: int, depth: int = 0) -> float:
         """Drafting ``drafts`` tokens whose longest row drafts ``depth`` of them."""
@@ -309,9 +317,9 @@ class TermFit:
         self.coef = tuple((factors * self.unit).tolist())
 
 
-STEP_TERMS: tuple[str, ...] = ("base", "per_token", "per_row", "context", "spec", "spec_row", "spec_token")
+STEP_TERMS: tuple[str, ...] = ("base", "per_token", "per_row", "context", "spec", "spec_row", "spec_token", "sampled")
 """The step's terms, in the order of :func:`step_features`."""
-ZERO_TERM_SCALE: tuple[float, ...] = (1.0, 0.02, 0.05, 0.3, 0.5, 0.05, 0.5)
+ZERO_TERM_SCALE: tuple[float, ...] = (1.0, 0.02, 0.05, 0.3, 0.5, 0.05, 0.5, 0.02)
 """A term's size (ms per unit) when the calibration has it at 0: the unit of its factor, so the
 fit can still learn it (a factor times 0 stays 0). Typical of the demo model on a CPU engine."""
 DRAFT_TERMS: tuple[str, ...] = ("draft", "draft_token", "draft_depth")
@@ -320,14 +328,15 @@ ZERO_DRAFT_SCALE: tuple[float, ...] = (0.5, 0.05, 0.3)
 """The same for the drafting terms (:data:`DRAFT_TERMS`)."""
 
 
-def step_features(rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> tuple[float, ...]:
+def step_features(rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0,
+                  sampled: int = 0) -> tuple[float, ...]:
     """The features the step terms multiply (:data:`STEP_TERMS` order).
 
-    >>> step_features(4, 12, 2000, True, verified=8)
-    (1.0, 12.0, 4.0, 2.0, 1.0, 4.0, 8.0)
+    >>> step_features(4, 12, 2000, True, verified=8, sampled=6)
+    (1.0, 12.0, 4.0, 2.0, 1.0, 4.0, 8.0, 6.0)
     """
     s = 1.0 if spec else 0.0
-    return 1.0, float(tokens), float(rows), ctx_tokens / 1000.0, s, s * rows, float(verified)
+    return 1.0, float(tokens), float(rows), ctx_tokens / 1000.0, s, s * rows, float(verified), float(sampled)
 
 
 def draft_features(drafts: int, depth: int) -> tuple[float, float, float]:
@@ -379,9 +388,11 @@ class StepTimeModel:
         fixed, per_draft, per_position = self.draft_fit.factors.tolist()
         return fixed, per_draft, per_position
 
-    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0) -> float:
-        base, per_token, per_row, context, spec_ms, spec_row, spec_token = self.step_fit.coef
-        t = base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0 + spec_token * verified
+    def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0,
+                sampled: int = 0) -> float:
+        base, per_token, per_row, context, spec_ms, spec_row, spec_token, per_sampled = self.step_fit.coef
+        t = (base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0 + spec_token * verified
+             + per_sampled * sampled)
         return (t + spec_ms + spec_row * rows if spec else t) * self.level
 
     def draft_ms(self, drafts: int, depth: int = 0) -> float:
@@ -391,27 +402,33 @@ class StepTimeModel:
         fixed, per_draft, per_position = self.draft_fit.coef
         return fixed + per_draft * drafts + per_position * depth
 
-    def chain_terms(self, rows: int, tokens: int, ctx_tokens: int) -> tuple[float, float, float, float]:
-        """``(off, on, per_draft, per_position)`` ms: a step of ``rows`` rows scheduling
-        ``tokens`` tokens (drafts aside) costs ``off`` without drafts and
-        ``on + per_draft * n + per_position * depth`` with ``n`` of them, the longest row's
-        ``depth`` long, drafting included (:meth:`cycle_ms` in four numbers, for the controller).
+    def chain_terms(self, rows: int, tokens: int, ctx_tokens: int,
+                    sampled: int = 0) -> tuple[float, float, float, float, float]:
+        """``(off, on, per_draft, per_position, per_sampled)`` ms: a step of ``rows`` rows
+        scheduling ``tokens`` tokens (drafts aside), ``sampled`` of its rows drawn from a
+        sampling law, costs ``off`` without drafts and
+        ``on + per_draft * n + per_sampled * n_s + per_position * depth`` with ``n`` of them,
+        ``n_s`` in sampled rows, the longest row's ``depth`` long, drafting included
+        (:meth:`cycle_ms` in five numbers, for the controller).
 
-        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1, draft_depth=0.3))
-        >>> m.chain_terms(1, 1, 0)
-        (6.0, 8.5, 1.1, 0.3)
+        >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1, draft_depth=0.3, sampled=0.2))
+        >>> m.chain_terms(1, 1, 0), m.chain_terms(1, 1, 0, sampled=1)[0]
+        ((6.0, 8.5, 1.1, 0.3, 0.2), 6.2)
         """
-        base, per_token, per_row, context, spec, spec_row, spec_token = self.step_fit.coef
+        base, per_token, per_row, context, spec, spec_row, spec_token, per_sampled = self.step_fit.coef
         level = self.level
-        plain = (base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0) * level
+        plain = (base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0
+                 + per_sampled * sampled) * level
         fixed, per_draft, per_position = self.draft_fit.coef
         return (plain, plain + (spec + spec_row * rows) * level + fixed,
-                (per_token + spec_token) * level + per_draft, per_position)
+                (per_token + spec_token) * level + per_draft, per_position, per_sampled * level)
 
     def cycle_ms(self, rows: int, tokens: int, ctx_tokens: int, drafts: np.ndarray,
-                 depth: np.ndarray | None = None) -> np.ndarray:
+                 depth: np.ndarray | None = None, sampled: int = 0,
+                 sampled_drafts: np.ndarray | None = None) -> np.ndarray:
         """Step plus drafting time for each total draft count in ``drafts`` whose longest row
-        drafts ``depth`` (vectorised; ``None``: every draft in one row, ``depth = drafts``).
+        drafts ``depth`` (vectorised; ``None``: every draft in one row, ``depth = drafts``);
+        ``sampled`` rows and ``sampled_drafts`` of the drafts are drawn from a sampling law.
 
         >>> m = StepTimeModel(StepCost(5, 1, 0, 0, 2, 0, 0.5, 0.1, draft_depth=0.3))
         >>> m.cycle_ms(1, 1, 0, np.array([0, 1, 4])).round(2).tolist()
@@ -421,11 +438,14 @@ class StepTimeModel:
         """
         n = np.asarray(drafts, dtype=np.float64)
         d = n if depth is None else np.asarray(depth, dtype=np.float64)
-        off, on, per_draft, per_position = self.chain_terms(rows, tokens, ctx_tokens)
-        return np.where(n > 0, on + per_draft * n + per_position * d, off)
+        off, on, per_draft, per_position, per_sampled = self.chain_terms(rows, tokens, ctx_tokens, sampled)
+        on_ms = on + per_draft * n + per_position * d
+        if sampled_drafts is not None:
+            on_ms = on_ms + per_sampled * np.asarray(sampled_drafts, dtype=np.float64)
+        return np.where(n > 0, on_ms, off)
 
     def observe(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, measured_ms: float,
-                verified: int = 0) -> None:
+                verified: int = 0, sampled: int = 0) -> None:
         """One measured step (forward and sampling, drafting aside): it moves :attr:`level`
         now and the fit at its next fold (which resets the level: the fit has the step then).
 
@@ -434,7 +454,7 @@ class StepTimeModel:
         >>> round(m.level, 2), round(m.step_ms(1, 1, 0, False), 2)
         (1.2, 7.2)
         """
-        features = step_features(rows, tokens, ctx_tokens, spec, verified)
+        features = step_features(rows, tokens, ctx_tokens, spec, verified, sampled)
         fitted = self.step_fit.predict(features)
         if fitted > 0 and measured_ms > 0:
             ratio = min(max(measured_ms / fitted, 1.0 / MAX_STEP_RATIO), MAX_STEP_RATIO)
@@ -475,10 +495,10 @@ class StepTimeModel:
 
 def fit_cost(records: list[dict[str, float]]) -> StepCost:
     """Least-squares :class:`StepCost` from measured steps (``rows, tokens, ctx_tokens, spec,
-    drafts_verified, step_ms``, and ``drafts, draft_depth, draft_ms`` for the drafting terms).
+    drafts_verified, sampled, step_ms``, and ``drafts, draft_depth, draft_ms`` for the drafting terms).
     Coefficients are kept >= 0."""
     x = np.array([step_features(int(r["rows"]), int(r["tokens"]), int(r["ctx_tokens"]), bool(r["spec"]),
-                                int(r.get("drafts_verified", 0))) for r in records])
+                                int(r.get("drafts_verified", 0)), int(r.get("sampled", 0))) for r in records])
     y = np.array([r["step_ms"] for r in records])
     coef = _nonneg_lstsq(x, y)
     drafting = [r for r in records if r.get("drafts", 0) > 0]
@@ -487,7 +507,7 @@ def fit_cost(records: list[dict[str, float]]) -> StepCost:
                            np.array([r["draft_ms"] for r in drafting])) if len(drafting) >= 3 else [0.0] * 3)
     return StepCost(base=coef[0], per_token=coef[1], per_row=coef[2], context=coef[3], spec=coef[4],
                     spec_row=coef[5], draft=dcoef[0], draft_token=dcoef[1], spec_token=coef[6],
-                    draft_depth=dcoef[2])
+                    draft_depth=dcoef[2], sampled=coef[7])
 
 
 def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:
