@@ -23,7 +23,8 @@ def test_calibrate_writes_a_loadable_file_and_errors_by_cell(demo_model_dir: Pat
     out = tmp_path / "calibration.json"
     args = parser.parse_args(["--model", str(demo_model_dir), "--drafters", "recycling", "--batch-sizes", "1,2",
                               "--spec-ks", "0,2", "--max-tokens", "10", "--prior-tokens", "14", "--prompt-tokens", "48",
-                              "--temperatures", "", "--rounds", "2", "--out", str(out)])
+                              "--temperatures", "", "--timing-temperatures", "0,0.7", "--rounds", "2",
+                              "--out", str(out)])
     assert calibrate.run(args) == 0
     summary = json.loads(capsys.readouterr().out)
     loaded = Calibration.load(out)
@@ -33,7 +34,10 @@ def test_calibrate_writes_a_loadable_file_and_errors_by_cell(demo_model_dir: Pat
     assert len(prior) == 4 and all(0.0 <= p <= 1.0 for p in prior)
     assert loaded.acceptance_by_class[name] == {"greedy": prior}
     cells = next(iter(summary["cells"].values()))
-    assert [(c["batch"], c["spec_k"]) for c in cells] == [(1, 0), (1, 2), (2, 0), (2, 2)]
+    assert [(c["batch"], c["spec_k"], c["temperature"]) for c in cells] == [
+        (b, k, t) for b in (1, 2) for k in (0, 2) for t in (0.0, 0.7)]
+    # sampled rows are a term of the step model, fitted from the sampled cells (>= 0 by construction)
+    assert "sampled" in summary["cost"] and summary["cost"]["sampled"] >= 0.0
     # two passes over the grid: at 10 tokens a request, a cell of one pass has at most 10 decode steps
     assert all(c["steps"] > 10 for c in cells if c["spec_k"] == 0)
     for cell in cells:

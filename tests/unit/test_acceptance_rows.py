@@ -82,10 +82,10 @@ def _assert_calls_equal_rows_one_by_one(calls: list, classes: list[int]) -> None
 def test_a_few_early_misses_do_not_turn_one_request_off() -> None:
     """At one request with the shipped calibration, a run of missed first drafts leaves the
     request speculating: the engine-wide rate outweighs them (at the earlier weight 4 they turned
-    it off, though a request's first drafts say little about its later ones). With the step terms
-    measured on 2026-12-07 a speculating step at one row costs about a third more than a plain
-    one, so it takes 14-32 misses of four drafts to tell the weights apart (4 did under the
-    earlier terms, which priced speculation dearer); 20 is in the middle."""
+    it off, though a request's first drafts say little about its later ones). How many misses of
+    four drafts tell the weights apart depends on the calibration's price of speculating at one
+    row: 4 under the terms of 2026-12-06, 14-32 under those of 2026-12-07, 4-10 under those of
+    2026-12-08 (measured with sampled rows); 7 is in the middle."""
     from specserve_vllm.spec_control.acceptance import REQUEST_PRIOR_WEIGHT
     from specserve_vllm.spec_control.goodput import GoodputPolicy
     from specserve_vllm.spec_control.plan import StepRows
@@ -94,7 +94,7 @@ def test_a_few_early_misses_do_not_turn_one_request_off() -> None:
     def plan_after_misses(weight: float) -> int:
         policy = GoodputPolicy.from_settings(PlannerSettings(policy="goodput", recheck_on=1), 4, "RecyclingProposer")
         policy.acceptance.weight = weight
-        for _ in range(20):
+        for _ in range(7):
             policy.acceptance.observe("a", drafted=4, accepted=0)
         return int(policy.plan(StepRows(("a",), np.array([4]), np.array([200]))).sum())
 
