@@ -18,6 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class UsageError(ValueError):
+    """Arguments a command refuses after parsing (a value that only the command can check): the
+    command line prints it as argparse does, with the usage, and exits with status 2."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -39,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from specserve.logs import configure_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as exc:
+        parser.error(f"{args.command}: {exc}")  # exits 2
 
 
 if __name__ == "__main__":

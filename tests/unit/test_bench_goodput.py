@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from specserve.bench import goodput, load, spec_off
-from specserve.cli import build_parser
+from specserve.cli import UsageError, build_parser
 
 
 @pytest.mark.parametrize("name", ["specserve.bench.goodput", "specserve.bench.spec_off",
@@ -226,11 +226,22 @@ def test_variants_parse_to_goodput_arms_and_bad_ones_are_refused() -> None:
     assert arms == {"goodput-old": {"calibration": "a.json"}, "goodput-r1": {"revert": 1}}
     assert all(goodput_arm(a) for a in arms)
     for bad, match in (("noequals", "NAME=JSON"), ("=1", "NAME=JSON"), ("x={", "not JSON"),
-                       ("x=[1]", "JSON object"), ("pooled={}", "built-in")):
-        with pytest.raises(ValueError, match=match):
+                       ("x=[1]", "JSON object"), ("pooled={}", "built-in"),
+                       ('x={"revrt": 1}', "no engine setting named revrt"), ('x={"revert": 2}', "revert must be in")):
+        with pytest.raises(UsageError, match=match):
             parse_variants([bad])
     point = {"none": 1, "k2": 2, "goodput": 3, "goodput-old": 4}
     assert list(judged_arms(point)) == ["none", "k2", "goodput"]
     runs = {"k2": [{"tokens_per_s": 100.0}] * 2, "goodput": [{"tokens_per_s": 99.0}] * 2,
             "goodput-old": [{"tokens_per_s": 80.0}, {"tokens_per_s": 81.0}]}
     assert set(variant_verdicts(runs)["variants_paired_throughput"]) == {"goodput-old"}
+
+
+def test_the_command_line_refuses_a_misspelt_variant_setting_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    from specserve.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "goodput", "--arms", "none,goodput-x", "--variant", 'x={"revrt": 1}'])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "no engine setting named revrt" in err

@@ -132,11 +132,30 @@ class PlannerSettings:
                              f"got {self.prefill_estimate!r}")
 
 
+CONFIG_NAMES: tuple[str, ...] = ("spec_policy", "calibration", "seed", "log_every", "sampling_classes", "recheck_on",
+                                 "chain_verify", "time_plain_every", "hindsight", "fit_alpha", "revert",
+                                 "prefill_estimate")
+"""The names :func:`settings_from` reads under :data:`CONFIG_KEY`."""
+
+
+def unknown_settings(ours: Mapping[str, Any]) -> list[str]:
+    """The names in ``ours`` (specserve's part of ``additional_config``) that no setting reads:
+    a misspelt setting would otherwise be ignored without a word.
+
+    >>> unknown_settings({"revert": 1, "revrt": 1})
+    ['revrt']
+    """
+    return [name for name in ours if name not in CONFIG_NAMES]
+
+
 def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) -> PlannerSettings:
     """:class:`PlannerSettings` from vLLM's ``additional_config`` or, failing that, ``env``."""
     env = os.environ if env is None else env
     ours = additional_config.get(CONFIG_KEY) if isinstance(additional_config, Mapping) else None
     ours = ours if isinstance(ours, Mapping) else {}
+    if unknown_settings(ours):
+        logger.warning("unknown engine settings ignored", extra={"fields": {"names": unknown_settings(ours),
+                                                                            "known": list(CONFIG_NAMES)}})
     return PlannerSettings(
         policy=str(ours.get("spec_policy") or env.get(POLICY_ENV) or DEFAULT_POLICY),
         calibration=ours.get("calibration") or env.get(CALIBRATION_ENV) or None,

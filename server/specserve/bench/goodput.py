@@ -83,7 +83,9 @@ from specserve.bench.load import (
 from specserve.bench.stats import best_and_verdict, mean_ci, paired_verdict
 from specserve.bench.svg import line_chart
 from specserve.bench.trees import tree_counters
+from specserve.cli import UsageError
 from specserve.engine.local import worker_runner
+from specserve_vllm.spec_control.planner import CONFIG_KEY, settings_from, unknown_settings
 from specserve_vllm.spec_control.step_time import STEP_TERMS
 
 logger = logging.getLogger(__name__)
@@ -414,31 +416,43 @@ def goodput_arm(arm: str) -> bool:
 def parse_variants(values: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``--variant NAME=JSON`` values as arms: ``goodput-NAME``, an engine with the goodput policy
     and these engine settings added (a trial of a setting or a calibration file beside the
-    default, in the same run). Refuses a name the built-in arms take, and settings that are not
-    a JSON object.
+    default, in the same run). Refuses a name the built-in arms take, settings that are not a
+    JSON object, names no engine setting reads and values the engine would refuse
+    (:class:`~specserve.cli.UsageError`).
 
     >>> parse_variants(['oldcal={"calibration": "old.json"}', 'r1={"revert": 1}'])
     {'goodput-oldcal': {'calibration': 'old.json'}, 'goodput-r1': {'revert': 1}}
     >>> parse_variants(["twin={}"])
     Traceback (most recent call last):
     ...
-    ValueError: --variant twin: goodput-twin is a built-in arm
+    specserve.cli.UsageError: --variant twin: goodput-twin is a built-in arm
+    >>> parse_variants(['r={"revrt": 1}'])
+    Traceback (most recent call last):
+    ...
+    specserve.cli.UsageError: --variant r: no engine setting named revrt
     """
+
     out: dict[str, dict[str, Any]] = {}
     for value in values:
         name, sep, settings = value.partition("=")
         name = name.strip()
         arm = f"goodput-{name}"
         if not sep or not name:
-            raise ValueError(f"--variant {value!r}: expected NAME=JSON")
+            raise UsageError(f"--variant {value!r}: expected NAME=JSON")
         if arm in GOODPUT_ARMS:
-            raise ValueError(f"--variant {name}: {arm} is a built-in arm")
+            raise UsageError(f"--variant {name}: {arm} is a built-in arm")
         try:
             parsed = json.loads(settings)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--variant {name}: settings are not JSON ({e.msg})") from None
+            raise UsageError(f"--variant {name}: settings are not JSON ({e.msg})") from None
         if not isinstance(parsed, dict):
-            raise ValueError(f"--variant {name}: settings must be a JSON object")
+            raise UsageError(f"--variant {name}: settings must be a JSON object")
+        if unknown_settings(parsed):
+            raise UsageError(f"--variant {name}: no engine setting named {', '.join(unknown_settings(parsed))}")
+        try:
+            settings_from({CONFIG_KEY: {"spec_policy": "goodput", **parsed}}, env={})
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--variant {name}: {e}") from None
         out[arm] = parsed
     return out
 
@@ -497,12 +511,12 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    model_dir = args.model or demo_model_dir()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     variants = parse_variants(args.variant)
     unknown = [a for a in arms if a != "none" and fixed_k(a) is None and a not in GOODPUT_ARMS and a not in variants]
     if unknown:
-        raise ValueError(f"unknown arms {', '.join(unknown)} (a goodput-NAME arm needs --variant NAME=JSON)")
+        raise UsageError(f"unknown arms {', '.join(unknown)} (a goodput-NAME arm needs --variant NAME=JSON)")
+    model_dir = args.model or demo_model_dir()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     temps = [t.strip() for t in str(args.temperatures).split(",") if t.strip()]
     engines = _engines(args, arms, model_dir, variants)
@@ -560,7 +574,7 @@ def run(args: argparse.Namespace) -> int:
             order = arms[:]
             rng.shuffle(order)
             reqs = {arm: requests_for(seed_base + 1000 * rep, args.requests, temperature, arm) for arm in arms}
-            before = {arm: _plan_stats(engines[arm]) if arm.startswith("goodput") else None for arm in arms}
+            before = {arm: _plan_stats(engines[arm]) if goodput_arm(arm) else None for arm in arms}
             trees_before = {arm: tree_counters(engines[arm]) if arm == TREE_ARM else None for arm in arms}
             served: dict[str, list[tuple[list[Finished], float, float]]] = {a: [] for a in arms}
             steps = {arm: StepLog() for arm in arms}
