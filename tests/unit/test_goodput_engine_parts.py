@@ -525,6 +525,15 @@ def test_the_engine_setting_sets_the_step_fits_memory_and_refuses_a_weight_outsi
         settings_from({"specserve": {"spec_policy": "fixed", "prefill_estimate": "mean"}}, env={})
 
 
+def test_an_unknown_engine_setting_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from specserve_vllm.spec_control.planner import settings_from
+
+    with caplog.at_level("WARNING"):
+        settings = settings_from({"specserve": {"spec_policy": "goodput", "revrt": 1}}, env={})
+    assert settings.policy == "goodput"
+    assert any(getattr(r, "fields", {}).get("names") == ["revrt"] for r in caplog.records)
+
+
 def test_the_revert_setting_reaches_the_policy_and_refuses_a_share_outside_0_1() -> None:
     from specserve_vllm.spec_control.acceptance import REVERT
     from specserve_vllm.spec_control.planner import settings_from
