@@ -88,9 +88,8 @@ class StepCost:
 
     def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0,
                 sampled: int = 0) -> float:
-        t = self.base + self.per_token * tokens + self.per_row * rows + self.context * ctx_tokens / 1000.0
-        t += self.spec_token * verified + self.sampled * sampled
-        return t + (self.spec + self.spec_row * rows if spec else 0.0)
+        features = step_features(rows, tokens, ctx_tokens, spec, verified, sampled)
+        return sum(getattr(self, term) * x for term, x in zip(STEP_TERMS, features))
 
     def draft_ms(self, drafts: int, depth: int = 0) -> float:
         """Drafting ``drafts`` tokens whose longest row drafts ``depth`` of them."""
@@ -390,10 +389,7 @@ class StepTimeModel:
 
     def step_ms(self, rows: int, tokens: int, ctx_tokens: int, spec: bool, verified: int = 0,
                 sampled: int = 0) -> float:
-        base, per_token, per_row, context, spec_ms, spec_row, spec_token, per_sampled = self.step_fit.coef
-        t = (base + per_token * tokens + per_row * rows + context * ctx_tokens / 1000.0 + spec_token * verified
-             + per_sampled * sampled)
-        return (t + spec_ms + spec_row * rows if spec else t) * self.level
+        return self.step_fit.predict(step_features(rows, tokens, ctx_tokens, spec, verified, sampled)) * self.level
 
     def draft_ms(self, drafts: int, depth: int = 0) -> float:
         """Drafting ``drafts`` tokens whose longest row drafts ``depth``, as fitted now."""
