@@ -153,9 +153,9 @@ def settings_from(additional_config: Any, env: Mapping[str, str] | None = None) 
     env = os.environ if env is None else env
     ours = additional_config.get(CONFIG_KEY) if isinstance(additional_config, Mapping) else None
     ours = ours if isinstance(ours, Mapping) else {}
-    if unknown_settings(ours):
-        logger.warning("unknown engine settings ignored", extra={"fields": {"names": unknown_settings(ours),
-                                                                            "known": list(CONFIG_NAMES)}})
+    unknown = unknown_settings(ours)
+    if unknown:
+        logger.warning("unknown engine settings ignored", extra={"fields": {"names": unknown, "known": list(CONFIG_NAMES)}})
     return PlannerSettings(
         policy=str(ours.get("spec_policy") or env.get(POLICY_ENV) or DEFAULT_POLICY),
         calibration=ours.get("calibration") or env.get(CALIBRATION_ENV) or None,
