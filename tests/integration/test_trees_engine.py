@@ -71,9 +71,17 @@ def _budget(name: str) -> int:
     return BUDGET_OF.get(name, BUDGET[name.split("-")[0]])
 
 
+PINNED_FIT_ALPHA = 1e-4
+"""The step fit's weight per measured step in the runs with a test calibration."""
+
+
 def _engine(model_dir: Path, spec: dict[str, Any] | None, policy: str | None = None,
             calibration: str | None = None) -> Any:
-    ours = {"spec_policy": policy, "seed": 5, **({"calibration": calibration} if calibration else {})}
+    # With a test calibration the step fit is pinned to it (a tiny weight per measured step): whether
+    # speculating pays at batch 8 then follows the calibration, not this host's speed at the time
+    # (an online fit on a slow, shared host could turn a whole batch-8 run off).
+    pinned = {"calibration": calibration, "fit_alpha": PINNED_FIT_ALPHA} if calibration else {}
+    ours = {"spec_policy": policy, "seed": 5, **pinned}
     extra = {"additional_config": {"specserve": ours}} if policy else {}
     return local_llm(model_dir, max_num_seqs=8, speculative_config=spec, dtype="float32",
                      structured_outputs_config=STRUCTURED,
